@@ -1,0 +1,4 @@
+//! placeholder
+pub mod clock;
+pub mod crypto;
+pub mod identity;
