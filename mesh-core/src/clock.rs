@@ -54,6 +54,22 @@ fn duration_millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Saturating, like [`Timestamp::saturating_add`].
+impl std::ops::Add<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn add(self, d: Duration) -> Timestamp {
+        self.saturating_add(d)
+    }
+}
+
+/// Saturating, like [`Timestamp::saturating_sub`].
+impl std::ops::Sub<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn sub(self, d: Duration) -> Timestamp {
+        self.saturating_sub(d)
+    }
+}
+
 impl fmt::Debug for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Timestamp({}ms)", self.0)
@@ -144,8 +160,14 @@ mod tests {
     #[test]
     fn arithmetic_saturates() {
         let t = Timestamp::from_millis(u64::MAX - 1);
-        assert_eq!(t.saturating_add(Duration::from_secs(1)).as_millis(), u64::MAX);
-        assert_eq!(Timestamp::EPOCH.saturating_sub(Duration::from_secs(1)), Timestamp::EPOCH);
+        assert_eq!(
+            t.saturating_add(Duration::from_secs(1)).as_millis(),
+            u64::MAX
+        );
+        assert_eq!(
+            Timestamp::EPOCH.saturating_sub(Duration::from_secs(1)),
+            Timestamp::EPOCH
+        );
         assert_eq!(
             Timestamp::from_millis(10).saturating_duration_since(Timestamp::from_millis(20)),
             Duration::ZERO

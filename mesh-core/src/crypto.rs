@@ -68,7 +68,9 @@ pub enum CryptoError {
         min: usize,
     },
     /// A box format this version does not know.
-    #[error("sealed box version {0} is not supported (this build reads version {SEALED_BOX_VERSION})")]
+    #[error(
+        "sealed box version {0} is not supported (this build reads version {SEALED_BOX_VERSION})"
+    )]
     UnsupportedVersion(u8),
     /// The peer's key agreement produced an all-zero secret (a small-order point).
     #[error("key agreement with a small-order public key was refused")]
@@ -95,7 +97,11 @@ pub struct EncapsulatedKey(pub [u8; ENC_LEN]);
 
 impl fmt::Debug for EncapsulatedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "EncapsulatedKey({:02x}{:02x}{:02x}{:02x}…)", self.0[0], self.0[1], self.0[2], self.0[3])
+        write!(
+            f,
+            "EncapsulatedKey({:02x}{:02x}{:02x}{:02x}…)",
+            self.0[0], self.0[1], self.0[2], self.0[3]
+        )
     }
 }
 
@@ -242,7 +248,11 @@ impl Sealer {
         }
         let tag = self
             .cipher
-            .encrypt_inout_detached(&nonce_for(&self.base_nonce, seq), aad, buf.as_mut_slice().into())
+            .encrypt_inout_detached(
+                &nonce_for(&self.base_nonce, seq),
+                aad,
+                buf.as_mut_slice().into(),
+            )
             .map_err(|_| CryptoError::Decrypt)?;
         buf.extend_from_slice(&tag);
         self.next_seq = seq + 1;
@@ -298,17 +308,30 @@ impl Opener {
     }
 
     /// Opens message `seq` in place (the tag is removed). Nothing changes on error.
-    pub fn open_in_place(&mut self, seq: u64, aad: &[u8], buf: &mut Vec<u8>) -> Result<(), CryptoError> {
+    pub fn open_in_place(
+        &mut self,
+        seq: u64,
+        aad: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
         self.window.check(seq)?;
-        let body_len = buf.len().checked_sub(TAG_LEN).ok_or(CryptoError::Truncated {
-            len: buf.len(),
-            min: TAG_LEN,
-        })?;
+        let body_len = buf
+            .len()
+            .checked_sub(TAG_LEN)
+            .ok_or(CryptoError::Truncated {
+                len: buf.len(),
+                min: TAG_LEN,
+            })?;
         let tag = Tag::try_from(&buf[body_len..]).map_err(|_| CryptoError::Decrypt)?;
         let (body, _) = buf.split_at_mut(body_len);
         let mut scratch = Zeroizing::new(body.to_vec());
         self.cipher
-            .decrypt_inout_detached(&nonce_for(&self.base_nonce, seq), aad, scratch.as_mut_slice().into(), &tag)
+            .decrypt_inout_detached(
+                &nonce_for(&self.base_nonce, seq),
+                aad,
+                scratch.as_mut_slice().into(),
+                &tag,
+            )
             .map_err(|_| CryptoError::Decrypt)?;
         body.copy_from_slice(&scratch);
         buf.truncate(body_len);
@@ -317,7 +340,12 @@ impl Opener {
     }
 
     /// Opens a copy of `ciphertext` (message number `seq`).
-    pub fn open(&mut self, seq: u64, aad: &[u8], ciphertext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    pub fn open(
+        &mut self,
+        seq: u64,
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let mut buf = ciphertext.to_vec();
         self.open_in_place(seq, aad, &mut buf)?;
         Ok(buf)
@@ -360,7 +388,11 @@ impl ReplayWindow {
             self.bits = 1;
         } else if seq > self.newest {
             let shift = seq - self.newest;
-            self.bits = if shift >= REPLAY_WINDOW { 0 } else { self.bits << shift };
+            self.bits = if shift >= REPLAY_WINDOW {
+                0
+            } else {
+                self.bits << shift
+            };
             self.bits |= 1;
             self.newest = seq;
         } else {
@@ -397,14 +429,21 @@ impl DuplexSession {
 
     /// Accepts a session started by [`DuplexSession::initiate`] to `key`'s node id.
     pub fn accept(key: &NodeKey, enc: &EncapsulatedKey) -> Result<DuplexSession, CryptoError> {
-        let shared = key.agreement_secret().diffie_hellman(&PublicKey::from(enc.0));
+        let shared = key
+            .agreement_secret()
+            .diffie_hellman(&PublicKey::from(enc.0));
         let own = PublicKey::from(key.agreement_secret());
         let (tx, tx_nonce) = key_schedule(&shared, &enc.0, &own, b"duplex/r2i")?;
         let (rx, rx_nonce) = key_schedule(&shared, &enc.0, &own, b"duplex/i2r")?;
         Ok(DuplexSession::from_parts(tx, tx_nonce, rx, rx_nonce))
     }
 
-    fn from_parts(tx: ChaCha20Poly1305, tx_nonce: [u8; 12], rx: ChaCha20Poly1305, rx_nonce: [u8; 12]) -> Self {
+    fn from_parts(
+        tx: ChaCha20Poly1305,
+        tx_nonce: [u8; 12],
+        rx: ChaCha20Poly1305,
+        rx_nonce: [u8; 12],
+    ) -> Self {
         DuplexSession {
             sealer: Sealer {
                 cipher: tx,
@@ -425,7 +464,12 @@ impl DuplexSession {
     }
 
     /// Opens an incoming message.
-    pub fn open(&mut self, seq: u64, aad: &[u8], ciphertext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    pub fn open(
+        &mut self,
+        seq: u64,
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         self.opener.open(seq, aad, ciphertext)
     }
 }
@@ -441,7 +485,10 @@ mod tests {
         let sealed = seal(&bob.node_id(), b"aad", b"secret").unwrap();
         assert_eq!(sealed.ciphertext.len(), 6 + TAG_LEN);
         assert_eq!(open(&bob, b"aad", &sealed).unwrap(), b"secret");
-        assert_eq!(open(&NodeKey::generate(), b"aad", &sealed), Err(CryptoError::Decrypt));
+        assert_eq!(
+            open(&NodeKey::generate(), b"aad", &sealed),
+            Err(CryptoError::Decrypt)
+        );
         assert_eq!(open(&bob, b"other", &sealed), Err(CryptoError::Decrypt));
     }
 
@@ -457,7 +504,9 @@ mod tests {
     #[test]
     fn tamper_at_every_byte_position_is_an_error() {
         let bob = NodeKey::generate();
-        let bytes = seal(&bob.node_id(), b"aad", b"attack at dawn").unwrap().to_bytes();
+        let bytes = seal(&bob.node_id(), b"aad", b"attack at dawn")
+            .unwrap()
+            .to_bytes();
         for i in 0..bytes.len() {
             for bit in [0x01u8, 0x80] {
                 let mut t = bytes.clone();
@@ -497,13 +546,19 @@ mod tests {
         let (enc, mut sealer) = Sealer::new(&bob.node_id(), b"test").unwrap();
         let mut opener = Opener::new(&bob, &enc, b"test").unwrap();
         let msgs: Vec<_> = (0..5).map(|i| sealer.seal(b"", &[i]).unwrap()).collect();
-        assert_eq!(msgs.iter().map(|m| m.0).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(
+            msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3, 4]
+        );
         // Out of order is fine; the same number twice is not.
         for idx in [3usize, 0, 4, 1, 2] {
             let (seq, ct) = &msgs[idx];
             assert_eq!(opener.open(*seq, b"", ct).unwrap(), vec![idx as u8]);
         }
-        assert_eq!(opener.open(2, b"", &msgs[2].1), Err(CryptoError::Replayed(2)));
+        assert_eq!(
+            opener.open(2, b"", &msgs[2].1),
+            Err(CryptoError::Replayed(2))
+        );
         // A ciphertext under another number fails and does not burn that number.
         assert_eq!(opener.open(9, b"", &msgs[0].1), Err(CryptoError::Decrypt));
         let (seq, ct) = sealer.seal(b"", b"x").unwrap();
@@ -525,7 +580,10 @@ mod tests {
         opener.open(late.0, b"", &late.1).unwrap();
         assert_eq!(
             opener.open(first.0, b"", &first.1),
-            Err(CryptoError::TooOld { seq: 0, newest: 200 })
+            Err(CryptoError::TooOld {
+                seq: 0,
+                newest: 200
+            })
         );
     }
 

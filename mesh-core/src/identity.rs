@@ -148,7 +148,9 @@ impl FromStr for NodeId {
         let mut bytes = [0u8; NODE_ID_LEN];
         BASE32
             .decode_mut(s.as_bytes(), &mut bytes)
-            .map_err(|e| NodeIdError::Character { position: e.error.position })?;
+            .map_err(|e| NodeIdError::Character {
+                position: e.error.position,
+            })?;
         NodeId::from_bytes(&bytes)
     }
 }
@@ -311,7 +313,9 @@ impl NodeKey {
             .ok_or(KeyFileProblem::Truncated("the PEM header line is cut off"))?;
         let label = &after_begin[..label_end];
         if label != PEM_LABEL {
-            return Err(KeyFileProblem::WrongKind(format!("a PEM \"{label}\" document")));
+            return Err(KeyFileProblem::WrongKind(format!(
+                "a PEM \"{label}\" document"
+            )));
         }
         let body_and_rest = &after_begin[label_end + 5..];
         let end_marker = format!("-----END {PEM_LABEL}-----");
@@ -329,7 +333,10 @@ impl NodeKey {
                 .decode(&body)
                 .map_err(|_| KeyFileProblem::Malformed("the PEM body is not valid base64"))?,
         );
-        if !der.windows(ED25519_OID_DER.len()).any(|w| w == ED25519_OID_DER) {
+        if !der
+            .windows(ED25519_OID_DER.len())
+            .any(|w| w == ED25519_OID_DER)
+        {
             return Err(KeyFileProblem::WrongKind(
                 "a private key of another algorithm (expected ed25519)".into(),
             ));
@@ -644,7 +651,12 @@ mod tests {
                     .unwrap()[..30]
             )
         );
-        for data in [&b""[..], &full[..15], &full[..full.len() - 10], body_cut.as_bytes()] {
+        for data in [
+            &b""[..],
+            &full[..15],
+            &full[..full.len() - 10],
+            body_cut.as_bytes(),
+        ] {
             write_secret(&path, data);
             let err = NodeKey::load(&path).unwrap_err();
             assert!(
@@ -725,7 +737,10 @@ mod tests {
         let mut bad = good.clone().into_bytes();
         bad[7] = b'1';
         assert_eq!(
-            String::from_utf8(bad).unwrap().parse::<NodeId>().unwrap_err(),
+            String::from_utf8(bad)
+                .unwrap()
+                .parse::<NodeId>()
+                .unwrap_err(),
             NodeIdError::Character { position: 7 }
         );
         // The identity point (small order) encodes as 0x01 followed by zeros.
