@@ -323,17 +323,16 @@ impl Opener {
                 min: TAG_LEN,
             })?;
         let tag = Tag::try_from(&buf[body_len..]).map_err(|_| CryptoError::Decrypt)?;
-        let (body, _) = buf.split_at_mut(body_len);
-        let mut scratch = Zeroizing::new(body.to_vec());
+        // ChaCha20-Poly1305 checks the tag before decrypting, so on failure
+        // `buf` is left exactly as it was (a test pins this).
         self.cipher
             .decrypt_inout_detached(
                 &nonce_for(&self.base_nonce, seq),
                 aad,
-                scratch.as_mut_slice().into(),
+                buf[..body_len].as_mut().into(),
                 &tag,
             )
             .map_err(|_| CryptoError::Decrypt)?;
-        body.copy_from_slice(&scratch);
         buf.truncate(body_len);
         self.window.accept(seq);
         Ok(())
@@ -559,8 +558,14 @@ mod tests {
             opener.open(2, b"", &msgs[2].1),
             Err(CryptoError::Replayed(2))
         );
-        // A ciphertext under another number fails and does not burn that number.
-        assert_eq!(opener.open(9, b"", &msgs[0].1), Err(CryptoError::Decrypt));
+        // A ciphertext under another number fails, leaves the buffer untouched,
+        // and does not burn that number.
+        let mut buf = msgs[0].1.clone();
+        assert_eq!(
+            opener.open_in_place(9, b"", &mut buf),
+            Err(CryptoError::Decrypt)
+        );
+        assert_eq!(buf, msgs[0].1);
         let (seq, ct) = sealer.seal(b"", b"x").unwrap();
         assert_eq!(seq, 5);
         assert_eq!(opener.open(seq, b"", &ct).unwrap(), b"x");

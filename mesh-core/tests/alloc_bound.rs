@@ -2,6 +2,7 @@
 //!
 //! A separate test binary because it installs a counting global allocator. The
 //! counters are per thread, so tests running in parallel do not disturb each other.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(unsafe_code)] // the GlobalAlloc impl below; nothing else
 
 use std::alloc::{GlobalAlloc, Layout, System};

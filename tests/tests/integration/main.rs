@@ -1,1 +1,5 @@
+//! Cross-crate integration tests, written the way an app uses the SDK.
+//! One test binary; one module per area.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+mod foundation;
