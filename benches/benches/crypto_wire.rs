@@ -30,6 +30,16 @@ fn signatures(c: &mut Criterion) {
     let sig = key.sign(&msg);
     let mut g = c.benchmark_group("ed25519");
     g.throughput(Throughput::Elements(1));
+    // Baselines: ed25519-dalek directly, key already parsed, strict verification.
+    let raw_sk = SigningKey::from_bytes(&[7; 32]);
+    let raw_vk = raw_sk.verifying_key();
+    let raw_sig = Signature::from_bytes(&sig);
+    g.bench_function("raw_dalek_sign_64B", |b| {
+        b.iter(|| ed25519_dalek::Signer::sign(&raw_sk, black_box(&msg)))
+    });
+    g.bench_function("raw_dalek_verify_strict_64B", |b| {
+        b.iter(|| raw_vk.verify_strict(black_box(&msg), &raw_sig).unwrap())
+    });
     g.bench_function("sign_64B", |b| b.iter(|| key.sign(black_box(&msg))));
     g.bench_function("verify_64B", |b| {
         b.iter(|| id.verify(black_box(&msg), black_box(&sig)).unwrap())
