@@ -71,37 +71,8 @@ static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
 /// Only keys that are valid curve points of full order are node ids; small-order
 /// ("weak") keys are refused at parse time because a signature under them
 /// proves nothing.
-///
-/// Holds the decompressed curve point, so verifying a signature does not
-/// decompress the key again; equality, hashing and ordering use the 32 bytes.
-#[derive(Clone, Copy)]
-pub struct NodeId(VerifyingKey);
-
-impl PartialEq for NodeId {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for NodeId {}
-
-impl std::hash::Hash for NodeId {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_bytes().hash(state);
-    }
-}
-
-impl PartialOrd for NodeId {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for NodeId {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_bytes().cmp(other.as_bytes())
-    }
-}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId([u8; NODE_ID_LEN]);
 
 impl NodeId {
     /// Checks and wraps a raw public key.
@@ -110,27 +81,30 @@ impl NodeId {
         if key.is_weak() {
             return Err(NodeIdError::WeakKey);
         }
-        Ok(NodeId(key))
+        Ok(NodeId(*bytes))
     }
 
     /// The raw 32-byte public key.
     pub fn as_bytes(&self) -> &[u8; NODE_ID_LEN] {
-        self.0.as_bytes()
+        &self.0
     }
 
     /// The short, human-comparable fingerprint of this id.
     pub fn fingerprint(&self) -> Fingerprint {
         let digest = Sha256::new()
             .chain_update(b"mesh-sdk/fingerprint/v1")
-            .chain_update(self.as_bytes())
+            .chain_update(self.0)
             .finalize();
         let mut out = [0u8; FINGERPRINT_LEN];
         out.copy_from_slice(&digest[..FINGERPRINT_LEN]);
         Fingerprint(out)
     }
 
-    fn verifying_key(&self) -> &VerifyingKey {
-        &self.0
+    /// The ed25519 verifying key. Infallible: validity was checked on construction.
+    pub(crate) fn verifying_key(&self) -> VerifyingKey {
+        // Checked in `from_bytes`, the only constructor besides `NodeKey::node_id`.
+        #[allow(clippy::expect_used)]
+        VerifyingKey::from_bytes(&self.0).expect("NodeId holds a checked key")
     }
 
     /// Verifies an ed25519 signature by this node over `message` (strict RFC 8032 checks).
@@ -153,7 +127,7 @@ pub struct SignatureInvalid;
 
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&BASE32.encode(self.as_bytes()))
+        f.write_str(&BASE32.encode(&self.0))
     }
 }
 
@@ -186,7 +160,7 @@ impl Serialize for NodeId {
         if serializer.is_human_readable() {
             serializer.collect_str(self)
         } else {
-            self.as_bytes().serialize(serializer)
+            self.0.serialize(serializer)
         }
     }
 }
@@ -278,7 +252,7 @@ impl NodeKey {
 
     fn from_signing(signing: SigningKey) -> Self {
         let agreement = StaticSecret::from(signing.to_scalar_bytes());
-        let id = NodeId(signing.verifying_key());
+        let id = NodeId(signing.verifying_key().to_bytes());
         NodeKey {
             signing,
             agreement,
