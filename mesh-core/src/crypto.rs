@@ -355,8 +355,8 @@ impl Opener {
 /// newest number and which of the 128 before it were seen.
 #[derive(Debug, Default)]
 struct ReplayWindow {
-    /// Newest accepted number plus one; zero while nothing was accepted.
-    newest_plus_one: u64,
+    /// Whether any message was accepted yet.
+    started: bool,
     newest: u64,
     /// Bit `i` set: number `newest - i` was accepted.
     bits: u128,
@@ -364,7 +364,7 @@ struct ReplayWindow {
 
 impl ReplayWindow {
     fn check(&self, seq: u64) -> Result<(), CryptoError> {
-        if self.newest_plus_one == 0 || seq > self.newest {
+        if !self.started || seq > self.newest {
             return Ok(());
         }
         let age = self.newest - seq;
@@ -381,9 +381,9 @@ impl ReplayWindow {
     }
 
     fn accept(&mut self, seq: u64) {
-        if self.newest_plus_one == 0 {
+        if !self.started {
             self.newest = seq;
-            self.newest_plus_one = 1;
+            self.started = true;
             self.bits = 1;
         } else if seq > self.newest {
             let shift = seq - self.newest;

@@ -388,8 +388,14 @@ impl NodeKey {
             file.write_all(self.to_pem().as_bytes())?;
             file.sync_all()?;
             // Hard-link rather than rename: fails if `path` appeared meanwhile.
-            fs::hard_link(&tmp, path)?;
-            fs::remove_file(&tmp)?;
+            match fs::hard_link(&tmp, path) {
+                Ok(()) => fs::remove_file(&tmp)?,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
+                // Filesystems without hard links (FAT, some mounts): rename,
+                // after checking again that nothing appeared at `path`.
+                Err(_) if !path.exists() => fs::rename(&tmp, path)?,
+                Err(e) => return Err(e),
+            }
             if let Ok(d) = File::open(&dir) {
                 // Persist the directory entry; not every platform allows this.
                 let _ = d.sync_all();

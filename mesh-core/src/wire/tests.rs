@@ -868,3 +868,38 @@ fn list_lengths_are_bounded_both_ways() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The fuzzer's seed corpus (`mesh-core/fuzz/seeds/frame_decoder`) holds one
+/// valid frame per payload kind, behind the target's 2-byte prefix. This test
+/// fails when they no longer decode (the format changed); regenerate with
+/// `MESH_REGEN_FUZZ_SEEDS=1 cargo test -p mesh-core --lib fuzz_seeds`.
+#[test]
+fn fuzz_seeds_are_current() {
+    const PREFIX: [u8; 2] = [0xff, 0x07]; // frame limit 255 * 64 bytes, 7-byte chunks
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/frame_decoder");
+    if std::env::var_os("MESH_REGEN_FUZZ_SEEDS").is_some() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = key(1);
+        for (i, p) in one_of_each().into_iter().enumerate() {
+            let name = format!("{i:02}_{}.bin", p.kind());
+            let env = Envelope::new(k.node_id(), Destination::Node(key(2).node_id()), NOW, p);
+            let mut out = PREFIX.to_vec();
+            env.sign(&k)
+                .unwrap()
+                .write_frame(&mut out, DEFAULT_MAX_FRAME_LEN)
+                .unwrap();
+            std::fs::write(dir.join(name), out).unwrap();
+        }
+    }
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert_eq!(bytes[..2], PREFIX);
+        let max = usize::from(PREFIX[0]) * 64;
+        let (u, used) = decode_frame(&bytes[2..], max).unwrap();
+        assert_eq!(used, bytes.len() - 2);
+        u.verify().unwrap();
+        count += 1;
+    }
+    assert_eq!(count, one_of_each().len());
+}
