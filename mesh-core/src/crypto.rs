@@ -170,30 +170,78 @@ pub fn open(key: &NodeKey, aad: &[u8], sealed: &SealedBox) -> Result<Vec<u8>, Cr
     Ok(buf)
 }
 
-/// Derives the directional key and base nonce from a key agreement.
-fn key_schedule(
-    shared: &SharedSecret,
-    enc: &[u8; ENC_LEN],
-    recipient: &PublicKey,
-    label: &[u8],
-) -> Result<(ChaCha20Poly1305, [u8; 12]), CryptoError> {
-    if !shared.was_contributory() {
-        return Err(CryptoError::NonContributory);
+/// One X25519 agreement between an ephemeral key (`enc`) and a recipient's
+/// static key, from which directional keys are derived.
+struct Agreement {
+    shared: SharedSecret,
+    enc: [u8; ENC_LEN],
+    recipient: PublicKey,
+}
+
+impl Agreement {
+    /// Sender side: a fresh ephemeral key against the recipient's node key.
+    fn encapsulate(recipient: &NodeId) -> Self {
+        let eph = EphemeralSecret::random_from_rng(&mut rand::rng());
+        let enc = PublicKey::from(&eph).to_bytes();
+        let recipient = recipient.agreement_key();
+        let shared = eph.diffie_hellman(&recipient);
+        Agreement {
+            shared,
+            enc,
+            recipient,
+        }
     }
-    let hk = Hkdf::<Sha256>::new(Some(b"mesh-sdk/seal/v1"), shared.as_bytes());
-    let mut info = Vec::with_capacity(label.len() + 2 * ENC_LEN);
-    info.extend_from_slice(label);
-    info.extend_from_slice(enc);
-    info.extend_from_slice(recipient.as_bytes());
-    let mut okm = Zeroizing::new([0u8; 44]);
-    // 44 bytes is far below HKDF-SHA256's 8160-byte limit.
-    hk.expand(&info, &mut okm[..])
-        .map_err(|_| CryptoError::Decrypt)?;
-    let key = Key::try_from(&okm[..32]).map_err(|_| CryptoError::Decrypt)?;
-    let cipher = ChaCha20Poly1305::new(&key);
-    let mut base_nonce = [0u8; 12];
-    base_nonce.copy_from_slice(&okm[32..]);
-    Ok((cipher, base_nonce))
+
+    /// Recipient side: its static key against the sender's ephemeral key.
+    fn decapsulate(key: &NodeKey, enc: &EncapsulatedKey) -> Self {
+        let shared = key
+            .agreement_secret()
+            .diffie_hellman(&PublicKey::from(enc.0));
+        Agreement {
+            shared,
+            enc: enc.0,
+            recipient: PublicKey::from(key.agreement_secret()),
+        }
+    }
+
+    /// HKDF-SHA256 of the shared secret into a key and base nonce for `label`.
+    fn derive(&self, label: &[u8]) -> Result<(ChaCha20Poly1305, [u8; 12]), CryptoError> {
+        if !self.shared.was_contributory() {
+            return Err(CryptoError::NonContributory);
+        }
+        let hk = Hkdf::<Sha256>::new(Some(b"mesh-sdk/seal/v1"), self.shared.as_bytes());
+        // The two trailing keys have fixed length, so `label` is unambiguous.
+        let mut info = Vec::with_capacity(label.len() + 2 * ENC_LEN);
+        info.extend_from_slice(label);
+        info.extend_from_slice(&self.enc);
+        info.extend_from_slice(self.recipient.as_bytes());
+        let mut okm = Zeroizing::new([0u8; 44]);
+        // 44 bytes is far below HKDF-SHA256's 8160-byte limit.
+        hk.expand(&info, &mut okm[..])
+            .map_err(|_| CryptoError::Decrypt)?;
+        let key = Key::try_from(&okm[..32]).map_err(|_| CryptoError::Decrypt)?;
+        let mut base_nonce = [0u8; 12];
+        base_nonce.copy_from_slice(&okm[32..]);
+        Ok((ChaCha20Poly1305::new(&key), base_nonce))
+    }
+
+    fn sealer(&self, label: &[u8]) -> Result<Sealer, CryptoError> {
+        let (cipher, base_nonce) = self.derive(label)?;
+        Ok(Sealer {
+            cipher,
+            base_nonce,
+            next_seq: 0,
+        })
+    }
+
+    fn opener(&self, label: &[u8]) -> Result<Opener, CryptoError> {
+        let (cipher, base_nonce) = self.derive(label)?;
+        Ok(Opener {
+            cipher,
+            base_nonce,
+            window: ReplayWindow::default(),
+        })
+    }
 }
 
 fn nonce_for(base: &[u8; 12], seq: u64) -> Nonce {
@@ -224,19 +272,8 @@ impl Sealer {
     /// once; the recipient builds the matching [`Opener`] from it. `label`
     /// separates uses (both sides must pass the same).
     pub fn new(recipient: &NodeId, label: &[u8]) -> Result<(EncapsulatedKey, Sealer), CryptoError> {
-        let eph = EphemeralSecret::random_from_rng(&mut rand::rng());
-        let enc = PublicKey::from(&eph).to_bytes();
-        let recipient_pk = recipient.agreement_key();
-        let shared = eph.diffie_hellman(&recipient_pk);
-        let (cipher, base_nonce) = key_schedule(&shared, &enc, &recipient_pk, label)?;
-        Ok((
-            EncapsulatedKey(enc),
-            Sealer {
-                cipher,
-                base_nonce,
-                next_seq: 0,
-            },
-        ))
+        let agreement = Agreement::encapsulate(recipient);
+        Ok((EncapsulatedKey(agreement.enc), agreement.sealer(label)?))
     }
 
     /// Seals `buf` in place (the tag is appended) and returns its message number.
@@ -296,15 +333,7 @@ impl fmt::Debug for Opener {
 impl Opener {
     /// Accepts a session started by a [`Sealer`] to `key`'s node id.
     pub fn new(key: &NodeKey, enc: &EncapsulatedKey, label: &[u8]) -> Result<Opener, CryptoError> {
-        let peer = PublicKey::from(enc.0);
-        let shared = key.agreement_secret().diffie_hellman(&peer);
-        let own = PublicKey::from(key.agreement_secret());
-        let (cipher, base_nonce) = key_schedule(&shared, &enc.0, &own, label)?;
-        Ok(Opener {
-            cipher,
-            base_nonce,
-            window: ReplayWindow::default(),
-        })
+        Agreement::decapsulate(key, enc).opener(label)
     }
 
     /// Opens message `seq` in place (the tag is removed). Nothing changes on error.
@@ -414,47 +443,21 @@ pub struct DuplexSession {
 impl DuplexSession {
     /// Starts a session to `responder`; send the [`EncapsulatedKey`] to it.
     pub fn initiate(responder: &NodeId) -> Result<(EncapsulatedKey, DuplexSession), CryptoError> {
-        let eph = EphemeralSecret::random_from_rng(&mut rand::rng());
-        let enc = PublicKey::from(&eph).to_bytes();
-        let responder_pk = responder.agreement_key();
-        let shared = eph.diffie_hellman(&responder_pk);
-        let (tx, tx_nonce) = key_schedule(&shared, &enc, &responder_pk, b"duplex/i2r")?;
-        let (rx, rx_nonce) = key_schedule(&shared, &enc, &responder_pk, b"duplex/r2i")?;
-        Ok((
-            EncapsulatedKey(enc),
-            DuplexSession::from_parts(tx, tx_nonce, rx, rx_nonce),
-        ))
+        let agreement = Agreement::encapsulate(responder);
+        let session = DuplexSession {
+            sealer: agreement.sealer(b"duplex/i2r")?,
+            opener: agreement.opener(b"duplex/r2i")?,
+        };
+        Ok((EncapsulatedKey(agreement.enc), session))
     }
 
     /// Accepts a session started by [`DuplexSession::initiate`] to `key`'s node id.
     pub fn accept(key: &NodeKey, enc: &EncapsulatedKey) -> Result<DuplexSession, CryptoError> {
-        let shared = key
-            .agreement_secret()
-            .diffie_hellman(&PublicKey::from(enc.0));
-        let own = PublicKey::from(key.agreement_secret());
-        let (tx, tx_nonce) = key_schedule(&shared, &enc.0, &own, b"duplex/r2i")?;
-        let (rx, rx_nonce) = key_schedule(&shared, &enc.0, &own, b"duplex/i2r")?;
-        Ok(DuplexSession::from_parts(tx, tx_nonce, rx, rx_nonce))
-    }
-
-    fn from_parts(
-        tx: ChaCha20Poly1305,
-        tx_nonce: [u8; 12],
-        rx: ChaCha20Poly1305,
-        rx_nonce: [u8; 12],
-    ) -> Self {
-        DuplexSession {
-            sealer: Sealer {
-                cipher: tx,
-                base_nonce: tx_nonce,
-                next_seq: 0,
-            },
-            opener: Opener {
-                cipher: rx,
-                base_nonce: rx_nonce,
-                window: ReplayWindow::default(),
-            },
-        }
+        let agreement = Agreement::decapsulate(key, enc);
+        Ok(DuplexSession {
+            sealer: agreement.sealer(b"duplex/r2i")?,
+            opener: agreement.opener(b"duplex/i2r")?,
+        })
     }
 
     /// Seals an outgoing message; returns its number and ciphertext.
