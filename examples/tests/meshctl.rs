@@ -65,3 +65,147 @@ fn identity_errors_are_json_with_exit_2() {
     let (code, _) = meshctl(&["frobnicate"]);
     assert_eq!(code, 2);
 }
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn policy_check_prints_the_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write(
+        dir.path(),
+        "policy.json",
+        r#"{"allowed_commands": ["chat.*"], "blocked_commands": ["chat.admin.*"],
+            "allowed_hours_utc": "09:00-17:00", "max_tokens_per_call": 1000}"#,
+    );
+    let office = write(
+        dir.path(),
+        "office.json",
+        r#"{"now_utc": "2026-11-23T10:00:00Z", "tokens": 10}"#,
+    );
+    let (code, out) = meshctl(&[
+        "policy",
+        "check",
+        "--policy",
+        &policy,
+        "--command",
+        "chat.send",
+        "--context",
+        &office,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["decision"], "allow");
+    assert_eq!(out["reason"], "allowed");
+    assert!(out.get("defer_ms").is_none());
+
+    let (code, out) = meshctl(&[
+        "policy",
+        "check",
+        "--policy",
+        &policy,
+        "--command",
+        "chat.admin.ban",
+        "--context",
+        &office,
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(out["decision"], "deny");
+    assert_eq!(out["reason"], "blocked_command");
+    assert!(out["message"].as_str().unwrap().contains("chat.admin.*"));
+
+    let night = write(
+        dir.path(),
+        "night.json",
+        r#"{"now_utc": "2026-11-23T23:30:00+00:00"}"#,
+    );
+    let (_, out) = meshctl(&[
+        "policy",
+        "check",
+        "--policy",
+        &policy,
+        "--command",
+        "chat.send",
+        "--context",
+        &night,
+    ]);
+    assert_eq!(out["reason"], "outside_allowed_hours");
+
+    let busy = write(
+        dir.path(),
+        "busy.json",
+        r#"{"now_utc": "2026-11-23T10:00:00Z", "power": {"device_class": "laptop", "cpu_percent": 97}}"#,
+    );
+    let (code, out) = meshctl(&[
+        "policy",
+        "check",
+        "--policy",
+        &policy,
+        "--command",
+        "chat.send",
+        "--context",
+        &busy,
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(out["decision"], "defer");
+    assert_eq!(out["reason"], "cpu_busy");
+    assert_eq!(out["defer_ms"], 5000);
+
+    // Without --context: now, no usage, no power. This policy has no hour window.
+    let open = write(
+        dir.path(),
+        "open.json",
+        r#"{"allowed_commands": ["*"], "require_approval": true}"#,
+    );
+    let (code, out) = meshctl(&["policy", "check", "--policy", &open, "--command", "x"]);
+    assert_eq!(code, 0);
+    assert_eq!(out["decision"], "needs_approval");
+    assert_eq!(out["reason"], "approval_required");
+}
+
+#[test]
+fn policy_check_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(dir.path(), "good.json", r#"{"allowed_commands": ["*"]}"#);
+    for (text, kind) in [
+        (r#"{"allowed_commands": ["a[" ]}"#, "invalid_glob"),
+        (r#"{"allowed_hours_utc": "9-17"}"#, "invalid_hour_window"),
+        (r#"{"max_cost_per_hour": -1}"#, "invalid_limit"),
+        (r#"{"allow": ["*"]}"#, "invalid_document"),
+    ] {
+        let bad = write(dir.path(), "bad.json", text);
+        let (code, out) = meshctl(&["policy", "check", "--policy", &bad, "--command", "x"]);
+        assert_eq!(code, 2, "{text}");
+        assert_eq!(out["error"]["kind"], kind, "{text}");
+        assert!(!out["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let bad_ctx = write(
+        dir.path(),
+        "ctx.json",
+        r#"{"power": {"battery_percent": 140}}"#,
+    );
+    let (code, out) = meshctl(&[
+        "policy",
+        "check",
+        "--policy",
+        &good,
+        "--command",
+        "x",
+        "--context",
+        &bad_ctx,
+    ]);
+    assert_eq!(code, 2);
+    assert_eq!(out["error"]["kind"], "invalid_context");
+    let (code, out) = meshctl(&[
+        "policy",
+        "check",
+        "--policy",
+        "/nonexistent/p.json",
+        "--command",
+        "x",
+    ]);
+    assert_eq!(code, 2);
+    assert_eq!(out["error"]["kind"], "io");
+}

@@ -2,6 +2,11 @@
 //!
 //! Output is JSON on stdout. Exit codes: 0 success; 2 bad usage or invalid
 //! input, with `{"error": {"kind": "...", "message": "..."}}` on stdout.
+//!
+//! Error kinds: `io` (a file cannot be read); identity: `not_found`,
+//! `insecure_permissions`, `truncated`, `wrong_kind`, `malformed`,
+//! `already_exists`, `invalid_node_id`; policy: `invalid_document`,
+//! `invalid_glob`, `invalid_hour_window`, `invalid_limit`, `invalid_context`.
 //! More commands (pairing, devices, policies, health, ledger) arrive with the
 //! issues that build those parts.
 
@@ -9,7 +14,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::identity::{IdentityError, NodeId, NodeKey};
+use mesh_policy::{ContextDocument, Policy};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -28,6 +35,28 @@ enum Command {
     /// Node identity: create or show a node key.
     #[command(subcommand)]
     Identity(IdentityCmd),
+    /// Execution policies: check what a policy decides.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Resolve one command against a policy file and print the decision.
+    ///
+    /// Prints {"decision": "allow|deny|needs_approval|defer", "reason": CODE,
+    /// "message": TEXT, "defer_ms": N (defer only)} and exits 0.
+    Check {
+        /// The policy document (JSON).
+        #[arg(long)]
+        policy: PathBuf,
+        /// The command name, e.g. chat.send.
+        #[arg(long)]
+        command: String,
+        /// The request context (JSON); absent: now, no usage, no power state.
+        #[arg(long)]
+        context: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -68,8 +97,35 @@ fn identity_error_kind(e: &IdentityError) -> &'static str {
     }
 }
 
-fn run(cli: Cli) -> Result<serde_json::Value, (&'static str, String)> {
+type Failure = (&'static str, String);
+
+fn read_file(path: &std::path::Path) -> Result<String, Failure> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ("io", format!("cannot read {}: {e}", path.display())))
+}
+
+fn policy_check(
+    policy: &std::path::Path,
+    command: &str,
+    context: Option<&std::path::Path>,
+) -> Result<serde_json::Value, Failure> {
+    let policy = Policy::from_json(&read_file(policy)?).map_err(|e| (e.kind(), e.to_string()))?;
+    let context = match context {
+        Some(path) => ContextDocument::from_json(&read_file(path)?),
+        None => Ok(ContextDocument::default()),
+    }
+    .and_then(|doc| doc.into_context(SystemClock.now().as_millis()))
+    .map_err(|e| ("invalid_context", e.to_string()))?;
+    Ok(policy.resolve(command, &context).to_json())
+}
+
+fn run(cli: Cli) -> Result<serde_json::Value, Failure> {
     match cli.command {
+        Command::Policy(PolicyCmd::Check {
+            policy,
+            command,
+            context,
+        }) => policy_check(&policy, &command, context.as_deref()),
         Command::Identity(IdentityCmd::Init { key }) => {
             let k = NodeKey::generate();
             k.save(&key)
