@@ -57,7 +57,9 @@ const MAX_CONCURRENT: u64 = 4;
 /// `devices` device policies with `patterns` allowed globs each.
 pub fn devices(devices: usize, patterns: usize, seed: u64) -> Vec<DeviceFixture> {
     let mut rng = Rng::new(seed);
-    (0..devices).map(|d| device(d, patterns, &mut rng)).collect()
+    (0..devices)
+        .map(|d| device(d, patterns, &mut rng))
+        .collect()
 }
 
 fn device(d: usize, patterns: usize, rng: &mut Rng) -> DeviceFixture {
@@ -81,8 +83,16 @@ fn device(d: usize, patterns: usize, rng: &mut Rng) -> DeviceFixture {
             }
         }
     }
-    let blocked = vec!["svc0.admin*".to_owned(), "*.delete".to_owned(), format!("app{}.read", 2)];
-    let blocked_samples = vec!["svc0.admin.kick".to_owned(), format!("svc1.delete"), "app2.read".to_owned()];
+    let blocked = vec![
+        "svc0.admin*".to_owned(),
+        "*.delete".to_owned(),
+        format!("app{}.read", 2),
+    ];
+    let blocked_samples = vec![
+        "svc0.admin.kick".to_owned(),
+        format!("svc1.delete"),
+        "app2.read".to_owned(),
+    ];
     let hours = match d % 3 {
         0 => None,
         1 => Some(("08:00-20:00", 8 * 60, 20 * 60)),
@@ -105,7 +115,10 @@ fn device(d: usize, patterns: usize, rng: &mut Rng) -> DeviceFixture {
 
     let mut cedar = String::new();
     let likes = |pats: &[String]| {
-        let terms: Vec<String> = pats.iter().map(|p| format!("context.command like \"{p}\"")).collect();
+        let terms: Vec<String> = pats
+            .iter()
+            .map(|p| format!("context.command like \"{p}\""))
+            .collect();
         balanced_or(&terms)
     };
     let _ = write!(
@@ -115,9 +128,15 @@ fn device(d: usize, patterns: usize, rng: &mut Rng) -> DeviceFixture {
     );
     if let Some((_, s, e)) = hours {
         if s < e {
-            let _ = writeln!(cedar, "  && (context.minute >= {s} && context.minute < {e})");
+            let _ = writeln!(
+                cedar,
+                "  && (context.minute >= {s} && context.minute < {e})"
+            );
         } else {
-            let _ = writeln!(cedar, "  && (context.minute >= {s} || context.minute < {e})");
+            let _ = writeln!(
+                cedar,
+                "  && (context.minute >= {s} || context.minute < {e})"
+            );
         }
     }
     if disallow_on_battery {
@@ -225,9 +244,11 @@ pub fn requests(devices: &[DeviceFixture], n: usize, seed: u64) -> Vec<FixtureRe
             let device = rng.below(devices.len() as u64) as usize;
             let dev = &devices[device];
             let command = match rng.below(10) {
-                0 => dev.blocked_commands[rng.below(dev.blocked_commands.len() as u64) as usize].clone(),
+                0 => dev.blocked_commands[rng.below(dev.blocked_commands.len() as u64) as usize]
+                    .clone(),
                 1 => format!("unknown{}.op", rng.below(50)),
-                _ => dev.sample_commands[rng.below(dev.sample_commands.len() as u64) as usize].clone(),
+                _ => dev.sample_commands[rng.below(dev.sample_commands.len() as u64) as usize]
+                    .clone(),
             };
             FixtureRequest {
                 device,
@@ -235,7 +256,11 @@ pub fn requests(devices: &[DeviceFixture], n: usize, seed: u64) -> Vec<FixtureRe
                 minute: rng.below(1440),
                 on_battery: rng.chance(30),
                 battery: rng.below(101),
-                tokens: if rng.chance(10) { 4000 + rng.below(3) } else { rng.below(4000) },
+                tokens: if rng.chance(10) {
+                    4000 + rng.below(3)
+                } else {
+                    rng.below(4000)
+                },
                 spent_micros: rng.below(2_100_000),
                 cost_micros: rng.below(200_000),
                 in_flight: if rng.chance(10) { 4 } else { rng.below(4) },
@@ -256,7 +281,12 @@ pub fn native(devices: &[DeviceFixture]) -> HashMap<String, Policy> {
 pub fn cedar_sliced(devices: &[DeviceFixture]) -> HashMap<String, cedar_policy::PolicySet> {
     devices
         .iter()
-        .map(|d| (d.id.clone(), cedar_policy::PolicySet::from_str(&d.cedar).unwrap()))
+        .map(|d| {
+            (
+                d.id.clone(),
+                cedar_policy::PolicySet::from_str(&d.cedar).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -267,7 +297,11 @@ pub fn cedar_full(devices: &[DeviceFixture]) -> cedar_policy::PolicySet {
 }
 
 /// Does the native engine allow this request?
-pub fn native_allows(policies: &HashMap<String, Policy>, devices: &[DeviceFixture], r: &FixtureRequest) -> bool {
+pub fn native_allows(
+    policies: &HashMap<String, Policy>,
+    devices: &[DeviceFixture],
+    r: &FixtureRequest,
+) -> bool {
     let ctx = r.context();
     mesh_policy::resolve(policies.get(&devices[r.device].id), &r.command, &ctx).is_allowed()
 }

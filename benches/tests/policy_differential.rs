@@ -15,21 +15,31 @@ use policy_fixture::*;
 fn native_and_cedar_decide_the_same() {
     let authorizer = Authorizer::new();
     let entities = Entities::empty();
-    for (n_devices, n_patterns, n_requests, check_full) in
-        [(5, 3, 3000, true), (50, 10, 3000, true), (20, 100, 2000, false)]
-    {
+    for (n_devices, n_patterns, n_requests, check_full) in [
+        (5, 3, 3000, true),
+        (50, 10, 3000, true),
+        (20, 100, 2000, false),
+    ] {
         let devs = devices(n_devices, n_patterns, 7);
         let native = native(&devs);
         let sliced = cedar_sliced(&devs);
         let full = check_full.then(|| cedar_full(&devs));
         let mut by_reason: BTreeMap<&'static str, usize> = BTreeMap::new();
         for r in requests(&devs, n_requests, 11 + n_devices as u64) {
-            let decision = mesh_policy::resolve(native.get(&devs[r.device].id), &r.command, &r.context());
+            let decision =
+                mesh_policy::resolve(native.get(&devs[r.device].id), &r.command, &r.context());
             *by_reason.entry(decision.reason().code()).or_default() += 1;
             let request = r.cedar(&devs);
             let cedar = authorizer.is_authorized(&request, &sliced[&devs[r.device].id], &entities);
-            let errors: Vec<String> = cedar.diagnostics().errors().map(ToString::to_string).collect();
-            assert!(errors.is_empty(), "Cedar evaluation errors on {r:?}: {errors:?}");
+            let errors: Vec<String> = cedar
+                .diagnostics()
+                .errors()
+                .map(ToString::to_string)
+                .collect();
+            assert!(
+                errors.is_empty(),
+                "Cedar evaluation errors on {r:?}: {errors:?}"
+            );
             assert_eq!(
                 decision.is_allowed(),
                 cedar.decision() == Decision::Allow,
@@ -38,7 +48,11 @@ fn native_and_cedar_decide_the_same() {
             );
             if let Some(full) = &full {
                 let cedar_full = authorizer.is_authorized(&request, full, &entities);
-                assert_eq!(decision.is_allowed(), cedar_full.decision() == Decision::Allow, "full: {r:?}");
+                assert_eq!(
+                    decision.is_allowed(),
+                    cedar_full.decision() == Decision::Allow,
+                    "full: {r:?}"
+                );
             }
         }
         // The requests must exercise every case, or agreement proves little.
