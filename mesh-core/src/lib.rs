@@ -51,16 +51,18 @@
 //!
 //! # Feature flags
 //!
-//! None yet. SQLite storage arrives as the default feature `sqlite`; crates that
-//! only need the vocabulary (e.g. `mesh-policy`) depend on `mesh-core` with
-//! `default-features = false`.
+//! * `sqlite` (default): [`storage::SqliteStorage`], the embedded SQLite store
+//!   (rusqlite with bundled SQLite). Without it only
+//!   [`storage::MemoryStorage`] is available.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod clock;
 pub mod crypto;
+pub mod events;
 pub mod identity;
+pub mod storage;
 pub mod wire;
 
 /// Any error of this crate, for callers that do not need to tell the families apart.
@@ -79,6 +81,9 @@ pub enum Error {
     /// Decoding, verifying or admitting a message.
     #[error(transparent)]
     Wire(#[from] wire::WireError),
+    /// Storage.
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
 }
 
 macro_rules! wire_error_into_error {

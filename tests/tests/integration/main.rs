@@ -3,3 +3,4 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod foundation;
+mod storage_crash;

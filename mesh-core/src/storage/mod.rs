@@ -1,0 +1,484 @@
+//! Storage behind a trait: SQLite (feature `sqlite`, default) and in memory.
+//!
+//! The node keeps records in tables ([`Table`]); each record is a JSON document
+//! under a string key. The [`Storage`] trait is small and object-safe: read one,
+//! list a table, and apply a batch of writes **atomically** (all or nothing,
+//! so a failed operation leaves nothing half-written). Typed access goes
+//! through [`Record`] and the [`StorageExt`] helpers. Both backends pass the
+//! same conformance suite ([`storage_conformance_tests!`](crate::storage_conformance_tests)).
+//!
+//! ```
+//! use mesh_core::storage::{MemoryStorage, StorageExt, records::PeerRecord};
+//! use mesh_core::identity::NodeKey;
+//!
+//! let store = MemoryStorage::new();
+//! let peer = PeerRecord::new(NodeKey::generate().node_id(), "laptop");
+//! store.save(&peer)?;
+//! let back: Option<PeerRecord> = store.load(&peer.node.to_string())?;
+//! assert_eq!(back, Some(peer));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod memory;
+pub mod records;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use memory::MemoryStorage;
+#[cfg(feature = "sqlite")]
+pub use sqlite::{SCHEMA_VERSION, SqliteStorage};
+
+/// The tables the node keeps (R-STORE1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Table {
+    /// Paired devices (R-PAIR5).
+    Devices,
+    /// Pairing requests and their state.
+    PairingRequests,
+    /// Nodes seen by discovery.
+    DiscoveredNodes,
+    /// Latest health per device.
+    DeviceHealth,
+    /// Execution policy documents per device.
+    DeviceExecPolicies,
+    /// Capabilities a node declares.
+    NodeCapabilities,
+    /// Mesh members.
+    Peers,
+    /// Join tokens issued.
+    JoinTokens,
+    /// Actions and their lifecycle.
+    Actions,
+}
+
+impl Table {
+    /// Every table.
+    pub const ALL: [Table; 9] = [
+        Table::Devices,
+        Table::PairingRequests,
+        Table::DiscoveredNodes,
+        Table::DeviceHealth,
+        Table::DeviceExecPolicies,
+        Table::NodeCapabilities,
+        Table::Peers,
+        Table::JoinTokens,
+        Table::Actions,
+    ];
+
+    /// The table's name (also its SQL name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Devices => "devices",
+            Table::PairingRequests => "pairing_requests",
+            Table::DiscoveredNodes => "discovered_nodes",
+            Table::DeviceHealth => "device_health",
+            Table::DeviceExecPolicies => "device_exec_policies",
+            Table::NodeCapabilities => "node_capabilities",
+            Table::Peers => "peers",
+            Table::JoinTokens => "join_tokens",
+            Table::Actions => "actions",
+        }
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One write in a batch.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Insert or replace.
+    Put {
+        /// Table.
+        table: Table,
+        /// Key.
+        key: String,
+        /// JSON document.
+        body: Vec<u8>,
+    },
+    /// Insert; the whole batch fails with [`StorageError::AlreadyExists`] if the key exists.
+    Insert {
+        /// Table.
+        table: Table,
+        /// Key.
+        key: String,
+        /// JSON document.
+        body: Vec<u8>,
+    },
+    /// Remove if present.
+    Delete {
+        /// Table.
+        table: Table,
+        /// Key.
+        key: String,
+    },
+}
+
+impl fmt::Debug for Write {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Bodies may hold token hashes; print sizes only.
+        match self {
+            Write::Put { table, key, body } => {
+                write!(f, "Put({table}/{key}, {} bytes)", body.len())
+            }
+            Write::Insert { table, key, body } => {
+                write!(f, "Insert({table}/{key}, {} bytes)", body.len())
+            }
+            Write::Delete { table, key } => write!(f, "Delete({table}/{key})"),
+        }
+    }
+}
+
+/// Storage errors. Nothing of a failed batch was written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// An `Insert` found its key taken.
+    #[error("{table}/{key} already exists")]
+    AlreadyExists {
+        /// Table.
+        table: Table,
+        /// Key.
+        key: String,
+    },
+    /// A stored document does not decode as the expected record.
+    #[error("record {table}/{key} is corrupt or of another version: {reason}")]
+    Corrupt {
+        /// Table.
+        table: Table,
+        /// Key.
+        key: String,
+        /// Decoder message.
+        reason: String,
+    },
+    /// The database was written by a newer version of the SDK.
+    #[error(
+        "database schema version {found} is newer than this build supports ({supported}); upgrade the SDK"
+    )]
+    SchemaTooNew {
+        /// Version in the file.
+        found: i64,
+        /// Highest version this build knows.
+        supported: i64,
+    },
+    /// The backend failed (disk full, permissions, a locked or damaged file).
+    #[error("storage backend error: {0}")]
+    Backend(String),
+}
+
+/// The storage interface the node runtime uses. Implementations must make
+/// [`Storage::apply`] atomic and durable once it returns `Ok`.
+pub trait Storage: Send + Sync + fmt::Debug + 'static {
+    /// One document.
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
+    /// Every document of a table, ordered by key.
+    fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StorageError>;
+    /// Applies all writes or none.
+    fn apply(&self, batch: &[Write]) -> Result<(), StorageError>;
+}
+
+/// A typed record stored as JSON in one table.
+pub trait Record: Serialize + DeserializeOwned {
+    /// Its table.
+    const TABLE: Table;
+    /// Its key.
+    fn key(&self) -> String;
+
+    /// A write that inserts or replaces this record.
+    fn put(&self) -> Result<Write, StorageError> {
+        Ok(Write::Put {
+            table: Self::TABLE,
+            key: self.key(),
+            body: encode(self)?,
+        })
+    }
+
+    /// A write that inserts this record, failing the batch if the key exists.
+    fn insert(&self) -> Result<Write, StorageError> {
+        Ok(Write::Insert {
+            table: Self::TABLE,
+            key: self.key(),
+            body: encode(self)?,
+        })
+    }
+
+    /// A write that deletes the record with `key`.
+    fn delete(key: &str) -> Write {
+        Write::Delete {
+            table: Self::TABLE,
+            key: key.to_owned(),
+        }
+    }
+}
+
+fn encode<R: Serialize>(r: &R) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(r).map_err(|e| StorageError::Backend(format!("encoding a record: {e}")))
+}
+
+fn decode<R: Record>(key: &str, body: &[u8]) -> Result<R, StorageError> {
+    serde_json::from_slice(body).map_err(|e| StorageError::Corrupt {
+        table: R::TABLE,
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Typed helpers over any [`Storage`].
+pub trait StorageExt: Storage {
+    /// Loads one record.
+    fn load<R: Record>(&self, key: &str) -> Result<Option<R>, StorageError> {
+        self.get(R::TABLE, key)?
+            .map(|b| decode(key, &b))
+            .transpose()
+    }
+
+    /// Loads every record of the type, ordered by key.
+    fn load_all<R: Record>(&self) -> Result<Vec<R>, StorageError> {
+        self.list(R::TABLE)?
+            .iter()
+            .map(|(k, b)| decode(k, b))
+            .collect()
+    }
+
+    /// Inserts or replaces one record.
+    fn save<R: Record>(&self, record: &R) -> Result<(), StorageError> {
+        self.apply(&[record.put()?])
+    }
+
+    /// Deletes one record.
+    fn remove<R: Record>(&self, key: &str) -> Result<(), StorageError> {
+        self.apply(&[R::delete(key)])
+    }
+}
+
+impl<S: Storage + ?Sized> StorageExt for S {}
+
+/// The storage conformance suite: every [`Storage`] implementation must pass
+/// it. Expands to a test module; `$make` builds a fresh, empty store.
+///
+/// ```ignore
+/// mesh_core::storage_conformance_tests!(my_backend, || MyStorage::new());
+/// ```
+#[macro_export]
+macro_rules! storage_conformance_tests {
+    ($name:ident, $make:expr) => {
+        #[cfg(test)]
+        #[allow(clippy::unwrap_used)]
+        mod $name {
+            use $crate::clock::Timestamp;
+            use $crate::identity::{NodeId, NodeKey};
+            use $crate::storage::records::*;
+            use $crate::storage::{Record, Storage, StorageError, StorageExt, Table, Write};
+
+            fn store() -> impl Storage {
+                ($make)()
+            }
+
+            fn node(n: u8) -> NodeId {
+                NodeKey::from_secret_bytes(&[n; 32]).node_id()
+            }
+
+            fn put(table: Table, key: &str, body: &str) -> Write {
+                Write::Put { table, key: key.into(), body: body.as_bytes().to_vec() }
+            }
+
+            fn insert(table: Table, key: &str, body: &str) -> Write {
+                Write::Insert { table, key: key.into(), body: body.as_bytes().to_vec() }
+            }
+
+            #[test]
+            fn empty_store() {
+                let s = store();
+                for t in Table::ALL {
+                    assert!(s.list(t).unwrap().is_empty());
+                    assert_eq!(s.get(t, "x").unwrap(), None);
+                }
+            }
+
+            #[test]
+            fn put_get_overwrite_delete() {
+                let s = store();
+                s.apply(&[put(Table::Peers, "a", "1")]).unwrap();
+                assert_eq!(s.get(Table::Peers, "a").unwrap(), Some(b"1".to_vec()));
+                s.apply(&[put(Table::Peers, "a", "2")]).unwrap();
+                assert_eq!(s.get(Table::Peers, "a").unwrap(), Some(b"2".to_vec()));
+                // Tables are separate.
+                assert_eq!(s.get(Table::Devices, "a").unwrap(), None);
+                s.apply(&[Write::Delete { table: Table::Peers, key: "a".into() }]).unwrap();
+                assert_eq!(s.get(Table::Peers, "a").unwrap(), None);
+                // Deleting what is absent is fine.
+                s.apply(&[Write::Delete { table: Table::Peers, key: "a".into() }]).unwrap();
+            }
+
+            #[test]
+            fn list_is_ordered_by_key() {
+                let s = store();
+                s.apply(&[put(Table::Actions, "b", "2"), put(Table::Actions, "a", "1"), put(Table::Actions, "c", "3")])
+                    .unwrap();
+                let keys: Vec<String> = s.list(Table::Actions).unwrap().into_iter().map(|(k, _)| k).collect();
+                assert_eq!(keys, ["a", "b", "c"]);
+            }
+
+            #[test]
+            fn a_failing_batch_writes_nothing() {
+                let s = store();
+                s.apply(&[put(Table::Devices, "taken", "old")]).unwrap();
+                let err = s
+                    .apply(&[
+                        put(Table::Devices, "new", "x"),
+                        Write::Delete { table: Table::Devices, key: "taken".into() },
+                        put(Table::Peers, "p", "y"),
+                        insert(Table::PairingRequests, "r", "z"),
+                        insert(Table::PairingRequests, "r", "again"),
+                    ])
+                    .unwrap_err();
+                assert!(matches!(err, StorageError::AlreadyExists { table: Table::PairingRequests, .. }), "{err}");
+                assert_eq!(s.get(Table::Devices, "new").unwrap(), None);
+                assert_eq!(s.get(Table::Devices, "taken").unwrap(), Some(b"old".to_vec()));
+                assert_eq!(s.get(Table::Peers, "p").unwrap(), None);
+                assert_eq!(s.get(Table::PairingRequests, "r").unwrap(), None);
+            }
+
+            #[test]
+            fn insert_refuses_existing_keys_but_not_deleted_ones() {
+                let s = store();
+                s.apply(&[insert(Table::JoinTokens, "t", "1")]).unwrap();
+                assert!(matches!(
+                    s.apply(&[insert(Table::JoinTokens, "t", "2")]),
+                    Err(StorageError::AlreadyExists { .. })
+                ));
+                assert_eq!(s.get(Table::JoinTokens, "t").unwrap(), Some(b"1".to_vec()));
+                s.apply(&[Write::Delete { table: Table::JoinTokens, key: "t".into() }, insert(Table::JoinTokens, "t", "3")])
+                    .unwrap();
+                assert_eq!(s.get(Table::JoinTokens, "t").unwrap(), Some(b"3".to_vec()));
+            }
+
+            #[test]
+            fn large_batches_are_atomic_too() {
+                let s = store();
+                let mut batch: Vec<Write> = (0..1000).map(|i| put(Table::DiscoveredNodes, &format!("{i:04}"), "{}")).collect();
+                batch.push(insert(Table::DiscoveredNodes, "0500", "{}"));
+                assert!(s.apply(&batch).is_err());
+                assert!(s.list(Table::DiscoveredNodes).unwrap().is_empty());
+                batch.pop();
+                s.apply(&batch).unwrap();
+                assert_eq!(s.list(Table::DiscoveredNodes).unwrap().len(), 1000);
+            }
+
+            #[test]
+            fn every_record_type_round_trips() {
+                let s = store();
+                let t = Timestamp::from_millis(1_750_000_000_000);
+                let device = DeviceRecord {
+                    node: node(1),
+                    device_id: "hw-1".into(),
+                    name: "Phone".into(),
+                    platform: $crate::wire::Platform::Ios,
+                    os_version: Some("18.1".into()),
+                    app_version: None,
+                    address: Some("127.0.0.1:4433".into()),
+                    is_primary: false,
+                    status: DeviceStatus::Paired,
+                    capabilities: vec!["camera".into()],
+                    trust_level: 0.25,
+                    token_hash: vec![0xab; 32],
+                    scopes: vec!["events:write".into()],
+                    successes: 3,
+                    created_at: t,
+                    paired_at: Some(t),
+                    last_seen: None,
+                    last_command: None,
+                    revoked_at: None,
+                    metadata: serde_json::Map::new(),
+                };
+                s.save(&device).unwrap();
+                assert_eq!(s.load::<DeviceRecord>(&device.key()).unwrap(), Some(device.clone()));
+                let request = PairingRequestRecord {
+                    request_id: "00ff".into(),
+                    device_node: node(2),
+                    device_id: "hw-2".into(),
+                    device_name: "Tablet".into(),
+                    platform: $crate::wire::Platform::Android,
+                    status: PairingStatus::Pending,
+                    created_at: t,
+                    expires_at: t,
+                    attempts_left: 5,
+                    reject_reason: None,
+                };
+                s.save(&request).unwrap();
+                assert_eq!(s.load_all::<PairingRequestRecord>().unwrap(), vec![request]);
+                let discovered = DiscoveredNodeRecord {
+                    node: node(3),
+                    name: "n".into(),
+                    platform: None,
+                    version: None,
+                    addresses: vec!["[::1]:1".into()],
+                    first_discovered: t,
+                    last_discovered: t,
+                    discovery_count: 2,
+                    is_paired: false,
+                };
+                s.save(&discovered).unwrap();
+                assert_eq!(s.load::<DiscoveredNodeRecord>(&discovered.key()).unwrap(), Some(discovered));
+                let health = HealthRecord {
+                    node: node(1),
+                    last_heartbeat: t,
+                    score: 90,
+                    status: "healthy".into(),
+                    error_count: 0,
+                    last_error: None,
+                    last_error_at: None,
+                };
+                s.save(&health).unwrap();
+                assert_eq!(s.load::<HealthRecord>(&health.key()).unwrap(), Some(health));
+                let policy = ExecPolicyRecord { node: node(1), document: serde_json::json!({"allowed_commands": ["*"]}), updated_at: t };
+                s.save(&policy).unwrap();
+                assert_eq!(s.load::<ExecPolicyRecord>(&policy.key()).unwrap(), Some(policy));
+                let caps = CapabilitiesRecord { node: node(1), capabilities: vec!["network:localhost".into()], updated_at: t };
+                s.save(&caps).unwrap();
+                assert_eq!(s.load::<CapabilitiesRecord>(&caps.key()).unwrap(), Some(caps));
+                let peer = PeerRecord::new(node(4), "desk");
+                s.save(&peer).unwrap();
+                assert_eq!(s.load::<PeerRecord>(&peer.key()).unwrap(), Some(peer));
+                let token = JoinTokenRecord { token_hash: "aa".into(), issuer: node(1), created_at: t, expires_at: t, used: false };
+                s.save(&token).unwrap();
+                assert_eq!(s.load::<JoinTokenRecord>(&token.key()).unwrap(), Some(token));
+                let action = ActionRecord {
+                    id: "a1".into(),
+                    state: "proposed".into(),
+                    command: "backup".into(),
+                    params: serde_json::json!({}),
+                    proposed_by: node(2),
+                    decided_by: None,
+                    created_at: t,
+                    updated_at: t,
+                    result: None,
+                    error: None,
+                };
+                s.save(&action).unwrap();
+                assert_eq!(s.load::<ActionRecord>(&action.key()).unwrap(), Some(action));
+                s.remove::<ActionRecord>("a1").unwrap();
+                assert_eq!(s.load::<ActionRecord>("a1").unwrap(), None);
+            }
+
+            #[test]
+            fn a_corrupt_document_is_a_typed_error() {
+                let s = store();
+                s.apply(&[put(Table::Peers, "x", "{not json")]).unwrap();
+                assert!(matches!(s.load::<PeerRecord>("x"), Err(StorageError::Corrupt { .. })));
+                assert!(matches!(s.load_all::<PeerRecord>(), Err(StorageError::Corrupt { .. })));
+            }
+        }
+    };
+}

@@ -1,0 +1,325 @@
+//! The records the node keeps, one type per [`Table`](super::Table).
+
+use serde::{Deserialize, Serialize};
+
+use super::{Record, Table};
+use crate::clock::Timestamp;
+use crate::identity::NodeId;
+use crate::wire::Platform;
+
+/// Hex for byte fields in JSON documents.
+pub(crate) mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&data_encoding::HEXLOWER.encode(v))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        data_encoding::HEXLOWER_PERMISSIVE
+            .decode(text.as_bytes())
+            .map_err(D::Error::custom)
+    }
+}
+
+/// Lifecycle of a paired device (R-PAIR5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceStatus {
+    /// Pairing in progress.
+    Pairing,
+    /// Paired, not yet trusted.
+    Paired,
+    /// Earned trust through successful use (R-PAIR8).
+    Trusted,
+    /// Missed heartbeats.
+    Offline,
+    /// In an error state.
+    Error,
+}
+
+/// A paired device (R-PAIR5). Keyed by its node id, which is also its public key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Node id = ed25519 public key.
+    pub node: NodeId,
+    /// Hardware/app id, unique among devices.
+    pub device_id: String,
+    /// Display name.
+    pub name: String,
+    /// Platform.
+    pub platform: Platform,
+    /// OS version, if reported.
+    pub os_version: Option<String>,
+    /// App version, if reported.
+    pub app_version: Option<String>,
+    /// Last known address.
+    pub address: Option<String>,
+    /// Whether this record is the primary itself.
+    pub is_primary: bool,
+    /// Status.
+    pub status: DeviceStatus,
+    /// Declared capabilities.
+    pub capabilities: Vec<String>,
+    /// Trust 0.0–1.0 (R-PAIR8).
+    pub trust_level: f64,
+    /// SHA-256 of the device token; the token itself is never stored.
+    #[serde(with = "hex_bytes")]
+    pub token_hash: Vec<u8>,
+    /// Granted scopes (R-PAIR7).
+    pub scopes: Vec<String>,
+    /// Successful uses, for trust progression.
+    pub successes: u64,
+    /// When the record was created.
+    pub created_at: Timestamp,
+    /// When pairing completed.
+    pub paired_at: Option<Timestamp>,
+    /// Last contact.
+    pub last_seen: Option<Timestamp>,
+    /// Last command from or to the device.
+    pub last_command: Option<Timestamp>,
+    /// When revoked; a revoked device is refused everywhere (R-PAIR6).
+    pub revoked_at: Option<Timestamp>,
+    /// App-defined metadata.
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Record for DeviceRecord {
+    const TABLE: Table = Table::Devices;
+    fn key(&self) -> String {
+        self.node.to_string()
+    }
+}
+
+/// Status of a pairing request (R-PAIR1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PairingStatus {
+    /// Waiting for the user.
+    Pending,
+    /// The user approved; the exchange is finishing.
+    Approved,
+    /// The user rejected it.
+    Rejected,
+    /// Timed out, or voided after too many wrong codes.
+    Expired,
+    /// Done: the device holds its token.
+    Completed,
+}
+
+/// A pairing request as the primary keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairingRequestRecord {
+    /// Random request id (hex).
+    pub request_id: String,
+    /// The requesting node.
+    pub device_node: NodeId,
+    /// Hardware/app id.
+    pub device_id: String,
+    /// Display name.
+    pub device_name: String,
+    /// Platform.
+    pub platform: Platform,
+    /// Status.
+    pub status: PairingStatus,
+    /// Created.
+    pub created_at: Timestamp,
+    /// Expires.
+    pub expires_at: Timestamp,
+    /// Wrong codes left before the request is void.
+    pub attempts_left: u8,
+    /// Why it was rejected.
+    pub reject_reason: Option<String>,
+}
+
+impl Record for PairingRequestRecord {
+    const TABLE: Table = Table::PairingRequests;
+    fn key(&self) -> String {
+        self.request_id.clone()
+    }
+}
+
+/// A node seen by discovery (R-DISC1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiscoveredNodeRecord {
+    /// The node.
+    pub node: NodeId,
+    /// Advertised name.
+    pub name: String,
+    /// Advertised platform.
+    pub platform: Option<String>,
+    /// Advertised version.
+    pub version: Option<String>,
+    /// Addresses seen.
+    pub addresses: Vec<String>,
+    /// First seen.
+    pub first_discovered: Timestamp,
+    /// Last seen.
+    pub last_discovered: Timestamp,
+    /// Times seen.
+    pub discovery_count: u64,
+    /// Whether it is a paired device.
+    pub is_paired: bool,
+}
+
+impl Record for DiscoveredNodeRecord {
+    const TABLE: Table = Table::DiscoveredNodes;
+    fn key(&self) -> String {
+        self.node.to_string()
+    }
+}
+
+/// Latest health of a device (R-HEALTH).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    /// The device.
+    pub node: NodeId,
+    /// Last heartbeat.
+    pub last_heartbeat: Timestamp,
+    /// Score 0–100.
+    pub score: u8,
+    /// `healthy`, `degraded`, `offline` or `error`.
+    pub status: String,
+    /// Errors counted.
+    pub error_count: u64,
+    /// Last error.
+    pub last_error: Option<String>,
+    /// When the last error happened.
+    pub last_error_at: Option<Timestamp>,
+}
+
+impl Record for HealthRecord {
+    const TABLE: Table = Table::DeviceHealth;
+    fn key(&self) -> String {
+        self.node.to_string()
+    }
+}
+
+/// A device's execution policy, kept as its JSON document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecPolicyRecord {
+    /// The device.
+    pub node: NodeId,
+    /// The policy document (mesh-policy's `PolicyDocument` JSON).
+    pub document: serde_json::Value,
+    /// Last change.
+    pub updated_at: Timestamp,
+}
+
+impl Record for ExecPolicyRecord {
+    const TABLE: Table = Table::DeviceExecPolicies;
+    fn key(&self) -> String {
+        self.node.to_string()
+    }
+}
+
+/// Capabilities a node declares (`filesystem:read`, …).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapabilitiesRecord {
+    /// The node.
+    pub node: NodeId,
+    /// Capabilities.
+    pub capabilities: Vec<String>,
+    /// Last change.
+    pub updated_at: Timestamp,
+}
+
+impl Record for CapabilitiesRecord {
+    const TABLE: Table = Table::NodeCapabilities;
+    fn key(&self) -> String {
+        self.node.to_string()
+    }
+}
+
+/// A mesh member (R-MESH1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    /// The peer.
+    pub node: NodeId,
+    /// Its name.
+    pub name: String,
+    /// Its addresses.
+    pub addresses: Vec<String>,
+    /// Active (false: inactive).
+    pub active: bool,
+    /// Joined.
+    pub joined_at: Option<Timestamp>,
+    /// Last seen.
+    pub last_seen: Option<Timestamp>,
+}
+
+impl PeerRecord {
+    /// An active peer with no addresses yet.
+    pub fn new(node: NodeId, name: &str) -> Self {
+        PeerRecord {
+            node,
+            name: name.to_owned(),
+            addresses: vec![],
+            active: true,
+            joined_at: None,
+            last_seen: None,
+        }
+    }
+}
+
+impl Record for PeerRecord {
+    const TABLE: Table = Table::Peers;
+    fn key(&self) -> String {
+        self.node.to_string()
+    }
+}
+
+/// A join token issued by this node (stored hashed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    /// SHA-256 of the token (hex); the key.
+    pub token_hash: String,
+    /// Issuer.
+    pub issuer: NodeId,
+    /// Created.
+    pub created_at: Timestamp,
+    /// Expires.
+    pub expires_at: Timestamp,
+    /// Used (single use).
+    pub used: bool,
+}
+
+impl Record for JoinTokenRecord {
+    const TABLE: Table = Table::JoinTokens;
+    fn key(&self) -> String {
+        self.token_hash.clone()
+    }
+}
+
+/// An action and its lifecycle (R-ACT2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionRecord {
+    /// Action id.
+    pub id: String,
+    /// `proposed`, `approved`, `executing`, `executed`, `failed`, `rejected`.
+    pub state: String,
+    /// Command name.
+    pub command: String,
+    /// Parameters.
+    pub params: serde_json::Value,
+    /// Who proposed it.
+    pub proposed_by: NodeId,
+    /// Who approved or rejected it.
+    pub decided_by: Option<String>,
+    /// Created.
+    pub created_at: Timestamp,
+    /// Last change.
+    pub updated_at: Timestamp,
+    /// Result.
+    pub result: Option<serde_json::Value>,
+    /// Error.
+    pub error: Option<String>,
+}
+
+impl Record for ActionRecord {
+    const TABLE: Table = Table::Actions;
+    fn key(&self) -> String {
+        self.id.clone()
+    }
+}

@@ -1,0 +1,215 @@
+//! SQLite storage: one file, WAL, versioned migrations.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+
+use super::{Storage, StorageError, Table, Write};
+
+/// Schema version this build writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Migrations, in order; migration `i` moves the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>] = &[migrate_v1];
+
+fn migrate_v1(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    for table in Table::ALL {
+        tx.execute_batch(&format!(
+            "CREATE TABLE {t} (key TEXT PRIMARY KEY NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;",
+            t = table.name()
+        ))?;
+    }
+    Ok(())
+}
+
+/// The embedded default storage.
+///
+/// * WAL journal: readers never block the writer, and a crash never leaves a
+///   half-applied transaction.
+/// * `synchronous = FULL`: a batch is on disk when [`Storage::apply`] returns,
+///   so a revocation or token rotation survives power loss, not only a killed
+///   process. (NORMAL would be faster and still crash-safe for the process, but
+///   could lose the last commits on power loss.)
+/// * Versioned migrations through `PRAGMA user_version`; a file from a newer
+///   SDK is refused rather than misread.
+/// * A new database file is created with mode 0600.
+#[derive(Debug)]
+pub struct SqliteStorage {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+fn backend(e: rusqlite::Error) -> StorageError {
+    StorageError::Backend(e.to_string())
+}
+
+impl SqliteStorage {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
+        let path = path.as_ref().to_owned();
+        create_private(&path)?;
+        let conn = Connection::open(&path).map_err(backend)?;
+        Self::setup(conn, path)
+    }
+
+    /// A private in-memory SQLite database (for tests of the SQL path).
+    pub fn open_in_memory() -> Result<Self, StorageError> {
+        let conn = Connection::open_in_memory().map_err(backend)?;
+        Self::setup(conn, PathBuf::from(":memory:"))
+    }
+
+    fn setup(mut conn: Connection, path: PathBuf) -> Result<Self, StorageError> {
+        conn.busy_timeout(Duration::from_secs(5)).map_err(backend)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(backend)?;
+        if mode != "wal" && mode != "memory" {
+            return Err(StorageError::Backend(format!(
+                "cannot enable WAL (journal mode is {mode})"
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(backend)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(backend)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(backend)?;
+        if version > SCHEMA_VERSION {
+            return Err(StorageError::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for (i, migrate) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            let tx = conn.transaction().map_err(backend)?;
+            migrate(&tx).map_err(backend)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+        }
+        Ok(SqliteStorage {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    pub(super) fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `PRAGMA integrity_check`; `Ok(())` when SQLite reports `ok`.
+    pub fn integrity_check(&self) -> Result<(), StorageError> {
+        let result: String = self
+            .conn()
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(backend)?;
+        if result == "ok" {
+            Ok(())
+        } else {
+            Err(StorageError::Backend(format!(
+                "integrity check failed: {result}"
+            )))
+        }
+    }
+}
+
+#[cfg(unix)]
+fn create_private(path: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StorageError::Backend(format!(
+            "cannot create {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+#[cfg(not(unix))]
+fn create_private(_path: &Path) -> Result<(), StorageError> {
+    Ok(())
+}
+
+impl Storage for SqliteStorage {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!("SELECT body FROM {} WHERE key = ?1", table.name()))
+            .map_err(backend)?;
+        stmt.query_row(params![key], |r| r.get(0))
+            .optional()
+            .map_err(backend)
+    }
+
+    fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT key, body FROM {} ORDER BY key",
+                table.name()
+            ))
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(backend)?;
+        rows.collect::<Result<_, _>>().map_err(backend)
+    }
+
+    fn apply(&self, batch: &[Write]) -> Result<(), StorageError> {
+        let mut conn = self.conn();
+        // Dropping the transaction without commit rolls every write back.
+        let tx = conn.transaction().map_err(backend)?;
+        for w in batch {
+            match w {
+                Write::Put { table, key, body } => {
+                    tx.prepare_cached(&format!(
+                        "INSERT INTO {} (key, body) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET body = excluded.body",
+                        table.name()
+                    ))
+                    .and_then(|mut s| s.execute(params![key, body]))
+                    .map_err(backend)?;
+                }
+                Write::Insert { table, key, body } => {
+                    let res = tx
+                        .prepare_cached(&format!(
+                            "INSERT INTO {} (key, body) VALUES (?1, ?2)",
+                            table.name()
+                        ))
+                        .and_then(|mut s| s.execute(params![key, body]));
+                    match res {
+                        Ok(_) => {}
+                        Err(rusqlite::Error::SqliteFailure(e, _))
+                            if e.code == ErrorCode::ConstraintViolation =>
+                        {
+                            return Err(StorageError::AlreadyExists {
+                                table: *table,
+                                key: key.clone(),
+                            });
+                        }
+                        Err(e) => return Err(backend(e)),
+                    }
+                }
+                Write::Delete { table, key } => {
+                    tx.prepare_cached(&format!("DELETE FROM {} WHERE key = ?1", table.name()))
+                        .and_then(|mut s| s.execute(params![key]))
+                        .map_err(backend)?;
+                }
+            }
+        }
+        tx.commit().map_err(backend)
+    }
+}

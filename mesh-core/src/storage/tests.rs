@@ -1,0 +1,91 @@
+use super::*;
+
+crate::storage_conformance_tests!(memory_conformance, crate::storage::MemoryStorage::new);
+
+#[cfg(feature = "sqlite")]
+crate::storage_conformance_tests!(sqlite_memory_conformance, || {
+    crate::storage::SqliteStorage::open_in_memory().unwrap()
+});
+
+#[cfg(feature = "sqlite")]
+crate::storage_conformance_tests!(sqlite_file_conformance, || {
+    // Each store gets its own file; the directory lives until the process ends.
+    let dir = Box::leak(Box::new(tempfile::tempdir().unwrap()));
+    crate::storage::SqliteStorage::open(dir.path().join("mesh.db")).unwrap()
+});
+
+#[cfg(feature = "sqlite")]
+mod sqlite_only {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn committed_writes_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.db");
+        {
+            let s = SqliteStorage::open(&path).unwrap();
+            s.apply(&[Write::Put {
+                table: Table::Devices,
+                key: "k".into(),
+                body: b"{}".to_vec(),
+            }])
+            .unwrap();
+        }
+        let s = SqliteStorage::open(&path).unwrap();
+        assert_eq!(s.get(Table::Devices, "k").unwrap(), Some(b"{}".to_vec()));
+        s.integrity_check().unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.db");
+        drop(SqliteStorage::open(&path).unwrap());
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(conn);
+        match SqliteStorage::open(&path) {
+            Err(StorageError::SchemaTooNew { found, supported }) => {
+                assert_eq!((found, supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn wal_and_full_sync_are_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStorage::open(dir.path().join("mesh.db")).unwrap();
+        let conn = s.conn();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((mode.as_str(), sync, version), ("wal", 2, SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn not_a_database_is_a_backend_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.db");
+        std::fs::write(
+            &path,
+            b"this is not an SQLite database at all, just some text....",
+        )
+        .unwrap();
+        assert!(matches!(
+            SqliteStorage::open(&path),
+            Err(StorageError::Backend(_))
+        ));
+    }
+}
