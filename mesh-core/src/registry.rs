@@ -1,0 +1,618 @@
+//! The device registry: paired devices, their tokens, scopes, trust, and the
+//! one function every entry point calls to let a device in.
+//!
+//! * A device token is 32 bytes from the OS CSPRNG, handed out once (at
+//!   pairing or rotation) and stored only as its SHA-256; presented tokens are
+//!   compared in constant time. [`DeviceToken`] zeroizes itself and never
+//!   prints its value in `Debug`.
+//! * [`Registry::check`] is the gate for commands, events, heartbeats and the
+//!   gateway alike: unknown device, revoked, wrong token or missing scope are
+//!   each a typed [`AuthError`]. Nothing is cached, so unpairing, rotation and
+//!   revocation take effect on the very next check.
+//! * Trust (R-PAIR8): each successful use raises `trust_level` by a step; a
+//!   paired device becomes `trusted` at the configured level.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use crate::clock::Timestamp;
+use crate::events::{EventBus, kinds};
+use crate::identity::NodeId;
+use crate::storage::records::{DeviceRecord, DeviceStatus};
+use crate::storage::{Record, Storage, StorageError, StorageExt, Write};
+
+/// Scopes a device can hold (R-PAIR7). Scopes are plain strings; these are the
+/// ones the SDK itself checks.
+pub mod scopes {
+    /// Send events.
+    pub const EVENTS_WRITE: &str = "events:write";
+    /// Read memories.
+    pub const MEMORIES_READ: &str = "memories:read";
+    /// Read actions.
+    pub const ACTIONS_READ: &str = "actions:read";
+    /// Report presence and heartbeats.
+    pub const PRESENCE_WRITE: &str = "presence:write";
+    /// Run commands on the primary.
+    pub const COMMANDS_RUN: &str = "commands:run";
+    /// What a newly paired device gets.
+    pub const DEFAULT: &[&str] = &[EVENTS_WRITE, PRESENCE_WRITE, ACTIONS_READ, COMMANDS_RUN];
+}
+
+/// Length of a device token in bytes.
+pub const TOKEN_LEN: usize = 32;
+
+/// A device's bearer token. Shown once; zeroized on drop; `Debug` is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DeviceToken(Zeroizing<[u8; TOKEN_LEN]>);
+
+impl DeviceToken {
+    /// A fresh token from the OS CSPRNG.
+    pub fn generate() -> Self {
+        let mut t = Zeroizing::new([0u8; TOKEN_LEN]);
+        rand::fill(&mut t[..]);
+        DeviceToken(t)
+    }
+
+    /// Wraps raw token bytes (as received in a pairing grant).
+    pub fn from_bytes(bytes: [u8; TOKEN_LEN]) -> Self {
+        DeviceToken(Zeroizing::new(bytes))
+    }
+
+    /// The raw bytes, for presenting the token.
+    pub fn as_bytes(&self) -> &[u8; TOKEN_LEN] {
+        &self.0
+    }
+
+    /// The text form apps store (lowercase hex). Zeroized on drop.
+    pub fn to_text(&self) -> Zeroizing<String> {
+        Zeroizing::new(data_encoding::HEXLOWER.encode(&self.0[..]))
+    }
+
+    /// Parses [`DeviceToken::to_text`] output.
+    pub fn from_text(text: &str) -> Option<Self> {
+        let bytes = Zeroizing::new(
+            data_encoding::HEXLOWER_PERMISSIVE
+                .decode(text.trim().as_bytes())
+                .ok()?,
+        );
+        let arr: [u8; TOKEN_LEN] = bytes.as_slice().try_into().ok()?;
+        Some(DeviceToken::from_bytes(arr))
+    }
+
+    /// SHA-256 of the token: what the registry stores. A token has 256 bits of
+    /// entropy, so a fast hash is enough (no password-hashing needed).
+    pub fn hash(&self) -> [u8; 32] {
+        hash_token(&self.0[..])
+    }
+}
+
+fn hash_token(token: &[u8]) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(b"mesh-sdk/device-token/v1")
+        .chain_update(token)
+        .finalize()
+        .into()
+}
+
+impl fmt::Debug for DeviceToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DeviceToken(<redacted>)")
+    }
+}
+
+/// Why a device was refused. The same error for every entry point.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// Not a paired device (never paired, or unpaired).
+    #[error("device {0} is not paired; pair it first")]
+    UnknownDevice(NodeId),
+    /// Revoked: refused everywhere until paired again.
+    #[error("device {node} was revoked at {at}; it must be paired again")]
+    Revoked {
+        /// The device.
+        node: NodeId,
+        /// When.
+        at: Timestamp,
+    },
+    /// The token is wrong (or was rotated away).
+    #[error("device {0} presented an invalid token (rotated or wrong); use the current token")]
+    BadToken(NodeId),
+    /// The device lacks the scope this entry point needs.
+    #[error("device {node} lacks scope {scope:?}")]
+    ScopeMissing {
+        /// The device.
+        node: NodeId,
+        /// The scope needed.
+        scope: String,
+    },
+    /// Storage failed while checking.
+    #[error("registry storage: {0}")]
+    Storage(String),
+}
+
+impl From<StorageError> for AuthError {
+    fn from(e: StorageError) -> Self {
+        AuthError::Storage(e.to_string())
+    }
+}
+
+/// Errors of registry changes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// No such device.
+    #[error("device {0} is not paired")]
+    UnknownDevice(NodeId),
+    /// The node or hardware id is already paired.
+    #[error("{what} is already paired; unpair it first")]
+    AlreadyPaired {
+        /// Which id collided.
+        what: String,
+    },
+    /// Storage failed; nothing was changed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Trust progression settings (R-PAIR8).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct TrustConfig {
+    /// Trust of a newly paired device. Default 0.3.
+    pub initial: f64,
+    /// Added per successful use. Default 0.05.
+    pub step: f64,
+    /// From this level a paired device is `trusted`. Default 0.7.
+    pub trusted_from: f64,
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        TrustConfig {
+            initial: 0.3,
+            step: 0.05,
+            trusted_from: 0.7,
+        }
+    }
+}
+
+/// What a new device record is made from (the pairing request's facts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDevice {
+    /// Node id.
+    pub node: NodeId,
+    /// Hardware/app id.
+    pub device_id: String,
+    /// Display name.
+    pub name: String,
+    /// Platform.
+    pub platform: crate::wire::Platform,
+}
+
+/// The registry of paired devices, over any [`Storage`].
+#[derive(Clone)]
+pub struct Registry {
+    store: Arc<dyn Storage>,
+    events: EventBus,
+    trust: TrustConfig,
+    /// Serialises read-modify-write changes (trust, rotation, uniqueness checks).
+    write: Arc<Mutex<()>>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// A registry over `store`, publishing on `events`.
+    pub fn new(store: Arc<dyn Storage>, events: EventBus) -> Self {
+        Self::with_trust(store, events, TrustConfig::default())
+    }
+
+    /// The same with custom trust settings.
+    pub fn with_trust(store: Arc<dyn Storage>, events: EventBus, trust: TrustConfig) -> Self {
+        Registry {
+            store,
+            events,
+            trust,
+            write: Arc::new(Mutex::new(())),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// **The gate.** Every entry point (commands, events, heartbeats, the
+    /// gateway) calls this with the authenticated node id, the presented token
+    /// and the scope it needs.
+    pub fn check(
+        &self,
+        node: &NodeId,
+        token: &[u8],
+        scope: &str,
+    ) -> Result<DeviceRecord, AuthError> {
+        let device: DeviceRecord = self
+            .store
+            .load(&node.to_string())?
+            .ok_or(AuthError::UnknownDevice(*node))?;
+        if let Some(at) = device.revoked_at {
+            return Err(AuthError::Revoked { node: *node, at });
+        }
+        let presented = hash_token(token);
+        if !bool::from(presented.as_slice().ct_eq(device.token_hash.as_slice())) {
+            return Err(AuthError::BadToken(*node));
+        }
+        if !device.scopes.iter().any(|s| s == scope) {
+            return Err(AuthError::ScopeMissing {
+                node: *node,
+                scope: scope.to_owned(),
+            });
+        }
+        Ok(device)
+    }
+
+    /// One device.
+    pub fn get(&self, node: &NodeId) -> Result<Option<DeviceRecord>, StorageError> {
+        self.store.load(&node.to_string())
+    }
+
+    /// All devices, ordered by node id.
+    pub fn list(&self) -> Result<Vec<DeviceRecord>, StorageError> {
+        self.store.load_all()
+    }
+
+    /// Checks that neither the node nor the hardware id is paired already.
+    pub fn ensure_unpaired(&self, node: &NodeId, device_id: &str) -> Result<(), RegistryError> {
+        if self.get(node)?.is_some() {
+            return Err(RegistryError::AlreadyPaired {
+                what: format!("node {node}"),
+            });
+        }
+        if self.list()?.iter().any(|d| d.device_id == device_id) {
+            return Err(RegistryError::AlreadyPaired {
+                what: format!("device id {device_id:?}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Builds the record and token for a newly paired device, and the write
+    /// that stores it, for the caller to commit in one batch with its own
+    /// writes (pairing commits it together with the request's new status).
+    pub fn prepare_device(
+        &self,
+        new: NewDevice,
+        now: Timestamp,
+    ) -> Result<(DeviceRecord, DeviceToken, Write), RegistryError> {
+        self.ensure_unpaired(&new.node, &new.device_id)?;
+        let token = DeviceToken::generate();
+        let record = DeviceRecord {
+            node: new.node,
+            device_id: new.device_id,
+            name: new.name,
+            platform: new.platform,
+            os_version: None,
+            app_version: None,
+            address: None,
+            is_primary: false,
+            status: DeviceStatus::Paired,
+            capabilities: vec![],
+            trust_level: self.trust.initial,
+            token_hash: token.hash().to_vec(),
+            scopes: scopes::DEFAULT.iter().map(|s| (*s).to_owned()).collect(),
+            successes: 0,
+            created_at: now,
+            paired_at: Some(now),
+            last_seen: Some(now),
+            last_command: None,
+            revoked_at: None,
+            metadata: serde_json::Map::new(),
+        };
+        // `insert`: the batch fails if the node was paired meanwhile.
+        let write = record.insert()?;
+        Ok((record, token, write))
+    }
+
+    /// Commits a batch prepared with [`Registry::prepare_device`] (plus the
+    /// caller's writes) under the registry's write lock, re-checking uniqueness.
+    pub fn commit_new_device(
+        &self,
+        record: &DeviceRecord,
+        batch: &[Write],
+    ) -> Result<(), RegistryError> {
+        let _g = self.lock();
+        if self.list()?.iter().any(|d| d.device_id == record.device_id) {
+            return Err(RegistryError::AlreadyPaired {
+                what: format!("device id {:?}", record.device_id),
+            });
+        }
+        self.store.apply(batch).map_err(|e| match e {
+            StorageError::AlreadyExists { .. } => RegistryError::AlreadyPaired {
+                what: format!("node {}", record.node),
+            },
+            other => RegistryError::Storage(other),
+        })
+    }
+
+    fn update(
+        &self,
+        node: &NodeId,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) -> Result<DeviceRecord, RegistryError> {
+        let _g = self.lock();
+        let mut device = self.get(node)?.ok_or(RegistryError::UnknownDevice(*node))?;
+        change(&mut device);
+        self.store.apply(&[device.put()?])?;
+        Ok(device)
+    }
+
+    /// Removes the device; its token stops working at once. (Telling the
+    /// device is the runtime's job.)
+    pub fn unpair(&self, node: &NodeId, now: Timestamp) -> Result<(), RegistryError> {
+        {
+            let _g = self.lock();
+            self.get(node)?.ok_or(RegistryError::UnknownDevice(*node))?;
+            self.store
+                .apply(&[DeviceRecord::delete(&node.to_string())])?;
+        }
+        self.events.publish(
+            kinds::DEVICE_UNPAIRED,
+            now,
+            json!({ "node": node.to_string() }),
+        );
+        Ok(())
+    }
+
+    /// Issues a new token; the old one is refused from this moment.
+    pub fn rotate_token(
+        &self,
+        node: &NodeId,
+        now: Timestamp,
+    ) -> Result<DeviceToken, RegistryError> {
+        let token = DeviceToken::generate();
+        let hash = token.hash().to_vec();
+        self.update(node, |d| d.token_hash = hash)?;
+        self.events.publish(
+            kinds::DEVICE_TOKEN_ROTATED,
+            now,
+            json!({ "node": node.to_string() }),
+        );
+        Ok(token)
+    }
+
+    /// Revokes the device: every check fails until it is unpaired and paired again.
+    pub fn revoke(&self, node: &NodeId, now: Timestamp) -> Result<(), RegistryError> {
+        self.update(node, |d| {
+            d.revoked_at = Some(now);
+            d.status = DeviceStatus::Error;
+        })?;
+        self.events.publish(
+            kinds::DEVICE_REVOKED,
+            now,
+            json!({ "node": node.to_string() }),
+        );
+        Ok(())
+    }
+
+    /// Replaces the device's scopes.
+    pub fn set_scopes(
+        &self,
+        node: &NodeId,
+        scopes: &[&str],
+    ) -> Result<DeviceRecord, RegistryError> {
+        self.update(node, |d| {
+            d.scopes = scopes.iter().map(|s| (*s).to_owned()).collect()
+        })
+    }
+
+    /// Records a successful use: raises trust, and promotes a paired device
+    /// to trusted at the configured level (R-PAIR8).
+    pub fn record_success(
+        &self,
+        node: &NodeId,
+        now: Timestamp,
+    ) -> Result<DeviceRecord, RegistryError> {
+        let trust = self.trust.clone();
+        self.update(node, |d| {
+            d.successes += 1;
+            d.trust_level = (d.trust_level + trust.step).min(1.0);
+            d.last_seen = Some(now);
+            if d.status == DeviceStatus::Paired && d.trust_level + 1e-9 >= trust.trusted_from {
+                d.status = DeviceStatus::Trusted;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Received;
+    use crate::identity::NodeKey;
+    use crate::storage::MemoryStorage;
+    use crate::wire::Platform;
+
+    const T: Timestamp = Timestamp::from_millis(1_750_000_000_000);
+
+    fn setup() -> (Registry, EventBus) {
+        let events = EventBus::new();
+        (
+            Registry::new(Arc::new(MemoryStorage::new()), events.clone()),
+            events,
+        )
+    }
+
+    fn pair(reg: &Registry, seed: u8) -> (NodeId, DeviceToken) {
+        let node = NodeKey::from_secret_bytes(&[seed; 32]).node_id();
+        let (record, token, write) = reg
+            .prepare_device(
+                NewDevice {
+                    node,
+                    device_id: format!("hw-{seed}"),
+                    name: "Phone".into(),
+                    platform: Platform::Ios,
+                },
+                T,
+            )
+            .unwrap();
+        reg.commit_new_device(&record, &[write]).unwrap();
+        (node, token)
+    }
+
+    #[test]
+    fn check_accepts_the_right_token_and_scope() {
+        let (reg, _) = setup();
+        let (node, token) = pair(&reg, 1);
+        let d = reg
+            .check(&node, token.as_bytes(), scopes::COMMANDS_RUN)
+            .unwrap();
+        assert_eq!(d.status, DeviceStatus::Paired);
+        // The stored hash is not the token.
+        assert_ne!(d.token_hash.as_slice(), token.as_bytes());
+        assert_eq!(d.token_hash, token.hash().to_vec());
+    }
+
+    #[test]
+    fn every_refusal_is_typed() {
+        let (reg, _) = setup();
+        let (node, token) = pair(&reg, 1);
+        let stranger = NodeKey::from_secret_bytes(&[9; 32]).node_id();
+        assert_eq!(
+            reg.check(&stranger, token.as_bytes(), scopes::COMMANDS_RUN),
+            Err(AuthError::UnknownDevice(stranger))
+        );
+        assert_eq!(
+            reg.check(&node, &[0u8; 32], scopes::COMMANDS_RUN),
+            Err(AuthError::BadToken(node))
+        );
+        assert_eq!(
+            reg.check(&node, b"short", scopes::COMMANDS_RUN),
+            Err(AuthError::BadToken(node))
+        );
+        assert_eq!(
+            reg.check(&node, token.as_bytes(), scopes::MEMORIES_READ),
+            Err(AuthError::ScopeMissing {
+                node,
+                scope: scopes::MEMORIES_READ.into()
+            })
+        );
+    }
+
+    #[test]
+    fn revocation_refuses_every_entry_point_at_once() {
+        let (reg, events) = setup();
+        let mut sub = events.subscribe("device.*", 8).unwrap();
+        let (node, token) = pair(&reg, 1);
+        reg.revoke(&node, T).unwrap();
+        for scope in scopes::DEFAULT {
+            assert_eq!(
+                reg.check(&node, token.as_bytes(), scope),
+                Err(AuthError::Revoked { node, at: T })
+            );
+        }
+        assert!(
+            matches!(sub.try_recv(), Some(Received::Event(e)) if e.kind == kinds::DEVICE_REVOKED)
+        );
+        // A revoked device cannot pair again without unpairing first.
+        assert!(matches!(
+            reg.ensure_unpaired(&node, "hw-other"),
+            Err(RegistryError::AlreadyPaired { .. })
+        ));
+    }
+
+    #[test]
+    fn rotation_invalidates_the_old_token() {
+        let (reg, events) = setup();
+        let mut sub = events.subscribe("device.token_rotated", 8).unwrap();
+        let (node, old) = pair(&reg, 1);
+        let new = reg.rotate_token(&node, T).unwrap();
+        assert_ne!(old, new);
+        assert_eq!(
+            reg.check(&node, old.as_bytes(), scopes::COMMANDS_RUN),
+            Err(AuthError::BadToken(node))
+        );
+        reg.check(&node, new.as_bytes(), scopes::COMMANDS_RUN)
+            .unwrap();
+        assert!(sub.try_recv().is_some());
+    }
+
+    #[test]
+    fn unpair_removes_the_device() {
+        let (reg, events) = setup();
+        let mut sub = events.subscribe("device.unpaired", 8).unwrap();
+        let (node, token) = pair(&reg, 1);
+        reg.unpair(&node, T).unwrap();
+        assert_eq!(
+            reg.check(&node, token.as_bytes(), scopes::COMMANDS_RUN),
+            Err(AuthError::UnknownDevice(node))
+        );
+        assert!(sub.try_recv().is_some());
+        assert!(matches!(
+            reg.unpair(&node, T),
+            Err(RegistryError::UnknownDevice(_))
+        ));
+        // Pairing again works after unpairing.
+        reg.ensure_unpaired(&node, "hw-1").unwrap();
+    }
+
+    #[test]
+    fn hardware_ids_are_unique() {
+        let (reg, _) = setup();
+        pair(&reg, 1);
+        let other = NodeKey::from_secret_bytes(&[2; 32]).node_id();
+        let err = reg
+            .prepare_device(
+                NewDevice {
+                    node: other,
+                    device_id: "hw-1".into(),
+                    name: "Clone".into(),
+                    platform: Platform::Android,
+                },
+                T,
+            )
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::AlreadyPaired { .. }), "{err}");
+        assert!(err.to_string().contains("unpair it first"));
+    }
+
+    #[test]
+    fn trust_grows_with_use_until_trusted() {
+        let (reg, _) = setup();
+        let (node, _) = pair(&reg, 1);
+        let mut d = reg.get(&node).unwrap().unwrap();
+        assert_eq!(d.trust_level, 0.3);
+        for _ in 0..7 {
+            assert_eq!(d.status, DeviceStatus::Paired);
+            d = reg.record_success(&node, T).unwrap();
+        }
+        // 0.3 + 8 steps of 0.05 reaches 0.7.
+        d = reg.record_success(&node, T).unwrap();
+        assert_eq!(d.status, DeviceStatus::Trusted);
+        for _ in 0..20 {
+            d = reg.record_success(&node, T).unwrap();
+        }
+        assert_eq!(d.trust_level, 1.0);
+        assert_eq!(d.successes, 28);
+    }
+
+    #[test]
+    fn tokens_never_show_in_debug_and_round_trip_as_text() {
+        let t = DeviceToken::from_bytes([0xab; 32]);
+        assert_eq!(format!("{t:?}"), "DeviceToken(<redacted>)");
+        let text = t.to_text();
+        assert_eq!(DeviceToken::from_text(&text), Some(t));
+        assert_eq!(DeviceToken::from_text("abcd"), None);
+        assert_eq!(DeviceToken::from_text("zz"), None);
+    }
+}
