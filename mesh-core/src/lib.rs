@@ -62,6 +62,7 @@ pub mod clock;
 pub mod crypto;
 pub mod events;
 pub mod identity;
+pub mod pairing;
 pub mod registry;
 pub mod storage;
 pub mod wire;

@@ -415,6 +415,7 @@ macro_rules! storage_conformance_tests {
                     expires_at: t,
                     attempts_left: 5,
                     reject_reason: None,
+                    device_pake: vec![1, 2, 3],
                 };
                 s.save(&request).unwrap();
                 assert_eq!(s.load_all::<PairingRequestRecord>().unwrap(), vec![request]);

@@ -131,6 +131,10 @@ pub struct PairingRequestRecord {
     pub attempts_left: u8,
     /// Why it was rejected.
     pub reject_reason: Option<String>,
+    /// The device's current public PAKE message (not secret), so the user can
+    /// approve even after the primary restarted.
+    #[serde(with = "hex_bytes")]
+    pub device_pake: Vec<u8>,
 }
 
 impl Record for PairingRequestRecord {

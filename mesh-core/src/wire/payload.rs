@@ -214,19 +214,30 @@ pub enum PairingMessage {
         /// PAKE message.
         pake: ByteBuf,
     },
-    /// Primary → device: the primary's PAKE message.
+    /// Primary → device, after the user entered the code: the primary's PAKE
+    /// message and its key-confirmation MAC.
     Challenge {
         /// The request.
         request_id: MessageId,
         /// PAKE message.
         pake: ByteBuf,
+        /// The primary's confirmation MAC over the transcript.
+        mac: [u8; 32],
     },
-    /// Either side: key confirmation over both identities.
+    /// Device → primary: the keys matched; the device's confirmation MAC.
     Confirm {
         /// The request.
         request_id: MessageId,
         /// MAC over the transcript.
         mac: [u8; 32],
+    },
+    /// Device → primary: the keys did not match (a wrong code, or someone in
+    /// the middle); a fresh PAKE message for the next attempt.
+    Retry {
+        /// The request.
+        request_id: MessageId,
+        /// PAKE message.
+        pake: ByteBuf,
     },
     /// Primary → device: approved; the device token, sealed to the device.
     Approved {

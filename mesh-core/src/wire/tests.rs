@@ -558,8 +558,15 @@ fn arb_pairing() -> impl Strategy<Value = PairingMessage> {
                 pake
             }
         ),
+        (arb_id(), arb_bytes(64), any::<[u8; 32]>()).prop_map(|(request_id, pake, mac)| {
+            PairingMessage::Challenge {
+                request_id,
+                pake,
+                mac,
+            }
+        }),
         (arb_id(), arb_bytes(64))
-            .prop_map(|(request_id, pake)| PairingMessage::Challenge { request_id, pake }),
+            .prop_map(|(request_id, pake)| PairingMessage::Retry { request_id, pake }),
         (arb_id(), any::<[u8; 32]>())
             .prop_map(|(request_id, mac)| PairingMessage::Confirm { request_id, mac }),
         (
