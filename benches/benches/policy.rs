@@ -17,7 +17,7 @@ use std::str::FromStr;
 
 use cedar_policy::{Authorizer, Entities};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use mesh_policy::{Context, Policy, PolicyDocument};
+use mesh_policy::{Policy, PolicyDocument};
 use policy_fixture::*;
 
 const REQUESTS: usize = 4096;
@@ -31,14 +31,7 @@ fn decisions(c: &mut Criterion) {
             let reqs = requests(&devs, REQUESTS, 13);
             let native = native(&devs);
             let sliced = cedar_sliced(&devs);
-            let native_inputs: Vec<(&str, &str, Context)> = reqs
-                .iter()
-                .map(|r| (devs[r.device].id.as_str(), r.command.as_str(), r.context()))
-                .collect();
-            let cedar_inputs: Vec<(&str, cedar_policy::Request)> = reqs
-                .iter()
-                .map(|r| (devs[r.device].id.as_str(), r.cedar(&devs)))
-                .collect();
+            let (native_inputs, cedar_inputs) = prepared(&devs, &reqs);
             let param = format!("{n_devices}dev/{n_patterns}pat");
 
             let mut g = c.benchmark_group("native");

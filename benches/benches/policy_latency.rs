@@ -13,7 +13,6 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use cedar_policy::{Authorizer, Entities};
-use mesh_policy::Context;
 use policy_fixture::*;
 
 const CALLS: usize = 200_000;
@@ -58,14 +57,7 @@ fn main() {
         let reqs = requests(&devs, 4096, 13);
         let native = native(&devs);
         let sliced = cedar_sliced(&devs);
-        let native_inputs: Vec<(&str, &str, Context)> = reqs
-            .iter()
-            .map(|r| (devs[r.device].id.as_str(), r.command.as_str(), r.context()))
-            .collect();
-        let cedar_inputs: Vec<(&str, cedar_policy::Request)> = reqs
-            .iter()
-            .map(|r| (devs[r.device].id.as_str(), r.cedar(&devs)))
-            .collect();
+        let (native_inputs, cedar_inputs) = prepared(&devs, &reqs);
         let n = reqs.len();
         let native_ns = sample(calls, |i| {
             let (dev, cmd, ctx) = &native_inputs[i % n];

@@ -269,6 +269,27 @@ pub fn requests(devices: &[DeviceFixture], n: usize, seed: u64) -> Vec<FixtureRe
         .collect()
 }
 
+/// A native input: device id, command, context.
+pub type NativeInput<'a> = (&'a str, &'a str, Context);
+/// A Cedar input: device id, request.
+pub type CedarInput<'a> = (&'a str, cedar_policy::Request);
+
+/// Both engines' inputs for `reqs`, prepared outside any timed loop.
+pub fn prepared<'a>(
+    devs: &'a [DeviceFixture],
+    reqs: &'a [FixtureRequest],
+) -> (Vec<NativeInput<'a>>, Vec<CedarInput<'a>>) {
+    let native = reqs
+        .iter()
+        .map(|r| (devs[r.device].id.as_str(), r.command.as_str(), r.context()))
+        .collect();
+    let cedar = reqs
+        .iter()
+        .map(|r| (devs[r.device].id.as_str(), r.cedar(devs)))
+        .collect();
+    (native, cedar)
+}
+
 /// Native policies by device id.
 pub fn native(devices: &[DeviceFixture]) -> HashMap<String, Policy> {
     devices

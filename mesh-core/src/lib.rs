@@ -46,6 +46,17 @@
 //!   frames with a size limit, signature verification and the replay guard.
 //! * [`clock`]: time is passed into every state machine; tests move a
 //!   [`ManualClock`](clock::ManualClock) instead of sleeping.
+//! * [`storage`]: the [`Storage`](storage::Storage) trait (atomic batches of
+//!   JSON records in tables), [`SqliteStorage`](storage::SqliteStorage) (WAL,
+//!   FULL sync, migrations) and [`MemoryStorage`](storage::MemoryStorage),
+//!   with a shared conformance suite.
+//! * [`registry`]: paired devices, hashed tokens, scopes, trust, and
+//!   [`Registry::check`](registry::Registry::check), the one gate every entry
+//!   point calls.
+//! * [`pairing`]: the 6-digit-code pairing protocol (SPAKE2 bound to both node
+//!   ids, key confirmation, 5 attempts, expiry) as sans-IO state machines.
+//! * [`events`]: the event bus (glob subscriptions, bounded buffers, lag
+//!   markers; publishers never block).
 //!
 //! Design rationale lives in the repository's `ARCHITECTURE.md`.
 //!
