@@ -35,7 +35,7 @@ fn fill(store: Arc<dyn Storage>, n: usize) -> (Registry, mesh_core::identity::No
         seed[31] = 7;
         let node = NodeKey::from_secret_bytes(&seed).node_id();
         let token = DeviceToken::generate();
-        let mut record = registry
+        let (mut record, _, writes) = registry
             .prepare_device(
                 NewDevice {
                     node,
@@ -45,10 +45,10 @@ fn fill(store: Arc<dyn Storage>, n: usize) -> (Registry, mesh_core::identity::No
                 },
                 T0,
             )
-            .unwrap()
-            .0;
+            .unwrap();
         record.token_hash = token.hash().to_vec();
         batch.push(mesh_core::storage::Record::put(&record).unwrap());
+        batch.push(writes[1].clone()); // the device_ids index entry
         if i == n / 2 {
             probe = Some((node, token));
         }

@@ -717,7 +717,7 @@ impl PrimaryPairing {
             return Err(self.wrong_code(r, retry_pake, now)?);
         }
         // Keys matched: create the device and complete the request atomically.
-        let (device, token, device_write) = self.registry.prepare_device(
+        let (device, token, mut batch) = self.registry.prepare_device(
             NewDevice {
                 node: r.device_node,
                 device_id: r.device_id.clone(),
@@ -727,8 +727,8 @@ impl PrimaryPairing {
             now,
         )?;
         r.status = PairingStatus::Completed;
-        self.registry
-            .commit_new_device(&device, &[device_write, r.put()?])?;
+        batch.push(r.put()?);
+        self.registry.commit_new_device(&device, &batch)?;
         let body = Zeroizing::new(
             postcard::to_allocvec(&GrantBody {
                 token: *token.as_bytes(),

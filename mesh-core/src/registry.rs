@@ -23,7 +23,7 @@ use zeroize::Zeroizing;
 use crate::clock::Timestamp;
 use crate::events::{EventBus, kinds};
 use crate::identity::NodeId;
-use crate::storage::records::{DeviceRecord, DeviceStatus};
+use crate::storage::records::{DeviceIdRecord, DeviceRecord, DeviceStatus};
 use crate::storage::{Record, Storage, StorageError, StorageExt, Write};
 
 /// Scopes a device can hold (R-PAIR7). Scopes are plain strings; these are the
@@ -272,14 +272,19 @@ impl Registry {
         self.store.load_all()
     }
 
-    /// Checks that neither the node nor the hardware id is paired already.
+    /// Checks that neither the node nor the hardware id is paired already
+    /// (two point lookups: devices, and the `device_ids` index).
     pub fn ensure_unpaired(&self, node: &NodeId, device_id: &str) -> Result<(), RegistryError> {
-        if self.get(node)?.is_some() {
+        if self
+            .store
+            .get(DeviceRecord::TABLE, &node.to_string())?
+            .is_some()
+        {
             return Err(RegistryError::AlreadyPaired {
                 what: format!("node {node}"),
             });
         }
-        if self.list()?.iter().any(|d| d.device_id == device_id) {
+        if self.store.get(DeviceIdRecord::TABLE, device_id)?.is_some() {
             return Err(RegistryError::AlreadyPaired {
                 what: format!("device id {device_id:?}"),
             });
@@ -287,14 +292,15 @@ impl Registry {
         Ok(())
     }
 
-    /// Builds the record and token for a newly paired device, and the write
-    /// that stores it, for the caller to commit in one batch with its own
-    /// writes (pairing commits it together with the request's new status).
+    /// Builds the record and token for a newly paired device, and the writes
+    /// that store it (the record and its `device_ids` index entry, both as
+    /// inserts), for the caller to commit in one batch with its own writes
+    /// (pairing commits them together with the request's new status).
     pub fn prepare_device(
         &self,
         new: NewDevice,
         now: Timestamp,
-    ) -> Result<(DeviceRecord, DeviceToken, Write), RegistryError> {
+    ) -> Result<(DeviceRecord, DeviceToken, Vec<Write>), RegistryError> {
         self.ensure_unpaired(&new.node, &new.device_id)?;
         let token = DeviceToken::generate();
         let record = DeviceRecord {
@@ -319,27 +325,29 @@ impl Registry {
             revoked_at: None,
             metadata: serde_json::Map::new(),
         };
-        // `insert`: the batch fails if the node was paired meanwhile.
-        let write = record.insert()?;
-        Ok((record, token, write))
+        // Inserts: the batch fails if the node or the device id was paired meanwhile.
+        let index = DeviceIdRecord {
+            device_id: record.device_id.clone(),
+            node: record.node,
+        };
+        let writes = vec![record.insert()?, index.insert()?];
+        Ok((record, token, writes))
     }
 
-    /// Commits a batch prepared with [`Registry::prepare_device`] (plus the
-    /// caller's writes) under the registry's write lock, re-checking uniqueness.
+    /// Commits a batch holding the writes of [`Registry::prepare_device`]
+    /// (plus the caller's). A node or device id taken meanwhile fails it whole.
     pub fn commit_new_device(
         &self,
         record: &DeviceRecord,
         batch: &[Write],
     ) -> Result<(), RegistryError> {
-        let _g = self.lock();
-        if self.list()?.iter().any(|d| d.device_id == record.device_id) {
-            return Err(RegistryError::AlreadyPaired {
-                what: format!("device id {:?}", record.device_id),
-            });
-        }
         self.store.apply(batch).map_err(|e| match e {
-            StorageError::AlreadyExists { .. } => RegistryError::AlreadyPaired {
-                what: format!("node {}", record.node),
+            StorageError::AlreadyExists { table, .. } => RegistryError::AlreadyPaired {
+                what: if table == DeviceIdRecord::TABLE {
+                    format!("device id {:?}", record.device_id)
+                } else {
+                    format!("node {}", record.node)
+                },
             },
             other => RegistryError::Storage(other),
         })
@@ -362,9 +370,12 @@ impl Registry {
     pub fn unpair(&self, node: &NodeId, now: Timestamp) -> Result<(), RegistryError> {
         {
             let _g = self.lock();
-            self.get(node)?.ok_or(RegistryError::UnknownDevice(*node))?;
-            self.store
-                .apply(&[DeviceRecord::delete(&node.to_string())])?;
+            let device = self.get(node)?.ok_or(RegistryError::UnknownDevice(*node))?;
+            // The record and its index entry go together.
+            self.store.apply(&[
+                DeviceRecord::delete(&node.to_string()),
+                DeviceIdRecord::delete(&device.device_id),
+            ])?;
         }
         self.events.publish(
             kinds::DEVICE_UNPAIRED,
@@ -455,7 +466,7 @@ mod tests {
 
     fn pair(reg: &Registry, seed: u8) -> (NodeId, DeviceToken) {
         let node = NodeKey::from_secret_bytes(&[seed; 32]).node_id();
-        let (record, token, write) = reg
+        let (record, token, writes) = reg
             .prepare_device(
                 NewDevice {
                     node,
@@ -466,7 +477,7 @@ mod tests {
                 T,
             )
             .unwrap();
-        reg.commit_new_device(&record, &[write]).unwrap();
+        reg.commit_new_device(&record, &writes).unwrap();
         (node, token)
     }
 
@@ -584,6 +595,28 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, RegistryError::AlreadyPaired { .. }), "{err}");
         assert!(err.to_string().contains("unpair it first"));
+    }
+
+    #[test]
+    fn a_race_for_the_same_device_id_fails_the_second_commit_whole() {
+        let (reg, _) = setup();
+        let new = |seed: u8| NewDevice {
+            node: NodeKey::from_secret_bytes(&[seed; 32]).node_id(),
+            device_id: "hw-same".into(),
+            name: "Twin".into(),
+            platform: Platform::Desktop,
+        };
+        // Both prepared before either commits, as two concurrent approvals would be.
+        let (a, _, wa) = reg.prepare_device(new(1), T).unwrap();
+        let (b, _, wb) = reg.prepare_device(new(2), T).unwrap();
+        reg.commit_new_device(&a, &wa).unwrap();
+        let err = reg.commit_new_device(&b, &wb).unwrap_err();
+        assert!(err.to_string().contains("hw-same"), "{err}");
+        assert!(reg.get(&b.node).unwrap().is_none());
+        // Unpairing frees the id.
+        reg.unpair(&a.node, T).unwrap();
+        let (c, _, wc) = reg.prepare_device(new(2), T).unwrap();
+        reg.commit_new_device(&c, &wc).unwrap();
     }
 
     #[test]

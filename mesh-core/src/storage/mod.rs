@@ -57,11 +57,13 @@ pub enum Table {
     JoinTokens,
     /// Actions and their lifecycle.
     Actions,
+    /// Index: hardware/app device id → node id (keeps device ids unique).
+    DeviceIds,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::Devices,
         Table::PairingRequests,
         Table::DiscoveredNodes,
@@ -71,6 +73,7 @@ impl Table {
         Table::Peers,
         Table::JoinTokens,
         Table::Actions,
+        Table::DeviceIds,
     ];
 
     /// The table's name (also its SQL name).
@@ -85,6 +88,7 @@ impl Table {
             Table::Peers => "peers",
             Table::JoinTokens => "join_tokens",
             Table::Actions => "actions",
+            Table::DeviceIds => "device_ids",
         }
     }
 }
@@ -267,8 +271,9 @@ impl<S: Storage + ?Sized> StorageExt for S {}
 /// The storage conformance suite: every [`Storage`] implementation must pass
 /// it. Expands to a test module; `$make` builds a fresh, empty store.
 ///
-/// ```ignore
-/// mesh_core::storage_conformance_tests!(my_backend, || MyStorage::new());
+/// ```
+/// // In your backend's crate: the suite runs under `cargo test`.
+/// mesh_core::storage_conformance_tests!(memory_backend, || mesh_core::storage::MemoryStorage::new());
 /// ```
 #[macro_export]
 macro_rules! storage_conformance_tests {

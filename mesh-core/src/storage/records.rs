@@ -92,6 +92,22 @@ impl Record for DeviceRecord {
     }
 }
 
+/// Index entry: which node holds a hardware/app device id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceIdRecord {
+    /// The hardware/app id; the key.
+    pub device_id: String,
+    /// The node paired under it.
+    pub node: NodeId,
+}
+
+impl Record for DeviceIdRecord {
+    const TABLE: Table = Table::DeviceIds;
+    fn key(&self) -> String {
+        self.device_id.clone()
+    }
+}
+
 /// Status of a pairing request (R-PAIR1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -9,19 +9,47 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use super::{Storage, StorageError, Table, Write};
 
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Migrations, in order; migration `i` moves the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>] = &[migrate_v1];
+const MIGRATIONS: &[fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>] =
+    &[migrate_v1, migrate_v2];
 
+fn create_table(tx: &rusqlite::Transaction<'_>, name: &str) -> rusqlite::Result<()> {
+    tx.execute_batch(&format!(
+        "CREATE TABLE {name} (key TEXT PRIMARY KEY NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;"
+    ))
+}
+
+/// v1: one table per record kind.
 fn migrate_v1(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-    for table in Table::ALL {
-        tx.execute_batch(&format!(
-            "CREATE TABLE {t} (key TEXT PRIMARY KEY NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;",
-            t = table.name()
-        ))?;
+    for name in [
+        "devices",
+        "pairing_requests",
+        "discovered_nodes",
+        "device_health",
+        "device_exec_policies",
+        "node_capabilities",
+        "peers",
+        "join_tokens",
+        "actions",
+    ] {
+        create_table(tx, name)?;
     }
     Ok(())
+}
+
+/// v2: the `device_ids` index (hardware/app id → node id), filled from the
+/// devices already paired.
+fn migrate_v2(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    create_table(tx, "device_ids")?;
+    tx.execute_batch(
+        "INSERT INTO device_ids (key, body)
+         SELECT json_extract(CAST(body AS TEXT), '$.device_id'),
+                CAST(json_object('device_id', json_extract(CAST(body AS TEXT), '$.device_id'),
+                                 'node', json_extract(CAST(body AS TEXT), '$.node')) AS BLOB)
+         FROM devices;",
+    )
 }
 
 /// The embedded default storage.

@@ -41,6 +41,43 @@ mod sqlite_only {
     }
 
     #[test]
+    fn migrating_v1_to_v2_backfills_the_device_id_index() {
+        use crate::storage::records::DeviceIdRecord;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.db");
+        let node = crate::identity::NodeKey::from_secret_bytes(&[4; 32]).node_id();
+        {
+            // Build a v1 file: the v1 tables, one device, user_version 1.
+            let s = SqliteStorage::open(&path).unwrap();
+            let conn = s.conn();
+            conn.execute_batch("DROP TABLE device_ids; PRAGMA user_version = 1;")
+                .unwrap();
+            let body =
+                serde_json::json!({"node": node.to_string(), "device_id": "hw-old", "name": "Old"});
+            conn.execute(
+                "INSERT INTO devices (key, body) VALUES (?1, ?2)",
+                rusqlite::params![node.to_string(), body.to_string().into_bytes()],
+            )
+            .unwrap();
+        }
+        let s = SqliteStorage::open(&path).unwrap();
+        let version: i64 = s
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let index: DeviceIdRecord = s.load("hw-old").unwrap().unwrap();
+        assert_eq!(
+            index,
+            DeviceIdRecord {
+                device_id: "hw-old".into(),
+                node
+            }
+        );
+        s.integrity_check().unwrap();
+    }
+
+    #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mesh.db");
