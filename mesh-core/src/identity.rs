@@ -74,13 +74,57 @@ static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId([u8; NODE_ID_LEN]);
 
+/// Keys that passed full validation recently, so hot paths (decoding messages
+/// from known peers, loading stored records) skip the ~4 µs point
+/// decompression. Positive results only: a key enters after it was validated,
+/// so the cache cannot make an invalid key acceptable. Two generations of at
+/// most `VALIDATED_GENERATION` keys each: when the young one fills up it
+/// becomes the old one and the previous old one is dropped, so hot keys stay
+/// and memory is bounded (~1 MiB at most). A flood of fresh keys only turns
+/// every lookup into a full validation, as without the cache.
+struct ValidatedKeys {
+    young: std::collections::HashSet<[u8; NODE_ID_LEN]>,
+    old: std::collections::HashSet<[u8; NODE_ID_LEN]>,
+}
+
+const VALIDATED_GENERATION: usize = 16_384;
+
+static VALIDATED: LazyLock<std::sync::RwLock<ValidatedKeys>> = LazyLock::new(|| {
+    std::sync::RwLock::new(ValidatedKeys {
+        young: std::collections::HashSet::new(),
+        old: std::collections::HashSet::new(),
+    })
+});
+
+fn recently_validated(bytes: &[u8; NODE_ID_LEN]) -> bool {
+    VALIDATED
+        .read()
+        .map(|v| v.young.contains(bytes) || v.old.contains(bytes))
+        .unwrap_or(false)
+}
+
+fn remember_validated(bytes: &[u8; NODE_ID_LEN]) {
+    if let Ok(mut v) = VALIDATED.write() {
+        if v.young.len() >= VALIDATED_GENERATION {
+            let young = std::mem::take(&mut v.young);
+            v.old = young;
+        }
+        v.young.insert(*bytes);
+    }
+}
+
 impl NodeId {
-    /// Checks and wraps a raw public key.
+    /// Checks and wraps a raw public key: it must be a curve point of full
+    /// order. (Recently validated keys are recognised without recomputation.)
     pub fn from_bytes(bytes: &[u8; NODE_ID_LEN]) -> Result<Self, NodeIdError> {
+        if recently_validated(bytes) {
+            return Ok(NodeId(*bytes));
+        }
         let key = VerifyingKey::from_bytes(bytes).map_err(|_| NodeIdError::NotOnCurve)?;
         if key.is_weak() {
             return Err(NodeIdError::WeakKey);
         }
+        remember_validated(bytes);
         Ok(NodeId(*bytes))
     }
 
@@ -761,6 +805,31 @@ mod tests {
             BASE32.encode(&off_curve).parse::<NodeId>().unwrap_err(),
             NodeIdError::NotOnCurve
         );
+    }
+
+    #[test]
+    fn validation_memo_never_admits_invalid_keys() {
+        // Fill well past two generations with valid keys, interleaving
+        // invalid and weak ones: the invalid ones are refused every time.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let mut off_curve = [0u8; 32];
+        off_curve[0] = 2;
+        for i in 0..(2 * VALIDATED_GENERATION + 10) as u32 {
+            let mut seed = [0u8; 32];
+            seed[..4].copy_from_slice(&i.to_le_bytes());
+            if i % 4096 == 0 {
+                assert_eq!(NodeId::from_bytes(&identity), Err(NodeIdError::WeakKey));
+                assert_eq!(NodeId::from_bytes(&off_curve), Err(NodeIdError::NotOnCurve));
+            }
+            let id = NodeKey::from_secret_bytes(&seed).node_id();
+            // Twice: once validated, once from the memo; same answer.
+            assert_eq!(NodeId::from_bytes(id.as_bytes()), Ok(id));
+            assert_eq!(NodeId::from_bytes(id.as_bytes()), Ok(id));
+        }
+        let v = VALIDATED.read().unwrap();
+        assert!(v.young.len() <= VALIDATED_GENERATION && v.old.len() <= VALIDATED_GENERATION);
+        assert!(!v.young.contains(&identity) && !v.old.contains(&identity));
     }
 
     #[test]
