@@ -323,7 +323,7 @@ impl Registry {
             last_seen: Some(now),
             last_command: None,
             revoked_at: None,
-            metadata: serde_json::Map::new(),
+            metadata: crate::wire::JsonText::empty_object(),
         };
         // Inserts: the batch fails if the node or the device id was paired meanwhile.
         let index = DeviceIdRecord {

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, PoisonError};
 
-use super::{Storage, StorageError, Table, Write};
+use super::{Storage, StorageError, Table, Visitor, Write};
 
 /// Storage in memory: same semantics as SQLite (atomic batches, ordered lists),
 /// nothing survives the process.
@@ -31,6 +31,16 @@ impl Storage for MemoryStorage {
             .get(&table)
             .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default())
+    }
+
+    fn scan(&self, table: Table, visit: &mut Visitor<'_>) -> Result<(), StorageError> {
+        let tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(t) = tables.get(&table) {
+            for (k, v) in t {
+                visit(k, v)?;
+            }
+        }
+        Ok(())
     }
 
     fn apply(&self, batch: &[Write]) -> Result<(), StorageError> {

@@ -5,21 +5,29 @@ use serde::{Deserialize, Serialize};
 use super::{Record, Table};
 use crate::clock::Timestamp;
 use crate::identity::NodeId;
-use crate::wire::Platform;
+use crate::wire::{JsonText, Platform};
 
-/// Hex for byte fields in JSON documents.
+/// Byte fields: hex in JSON documents, raw bytes in the binary encoding.
 pub(crate) mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
     pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&data_encoding::HEXLOWER.encode(v))
+        if s.is_human_readable() {
+            s.serialize_str(&data_encoding::HEXLOWER.encode(v))
+        } else {
+            s.serialize_bytes(v)
+        }
     }
 
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text = String::deserialize(d)?;
-        data_encoding::HEXLOWER_PERMISSIVE
-            .decode(text.as_bytes())
-            .map_err(D::Error::custom)
+        if d.is_human_readable() {
+            let text = String::deserialize(d)?;
+            data_encoding::HEXLOWER_PERMISSIVE
+                .decode(text.as_bytes())
+                .map_err(D::Error::custom)
+        } else {
+            serde_bytes::ByteBuf::deserialize(d).map(serde_bytes::ByteBuf::into_vec)
+        }
     }
 }
 
@@ -81,8 +89,8 @@ pub struct DeviceRecord {
     pub last_command: Option<Timestamp>,
     /// When revoked; a revoked device is refused everywhere (R-PAIR6).
     pub revoked_at: Option<Timestamp>,
-    /// App-defined metadata.
-    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// App-defined metadata (a JSON object).
+    pub metadata: JsonText,
 }
 
 impl Record for DeviceRecord {
@@ -222,7 +230,7 @@ pub struct ExecPolicyRecord {
     /// The device.
     pub node: NodeId,
     /// The policy document (mesh-policy's `PolicyDocument` JSON).
-    pub document: serde_json::Value,
+    pub document: JsonText,
     /// Last change.
     pub updated_at: Timestamp,
 }
@@ -322,7 +330,7 @@ pub struct ActionRecord {
     /// Command name.
     pub command: String,
     /// Parameters.
-    pub params: serde_json::Value,
+    pub params: JsonText,
     /// Who proposed it.
     pub proposed_by: NodeId,
     /// Who approved or rejected it.
@@ -332,7 +340,7 @@ pub struct ActionRecord {
     /// Last change.
     pub updated_at: Timestamp,
     /// Result.
-    pub result: Option<serde_json::Value>,
+    pub result: Option<JsonText>,
     /// Error.
     pub error: Option<String>,
 }

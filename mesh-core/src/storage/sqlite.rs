@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
-use super::{Storage, StorageError, Table, Write};
+use super::{Storage, StorageError, Table, Visitor, Write};
 
 /// Schema version this build writes (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 2;
@@ -195,6 +195,30 @@ impl Storage for SqliteStorage {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(backend)?;
         rows.collect::<Result<_, _>>().map_err(backend)
+    }
+
+    fn scan(&self, table: Table, visit: &mut Visitor<'_>) -> Result<(), StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT key, body FROM {} ORDER BY key",
+                table.name()
+            ))
+            .map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        while let Some(row) = rows.next().map_err(backend)? {
+            // Borrow SQLite's buffers; nothing is copied per row.
+            let key = row
+                .get_ref(0)
+                .and_then(|v| Ok(v.as_str()?))
+                .map_err(backend)?;
+            let body = row
+                .get_ref(1)
+                .and_then(|v| Ok(v.as_blob()?))
+                .map_err(backend)?;
+            visit(key, body)?;
+        }
+        Ok(())
     }
 
     fn apply(&self, batch: &[Write]) -> Result<(), StorageError> {

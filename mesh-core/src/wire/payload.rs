@@ -38,6 +38,11 @@ impl JsonText {
         JsonText("null".into())
     }
 
+    /// An empty JSON object, `{}`.
+    pub fn empty_object() -> Self {
+        JsonText("{}".into())
+    }
+
     /// Parses the text into `T`.
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         serde_json::from_str(&self.0)
