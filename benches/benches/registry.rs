@@ -46,7 +46,7 @@ fn fill(store: Arc<dyn Storage>, n: usize) -> (Registry, mesh_core::identity::No
                 T0,
             )
             .unwrap();
-        record.token_hash = token.hash().to_vec();
+        record.token_hash = token.hash();
         batch.push(mesh_core::storage::Record::put(&record).unwrap());
         batch.push(writes[1].clone()); // the device_ids index entry
         if i == n / 2 {

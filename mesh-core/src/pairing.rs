@@ -733,7 +733,7 @@ impl PrimaryPairing {
             postcard::to_allocvec(&GrantBody {
                 token: *token.as_bytes(),
                 primary: self.me,
-                scopes: device.scopes.clone(),
+                scopes: device.scopes.iter().map(ToString::to_string).collect(),
             })
             .map_err(|e| PairingError::Invalid(e.to_string()))?,
         );

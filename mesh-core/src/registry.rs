@@ -43,6 +43,78 @@ pub mod scopes {
     pub const DEFAULT: &[&str] = &[EVENTS_WRITE, PRESENCE_WRITE, ACTIONS_READ, COMMANDS_RUN];
 }
 
+/// A scope a device holds. The SDK's own scopes ([`scopes`]) are kept as
+/// static strings, so loading a device record does not allocate for them.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Scope(std::borrow::Cow<'static, str>);
+
+impl Scope {
+    /// A scope from a static string.
+    pub const fn from_static(s: &'static str) -> Self {
+        Scope(std::borrow::Cow::Borrowed(s))
+    }
+
+    /// A scope from any string; the SDK's own scopes are interned.
+    pub fn new(s: &str) -> Self {
+        const KNOWN: [&str; 5] = [
+            scopes::EVENTS_WRITE,
+            scopes::MEMORIES_READ,
+            scopes::ACTIONS_READ,
+            scopes::PRESENCE_WRITE,
+            scopes::COMMANDS_RUN,
+        ];
+        match KNOWN.iter().find(|k| **k == s) {
+            Some(k) => Scope::from_static(k),
+            None => Scope(std::borrow::Cow::Owned(s.to_owned())),
+        }
+    }
+
+    /// The scope's text, e.g. `commands:run`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&str> for Scope {
+    fn from(s: &str) -> Self {
+        Scope::new(s)
+    }
+}
+
+impl serde::Serialize for Scope {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Scope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Scope;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a scope string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Scope, E> {
+                Ok(Scope::new(v))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 /// Length of a device token in bytes.
 pub const TOKEN_LEN: usize = 32;
 
@@ -253,7 +325,7 @@ impl Registry {
         if !bool::from(presented.as_slice().ct_eq(device.token_hash.as_slice())) {
             return Err(AuthError::BadToken(*node));
         }
-        if !device.scopes.iter().any(|s| s == scope) {
+        if !device.scopes.iter().any(|s| s.as_str() == scope) {
             return Err(AuthError::ScopeMissing {
                 node: *node,
                 scope: scope.to_owned(),
@@ -315,8 +387,11 @@ impl Registry {
             status: DeviceStatus::Paired,
             capabilities: vec![],
             trust_level: self.trust.initial,
-            token_hash: token.hash().to_vec(),
-            scopes: scopes::DEFAULT.iter().map(|s| (*s).to_owned()).collect(),
+            token_hash: token.hash(),
+            scopes: scopes::DEFAULT
+                .iter()
+                .map(|s| Scope::from_static(s))
+                .collect(),
             successes: 0,
             created_at: now,
             paired_at: Some(now),
@@ -392,7 +467,7 @@ impl Registry {
         now: Timestamp,
     ) -> Result<DeviceToken, RegistryError> {
         let token = DeviceToken::generate();
-        let hash = token.hash().to_vec();
+        let hash = token.hash();
         self.update(node, |d| d.token_hash = hash)?;
         self.events.publish(
             kinds::DEVICE_TOKEN_ROTATED,
@@ -423,7 +498,7 @@ impl Registry {
         scopes: &[&str],
     ) -> Result<DeviceRecord, RegistryError> {
         self.update(node, |d| {
-            d.scopes = scopes.iter().map(|s| (*s).to_owned()).collect()
+            d.scopes = scopes.iter().map(|s| Scope::new(s)).collect()
         })
     }
 
@@ -491,7 +566,7 @@ mod tests {
         assert_eq!(d.status, DeviceStatus::Paired);
         // The stored hash is not the token.
         assert_ne!(d.token_hash.as_slice(), token.as_bytes());
-        assert_eq!(d.token_hash, token.hash().to_vec());
+        assert_eq!(d.token_hash, token.hash());
     }
 
     #[test]
@@ -637,6 +712,21 @@ mod tests {
         }
         assert_eq!(d.trust_level, 1.0);
         assert_eq!(d.successes, 28);
+    }
+
+    #[test]
+    fn known_scopes_are_interned_and_serialize_as_strings() {
+        let known = Scope::new("commands:run");
+        assert!(matches!(known.0, std::borrow::Cow::Borrowed(_)));
+        let custom = Scope::new("photos:read");
+        assert!(matches!(custom.0, std::borrow::Cow::Owned(_)));
+        let json = serde_json::to_string(&vec![known.clone(), custom.clone()]).unwrap();
+        assert_eq!(json, r#"["commands:run","photos:read"]"#);
+        let back: Vec<Scope> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, vec![known.clone(), custom]);
+        let bin = postcard::to_allocvec(&known).unwrap();
+        let again: Scope = postcard::from_bytes(&bin).unwrap();
+        assert!(matches!(again.0, std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

@@ -433,7 +433,7 @@ macro_rules! storage_conformance_tests {
                     status: DeviceStatus::Paired,
                     capabilities: vec!["camera".into()],
                     trust_level: 0.25,
-                    token_hash: vec![0xab; 32],
+                    token_hash: [0xab; 32],
                     scopes: vec!["events:write".into()],
                     successes: 3,
                     created_at: t,

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::{Record, Table};
 use crate::clock::Timestamp;
 use crate::identity::NodeId;
+use crate::registry::Scope;
 use crate::wire::{JsonText, Platform};
 
 /// Byte fields: hex in JSON documents, raw bytes in the binary encoding.
@@ -28,6 +29,22 @@ pub(crate) mod hex_bytes {
         } else {
             serde_bytes::ByteBuf::deserialize(d).map(serde_bytes::ByteBuf::into_vec)
         }
+    }
+}
+
+/// A 32-byte value: hex in JSON, 32 raw bytes in the binary encoding.
+pub(crate) mod hex_array {
+    use serde::{Deserializer, Serializer, de::Error};
+
+    pub(crate) fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        super::hex_bytes::serialize(v, s)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let bytes = super::hex_bytes::deserialize(d)?;
+        bytes.try_into().map_err(|b: Vec<u8>| {
+            D::Error::custom(format_args!("expected 32 bytes, found {}", b.len()))
+        })
     }
 }
 
@@ -73,10 +90,10 @@ pub struct DeviceRecord {
     /// Trust 0.0–1.0 (R-PAIR8).
     pub trust_level: f64,
     /// SHA-256 of the device token; the token itself is never stored.
-    #[serde(with = "hex_bytes")]
-    pub token_hash: Vec<u8>,
+    #[serde(with = "hex_array")]
+    pub token_hash: [u8; 32],
     /// Granted scopes (R-PAIR7).
-    pub scopes: Vec<String>,
+    pub scopes: Vec<Scope>,
     /// Successful uses, for trust progression.
     pub successes: u64,
     /// When the record was created.
