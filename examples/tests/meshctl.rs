@@ -209,3 +209,49 @@ fn policy_check_errors_exit_2() {
     assert_eq!(code, 2);
     assert_eq!(out["error"]["kind"], "io");
 }
+
+#[test]
+fn health_score_of_a_single_report() {
+    let dir = tempfile::tempdir().unwrap();
+    // The source design's worked example: the table gives 90, not 60.
+    let example = write(
+        dir.path(),
+        "example.json",
+        r#"{"latency_ms": 2000, "battery_percent": 30, "memory_percent": 85}"#,
+    );
+    let (code, out) = meshctl(&["health", "score", "--report", &example]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out, serde_json::json!({"score": 90, "status": "healthy"}));
+
+    let bad_day = write(
+        dir.path(),
+        "bad.json",
+        r#"{"latency_ms": 6000, "battery_percent": 5, "memory_percent": 97, "cpu_percent": 99,
+            "charging": false, "thermal": "serious", "low_power_mode": true, "messages_pending": 3}"#,
+    );
+    let (code, out) = meshctl(&["health", "score", "--report", &bad_day]);
+    assert_eq!(code, 0);
+    assert_eq!(out, serde_json::json!({"score": 30, "status": "degraded"}));
+
+    let empty = write(dir.path(), "empty.json", "{}");
+    let (_, out) = meshctl(&["health", "score", "--report", &empty]);
+    assert_eq!(out, serde_json::json!({"score": 100, "status": "healthy"}));
+}
+
+#[test]
+fn health_score_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, kind) in [
+        (r#"{"battery_percent": 140}"#, "invalid_metric"),
+        (r#"{"latency_ms": -1}"#, "invalid_metric"),
+        (r#"{"thermal": "toasty"}"#, "invalid_report"),
+        ("not json", "invalid_report"),
+    ] {
+        let f = write(dir.path(), "r.json", text);
+        let (code, out) = meshctl(&["health", "score", "--report", &f]);
+        assert_eq!(code, 2, "{text}");
+        assert_eq!(out["error"]["kind"], kind, "{text}");
+    }
+    let (code, out) = meshctl(&["health", "score", "--report", "/nonexistent.json"]);
+    assert_eq!((code, out["error"]["kind"].as_str()), (2, Some("io")));
+}

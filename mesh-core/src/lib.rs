@@ -55,6 +55,8 @@
 //!   point calls.
 //! * [`pairing`]: the 6-digit-code pairing protocol (SPAKE2 bound to both node
 //!   ids, key confirmation, 5 attempts, expiry) as sans-IO state machines.
+//! * [`health`]: metric checks, the 0–100 score, score hysteresis, a
+//!   phi-accrual failure detector, health events and persisted health rows.
 //! * [`events`]: the event bus (glob subscriptions, bounded buffers, lag
 //!   markers; publishers never block).
 //!
@@ -72,6 +74,7 @@
 pub mod clock;
 pub mod crypto;
 pub mod events;
+pub mod health;
 pub mod identity;
 pub mod pairing;
 pub mod registry;

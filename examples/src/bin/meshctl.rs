@@ -6,7 +6,8 @@
 //! Error kinds: `io` (a file cannot be read); identity: `not_found`,
 //! `insecure_permissions`, `truncated`, `wrong_kind`, `malformed`,
 //! `already_exists`, `invalid_node_id`; policy: `invalid_document`,
-//! `invalid_glob`, `invalid_hour_window`, `invalid_limit`, `invalid_context`.
+//! `invalid_glob`, `invalid_hour_window`, `invalid_limit`, `invalid_context`;
+//! health: `invalid_report` (not JSON, unknown types), `invalid_metric` (out of range).
 //! More commands (pairing, devices, policies, health, ledger) arrive with the
 //! issues that build those parts.
 
@@ -38,6 +39,23 @@ enum Command {
     /// Execution policies: check what a policy decides.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Device health: score a heartbeat report.
+    #[command(subcommand)]
+    Health(HealthCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum HealthCmd {
+    /// Score one heartbeat report with no history.
+    ///
+    /// Prints {"score": N, "status": "healthy|degraded"} (degraded below 50) and exits 0.
+    Score {
+        /// The report (JSON): latency_ms, battery_percent, charging,
+        /// memory_percent, cpu_percent, disk_free_gb, sync_lag_ms,
+        /// messages_pending, thermal, low_power_mode; all optional.
+        #[arg(long)]
+        report: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -119,8 +137,19 @@ fn policy_check(
     Ok(policy.resolve(command, &context).to_json())
 }
 
+fn health_score(report: &std::path::Path) -> Result<serde_json::Value, Failure> {
+    let metrics: mesh_core::wire::HealthMetrics = serde_json::from_str(&read_file(report)?)
+        .map_err(|e| ("invalid_report", format!("{}: {e}", report.display())))?;
+    mesh_core::health::validate(&metrics).map_err(|e| (e.kind(), e.to_string()))?;
+    let config = mesh_core::health::HealthConfig::default();
+    let score = mesh_core::health::score(&metrics, &config.score);
+    let status = mesh_core::health::HealthStatus::of_score(score, config.degraded_below);
+    Ok(json!({ "score": score, "status": status.as_str() }))
+}
+
 fn run(cli: Cli) -> Result<serde_json::Value, Failure> {
     match cli.command {
+        Command::Health(HealthCmd::Score { report }) => health_score(&report),
         Command::Policy(PolicyCmd::Check {
             policy,
             command,
