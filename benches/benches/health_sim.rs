@@ -26,6 +26,16 @@ fn main() {
             .into_iter()
             .map(|t| (format!("phi ≥ {t}"), phi(s.interval_ms, t)))
             .collect();
+        // A device known to pause gets a larger acceptable pause instead.
+        let long_pause = if s.interval_ms < 10_000.0 {
+            3_500.0
+        } else {
+            40_000.0
+        };
+        detectors.push((
+            format!("phi ≥ 8, acceptable pause {:.1} s", long_pause / 1000.0),
+            phi_with_pause(s.interval_ms, 8.0, long_pause),
+        ));
         detectors.push((
             "fixed: 2 missed periods".into(),
             Detector::FixedRule { missed: 2.0 },

@@ -253,3 +253,11 @@ pub fn phi(interval_ms: f64, threshold: f64) -> Detector {
             .threshold(threshold),
     )
 }
+
+/// Like [`phi`], tolerating pauses of `pause_ms` on top of the mean.
+pub fn phi_with_pause(interval_ms: f64, threshold: f64, pause_ms: f64) -> Detector {
+    let mut cfg = DetectorConfig::for_interval(Duration::from_secs_f64(interval_ms / 1000.0))
+        .threshold(threshold);
+    cfg.acceptable_pause_ms = pause_ms;
+    Detector::Phi(cfg)
+}
