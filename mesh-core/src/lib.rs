@@ -57,6 +57,9 @@
 //!   ids, key confirmation, 5 attempts, expiry) as sans-IO state machines.
 //! * [`health`]: metric checks, the 0–100 score, score hysteresis, a
 //!   phi-accrual failure detector, health events and persisted health rows.
+//! * [`transport`]: the `Transport` / `Connection` traits (authenticated,
+//!   message-oriented, one protocol per connection, admission by key);
+//!   implementations live in `mesh-transport`.
 //! * [`events`]: the event bus (glob subscriptions, bounded buffers, lag
 //!   markers; publishers never block).
 //!
@@ -79,6 +82,7 @@ pub mod identity;
 pub mod pairing;
 pub mod registry;
 pub mod storage;
+pub mod transport;
 pub mod wire;
 
 /// Any error of this crate, for callers that do not need to tell the families apart.

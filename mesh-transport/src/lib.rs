@@ -1,10 +1,38 @@
-//! Transports and discovery for the mesh SDK.
+//! Transports for the mesh SDK: implementations of mesh-core's
+//! [`Transport`](mesh_core::transport::Transport) trait.
 //!
-//! **Status: not implemented yet.** This crate will hold the implementations of
-//! mesh-core's `Transport` and `Discovery` traits: QUIC (quinn, mutually
-//! authenticated by node keys), an in-memory transport with fault injection,
-//! mDNS and static peers (issue 6), then BLE and a WebSocket gateway behind the
-//! `ble` and `ws` features. Until then it exports nothing.
+//! **Status:** the in-memory transport ([`memory`]) with fault injection and
+//! the transport conformance suite are here; QUIC (quinn, mutual
+//! authentication by node keys), mDNS and static discovery, BLE and the
+//! WebSocket gateway follow (issue 6 and later).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use mesh_core::identity::NodeKey;
+//! use mesh_core::transport::{AdmitAll, Protocol, Transport};
+//! use mesh_transport::memory::MemoryNetwork;
+//!
+//! let net = MemoryNetwork::new(7);
+//! let (a, b) = (NodeKey::generate(), NodeKey::generate());
+//! let ta = net.endpoint(a.node_id(), "a", Arc::new(AdmitAll))?;
+//! let tb = net.endpoint(b.node_id(), "b", Arc::new(AdmitAll))?;
+//! let conn = ta.connect(b.node_id(), &tb.addr(), Protocol::Mesh).await?;
+//! let incoming = tb.accept().await?;
+//! conn.send(b"hello".to_vec()).await?;
+//! assert_eq!(incoming.recv().await?, b"hello");
+//! assert_eq!(incoming.remote_node(), a.node_id());
+//! # Ok(()) }
+//! ```
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod memory;
+
+/// The transport conformance suite (feature `test-utils`).
+#[cfg(any(test, feature = "test-utils"))]
+pub mod conformance;
+
+#[cfg(test)]
+mod tests;

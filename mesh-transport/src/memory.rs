@@ -1,0 +1,438 @@
+//! An in-memory network: a real [`Transport`] for tests and simulation, with
+//! fault injection (latency, loss, partition and heal, node crash).
+//!
+//! Endpoints register under a name on a shared [`MemoryNetwork`] with their
+//! node id; connecting to a name reaches that endpoint only if its node id is
+//! the one expected (the in-memory stand-in for QUIC's key pinning), and only
+//! if its [`Admission`] lets the caller use the protocol.
+//!
+//! Latency uses tokio's clock: under `tokio::time::pause()` tests move time
+//! without sleeping. Loss draws from a seeded generator, so runs repeat.
+//! A partition silently drops messages between the two sides (as a real
+//! partition does) and refuses new connections; a crash removes the endpoint
+//! and breaks its connections (the peers' `recv` returns `Closed`).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mesh_core::identity::NodeId;
+use mesh_core::transport::{Admission, Connection, PeerAddr, Protocol, Transport, TransportError};
+use mesh_core::wire::{DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN};
+use tokio::sync::{Mutex as AsyncMutex, mpsc, watch};
+use tokio::time::Instant;
+
+/// Messages buffered per direction of a connection before `send` waits.
+const QUEUE: usize = 256;
+
+#[derive(Default)]
+struct Net {
+    endpoints: HashMap<String, Endpoint>,
+    partitions: HashSet<(NodeId, NodeId)>,
+    latency: Duration,
+    loss: f64,
+    rng: u64,
+    next_id: u64,
+}
+
+struct Endpoint {
+    /// Unique per registration, so a stale handle never removes a restarted endpoint.
+    id: u64,
+    node: NodeId,
+    admission: Arc<dyn Admission>,
+    incoming: mpsc::Sender<MemoryConnection>,
+    links: Vec<Arc<Link>>,
+}
+
+fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
+    if a <= b { (a, b) } else { (b, a) }
+}
+
+impl Net {
+    /// splitmix64: deterministic loss.
+    fn unit(&mut self) -> f64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The shared switchboard. Clones refer to the same network.
+#[derive(Clone, Default)]
+pub struct MemoryNetwork {
+    net: Arc<Mutex<Net>>,
+}
+
+impl fmt::Debug for MemoryNetwork {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryNetwork")
+            .field("endpoints", &self.lock().endpoints.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryNetwork {
+    /// An empty network with no faults; `seed` drives loss decisions.
+    pub fn new(seed: u64) -> Self {
+        let net = Net {
+            rng: seed,
+            ..Net::default()
+        };
+        MemoryNetwork {
+            net: Arc::new(Mutex::new(net)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Net> {
+        self.net.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers an endpoint for `node` under `name`.
+    pub fn endpoint(
+        &self,
+        node: NodeId,
+        name: &str,
+        admission: Arc<dyn Admission>,
+    ) -> Result<MemoryTransport, TransportError> {
+        let mut net = self.lock();
+        if net.endpoints.contains_key(name) {
+            return Err(TransportError::Io(format!("address mem:{name} is in use")));
+        }
+        let (tx, rx) = mpsc::channel(QUEUE);
+        net.next_id += 1;
+        let id = net.next_id;
+        net.endpoints.insert(
+            name.to_owned(),
+            Endpoint {
+                id,
+                node,
+                admission,
+                incoming: tx,
+                links: Vec::new(),
+            },
+        );
+        Ok(MemoryTransport {
+            id,
+            node,
+            name: name.to_owned(),
+            network: self.clone(),
+            incoming: AsyncMutex::new(rx),
+        })
+    }
+
+    /// Delays every message by `latency` from now on.
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
+    }
+
+    /// Drops each message with probability `loss` (0.0–1.0) from now on.
+    pub fn set_loss(&self, loss: f64) {
+        self.lock().loss = loss.clamp(0.0, 1.0);
+    }
+
+    /// Cuts `a` off from `b`: messages between them vanish, connects fail.
+    pub fn partition(&self, a: NodeId, b: NodeId) {
+        self.lock().partitions.insert(pair(a, b));
+    }
+
+    /// Ends a partition.
+    pub fn heal(&self, a: NodeId, b: NodeId) {
+        self.lock().partitions.remove(&pair(a, b));
+    }
+
+    /// Crashes the endpoint `name`: it disappears and its connections break.
+    pub fn crash(&self, name: &str) {
+        let removed = self.lock().endpoints.remove(name);
+        if let Some(e) = removed {
+            for link in e.links {
+                link.set(LinkState::Broken);
+            }
+        }
+    }
+
+    /// What happens to one message from `from` to `to`: `None` = lost,
+    /// `Some(when)` = delivered then.
+    fn route(&self, from: NodeId, to: NodeId) -> Option<Instant> {
+        let mut net = self.lock();
+        if net.partitions.contains(&pair(from, to)) {
+            return None;
+        }
+        if net.loss > 0.0 && net.unit() < net.loss {
+            return None;
+        }
+        Some(Instant::now() + net.latency)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum LinkState {
+    Open = 0,
+    /// Closed by one side: buffered messages are still delivered.
+    Closed = 1,
+    /// Broken by a crash: nothing more is delivered.
+    Broken = 2,
+}
+
+/// State shared by both halves of a connection.
+struct Link {
+    state: AtomicU8,
+    changed: watch::Sender<()>,
+}
+
+impl Link {
+    fn state(&self) -> LinkState {
+        match self.state.load(Ordering::Acquire) {
+            0 => LinkState::Open,
+            1 => LinkState::Closed,
+            _ => LinkState::Broken,
+        }
+    }
+
+    fn set(&self, s: LinkState) {
+        // Never go back to a milder state.
+        self.state.fetch_max(s as u8, Ordering::AcqRel);
+        self.changed.send_replace(());
+    }
+}
+
+type Queue = (Instant, Vec<u8>);
+
+/// One side of an in-memory connection.
+pub struct MemoryConnection {
+    local: NodeId,
+    remote: NodeId,
+    protocol: Protocol,
+    tx: mpsc::Sender<Queue>,
+    rx: AsyncMutex<mpsc::Receiver<Queue>>,
+    link: Arc<Link>,
+    network: MemoryNetwork,
+}
+
+impl fmt::Debug for MemoryConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryConnection")
+            .field("local", &self.local)
+            .field("remote", &self.remote)
+            .field("protocol", &self.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The largest message: a frame at the default limit.
+pub const MAX_MESSAGE: usize = FRAME_HEADER_LEN + DEFAULT_MAX_FRAME_LEN;
+
+#[async_trait]
+impl Connection for MemoryConnection {
+    fn remote_node(&self) -> NodeId {
+        self.remote
+    }
+
+    fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    async fn send(&self, message: Vec<u8>) -> Result<(), TransportError> {
+        if self.link.state() != LinkState::Open {
+            return Err(TransportError::Closed);
+        }
+        if message.len() > MAX_MESSAGE {
+            return Err(TransportError::TooLarge {
+                len: message.len(),
+                max: MAX_MESSAGE,
+            });
+        }
+        match self.network.route(self.local, self.remote) {
+            None => Ok(()), // lost in the network, as on a real one
+            Some(at) => self
+                .tx
+                .send((at, message))
+                .await
+                .map_err(|_| TransportError::Closed),
+        }
+    }
+
+    async fn recv(&self) -> Result<Vec<u8>, TransportError> {
+        let mut rx = self.rx.lock().await;
+        // Subscribe before looking at the state, so no change is missed.
+        let mut changed = self.link.changed.subscribe();
+        loop {
+            let next = match self.link.state() {
+                LinkState::Broken => return Err(TransportError::Closed),
+                state => match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    // Closed gracefully and drained, or the other half is gone.
+                    Err(mpsc::error::TryRecvError::Empty) if state == LinkState::Closed => {
+                        return Err(TransportError::Closed);
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        return Err(TransportError::Closed);
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => None,
+                },
+            };
+            let (at, msg) = match next {
+                Some(m) => m,
+                None => tokio::select! {
+                    biased;
+                    m = rx.recv() => match m {
+                        Some(m) => m,
+                        None => return Err(TransportError::Closed),
+                    },
+                    r = changed.changed() => {
+                        if r.is_err() {
+                            return Err(TransportError::Closed);
+                        }
+                        continue;
+                    }
+                },
+            };
+            tokio::time::sleep_until(at).await;
+            if self.link.state() == LinkState::Broken {
+                return Err(TransportError::Closed);
+            }
+            return Ok(msg);
+        }
+    }
+
+    fn close(&self) {
+        self.link.set(LinkState::Closed);
+    }
+}
+
+impl Drop for MemoryConnection {
+    fn drop(&mut self) {
+        self.link.set(LinkState::Closed);
+    }
+}
+
+/// An endpoint on a [`MemoryNetwork`].
+pub struct MemoryTransport {
+    id: u64,
+    node: NodeId,
+    name: String,
+    network: MemoryNetwork,
+    incoming: AsyncMutex<mpsc::Receiver<MemoryConnection>>,
+}
+
+impl fmt::Debug for MemoryTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryTransport")
+            .field("node", &self.node)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryTransport {
+    /// This endpoint's address.
+    pub fn addr(&self) -> PeerAddr {
+        PeerAddr::Memory(self.name.clone())
+    }
+}
+
+#[async_trait]
+impl Transport for MemoryTransport {
+    fn local_node(&self) -> NodeId {
+        self.node
+    }
+
+    async fn connect(
+        &self,
+        peer: NodeId,
+        addr: &PeerAddr,
+        protocol: Protocol,
+    ) -> Result<Box<dyn Connection>, TransportError> {
+        let PeerAddr::Memory(name) = addr else {
+            return Err(TransportError::AddressNotSupported(addr.clone()));
+        };
+        let (mine, theirs, incoming) = {
+            let mut net = self.network.lock();
+            let unreachable = || TransportError::Unreachable { addr: addr.clone() };
+            let remote = net.endpoints.get(name).ok_or_else(unreachable)?;
+            let remote_node = remote.node;
+            if net.partitions.contains(&pair(self.node, remote_node)) {
+                return Err(unreachable());
+            }
+            if remote_node != peer {
+                return Err(TransportError::PeerMismatch {
+                    expected: peer,
+                    actual: remote_node,
+                });
+            }
+            if !remote.admission.admit(&self.node, protocol) {
+                return Err(TransportError::Refused(format!(
+                    "{} does not admit {} for {protocol:?}",
+                    remote_node, self.node
+                )));
+            }
+            let (changed, _) = watch::channel(());
+            let link = Arc::new(Link {
+                state: AtomicU8::new(LinkState::Open as u8),
+                changed,
+            });
+            let (to_remote, from_me) = mpsc::channel(QUEUE);
+            let (to_me, from_remote) = mpsc::channel(QUEUE);
+            let mine = MemoryConnection {
+                local: self.node,
+                remote: remote_node,
+                protocol,
+                tx: to_remote,
+                rx: AsyncMutex::new(from_remote),
+                link: link.clone(),
+                network: self.network.clone(),
+            };
+            let theirs = MemoryConnection {
+                local: remote_node,
+                remote: self.node,
+                protocol,
+                tx: to_me,
+                rx: AsyncMutex::new(from_me),
+                link: link.clone(),
+                network: self.network.clone(),
+            };
+            let incoming = remote.incoming.clone();
+            if let Some(e) = net.endpoints.get_mut(name) {
+                e.links.push(link.clone());
+            }
+            if let Some(own) = net
+                .endpoints
+                .get_mut(&self.name)
+                .filter(|e| e.id == self.id)
+            {
+                own.links.push(link);
+            }
+            (mine, theirs, incoming)
+        };
+        incoming
+            .send(theirs)
+            .await
+            .map_err(|_| TransportError::Unreachable { addr: addr.clone() })?;
+        Ok(Box::new(mine))
+    }
+
+    async fn accept(&self) -> Result<Box<dyn Connection>, TransportError> {
+        match self.incoming.lock().await.recv().await {
+            Some(c) => Ok(Box::new(c)),
+            None => Err(TransportError::Closed),
+        }
+    }
+}
+
+impl Drop for MemoryTransport {
+    fn drop(&mut self) {
+        let mut net = self.network.lock();
+        if net
+            .endpoints
+            .get(&self.name)
+            .is_some_and(|e| e.id == self.id)
+        {
+            net.endpoints.remove(&self.name);
+        }
+    }
+}

@@ -1,0 +1,152 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mesh_core::identity::NodeKey;
+use mesh_core::transport::{Admission, AdmitAll, PeerAddr, Protocol, Transport, TransportError};
+use tokio::time::Instant;
+
+use crate::conformance::Harness;
+use crate::memory::{MAX_MESSAGE, MemoryNetwork, MemoryTransport};
+
+struct MemoryHarness(MemoryNetwork);
+
+#[async_trait]
+impl Harness for MemoryHarness {
+    async fn endpoint(
+        &self,
+        key: &NodeKey,
+        admission: Arc<dyn Admission>,
+    ) -> (Box<dyn Transport>, PeerAddr) {
+        let name = key.node_id().fingerprint().to_string();
+        let t = self.0.endpoint(key.node_id(), &name, admission).unwrap();
+        let addr = t.addr();
+        (Box::new(t), addr)
+    }
+
+    fn max_message(&self) -> usize {
+        MAX_MESSAGE
+    }
+}
+
+crate::transport_conformance_tests!(memory_conformance, MemoryHarness(MemoryNetwork::new(1)));
+
+fn key(seed: u8) -> NodeKey {
+    NodeKey::from_secret_bytes(&[seed; 32])
+}
+
+async fn connected(
+    net: &MemoryNetwork,
+) -> (
+    MemoryTransport,
+    MemoryTransport,
+    Box<dyn mesh_core::transport::Connection>,
+    Box<dyn mesh_core::transport::Connection>,
+) {
+    let (a, b) = (key(1), key(2));
+    let ta = net.endpoint(a.node_id(), "a", Arc::new(AdmitAll)).unwrap();
+    let tb = net.endpoint(b.node_id(), "b", Arc::new(AdmitAll)).unwrap();
+    let addr_b = tb.addr();
+    let (c, s) = tokio::join!(
+        ta.connect(b.node_id(), &addr_b, Protocol::Mesh),
+        tb.accept()
+    );
+    (ta, tb, c.unwrap(), s.unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn latency_delays_delivery_on_the_virtual_clock() {
+    let net = MemoryNetwork::new(1);
+    let (_ta, _tb, c, s) = connected(&net).await;
+    net.set_latency(Duration::from_millis(250));
+    let start = Instant::now();
+    c.send(b"x".to_vec()).await.unwrap();
+    c.send(b"y".to_vec()).await.unwrap();
+    assert_eq!(s.recv().await.unwrap(), b"x");
+    assert_eq!(start.elapsed(), Duration::from_millis(250));
+    assert_eq!(s.recv().await.unwrap(), b"y");
+    assert_eq!(start.elapsed(), Duration::from_millis(250));
+}
+
+#[tokio::test(start_paused = true)]
+async fn loss_drops_a_seeded_fraction() {
+    let net = MemoryNetwork::new(42);
+    let (_ta, _tb, c, s) = connected(&net).await;
+    net.set_loss(0.3);
+    for i in 0..200u32 {
+        c.send(i.to_be_bytes().to_vec()).await.unwrap();
+    }
+    net.set_loss(0.0);
+    c.send(b"end".to_vec()).await.unwrap();
+    let mut got = 0;
+    while s.recv().await.unwrap() != b"end" {
+        got += 1;
+    }
+    // ~70 % of 200 arrive; the seed makes the exact count repeatable.
+    assert!((110..=170).contains(&got), "{got} of 200 arrived");
+}
+
+#[tokio::test(start_paused = true)]
+async fn partition_drops_traffic_and_refuses_connects_until_healed() {
+    let net = MemoryNetwork::new(1);
+    let (ta, tb, c, s) = connected(&net).await;
+    net.partition(ta.local_node(), tb.local_node());
+    c.send(b"lost".to_vec()).await.unwrap();
+    assert!(matches!(
+        ta.connect(tb.local_node(), &tb.addr(), Protocol::Mesh)
+            .await,
+        Err(TransportError::Unreachable { .. })
+    ));
+    // Nothing arrives while partitioned (bounded wait on the virtual clock).
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), s.recv())
+            .await
+            .is_err()
+    );
+    net.heal(ta.local_node(), tb.local_node());
+    c.send(b"after".to_vec()).await.unwrap();
+    assert_eq!(s.recv().await.unwrap(), b"after");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_breaks_connections_and_a_restart_is_reachable_again() {
+    let net = MemoryNetwork::new(1);
+    let (ta, tb, c, s) = connected(&net).await;
+    let b_node = tb.local_node();
+    net.crash("b");
+    assert_eq!(c.recv().await, Err(TransportError::Closed));
+    assert_eq!(s.recv().await, Err(TransportError::Closed));
+    assert_eq!(c.send(b"x".to_vec()).await, Err(TransportError::Closed));
+    assert!(matches!(tb.accept().await, Err(TransportError::Closed)));
+    assert!(matches!(
+        ta.connect(b_node, &PeerAddr::Memory("b".into()), Protocol::Mesh)
+            .await,
+        Err(TransportError::Unreachable { .. })
+    ));
+    // The node comes back under the same name; the old handle's drop must not remove it.
+    let tb2 = net.endpoint(b_node, "b", Arc::new(AdmitAll)).unwrap();
+    drop(tb);
+    let addr_b2 = tb2.addr();
+    let (c2, s2) = tokio::join!(ta.connect(b_node, &addr_b2, Protocol::Mesh), tb2.accept());
+    c2.unwrap().send(b"back".to_vec()).await.unwrap();
+    assert_eq!(s2.unwrap().recv().await.unwrap(), b"back");
+}
+
+#[tokio::test]
+async fn other_address_kinds_are_not_supported_and_names_are_unique() {
+    let net = MemoryNetwork::new(1);
+    let ta = net
+        .endpoint(key(1).node_id(), "a", Arc::new(AdmitAll))
+        .unwrap();
+    let addr = PeerAddr::Socket("127.0.0.1:4433".parse().unwrap());
+    assert_eq!(
+        ta.connect(key(2).node_id(), &addr, Protocol::Mesh)
+            .await
+            .err(),
+        Some(TransportError::AddressNotSupported(addr))
+    );
+    assert!(matches!(
+        net.endpoint(key(3).node_id(), "a", Arc::new(AdmitAll)),
+        Err(TransportError::Io(_))
+    ));
+}
