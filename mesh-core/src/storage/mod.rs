@@ -1,9 +1,10 @@
 //! Storage behind a trait: SQLite (feature `sqlite`, default) and in memory.
 //!
-//! The node keeps records in tables ([`Table`]); each record is a document
-//! under a string key: a format byte and postcard (compact, fast to decode;
-//! JSON documents are read too, see [`Record`]). The [`Storage`] trait is small and object-safe: read one,
-//! list a table, and apply a batch of writes **atomically** (all or nothing,
+//! The node keeps records in tables ([`Table`]); each record is a body under a
+//! string key: a format byte and postcard (compact, fast to decode; JSON
+//! bodies are read too, see [`Record`]). The [`Storage`] trait is small and
+//! object-safe: read one, list or scan a table, and apply a batch of writes
+//! **atomically** (all or nothing,
 //! so a failed operation leaves nothing half-written). Typed access goes
 //! through [`Record`] and the [`StorageExt`] helpers. Both backends pass the
 //! same conformance suite ([`storage_conformance_tests!`](crate::storage_conformance_tests)).
@@ -109,7 +110,7 @@ pub enum Write {
         table: Table,
         /// Key.
         key: String,
-        /// JSON document.
+        /// Record body (see [`Record`] for the format).
         body: Vec<u8>,
     },
     /// Insert; the whole batch fails with [`StorageError::AlreadyExists`] if the key exists.
@@ -118,7 +119,7 @@ pub enum Write {
         table: Table,
         /// Key.
         key: String,
-        /// JSON document.
+        /// Record body (see [`Record`] for the format).
         body: Vec<u8>,
     },
     /// Remove if present.
