@@ -1,4 +1,4 @@
-//! The records the node keeps, one type per [`Table`](super::Table).
+//! The records the node keeps, one type per [`Table`].
 
 use serde::{Deserialize, Serialize};
 
