@@ -576,23 +576,37 @@ impl PrimaryPairing {
 
     /// Marks overdue requests expired (publishing `pairing.expired`); returns their ids.
     pub fn expire_due(&self, now: Timestamp) -> Result<Vec<String>, PairingError> {
-        let mut expired = vec![];
-        for mut r in self.store.load_all::<PairingRequestRecord>()? {
-            if matches!(r.status, PairingStatus::Pending | PairingStatus::Approved)
-                && now >= r.expires_at
-            {
-                r.status = PairingStatus::Expired;
-                self.store.apply(&[r.put()?])?;
-                self.attempts().remove(&r.request_id);
-                self.events.publish(
-                    kinds::PAIRING_EXPIRED,
-                    now,
-                    json!({ "request_id": r.request_id, "reason": "timeout" }),
-                );
-                expired.push(r.request_id);
-            }
+        let mut overdue: Vec<PairingRequestRecord> = self
+            .store
+            .load_all::<PairingRequestRecord>()?
+            .into_iter()
+            .filter(|r| {
+                matches!(r.status, PairingStatus::Pending | PairingStatus::Approved)
+                    && now >= r.expires_at
+            })
+            .collect();
+        if overdue.is_empty() {
+            return Ok(vec![]);
         }
-        Ok(expired)
+        for r in &mut overdue {
+            r.status = PairingStatus::Expired;
+        }
+        // One commit for all of them; events only once it is durable.
+        let batch = overdue
+            .iter()
+            .map(Record::put)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.store.apply(&batch)?;
+        let mut attempts = self.attempts();
+        for r in &overdue {
+            attempts.remove(&r.request_id);
+            self.events.publish(
+                kinds::PAIRING_EXPIRED,
+                now,
+                json!({ "request_id": r.request_id, "reason": "timeout" }),
+            );
+        }
+        Ok(overdue.into_iter().map(|r| r.request_id).collect())
     }
 
     /// Checks a request may still be decided; expires it if overdue.

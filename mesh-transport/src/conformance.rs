@@ -173,78 +173,24 @@ macro_rules! transport_conformance_tests {
     ($name:ident, $make:expr) => {
         mod $name {
             use super::*;
-
-            #[tokio::test]
-            async fn round_trip() {
-                let harness = $make;
-                // Bounded: a hung transport fails the test instead of stalling CI.
-                tokio::time::timeout(
-                    std::time::Duration::from_secs(30),
-                    $crate::conformance::round_trip(&harness),
-                )
-                .await
-                .expect("conformance check timed out");
-            }
-
-            #[tokio::test]
-            async fn wrong_peer_is_refused() {
-                let harness = $make;
-                // Bounded: a hung transport fails the test instead of stalling CI.
-                tokio::time::timeout(
-                    std::time::Duration::from_secs(30),
-                    $crate::conformance::wrong_peer_is_refused(&harness),
-                )
-                .await
-                .expect("conformance check timed out");
-            }
-
-            #[tokio::test]
-            async fn unknown_keys_reach_only_pairing() {
-                let harness = $make;
-                // Bounded: a hung transport fails the test instead of stalling CI.
-                tokio::time::timeout(
-                    std::time::Duration::from_secs(30),
-                    $crate::conformance::unknown_keys_reach_only_pairing(&harness),
-                )
-                .await
-                .expect("conformance check timed out");
-            }
-
-            #[tokio::test]
-            async fn oversize_messages_are_refused() {
-                let harness = $make;
-                // Bounded: a hung transport fails the test instead of stalling CI.
-                tokio::time::timeout(
-                    std::time::Duration::from_secs(30),
-                    $crate::conformance::oversize_messages_are_refused(&harness),
-                )
-                .await
-                .expect("conformance check timed out");
-            }
-
-            #[tokio::test]
-            async fn many_connections_in_parallel() {
-                let harness = $make;
-                // Bounded: a hung transport fails the test instead of stalling CI.
-                tokio::time::timeout(
-                    std::time::Duration::from_secs(30),
-                    $crate::conformance::many_connections_in_parallel(&harness),
-                )
-                .await
-                .expect("conformance check timed out");
-            }
-
-            #[tokio::test]
-            async fn close_is_seen_by_the_peer() {
-                let harness = $make;
-                // Bounded: a hung transport fails the test instead of stalling CI.
-                tokio::time::timeout(
-                    std::time::Duration::from_secs(30),
-                    $crate::conformance::close_is_seen_by_the_peer(&harness),
-                )
-                .await
-                .expect("conformance check timed out");
-            }
+            $crate::transport_conformance_tests!(@checks $make;
+                round_trip,
+                wrong_peer_is_refused,
+                unknown_keys_reach_only_pairing,
+                oversize_messages_are_refused,
+                many_connections_in_parallel,
+                close_is_seen_by_the_peer
+            );
         }
     };
+    (@checks $make:expr; $($check:ident),*) => {$(
+        #[tokio::test]
+        async fn $check() {
+            let harness = $make;
+            // Bounded: a hung transport fails the test instead of stalling CI.
+            tokio::time::timeout(std::time::Duration::from_secs(30), $crate::conformance::$check(&harness))
+                .await
+                .expect("conformance check timed out");
+        }
+    )*};
 }

@@ -184,17 +184,12 @@ impl Storage for SqliteStorage {
     }
 
     fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(&format!(
-                "SELECT key, body FROM {} ORDER BY key",
-                table.name()
-            ))
-            .map_err(backend)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(backend)?;
-        rows.collect::<Result<_, _>>().map_err(backend)
+        let mut out = Vec::new();
+        self.scan(table, &mut |k, b| {
+            out.push((k.to_owned(), b.to_vec()));
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     fn scan(&self, table: Table, visit: &mut Visitor<'_>) -> Result<(), StorageError> {
