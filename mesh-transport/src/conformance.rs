@@ -19,15 +19,15 @@ pub trait Harness: Send + Sync {
     /// A transport for `key`, admitting as `admission` says, and its address.
     async fn endpoint(
         &self,
-        key: &NodeKey,
+        key: &Arc<NodeKey>,
         admission: Arc<dyn Admission>,
     ) -> (Box<dyn Transport>, PeerAddr);
     /// The largest message the transport carries.
     fn max_message(&self) -> usize;
 }
 
-fn key(seed: u8) -> NodeKey {
-    NodeKey::from_secret_bytes(&[seed; 32])
+fn key(seed: u8) -> Arc<NodeKey> {
+    Arc::new(NodeKey::from_secret_bytes(&[seed; 32]))
 }
 
 async fn pair(
@@ -167,6 +167,19 @@ pub async fn close_is_seen_by_the_peer(h: &dyn Harness) {
     assert_eq!(c.send(b"more".to_vec()).await, Err(TransportError::Closed));
 }
 
+/// Dropping a connection closes it, but what was already sent still arrives.
+pub async fn drop_delivers_what_was_sent(h: &dyn Harness) {
+    let (c, s, _ta, _tb) = pair(h).await;
+    for i in 0..20u8 {
+        c.send(vec![i; 60_000]).await.unwrap();
+    }
+    drop(c);
+    for i in 0..20u8 {
+        assert_eq!(s.recv().await.unwrap(), vec![i; 60_000]);
+    }
+    assert_eq!(s.recv().await, Err(TransportError::Closed));
+}
+
 /// Turns every check into a `#[tokio::test]` for the harness `$make`.
 #[macro_export]
 macro_rules! transport_conformance_tests {
@@ -179,7 +192,8 @@ macro_rules! transport_conformance_tests {
                 unknown_keys_reach_only_pairing,
                 oversize_messages_are_refused,
                 many_connections_in_parallel,
-                close_is_seen_by_the_peer
+                close_is_seen_by_the_peer,
+                drop_delivers_what_was_sent
             );
         }
     };

@@ -29,6 +29,8 @@
 #![warn(missing_docs)]
 
 pub mod memory;
+#[cfg(feature = "quic")]
+pub mod quic;
 
 /// The transport conformance suite (feature `test-utils`).
 #[cfg(any(test, feature = "test-utils"))]

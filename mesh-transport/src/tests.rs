@@ -15,7 +15,7 @@ struct MemoryHarness(MemoryNetwork);
 impl Harness for MemoryHarness {
     async fn endpoint(
         &self,
-        key: &NodeKey,
+        key: &Arc<NodeKey>,
         admission: Arc<dyn Admission>,
     ) -> (Box<dyn Transport>, PeerAddr) {
         let name = key.node_id().fingerprint().to_string();

@@ -1,0 +1,865 @@
+//! QUIC (quinn + rustls with ring), mutually authenticated by node keys.
+//!
+//! Both ends present their ed25519 node key as an RFC 7250 *raw public key*
+//! (a 44-byte SubjectPublicKeyInfo): there are no certificates, no CA and no
+//! X.509 parser on the path. The handshake signature (TLS 1.3
+//! CertificateVerify) proves possession of the key, so:
+//!
+//! * the connecting side pins the node id it asked for; the verifier refuses
+//!   any other key *before* the client presents its own key, and
+//!   [`connect`](Transport::connect) reports
+//!   [`TransportError::PeerMismatch`] with the id that answered;
+//! * the accepting side learns the remote node id from the handshake and asks
+//!   its [`Admission`] whether that key may use the negotiated ALPN
+//!   ([`Protocol::alpn`]).
+//!
+//! A QUIC client considers its handshake complete before the server has
+//! checked the client's key, so a refused client would otherwise see a
+//! "connected" connection that dies on first use. Here the server confirms
+//! admission explicitly: it opens the connection's message stream and writes
+//! one byte; `connect` returns only after reading it, and a refusal (an
+//! application close with code [`REFUSED`]) becomes
+//! [`TransportError::Refused`].
+//!
+//! Each [`Connection`] is one QUIC connection carrying one bidirectional
+//! stream of length-prefixed messages (a 4-byte big-endian length, then the
+//! bytes). A peer that announces a message over the limit, or ends the stream
+//! inside a message, is disconnected (application close [`PROTOCOL_VIOLATION`]);
+//! other connections are unaffected. Parallel traffic uses parallel
+//! connections, which cost one handshake each (see `BENCHMARKS.md`).
+//!
+//! Session resumption and 0-RTT are off: every connection runs a full
+//! handshake, so a revoked key can never ride on an old ticket.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use mesh_core::identity::{NODE_ID_LEN, NodeId, NodeKey};
+use mesh_core::transport::{Admission, Connection, PeerAddr, Protocol, Transport, TransportError};
+use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
+use quinn::{ConnectionError, ReadError, ReadExactError, VarInt, WriteError};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::{CertifiedKey, Signer, SigningKey};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureAlgorithm, SignatureScheme};
+use tokio::sync::{Mutex as AsyncMutex, Semaphore, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::memory::MAX_MESSAGE;
+
+/// Application close code: the accepting node does not admit this key for
+/// the requested protocol.
+pub const REFUSED: u32 = 0x4D01;
+/// Application close code: the peer broke the message framing (a length over
+/// the limit, or a stream that ended inside a message).
+pub const PROTOCOL_VIOLATION: u32 = 0x4D02;
+/// Application close code: an orderly close by [`Connection::close`].
+pub const CLOSED: u32 = 0;
+
+/// The byte the accepting side writes once it has admitted the connection.
+const ADMITTED: u8 = 0x01;
+/// The TLS server name sent by clients. Identity comes from the pinned key,
+/// never from this name.
+const SERVER_NAME: &str = "mesh-node";
+/// The DER prefix of an ed25519 SubjectPublicKeyInfo (RFC 8410): SEQUENCE,
+/// AlgorithmIdentifier { 1.3.101.112 }, BIT STRING of 33 bytes (0 unused bits).
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+/// How long a closing connection waits for the peer to take queued messages.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Length of the 4-byte message length prefix.
+const LEN_PREFIX: usize = 4;
+
+/// Settings of a [`QuicTransport`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct QuicConfig {
+    /// A connection with no traffic (keep-alives included) for this long is
+    /// closed. Default 30 s.
+    pub idle_timeout: Duration,
+    /// How often an idle connection sends a keep-alive; `None` for never.
+    /// Default 10 s.
+    pub keep_alive_interval: Option<Duration>,
+    /// Whether keep-alives are sent while the device runs on battery (see
+    /// [`QuicTransport::set_on_battery`]). Default `false`: on battery, idle
+    /// connections are allowed to lapse rather than wake the radio.
+    pub keep_alive_on_battery: bool,
+    /// How long a handshake, including the admission check, may take.
+    /// Default 10 s.
+    pub handshake_timeout: Duration,
+    /// The largest message carried. Default: a full wire frame
+    /// ([`MAX_MESSAGE`](crate::memory::MAX_MESSAGE)).
+    pub max_message: usize,
+    /// Handshakes run at once on the accepting side; further attempts are
+    /// refused until one finishes. Default 256.
+    pub max_pending_handshakes: usize,
+    /// Admitted connections waiting for [`Transport::accept`]. Default 64.
+    pub accept_backlog: usize,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive_interval: Some(Duration::from_secs(10)),
+            keep_alive_on_battery: false,
+            handshake_timeout: Duration::from_secs(10),
+            max_message: MAX_MESSAGE,
+            max_pending_handshakes: 256,
+            accept_backlog: 64,
+        }
+    }
+}
+
+impl QuicConfig {
+    fn keep_alive(&self, on_battery: bool) -> Option<Duration> {
+        if on_battery && !self.keep_alive_on_battery {
+            None
+        } else {
+            self.keep_alive_interval
+        }
+    }
+
+    fn transport(
+        &self,
+        on_battery: bool,
+        incoming_streams: u8,
+    ) -> Result<quinn::TransportConfig, TransportError> {
+        let idle = quinn::IdleTimeout::try_from(self.idle_timeout)
+            .map_err(|_| TransportError::Io("idle_timeout is too large for QUIC".into()))?;
+        let mut t = quinn::TransportConfig::default();
+        t.max_idle_timeout(Some(idle))
+            .keep_alive_interval(self.keep_alive(on_battery))
+            .max_concurrent_bidi_streams(VarInt::from(incoming_streams))
+            .max_concurrent_uni_streams(VarInt::from(0u8))
+            .datagram_receive_buffer_size(None);
+        Ok(t)
+    }
+}
+
+/// The node key as a rustls signing key: the secret never leaves [`NodeKey`].
+#[derive(Debug)]
+struct NodeSigner(Arc<NodeKey>);
+
+impl SigningKey for NodeSigner {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        offered
+            .contains(&SignatureScheme::ED25519)
+            .then(|| Box::new(NodeSignerOnce(self.0.clone())) as Box<dyn Signer>)
+    }
+
+    fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
+        Some(SubjectPublicKeyInfoDer::from(spki(&self.0.node_id())))
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        SignatureAlgorithm::ED25519
+    }
+}
+
+#[derive(Debug)]
+struct NodeSignerOnce(Arc<NodeKey>);
+
+impl Signer for NodeSignerOnce {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        Ok(self.0.sign(message).to_vec())
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        SignatureScheme::ED25519
+    }
+}
+
+/// The SubjectPublicKeyInfo of a node id.
+fn spki(node: &NodeId) -> Vec<u8> {
+    let mut der = Vec::with_capacity(ED25519_SPKI_PREFIX.len() + NODE_ID_LEN);
+    der.extend_from_slice(&ED25519_SPKI_PREFIX);
+    der.extend_from_slice(node.as_bytes());
+    der
+}
+
+/// The node id in a raw public key, if it is a valid ed25519 key.
+fn node_from_spki(der: &[u8]) -> Option<NodeId> {
+    let key = der.strip_prefix(&ED25519_SPKI_PREFIX[..])?;
+    let key: &[u8; NODE_ID_LEN] = key.try_into().ok()?;
+    NodeId::from_bytes(key).ok()
+}
+
+fn bad_key() -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+}
+
+/// Checks a TLS 1.3 CertificateVerify signature made with a raw ed25519 key.
+fn verify_signature(
+    message: &[u8],
+    key: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    if dss.scheme != SignatureScheme::ED25519 {
+        return Err(rustls::Error::PeerMisbehaved(
+            rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
+        ));
+    }
+    let node = node_from_spki(key).ok_or_else(bad_key)?;
+    let signature: &[u8; 64] = dss
+        .signature()
+        .try_into()
+        .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature))?;
+    node.verify(message, signature)
+        .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature))?;
+    Ok(HandshakeSignatureValid::assertion())
+}
+
+/// The connecting side's verifier: accepts exactly one node key and records
+/// whichever key the server presented, so a mismatch can name it.
+#[derive(Debug)]
+struct PinnedServer {
+    expected: NodeId,
+    seen: Mutex<Option<NodeId>>,
+}
+
+impl ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let node = node_from_spki(end_entity).ok_or_else(bad_key)?;
+        *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = Some(node);
+        if !intermediates.is_empty() || node != self.expected {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        true
+    }
+}
+
+/// The accepting side's verifier: any valid ed25519 key proves who the client
+/// is; whether that key may use the protocol is [`Admission`]'s decision,
+/// taken once the ALPN is known.
+#[derive(Debug)]
+struct AnyNodeClient;
+
+impl ClientCertVerifier for AnyNodeClient {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if !intermediates.is_empty() || node_from_spki(end_entity).is_none() {
+            return Err(bad_key());
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        true
+    }
+}
+
+fn tls_error(e: rustls::Error) -> TransportError {
+    TransportError::Io(format!("TLS configuration: {e}"))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The rustls and quinn settings shared by every connection of one endpoint.
+struct Tls {
+    certified: Arc<CertifiedKey>,
+    client_template: rustls::ClientConfig,
+}
+
+impl Tls {
+    fn new(key: Arc<NodeKey>) -> Result<Self, TransportError> {
+        let node = key.node_id();
+        Self::with_key(node, Arc::new(NodeSigner(key)))
+    }
+
+    /// Presents `node` and signs with `signer` (a different key only in tests).
+    fn with_key(node: NodeId, signer: Arc<dyn SigningKey>) -> Result<Self, TransportError> {
+        let certified = Arc::new(CertifiedKey::new(
+            vec![CertificateDer::from(spki(&node))],
+            signer,
+        ));
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_error)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedServer {
+                expected: node,
+                seen: Mutex::new(None),
+            }))
+            .with_client_cert_resolver(Arc::new(
+                rustls::client::AlwaysResolvesClientRawPublicKeys::new(certified.clone()),
+            ));
+        client.resumption = rustls::client::Resumption::disabled();
+        client.enable_early_data = false;
+        Ok(Tls {
+            certified,
+            client_template: client,
+        })
+    }
+
+    fn server(&self) -> Result<QuicServerConfig, TransportError> {
+        let mut server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_error)?
+            .with_client_cert_verifier(Arc::new(AnyNodeClient))
+            .with_cert_resolver(Arc::new(
+                rustls::server::AlwaysResolvesServerRawPublicKeys::new(self.certified.clone()),
+            ));
+        server.alpn_protocols = vec![
+            Protocol::Pairing.alpn().to_vec(),
+            Protocol::Mesh.alpn().to_vec(),
+        ];
+        server.send_tls13_tickets = 0;
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.max_early_data_size = 0;
+        QuicServerConfig::try_from(server).map_err(|e| TransportError::Io(e.to_string()))
+    }
+
+    fn client(
+        &self,
+        expected: NodeId,
+        protocol: Protocol,
+    ) -> Result<(QuicClientConfig, Arc<PinnedServer>), TransportError> {
+        let pin = Arc::new(PinnedServer {
+            expected,
+            seen: Mutex::new(None),
+        });
+        let mut client = self.client_template.clone();
+        client.dangerous().set_certificate_verifier(pin.clone());
+        client.alpn_protocols = vec![protocol.alpn().to_vec()];
+        let quic =
+            QuicClientConfig::try_from(client).map_err(|e| TransportError::Io(e.to_string()))?;
+        Ok((quic, pin))
+    }
+}
+
+struct Shared {
+    endpoint: quinn::Endpoint,
+    node: NodeId,
+    tls: Tls,
+    config: QuicConfig,
+    on_battery: AtomicBool,
+}
+
+fn server_config(
+    tls: &Tls,
+    config: &QuicConfig,
+    on_battery: bool,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.server()?));
+    // The accepting side opens the one message stream; it accepts none.
+    server.transport_config(Arc::new(config.transport(on_battery, 0)?));
+    Ok(server)
+}
+
+/// A QUIC endpoint: connects out and accepts in, authenticated by node keys.
+///
+/// Must be created inside a tokio runtime (quinn drives its socket from it).
+/// Dropping the transport stops accepting and closes its connections.
+pub struct QuicTransport {
+    shared: Arc<Shared>,
+    incoming: AsyncMutex<mpsc::Receiver<QuicConnection>>,
+    acceptor: JoinHandle<()>,
+}
+
+impl fmt::Debug for QuicTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuicTransport")
+            .field("node", &self.shared.node)
+            .field("local_addr", &self.shared.endpoint.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl QuicTransport {
+    /// Binds a UDP socket at `addr` (port 0 picks a free one) and starts
+    /// accepting connections that `admission` lets in.
+    pub fn bind(
+        key: Arc<NodeKey>,
+        addr: SocketAddr,
+        admission: Arc<dyn Admission>,
+        config: QuicConfig,
+    ) -> Result<Self, TransportError> {
+        if config.max_message > u32::MAX as usize {
+            return Err(TransportError::Io(
+                "max_message must fit the 4-byte length prefix".into(),
+            ));
+        }
+        let node = key.node_id();
+        let tls = Tls::new(key)?;
+        let endpoint = quinn::Endpoint::server(server_config(&tls, &config, false)?, addr)
+            .map_err(|e| TransportError::Io(format!("binding UDP {addr}: {e}")))?;
+        let shared = Arc::new(Shared {
+            endpoint,
+            node,
+            tls,
+            config,
+            on_battery: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::channel(shared.config.accept_backlog.max(1));
+        let acceptor = tokio::spawn(accept_loop(shared.clone(), admission, tx));
+        Ok(QuicTransport {
+            shared,
+            incoming: AsyncMutex::new(rx),
+            acceptor,
+        })
+    }
+
+    /// The bound socket address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared
+            .endpoint
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The address peers connect to.
+    pub fn addr(&self) -> PeerAddr {
+        PeerAddr::Socket(self.local_addr())
+    }
+
+    /// Tells the transport whether the device runs on battery. New
+    /// connections (both directions) then follow
+    /// [`QuicConfig::keep_alive_on_battery`]; open ones keep their settings.
+    pub fn set_on_battery(&self, on_battery: bool) -> Result<(), TransportError> {
+        let shared = &self.shared;
+        shared.on_battery.store(on_battery, Ordering::Relaxed);
+        let server = server_config(&shared.tls, &shared.config, on_battery)?;
+        shared.endpoint.set_server_config(Some(server));
+        Ok(())
+    }
+
+    /// Closes every connection and waits (at most `grace`) until the peers
+    /// have been told.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.acceptor.abort();
+        self.shared
+            .endpoint
+            .close(VarInt::from(CLOSED), b"node shutting down");
+        let _ = tokio::time::timeout(grace, self.shared.endpoint.wait_idle()).await;
+    }
+}
+
+impl Drop for QuicTransport {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+        self.shared
+            .endpoint
+            .close(VarInt::from(CLOSED), b"node shutting down");
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    admission: Arc<dyn Admission>,
+    tx: mpsc::Sender<QuicConnection>,
+) {
+    let pending = Arc::new(Semaphore::new(shared.config.max_pending_handshakes.max(1)));
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let (shared, admission, tx) = (shared.clone(), admission.clone(), tx.clone());
+        tokio::spawn(async move {
+            let timeout = shared.config.handshake_timeout;
+            let admitted =
+                tokio::time::timeout(timeout, admit(&shared, incoming, admission.as_ref())).await;
+            drop(permit);
+            if let Ok(Some(conn)) = admitted {
+                // A full backlog holds the connection until the node accepts;
+                // a dropped transport drops it.
+                let _ = tx.send(conn).await;
+            }
+        });
+    }
+}
+
+/// Runs the handshake, checks admission and confirms it to the client.
+async fn admit(
+    shared: &Shared,
+    incoming: quinn::Incoming,
+    admission: &dyn Admission,
+) -> Option<QuicConnection> {
+    let conn = incoming.accept().ok()?.await.ok()?;
+    let remote = peer_node(&conn)?;
+    let protocol = negotiated(&conn)?;
+    if !admission.admit(&remote, protocol) {
+        let reason = format!("this node does not admit your key for {protocol:?}");
+        conn.close(VarInt::from(REFUSED), reason.as_bytes());
+        return None;
+    }
+    let (mut send, recv) = conn.open_bi().await.ok()?;
+    send.write_all(&[ADMITTED]).await.ok()?;
+    Some(QuicConnection::new(
+        conn,
+        send,
+        recv,
+        remote,
+        protocol,
+        shared.config.max_message,
+    ))
+}
+
+fn peer_node(conn: &quinn::Connection) -> Option<NodeId> {
+    let identity = conn.peer_identity()?;
+    let keys = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    node_from_spki(keys.first()?)
+}
+
+fn negotiated(conn: &quinn::Connection) -> Option<Protocol> {
+    let data = conn.handshake_data()?.downcast::<HandshakeData>().ok()?;
+    let alpn = data.protocol?;
+    [Protocol::Pairing, Protocol::Mesh]
+        .into_iter()
+        .find(|p| p.alpn() == alpn.as_slice())
+}
+
+fn lost(addr: &PeerAddr, e: ConnectionError) -> TransportError {
+    match e {
+        ConnectionError::ApplicationClosed(close) if close.error_code == VarInt::from(REFUSED) => {
+            TransportError::Refused(String::from_utf8_lossy(&close.reason).into_owned())
+        }
+        ConnectionError::ApplicationClosed(_) | ConnectionError::LocallyClosed => {
+            TransportError::Closed
+        }
+        ConnectionError::ConnectionClosed(close) => TransportError::Refused(close.to_string()),
+        ConnectionError::TimedOut => TransportError::Unreachable { addr: addr.clone() },
+        other => TransportError::Io(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl Transport for QuicTransport {
+    fn local_node(&self) -> NodeId {
+        self.shared.node
+    }
+
+    async fn connect(
+        &self,
+        peer: NodeId,
+        addr: &PeerAddr,
+        protocol: Protocol,
+    ) -> Result<Box<dyn Connection>, TransportError> {
+        let PeerAddr::Socket(socket) = addr else {
+            return Err(TransportError::AddressNotSupported(addr.clone()));
+        };
+        let shared = &self.shared;
+        let (crypto, pin) = shared.tls.client(peer, protocol)?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        // The accepting side opens exactly one stream: the message stream.
+        client.transport_config(Arc::new(
+            shared
+                .config
+                .transport(shared.on_battery.load(Ordering::Relaxed), 1)?,
+        ));
+        let connecting = shared
+            .endpoint
+            .connect_with(client, *socket, SERVER_NAME)
+            .map_err(|e| TransportError::Io(format!("connecting to {addr}: {e}")))?;
+        let established = async {
+            let conn = match connecting.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    let seen = *pin.seen.lock().unwrap_or_else(PoisonError::into_inner);
+                    return Err(match seen {
+                        Some(actual) if actual != peer => TransportError::PeerMismatch {
+                            expected: peer,
+                            actual,
+                        },
+                        _ => lost(addr, e),
+                    });
+                }
+            };
+            // Admitted only once the server says so (see the module docs).
+            let (send, mut recv) = conn.accept_bi().await.map_err(|e| lost(addr, e))?;
+            let mut ack = [0u8; 1];
+            recv.read_exact(&mut ack).await.map_err(|e| match e {
+                ReadExactError::ReadError(ReadError::ConnectionLost(e)) => lost(addr, e),
+                other => TransportError::Io(format!("admission: {other}")),
+            })?;
+            if ack[0] != ADMITTED {
+                conn.close(VarInt::from(PROTOCOL_VIOLATION), b"bad admission byte");
+                return Err(TransportError::Io(
+                    "the peer sent a bad admission byte".into(),
+                ));
+            }
+            Ok(QuicConnection::new(
+                conn,
+                send,
+                recv,
+                peer,
+                protocol,
+                shared.config.max_message,
+            ))
+        };
+        match tokio::time::timeout(shared.config.handshake_timeout, established).await {
+            Ok(Ok(conn)) => Ok(Box::new(conn)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(TransportError::Unreachable { addr: addr.clone() }),
+        }
+    }
+
+    async fn accept(&self) -> Result<Box<dyn Connection>, TransportError> {
+        match self.incoming.lock().await.recv().await {
+            Some(conn) => Ok(Box::new(conn)),
+            None => Err(TransportError::Closed),
+        }
+    }
+}
+
+/// One authenticated QUIC connection with its message stream.
+pub struct QuicConnection {
+    conn: quinn::Connection,
+    remote: NodeId,
+    protocol: Protocol,
+    max_message: usize,
+    closed: Arc<AtomicBool>,
+    send: Arc<AsyncMutex<quinn::SendStream>>,
+    recv: AsyncMutex<quinn::RecvStream>,
+}
+
+impl fmt::Debug for QuicConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuicConnection")
+            .field("remote", &self.remote)
+            .field("protocol", &self.protocol)
+            .field("addr", &self.conn.remote_address())
+            .finish_non_exhaustive()
+    }
+}
+
+impl QuicConnection {
+    fn new(
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        remote: NodeId,
+        protocol: Protocol,
+        max_message: usize,
+    ) -> Self {
+        QuicConnection {
+            conn,
+            remote,
+            protocol,
+            max_message,
+            closed: Arc::new(AtomicBool::new(false)),
+            send: Arc::new(AsyncMutex::new(send)),
+            recv: AsyncMutex::new(recv),
+        }
+    }
+
+    /// The peer's socket address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    /// The current round-trip estimate.
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
+
+    /// Finishes the stream so queued messages still arrive, then closes the
+    /// connection once the peer has them (or after a grace period).
+    fn close_gracefully(&self) {
+        if self.closed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let (send, conn) = (self.send.clone(), self.conn.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    let stopped = {
+                        let mut send = send.lock().await;
+                        let _ = send.finish();
+                        send.stopped()
+                    };
+                    let _ = tokio::time::timeout(CLOSE_GRACE, stopped).await;
+                    conn.close(VarInt::from(CLOSED), b"closed");
+                });
+            }
+            Err(_) => conn.close(VarInt::from(CLOSED), b"closed"),
+        }
+    }
+
+    /// Disconnects the peer for breaking the framing.
+    fn violation(&self, why: &str) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.conn
+            .close(VarInt::from(PROTOCOL_VIOLATION), why.as_bytes());
+    }
+}
+
+fn write_error(e: WriteError) -> TransportError {
+    match e {
+        WriteError::ConnectionLost(_) | WriteError::ClosedStream | WriteError::Stopped(_) => {
+            TransportError::Closed
+        }
+        other => TransportError::Io(other.to_string()),
+    }
+}
+
+fn read_error(e: ReadError) -> TransportError {
+    match e {
+        ReadError::ConnectionLost(_) | ReadError::ClosedStream | ReadError::Reset(_) => {
+            TransportError::Closed
+        }
+        other => TransportError::Io(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl Connection for QuicConnection {
+    fn remote_node(&self) -> NodeId {
+        self.remote
+    }
+
+    fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    async fn send(&self, message: Vec<u8>) -> Result<(), TransportError> {
+        if message.len() > self.max_message {
+            return Err(TransportError::TooLarge {
+                len: message.len(),
+                max: self.max_message,
+            });
+        }
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(TransportError::Closed);
+        }
+        // `max_message` fits in u32 (checked at bind).
+        let len = (message.len() as u32).to_be_bytes();
+        let mut chunks = [Bytes::copy_from_slice(&len), Bytes::from(message)];
+        let mut send = self.send.lock().await;
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(TransportError::Closed);
+        }
+        send.write_all_chunks(&mut chunks)
+            .await
+            .map_err(write_error)
+    }
+
+    async fn recv(&self) -> Result<Vec<u8>, TransportError> {
+        let mut recv = self.recv.lock().await;
+        let mut len = [0u8; LEN_PREFIX];
+        match recv.read_exact(&mut len).await {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(0)) => return Err(TransportError::Closed),
+            Err(ReadExactError::FinishedEarly(_)) => {
+                self.violation("stream ended inside a length prefix");
+                return Err(TransportError::Io(
+                    "the peer ended the stream inside a message".into(),
+                ));
+            }
+            Err(ReadExactError::ReadError(e)) => return Err(read_error(e)),
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > self.max_message {
+            self.violation("message over the limit");
+            return Err(TransportError::TooLarge {
+                len,
+                max: self.max_message,
+            });
+        }
+        let mut message = vec![0u8; len];
+        match recv.read_exact(&mut message).await {
+            Ok(()) => Ok(message),
+            Err(ReadExactError::FinishedEarly(_)) => {
+                self.violation("stream ended inside a message");
+                Err(TransportError::Io(
+                    "the peer ended the stream inside a message".into(),
+                ))
+            }
+            Err(ReadExactError::ReadError(e)) => Err(read_error(e)),
+        }
+    }
+
+    fn close(&self) {
+        self.close_gracefully();
+    }
+}
+
+/// Dropping a connection closes it like [`Connection::close`]: messages
+/// already sent are still delivered.
+impl Drop for QuicConnection {
+    fn drop(&mut self) {
+        self.close_gracefully();
+    }
+}
+
+#[cfg(test)]
+mod tests;
