@@ -64,6 +64,10 @@ pub mod kinds {
     pub const ACTION_UPDATED: &str = "action.updated";
     /// A policy refused a command.
     pub const POLICY_VIOLATION: &str = "policy.violation";
+    /// Discovery found a node, or found it again after it was lost or moved.
+    pub const DISCOVERY_FOUND: &str = "discovery.found";
+    /// Discovery saw a node withdraw its advertisement.
+    pub const DISCOVERY_LOST: &str = "discovery.lost";
 }
 
 /// One event.

@@ -76,6 +76,7 @@
 
 pub mod clock;
 pub mod crypto;
+pub mod discovery;
 pub mod events;
 pub mod health;
 pub mod identity;
@@ -104,6 +105,9 @@ pub enum Error {
     /// Storage.
     #[error(transparent)]
     Storage(#[from] storage::StorageError),
+    /// Discovery.
+    #[error(transparent)]
+    Discovery(#[from] discovery::DiscoveryError),
 }
 
 macro_rules! wire_error_into_error {

@@ -28,9 +28,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "mdns")]
+pub mod mdns;
 pub mod memory;
 #[cfg(feature = "quic")]
 pub mod quic;
+pub mod static_peers;
 
 /// The transport conformance suite (feature `test-utils`).
 #[cfg(any(test, feature = "test-utils"))]

@@ -466,11 +466,12 @@ macro_rules! storage_conformance_tests {
                     name: "n".into(),
                     platform: None,
                     version: None,
-                    addresses: vec!["[::1]:1".into()],
+                    addresses: vec!["[::1]:1".parse().unwrap()],
                     first_discovered: t,
                     last_discovered: t,
                     discovery_count: 2,
                     is_paired: false,
+                    paired_device: None,
                 };
                 s.save(&discovered).unwrap();
                 assert_eq!(s.load::<DiscoveredNodeRecord>(&discovered.key()).unwrap(), Some(discovered));

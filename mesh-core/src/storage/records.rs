@@ -1,5 +1,7 @@
 //! The records the node keeps, one type per [`Table`].
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 
 use super::{Record, Table};
@@ -7,6 +9,27 @@ use crate::clock::Timestamp;
 use crate::identity::NodeId;
 use crate::registry::Scope;
 use crate::wire::{JsonText, Platform};
+
+/// Socket addresses as text: serde's binary form of `SocketAddrV6` drops the
+/// scope id that a link-local address needs.
+mod socket_addrs {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub(crate) fn serialize<S: Serializer>(v: &[SocketAddr], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(ToString::to_string))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<SocketAddr>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|a| a.parse().map_err(D::Error::custom))
+            .collect()
+    }
+}
 
 /// Byte fields: hex in JSON documents, raw bytes in the binary encoding.
 pub(crate) mod hex_bytes {
@@ -186,6 +209,10 @@ impl Record for PairingRequestRecord {
 }
 
 /// A node seen by discovery (R-DISC1).
+///
+/// What a node advertises is a hint, not a proof: connecting to it over QUIC
+/// pins [`node`](Self::node), so a forged advertisement leads only to a
+/// refused connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DiscoveredNodeRecord {
     /// The node.
@@ -196,16 +223,22 @@ pub struct DiscoveredNodeRecord {
     pub platform: Option<String>,
     /// Advertised version.
     pub version: Option<String>,
-    /// Addresses seen.
-    pub addresses: Vec<String>,
+    /// Where it can be reached (address and port), from the latest
+    /// appearance; repeated reports of one appearance are merged.
+    /// (Stored as text, so an IPv6 link-local address keeps its scope.)
+    #[serde(with = "socket_addrs")]
+    pub addresses: Vec<SocketAddr>,
     /// First seen.
     pub first_discovered: Timestamp,
     /// Last seen.
     pub last_discovered: Timestamp,
-    /// Times seen.
+    /// Appearances: the first sighting, and each one after the node was lost
+    /// or came back on another port.
     pub discovery_count: u64,
-    /// Whether it is a paired device.
+    /// Whether it is a paired (and not revoked) device.
     pub is_paired: bool,
+    /// The paired device's hardware/app id, when paired.
+    pub paired_device: Option<String>,
 }
 
 impl Record for DiscoveredNodeRecord {

@@ -2,5 +2,6 @@
 //! One test binary; one module per area.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+mod discovery_netns;
 mod foundation;
 mod storage_crash;
