@@ -1,10 +1,15 @@
 //! Transports for the mesh SDK: implementations of mesh-core's
 //! [`Transport`](mesh_core::transport::Transport) trait.
 //!
-//! **Status:** the in-memory transport ([`memory`]) with fault injection and
-//! the transport conformance suite are here; QUIC (quinn, mutual
-//! authentication by node keys), mDNS and static discovery, BLE and the
-//! WebSocket gateway follow (issue 6 and later).
+//! * [`quic`] (feature `quic`, default): QUIC over quinn and rustls (ring),
+//!   both ends authenticated by their node keys as raw public keys.
+//! * [`memory`]: an in-memory network with fault injection (latency, loss,
+//!   partition, crash) for tests and simulation.
+//! * [`mdns`] (feature `mdns`, default) and [`static_peers`]: discovery into
+//!   mesh-core's [`DiscoveryBook`](mesh_core::discovery::DiscoveryBook).
+//! * `conformance` (feature `test-utils`): the checks every transport passes.
+//!
+//! BLE and the WebSocket gateway come in later issues.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {

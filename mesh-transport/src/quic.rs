@@ -30,6 +30,29 @@
 //!
 //! Session resumption and 0-RTT are off: every connection runs a full
 //! handshake, so a revoked key can never ride on an old ticket.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use mesh_core::identity::NodeKey;
+//! use mesh_core::transport::{AdmitAll, Protocol, Transport};
+//! use mesh_transport::quic::{QuicConfig, QuicTransport};
+//!
+//! let (a, b) = (Arc::new(NodeKey::generate()), Arc::new(NodeKey::generate()));
+//! let local = "127.0.0.1:0".parse()?;
+//! let ta = QuicTransport::bind(a.clone(), local, Arc::new(AdmitAll), QuicConfig::default())?;
+//! let tb = QuicTransport::bind(b.clone(), local, Arc::new(AdmitAll), QuicConfig::default())?;
+//! let addr = tb.addr();
+//! let (conn, incoming) = tokio::join!(
+//!     ta.connect(b.node_id(), &addr, Protocol::Mesh),
+//!     tb.accept(),
+//! );
+//! let (conn, incoming) = (conn?, incoming?);
+//! assert_eq!(incoming.remote_node(), a.node_id()); // learnt from the handshake
+//! conn.send(b"hello".to_vec()).await?;
+//! assert_eq!(incoming.recv().await?, b"hello");
+//! # Ok(()) }
+//! ```
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -95,7 +118,7 @@ pub struct QuicConfig {
     /// Default 10 s.
     pub handshake_timeout: Duration,
     /// The largest message carried. Default: a full wire frame
-    /// ([`MAX_MESSAGE`](crate::memory::MAX_MESSAGE)).
+    /// ([`MAX_MESSAGE`]).
     pub max_message: usize,
     /// Handshakes run at once on the accepting side; further attempts are
     /// refused until one finishes. Default 256.
@@ -859,6 +882,41 @@ impl Drop for QuicConnection {
     fn drop(&mut self) {
         self.close_gracefully();
     }
+}
+
+/// The quinn configurations this transport uses, for measuring it against
+/// raw quinn with the same TLS and transport settings (feature `test-utils`).
+#[cfg(feature = "test-utils")]
+pub mod raw {
+    use super::*;
+
+    /// A server configuration presenting `key` and accepting any node key,
+    /// which lets the client open one stream.
+    pub fn server_config(
+        key: Arc<NodeKey>,
+        config: &QuicConfig,
+    ) -> Result<quinn::ServerConfig, TransportError> {
+        let tls = Tls::new(key)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.server()?));
+        server.transport_config(Arc::new(config.transport(false, 1)?));
+        Ok(server)
+    }
+
+    /// A client configuration presenting `key` and pinning `expected`.
+    pub fn client_config(
+        key: Arc<NodeKey>,
+        expected: NodeId,
+        protocol: Protocol,
+        config: &QuicConfig,
+    ) -> Result<quinn::ClientConfig, TransportError> {
+        let (crypto, _) = Tls::new(key)?.client(expected, protocol)?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(Arc::new(config.transport(false, 1)?));
+        Ok(client)
+    }
+
+    /// The server name clients send.
+    pub const SERVER_NAME: &str = super::SERVER_NAME;
 }
 
 #[cfg(test)]
