@@ -223,4 +223,25 @@ mod tests {
                 .all(|r| r.first_discovered == Timestamp::from_millis(5_000))
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_parses_or_gets_a_typed_error(text in "\\PC{0,200}") {
+            let _ = text.parse::<StaticPeer>();
+        }
+
+        #[test]
+        fn printed_peers_parse_back(
+            seed in 1u8..,
+            ports in proptest::collection::vec(1u16.., 1..MAX_PEER_ADDRESSES),
+            v6 in proptest::bool::ANY,
+        ) {
+            let addresses = ports
+                .iter()
+                .map(|p| if v6 { format!("[::1]:{p}") } else { format!("10.0.0.1:{p}") }.parse().unwrap())
+                .collect();
+            let peer = StaticPeer { node: node(seed), addresses };
+            proptest::prop_assert_eq!(peer.to_string().parse::<StaticPeer>(), Ok(peer));
+        }
+    }
 }

@@ -3,8 +3,10 @@
 //! line per discovery event, until its standard input closes.
 //!
 //! ```text
-//! mdns-node --seed N --interface IF [--advertise PORT]
+//! mdns-node --seed N --interface IF|loopback [--advertise PORT]
 //! ```
+//!
+//! `--interface loopback` selects `Interfaces::Loopback`.
 //!
 //! The first line is `{"event":"ready","node":ID}`. Closing stdin withdraws
 //! the advertisement (goodbye packets), prints what `discover` knows as
@@ -74,7 +76,11 @@ async fn main() {
     };
     let book = DiscoveryBook::new(store, events);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let config = MdnsConfig::with_interfaces(Interfaces::Named(vec![args.interface.clone()]));
+    let interfaces = match args.interface.as_str() {
+        "loopback" => Interfaces::Loopback,
+        name => Interfaces::Named(vec![name.to_owned()]),
+    };
+    let config = MdnsConfig::with_interfaces(interfaces);
     let mdns = match MdnsDiscovery::start(key.node_id(), config, book, clock) {
         Ok(m) => m,
         Err(e) => {

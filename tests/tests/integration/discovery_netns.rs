@@ -75,6 +75,25 @@ impl Network {
     }
 }
 
+/// One namespace with only its loopback interface up.
+struct Lonely(String);
+
+impl Lonely {
+    fn create() -> Result<Self, String> {
+        let ns = format!("mt{}lo", std::process::id());
+        run(&["netns", "add", &ns])?;
+        let me = Lonely(ns);
+        run(&["-n", &me.0, "link", "set", "lo", "up"])?;
+        Ok(me)
+    }
+}
+
+impl Drop for Lonely {
+    fn drop(&mut self) {
+        let _ = run(&["netns", "del", &self.0]);
+    }
+}
+
 impl Drop for Network {
     fn drop(&mut self) {
         for (ns, _) in &self.hosts {
@@ -95,6 +114,10 @@ struct Node {
 impl Node {
     fn start(net: &Network, host: usize, seed: u8, advertise: Option<u16>) -> Node {
         let (ns, interface) = &net.hosts[host];
+        Self::start_in(ns, interface, seed, advertise)
+    }
+
+    fn start_in(ns: &str, interface: &str, seed: u8, advertise: Option<u16>) -> Node {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_mdns-node")])
             .args(["--seed", &seed.to_string(), "--interface", interface]);
@@ -291,4 +314,27 @@ fn mdns_discovers_across_namespaces_and_notices_restarts() {
             .all(|a| a.as_str().unwrap().ends_with(":4435")),
         "{known}"
     );
+}
+
+#[test]
+fn mdns_restricted_to_loopback_discovers_on_the_same_host() {
+    if !can_create_namespaces() {
+        eprintln!("SKIPPED: needs root and iproute2 to create a network namespace");
+        return;
+    }
+    let ns = Lonely::create().unwrap();
+    let browser = Node::start_in(&ns.0, "loopback", 2, None);
+    let advertiser = Node::start_in(&ns.0, "loopback", 1, Some(4433));
+    let event = browser.wait_for(DISCOVERY_BOUND, found(&advertiser.id, 4433, 1));
+    let event = event.expect("not discovered over loopback");
+    assert!(
+        event["data"]["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "127.0.0.1:4433"),
+        "{event}"
+    );
+    advertiser.stop();
+    browser.stop();
 }
