@@ -255,3 +255,154 @@ fn health_score_errors_exit_2() {
     let (code, out) = meshctl(&["health", "score", "--report", "/nonexistent.json"]);
     assert_eq!((code, out["error"]["kind"].as_str()), (2, Some("io")));
 }
+
+#[test]
+fn ledger_append_show_verify_and_a_tampered_record() {
+    use mesh_core::storage::{SqliteStorage, Storage, Table, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (db, key) = (dir.path().join("ledger.db"), dir.path().join("node.key"));
+    for i in 0..5 {
+        let body = format!(r#"{{"device": "dev-{i}", "decision": "allow"}}"#);
+        let (code, out) = meshctl(&[
+            "ledger",
+            "append",
+            "--db",
+            p(&db),
+            "--key",
+            p(&key),
+            "--type",
+            "command.decided",
+            "--body",
+            &body,
+        ]);
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(out["seq"], i);
+        assert_eq!(out["records"], i + 1);
+    }
+    // The key file was created once and reused.
+    let (_, who) = meshctl(&["identity", "show", "--key", p(&key)]);
+    let (code, shown) = meshctl(&[
+        "ledger",
+        "show",
+        "--db",
+        p(&db),
+        "--from",
+        "1",
+        "--limit",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{shown}");
+    assert_eq!(shown["author"], who["node_id"]);
+    let records = shown["records"].as_array().unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0]["seq"], 1);
+    assert_eq!(records[0]["type"], "command.decided");
+    assert_eq!(records[1]["body"]["device"], "dev-2");
+    assert_eq!(records[0]["actor"], who["node_id"]);
+
+    let (code, report) = meshctl(&["ledger", "verify", "--db", p(&db)]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(
+        report,
+        serde_json::json!({"ok": true, "records": 5, "first_bad": null, "problem": null})
+    );
+
+    // Edit record 2's body in the database behind the ledger's back.
+    {
+        let store = SqliteStorage::open(&db).unwrap();
+        let rows = store.list(Table::LedgerRecords).unwrap();
+        let (k, mut body) = rows[2].clone();
+        let at = body.len() - 10;
+        body[at] ^= 0x01;
+        store
+            .apply(&[Write::Put {
+                table: Table::LedgerRecords,
+                key: k,
+                body,
+            }])
+            .unwrap();
+    }
+    let (code, report) = meshctl(&["ledger", "verify", "--db", p(&db)]);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["records"], 5);
+    assert_eq!(report["first_bad"], 2);
+    assert!(
+        report["problem"]
+            .as_str()
+            .unwrap()
+            .starts_with("body edited"),
+        "{report}"
+    );
+    // A damaged ledger is not extended.
+    let (code, err) = meshctl(&[
+        "ledger",
+        "append",
+        "--db",
+        p(&db),
+        "--key",
+        p(&key),
+        "--type",
+        "policy.set",
+        "--body",
+        "{}",
+    ]);
+    assert_eq!(
+        (code, err["error"]["kind"].as_str()),
+        (2, Some("damaged")),
+        "{err}"
+    );
+}
+
+#[test]
+fn ledger_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, key) = (dir.path().join("l.db"), dir.path().join("k.key"));
+    let append = |ty: &str, body: &str| {
+        meshctl(&[
+            "ledger",
+            "append",
+            "--db",
+            p(&db),
+            "--key",
+            p(&key),
+            "--type",
+            ty,
+            "--body",
+            body,
+        ])
+    };
+    let (code, err) = append("policy.set", "{not json");
+    assert_eq!(
+        (code, err["error"]["kind"].as_str()),
+        (2, Some("invalid_entry"))
+    );
+    let (code, err) = append("Bad Type", "{}");
+    assert_eq!(
+        (code, err["error"]["kind"].as_str()),
+        (2, Some("invalid_entry"))
+    );
+    let (code, err) = append("ledger.checkpoint", "{}");
+    assert_eq!(
+        (code, err["error"]["kind"].as_str()),
+        (2, Some("invalid_entry"))
+    );
+    assert!(
+        !db.exists() && !key.exists(),
+        "refused input must not create files"
+    );
+    let missing = dir.path().join("missing.db");
+    let (code, err) = meshctl(&["ledger", "verify", "--db", p(&missing)]);
+    assert_eq!((code, err["error"]["kind"].as_str()), (2, Some("io")));
+    assert!(!missing.exists(), "verify must not create a database");
+    let (code, _) = meshctl(&["ledger", "verify"]);
+    assert_eq!(code, 2, "usage error");
+    let (code, _) = append("policy.set", r#"{"device": "d"}"#);
+    assert_eq!(code, 0);
+    let (code, err) = meshctl(&["ledger", "show", "--db", p(&db), "--author", "nope"]);
+    assert_eq!(
+        (code, err["error"]["kind"].as_str()),
+        (2, Some("invalid_node_id"))
+    );
+}

@@ -80,6 +80,7 @@ pub mod discovery;
 pub mod events;
 pub mod health;
 pub mod identity;
+pub mod ledger;
 pub mod pairing;
 pub mod registry;
 pub mod storage;
@@ -108,6 +109,9 @@ pub enum Error {
     /// Discovery.
     #[error(transparent)]
     Discovery(#[from] discovery::DiscoveryError),
+    /// The audit ledger.
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
 }
 
 macro_rules! wire_error_into_error {

@@ -27,3 +27,21 @@ pub fn checksum(seq: u64, part: usize, payload: &str) -> String {
 pub fn crash_key(seq: u64, part: usize) -> String {
     format!("{seq:010}-{part}")
 }
+
+/// Entries the ledger writer appends per transaction (group commit).
+pub const LEDGER_GROUP: u64 = 8;
+
+/// The key the ledger writer signs with.
+pub fn ledger_key() -> mesh_core::identity::NodeKey {
+    mesh_core::identity::NodeKey::from_secret_bytes(&[0x4c; 32])
+}
+
+/// Entry number `n` of the ledger writer: its body names its number, so the
+/// test can check each acknowledged entry is there and intact.
+pub fn ledger_entry(n: u64, actor: mesh_core::identity::NodeId) -> mesh_core::ledger::Entry {
+    mesh_core::ledger::Entry::json(
+        mesh_core::ledger::record_types::COMMAND_DECIDED,
+        actor,
+        &serde_json::json!({ "n": n, "command": format!("job.{}", n % 13), "decision": "allow" }),
+    )
+}

@@ -7,16 +7,26 @@
 //! `insecure_permissions`, `truncated`, `wrong_kind`, `malformed`,
 //! `already_exists`, `invalid_node_id`; policy: `invalid_document`,
 //! `invalid_glob`, `invalid_hour_window`, `invalid_limit`, `invalid_context`;
-//! health: `invalid_report` (not JSON, unknown types), `invalid_metric` (out of range).
-//! More commands (pairing, devices, policies, health, ledger) arrive with the
-//! issues that build those parts.
+//! health: `invalid_report` (not JSON, unknown types), `invalid_metric` (out of range);
+//! ledger: `invalid_entry`, `storage`, `damaged` (append to a ledger that does
+//! not verify), `ambiguous_ledger`.
+//!
+//! `meshctl ledger verify` is the exception to "0 or 2": it exits 0 when the
+//! ledger verifies, 1 when it does not (the report says where and why), 2 on
+//! usage errors. More commands (pairing, devices, policies) arrive with the
+//! node runtime.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::identity::{IdentityError, NodeId, NodeKey};
+use mesh_core::ledger::{Body, Entry, Ledger, LedgerError, validate_record_type};
+use mesh_core::storage::{SqliteStorage, Storage};
+use mesh_core::wire::JsonText;
+use mesh_ledger::{LedgerConfig, Replica, SignedLedger, ledger_authors, verify_ledger};
 use mesh_policy::{ContextDocument, Policy};
 use serde_json::json;
 
@@ -42,6 +52,55 @@ enum Command {
     /// Device health: score a heartbeat report.
     #[command(subcommand)]
     Health(HealthCmd),
+    /// The audit ledger: append, verify, show.
+    #[command(subcommand)]
+    Ledger(LedgerCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum LedgerCmd {
+    /// Append one record signed by KEYFILE's node (both files are created if
+    /// missing). Prints {"author": ID, "seq": N, "records": TOTAL}.
+    Append {
+        /// The SQLite database.
+        #[arg(long)]
+        db: PathBuf,
+        /// The node key (PKCS#8 PEM, mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+        /// Record type, e.g. policy.set (a-z 0-9 . _ -).
+        #[arg(long = "type")]
+        record_type: String,
+        /// Record body (JSON).
+        #[arg(long)]
+        body: String,
+    },
+    /// Verify a ledger end to end. Prints {"ok": bool, "records": N,
+    /// "first_bad": index-or-null, "problem": text-or-null}; exits 0 when ok,
+    /// 1 when not.
+    Verify {
+        /// The SQLite database.
+        #[arg(long)]
+        db: PathBuf,
+        /// Whose ledger, when the database holds several.
+        #[arg(long)]
+        author: Option<String>,
+    },
+    /// Print records. Prints {"author": ID, "records": [...]}.
+    Show {
+        /// The SQLite database.
+        #[arg(long)]
+        db: PathBuf,
+        /// First record.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Most records to print.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Whose ledger, when the database holds several.
+        #[arg(long)]
+        author: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,8 +206,144 @@ fn health_score(report: &std::path::Path) -> Result<serde_json::Value, Failure> 
     Ok(json!({ "score": score, "status": status.as_str() }))
 }
 
+fn open_db(db: &std::path::Path, create: bool) -> Result<Arc<dyn Storage>, Failure> {
+    if !create && !db.exists() {
+        return Err(("io", format!("{} does not exist", db.display())));
+    }
+    SqliteStorage::open(db)
+        .map(|s| Arc::new(s) as Arc<dyn Storage>)
+        .map_err(|e| ("storage", e.to_string()))
+}
+
+fn ledger_error(e: LedgerError) -> Failure {
+    match e {
+        LedgerError::InvalidEntry(m) => ("invalid_entry", m),
+        LedgerError::Damaged { .. } => ("damaged", e.to_string()),
+        other => ("storage", other.to_string()),
+    }
+}
+
+/// The ledger to read: the one named, or the only one in the database.
+fn ledger_author(store: &dyn Storage, author: Option<&str>) -> Result<Option<NodeId>, Failure> {
+    if let Some(a) = author {
+        return a
+            .parse()
+            .map(Some)
+            .map_err(|e: mesh_core::identity::NodeIdError| ("invalid_node_id", e.to_string()));
+    }
+    let authors = ledger_authors(store).map_err(|e| ("storage", e.to_string()))?;
+    match authors.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        many => Err((
+            "ambiguous_ledger",
+            format!("the database holds {} ledgers; pass --author", many.len()),
+        )),
+    }
+}
+
+fn ledger_append(
+    db: &std::path::Path,
+    key: &std::path::Path,
+    record_type: &str,
+    body: &str,
+) -> Result<serde_json::Value, Failure> {
+    // Check the input before creating any file.
+    let body =
+        JsonText::new(body).map_err(|e| ("invalid_entry", format!("--body is not JSON: {e}")))?;
+    validate_record_type(record_type).map_err(ledger_error)?;
+    let (key, _) =
+        NodeKey::load_or_generate(key).map_err(|e| (identity_error_kind(&e), e.to_string()))?;
+    let key = Arc::new(key);
+    let store = open_db(db, true)?;
+    let ledger =
+        SignedLedger::open(store, key.clone(), LedgerConfig::default()).map_err(ledger_error)?;
+    let entry = Entry {
+        record_type: record_type.to_owned(),
+        actor: key.node_id(),
+        body: Body::Json(body),
+    };
+    let appended = ledger
+        .append(vec![entry], vec![], SystemClock.now())
+        .map_err(ledger_error)?;
+    Ok(json!({
+        "author": key.node_id().to_string(),
+        "seq": appended.first_seq,
+        "records": ledger.len(),
+    }))
+}
+
+fn ledger_verify(db: &std::path::Path, author: Option<&str>) -> Result<serde_json::Value, Failure> {
+    let store = open_db(db, false)?;
+    let Some(author) = ledger_author(store.as_ref(), author)? else {
+        return Ok(json!({"ok": true, "records": 0, "first_bad": null, "problem": null}));
+    };
+    let report =
+        verify_ledger(store.as_ref(), &author, None).map_err(|e| ("storage", e.to_string()))?;
+    Ok(json!({
+        "ok": report.ok(),
+        "records": report.records,
+        "first_bad": report.first_bad,
+        "problem": report.problem.as_ref().map(ToString::to_string),
+    }))
+}
+
+fn ledger_show(
+    db: &std::path::Path,
+    from: u64,
+    limit: usize,
+    author: Option<&str>,
+) -> Result<serde_json::Value, Failure> {
+    let store = open_db(db, false)?;
+    let Some(author) = ledger_author(store.as_ref(), author)? else {
+        return Ok(json!({"author": null, "records": []}));
+    };
+    let replica = Replica::open(store, author).map_err(ledger_error)?;
+    let records = replica.view().records(from, limit).map_err(ledger_error)?;
+    let records: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| {
+            let body = match &r.body {
+                Body::Json(j) => {
+                    serde_json::from_str(j.as_str()).unwrap_or(serde_json::Value::Null)
+                }
+                Body::Bytes(b) => json!({ "hex": hex(b) }),
+            };
+            json!({
+                "seq": r.seq,
+                "timestamp_ms": r.timestamp.as_millis(),
+                "actor": r.actor.to_string(),
+                "type": r.record_type,
+                "body": body,
+                "prev_hash": hex(&r.prev_hash),
+                "signed": r.signature.is_some(),
+            })
+        })
+        .collect();
+    Ok(json!({ "author": author.to_string(), "records": records }))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn run(cli: Cli) -> Result<serde_json::Value, Failure> {
     match cli.command {
+        Command::Ledger(LedgerCmd::Append {
+            db,
+            key,
+            record_type,
+            body,
+        }) => ledger_append(&db, &key, &record_type, &body),
+        Command::Ledger(LedgerCmd::Verify { db, author }) => {
+            ledger_verify(&db, author.as_deref())
+        }
+        Command::Ledger(LedgerCmd::Show {
+            db,
+            from,
+            limit,
+            author,
+        }) => ledger_show(&db, from, limit, author.as_deref()),
         Command::Health(HealthCmd::Score { report }) => health_score(&report),
         Command::Policy(PolicyCmd::Check {
             policy,
@@ -175,10 +370,16 @@ fn run(cli: Cli) -> Result<serde_json::Value, Failure> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `ledger verify` reports a bad ledger as output, with exit code 1.
+    let is_verify = matches!(cli.command, Command::Ledger(LedgerCmd::Verify { .. }));
     match run(cli) {
         Ok(v) => {
             println!("{v}");
-            ExitCode::SUCCESS
+            if is_verify && v["ok"] != json!(true) {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err((kind, message)) => {
             println!(

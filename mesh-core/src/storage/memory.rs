@@ -43,6 +43,30 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    fn scan_range(
+        &self,
+        table: Table,
+        start: &str,
+        end: &str,
+        limit: usize,
+        visit: &mut Visitor<'_>,
+    ) -> Result<(), StorageError> {
+        if start >= end {
+            return Ok(());
+        }
+        let tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(t) = tables.get(&table) {
+            let range = (
+                std::ops::Bound::Included(start),
+                std::ops::Bound::Excluded(end),
+            );
+            for (k, v) in t.range::<str, _>(range).take(limit) {
+                visit(k, v)?;
+            }
+        }
+        Ok(())
+    }
+
     fn apply(&self, batch: &[Write]) -> Result<(), StorageError> {
         let mut tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
         // Stage the batch in order on an overlay; commit only if all of it holds.

@@ -61,11 +61,13 @@ pub enum Table {
     Actions,
     /// Index: hardware/app device id → node id (keeps device ids unique).
     DeviceIds,
+    /// Audit ledger records (mesh-ledger), keyed by author and sequence.
+    LedgerRecords,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 10] = [
+    pub const ALL: [Table; 11] = [
         Table::Devices,
         Table::PairingRequests,
         Table::DiscoveredNodes,
@@ -76,6 +78,7 @@ impl Table {
         Table::JoinTokens,
         Table::Actions,
         Table::DeviceIds,
+        Table::LedgerRecords,
     ];
 
     /// The table's name (also its SQL name).
@@ -91,6 +94,7 @@ impl Table {
             Table::JoinTokens => "join_tokens",
             Table::Actions => "actions",
             Table::DeviceIds => "device_ids",
+            Table::LedgerRecords => "ledger_records",
         }
     }
 }
@@ -203,6 +207,27 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
             visit(&k, &b)?;
         }
         Ok(())
+    }
+
+    /// Like [`Storage::scan`], for at most `limit` keys with
+    /// `start <= key < end`, in key order. The default filters a full scan;
+    /// backends override it with a range read.
+    fn scan_range(
+        &self,
+        table: Table,
+        start: &str,
+        end: &str,
+        limit: usize,
+        visit: &mut Visitor<'_>,
+    ) -> Result<(), StorageError> {
+        let mut left = limit;
+        self.scan(table, &mut |k, b| {
+            if left > 0 && k >= start && k < end {
+                left -= 1;
+                visit(k, b)?;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -337,6 +362,31 @@ macro_rules! storage_conformance_tests {
 
             fn insert(table: Table, key: &str, body: &str) -> Write {
                 Write::Insert { table, key: key.into(), body: body.as_bytes().to_vec() }
+            }
+
+            #[test]
+            fn scan_range_visits_exactly_the_half_open_range_in_order() {
+                let s = store();
+                let batch: Vec<Write> = (0..50).map(|i| put(Table::LedgerRecords, &format!("a/{i:04}"), "x")).chain((0..5).map(|i| put(Table::LedgerRecords, &format!("b/{i:04}"), "y"))).collect();
+                s.apply(&batch).unwrap();
+                let mut seen = Vec::new();
+                s.scan_range(Table::LedgerRecords, "a/0010", "a/0020", usize::MAX, &mut |k, b| {
+                    assert_eq!(b, b"x");
+                    seen.push(k.to_owned());
+                    Ok(())
+                })
+                .unwrap();
+                let want: Vec<String> = (10..20).map(|i| format!("a/{i:04}")).collect();
+                assert_eq!(seen, want);
+                let mut count = 0;
+                s.scan_range(Table::LedgerRecords, "b/", "b0", usize::MAX, &mut |_, _| { count += 1; Ok(()) }).unwrap();
+                assert_eq!(count, 5);
+                let mut limited = Vec::new();
+                s.scan_range(Table::LedgerRecords, "a/0045", "b0", 3, &mut |k, _| { limited.push(k.to_owned()); Ok(()) }).unwrap();
+                assert_eq!(limited, vec!["a/0045", "a/0046", "a/0047"]);
+                s.scan_range(Table::LedgerRecords, "a/0020", "a/0010", usize::MAX, &mut |_, _| panic!("empty range")).unwrap();
+                s.scan_range(Table::LedgerRecords, "a/", "b0", 0, &mut |_, _| panic!("limit 0")).unwrap();
+                s.scan_range(Table::Devices, "", "~", usize::MAX, &mut |_, _| panic!("other table")).unwrap();
             }
 
             #[test]

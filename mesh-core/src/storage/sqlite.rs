@@ -9,11 +9,11 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use super::{Storage, StorageError, Table, Visitor, Write};
 
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Migrations, in order; migration `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>] =
-    &[migrate_v1, migrate_v2];
+    &[migrate_v1, migrate_v2, migrate_v3];
 
 fn create_table(tx: &rusqlite::Transaction<'_>, name: &str) -> rusqlite::Result<()> {
     tx.execute_batch(&format!(
@@ -50,6 +50,27 @@ fn migrate_v2(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
                                  'node', json_extract(CAST(body AS TEXT), '$.node')) AS BLOB)
          FROM devices;",
     )
+}
+
+/// Hands each `(key, body)` row to `visit`, borrowing SQLite's buffers.
+fn visit_rows(mut rows: rusqlite::Rows<'_>, visit: &mut Visitor<'_>) -> Result<(), StorageError> {
+    while let Some(row) = rows.next().map_err(backend)? {
+        let key = row
+            .get_ref(0)
+            .and_then(|v| Ok(v.as_str()?))
+            .map_err(backend)?;
+        let body = row
+            .get_ref(1)
+            .and_then(|v| Ok(v.as_blob()?))
+            .map_err(backend)?;
+        visit(key, body)?;
+    }
+    Ok(())
+}
+
+/// v3: the audit ledger's records (mesh-ledger).
+fn migrate_v3(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    create_table(tx, "ledger_records")
 }
 
 /// The embedded default storage.
@@ -200,20 +221,29 @@ impl Storage for SqliteStorage {
                 table.name()
             ))
             .map_err(backend)?;
-        let mut rows = stmt.query([]).map_err(backend)?;
-        while let Some(row) = rows.next().map_err(backend)? {
-            // Borrow SQLite's buffers; nothing is copied per row.
-            let key = row
-                .get_ref(0)
-                .and_then(|v| Ok(v.as_str()?))
-                .map_err(backend)?;
-            let body = row
-                .get_ref(1)
-                .and_then(|v| Ok(v.as_blob()?))
-                .map_err(backend)?;
-            visit(key, body)?;
-        }
-        Ok(())
+        let rows = stmt.query([]).map_err(backend)?;
+        visit_rows(rows, visit)
+    }
+
+    fn scan_range(
+        &self,
+        table: Table,
+        start: &str,
+        end: &str,
+        limit: usize,
+        visit: &mut Visitor<'_>,
+    ) -> Result<(), StorageError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT key, body FROM {} WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT ?3",
+                table.name()
+            ))
+            .map_err(backend)?;
+        // SQLite's LIMIT is a signed 64-bit integer.
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query(params![start, end, limit]).map_err(backend)?;
+        visit_rows(rows, visit)
     }
 
     fn apply(&self, batch: &[Write]) -> Result<(), StorageError> {

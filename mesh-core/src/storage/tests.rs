@@ -47,11 +47,14 @@ mod sqlite_only {
         let path = dir.path().join("mesh.db");
         let node = crate::identity::NodeKey::from_secret_bytes(&[4; 32]).node_id();
         {
-            // Build a v1 file: the v1 tables, one device, user_version 1.
+            // Build a v1 file: the v1 tables, one device, user_version 1 (the
+            // migrations to v2 and v3 then add device_ids and ledger_records).
             let s = SqliteStorage::open(&path).unwrap();
             let conn = s.conn();
-            conn.execute_batch("DROP TABLE device_ids; PRAGMA user_version = 1;")
-                .unwrap();
+            conn.execute_batch(
+                "DROP TABLE device_ids; DROP TABLE ledger_records; PRAGMA user_version = 1;",
+            )
+            .unwrap();
             let body =
                 serde_json::json!({"node": node.to_string(), "device_id": "hw-old", "name": "Old"});
             conn.execute(

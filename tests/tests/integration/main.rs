@@ -4,4 +4,5 @@
 
 mod discovery_netns;
 mod foundation;
+mod ledger_crash;
 mod storage_crash;
