@@ -92,25 +92,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn main() {
-    let quick = std::env::args().all(|a| a != "--bench");
-    let (n_mem, n_signed, n_sqlite, n_verify, proof_leaves, rounds) = if quick {
-        (20_000u64, 200u64, 5_000u64, 20_000u64, 1u64 << 12, 1)
-    } else {
-        (1_000_000, 20_000, 300_000, 1_000_000, 1 << 20, 3)
-    };
-    let actor = NodeKey::from_secret_bytes(&[2; 32]).node_id();
+/// One part of the benchmark.
+type Phase = fn(&Sizes);
 
-    println!("## appends in memory ({n_mem} records; median of {rounds})");
+struct Sizes {
+    quick: bool,
+    n_mem: u64,
+    n_signed: u64,
+    n_sqlite: u64,
+    n_verify: u64,
+    proof_leaves: u64,
+    rounds: usize,
+}
+
+fn appends_in_memory(z: &Sizes) {
+    let actor = NodeKey::from_secret_bytes(&[2; 32]).node_id();
+    println!(
+        "## appends in memory ({} records; median of {})",
+        z.n_mem, z.rounds
+    );
     let mut chain = Vec::new();
     let mut merkle = Vec::new();
-    let mut kept = None;
-    for _ in 0..rounds {
-        chain.push(plain_chain(n_mem, actor));
+    for _ in 0..z.rounds {
+        chain.push(plain_chain(z.n_mem, actor));
         let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
-        let (rate, ledger) = ours(n_mem, 1024, LedgerConfig::default(), store.clone());
-        merkle.push(rate);
-        kept = Some((ledger, store));
+        merkle.push(ours(z.n_mem, 1024, LedgerConfig::default(), store).0);
     }
     let (chain, merkle) = (median(chain), median(merkle));
     println!("plain hash chain (baseline):                 {chain:>12.0} records/s");
@@ -118,43 +124,44 @@ fn main() {
         "ours, Merkle + checkpoint every 1,024:       {merkle:>12.0} records/s  ({:.3} of baseline)",
         merkle / chain
     );
-    let (signed, _) = ours(
-        n_signed,
-        1024,
-        LedgerConfig::default().sign_records(true),
-        Arc::new(MemoryStorage::new()),
-    );
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let config = LedgerConfig::default().sign_records(true);
+    let (signed, _) = ours(z.n_signed, 1024, config, store);
     println!(
-        "ours, a signature on every record:           {signed:>12.0} records/s  ({:.4} of baseline; {n_signed} records)",
-        signed / chain
+        "ours, a signature on every record:           {signed:>12.0} records/s  ({:.4} of baseline; {} records)",
+        signed / chain,
+        z.n_signed
     );
+}
 
-    println!("## durable appends: SQLite file, WAL, synchronous=FULL ({n_sqlite} records)");
+fn durable_appends(z: &Sizes) {
+    println!(
+        "## durable appends: SQLite file, WAL, synchronous=FULL ({} records)",
+        z.n_sqlite
+    );
     let dir = tempfile::tempdir().unwrap();
     for group in [1u64, 100, 1000] {
         let n = if group == 1 {
-            (n_sqlite / 300).max(50)
+            (z.n_sqlite / 300).max(50)
         } else {
-            n_sqlite
+            z.n_sqlite
         };
-        let store: Arc<dyn Storage> =
-            Arc::new(SqliteStorage::open(dir.path().join(format!("g{group}.db"))).unwrap());
+        let path = dir.path().join(format!("g{group}.db"));
+        let store: Arc<dyn Storage> = Arc::new(SqliteStorage::open(path).unwrap());
         let (rate, _) = ours(n, group, LedgerConfig::default(), store);
         println!(
             "group commit of {group:>4} entries per transaction: {rate:>10.0} records/s ({n} records)"
         );
     }
+}
 
+fn full_verification(z: &Sizes) {
     println!("## full verification");
-    let (ledger, store) = kept.unwrap();
-    let mut n = ledger.len();
-    if n < n_verify {
-        let (_, l) = ours(n_verify, 1024, LedgerConfig::default(), store.clone());
-        n = l.len();
-    }
-    let author = ledger.view().author();
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let (_, ledger) = ours(z.n_verify, 1024, LedgerConfig::default(), store.clone());
+    let (n, author) = (ledger.len(), ledger.view().author());
     let mut times = Vec::new();
-    for _ in 0..rounds {
+    for _ in 0..z.rounds {
         let start = Instant::now();
         let report = verify_ledger(store.as_ref(), &author, None).unwrap();
         times.push(start.elapsed().as_secs_f64());
@@ -166,49 +173,94 @@ fn main() {
         "{n} records (checkpoints included) verified in {t:.3} s ({:.0} records/s)",
         n as f64 / t
     );
+}
 
-    println!("## inclusion proof verification at {proof_leaves} records");
+fn proof_verification(z: &Sizes) {
+    let leaves = z.proof_leaves;
+    println!("## inclusion proof verification at {leaves} records");
     let mut tree = MerkleTree::new();
-    for i in 0..proof_leaves {
+    for i in 0..leaves {
         tree.push(leaf_hash(&i.to_be_bytes()));
     }
     let root = tree.root();
     let samples: Vec<(u64, [u8; 32], Vec<[u8; 32]>)> = (0..1000u64)
         .map(|i| {
-            let index = (i * 7919) % proof_leaves;
+            let index = (i * 7919) % leaves;
             (
                 index,
                 tree.leaf(index).unwrap(),
-                tree.inclusion_proof(index, proof_leaves).unwrap(),
+                tree.inclusion_proof(index, leaves).unwrap(),
             )
         })
         .collect();
-    let reps = if quick { 1 } else { 100 };
+    let reps = if z.quick { 1 } else { 100 };
     let start = Instant::now();
     for _ in 0..reps {
         for (index, leaf, proof) in &samples {
             assert!(verify_inclusion(
                 black_box(leaf),
                 *index,
-                proof_leaves,
+                leaves,
                 proof,
                 &root
             ));
         }
     }
     let per = start.elapsed().as_secs_f64() / (reps * samples.len()) as f64;
+    // Baseline: one interior-node hash.
+    let start = Instant::now();
+    let mut h = [0u8; 32];
+    for _ in 0..100_000 {
+        h = mesh_ledger::merkle::node_hash(black_box(&h), &root);
+    }
+    black_box(h);
+    let one = start.elapsed().as_secs_f64() / 100_000.0;
     println!(
-        "{:.2} µs per proof ({} hashes each); baseline: one SHA-256 of 65 bytes ≈ {:.3} µs",
+        "{:.2} µs per proof ({} hashes each); one node hash (SHA-256 of 65 bytes): {:.3} µs",
         per * 1e6,
         samples[0].2.len(),
-        {
-            let start = Instant::now();
-            let mut h = [0u8; 32];
-            for _ in 0..100_000 {
-                h = mesh_ledger::merkle::node_hash(black_box(&h), &root);
-            }
-            black_box(h);
-            start.elapsed().as_secs_f64() / 100_000.0 * 1e6
-        }
+        one * 1e6
     );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not: then
+    // run a small version of each phase.
+    let quick = std::env::args().all(|a| a != "--bench");
+    let z = if quick {
+        Sizes {
+            quick,
+            n_mem: 20_000,
+            n_signed: 200,
+            n_sqlite: 5_000,
+            n_verify: 20_000,
+            proof_leaves: 1 << 12,
+            rounds: 1,
+        }
+    } else {
+        Sizes {
+            quick,
+            n_mem: 1_000_000,
+            n_signed: 20_000,
+            n_sqlite: 300_000,
+            n_verify: 1_000_000,
+            proof_leaves: 1 << 20,
+            rounds: 3,
+        }
+    };
+    // Optional filter, e.g. `cargo bench --bench ledger -- memory verify`.
+    let phases: [(&str, Phase); 4] = [
+        ("memory", appends_in_memory),
+        ("sqlite", durable_appends),
+        ("verify", full_verification),
+        ("proof", proof_verification),
+    ];
+    let picked: Vec<String> = std::env::args()
+        .filter(|a| phases.iter().any(|(name, _)| name == a))
+        .collect();
+    for (name, phase) in phases {
+        if picked.is_empty() || picked.iter().any(|p| p == name) {
+            phase(&z);
+        }
+    }
 }

@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use mesh_core::clock::Timestamp;
 use mesh_core::identity::{NodeId, NodeKey};
-use mesh_core::ledger::{Appended, Entry, Ledger, LedgerError, record_types};
+use mesh_core::ledger::{Appended, Entry, Ledger, LedgerError};
 use mesh_core::storage::{Storage, StorageError, Table, Write};
 
 use crate::merkle::{Hash, ProofError, verify_consistency, verify_inclusion};
 use crate::record::{Checkpoint, CheckpointError, LedgerRecord, RecordView, SignatureStatus};
-use crate::verify::{Verified, Verifier, read_records, record_key};
+use crate::verify::{Verified, Verifier, read_records};
 
 /// When checkpoints are made, and whether every record is signed.
 #[derive(Debug, Clone)]
@@ -176,6 +176,8 @@ impl State {
 pub struct LedgerView {
     pub(crate) store: Arc<dyn Storage>,
     pub(crate) author: NodeId,
+    /// `"{author}/"`: the start of every record key.
+    key_prefix: String,
     pub(crate) state: Mutex<State>,
 }
 
@@ -201,8 +203,18 @@ impl LedgerView {
         Ok(LedgerView {
             store,
             author,
+            key_prefix: format!("{author}/"),
             state: Mutex::new(State { v: verified }),
         })
+    }
+
+    /// The storage key of record `seq` (see `verify::record_key`).
+    pub(crate) fn key(&self, seq: u64) -> String {
+        use std::fmt::Write as _;
+        let mut key = String::with_capacity(self.key_prefix.len() + 20);
+        key.push_str(&self.key_prefix);
+        let _ = write!(key, "{seq:020}");
+        key
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -333,14 +345,12 @@ impl SignedLedger {
     }
 
     fn push(&self, st: &mut State, mut record: LedgerRecord, writes: &mut Vec<Write>) {
-        if self.config.sign_records || record.record_type == record_types::CHECKPOINT {
-            record.sign(&self.key);
-        }
-        let stored = record.encode();
-        let leaf = record.leaf_hash();
+        // Checkpoint records arrive signed (Checkpoint::make).
+        let sign = record.signature.is_none() && self.config.sign_records;
+        let (stored, leaf) = record.seal(sign.then_some(&*self.key));
         writes.push(Write::Insert {
             table: Table::LedgerRecords,
-            key: record_key(&self.view.author, record.seq),
+            key: self.view.key(record.seq),
             body: stored,
         });
         st.v.tree.push(leaf);
@@ -663,7 +673,7 @@ impl Replica {
                 st.v.last_hash = leaf;
                 writes.push(Write::Insert {
                     table: Table::LedgerRecords,
-                    key: record_key(&author, seq),
+                    key: self.view.key(seq),
                     body: stored.to_vec(),
                 });
             }

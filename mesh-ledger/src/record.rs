@@ -272,8 +272,13 @@ pub(crate) fn signed_message(leaf: &Hash) -> Vec<u8> {
 impl LedgerRecord {
     /// The canonical bytes (what is hashed and signed).
     pub fn canonical(&self) -> Vec<u8> {
+        self.canonical_with_room(0)
+    }
+
+    fn canonical_with_room(&self, extra: usize) -> Vec<u8> {
         let body = self.body.as_bytes();
-        let mut out = Vec::with_capacity(HEAD_LEN + self.record_type.len() + 5 + body.len());
+        let mut out =
+            Vec::with_capacity(HEAD_LEN + self.record_type.len() + 5 + body.len() + extra);
         out.push(RECORD_VERSION);
         out.extend_from_slice(&self.seq.to_be_bytes());
         out.extend_from_slice(&self.timestamp.as_millis().to_be_bytes());
@@ -290,6 +295,28 @@ impl LedgerRecord {
         out.extend_from_slice(&(body.len() as u32).to_be_bytes());
         out.extend_from_slice(body);
         out
+    }
+
+    /// Signs with `key` (if given) and returns the stored form and the leaf
+    /// hash, encoding the record once.
+    pub(crate) fn seal(&mut self, key: Option<&NodeKey>) -> (Vec<u8>, Hash) {
+        let mut stored = self.canonical_with_room(1 + SIGNATURE_BLOCK);
+        let leaf = leaf_hash(&stored);
+        if let Some(key) = key {
+            self.signature = Some(RecordSignature {
+                signer: *key.node_id().as_bytes(),
+                signature: key.sign(&signed_message(&leaf)),
+            });
+        }
+        match &self.signature {
+            None => stored.push(0),
+            Some(sig) => {
+                stored.push(1);
+                stored.extend_from_slice(&sig.signer);
+                stored.extend_from_slice(&sig.signature);
+            }
+        }
+        (stored, leaf)
     }
 
     /// `SHA-256(0x00 || canonical)`: the record's leaf in the tree and the

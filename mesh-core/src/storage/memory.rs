@@ -1,5 +1,6 @@
 //! In-memory storage for tests and simulation.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, PoisonError};
 
@@ -69,42 +70,60 @@ impl Storage for MemoryStorage {
 
     fn apply(&self, batch: &[Write]) -> Result<(), StorageError> {
         let mut tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
-        // Stage the batch in order on an overlay; commit only if all of it holds.
-        let mut overlay: HashMap<(Table, &str), Option<&Vec<u8>>> = HashMap::new();
-        for w in batch {
+        // Apply in order, remembering what each write replaced; on a
+        // conflict, undo in reverse so nothing of the batch remains.
+        let mut undo: Vec<(usize, Option<Vec<u8>>)> = Vec::with_capacity(batch.len());
+        let mut conflict = None;
+        for (i, w) in batch.iter().enumerate() {
             match w {
                 Write::Put { table, key, body } => {
-                    overlay.insert((*table, key), Some(body));
+                    let old = tables
+                        .entry(*table)
+                        .or_default()
+                        .insert(key.clone(), body.clone());
+                    undo.push((i, old));
                 }
                 Write::Insert { table, key, body } => {
-                    let present = match overlay.get(&(*table, key.as_str())) {
-                        Some(staged) => staged.is_some(),
-                        None => tables.get(table).is_some_and(|t| t.contains_key(key)),
-                    };
-                    if present {
-                        return Err(StorageError::AlreadyExists {
-                            table: *table,
-                            key: key.clone(),
-                        });
+                    // One descent of the tree for the check and the insert.
+                    match tables.entry(*table).or_default().entry(key.clone()) {
+                        Entry::Occupied(_) => {
+                            conflict = Some(StorageError::AlreadyExists {
+                                table: *table,
+                                key: key.clone(),
+                            });
+                            break;
+                        }
+                        Entry::Vacant(slot) => {
+                            slot.insert(body.clone());
+                        }
                     }
-                    overlay.insert((*table, key), Some(body));
+                    undo.push((i, None));
                 }
                 Write::Delete { table, key } => {
-                    overlay.insert((*table, key), None);
+                    let old = tables.get_mut(table).and_then(|t| t.remove(key));
+                    undo.push((i, old));
                 }
             }
         }
-        for ((table, key), body) in overlay {
+        let Some(conflict) = conflict else {
+            return Ok(());
+        };
+        for (i, old) in undo.into_iter().rev() {
+            let (table, key) = match &batch[i] {
+                Write::Put { table, key, .. }
+                | Write::Insert { table, key, .. }
+                | Write::Delete { table, key } => (*table, key),
+            };
             let t = tables.entry(table).or_default();
-            match body {
-                Some(b) => {
-                    t.insert(key.to_owned(), b.clone());
+            match old {
+                Some(body) => {
+                    t.insert(key.clone(), body);
                 }
                 None => {
                     t.remove(key);
                 }
             }
         }
-        Ok(())
+        Err(conflict)
     }
 }
