@@ -48,6 +48,7 @@ use crate::clock::Timestamp;
 use crate::crypto::{self, CryptoError};
 use crate::events::{EventBus, kinds};
 use crate::identity::{NodeId, NodeKey};
+use crate::ledger::record_types;
 use crate::registry::{DeviceToken, NewDevice, Registry, RegistryError, TOKEN_LEN};
 use crate::storage::records::{DeviceRecord, PairingRequestRecord, PairingStatus};
 use crate::storage::{Record, Storage, StorageError, StorageExt};
@@ -128,6 +129,9 @@ pub enum PairingError {
     /// Storage failed; the request is unchanged.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The audit ledger refused the record; the request is unchanged.
+    #[error("audit ledger: {0}")]
+    Ledger(String),
 }
 
 impl From<RegistryError> for PairingError {
@@ -140,6 +144,7 @@ impl From<RegistryError> for PairingError {
                 PairingError::Invalid(format!("device {n} vanished"))
             }
             RegistryError::Storage(s) => PairingError::Storage(s),
+            RegistryError::Ledger(m) => PairingError::Ledger(m),
         }
     }
 }
@@ -677,7 +682,14 @@ impl PrimaryPairing {
         let mut r = self.open_request(request_id, now)?;
         r.status = PairingStatus::Rejected;
         r.reject_reason = reason.clone();
-        self.store.apply(&[r.put()?])?;
+        let audit = json!({
+            "request_id": r.request_id,
+            "node": r.device_node.to_string(),
+            "device_id": r.device_id,
+            "reason": reason,
+        });
+        self.registry
+            .commit(vec![r.put()?], record_types::PAIRING_REJECTED, audit, now)?;
         self.attempts().remove(request_id);
         self.events.publish(
             kinds::PAIRING_REJECTED,

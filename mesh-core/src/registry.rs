@@ -23,6 +23,7 @@ use zeroize::Zeroizing;
 use crate::clock::Timestamp;
 use crate::events::{EventBus, kinds};
 use crate::identity::NodeId;
+use crate::ledger::{Entry, Ledger, LedgerError, record_types};
 use crate::storage::records::{DeviceIdRecord, DeviceRecord, DeviceStatus};
 use crate::storage::{Record, Storage, StorageError, StorageExt, Write};
 
@@ -230,7 +231,22 @@ pub enum RegistryError {
     /// Storage failed; nothing was changed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The audit ledger refused the record; nothing was changed.
+    #[error("audit ledger: {0}")]
+    Ledger(String),
 }
+
+impl From<LedgerError> for RegistryError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::Storage(e) => RegistryError::Storage(e),
+            other => RegistryError::Ledger(other.to_string()),
+        }
+    }
+}
+
+/// A change to record in the ledger: its type and time.
+struct Audit(&'static str, Timestamp);
 
 /// Trust progression settings (R-PAIR8).
 #[derive(Debug, Clone, PartialEq)]
@@ -273,6 +289,8 @@ pub struct Registry {
     store: Arc<dyn Storage>,
     events: EventBus,
     trust: TrustConfig,
+    /// Where security-relevant changes are recorded, in the same batch.
+    ledger: Option<Arc<dyn Ledger>>,
     /// Serialises read-modify-write changes (trust, rotation, uniqueness checks).
     write: Arc<Mutex<()>>,
 }
@@ -297,8 +315,36 @@ impl Registry {
             store,
             events,
             trust,
+            ledger: None,
             write: Arc::new(Mutex::new(())),
         }
+    }
+
+    /// Records every security-relevant change (pairing approved/rejected,
+    /// unpair, revoke, token rotation) in `ledger`, committed in the same
+    /// storage batch as the change itself.
+    pub fn with_ledger(mut self, ledger: Arc<dyn Ledger>) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// Commits `batch`, with a ledger record of `record_type` and `body`
+    /// when a ledger is attached: both or neither.
+    pub(crate) fn commit(
+        &self,
+        batch: Vec<Write>,
+        record_type: &str,
+        body: serde_json::Value,
+        now: Timestamp,
+    ) -> Result<(), RegistryError> {
+        match &self.ledger {
+            Some(ledger) => {
+                let entry = Entry::json(record_type, ledger.author(), &body);
+                ledger.append(vec![entry], batch, now)?;
+            }
+            None => self.store.apply(&batch)?,
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -416,16 +462,26 @@ impl Registry {
         record: &DeviceRecord,
         batch: &[Write],
     ) -> Result<(), RegistryError> {
-        self.store.apply(batch).map_err(|e| match e {
-            StorageError::AlreadyExists { table, .. } => RegistryError::AlreadyPaired {
-                what: if table == DeviceIdRecord::TABLE {
-                    format!("device id {:?}", record.device_id)
-                } else {
-                    format!("node {}", record.node)
-                },
-            },
-            other => RegistryError::Storage(other),
-        })
+        let body = json!({
+            "node": record.node.to_string(),
+            "device_id": record.device_id,
+            "name": record.name,
+            "scopes": record.scopes.iter().map(Scope::as_str).collect::<Vec<_>>(),
+        });
+        let now = record.paired_at.unwrap_or(record.created_at);
+        self.commit(batch.to_vec(), record_types::PAIRING_APPROVED, body, now)
+            .map_err(|e| match e {
+                RegistryError::Storage(StorageError::AlreadyExists { table, .. }) => {
+                    RegistryError::AlreadyPaired {
+                        what: if table == DeviceIdRecord::TABLE {
+                            format!("device id {:?}", record.device_id)
+                        } else {
+                            format!("node {}", record.node)
+                        },
+                    }
+                }
+                other => other,
+            })
     }
 
     fn update(
@@ -433,10 +489,29 @@ impl Registry {
         node: &NodeId,
         change: impl FnOnce(&mut DeviceRecord),
     ) -> Result<DeviceRecord, RegistryError> {
+        self.update_audited(node, None, change)
+    }
+
+    /// A read-modify-write of one device, recorded in the ledger if `audit`.
+    fn update_audited(
+        &self,
+        node: &NodeId,
+        audit: Option<Audit>,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) -> Result<DeviceRecord, RegistryError> {
         let _g = self.lock();
         let mut device = self.get(node)?.ok_or(RegistryError::UnknownDevice(*node))?;
         change(&mut device);
-        self.store.apply(&[device.put()?])?;
+        let batch = vec![device.put()?];
+        match audit {
+            Some(Audit(record_type, now)) => self.commit(
+                batch,
+                record_type,
+                json!({ "node": node.to_string(), "device_id": device.device_id }),
+                now,
+            )?,
+            None => self.store.apply(&batch)?,
+        }
         Ok(device)
     }
 
@@ -446,11 +521,16 @@ impl Registry {
         {
             let _g = self.lock();
             let device = self.get(node)?.ok_or(RegistryError::UnknownDevice(*node))?;
-            // The record and its index entry go together.
-            self.store.apply(&[
-                DeviceRecord::delete(&node.to_string()),
-                DeviceIdRecord::delete(&device.device_id),
-            ])?;
+            // The record, its index entry and the ledger record go together.
+            self.commit(
+                vec![
+                    DeviceRecord::delete(&node.to_string()),
+                    DeviceIdRecord::delete(&device.device_id),
+                ],
+                record_types::DEVICE_UNPAIRED,
+                json!({ "node": node.to_string(), "device_id": device.device_id }),
+                now,
+            )?;
         }
         self.events.publish(
             kinds::DEVICE_UNPAIRED,
@@ -468,7 +548,8 @@ impl Registry {
     ) -> Result<DeviceToken, RegistryError> {
         let token = DeviceToken::generate();
         let hash = token.hash();
-        self.update(node, |d| d.token_hash = hash)?;
+        let audit = Audit(record_types::TOKEN_ROTATED, now);
+        self.update_audited(node, Some(audit), |d| d.token_hash = hash)?;
         self.events.publish(
             kinds::DEVICE_TOKEN_ROTATED,
             now,
@@ -479,7 +560,8 @@ impl Registry {
 
     /// Revokes the device: every check fails until it is unpaired and paired again.
     pub fn revoke(&self, node: &NodeId, now: Timestamp) -> Result<(), RegistryError> {
-        self.update(node, |d| {
+        let audit = Audit(record_types::DEVICE_REVOKED, now);
+        self.update_audited(node, Some(audit), |d| {
             d.revoked_at = Some(now);
             d.status = DeviceStatus::Error;
         })?;

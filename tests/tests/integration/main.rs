@@ -2,6 +2,7 @@
 //! One test binary; one module per area.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+mod audit;
 mod discovery_netns;
 mod foundation;
 mod ledger_crash;
