@@ -53,7 +53,7 @@ pub use frame::{
 pub use payload::{
     Ack, Command, CommandOutcome, CommandResult, ConfigUpdate, CustomJson, DbOp, DbSync,
     EventPayload, FileChunk, HealthMetrics, Heartbeat, JsonText, MediaFrame, MediaType,
-    PairingMessage, Payload, PeerAnnounce, PeerExchange, Platform, Thermal,
+    PairingMessage, Payload, PeerAnnounce, PeerExchange, Platform, SessionMessage, Thermal,
 };
 pub use replay::{ReplayConfig, ReplayGuard};
 

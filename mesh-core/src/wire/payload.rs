@@ -422,6 +422,38 @@ pub enum Payload {
     Custom(CustomJson),
     /// Another payload sealed to the envelope's recipient; relays cannot read it.
     Sealed(SealedBox),
+    /// Opening and closing a paired session between a device and its primary.
+    Session(SessionMessage),
+}
+
+/// The first and last words of a paired session (over an already
+/// authenticated connection).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub enum SessionMessage {
+    /// Device → primary: opens the session with the device's token.
+    Hello {
+        /// The device token from pairing (checked, never stored, by the primary).
+        token: [u8; 32],
+    },
+    /// Primary → device: the session is open.
+    Welcome,
+    /// Either side: the session ends (unpaired, revoked, token rotated,
+    /// shutting down), with a machine-readable reason.
+    Bye {
+        /// Reason code, e.g. `revoked`, `unpaired`, `token_rotated`, `shutdown`.
+        reason: String,
+    },
+}
+
+impl std::fmt::Debug for SessionMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        match self {
+            SessionMessage::Hello { .. } => f.write_str("Hello { token: <redacted> }"),
+            SessionMessage::Welcome => f.write_str("Welcome"),
+            SessionMessage::Bye { reason } => write!(f, "Bye {{ reason: {reason:?} }}"),
+        }
+    }
 }
 
 impl Payload {
@@ -442,6 +474,7 @@ impl Payload {
             Payload::ConfigUpdate(_) => "config_update",
             Payload::Custom(_) => "custom",
             Payload::Sealed(_) => "sealed",
+            Payload::Session(_) => "session",
         }
     }
 }

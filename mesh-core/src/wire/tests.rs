@@ -101,6 +101,7 @@ fn one_of_each() -> Vec<Payload> {
             enc: EncapsulatedKey([4; 32]),
             ciphertext: vec![5; 40],
         }),
+        Payload::Session(SessionMessage::Hello { token: [6; 32] }),
     ];
     for p in &all {
         match p {
@@ -117,7 +118,8 @@ fn one_of_each() -> Vec<Payload> {
             | Payload::MediaFrame(_)
             | Payload::ConfigUpdate(_)
             | Payload::Custom(_)
-            | Payload::Sealed(_) => {}
+            | Payload::Sealed(_)
+            | Payload::Session(_) => {}
         }
     }
     all
@@ -141,7 +143,7 @@ fn round_trip(payload: Payload) -> SignedEnvelope {
 fn every_payload_kind_round_trips() {
     let all = one_of_each();
     let kinds: std::collections::HashSet<_> = all.iter().map(Payload::kind).collect();
-    assert_eq!(kinds.len(), 14);
+    assert_eq!(kinds.len(), 15);
     for p in all {
         round_trip(p);
     }
@@ -622,6 +624,13 @@ fn arb_payload() -> impl Strategy<Value = Payload> {
     ];
     let db_op = prop_oneof![Just(DbOp::Insert), Just(DbOp::Update), Just(DbOp::Delete)];
     prop_oneof![
+        (any::<[u8; 32]>(), ".{0,12}", 0u8..3).prop_map(|(token, reason, which)| {
+            Payload::Session(match which {
+                0 => SessionMessage::Hello { token },
+                1 => SessionMessage::Welcome,
+                _ => SessionMessage::Bye { reason },
+            })
+        }),
         (any::<u64>(), metrics)
             .prop_map(|(seq, metrics)| Payload::Heartbeat(Heartbeat { seq, metrics })),
         (arb_id(), "[a-z.]{1,20}", arb_json(), any::<u32>()).prop_map(
