@@ -41,7 +41,7 @@ impl Protocol {
 }
 
 /// Where a node can be reached.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum PeerAddr {
     /// An IP address and port (QUIC).

@@ -401,3 +401,36 @@ impl Record for ActionRecord {
         self.id.clone()
     }
 }
+
+/// A worker's link to its primary: who, where, and the token it presents.
+/// Kept in [`Table::Peers`] under the key `"primary"`. The token is the
+/// worker's own credential (the primary stores only its hash); the SQLite
+/// file is created with mode 0600.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryLinkRecord {
+    /// The primary.
+    pub primary: NodeId,
+    /// Where it was last reached.
+    pub address: crate::transport::PeerAddr,
+    /// The device token.
+    pub token: [u8; 32],
+    /// When pairing completed.
+    pub paired_at: Timestamp,
+}
+
+impl std::fmt::Debug for PrimaryLinkRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimaryLinkRecord")
+            .field("primary", &self.primary)
+            .field("address", &self.address)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Record for PrimaryLinkRecord {
+    const TABLE: Table = Table::Peers;
+    fn key(&self) -> String {
+        "primary".to_owned()
+    }
+}

@@ -437,6 +437,12 @@ pub enum SessionMessage {
     },
     /// Primary → device: the session is open.
     Welcome,
+    /// Primary → device: the device's token was rotated; this is the new one
+    /// (the session then ends and the device reconnects with it).
+    TokenRotated {
+        /// The new device token.
+        token: [u8; 32],
+    },
     /// Either side: the session ends (unpaired, revoked, token rotated,
     /// shutting down), with a machine-readable reason.
     Bye {
@@ -451,6 +457,9 @@ impl std::fmt::Debug for SessionMessage {
         match self {
             SessionMessage::Hello { .. } => f.write_str("Hello { token: <redacted> }"),
             SessionMessage::Welcome => f.write_str("Welcome"),
+            SessionMessage::TokenRotated { .. } => {
+                f.write_str("TokenRotated { token: <redacted> }")
+            }
             SessionMessage::Bye { reason } => write!(f, "Bye {{ reason: {reason:?} }}"),
         }
     }

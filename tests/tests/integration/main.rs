@@ -6,4 +6,5 @@ mod audit;
 mod discovery_netns;
 mod foundation;
 mod ledger_crash;
+mod node_e2e;
 mod storage_crash;

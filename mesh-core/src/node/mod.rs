@@ -1,0 +1,565 @@
+//! The node runtime: one API for a primary and its workers, driving the
+//! sans-IO pieces (pairing, registry, health, ledger) over any
+//! [`Transport`].
+//!
+//! **Status (issue 8, in progress):** pairing with the code over the
+//! transport, paired sessions opened with the device token (every message
+//! checked at the registry gate, so revocation, unpairing and token rotation
+//! take effect at once and close the session), heartbeats scored and tracked
+//! by the health monitor, primary → worker commands (`ping`, `config`,
+//! `run_action` of a registered handler) and worker → primary commands
+//! decided by a [`CommandPolicy`] and recorded in the ledger, reconnection
+//! with exponential backoff and jitter. Not yet: the approval lifecycle of
+//! actions (needs-approval and deferred verdicts are answered as refusals
+//! with their reason code), discovery-driven connection, the admin socket.
+//!
+//! ```text
+//!  worker                                   primary
+//!    │── QUIC, ALPN pairing ──────────────────▶│  Pairing::Request (code shown on the worker)
+//!    │◀──────────── Challenge (user typed it) ─│
+//!    │── Confirm ─────────────────────────────▶│  device + token committed with a ledger record
+//!    │◀────────────────── Approved (sealed) ───│
+//!    │── QUIC, ALPN mesh ─────────────────────▶│  admitted: paired and not revoked
+//!    │── Session::Hello { token } ────────────▶│  registry gate
+//!    │◀──────────────────────────── Welcome ───│
+//!    │── Heartbeat … Command … ───────────────▶│  gate on every message
+//!    │◀────────────── Command … Bye{revoked} ──│
+//! ```
+
+mod backoff;
+mod link;
+mod primary;
+mod worker;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::events::{EventBus, EventError, Subscription};
+use crate::health::{HealthConfig, HealthMonitor};
+use crate::identity::{NodeId, NodeKey};
+use crate::ledger::Ledger;
+use crate::pairing::{PairingConfig, PairingError, PrimaryPairing};
+use crate::registry::{AuthError, Registry, RegistryError};
+use crate::storage::{Storage, StorageError};
+use crate::transport::{Admission, Protocol, Transport, TransportError};
+use crate::wire::{CommandOutcome, HealthMetrics, MessageId, Platform};
+
+pub use backoff::Backoff;
+pub use primary::DeviceView;
+pub use worker::PairingTicket;
+
+/// Whether the node is the primary or a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The desktop primary: accepts pairing, holds the registry and policies.
+    Primary,
+    /// A worker device.
+    Worker,
+}
+
+/// Node settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NodeConfig {
+    /// Primary or worker.
+    pub role: Role,
+    /// Display name.
+    pub name: String,
+    /// Hardware/app id (unique among a primary's devices).
+    pub device_id: String,
+    /// Platform.
+    pub platform: Platform,
+    /// How often a worker sends a heartbeat. Default 5 s.
+    pub heartbeat_interval: Duration,
+    /// How long a command waits for its result. Default 10 s.
+    pub command_timeout: Duration,
+    /// First reconnection delay; doubles per failure. Default 500 ms.
+    pub reconnect_base: Duration,
+    /// Longest reconnection delay. Default 30 s.
+    pub reconnect_max: Duration,
+    /// Pairing settings.
+    pub pairing: PairingConfig,
+}
+
+impl NodeConfig {
+    /// Defaults for `role`, named `name` with hardware/app id `device_id`.
+    pub fn new(role: Role, name: &str, device_id: &str) -> Self {
+        NodeConfig {
+            role,
+            name: name.to_owned(),
+            device_id: device_id.to_owned(),
+            platform: Platform::Desktop,
+            heartbeat_interval: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(10),
+            reconnect_base: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            pairing: PairingConfig::default(),
+        }
+    }
+
+    /// Sets the heartbeat interval.
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.heartbeat_interval = interval;
+        self
+    }
+
+    /// Sets the command timeout.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// Sets the reconnection backoff.
+    pub fn reconnect(mut self, base: Duration, max: Duration) -> Self {
+        self.reconnect_base = base;
+        self.reconnect_max = max;
+        self
+    }
+
+    /// Sets the platform.
+    pub fn platform(mut self, platform: Platform) -> Self {
+        self.platform = platform;
+        self
+    }
+}
+
+/// Where a worker's heartbeat metrics come from (the OS, or the app: phones
+/// know their battery and thermal state better than Rust does).
+pub trait MetricsSource: Send + Sync + fmt::Debug + 'static {
+    /// The metrics now.
+    fn sample(&self) -> HealthMetrics;
+}
+
+/// Heartbeats with no metrics (liveness only).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoMetrics;
+
+impl MetricsSource for NoMetrics {
+    fn sample(&self) -> HealthMetrics {
+        HealthMetrics::default()
+    }
+}
+
+/// Host code a command runs: registered by name, never a shell string.
+pub trait CommandHandler: Send + Sync + fmt::Debug + 'static {
+    /// Runs with the command's arguments; `Err` is the failure message.
+    fn call(&self, args: &Value) -> Result<Value, String>;
+}
+
+/// A [`CommandHandler`] from a closure.
+pub struct FnHandler<F>(pub F);
+
+impl<F> fmt::Debug for FnHandler<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FnHandler")
+    }
+}
+
+impl<F> CommandHandler for FnHandler<F>
+where
+    F: Fn(&Value) -> Result<Value, String> + Send + Sync + 'static,
+{
+    fn call(&self, args: &Value) -> Result<Value, String> {
+        (self.0)(args)
+    }
+}
+
+/// What a policy says about a worker's command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Run it.
+    Allow,
+    /// Refuse it.
+    Deny {
+        /// Reason code (e.g. `blocked_command`).
+        code: String,
+        /// Explanation.
+        message: String,
+    },
+    /// A person must approve it first.
+    NeedsApproval {
+        /// Reason code.
+        code: String,
+        /// Explanation.
+        message: String,
+    },
+    /// Try again later.
+    Defer {
+        /// How long to wait.
+        delay_ms: u64,
+        /// Reason code.
+        code: String,
+        /// Explanation.
+        message: String,
+    },
+}
+
+impl Verdict {
+    fn name(&self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny { .. } => "deny",
+            Verdict::NeedsApproval { .. } => "needs_approval",
+            Verdict::Defer { .. } => "defer",
+        }
+    }
+}
+
+/// Decides the commands workers send to the primary (the runtime's side of
+/// mesh-policy).
+pub trait CommandPolicy: Send + Sync + fmt::Debug + 'static {
+    /// The verdict for `device` running `command` now.
+    fn decide(&self, device: &NodeId, command: &str, now: Timestamp) -> Verdict;
+}
+
+/// Refuses everything: the default until a policy is configured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DenyAll;
+
+impl CommandPolicy for DenyAll {
+    fn decide(&self, _: &NodeId, _: &str, _: Timestamp) -> Verdict {
+        Verdict::Deny {
+            code: "policy_disabled".into(),
+            message: "no execution policy is configured on the primary".into(),
+        }
+    }
+}
+
+/// Runtime errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Pairing failed (wrong code, rejected, expired, …).
+    #[error(transparent)]
+    Pairing(#[from] PairingError),
+    /// The registry refused a change.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The gate refused a device (unknown, revoked, wrong token, scope).
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// Storage failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A command was refused or failed on the other side.
+    #[error("command refused or failed: {code}: {message}")]
+    Command {
+        /// Reason code.
+        code: String,
+        /// Explanation.
+        message: String,
+    },
+    /// No answer in time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The device is not connected.
+    #[error("device {0} is not connected")]
+    NotConnected(NodeId),
+    /// This operation belongs to the other role, or needs pairing first.
+    #[error("not available: {0}")]
+    Unavailable(String),
+    /// The peer broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A subscription could not be made.
+    #[error(transparent)]
+    Events(#[from] EventError),
+}
+
+/// Admits keys per protocol from the registry in `store`: anyone may reach
+/// pairing; mesh traffic needs a paired, unrevoked device. Build the
+/// transport with it (from the same store) before building the node.
+#[derive(Debug, Clone)]
+pub struct RegistryAdmission {
+    registry: Registry,
+}
+
+impl RegistryAdmission {
+    /// Admission decided by the devices in `store`.
+    pub fn new(store: Arc<dyn Storage>) -> Self {
+        RegistryAdmission {
+            registry: Registry::new(store, EventBus::new()),
+        }
+    }
+}
+
+impl Admission for RegistryAdmission {
+    fn admit(&self, peer: &NodeId, protocol: Protocol) -> bool {
+        match protocol {
+            Protocol::Pairing => true,
+            Protocol::Mesh => matches!(
+                self.registry.get(peer),
+                Ok(Some(device)) if device.revoked_at.is_none()
+            ),
+        }
+    }
+}
+
+/// Builds a [`Node`].
+pub struct NodeBuilder {
+    key: Arc<NodeKey>,
+    store: Arc<dyn Storage>,
+    transport: Arc<dyn Transport>,
+    config: NodeConfig,
+    events: EventBus,
+    clock: Arc<dyn Clock>,
+    ledger: Option<Arc<dyn Ledger>>,
+    metrics: Arc<dyn MetricsSource>,
+    policy: Arc<dyn CommandPolicy>,
+    handlers: HashMap<String, Arc<dyn CommandHandler>>,
+}
+
+impl fmt::Debug for NodeBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeBuilder")
+            .field("node", &self.key.node_id())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeBuilder {
+    /// The event bus to publish on (default: a new one).
+    pub fn events(mut self, events: EventBus) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// The clock (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The audit ledger: registry changes and command decisions are recorded
+    /// in it, in the same storage batch.
+    pub fn ledger(mut self, ledger: Arc<dyn Ledger>) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// Where heartbeat metrics come from (workers; default: none).
+    pub fn metrics(mut self, metrics: Arc<dyn MetricsSource>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The policy for workers' commands (primary; default: [`DenyAll`]).
+    pub fn policy(mut self, policy: Arc<dyn CommandPolicy>) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Registers host code under `name`: on a worker it runs for the
+    /// primary's `run_action` with `{"action": name}`; on the primary it runs
+    /// for workers' commands named `name` that the policy allows.
+    pub fn handler(mut self, name: &str, handler: Arc<dyn CommandHandler>) -> Self {
+        self.handlers.insert(name.to_owned(), handler);
+        self
+    }
+
+    /// Starts the node's tasks (inside a tokio runtime).
+    pub fn start(self) -> Result<Node, NodeError> {
+        let mut registry = Registry::new(self.store.clone(), self.events.clone());
+        if let Some(ledger) = &self.ledger {
+            registry = registry.with_ledger(ledger.clone());
+        }
+        let pairing = PrimaryPairing::new(
+            self.key.node_id(),
+            self.store.clone(),
+            registry.clone(),
+            self.events.clone(),
+            self.config.pairing.clone(),
+        );
+        let health = HealthMonitor::new(
+            HealthConfig::for_interval(self.config.heartbeat_interval),
+            self.events.clone(),
+            self.store.clone(),
+        );
+        let inner = Arc::new(Inner {
+            link: link::Link::new(self.key.clone()),
+            key: self.key,
+            store: self.store,
+            transport: self.transport,
+            config: self.config,
+            events: self.events,
+            clock: self.clock,
+            ledger: self.ledger,
+            metrics: self.metrics,
+            policy: self.policy,
+            handlers: self.handlers,
+            registry,
+            pairing,
+            health: Mutex::new(health),
+            calls: Mutex::new(HashMap::new()),
+            primary: primary::State::default(),
+            worker: worker::State::default(),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let node = Node { inner };
+        match node.inner.config.role {
+            Role::Primary => primary::start(&node.inner),
+            Role::Worker => worker::start(&node.inner)?,
+        }
+        Ok(node)
+    }
+}
+
+pub(crate) struct Inner {
+    key: Arc<NodeKey>,
+    store: Arc<dyn Storage>,
+    transport: Arc<dyn Transport>,
+    config: NodeConfig,
+    events: EventBus,
+    clock: Arc<dyn Clock>,
+    ledger: Option<Arc<dyn Ledger>>,
+    metrics: Arc<dyn MetricsSource>,
+    policy: Arc<dyn CommandPolicy>,
+    handlers: HashMap<String, Arc<dyn CommandHandler>>,
+    registry: Registry,
+    pairing: PrimaryPairing,
+    health: Mutex<HealthMonitor>,
+    link: link::Link,
+    /// Commands sent and awaiting their result, by command id.
+    calls: Mutex<HashMap<MessageId, oneshot::Sender<CommandOutcome>>>,
+    primary: primary::State,
+    worker: worker::State,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inner {
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task);
+        let mut tasks = lock(&self.tasks);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(handle);
+    }
+
+    /// Registers a pending call and returns its receiver.
+    fn expect_result(&self, id: MessageId) -> oneshot::Receiver<CommandOutcome> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.calls).insert(id, tx);
+        rx
+    }
+
+    /// Completes a pending call.
+    fn complete(&self, id: MessageId, outcome: CommandOutcome) {
+        if let Some(tx) = lock(&self.calls).remove(&id) {
+            let _ = tx.send(outcome);
+        }
+    }
+
+    /// Waits for a call's outcome within the command timeout.
+    async fn await_result(
+        &self,
+        id: MessageId,
+        rx: oneshot::Receiver<CommandOutcome>,
+        timeout: Duration,
+    ) -> Result<Value, NodeError> {
+        let outcome = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => {
+                return Err(NodeError::Command {
+                    code: "connection_lost".into(),
+                    message: "the connection closed before the result came".into(),
+                });
+            }
+            Err(_) => {
+                lock(&self.calls).remove(&id);
+                return Err(NodeError::Timeout(timeout));
+            }
+        };
+        match outcome {
+            CommandOutcome::Ok(json) => {
+                serde_json::from_str(json.as_str()).map_err(|e| NodeError::Protocol(e.to_string()))
+            }
+            CommandOutcome::Err { code, message } => Err(NodeError::Command { code, message }),
+        }
+    }
+}
+
+/// A running node. Clones share it.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.inner.key.node_id())
+            .field("role", &self.inner.config.role)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Starts building a node from its identity, storage and transport.
+    pub fn builder(
+        key: Arc<NodeKey>,
+        store: Arc<dyn Storage>,
+        transport: Arc<dyn Transport>,
+        config: NodeConfig,
+    ) -> NodeBuilder {
+        NodeBuilder {
+            key,
+            store,
+            transport,
+            config,
+            events: EventBus::new(),
+            clock: Arc::new(SystemClock),
+            ledger: None,
+            metrics: Arc::new(NoMetrics),
+            policy: Arc::new(DenyAll),
+            handlers: HashMap::new(),
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.key.node_id()
+    }
+
+    /// The role.
+    pub fn role(&self) -> Role {
+        self.inner.config.role
+    }
+
+    /// The event bus.
+    pub fn events(&self) -> &EventBus {
+        &self.inner.events
+    }
+
+    /// Subscribes to events matching `pattern` (e.g. `pairing.*`).
+    pub fn subscribe(&self, pattern: &str, capacity: usize) -> Result<Subscription, NodeError> {
+        Ok(self.inner.events.subscribe(pattern, capacity)?)
+    }
+
+    /// Stops every task and closes every connection.
+    pub async fn shutdown(&self) {
+        primary::close_all(&self.inner, "shutdown").await;
+        worker::stop(&self.inner).await;
+        let tasks: Vec<_> = lock(&self.inner.tasks).drain(..).collect();
+        for t in tasks {
+            t.abort();
+        }
+        let _ = lock(&self.inner.health).flush();
+    }
+}

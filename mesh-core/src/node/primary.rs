@@ -1,0 +1,594 @@
+//! The primary's side: accepting pairing and paired sessions, the gate on
+//! every message, commands in both directions, revocation.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use zeroize::Zeroizing;
+
+use super::{Inner, Node, NodeError, Role, Verdict, lock};
+use crate::events::kinds;
+use crate::identity::NodeId;
+use crate::ledger::{Entry, record_types};
+use crate::pairing::{PairingCode, PairingError};
+use crate::registry::{AuthError, scopes};
+use crate::storage::records::{DeviceRecord, PairingRequestRecord};
+use crate::transport::{Connection, Protocol, TransportError};
+use crate::wire::{
+    Command, CommandOutcome, CommandResult, JsonText, MessageId, PairingMessage, Payload,
+    SessionMessage,
+};
+
+/// A paired device's open session.
+struct Session {
+    id: u64,
+    conn: Arc<dyn Connection>,
+}
+
+/// A device waiting in pairing, and whoever waits for its answer.
+struct Waiter {
+    conn: Arc<dyn Connection>,
+    node: NodeId,
+    answer: Option<oneshot::Sender<Result<DeviceRecord, PairingError>>>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    sessions: Mutex<HashMap<NodeId, Session>>,
+    pairings: Mutex<HashMap<String, Waiter>>,
+    next_session: AtomicU64,
+}
+
+/// A paired device with its liveness and health.
+#[derive(Debug, Clone)]
+pub struct DeviceView {
+    /// The registry record.
+    pub record: DeviceRecord,
+    /// Whether a session is open now.
+    pub online: bool,
+    /// Health status (`healthy`, `degraded`, `offline`), once heartbeats came.
+    pub status: Option<String>,
+    /// Latest health score 0–100.
+    pub score: Option<u8>,
+}
+
+pub(super) fn start(inner: &Arc<Inner>) {
+    let accepting = inner.clone();
+    inner.spawn(async move {
+        loop {
+            match accepting.transport.accept().await {
+                Ok(conn) => {
+                    let conn: Arc<dyn Connection> = Arc::from(conn);
+                    let handler = accepting.clone();
+                    accepting.spawn(async move {
+                        match conn.protocol() {
+                            Protocol::Pairing => pairing_session(&handler, conn).await,
+                            Protocol::Mesh => mesh_session(&handler, conn).await,
+                        }
+                    });
+                }
+                Err(TransportError::Closed) => break,
+                Err(_) => continue,
+            }
+        }
+    });
+    let ticking = inner.clone();
+    inner.spawn(async move {
+        let period = (ticking.config.heartbeat_interval / 2).max(Duration::from_millis(50));
+        let mut interval = tokio::time::interval(period);
+        loop {
+            interval.tick().await;
+            let now = ticking.now();
+            let mut health = lock(&ticking.health);
+            health.tick(now);
+            let _ = health.flush();
+        }
+    });
+}
+
+fn auth_code(e: &AuthError) -> &'static str {
+    match e {
+        AuthError::UnknownDevice(_) => "unpaired",
+        AuthError::Revoked { .. } => "revoked",
+        AuthError::BadToken(_) => "bad_token",
+        AuthError::ScopeMissing { .. } => "scope_missing",
+        AuthError::Storage(_) => "storage",
+    }
+}
+
+async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
+    let from = conn.remote_node();
+    let first = tokio::time::timeout(
+        inner.config.command_timeout,
+        inner.link.recv(conn.as_ref(), || inner.now()),
+    )
+    .await;
+    let Ok(Ok(Payload::Pairing(request @ PairingMessage::Request { .. }))) = first else {
+        conn.close();
+        return;
+    };
+    let PairingMessage::Request { request_id, .. } = &request else {
+        return;
+    };
+    let rid = request_id.to_string();
+    // Waiting before the request is announced, so an approval can find it.
+    lock(&inner.primary.pairings).insert(
+        rid.clone(),
+        Waiter {
+            conn: conn.clone(),
+            node: from,
+            answer: None,
+        },
+    );
+    if let Err(e) = inner.pairing.on_request(from, request, inner.now()) {
+        lock(&inner.primary.pairings).remove(&rid);
+        inner.events.publish(
+            "pairing.refused",
+            inner.now(),
+            json!({ "node": from.to_string(), "error": e.to_string() }),
+        );
+        conn.close();
+        return;
+    }
+    loop {
+        let msg = match inner.link.recv(conn.as_ref(), || inner.now()).await {
+            Ok(Payload::Pairing(m)) => m,
+            Ok(_) => continue,
+            Err(_) => break,
+        };
+        let result = inner.pairing.on_message(from, msg, inner.now());
+        let answer = lock(&inner.primary.pairings)
+            .get_mut(&rid)
+            .and_then(|w| w.answer.take());
+        match result {
+            Ok(paired) => {
+                let sent = inner
+                    .link
+                    .send(
+                        conn.as_ref(),
+                        from,
+                        Payload::Pairing(paired.reply),
+                        inner.now(),
+                    )
+                    .await;
+                if let Some(tx) = answer {
+                    let _ = tx.send(match sent {
+                        Ok(()) => Ok(paired.device),
+                        Err(e) => Err(PairingError::Invalid(format!("sending the grant: {e}"))),
+                    });
+                }
+                break;
+            }
+            Err(e) => {
+                let over = matches!(e, PairingError::TooManyAttempts | PairingError::Expired);
+                if let Some(tx) = answer {
+                    let _ = tx.send(Err(e));
+                }
+                if over {
+                    break;
+                }
+            }
+        }
+    }
+    lock(&inner.primary.pairings).remove(&rid);
+    conn.close();
+}
+
+async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
+    let node = conn.remote_node();
+    let hello = tokio::time::timeout(
+        inner.config.command_timeout,
+        inner.link.recv(conn.as_ref(), || inner.now()),
+    )
+    .await;
+    let Ok(Ok(Payload::Session(SessionMessage::Hello { token }))) = hello else {
+        conn.close();
+        return;
+    };
+    let token = Zeroizing::new(token);
+    if let Err(e) = inner
+        .registry
+        .check(&node, &token[..], scopes::PRESENCE_WRITE)
+    {
+        bye(inner, conn.as_ref(), node, auth_code(&e)).await;
+        return;
+    }
+    let id = inner.primary.next_session.fetch_add(1, Ordering::Relaxed);
+    let old = lock(&inner.primary.sessions).insert(
+        node,
+        Session {
+            id,
+            conn: conn.clone(),
+        },
+    );
+    if let Some(old) = old {
+        old.conn.close();
+    }
+    if inner
+        .link
+        .send(
+            conn.as_ref(),
+            node,
+            Payload::Session(SessionMessage::Welcome),
+            inner.now(),
+        )
+        .await
+        .is_ok()
+    {
+        inner.events.publish(
+            kinds::PEER_JOINED,
+            inner.now(),
+            json!({ "node": node.to_string() }),
+        );
+        serve(inner, conn.as_ref(), node, &token).await;
+    }
+    let mut sessions = lock(&inner.primary.sessions);
+    if sessions.get(&node).is_some_and(|s| s.id == id) {
+        sessions.remove(&node);
+    }
+    drop(sessions);
+    conn.close();
+    inner.events.publish(
+        kinds::PEER_LEFT,
+        inner.now(),
+        json!({ "node": node.to_string() }),
+    );
+}
+
+/// The session loop: every message passes the gate first.
+async fn serve(inner: &Arc<Inner>, conn: &dyn Connection, node: NodeId, token: &[u8; 32]) {
+    loop {
+        let Ok(payload) = inner.link.recv(conn, || inner.now()).await else {
+            return;
+        };
+        let scope = match &payload {
+            Payload::Command(_) => scopes::COMMANDS_RUN,
+            _ => scopes::PRESENCE_WRITE,
+        };
+        if let Err(e) = inner.registry.check(&node, token, scope) {
+            bye(inner, conn, node, auth_code(&e)).await;
+            return;
+        }
+        match payload {
+            Payload::Heartbeat(hb) => {
+                let now = inner.now();
+                if let Err(e) = lock(&inner.health).ingest(node, now, &hb.metrics) {
+                    inner.events.publish(
+                        "health.rejected",
+                        now,
+                        json!({ "node": node.to_string(), "error": e.to_string() }),
+                    );
+                }
+            }
+            Payload::Command(cmd) => {
+                let outcome = decide_and_run(inner, node, &cmd);
+                let result = Payload::CommandResult(CommandResult {
+                    command_id: cmd.command_id,
+                    outcome,
+                });
+                if inner
+                    .link
+                    .send(conn, node, result, inner.now())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Payload::CommandResult(r) => inner.complete(r.command_id, r.outcome),
+            Payload::Session(SessionMessage::Bye { .. }) => return,
+            _ => {}
+        }
+    }
+}
+
+async fn bye(inner: &Inner, conn: &dyn Connection, to: NodeId, reason: &str) {
+    let msg = Payload::Session(SessionMessage::Bye {
+        reason: reason.to_owned(),
+    });
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        inner.link.send(conn, to, msg, inner.now()),
+    )
+    .await;
+    conn.close();
+}
+
+/// A worker's command: the policy decides, the ledger records the decision,
+/// an allowed command runs the handler registered under its name.
+fn decide_and_run(inner: &Inner, node: NodeId, cmd: &Command) -> CommandOutcome {
+    let now = inner.now();
+    let verdict = inner.policy.decide(&node, &cmd.name, now);
+    if let Some(ledger) = &inner.ledger {
+        let (code, message) = match &verdict {
+            Verdict::Allow => (None, None),
+            Verdict::Deny { code, message }
+            | Verdict::NeedsApproval { code, message }
+            | Verdict::Defer { code, message, .. } => (Some(code), Some(message)),
+        };
+        let entry = Entry::json(
+            record_types::COMMAND_DECIDED,
+            node,
+            &json!({
+                "device": node.to_string(),
+                "command": cmd.name,
+                "decision": verdict.name(),
+                "reason": code,
+                "message": message,
+            }),
+        );
+        if let Err(e) = ledger.append(vec![entry], vec![], now) {
+            // Nothing runs unrecorded.
+            return CommandOutcome::Err {
+                code: "audit_failed".into(),
+                message: e.to_string(),
+            };
+        }
+    }
+    inner.events.publish(
+        "command.decided",
+        now,
+        json!({ "device": node.to_string(), "command": cmd.name, "decision": verdict.name() }),
+    );
+    match verdict {
+        Verdict::Allow => run_handler(inner, &cmd.name, &cmd.args, "unknown_command"),
+        Verdict::Deny { code, message } => CommandOutcome::Err { code, message },
+        Verdict::NeedsApproval { message, .. } => CommandOutcome::Err {
+            code: "needs_approval".into(),
+            message,
+        },
+        Verdict::Defer {
+            delay_ms, message, ..
+        } => CommandOutcome::Err {
+            code: "deferred".into(),
+            message: format!("{message}; retry in {delay_ms} ms"),
+        },
+    }
+}
+
+/// Runs the handler registered as `name` with `args`.
+pub(super) fn run_handler(
+    inner: &Inner,
+    name: &str,
+    args: &JsonText,
+    missing_code: &str,
+) -> CommandOutcome {
+    let Some(handler) = inner.handlers.get(name) else {
+        return CommandOutcome::Err {
+            code: missing_code.into(),
+            message: format!("no handler is registered for {name:?}"),
+        };
+    };
+    let args: Value = serde_json::from_str(args.as_str()).unwrap_or(Value::Null);
+    match handler.call(&args) {
+        Ok(v) => CommandOutcome::Ok(JsonText::from_value(&v).unwrap_or_else(|_| JsonText::null())),
+        Err(message) => CommandOutcome::Err {
+            code: "handler_failed".into(),
+            message,
+        },
+    }
+}
+
+/// Ends `node`'s session with `reason`, if it has one.
+async fn end_session(inner: &Inner, node: &NodeId, reason: &str) {
+    let session = lock(&inner.primary.sessions).remove(node);
+    if let Some(s) = session {
+        bye(inner, s.conn.as_ref(), *node, reason).await;
+    }
+}
+
+pub(super) async fn close_all(inner: &Inner, reason: &str) {
+    let sessions: Vec<(NodeId, Session)> = lock(&inner.primary.sessions).drain().collect();
+    for (node, s) in sessions {
+        bye(inner, s.conn.as_ref(), node, reason).await;
+    }
+    let waiting: Vec<Waiter> = lock(&inner.primary.pairings)
+        .drain()
+        .map(|(_, w)| w)
+        .collect();
+    for w in waiting {
+        w.conn.close();
+    }
+}
+
+impl Node {
+    fn primary(&self) -> Result<&Inner, NodeError> {
+        match self.inner.config.role {
+            Role::Primary => Ok(&self.inner),
+            Role::Worker => Err(NodeError::Unavailable(
+                "this is a primary operation; the node is a worker".into(),
+            )),
+        }
+    }
+
+    /// Pairing requests waiting for the user.
+    pub fn pending_pairings(&self) -> Result<Vec<PairingRequestRecord>, NodeError> {
+        let inner = self.primary()?;
+        Ok(inner.pairing.pending(inner.now())?)
+    }
+
+    /// Approves a pending request with the code the device shows; returns
+    /// the new device once the device confirmed the code. A wrong code fails
+    /// with [`PairingError::InvalidCode`] and the request stays pending.
+    pub async fn approve_pairing(
+        &self,
+        request_id: &str,
+        code: &str,
+    ) -> Result<DeviceRecord, NodeError> {
+        let inner = self.primary()?;
+        let code = PairingCode::parse(code)?;
+        let conn = lock(&inner.primary.pairings)
+            .get(request_id)
+            .map(|w| (w.conn.clone(), w.node));
+        let Some((conn, node)) = conn else {
+            return Err(NodeError::Unavailable(format!(
+                "the device of request {request_id} is not connected; it must ask again"
+            )));
+        };
+        let (to, challenge) = inner.pairing.approve(request_id, &code, inner.now())?;
+        debug_assert_eq!(to, node);
+        let (tx, rx) = oneshot::channel();
+        if let Some(w) = lock(&inner.primary.pairings).get_mut(request_id) {
+            w.answer = Some(tx);
+        }
+        inner
+            .link
+            .send(conn.as_ref(), to, Payload::Pairing(challenge), inner.now())
+            .await?;
+        match tokio::time::timeout(inner.config.command_timeout, rx).await {
+            Ok(Ok(result)) => Ok(result?),
+            Ok(Err(_)) => Err(NodeError::NotConnected(node)),
+            Err(_) => Err(NodeError::Timeout(inner.config.command_timeout)),
+        }
+    }
+
+    /// Rejects a pending request; the device is told.
+    pub async fn reject_pairing(
+        &self,
+        request_id: &str,
+        reason: Option<String>,
+    ) -> Result<(), NodeError> {
+        let inner = self.primary()?;
+        let (to, msg) = inner.pairing.reject(request_id, reason, inner.now())?;
+        let waiter = lock(&inner.primary.pairings).remove(request_id);
+        if let Some(w) = waiter {
+            let _ = inner
+                .link
+                .send(w.conn.as_ref(), to, Payload::Pairing(msg), inner.now())
+                .await;
+            w.conn.close();
+        }
+        Ok(())
+    }
+
+    /// Paired devices with liveness and health.
+    pub fn devices(&self) -> Result<Vec<DeviceView>, NodeError> {
+        let inner = self.primary()?;
+        let sessions = lock(&inner.primary.sessions);
+        let health = lock(&inner.health);
+        Ok(inner
+            .registry
+            .list()?
+            .into_iter()
+            .map(|record| {
+                let h = health.device(&record.node);
+                DeviceView {
+                    online: sessions.contains_key(&record.node),
+                    status: h.map(|h| h.status().as_str().to_owned()),
+                    score: h.and_then(|h| h.score()),
+                    record,
+                }
+            })
+            .collect())
+    }
+
+    /// Sends `name` with `args` to a connected worker and waits for the result.
+    pub async fn command(
+        &self,
+        device: &NodeId,
+        name: &str,
+        args: Value,
+    ) -> Result<Value, NodeError> {
+        let inner = self.primary()?;
+        let conn = lock(&inner.primary.sessions)
+            .get(device)
+            .map(|s| s.conn.clone())
+            .ok_or(NodeError::NotConnected(*device))?;
+        let id = MessageId::random();
+        let rx = inner.expect_result(id);
+        let timeout = inner.config.command_timeout;
+        let cmd = Payload::Command(Command {
+            command_id: id,
+            name: name.to_owned(),
+            args: JsonText::from_value(&args).map_err(|e| NodeError::Protocol(e.to_string()))?,
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        });
+        if let Err(e) = inner
+            .link
+            .send(conn.as_ref(), *device, cmd, inner.now())
+            .await
+        {
+            lock(&inner.calls).remove(&id);
+            return Err(e);
+        }
+        inner.await_result(id, rx, timeout).await
+    }
+
+    /// `ping` → `pong`: the round-trip time to a worker.
+    pub async fn ping(&self, device: &NodeId) -> Result<Duration, NodeError> {
+        let start = Instant::now();
+        let pong = self.command(device, "ping", json!({})).await?;
+        if pong.get("pong") != Some(&Value::Bool(true)) {
+            return Err(NodeError::Protocol(format!(
+                "unexpected ping answer {pong}"
+            )));
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Sets a configuration key on a worker.
+    pub async fn configure(
+        &self,
+        device: &NodeId,
+        key: &str,
+        value: Value,
+    ) -> Result<(), NodeError> {
+        self.command(device, "config", json!({ "key": key, "value": value }))
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs the handler a worker registered as `action`.
+    pub async fn run_action(
+        &self,
+        device: &NodeId,
+        action: &str,
+        args: Value,
+    ) -> Result<Value, NodeError> {
+        self.command(
+            device,
+            "run_action",
+            json!({ "action": action, "args": args }),
+        )
+        .await
+    }
+
+    /// Revokes a device: its session closes now and it is refused from now on.
+    pub async fn revoke(&self, device: &NodeId) -> Result<(), NodeError> {
+        let inner = self.primary()?;
+        inner.registry.revoke(device, inner.now())?;
+        end_session(inner, device, "revoked").await;
+        Ok(())
+    }
+
+    /// Unpairs a device: its session closes now and its record is removed.
+    pub async fn unpair(&self, device: &NodeId) -> Result<(), NodeError> {
+        let inner = self.primary()?;
+        inner.registry.unpair(device, inner.now())?;
+        end_session(inner, device, "unpaired").await;
+        Ok(())
+    }
+
+    /// Rotates a device's token: the old one is refused from now on; a
+    /// connected device gets the new one and reconnects with it.
+    pub async fn rotate_token(&self, device: &NodeId) -> Result<(), NodeError> {
+        let inner = self.primary()?;
+        let token = inner.registry.rotate_token(device, inner.now())?;
+        let session = lock(&inner.primary.sessions).remove(device);
+        if let Some(s) = session {
+            let msg = Payload::Session(SessionMessage::TokenRotated {
+                token: *token.as_bytes(),
+            });
+            let _ = inner
+                .link
+                .send(s.conn.as_ref(), *device, msg, inner.now())
+                .await;
+            bye(inner, s.conn.as_ref(), *device, "token_rotated").await;
+        }
+        Ok(())
+    }
+}

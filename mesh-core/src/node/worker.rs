@@ -1,0 +1,500 @@
+//! The worker's side: pairing with the code, the session with its primary
+//! (hello with the token, heartbeats, commands both ways), reconnection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use super::backoff::Backoff;
+use super::primary::run_handler;
+use super::{Inner, Node, NodeError, Role, lock};
+use crate::identity::NodeId;
+use crate::pairing::{DeviceInfo, DevicePairing, DeviceStep};
+use crate::storage::StorageExt;
+use crate::storage::records::PrimaryLinkRecord;
+use crate::transport::{Connection, PeerAddr, Protocol, TransportError};
+use crate::wire::{
+    Command, CommandOutcome, CommandResult, Heartbeat, JsonText, MessageId, Payload, SessionMessage,
+};
+
+#[derive(Default)]
+pub(crate) struct State {
+    /// The open session with the primary.
+    session: Mutex<Option<Arc<dyn Connection>>>,
+    supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Configuration set by the primary (`config` command).
+    config: Mutex<HashMap<String, Value>>,
+    heartbeat_seq: AtomicU64,
+}
+
+/// A pairing in progress on the worker: show [`code`](Self::code) to the
+/// user, who types it on the primary; then [`finished`](Self::finished)
+/// says how it ended.
+#[derive(Debug)]
+pub struct PairingTicket {
+    code: String,
+    request_id: String,
+    outcome: oneshot::Receiver<Result<(), NodeError>>,
+}
+
+impl PairingTicket {
+    /// The 6-digit code to show.
+    pub fn code(&self) -> &str {
+        &self.code
+    }
+
+    /// The request id the primary lists.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// Waits until the primary approved (the pairing is stored and the
+    /// session starts) or the request failed (rejected, too many wrong
+    /// codes, expired, connection lost).
+    pub async fn finished(self) -> Result<(), NodeError> {
+        self.outcome.await.unwrap_or_else(|_| {
+            Err(NodeError::Unavailable(
+                "the node stopped during pairing".into(),
+            ))
+        })
+    }
+}
+
+pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
+    if inner.store.load::<PrimaryLinkRecord>("primary")?.is_some() {
+        supervise(inner);
+    }
+    Ok(())
+}
+
+pub(super) async fn stop(inner: &Inner) {
+    if let Some(task) = lock(&inner.worker.supervisor).take() {
+        task.abort();
+    }
+    let session = lock(&inner.worker.session).take();
+    if let Some(conn) = session {
+        if let Some(link) = inner
+            .store
+            .load::<PrimaryLinkRecord>("primary")
+            .ok()
+            .flatten()
+        {
+            let bye = Payload::Session(SessionMessage::Bye {
+                reason: "shutdown".into(),
+            });
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                inner
+                    .link
+                    .send(conn.as_ref(), link.primary, bye, inner.now()),
+            )
+            .await;
+        }
+        conn.close();
+    }
+}
+
+fn supervise(inner: &Arc<Inner>) {
+    let task_inner = inner.clone();
+    let task = tokio::spawn(async move { run_supervisor(task_inner).await });
+    if let Some(old) = lock(&inner.worker.supervisor).replace(task) {
+        old.abort();
+    }
+}
+
+/// How a session ended.
+enum Ended {
+    /// The primary said goodbye (or refused the hello) with this reason.
+    Bye(String),
+    /// The connection failed or dropped; `connected` if it had been open.
+    Lost { connected: bool, error: String },
+}
+
+async fn run_supervisor(inner: Arc<Inner>) {
+    let seed = u64::from_le_bytes(
+        inner.key.node_id().as_bytes()[..8]
+            .try_into()
+            .unwrap_or([7; 8]),
+    );
+    let mut backoff = Backoff::new(
+        inner.config.reconnect_base,
+        inner.config.reconnect_max,
+        seed,
+    );
+    loop {
+        let Ok(Some(link)) = inner.store.load::<PrimaryLinkRecord>("primary") else {
+            return;
+        };
+        match run_session(&inner, &link).await {
+            Ended::Bye(reason) if reason == "token_rotated" => {
+                backoff.reset();
+                continue;
+            }
+            Ended::Bye(reason) => {
+                if reason == "unpaired" {
+                    let _ = inner.store.remove::<PrimaryLinkRecord>("primary");
+                }
+                inner.events.publish(
+                    "session.ended",
+                    inner.now(),
+                    json!({ "primary": link.primary.to_string(), "reason": reason }),
+                );
+                if reason == "shutdown" {
+                    // The primary is restarting: come back later.
+                } else {
+                    return;
+                }
+            }
+            Ended::Lost { connected, error } => {
+                if connected {
+                    backoff.reset();
+                }
+                inner.events.publish(
+                    "session.lost",
+                    inner.now(),
+                    json!({ "primary": link.primary.to_string(), "error": error }),
+                );
+            }
+        }
+        let delay = backoff.next_delay();
+        inner.events.publish(
+            "session.reconnecting",
+            inner.now(),
+            json!({ "in_ms": delay.as_millis() as u64, "attempt": backoff.attempts() }),
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
+    let primary = link.primary;
+    let conn: Arc<dyn Connection> = match inner
+        .transport
+        .connect(primary, &link.address, Protocol::Mesh)
+        .await
+    {
+        Ok(c) => Arc::from(c),
+        // The primary's admission refuses revoked and unknown keys.
+        Err(TransportError::Refused(reason)) => return Ended::Bye(format!("refused: {reason}")),
+        Err(e) => {
+            return Ended::Lost {
+                connected: false,
+                error: e.to_string(),
+            };
+        }
+    };
+    let hello = Payload::Session(SessionMessage::Hello { token: link.token });
+    if let Err(e) = inner
+        .link
+        .send(conn.as_ref(), primary, hello, inner.now())
+        .await
+    {
+        return Ended::Lost {
+            connected: false,
+            error: e.to_string(),
+        };
+    }
+    let answer = tokio::time::timeout(
+        inner.config.command_timeout,
+        inner.link.recv(conn.as_ref(), || inner.now()),
+    )
+    .await;
+    match answer {
+        Ok(Ok(Payload::Session(SessionMessage::Welcome))) => {}
+        Ok(Ok(Payload::Session(SessionMessage::Bye { reason }))) => {
+            conn.close();
+            return Ended::Bye(reason);
+        }
+        other => {
+            conn.close();
+            return Ended::Lost {
+                connected: false,
+                error: format!("no welcome: {other:?}"),
+            };
+        }
+    }
+    *lock(&inner.worker.session) = Some(conn.clone());
+    inner.events.publish(
+        "session.connected",
+        inner.now(),
+        json!({ "primary": primary.to_string() }),
+    );
+    let beating = inner.clone();
+    let beat_conn = conn.clone();
+    let heartbeats = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(beating.config.heartbeat_interval);
+        loop {
+            interval.tick().await;
+            let seq = beating.worker.heartbeat_seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let hb = Payload::Heartbeat(Heartbeat {
+                seq,
+                metrics: beating.metrics.sample(),
+            });
+            if beating
+                .link
+                .send(beat_conn.as_ref(), primary, hb, beating.now())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let ended = loop {
+        let payload = match inner.link.recv(conn.as_ref(), || inner.now()).await {
+            Ok(p) => p,
+            Err(e) => {
+                break Ended::Lost {
+                    connected: true,
+                    error: e.to_string(),
+                };
+            }
+        };
+        match payload {
+            Payload::Command(cmd) => {
+                let outcome = handle_command(inner, &cmd);
+                let result = Payload::CommandResult(CommandResult {
+                    command_id: cmd.command_id,
+                    outcome,
+                });
+                if let Err(e) = inner
+                    .link
+                    .send(conn.as_ref(), primary, result, inner.now())
+                    .await
+                {
+                    break Ended::Lost {
+                        connected: true,
+                        error: e.to_string(),
+                    };
+                }
+            }
+            Payload::CommandResult(r) => inner.complete(r.command_id, r.outcome),
+            Payload::Session(SessionMessage::TokenRotated { token }) => {
+                let rotated = PrimaryLinkRecord {
+                    token,
+                    ..link.clone()
+                };
+                let _ = inner.store.save(&rotated);
+            }
+            Payload::Session(SessionMessage::Bye { reason }) => break Ended::Bye(reason),
+            _ => {}
+        }
+    };
+    heartbeats.abort();
+    lock(&inner.worker.session).take();
+    conn.close();
+    ended
+}
+
+/// The primary's commands: `ping`, `config`, `run_action`.
+fn handle_command(inner: &Inner, cmd: &Command) -> CommandOutcome {
+    let args: Value = serde_json::from_str(cmd.args.as_str()).unwrap_or(Value::Null);
+    inner.events.publish(
+        "command.received",
+        inner.now(),
+        json!({ "command": cmd.name }),
+    );
+    let ok = |v: Value| {
+        CommandOutcome::Ok(JsonText::from_value(&v).unwrap_or_else(|_| JsonText::null()))
+    };
+    match cmd.name.as_str() {
+        "ping" => ok(json!({ "pong": true })),
+        "config" => {
+            let (Some(key), Some(value)) =
+                (args.get("key").and_then(Value::as_str), args.get("value"))
+            else {
+                return CommandOutcome::Err {
+                    code: "invalid_args".into(),
+                    message: "config needs {\"key\": string, \"value\": any}".into(),
+                };
+            };
+            lock(&inner.worker.config).insert(key.to_owned(), value.clone());
+            inner.events.publish(
+                "config.updated",
+                inner.now(),
+                json!({ "key": key, "value": value }),
+            );
+            ok(json!({ "ok": true }))
+        }
+        "run_action" => {
+            let Some(action) = args.get("action").and_then(Value::as_str) else {
+                return CommandOutcome::Err {
+                    code: "invalid_args".into(),
+                    message: "run_action needs {\"action\": name, \"args\": …}".into(),
+                };
+            };
+            let action_args = JsonText::from_value(args.get("args").unwrap_or(&Value::Null))
+                .unwrap_or_else(|_| JsonText::null());
+            run_handler(inner, action, &action_args, "unknown_action")
+        }
+        other => CommandOutcome::Err {
+            code: "unknown_command".into(),
+            message: format!("this worker does not know the command {other:?}"),
+        },
+    }
+}
+
+impl Node {
+    fn worker(&self) -> Result<&Arc<Inner>, NodeError> {
+        match self.inner.config.role {
+            Role::Worker => Ok(&self.inner),
+            Role::Primary => Err(NodeError::Unavailable(
+                "this is a worker operation; the node is the primary".into(),
+            )),
+        }
+    }
+
+    /// Asks `primary` at `addr` to pair. The returned ticket holds the code
+    /// to show; the exchange continues in the background.
+    pub async fn request_pairing(
+        &self,
+        primary: NodeId,
+        addr: PeerAddr,
+    ) -> Result<PairingTicket, NodeError> {
+        let inner = self.worker()?.clone();
+        let conn: Arc<dyn Connection> = Arc::from(
+            inner
+                .transport
+                .connect(primary, &addr, Protocol::Pairing)
+                .await?,
+        );
+        let info = DeviceInfo {
+            device_id: inner.config.device_id.clone(),
+            name: inner.config.name.clone(),
+            platform: inner.config.platform,
+        };
+        let (mut session, request) = DevicePairing::start(
+            inner.key.node_id(),
+            primary,
+            info,
+            inner.now(),
+            &inner.config.pairing,
+        );
+        let code = session.code().as_str().to_owned();
+        let request_id = session.request_id().to_string();
+        inner
+            .link
+            .send(
+                conn.as_ref(),
+                primary,
+                Payload::Pairing(request),
+                inner.now(),
+            )
+            .await?;
+        let (tx, rx) = oneshot::channel();
+        let task_inner = inner.clone();
+        inner.spawn(async move {
+            let inner = task_inner;
+            let result = loop {
+                let msg = match inner.link.recv(conn.as_ref(), || inner.now()).await {
+                    Ok(Payload::Pairing(m)) => m,
+                    Ok(_) => continue,
+                    Err(e) => break Err(e),
+                };
+                match session.handle(primary, msg, &inner.key, inner.now()) {
+                    Ok(DeviceStep::Send(reply)) => {
+                        if let Err(e) = inner
+                            .link
+                            .send(conn.as_ref(), primary, Payload::Pairing(reply), inner.now())
+                            .await
+                        {
+                            break Err(e);
+                        }
+                    }
+                    Ok(DeviceStep::CodeMismatch(reply)) => {
+                        inner.events.publish(
+                            "pairing.code_mismatch",
+                            inner.now(),
+                            json!({ "primary": primary.to_string() }),
+                        );
+                        if let Err(e) = inner
+                            .link
+                            .send(conn.as_ref(), primary, Payload::Pairing(reply), inner.now())
+                            .await
+                        {
+                            break Err(e);
+                        }
+                    }
+                    Ok(DeviceStep::Paired(grant)) => {
+                        let record = PrimaryLinkRecord {
+                            primary: grant.primary,
+                            address: addr.clone(),
+                            token: *grant.token.as_bytes(),
+                            paired_at: inner.now(),
+                        };
+                        break inner.store.save(&record).map_err(NodeError::from);
+                    }
+                    Err(e) => break Err(e.into()),
+                }
+            };
+            conn.close();
+            if result.is_ok() {
+                inner.events.publish(
+                    "pairing.completed",
+                    inner.now(),
+                    json!({ "primary": primary.to_string() }),
+                );
+                supervise(&inner);
+            }
+            let _ = tx.send(result);
+        });
+        Ok(PairingTicket {
+            code,
+            request_id,
+            outcome: rx,
+        })
+    }
+
+    /// Whether the session with the primary is open.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.inner.worker.session).is_some()
+    }
+
+    /// The primary this worker is paired with, if any.
+    pub fn paired_primary(&self) -> Result<Option<NodeId>, NodeError> {
+        Ok(self
+            .inner
+            .store
+            .load::<PrimaryLinkRecord>("primary")?
+            .map(|l| l.primary))
+    }
+
+    /// A configuration value the primary set.
+    pub fn config_value(&self, key: &str) -> Option<Value> {
+        lock(&self.inner.worker.config).get(key).cloned()
+    }
+
+    /// Sends a command to the primary, which checks it against this
+    /// worker's policy; returns the handler's result or the refusal.
+    pub async fn send_command(&self, name: &str, args: Value) -> Result<Value, NodeError> {
+        let inner = self.worker()?;
+        let primary = self
+            .paired_primary()?
+            .ok_or_else(|| NodeError::Unavailable("not paired".into()))?;
+        let conn = lock(&inner.worker.session)
+            .clone()
+            .ok_or(NodeError::NotConnected(primary))?;
+        let id = MessageId::random();
+        let rx = inner.expect_result(id);
+        let timeout = inner.config.command_timeout;
+        let cmd = Payload::Command(Command {
+            command_id: id,
+            name: name.to_owned(),
+            args: JsonText::from_value(&args).map_err(|e| NodeError::Protocol(e.to_string()))?,
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        });
+        if let Err(e) = inner
+            .link
+            .send(conn.as_ref(), primary, cmd, inner.now())
+            .await
+        {
+            lock(&inner.calls).remove(&id);
+            return Err(e);
+        }
+        inner.await_result(id, rx, timeout).await
+    }
+}

@@ -1,0 +1,322 @@
+//! The node runtime end to end over real QUIC on 127.0.0.1: pairing with the
+//! code (a wrong one first), rejection, heartbeats and health, commands both
+//! ways with policy decisions, token rotation, revocation and unpairing
+//! taking effect at once, and the ledger verifying after all of it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::clock::Timestamp;
+use mesh_core::events::{Event, Received, Subscription};
+use mesh_core::identity::{NodeId, NodeKey};
+use mesh_core::ledger::record_types;
+use mesh_core::node::{
+    CommandPolicy, FnHandler, Node, NodeConfig, NodeError, RegistryAdmission, Role, Verdict,
+};
+use mesh_core::pairing::PairingError;
+use mesh_core::registry::{AuthError, Registry, scopes};
+use mesh_core::storage::records::PrimaryLinkRecord;
+use mesh_core::storage::{MemoryStorage, Storage, StorageExt};
+use mesh_core::transport::PeerAddr;
+use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
+use mesh_transport::quic::{QuicConfig, QuicTransport};
+use serde_json::json;
+
+/// Allows `notes.*`, refuses the rest.
+#[derive(Debug)]
+struct NotesOnly;
+
+impl CommandPolicy for NotesOnly {
+    fn decide(&self, _: &NodeId, command: &str, _: Timestamp) -> Verdict {
+        if command.starts_with("notes.") {
+            Verdict::Allow
+        } else {
+            Verdict::Deny {
+                code: "blocked_command".into(),
+                message: format!("{command} is not allowed for this device"),
+            }
+        }
+    }
+}
+
+struct Primary {
+    node: Node,
+    store: Arc<dyn Storage>,
+    key: Arc<NodeKey>,
+    addr: PeerAddr,
+}
+
+fn quic(key: &Arc<NodeKey>, store: &Arc<dyn Storage>) -> Arc<QuicTransport> {
+    let admission = Arc::new(RegistryAdmission::new(store.clone()));
+    let local = "127.0.0.1:0".parse().unwrap();
+    Arc::new(QuicTransport::bind(key.clone(), local, admission, QuicConfig::default()).unwrap())
+}
+
+fn primary() -> Primary {
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let key = Arc::new(NodeKey::generate());
+    let ledger =
+        Arc::new(SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default()).unwrap());
+    let transport = quic(&key, &store);
+    let addr = transport.addr();
+    let config = NodeConfig::new(Role::Primary, "Studio", "primary-1")
+        .heartbeat_interval(Duration::from_millis(100))
+        .command_timeout(Duration::from_secs(5));
+    let node = Node::builder(key.clone(), store.clone(), transport, config)
+        .ledger(ledger)
+        .policy(Arc::new(NotesOnly))
+        .handler(
+            "notes.write",
+            Arc::new(FnHandler(|args: &serde_json::Value| {
+                Ok(json!({ "stored": args["text"] }))
+            })),
+        )
+        .start()
+        .unwrap();
+    Primary {
+        node,
+        store,
+        key,
+        addr,
+    }
+}
+
+fn worker(name: &str) -> (Node, Arc<dyn Storage>) {
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let key = Arc::new(NodeKey::generate());
+    let transport = quic(&key, &store);
+    let config = NodeConfig::new(Role::Worker, name, &format!("hw-{name}"))
+        .heartbeat_interval(Duration::from_millis(100))
+        .command_timeout(Duration::from_secs(5))
+        .reconnect(Duration::from_millis(50), Duration::from_millis(500));
+    let node = Node::builder(key, store.clone(), transport, config)
+        .handler(
+            "backup",
+            Arc::new(FnHandler(|args: &serde_json::Value| {
+                Ok(json!({ "backed_up": args["path"] }))
+            })),
+        )
+        .start()
+        .unwrap();
+    (node, store)
+}
+
+/// The next event of `kind` (others are skipped), within `within`.
+async fn next(sub: &mut Subscription, kind: &str, within: Duration) -> Arc<Event> {
+    tokio::time::timeout(within, async {
+        loop {
+            match sub.recv().await {
+                Some(Received::Event(e)) if e.kind == kind => return e,
+                Some(_) => continue,
+                None => panic!("event bus closed"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {kind} event within {within:?}"))
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Pairs `w` with `p` using the right code (after one wrong one if asked).
+async fn pair(p: &Primary, w: &Node, wrong_first: bool) {
+    let mut requests = p.node.subscribe("pairing.request_received", 8).unwrap();
+    let mut sessions = w.subscribe("session.connected", 8).unwrap();
+    let ticket = w
+        .request_pairing(p.node.node_id(), p.addr.clone())
+        .await
+        .unwrap();
+    assert_eq!(ticket.code().len(), 6);
+    next(&mut requests, "pairing.request_received", WAIT).await;
+    let pending = p.node.pending_pairings().unwrap();
+    let request = pending
+        .iter()
+        .find(|r| r.device_node == w.node_id())
+        .unwrap();
+    assert_eq!(request.request_id, ticket.request_id());
+    if wrong_first {
+        let wrong = if ticket.code() == "000000" {
+            "000001"
+        } else {
+            "000000"
+        };
+        match p.node.approve_pairing(&request.request_id, wrong).await {
+            Err(NodeError::Pairing(PairingError::InvalidCode { attempts_left })) => {
+                assert_eq!(attempts_left, 4)
+            }
+            other => panic!("expected a wrong-code error, got {other:?}"),
+        }
+    }
+    let device = p
+        .node
+        .approve_pairing(&request.request_id, ticket.code())
+        .await
+        .unwrap();
+    assert_eq!(device.node, w.node_id());
+    ticket.finished().await.unwrap();
+    next(&mut sessions, "session.connected", WAIT).await;
+    assert!(w.is_connected());
+    assert_eq!(w.paired_primary().unwrap(), Some(p.node.node_id()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pair_heartbeat_command_rotate_revoke_and_audit() {
+    let p = primary();
+    let (w, w_store) = worker("laptop");
+    pair(&p, &w, true).await;
+
+    // Heartbeats arrive and are scored.
+    let mut online = p.node.subscribe("device.online", 8).unwrap();
+    next(&mut online, "device.online", WAIT).await;
+    let devices = p.node.devices().unwrap();
+    assert_eq!(devices.len(), 1);
+    assert!(devices[0].online);
+    assert_eq!(devices[0].status.as_deref(), Some("healthy"));
+
+    // Primary → worker: ping, config, run_action.
+    let rtt = p.node.ping(&w.node_id()).await.unwrap();
+    assert!(rtt < Duration::from_secs(1), "{rtt:?}");
+    p.node
+        .configure(&w.node_id(), "sync.interval", json!(30))
+        .await
+        .unwrap();
+    assert_eq!(w.config_value("sync.interval"), Some(json!(30)));
+    let out = p
+        .node
+        .run_action(&w.node_id(), "backup", json!({"path": "/data"}))
+        .await
+        .unwrap();
+    assert_eq!(out, json!({"backed_up": "/data"}));
+    match p.node.run_action(&w.node_id(), "rm -rf /", json!({})).await {
+        Err(NodeError::Command { code, .. }) => assert_eq!(code, "unknown_action"),
+        other => panic!("{other:?}"),
+    }
+
+    // Worker → primary: allowed runs the handler; denied carries the reason code.
+    let stored = w
+        .send_command("notes.write", json!({"text": "hi"}))
+        .await
+        .unwrap();
+    assert_eq!(stored, json!({"stored": "hi"}));
+    match w.send_command("shell.exec", json!({})).await {
+        Err(NodeError::Command { code, message }) => {
+            assert_eq!(code, "blocked_command");
+            assert!(message.contains("shell.exec"));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Token rotation: the old token is refused at once; the worker reconnects with the new one.
+    let old: PrimaryLinkRecord = w_store.load("primary").unwrap().unwrap();
+    let mut sessions = w.subscribe("session.connected", 8).unwrap();
+    p.node.rotate_token(&w.node_id()).await.unwrap();
+    let registry = Registry::new(p.store.clone(), mesh_core::events::EventBus::new());
+    assert!(matches!(
+        registry.check(&w.node_id(), &old.token, scopes::PRESENCE_WRITE),
+        Err(AuthError::BadToken(_))
+    ));
+    next(&mut sessions, "session.connected", WAIT).await;
+    let new: PrimaryLinkRecord = w_store.load("primary").unwrap().unwrap();
+    assert_ne!(new.token, old.token);
+    registry
+        .check(&w.node_id(), &new.token, scopes::PRESENCE_WRITE)
+        .unwrap();
+    assert_eq!(p.node.ping(&w.node_id()).await.map(|_| ()).ok(), Some(()));
+
+    // Revocation: the session closes within a second and the worker is refused.
+    let mut ended = w.subscribe("session.ended", 8).unwrap();
+    let revoked_at = std::time::Instant::now();
+    p.node.revoke(&w.node_id()).await.unwrap();
+    let bye = next(&mut ended, "session.ended", Duration::from_secs(1)).await;
+    assert_eq!(bye.data["reason"], "revoked");
+    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+    assert!(!w.is_connected());
+    assert!(matches!(
+        w.send_command("notes.write", json!({})).await,
+        Err(NodeError::NotConnected(_))
+    ));
+    assert!(matches!(
+        p.node.ping(&w.node_id()).await,
+        Err(NodeError::NotConnected(_))
+    ));
+
+    // Everything is in the ledger, which verifies.
+    let ledger =
+        SignedLedger::open(p.store.clone(), p.key.clone(), LedgerConfig::default()).unwrap();
+    let types: Vec<String> = ledger
+        .view()
+        .records(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.record_type)
+        .collect();
+    assert_eq!(
+        types,
+        [
+            record_types::PAIRING_APPROVED,
+            record_types::COMMAND_DECIDED,
+            record_types::COMMAND_DECIDED,
+            record_types::TOKEN_ROTATED,
+            record_types::DEVICE_REVOKED,
+        ]
+    );
+    let report = verify_ledger(p.store.as_ref(), &p.key.node_id(), None).unwrap();
+    assert!(report.ok(), "{report:?}");
+    w.shutdown().await;
+    p.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_request_fails_on_the_worker_and_an_unpaired_worker_forgets_its_primary() {
+    let p = primary();
+    let (w, _) = worker("phone");
+    let mut requests = p.node.subscribe("pairing.request_received", 8).unwrap();
+    let ticket = w
+        .request_pairing(p.node.node_id(), p.addr.clone())
+        .await
+        .unwrap();
+    next(&mut requests, "pairing.request_received", WAIT).await;
+    p.node
+        .reject_pairing(ticket.request_id(), Some("unknown device".into()))
+        .await
+        .unwrap();
+    match ticket.finished().await {
+        Err(NodeError::Pairing(PairingError::Rejected { reason })) => {
+            assert_eq!(reason.as_deref(), Some("unknown device"))
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(w.paired_primary().unwrap(), None);
+
+    let (w2, _) = worker("tablet");
+    pair(&p, &w2, false).await;
+    let mut ended = w2.subscribe("session.ended", 8).unwrap();
+    p.node.unpair(&w2.node_id()).await.unwrap();
+    let bye = next(&mut ended, "session.ended", Duration::from_secs(1)).await;
+    assert_eq!(bye.data["reason"], "unpaired");
+    assert_eq!(w2.paired_primary().unwrap(), None);
+    assert!(p.node.devices().unwrap().is_empty());
+    w.shutdown().await;
+    w2.shutdown().await;
+    p.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_of_the_other_role_are_refused_with_a_clear_error() {
+    let p = primary();
+    let (w, _) = worker("watch");
+    assert!(matches!(
+        w.pending_pairings(),
+        Err(NodeError::Unavailable(_))
+    ));
+    assert!(matches!(
+        p.node.send_command("x", json!({})).await,
+        Err(NodeError::Unavailable(_))
+    ));
+    assert!(matches!(
+        w.send_command("notes.write", json!({})).await,
+        Err(NodeError::Unavailable(_))
+    ));
+    w.shutdown().await;
+    p.node.shutdown().await;
+}
