@@ -103,6 +103,9 @@ mod error;
 mod hours;
 mod policy;
 pub mod presets;
+/// mesh-policy as the node runtime's policy (feature `runtime`).
+#[cfg(feature = "runtime")]
+pub mod runtime;
 
 pub use context::{Context, ContextDocument, DeviceClass, JobSize, PowerState, Thermal, WorkKind};
 pub use decision::{Decision, Outcome, Reason};

@@ -619,6 +619,13 @@ fn lost(addr: &PeerAddr, e: ConnectionError) -> TransportError {
         ConnectionError::ApplicationClosed(_) | ConnectionError::LocallyClosed => {
             TransportError::Closed
         }
+        // A server that is closing or overloaded refuses at the transport
+        // level: nobody is serving, which is not an admission decision.
+        ConnectionError::ConnectionClosed(close)
+            if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            TransportError::Unreachable { addr: addr.clone() }
+        }
         ConnectionError::ConnectionClosed(close) => TransportError::Refused(close.to_string()),
         ConnectionError::TimedOut => TransportError::Unreachable { addr: addr.clone() },
         other => TransportError::Io(other.to_string()),

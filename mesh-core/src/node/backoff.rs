@@ -21,7 +21,13 @@ impl Backoff {
             base: base.max(Duration::from_millis(1)),
             max: max.max(base),
             attempt: 0,
-            rng: seed | 1,
+            // splitmix64 of the seed: distinct seeds give distinct streams.
+            rng: {
+                let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (z ^ (z >> 31)) | 1
+            },
         }
     }
 

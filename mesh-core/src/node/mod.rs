@@ -26,6 +26,7 @@
 //!    │◀────────────── Command … Bye{revoked} ──│
 //! ```
 
+mod actions;
 mod backoff;
 mod link;
 mod primary;
@@ -50,6 +51,7 @@ use crate::storage::{Storage, StorageError};
 use crate::transport::{Admission, Protocol, Transport, TransportError};
 use crate::wire::{CommandOutcome, HealthMetrics, MessageId, Platform};
 
+pub use actions::states as action_states;
 pub use backoff::Backoff;
 pub use primary::DeviceView;
 pub use worker::PairingTicket;
@@ -211,11 +213,54 @@ impl Verdict {
     }
 }
 
-/// Decides the commands workers send to the primary (the runtime's side of
-/// mesh-policy).
+/// Held while an allowed command runs (a policy's concurrency slot, for
+/// example); dropping it frees the slot.
+pub struct Permit(Option<Box<dyn Send + Sync>>);
+
+impl Permit {
+    /// No slot to hold.
+    pub fn none() -> Self {
+        Permit(None)
+    }
+
+    /// Holds `guard` until the command finished.
+    pub fn holding(guard: impl Send + Sync + 'static) -> Self {
+        Permit(Some(Box::new(guard)))
+    }
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Permit").field(&self.0.is_some()).finish()
+    }
+}
+
+/// Decides the commands workers send to the primary, and keeps the
+/// per-device policy documents (mesh-policy implements it behind its
+/// `runtime` feature).
 pub trait CommandPolicy: Send + Sync + fmt::Debug + 'static {
-    /// The verdict for `device` running `command` now.
-    fn decide(&self, device: &NodeId, command: &str, now: Timestamp) -> Verdict;
+    /// The verdict for `device` running `command` now, and what to hold
+    /// while an allowed command runs. `metrics` is the device's latest
+    /// heartbeat (battery, charging, CPU, thermal state), if any came.
+    fn decide(
+        &self,
+        device: &NodeId,
+        command: &str,
+        now: Timestamp,
+        metrics: Option<&HealthMetrics>,
+    ) -> (Verdict, Permit);
+
+    /// Checks and installs `device`'s policy document (JSON); `Err` says
+    /// what is wrong with it. The runtime persists and audits documents.
+    fn install(&self, device: &NodeId, document: &str) -> Result<(), String> {
+        let _ = (device, document);
+        Err("this policy does not take documents".into())
+    }
+
+    /// Removes `device`'s policy (it is then denied everything).
+    fn remove(&self, device: &NodeId) {
+        let _ = device;
+    }
 }
 
 /// Refuses everything: the default until a policy is configured.
@@ -223,11 +268,18 @@ pub trait CommandPolicy: Send + Sync + fmt::Debug + 'static {
 pub struct DenyAll;
 
 impl CommandPolicy for DenyAll {
-    fn decide(&self, _: &NodeId, _: &str, _: Timestamp) -> Verdict {
-        Verdict::Deny {
+    fn decide(
+        &self,
+        _: &NodeId,
+        _: &str,
+        _: Timestamp,
+        _: Option<&HealthMetrics>,
+    ) -> (Verdict, Permit) {
+        let verdict = Verdict::Deny {
             code: "policy_disabled".into(),
             message: "no execution policy is configured on the primary".into(),
-        }
+        };
+        (verdict, Permit::none())
     }
 }
 
@@ -273,6 +325,9 @@ pub enum NodeError {
     /// A subscription could not be made.
     #[error(transparent)]
     Events(#[from] EventError),
+    /// A policy document was refused.
+    #[error("invalid policy: {0}")]
+    Policy(String),
 }
 
 /// Admits keys per protocol from the registry in `store`: anyone may reach
@@ -393,7 +448,6 @@ impl NodeBuilder {
             config: self.config,
             events: self.events,
             clock: self.clock,
-            ledger: self.ledger,
             metrics: self.metrics,
             policy: self.policy,
             handlers: self.handlers,
@@ -407,7 +461,7 @@ impl NodeBuilder {
         });
         let node = Node { inner };
         match node.inner.config.role {
-            Role::Primary => primary::start(&node.inner),
+            Role::Primary => primary::start(&node.inner)?,
             Role::Worker => worker::start(&node.inner)?,
         }
         Ok(node)
@@ -421,10 +475,11 @@ pub(crate) struct Inner {
     config: NodeConfig,
     events: EventBus,
     clock: Arc<dyn Clock>,
-    ledger: Option<Arc<dyn Ledger>>,
     metrics: Arc<dyn MetricsSource>,
     policy: Arc<dyn CommandPolicy>,
     handlers: HashMap<String, Arc<dyn CommandHandler>>,
+    /// The registry; with a ledger attached, every audited change goes
+    /// through it (`Registry::commit`).
     registry: Registry,
     pairing: PrimaryPairing,
     health: Mutex<HealthMonitor>,

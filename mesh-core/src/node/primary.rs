@@ -10,17 +10,16 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
-use super::{Inner, Node, NodeError, Role, Verdict, lock};
+use super::{Inner, Node, NodeError, Role, lock};
 use crate::events::kinds;
 use crate::identity::NodeId;
-use crate::ledger::{Entry, record_types};
 use crate::pairing::{PairingCode, PairingError};
 use crate::registry::{AuthError, scopes};
 use crate::storage::records::{DeviceRecord, PairingRequestRecord};
 use crate::transport::{Connection, Protocol, TransportError};
 use crate::wire::{
-    Command, CommandOutcome, CommandResult, JsonText, MessageId, PairingMessage, Payload,
-    SessionMessage,
+    Command, CommandOutcome, CommandResult, HealthMetrics, JsonText, MessageId, PairingMessage,
+    Payload, SessionMessage,
 };
 
 /// A paired device's open session.
@@ -39,6 +38,8 @@ struct Waiter {
 #[derive(Default)]
 pub(crate) struct State {
     sessions: Mutex<HashMap<NodeId, Session>>,
+    /// Each device's latest heartbeat metrics (the policy's power context).
+    pub(super) metrics: Mutex<HashMap<NodeId, HealthMetrics>>,
     pairings: Mutex<HashMap<String, Waiter>>,
     next_session: AtomicU64,
 }
@@ -56,7 +57,8 @@ pub struct DeviceView {
     pub score: Option<u8>,
 }
 
-pub(super) fn start(inner: &Arc<Inner>) {
+pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
+    super::actions::load_policies(inner)?;
     let accepting = inner.clone();
     inner.spawn(async move {
         loop {
@@ -88,6 +90,7 @@ pub(super) fn start(inner: &Arc<Inner>) {
             let _ = health.flush();
         }
     });
+    Ok(())
 }
 
 fn auth_code(e: &AuthError) -> &'static str {
@@ -256,7 +259,11 @@ async fn serve(inner: &Arc<Inner>, conn: &dyn Connection, node: NodeId, token: &
         match payload {
             Payload::Heartbeat(hb) => {
                 let now = inner.now();
-                if let Err(e) = lock(&inner.health).ingest(node, now, &hb.metrics) {
+                let ingested = lock(&inner.health).ingest(node, now, &hb.metrics);
+                if ingested.is_ok() {
+                    lock(&inner.primary.metrics).insert(node, hb.metrics);
+                }
+                if let Err(e) = ingested {
                     inner.events.publish(
                         "health.rejected",
                         now,
@@ -265,19 +272,22 @@ async fn serve(inner: &Arc<Inner>, conn: &dyn Connection, node: NodeId, token: &
                 }
             }
             Payload::Command(cmd) => {
-                let outcome = decide_and_run(inner, node, &cmd);
-                let result = Payload::CommandResult(CommandResult {
-                    command_id: cmd.command_id,
-                    outcome,
+                // Decided and run in its own task: a slow handler or a
+                // deferral does not hold up heartbeats.
+                let (task_inner, conn) = (inner.clone(), session_conn(inner, &node));
+                inner.spawn(async move {
+                    let outcome = super::actions::on_worker_command(&task_inner, node, &cmd).await;
+                    let result = Payload::CommandResult(CommandResult {
+                        command_id: cmd.command_id,
+                        outcome,
+                    });
+                    if let Some(conn) = conn {
+                        let _ = task_inner
+                            .link
+                            .send(conn.as_ref(), node, result, task_inner.now())
+                            .await;
+                    }
                 });
-                if inner
-                    .link
-                    .send(conn, node, result, inner.now())
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
             }
             Payload::CommandResult(r) => inner.complete(r.command_id, r.outcome),
             Payload::Session(SessionMessage::Bye { .. }) => return,
@@ -298,56 +308,11 @@ async fn bye(inner: &Inner, conn: &dyn Connection, to: NodeId, reason: &str) {
     conn.close();
 }
 
-/// A worker's command: the policy decides, the ledger records the decision,
-/// an allowed command runs the handler registered under its name.
-fn decide_and_run(inner: &Inner, node: NodeId, cmd: &Command) -> CommandOutcome {
-    let now = inner.now();
-    let verdict = inner.policy.decide(&node, &cmd.name, now);
-    if let Some(ledger) = &inner.ledger {
-        let (code, message) = match &verdict {
-            Verdict::Allow => (None, None),
-            Verdict::Deny { code, message }
-            | Verdict::NeedsApproval { code, message }
-            | Verdict::Defer { code, message, .. } => (Some(code), Some(message)),
-        };
-        let entry = Entry::json(
-            record_types::COMMAND_DECIDED,
-            node,
-            &json!({
-                "device": node.to_string(),
-                "command": cmd.name,
-                "decision": verdict.name(),
-                "reason": code,
-                "message": message,
-            }),
-        );
-        if let Err(e) = ledger.append(vec![entry], vec![], now) {
-            // Nothing runs unrecorded.
-            return CommandOutcome::Err {
-                code: "audit_failed".into(),
-                message: e.to_string(),
-            };
-        }
-    }
-    inner.events.publish(
-        "command.decided",
-        now,
-        json!({ "device": node.to_string(), "command": cmd.name, "decision": verdict.name() }),
-    );
-    match verdict {
-        Verdict::Allow => run_handler(inner, &cmd.name, &cmd.args, "unknown_command"),
-        Verdict::Deny { code, message } => CommandOutcome::Err { code, message },
-        Verdict::NeedsApproval { message, .. } => CommandOutcome::Err {
-            code: "needs_approval".into(),
-            message,
-        },
-        Verdict::Defer {
-            delay_ms, message, ..
-        } => CommandOutcome::Err {
-            code: "deferred".into(),
-            message: format!("{message}; retry in {delay_ms} ms"),
-        },
-    }
+/// The open session's connection to `node`, if any.
+pub(super) fn session_conn(inner: &Inner, node: &NodeId) -> Option<Arc<dyn Connection>> {
+    lock(&inner.primary.sessions)
+        .get(node)
+        .map(|s| s.conn.clone())
 }
 
 /// Runs the handler registered as `name` with `args`.
@@ -396,7 +361,7 @@ pub(super) async fn close_all(inner: &Inner, reason: &str) {
 }
 
 impl Node {
-    fn primary(&self) -> Result<&Inner, NodeError> {
+    pub(super) fn primary(&self) -> Result<&Inner, NodeError> {
         match self.inner.config.role {
             Role::Primary => Ok(&self.inner),
             Role::Worker => Err(NodeError::Unavailable(

@@ -281,6 +281,11 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
                 let _ = inner.store.save(&rotated);
             }
             Payload::Session(SessionMessage::Bye { reason }) => break Ended::Bye(reason),
+            // The primary's news for this worker (e.g. its proposed actions).
+            Payload::Event(event) => {
+                let data: Value = serde_json::from_str(event.data.as_str()).unwrap_or(Value::Null);
+                inner.events.publish(&event.kind, inner.now(), data);
+            }
             _ => {}
         }
     };

@@ -364,3 +364,22 @@ async fn shutdown_tells_open_connections() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_closing_endpoint_is_unreachable_not_a_refusal() {
+    within(async {
+        let config = QuicConfig {
+            handshake_timeout: Duration::from_millis(500),
+            ..QuicConfig::default()
+        };
+        let (a, b) = (bind(1, config.clone()), bind(2, config));
+        let addr = b.addr();
+        // Closed, but its socket still answers: transport-level CONNECTION_REFUSED.
+        b.shutdown(Duration::ZERO).await;
+        match a.connect(b.local_node(), &addr, Protocol::Mesh).await {
+            Err(TransportError::Unreachable { .. }) => {}
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+    })
+    .await;
+}

@@ -7,4 +7,5 @@ mod discovery_netns;
 mod foundation;
 mod ledger_crash;
 mod node_e2e;
+mod node_policy;
 mod storage_crash;

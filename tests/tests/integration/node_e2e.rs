@@ -11,13 +11,14 @@ use mesh_core::events::{Event, Received, Subscription};
 use mesh_core::identity::{NodeId, NodeKey};
 use mesh_core::ledger::record_types;
 use mesh_core::node::{
-    CommandPolicy, FnHandler, Node, NodeConfig, NodeError, RegistryAdmission, Role, Verdict,
+    CommandPolicy, FnHandler, Node, NodeConfig, NodeError, Permit, RegistryAdmission, Role, Verdict,
 };
 use mesh_core::pairing::PairingError;
 use mesh_core::registry::{AuthError, Registry, scopes};
 use mesh_core::storage::records::PrimaryLinkRecord;
 use mesh_core::storage::{MemoryStorage, Storage, StorageExt};
 use mesh_core::transport::PeerAddr;
+use mesh_core::wire::HealthMetrics;
 use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
 use mesh_transport::quic::{QuicConfig, QuicTransport};
 use serde_json::json;
@@ -27,15 +28,22 @@ use serde_json::json;
 struct NotesOnly;
 
 impl CommandPolicy for NotesOnly {
-    fn decide(&self, _: &NodeId, command: &str, _: Timestamp) -> Verdict {
-        if command.starts_with("notes.") {
+    fn decide(
+        &self,
+        _: &NodeId,
+        command: &str,
+        _: Timestamp,
+        _: Option<&HealthMetrics>,
+    ) -> (Verdict, Permit) {
+        let verdict = if command.starts_with("notes.") {
             Verdict::Allow
         } else {
             Verdict::Deny {
                 code: "blocked_command".into(),
                 message: format!("{command} is not allowed for this device"),
             }
-        }
+        };
+        (verdict, Permit::none())
     }
 }
 

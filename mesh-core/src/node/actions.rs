@@ -1,0 +1,298 @@
+//! Workers' commands on the primary: the policy's verdict, deferral and
+//! retry, and the approval lifecycle of actions (R-ACT2); per-device policy
+//! documents. Every decision, transition and policy change is appended to
+//! the ledger in the same storage batch as the state it changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::primary::{run_handler, session_conn};
+use super::{Inner, Node, NodeError, Verdict};
+use crate::identity::NodeId;
+use crate::ledger::record_types;
+use crate::storage::records::{ActionRecord, ExecPolicyRecord};
+use crate::storage::{Record, StorageExt};
+use crate::wire::{Command, CommandOutcome, EventPayload, JsonText, MessageId, Payload};
+
+/// How often a deferred command is decided again before giving up.
+const MAX_DEFERRALS: u32 = 3;
+
+/// Action states.
+pub mod states {
+    /// Waiting for a person.
+    pub const PROPOSED: &str = "proposed";
+    /// Approved; about to run.
+    pub const APPROVED: &str = "approved";
+    /// Running.
+    pub const EXECUTING: &str = "executing";
+    /// Ran; `result` holds the outcome.
+    pub const EXECUTED: &str = "executed";
+    /// Ran and failed; `error` says why.
+    pub const FAILED: &str = "failed";
+    /// Refused by a person.
+    pub const REJECTED: &str = "rejected";
+}
+
+/// A worker's command: decide (again after a deferral), record the decision,
+/// and run it, refuse it, or propose it for approval.
+pub(super) async fn on_worker_command(
+    inner: &Arc<Inner>,
+    node: NodeId,
+    cmd: &Command,
+) -> CommandOutcome {
+    let mut deferrals = 0;
+    let mut waited = Duration::ZERO;
+    loop {
+        let now = inner.now();
+        let metrics = super::lock(&inner.primary.metrics).get(&node).cloned();
+        let (verdict, permit) = inner.policy.decide(&node, &cmd.name, now, metrics.as_ref());
+        if let Err(e) = record_decision(inner, node, cmd, &verdict) {
+            return CommandOutcome::Err {
+                code: "audit_failed".into(),
+                message: e.to_string(),
+            };
+        }
+        match verdict {
+            Verdict::Allow => {
+                let outcome = run_handler(inner, &cmd.name, &cmd.args, "unknown_command");
+                drop(permit);
+                return outcome;
+            }
+            Verdict::Deny { code, message } => return CommandOutcome::Err { code, message },
+            Verdict::NeedsApproval { message, .. } => {
+                return match propose(inner, node, cmd).await {
+                    Ok(id) => CommandOutcome::Err {
+                        code: "needs_approval".into(),
+                        message: format!("{message}; awaiting approval as action {id}"),
+                    },
+                    Err(e) => CommandOutcome::Err {
+                        code: "audit_failed".into(),
+                        message: e.to_string(),
+                    },
+                };
+            }
+            Verdict::Defer {
+                delay_ms, message, ..
+            } => {
+                let delay = Duration::from_millis(delay_ms);
+                deferrals += 1;
+                waited += delay;
+                if deferrals > MAX_DEFERRALS || waited >= inner.config.command_timeout {
+                    return CommandOutcome::Err {
+                        code: "deferred".into(),
+                        message: format!("{message}; retry in {delay_ms} ms"),
+                    };
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+fn record_decision(
+    inner: &Inner,
+    node: NodeId,
+    cmd: &Command,
+    verdict: &Verdict,
+) -> Result<(), NodeError> {
+    let (code, message) = match verdict {
+        Verdict::Allow => (None, None),
+        Verdict::Deny { code, message }
+        | Verdict::NeedsApproval { code, message }
+        | Verdict::Defer { code, message, .. } => (Some(code), Some(message)),
+    };
+    let body = json!({
+        "device": node.to_string(),
+        "command": cmd.name,
+        "decision": verdict.name(),
+        "reason": code,
+        "message": message,
+    });
+    inner.registry.commit(
+        vec![],
+        record_types::COMMAND_DECIDED,
+        body.clone(),
+        inner.now(),
+    )?;
+    inner.events.publish("command.decided", inner.now(), body);
+    Ok(())
+}
+
+/// Stores an action and its transition record together; tells the worker.
+async fn transition(inner: &Inner, action: &ActionRecord) -> Result<(), NodeError> {
+    let body = json!({
+        "action": action.id,
+        "state": action.state,
+        "command": action.command,
+        "device": action.proposed_by.to_string(),
+        "by": action.decided_by,
+        "error": action.error,
+    });
+    inner.registry.commit(
+        vec![action.put()?],
+        record_types::ACTION_TRANSITION,
+        body,
+        action.updated_at,
+    )?;
+    let data = json!({
+        "id": action.id,
+        "state": action.state,
+        "command": action.command,
+        "result": action.result.as_ref().and_then(|r| serde_json::from_str::<Value>(r.as_str()).ok()),
+        "error": action.error,
+    });
+    inner
+        .events
+        .publish("action.updated", action.updated_at, data.clone());
+    // The proposing worker hears of it too, if connected.
+    if let Some(conn) = session_conn(inner, &action.proposed_by) {
+        let event = Payload::Event(EventPayload {
+            kind: "action.updated".into(),
+            data: JsonText::from_value(&data).unwrap_or_else(|_| JsonText::null()),
+        });
+        let send = inner
+            .link
+            .send(conn.as_ref(), action.proposed_by, event, inner.now());
+        let _ = tokio::time::timeout(Duration::from_secs(2), send).await;
+    }
+    Ok(())
+}
+
+async fn propose(inner: &Inner, node: NodeId, cmd: &Command) -> Result<String, NodeError> {
+    let now = inner.now();
+    let action = ActionRecord {
+        id: MessageId::random().to_string(),
+        state: states::PROPOSED.into(),
+        command: cmd.name.clone(),
+        params: cmd.args.clone(),
+        proposed_by: node,
+        decided_by: None,
+        created_at: now,
+        updated_at: now,
+        result: None,
+        error: None,
+    };
+    transition(inner, &action).await?;
+    Ok(action.id)
+}
+
+impl Node {
+    /// Every action, newest first.
+    pub fn actions(&self) -> Result<Vec<ActionRecord>, NodeError> {
+        let inner = self.primary()?;
+        let mut all: Vec<ActionRecord> = inner.store.load_all()?;
+        all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        Ok(all)
+    }
+
+    fn proposed(&self, id: &str) -> Result<ActionRecord, NodeError> {
+        let inner = self.primary()?;
+        let action: ActionRecord = inner
+            .store
+            .load(id)?
+            .ok_or_else(|| NodeError::Unavailable(format!("no action {id}")))?;
+        if action.state != states::PROPOSED {
+            return Err(NodeError::Unavailable(format!(
+                "action {id} is {}, not proposed",
+                action.state
+            )));
+        }
+        Ok(action)
+    }
+
+    /// Approves a proposed action: it runs now (approved → executing →
+    /// executed or failed) and the final record is returned.
+    pub async fn approve_action(&self, id: &str) -> Result<ActionRecord, NodeError> {
+        let mut action = self.proposed(id)?;
+        let inner = self.primary()?;
+        let me = Some(inner.key.node_id().to_string());
+        for state in [states::APPROVED, states::EXECUTING] {
+            action.state = state.into();
+            action.decided_by.clone_from(&me);
+            action.updated_at = inner.now();
+            transition(inner, &action).await?;
+        }
+        match run_handler(inner, &action.command, &action.params, "unknown_command") {
+            CommandOutcome::Ok(result) => {
+                action.state = states::EXECUTED.into();
+                action.result = Some(result);
+            }
+            CommandOutcome::Err { code, message } => {
+                action.state = states::FAILED.into();
+                action.error = Some(format!("{code}: {message}"));
+            }
+        }
+        action.updated_at = inner.now();
+        transition(inner, &action).await?;
+        Ok(action)
+    }
+
+    /// Rejects a proposed action.
+    pub async fn reject_action(
+        &self,
+        id: &str,
+        reason: Option<String>,
+    ) -> Result<ActionRecord, NodeError> {
+        let mut action = self.proposed(id)?;
+        let inner = self.primary()?;
+        action.state = states::REJECTED.into();
+        action.decided_by = Some(inner.key.node_id().to_string());
+        action.error = reason;
+        action.updated_at = inner.now();
+        transition(inner, &action).await?;
+        Ok(action)
+    }
+
+    /// Sets `device`'s execution policy (a mesh-policy document, JSON). The
+    /// document is checked first; the change is stored and audited together.
+    pub fn set_policy(&self, device: &NodeId, document: &str) -> Result<(), NodeError> {
+        let inner = self.primary()?;
+        let text = JsonText::new(document).map_err(|e| NodeError::Policy(e.to_string()))?;
+        inner
+            .policy
+            .install(device, document)
+            .map_err(NodeError::Policy)?;
+        let record = ExecPolicyRecord {
+            node: *device,
+            document: text,
+            updated_at: inner.now(),
+        };
+        let body = json!({ "device": device.to_string(), "document": serde_json::from_str::<Value>(document).unwrap_or(Value::Null) });
+        inner.registry.commit(
+            vec![record.put()?],
+            record_types::POLICY_SET,
+            body,
+            inner.now(),
+        )?;
+        inner.events.publish(
+            "policy.updated",
+            inner.now(),
+            json!({ "device": device.to_string() }),
+        );
+        Ok(())
+    }
+
+    /// `device`'s policy document, if one is set.
+    pub fn policy(&self, device: &NodeId) -> Result<Option<Value>, NodeError> {
+        let inner = self.primary()?;
+        let record: Option<ExecPolicyRecord> = inner.store.load(&device.to_string())?;
+        Ok(record.and_then(|r| serde_json::from_str(r.document.as_str()).ok()))
+    }
+}
+
+/// Installs the stored policies (at start: a restart keeps them).
+pub(super) fn load_policies(inner: &Inner) -> Result<(), NodeError> {
+    let all: Vec<ExecPolicyRecord> = inner.store.load_all()?;
+    for p in all {
+        if let Err(e) = inner.policy.install(&p.node, p.document.as_str()) {
+            inner.events.publish(
+                "policy.invalid",
+                inner.now(),
+                json!({ "device": p.node.to_string(), "error": e }),
+            );
+        }
+    }
+    Ok(())
+}

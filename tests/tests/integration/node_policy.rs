@@ -1,0 +1,433 @@
+//! The runtime with real mesh-policy decisions over QUIC: restrictive and
+//! approval-gated policies, the action lifecycle through to `executed`,
+//! `failed` and `rejected`, a deferral retried after its delay, and a
+//! primary restart (SQLite) that keeps identity, devices, policies, actions
+//! and ledger while the worker reconnects by itself.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use mesh_core::events::{Event, Received, Subscription};
+use mesh_core::identity::NodeKey;
+use mesh_core::ledger::{Body, record_types};
+use mesh_core::node::{
+    FnHandler, MetricsSource, Node, NodeConfig, NodeError, RegistryAdmission, Role, action_states,
+};
+use mesh_core::storage::{MemoryStorage, SqliteStorage, Storage};
+use mesh_core::transport::PeerAddr;
+use mesh_core::wire::HealthMetrics;
+use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
+use mesh_policy::runtime::RuntimePolicy;
+use mesh_policy::{PolicyEngine, PowerThresholds};
+use mesh_transport::quic::{QuicConfig, QuicTransport};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn next(sub: &mut Subscription, kind: &str, within: Duration) -> Arc<Event> {
+    tokio::time::timeout(within, async {
+        loop {
+            match sub.recv().await {
+                Some(Received::Event(e)) if e.kind == kind => return e,
+                Some(_) => continue,
+                None => panic!("event bus closed"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {kind} event within {within:?}"))
+}
+
+/// CPU load the worker reports; the test flips it.
+#[derive(Debug, Default)]
+struct Cpu(AtomicBool);
+
+impl MetricsSource for Cpu {
+    fn sample(&self) -> HealthMetrics {
+        let busy = self.0.load(Ordering::Relaxed);
+        HealthMetrics {
+            cpu_percent: Some(if busy { 99.0 } else { 10.0 }),
+            memory_percent: Some(40.0),
+            ..HealthMetrics::default()
+        }
+    }
+}
+
+struct Primary {
+    node: Node,
+    store: Arc<dyn Storage>,
+    key: Arc<NodeKey>,
+    addr: PeerAddr,
+}
+
+fn start_primary(store: Arc<dyn Storage>, key: Arc<NodeKey>, port: u16) -> Result<Primary, String> {
+    let ledger = Arc::new(
+        SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default())
+            .map_err(|e| e.to_string())?,
+    );
+    let admission = Arc::new(RegistryAdmission::new(store.clone()));
+    let local = format!("127.0.0.1:{port}").parse().unwrap();
+    let transport = Arc::new(
+        QuicTransport::bind(key.clone(), local, admission, QuicConfig::default())
+            .map_err(|e| e.to_string())?,
+    );
+    let addr = transport.addr();
+    // Deferrals of 200 ms on a busy CPU, so the retry shows within a test.
+    let mut thresholds = PowerThresholds::default();
+    thresholds.cpu_defer_ms = 200;
+    let engine = PolicyEngine::with_thresholds(thresholds);
+    let config = NodeConfig::new(Role::Primary, "Studio", "primary-1")
+        .heartbeat_interval(Duration::from_millis(50))
+        .command_timeout(Duration::from_secs(5));
+    let node = Node::builder(key.clone(), store.clone(), transport, config)
+        .ledger(ledger)
+        .policy(Arc::new(RuntimePolicy::with_engine(engine)))
+        .handler(
+            "notes.write",
+            Arc::new(FnHandler(|a: &Value| Ok(json!({ "stored": a["text"] })))),
+        )
+        .handler(
+            "jobs.deploy",
+            Arc::new(FnHandler(|a: &Value| {
+                Ok(json!({ "deployed": a["version"] }))
+            })),
+        )
+        .handler(
+            "jobs.fail",
+            Arc::new(FnHandler(|_: &Value| Err("disk full".to_owned()))),
+        )
+        .start()
+        .map_err(|e| e.to_string())?;
+    Ok(Primary {
+        node,
+        store,
+        key,
+        addr,
+    })
+}
+
+fn start_worker(cpu: Arc<Cpu>) -> Node {
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let key = Arc::new(NodeKey::generate());
+    let admission = Arc::new(RegistryAdmission::new(store.clone()));
+    // A down primary shows as a handshake timeout: keep it short here.
+    let mut quic = QuicConfig::default();
+    quic.handshake_timeout = Duration::from_millis(300);
+    let transport = Arc::new(
+        QuicTransport::bind(key.clone(), "127.0.0.1:0".parse().unwrap(), admission, quic).unwrap(),
+    );
+    let config = NodeConfig::new(Role::Worker, "builder", "hw-builder")
+        .heartbeat_interval(Duration::from_millis(50))
+        .command_timeout(Duration::from_secs(5))
+        .reconnect(Duration::from_millis(50), Duration::from_millis(400));
+    Node::builder(key, store, transport, config)
+        .metrics(cpu)
+        .start()
+        .unwrap()
+}
+
+async fn pair(p: &Primary, w: &Node) {
+    let mut requests = p.node.subscribe("pairing.request_received", 8).unwrap();
+    let mut sessions = w.subscribe("session.connected", 8).unwrap();
+    let ticket = w
+        .request_pairing(p.node.node_id(), p.addr.clone())
+        .await
+        .unwrap();
+    next(&mut requests, "pairing.request_received", WAIT).await;
+    p.node
+        .approve_pairing(ticket.request_id(), ticket.code())
+        .await
+        .unwrap();
+    ticket.finished().await.unwrap();
+    next(&mut sessions, "session.connected", WAIT).await;
+}
+
+fn code(r: Result<Value, NodeError>) -> (String, String) {
+    match r {
+        Err(NodeError::Command { code, message }) => (code, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn ledger_types(p: &Primary) -> Vec<String> {
+    let ledger =
+        SignedLedger::open(p.store.clone(), p.key.clone(), LedgerConfig::default()).unwrap();
+    ledger
+        .view()
+        .records(0, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.record_type)
+        .collect()
+}
+
+fn decisions(p: &Primary) -> Vec<String> {
+    let ledger =
+        SignedLedger::open(p.store.clone(), p.key.clone(), LedgerConfig::default()).unwrap();
+    ledger
+        .view()
+        .records(0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.record_type == record_types::COMMAND_DECIDED)
+        .map(|r| match r.body {
+            Body::Json(j) => serde_json::from_str::<Value>(j.as_str()).unwrap()["decision"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+            Body::Bytes(_) => panic!("JSON body"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restrictive_and_approval_policies_drive_the_action_lifecycle() {
+    let p = start_primary(
+        Arc::new(MemoryStorage::new()),
+        Arc::new(NodeKey::generate()),
+        0,
+    )
+    .unwrap();
+    let cpu = Arc::new(Cpu::default());
+    let w = start_worker(cpu.clone());
+    pair(&p, &w).await;
+    let dev = w.node_id();
+
+    // No policy yet: denied by default.
+    assert_eq!(
+        code(w.send_command("notes.write", json!({"text": "x"})).await).0,
+        "policy_disabled"
+    );
+
+    // Restrictive.
+    let restrictive = r#"{"allowed_commands": ["notes.*"], "blocked_commands": ["notes.delete"]}"#;
+    p.node.set_policy(&dev, restrictive).unwrap();
+    assert_eq!(
+        p.node.policy(&dev).unwrap().unwrap()["blocked_commands"],
+        json!(["notes.delete"])
+    );
+    assert_eq!(
+        w.send_command("notes.write", json!({"text": "hi"}))
+            .await
+            .unwrap(),
+        json!({"stored": "hi"})
+    );
+    let (c, m) = code(w.send_command("notes.delete", json!({})).await);
+    assert_eq!(c, "blocked_command");
+    assert!(m.contains("notes.delete"), "{m}");
+    assert_eq!(
+        code(w.send_command("jobs.deploy", json!({})).await).0,
+        "command_not_allowed"
+    );
+    // A bad document is refused and the stored one stays.
+    assert!(matches!(
+        p.node.set_policy(&dev, r#"{"allowed_commands": ["["]}"#),
+        Err(NodeError::Policy(_))
+    ));
+    assert!(matches!(
+        p.node.set_policy(&dev, "not json"),
+        Err(NodeError::Policy(_))
+    ));
+    assert_eq!(
+        p.node.policy(&dev).unwrap().unwrap()["allowed_commands"],
+        json!(["notes.*"])
+    );
+
+    // Trusted but approval-gated: proposed, then executed / failed / rejected.
+    p.node
+        .set_policy(
+            &dev,
+            r#"{"allowed_commands": ["jobs.*"], "require_approval": true}"#,
+        )
+        .unwrap();
+    let mut updates = w.subscribe("action.updated", 64).unwrap();
+    let (c, m) = code(w.send_command("jobs.deploy", json!({"version": 3})).await);
+    assert_eq!(c, "needs_approval");
+    let proposed = next(&mut updates, "action.updated", WAIT).await;
+    assert_eq!(proposed.data["state"], action_states::PROPOSED);
+    let id = proposed.data["id"].as_str().unwrap().to_owned();
+    assert!(m.contains(&id), "{m}");
+    let actions = p.node.actions().unwrap();
+    assert_eq!(
+        (actions.len(), actions[0].state.as_str()),
+        (1, action_states::PROPOSED)
+    );
+    let done = p.node.approve_action(&id).await.unwrap();
+    assert_eq!(done.state, action_states::EXECUTED);
+    assert_eq!(done.result.unwrap().as_str(), r#"{"deployed":3}"#);
+    for state in [
+        action_states::APPROVED,
+        action_states::EXECUTING,
+        action_states::EXECUTED,
+    ] {
+        assert_eq!(
+            next(&mut updates, "action.updated", WAIT).await.data["state"],
+            state
+        );
+    }
+    assert!(p.node.approve_action(&id).await.is_err(), "approved twice");
+
+    code(w.send_command("jobs.fail", json!({})).await);
+    let failing = next(&mut updates, "action.updated", WAIT).await.data["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let failed = p.node.approve_action(&failing).await.unwrap();
+    assert_eq!(failed.state, action_states::FAILED);
+    assert!(failed.error.unwrap().contains("disk full"));
+
+    code(w.send_command("jobs.deploy", json!({"version": 4})).await);
+    let mut rejected_id = String::new();
+    while rejected_id.is_empty() {
+        let e = next(&mut updates, "action.updated", WAIT).await;
+        if e.data["state"] == action_states::PROPOSED {
+            rejected_id = e.data["id"].as_str().unwrap().to_owned();
+        }
+    }
+    let rejected = p
+        .node
+        .reject_action(&rejected_id, Some("not today".into()))
+        .await
+        .unwrap();
+    assert_eq!(rejected.state, action_states::REJECTED);
+
+    // Deferred on a busy CPU, retried after the delay, then allowed.
+    p.node
+        .set_policy(&dev, r#"{"allowed_commands": ["notes.*"]}"#)
+        .unwrap();
+    cpu.0.store(true, Ordering::Relaxed);
+    let mut hb = p.node.subscribe("command.decided", 16).unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await; // let a busy heartbeat arrive
+    let relief = {
+        let cpu = cpu.clone();
+        let mut decided = p.node.subscribe("command.decided", 16).unwrap();
+        tokio::spawn(async move {
+            let first = next(&mut decided, "command.decided", WAIT).await;
+            assert_eq!(first.data["decision"], "defer");
+            cpu.0.store(false, Ordering::Relaxed);
+        })
+    };
+    assert_eq!(
+        w.send_command("notes.write", json!({"text": "later"}))
+            .await
+            .unwrap(),
+        json!({"stored": "later"})
+    );
+    relief.await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(Received::Event(e)) = hb.try_recv() {
+        seen.push(e.data["decision"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen.first().map(String::as_str), Some("defer"));
+    assert_eq!(seen.last().map(String::as_str), Some("allow"));
+
+    // All of it is in the ledger, which verifies.
+    let types = ledger_types(&p);
+    // Three policies set (the two bad documents changed nothing).
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| *t == record_types::POLICY_SET)
+            .count(),
+        3
+    );
+    // executed: 4 transitions, failed: 4, rejected: 2.
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| *t == record_types::ACTION_TRANSITION)
+            .count(),
+        4 + 4 + 2
+    );
+    let d = decisions(&p);
+    assert!(
+        d.contains(&"deny".to_owned())
+            && d.contains(&"needs_approval".to_owned())
+            && d.contains(&"defer".to_owned())
+    );
+    assert!(
+        verify_ledger(p.store.as_ref(), &p.key.node_id(), None)
+            .unwrap()
+            .ok()
+    );
+    w.shutdown().await;
+    p.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_primary_keeps_its_state_and_the_worker_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("primary.db");
+    let key_file = dir.path().join("primary.key");
+    let (key, _) = NodeKey::load_or_generate(&key_file).unwrap();
+    let store: Arc<dyn Storage> = Arc::new(SqliteStorage::open(&db).unwrap());
+    let p = start_primary(store, Arc::new(key), 0).unwrap();
+    let PeerAddr::Socket(addr) = p.addr.clone() else {
+        panic!("a socket address")
+    };
+    let w = start_worker(Arc::new(Cpu::default()));
+    pair(&p, &w).await;
+    let dev = w.node_id();
+    p.node
+        .set_policy(
+            &dev,
+            r#"{"allowed_commands": ["jobs.*"], "require_approval": true}"#,
+        )
+        .unwrap();
+    code(w.send_command("jobs.deploy", json!({"version": 9})).await);
+    let id = p.node.actions().unwrap()[0].id.clone();
+    let before = ledger_types(&p).len();
+
+    // Stop the primary; the worker keeps trying.
+    let mut lost = w.subscribe("session.*", 64).unwrap();
+    p.node.shutdown().await;
+    drop(p);
+    next(&mut lost, "session.reconnecting", WAIT).await;
+
+    // Restart from the same key file and database, on the same port.
+    let (key, created) = NodeKey::load_or_generate(&key_file).unwrap();
+    assert!(!created);
+    let store: Arc<dyn Storage> = Arc::new(SqliteStorage::open(&db).unwrap());
+    let mut restarted = None;
+    for _ in 0..100 {
+        match start_primary(
+            store.clone(),
+            Arc::new(NodeKey::load(&key_file).unwrap()),
+            addr.port(),
+        ) {
+            Ok(p) => {
+                restarted = Some(p);
+                break;
+            }
+            // The old socket may take a moment to close.
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let p = restarted.expect("rebinding the primary's port");
+    assert_eq!(p.node.node_id(), key.node_id());
+    next(&mut lost, "session.connected", WAIT).await;
+    let devices = p.node.devices().unwrap();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].record.node, dev);
+    assert!(
+        p.node.policy(&dev).unwrap().unwrap()["require_approval"]
+            .as_bool()
+            .unwrap()
+    );
+    assert_eq!(p.node.actions().unwrap()[0].state, action_states::PROPOSED);
+    assert_eq!(ledger_types(&p).len(), before);
+    // The restored state works: the action runs, the worker's session is live.
+    assert_eq!(
+        p.node.approve_action(&id).await.unwrap().state,
+        action_states::EXECUTED
+    );
+    p.node.ping(&dev).await.unwrap();
+    assert!(
+        verify_ledger(p.store.as_ref(), &p.key.node_id(), None)
+            .unwrap()
+            .ok()
+    );
+    w.shutdown().await;
+    p.node.shutdown().await;
+}
