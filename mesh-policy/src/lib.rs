@@ -103,7 +103,6 @@ mod error;
 mod hours;
 mod policy;
 pub mod presets;
-/// mesh-policy as the node runtime's policy (feature `runtime`).
 #[cfg(feature = "runtime")]
 pub mod runtime;
 

@@ -1,5 +1,5 @@
-//! [`RuntimePolicy`]: a [`PolicyEngine`] as mesh-core's
-//! [`CommandPolicy`](mesh_core::node::CommandPolicy), so a primary decides
+//! A [`PolicyEngine`] as mesh-core's
+//! [`CommandPolicy`] ([`RuntimePolicy`]), so a primary decides
 //! its workers' commands with per-device policy documents, the sliding-hour
 //! spend window and concurrency permits held while the command runs.
 

@@ -1,0 +1,453 @@
+//! The one-command demo: a primary (SQLite in a temporary data directory,
+//! audit ledger, mesh-policy) and three workers in one process, talking over
+//! real QUIC on 127.0.0.1 (no mDNS). It pairs them with their codes, sets a
+//! restrictive, a trusted and an approval-gated policy, runs allowed, denied
+//! and approval-gated commands, unpairs one worker and shows it is refused,
+//! verifies the ledger and prints a summary.
+//!
+//! Exits 0 only if every step did what it should.
+//!
+//! ```text
+//! cargo run --release -p mesh-examples --bin demo
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mesh_core::events::{Received, Subscription};
+use mesh_core::identity::NodeKey;
+use mesh_core::ledger::Ledger;
+use mesh_core::node::{
+    FnHandler, Node, NodeConfig, NodeError, RegistryAdmission, Role, action_states,
+};
+use mesh_core::storage::{MemoryStorage, SqliteStorage, Storage};
+use mesh_core::wire::{HealthMetrics, Platform};
+use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
+use mesh_policy::runtime::RuntimePolicy;
+use mesh_transport::quic::{QuicConfig, QuicTransport};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Prints each step and counts failures.
+struct Steps {
+    failed: Vec<String>,
+    passed: usize,
+}
+
+impl Steps {
+    fn check(&mut self, what: &str, ok: bool, detail: impl std::fmt::Display) {
+        if ok {
+            self.passed += 1;
+            println!("  ✔ {what}: {detail}");
+        } else {
+            self.failed.push(what.to_owned());
+            println!("  ✘ {what}: {detail}");
+        }
+    }
+}
+
+/// A command's outcome as one readable line.
+fn show(r: &Result<Value, NodeError>) -> String {
+    match r {
+        Ok(v) => format!("ok {v}"),
+        Err(NodeError::Command { code, message }) => format!("refused ({code}): {message}"),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+fn refusal(r: &Result<Value, NodeError>) -> Option<&str> {
+    match r {
+        Err(NodeError::Command { code, .. }) => Some(code),
+        _ => None,
+    }
+}
+
+async fn next(sub: &mut Subscription, kind: &str) -> Option<Value> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match sub.recv().await {
+                Some(Received::Event(e)) if e.kind == kind => return Some(e.data.clone()),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+#[derive(Debug)]
+struct SteadyMetrics(f64);
+
+impl mesh_core::node::MetricsSource for SteadyMetrics {
+    fn sample(&self) -> HealthMetrics {
+        HealthMetrics {
+            cpu_percent: Some(self.0),
+            memory_percent: Some(45.0),
+            battery_percent: Some(80.0),
+            charging: Some(true),
+            ..HealthMetrics::default()
+        }
+    }
+}
+
+fn quic(key: &Arc<NodeKey>, store: &Arc<dyn Storage>) -> Result<Arc<QuicTransport>, String> {
+    let admission = Arc::new(RegistryAdmission::new(store.clone()));
+    QuicTransport::bind(
+        key.clone(),
+        "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+        admission,
+        QuicConfig::default(),
+    )
+    .map(Arc::new)
+    .map_err(|e| e.to_string())
+}
+
+fn worker(name: &str, platform: Platform, cpu: f64) -> Result<Node, String> {
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let key = Arc::new(NodeKey::generate());
+    let transport = quic(&key, &store)?;
+    let config = NodeConfig::new(Role::Worker, name, &format!("demo-{name}"))
+        .platform(platform)
+        .heartbeat_interval(Duration::from_millis(200))
+        .reconnect(Duration::from_millis(100), Duration::from_secs(2));
+    Node::builder(key, store, transport, config)
+        .metrics(Arc::new(SteadyMetrics(cpu)))
+        .handler(
+            "backup",
+            Arc::new(FnHandler(|a: &Value| {
+                Ok(json!({ "backed_up": a["path"], "files": 42 }))
+            })),
+        )
+        .start()
+        .map_err(|e| e.to_string())
+}
+
+async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
+    println!("mesh SDK demo: one primary, three workers, real QUIC on 127.0.0.1");
+    println!("data directory: {}", data_dir.display());
+
+    // The primary: SQLite, a signed ledger, mesh-policy.
+    let (key, _) =
+        NodeKey::load_or_generate(data_dir.join("primary.key")).map_err(|e| e.to_string())?;
+    let key = Arc::new(key);
+    let store: Arc<dyn Storage> =
+        Arc::new(SqliteStorage::open(data_dir.join("primary.db")).map_err(|e| e.to_string())?);
+    let ledger = Arc::new(
+        SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default())
+            .map_err(|e| e.to_string())?,
+    );
+    let transport = quic(&key, &store)?;
+    let addr = transport.addr();
+    let config = NodeConfig::new(Role::Primary, "demo-primary", "demo-primary")
+        .heartbeat_interval(Duration::from_millis(200));
+    let primary = Node::builder(key.clone(), store.clone(), transport, config)
+        .ledger(ledger.clone())
+        .policy(Arc::new(RuntimePolicy::new()))
+        .handler(
+            "notes.write",
+            Arc::new(FnHandler(|a: &Value| Ok(json!({ "saved": a["text"] })))),
+        )
+        .handler(
+            "reports.generate",
+            Arc::new(FnHandler(|_: &Value| {
+                Ok(json!({ "report": "weekly", "pages": 3 }))
+            })),
+        )
+        .handler(
+            "deploy.release",
+            Arc::new(FnHandler(|a: &Value| {
+                Ok(json!({ "deployed": a["version"] }))
+            })),
+        )
+        .start()
+        .map_err(|e| e.to_string())?;
+    println!(
+        "primary {} listening on {addr}",
+        primary.node_id().fingerprint()
+    );
+
+    let workers = [
+        ("laptop", Platform::Desktop, 20.0),
+        ("phone", Platform::Android, 15.0),
+        ("build-server", Platform::Desktop, 30.0),
+    ];
+    let mut nodes = Vec::new();
+    for (name, platform, cpu) in workers {
+        nodes.push((name, worker(name, platform, cpu)?));
+    }
+
+    println!("\n1. pairing with the 6-digit code");
+    let mut requests = primary
+        .subscribe("pairing.request_received", 16)
+        .map_err(|e| e.to_string())?;
+    for (name, w) in &nodes {
+        let started = Instant::now();
+        let mut connected = w
+            .subscribe("session.connected", 4)
+            .map_err(|e| e.to_string())?;
+        let ticket = w
+            .request_pairing(primary.node_id(), addr.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        println!("  {name} shows code {}", ticket.code());
+        next(&mut requests, "pairing.request_received").await;
+        let approved = primary
+            .approve_pairing(ticket.request_id(), ticket.code())
+            .await;
+        let finished = ticket.finished().await;
+        let session = next(&mut connected, "session.connected").await.is_some();
+        steps.check(
+            &format!("pair {name}"),
+            approved.is_ok() && finished.is_ok() && session,
+            format!(
+                "approved with the code, session open in {:.1} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            ),
+        );
+    }
+    let [(_, laptop), (_, phone), (_, server)] = &nodes[..] else {
+        return Err("three workers".into());
+    };
+
+    println!("\n2. heartbeats and health");
+    let deadline = Instant::now() + WAIT;
+    let mut devices = primary.devices().map_err(|e| e.to_string())?;
+    while devices.iter().any(|d| d.score.is_none()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        devices = primary.devices().map_err(|e| e.to_string())?;
+    }
+    for d in &devices {
+        println!(
+            "  {:<13} online={} status={} score={}",
+            d.record.name,
+            d.online,
+            d.status.as_deref().unwrap_or("-"),
+            d.score.map_or("-".to_owned(), |s| s.to_string())
+        );
+    }
+    steps.check(
+        "all three report health",
+        devices.len() == 3 && devices.iter().all(|d| d.online && d.score.is_some()),
+        "scored by the primary",
+    );
+
+    println!("\n3. policies");
+    let restrictive = r#"{"allowed_commands": ["notes.*"], "blocked_commands": ["notes.delete"]}"#;
+    let trusted = r#"{"allowed_commands": ["*"], "blocked_commands": ["system.*"]}"#;
+    let gated = r#"{"allowed_commands": ["deploy.*"], "require_approval": true}"#;
+    for (w, doc, what) in [
+        (phone, restrictive, "restrictive → phone"),
+        (laptop, trusted, "trusted → laptop"),
+        (server, gated, "approval-gated → build-server"),
+    ] {
+        let set = primary.set_policy(&w.node_id(), doc);
+        steps.check(&format!("policy {what}"), set.is_ok(), doc);
+    }
+
+    println!("\n4. primary → worker commands");
+    for (name, w) in &nodes {
+        let rtt = primary.ping(&w.node_id()).await;
+        steps.check(
+            &format!("ping {name}"),
+            rtt.is_ok(),
+            match &rtt {
+                Ok(d) => format!("pong in {:.2} ms", d.as_secs_f64() * 1e3),
+                Err(e) => format!("error: {e}"),
+            },
+        );
+    }
+    let backup = primary
+        .run_action(&laptop.node_id(), "backup", json!({"path": "/home"}))
+        .await;
+    steps.check(
+        "run_action backup on laptop",
+        backup.as_ref().is_ok_and(|v| v["files"] == 42),
+        show(&backup),
+    );
+    let shell = primary
+        .run_action(&laptop.node_id(), "sh -c 'rm -rf /'", json!({}))
+        .await;
+    steps.check(
+        "no raw shell: unknown action refused",
+        refusal(&shell) == Some("unknown_action"),
+        show(&shell),
+    );
+
+    println!("\n5. worker → primary commands under policy");
+    let allowed = phone
+        .send_command("notes.write", json!({"text": "buy milk"}))
+        .await;
+    steps.check("phone notes.write allowed", allowed.is_ok(), show(&allowed));
+    let denied = phone.send_command("notes.delete", json!({})).await;
+    steps.check(
+        "phone notes.delete denied",
+        refusal(&denied) == Some("blocked_command"),
+        show(&denied),
+    );
+    let outside = phone.send_command("reports.generate", json!({})).await;
+    steps.check(
+        "phone reports.generate denied",
+        refusal(&outside) == Some("command_not_allowed"),
+        show(&outside),
+    );
+    let report = laptop.send_command("reports.generate", json!({})).await;
+    steps.check(
+        "laptop reports.generate allowed (trusted)",
+        report.is_ok(),
+        show(&report),
+    );
+
+    println!("\n6. approval-gated commands");
+    let mut updates = server
+        .subscribe("action.updated", 32)
+        .map_err(|e| e.to_string())?;
+    let proposed = server
+        .send_command("deploy.release", json!({"version": "1.4.2"}))
+        .await;
+    let action = next(&mut updates, "action.updated")
+        .await
+        .unwrap_or(Value::Null);
+    steps.check(
+        "deploy proposed, awaiting approval",
+        refusal(&proposed) == Some("needs_approval") && action["state"] == action_states::PROPOSED,
+        format!("action {}", action["id"]),
+    );
+    let approved = primary
+        .approve_action(action["id"].as_str().unwrap_or_default())
+        .await;
+    steps.check(
+        "approved → executed",
+        approved
+            .as_ref()
+            .is_ok_and(|a| a.state == action_states::EXECUTED),
+        match &approved {
+            Ok(a) => format!(
+                "{} with {}",
+                a.state,
+                a.result.as_ref().map_or("nothing", |r| r.as_str())
+            ),
+            Err(e) => format!("error: {e}"),
+        },
+    );
+    let _ = server
+        .send_command("deploy.release", json!({"version": "9.9.9"}))
+        .await;
+    let mut second = Value::Null;
+    while second["state"] != action_states::PROPOSED {
+        match next(&mut updates, "action.updated").await {
+            Some(v) => second = v,
+            None => break,
+        }
+    }
+    let rejected = primary
+        .reject_action(
+            second["id"].as_str().unwrap_or_default(),
+            Some("not on a Friday".into()),
+        )
+        .await;
+    steps.check(
+        "second deploy rejected",
+        rejected
+            .as_ref()
+            .is_ok_and(|a| a.state == action_states::REJECTED),
+        match &rejected {
+            Ok(a) => format!("{}: {}", a.state, a.error.as_deref().unwrap_or("")),
+            Err(e) => format!("error: {e}"),
+        },
+    );
+
+    println!("\n7. unpairing takes effect at once");
+    let mut ended = phone
+        .subscribe("session.ended", 4)
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let unpaired = primary.unpair(&phone.node_id()).await;
+    let bye = next(&mut ended, "session.ended").await;
+    steps.check(
+        "phone unpaired, session closed",
+        unpaired.is_ok() && bye.as_ref().is_some_and(|b| b["reason"] == "unpaired"),
+        format!("in {:.1} ms", started.elapsed().as_secs_f64() * 1e3),
+    );
+    let after = phone
+        .send_command("notes.write", json!({"text": "still here?"}))
+        .await;
+    steps.check("phone refused afterwards", after.is_err(), show(&after));
+    let left = primary.devices().map_err(|e| e.to_string())?.len();
+    steps.check(
+        "primary lists two devices",
+        left == 2,
+        format!("{left} devices"),
+    );
+
+    println!("\n8. audit ledger");
+    let checkpoint = ledger
+        .checkpoint(mesh_core::clock::Clock::now(&mesh_core::clock::SystemClock))
+        .map_err(|e| e.to_string())?;
+    let report = verify_ledger(store.as_ref(), &key.node_id(), None).map_err(|e| e.to_string())?;
+    steps.check(
+        "ledger verifies",
+        report.ok() && ledger.len() == report.records,
+        format!(
+            "{} records, {} checkpoints, latest covers {}",
+            report.records,
+            report.checkpoints,
+            checkpoint.map_or(0, |c| c.size)
+        ),
+    );
+
+    for (_, w) in &nodes {
+        w.shutdown().await;
+    }
+    primary.shutdown().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let data_dir = std::env::temp_dir().join(format!("mesh-demo-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&data_dir) {
+        eprintln!("cannot create {}: {e}", data_dir.display());
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut steps = Steps {
+        failed: Vec::new(),
+        passed: 0,
+    };
+    let result = runtime.block_on(run(data_dir.clone(), &mut steps));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    println!();
+    match result {
+        Err(e) => {
+            println!("demo stopped: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(()) if steps.failed.is_empty() => {
+            println!("summary: all {} steps did what they should", steps.passed);
+            ExitCode::SUCCESS
+        }
+        Ok(()) => {
+            println!(
+                "summary: {} passed, {} failed: {}",
+                steps.passed,
+                steps.failed.len(),
+                steps.failed.join(", ")
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
