@@ -29,7 +29,9 @@
 //! connections, which cost one handshake each (see `BENCHMARKS.md`).
 //!
 //! Session resumption and 0-RTT are off: every connection runs a full
-//! handshake, so a revoked key can never ride on an old ticket.
+//! handshake, so a revoked key can never ride on an old ticket. Stateless
+//! resets use a key derived from the node key, so peers of a node that
+//! crashed and came back learn at once that their connections are gone.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -348,6 +350,19 @@ impl ClientCertVerifier for AnyNodeClient {
     }
 }
 
+/// The stateless-reset key (RFC 9000 §10.3) and the connection-id key,
+/// derived from the node key (ed25519 signatures are deterministic): a node
+/// restarted after a crash recognises its old connection ids and answers
+/// their packets with resets the peers accept, so they notice at once
+/// instead of after the idle timeout.
+fn restart_keys(key: &NodeKey) -> (ring::hmac::Key, u64) {
+    let seed = key.sign(b"mesh-sdk/quic/restart-keys/v1");
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed[..32]);
+    let mut cid = [0u8; 8];
+    cid.copy_from_slice(&seed[32..40]);
+    (reset, u64::from_le_bytes(cid))
+}
+
 fn tls_error(e: rustls::Error) -> TransportError {
     TransportError::Io(format!("TLS configuration: {e}"))
 }
@@ -482,9 +497,25 @@ impl QuicTransport {
             ));
         }
         let node = key.node_id();
+        let (reset_key, cid_key) = restart_keys(&key);
         let tls = Tls::new(key)?;
-        let endpoint = quinn::Endpoint::server(server_config(&tls, &config, false)?, addr)
+        let socket = std::net::UdpSocket::bind(addr)
             .map_err(|e| TransportError::Io(format!("binding UDP {addr}: {e}")))?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| TransportError::Io("QUIC needs a tokio runtime".into()))?;
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        // Connection ids the restarted node still recognises as its own, so
+        // it answers their packets with a stateless reset.
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(server_config(&tls, &config, false)?),
+            socket,
+            runtime,
+        )
+        .map_err(|e| TransportError::Io(format!("starting QUIC on {addr}: {e}")))?;
         let shared = Arc::new(Shared {
             endpoint,
             node,

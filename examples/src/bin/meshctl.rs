@@ -26,6 +26,7 @@ use mesh_core::identity::{IdentityError, NodeId, NodeKey};
 use mesh_core::ledger::{Body, Entry, Ledger, LedgerError, validate_record_type};
 use mesh_core::storage::{SqliteStorage, Storage};
 use mesh_core::wire::JsonText;
+use mesh_examples::admin;
 use mesh_ledger::{LedgerConfig, Replica, SignedLedger, ledger_authors, verify_ledger};
 use mesh_policy::{ContextDocument, Policy};
 use serde_json::json;
@@ -55,6 +56,133 @@ enum Command {
     /// The audit ledger: append, verify, show.
     #[command(subcommand)]
     Ledger(LedgerCmd),
+    /// Pairing requests on a running primary.
+    #[command(subcommand)]
+    Pairing(PairingCmd),
+    /// Paired devices of a running primary.
+    #[command(subcommand)]
+    Devices(DevicesCmd),
+    /// Approval-gated actions on a running primary.
+    #[command(subcommand)]
+    Actions(ActionsCmd),
+    /// A running primary's events.
+    Events {
+        /// Keep printing events as they come (until interrupted).
+        #[arg(long)]
+        follow: bool,
+        /// Event kinds to show (glob, e.g. `pairing.*`).
+        #[arg(long, default_value = "*")]
+        pattern: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Which running primary to talk to: its admin socket.
+#[derive(clap::Args, Debug, Clone)]
+struct Target {
+    /// The primary's data directory (its admin socket is DIR/admin.sock).
+    #[arg(long, default_value = "mesh-primary")]
+    data_dir: PathBuf,
+    /// The admin socket itself (overrides --data-dir).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Target {
+    fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| admin::socket_path(&self.data_dir))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum PairingCmd {
+    /// Pending pairing requests.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Approve with the 6-digit code the device shows.
+    Approve {
+        /// The code.
+        code: String,
+        /// The request (needed when several are pending).
+        #[arg(long)]
+        request: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Reject a request.
+    Reject {
+        /// The request id.
+        request: String,
+        /// Why (shown on the device).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DevicesCmd {
+    /// Paired devices with liveness and health.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove a device; its session closes now.
+    Unpair {
+        /// Node id, hardware/app id or name.
+        device: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Revoke a device; it is refused from now on.
+    Revoke {
+        /// Node id, hardware/app id or name.
+        device: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Rotate a device's token; the old one is refused from now on.
+    Rotate {
+        /// Node id, hardware/app id or name.
+        device: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ActionsCmd {
+    /// Actions, newest first.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Approve a proposed action (it runs now).
+    Approve {
+        /// The action id.
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Reject a proposed action.
+    Reject {
+        /// The action id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -119,6 +247,23 @@ enum HealthCmd {
 
 #[derive(Subcommand, Debug)]
 enum PolicyCmd {
+    /// Set a device's policy on a running primary.
+    Set {
+        /// Node id, hardware/app id or name.
+        device: String,
+        /// The policy document (a JSON file).
+        #[arg(long)]
+        file: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show a device's policy on a running primary.
+    Show {
+        /// Node id, hardware/app id or name.
+        device: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Resolve one command against a policy file and print the decision.
     ///
     /// Prints {"decision": "allow|deny|needs_approval|defer", "reason": CODE,
@@ -323,6 +468,202 @@ fn ledger_show(
     Ok(json!({ "author": author.to_string(), "records": records }))
 }
 
+/// Text for the admin commands' answers (`--json` prints the JSON instead).
+fn human(cmd: &str, v: &serde_json::Value) -> String {
+    let rows =
+        |v: &serde_json::Value, f: &dyn Fn(&serde_json::Value) -> String, empty: &str| match v
+            .as_array()
+        {
+            Some(a) if !a.is_empty() => a.iter().map(f).collect::<Vec<_>>().join("\n"),
+            _ => empty.to_owned(),
+        };
+    let s = |v: &serde_json::Value| {
+        v.as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| v.to_string())
+    };
+    match cmd {
+        "pairing.list" => rows(
+            v,
+            &|r| {
+                format!(
+                    "{}  {} ({}, {})  node {}  {} attempts left",
+                    s(&r["request"]),
+                    s(&r["name"]),
+                    s(&r["platform"]),
+                    s(&r["device_id"]),
+                    s(&r["node"]),
+                    r["attempts_left"]
+                )
+            },
+            "no pending pairing requests",
+        ),
+        "devices.list" => rows(
+            v,
+            &|d| {
+                format!(
+                    "{:<16} {:<8} {:<7} health {} score {}  node {}",
+                    s(&d["name"]),
+                    s(&d["status"]),
+                    if d["online"] == true {
+                        "online"
+                    } else {
+                        "offline"
+                    },
+                    s(&d["health"]),
+                    s(&d["score"]),
+                    s(&d["node"])
+                )
+            },
+            "no paired devices",
+        ),
+        "actions.list" => rows(
+            v,
+            &|a| {
+                format!(
+                    "{}  {:<9} {}  from {}",
+                    s(&a["id"]),
+                    s(&a["state"]),
+                    s(&a["command"]),
+                    s(&a["device"])
+                )
+            },
+            "no actions",
+        ),
+        "pairing.approve" => format!("paired {} ({})", s(&v["name"]), s(&v["paired"])),
+        _ => serde_json::to_string_pretty(v).unwrap_or_default(),
+    }
+}
+
+/// Runs an admin command against a running primary.
+fn run_admin(target: &Target, cmd: &str, args: serde_json::Value) -> ExitCode {
+    match admin::request(&target.socket(), cmd, args) {
+        Ok(v) => {
+            if target.json {
+                println!("{v}");
+            } else {
+                println!("{}", human(cmd, &v));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!(
+                "{}",
+                json!({ "error": { "kind": e.kind, "message": e.message } })
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The admin commands, if `command` is one.
+fn admin_command(command: &Command) -> Option<ExitCode> {
+    Some(match command {
+        Command::Pairing(PairingCmd::List { target }) => {
+            run_admin(target, "pairing.list", json!({}))
+        }
+        Command::Pairing(PairingCmd::Approve {
+            code,
+            request,
+            target,
+        }) => run_admin(
+            target,
+            "pairing.approve",
+            json!({ "code": code, "request": request }),
+        ),
+        Command::Pairing(PairingCmd::Reject {
+            request,
+            reason,
+            target,
+        }) => run_admin(
+            target,
+            "pairing.reject",
+            json!({ "request": request, "reason": reason }),
+        ),
+        Command::Devices(DevicesCmd::List { target }) => {
+            run_admin(target, "devices.list", json!({}))
+        }
+        Command::Devices(DevicesCmd::Unpair { device, target }) => {
+            run_admin(target, "devices.unpair", json!({ "device": device }))
+        }
+        Command::Devices(DevicesCmd::Revoke { device, target }) => {
+            run_admin(target, "devices.revoke", json!({ "device": device }))
+        }
+        Command::Devices(DevicesCmd::Rotate { device, target }) => {
+            run_admin(target, "devices.rotate", json!({ "device": device }))
+        }
+        Command::Policy(PolicyCmd::Set {
+            device,
+            file,
+            target,
+        }) => match std::fs::read_to_string(file) {
+            Ok(document) => run_admin(
+                target,
+                "policy.set",
+                json!({ "device": device, "document": document }),
+            ),
+            Err(e) => {
+                println!(
+                    "{}",
+                    json!({ "error": { "kind": "io", "message": format!("cannot read {}: {e}", file.display()) } })
+                );
+                ExitCode::from(2)
+            }
+        },
+        Command::Policy(PolicyCmd::Show { device, target }) => {
+            run_admin(target, "policy.show", json!({ "device": device }))
+        }
+        Command::Actions(ActionsCmd::List { target }) => {
+            run_admin(target, "actions.list", json!({}))
+        }
+        Command::Actions(ActionsCmd::Approve { id, target }) => {
+            run_admin(target, "actions.approve", json!({ "id": id }))
+        }
+        Command::Actions(ActionsCmd::Reject { id, reason, target }) => run_admin(
+            target,
+            "actions.reject",
+            json!({ "id": id, "reason": reason }),
+        ),
+        Command::Events {
+            follow,
+            pattern,
+            target,
+        } => {
+            if !follow {
+                println!(
+                    "{}",
+                    json!({ "error": { "kind": "usage", "message": "events needs --follow (past events are in the ledger: meshctl ledger show)" } })
+                );
+                return Some(ExitCode::from(2));
+            }
+            let result = admin::follow(&target.socket(), pattern, |line| {
+                let event = &line["event"];
+                if target.json {
+                    println!("{line}");
+                } else if event.is_object() {
+                    println!(
+                        "{:<26} {}",
+                        event["kind"].as_str().unwrap_or(""),
+                        event["data"]
+                    );
+                }
+                true
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    println!(
+                        "{}",
+                        json!({ "error": { "kind": e.kind, "message": e.message } })
+                    );
+                    ExitCode::from(2)
+                }
+            }
+        }
+        _ => return None,
+    })
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -345,6 +686,15 @@ fn run(cli: Cli) -> Result<serde_json::Value, Failure> {
             author,
         }) => ledger_show(&db, from, limit, author.as_deref()),
         Command::Health(HealthCmd::Score { report }) => health_score(&report),
+        // Answered over the admin socket (see `admin_command`).
+        Command::Pairing(_)
+        | Command::Devices(_)
+        | Command::Actions(_)
+        | Command::Events { .. }
+        | Command::Policy(PolicyCmd::Set { .. } | PolicyCmd::Show { .. }) => Err((
+            "usage",
+            "this command talks to a running primary".into(),
+        )),
         Command::Policy(PolicyCmd::Check {
             policy,
             command,
@@ -370,6 +720,9 @@ fn run(cli: Cli) -> Result<serde_json::Value, Failure> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(code) = admin_command(&cli.command) {
+        return code;
+    }
     // `ledger verify` reports a bad ledger as output, with exit code 1.
     let is_verify = matches!(cli.command, Command::Ledger(LedgerCmd::Verify { .. }));
     match run(cli) {

@@ -383,3 +383,14 @@ async fn a_closing_endpoint_is_unreachable_not_a_refusal() {
     })
     .await;
 }
+
+#[test]
+fn restart_keys_are_stable_per_node_and_differ_between_nodes() {
+    let (reset_a, cid_a) = restart_keys(&key(1));
+    let (reset_a2, cid_a2) = restart_keys(&key(1));
+    let (reset_b, cid_b) = restart_keys(&key(2));
+    let tag = |k: &ring::hmac::Key| ring::hmac::sign(k, b"cid").as_ref().to_vec();
+    assert_eq!((tag(&reset_a), cid_a), (tag(&reset_a2), cid_a2));
+    assert_ne!(tag(&reset_a), tag(&reset_b));
+    assert_ne!(cid_a, cid_b);
+}

@@ -1,0 +1,422 @@
+//! The primary's admin connection: a Unix socket in its data directory,
+//! mode 0600 (only the user running the primary can connect), carrying one
+//! JSON request per line and one JSON answer per line.
+//!
+//! Request: `{"cmd": "devices.list", "args": {...}}`. Answer:
+//! `{"ok": VALUE}` or `{"error": {"kind": KIND, "message": TEXT}}`.
+//! `events.follow` answers `{"ok": "following"}` and then one
+//! `{"event": {...}}` line per event until the client hangs up.
+//!
+//! Commands: `pairing.list`, `pairing.approve {code, request?}`,
+//! `pairing.reject {request, reason?}`, `devices.list`,
+//! `devices.unpair|devices.revoke|devices.rotate {device}`,
+//! `policy.set {device, document}`, `policy.show {device}`, `actions.list`,
+//! `actions.approve {id}`, `actions.reject {id, reason?}`,
+//! `events.follow {pattern?}`, `ledger.verify`. A `device` is a node id, a
+//! hardware/app id or a device name.
+
+use std::io::{BufRead, BufReader, Write as _};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mesh_core::events::Received;
+use mesh_core::identity::NodeId;
+use mesh_core::node::{DeviceView, Node, NodeError};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream as AsyncUnixStream};
+
+/// The socket's file name in the data directory.
+pub const SOCKET_NAME: &str = "admin.sock";
+
+/// The admin socket of the primary whose data directory is `data_dir`.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(SOCKET_NAME)
+}
+
+/// Checks the ledger for `ledger.verify` (the binary wires it to mesh-ledger).
+pub type LedgerCheck = Arc<dyn Fn() -> Result<Value, String> + Send + Sync>;
+
+/// An admin failure: a stable kind and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminError {
+    /// `usage`, `not_found`, `ambiguous`, `refused`, `unavailable`, `io`, …
+    pub kind: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for AdminError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+fn err(kind: &str, message: impl Into<String>) -> AdminError {
+    AdminError {
+        kind: kind.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn node_error(e: NodeError) -> AdminError {
+    let kind = match &e {
+        NodeError::Pairing(_) => "pairing",
+        NodeError::Policy(_) => "invalid_policy",
+        NodeError::NotConnected(_) => "not_connected",
+        NodeError::Timeout(_) => "timeout",
+        NodeError::Unavailable(_) => "unavailable",
+        NodeError::Registry(_) | NodeError::Auth(_) => "registry",
+        NodeError::Storage(_) => "storage",
+        _ => "failed",
+    };
+    err(kind, e.to_string())
+}
+
+fn device_json(d: &DeviceView) -> Value {
+    json!({
+        "node": d.record.node.to_string(),
+        "fingerprint": d.record.node.fingerprint().to_string(),
+        "device_id": d.record.device_id,
+        "name": d.record.name,
+        "status": d.record.status,
+        "revoked": d.record.revoked_at.is_some(),
+        "online": d.online,
+        "health": d.status,
+        "score": d.score,
+        "trust": d.record.trust_level,
+    })
+}
+
+fn text(args: &Value, key: &str) -> Result<String, AdminError> {
+    args.get(key)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| err("usage", format!("missing \"{key}\"")))
+}
+
+/// Finds a device by node id, hardware/app id or name.
+fn resolve(node: &Node, which: &str) -> Result<NodeId, AdminError> {
+    if let Ok(id) = which.parse::<NodeId>() {
+        return Ok(id);
+    }
+    let devices = node.devices().map_err(node_error)?;
+    let found: Vec<&DeviceView> = devices
+        .iter()
+        .filter(|d| d.record.device_id == which || d.record.name == which)
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one.record.node),
+        [] => Err(err("not_found", format!("no device {which:?}"))),
+        _ => Err(err(
+            "ambiguous",
+            format!("several devices match {which:?}; use the node id"),
+        )),
+    }
+}
+
+/// Runs one command against the primary.
+pub async fn dispatch(
+    node: &Node,
+    ledger: &LedgerCheck,
+    cmd: &str,
+    args: &Value,
+) -> Result<Value, AdminError> {
+    match cmd {
+        "pairing.list" => {
+            let pending = node.pending_pairings().map_err(node_error)?;
+            Ok(Value::Array(
+                pending
+                    .iter()
+                    .map(|r| {
+                        json!({
+                            "request": r.request_id,
+                            "node": r.device_node.to_string(),
+                            "device_id": r.device_id,
+                            "name": r.device_name,
+                            "platform": r.platform,
+                            "attempts_left": r.attempts_left,
+                            "expires_at_ms": r.expires_at.as_millis(),
+                        })
+                    })
+                    .collect(),
+            ))
+        }
+        "pairing.approve" => {
+            let code = text(args, "code")?;
+            let request = match args.get("request").and_then(Value::as_str) {
+                Some(r) => r.to_owned(),
+                None => {
+                    // One wrong code costs that request an attempt: never guess.
+                    let pending = node.pending_pairings().map_err(node_error)?;
+                    match pending.as_slice() {
+                        [one] => one.request_id.clone(),
+                        [] => return Err(err("not_found", "no pairing request is pending")),
+                        _ => {
+                            return Err(err(
+                                "ambiguous",
+                                "several requests are pending; pass the request id",
+                            ));
+                        }
+                    }
+                }
+            };
+            let device = node
+                .approve_pairing(&request, &code)
+                .await
+                .map_err(node_error)?;
+            Ok(json!({ "paired": device.node.to_string(), "name": device.name }))
+        }
+        "pairing.reject" => {
+            let request = text(args, "request")?;
+            let reason = args
+                .get("reason")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            node.reject_pairing(&request, reason)
+                .await
+                .map_err(node_error)?;
+            Ok(json!({ "rejected": request }))
+        }
+        "devices.list" => Ok(Value::Array(
+            node.devices()
+                .map_err(node_error)?
+                .iter()
+                .map(device_json)
+                .collect(),
+        )),
+        "devices.unpair" | "devices.revoke" | "devices.rotate" => {
+            let device = resolve(node, &text(args, "device")?)?;
+            match cmd {
+                "devices.unpair" => node.unpair(&device).await,
+                "devices.revoke" => node.revoke(&device).await,
+                _ => node.rotate_token(&device).await,
+            }
+            .map_err(node_error)?;
+            Ok(json!({ "device": device.to_string(), "done": cmd.trim_start_matches("devices.") }))
+        }
+        "policy.set" => {
+            let device = resolve(node, &text(args, "device")?)?;
+            let document = match args.get("document") {
+                Some(Value::String(s)) => s.clone(),
+                Some(v) => v.to_string(),
+                None => return Err(err("usage", "missing \"document\"")),
+            };
+            node.set_policy(&device, &document).map_err(node_error)?;
+            Ok(json!({ "device": device.to_string(), "policy": "set" }))
+        }
+        "policy.show" => {
+            let device = resolve(node, &text(args, "device")?)?;
+            Ok(node
+                .policy(&device)
+                .map_err(node_error)?
+                .unwrap_or(Value::Null))
+        }
+        "actions.list" => {
+            let actions = node.actions().map_err(node_error)?;
+            Ok(Value::Array(
+                actions
+                    .iter()
+                    .map(|a| {
+                        json!({
+                            "id": a.id,
+                            "state": a.state,
+                            "command": a.command,
+                            "device": a.proposed_by.to_string(),
+                            "created_at_ms": a.created_at.as_millis(),
+                            "result": a.result.as_ref().and_then(|r| serde_json::from_str::<Value>(r.as_str()).ok()),
+                            "error": a.error,
+                        })
+                    })
+                    .collect(),
+            ))
+        }
+        "actions.approve" => {
+            let a = node
+                .approve_action(&text(args, "id")?)
+                .await
+                .map_err(node_error)?;
+            Ok(json!({ "id": a.id, "state": a.state, "error": a.error,
+                "result": a.result.as_ref().and_then(|r| serde_json::from_str::<Value>(r.as_str()).ok()) }))
+        }
+        "actions.reject" => {
+            let reason = args
+                .get("reason")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            let a = node
+                .reject_action(&text(args, "id")?, reason)
+                .await
+                .map_err(node_error)?;
+            Ok(json!({ "id": a.id, "state": a.state }))
+        }
+        "ledger.verify" => ledger().map_err(|m| err("storage", m)),
+        other => Err(err("usage", format!("unknown command {other:?}"))),
+    }
+}
+
+async fn handle(node: Node, ledger: LedgerCheck, stream: AsyncUnixStream) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let request: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                let answer =
+                    json!({ "error": { "kind": "usage", "message": format!("not JSON: {e}") } });
+                if write
+                    .write_all(format!("{answer}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+        };
+        let cmd = request["cmd"].as_str().unwrap_or_default().to_owned();
+        let args = request.get("args").cloned().unwrap_or(Value::Null);
+        if cmd == "events.follow" {
+            let pattern = args.get("pattern").and_then(Value::as_str).unwrap_or("*");
+            let mut sub = match node.subscribe(pattern, 1024) {
+                Ok(s) => s,
+                Err(e) => {
+                    let answer = json!({ "error": { "kind": "usage", "message": e.to_string() } });
+                    let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
+                    return;
+                }
+            };
+            if write.write_all(b"{\"ok\":\"following\"}\n").await.is_err() {
+                return;
+            }
+            while let Some(r) = sub.recv().await {
+                let line = match r {
+                    Received::Event(e) => {
+                        json!({ "event": { "kind": e.kind, "at_ms": e.at.as_millis(), "data": e.data } })
+                    }
+                    Received::Lagged { missed } => json!({ "lagged": missed }),
+                };
+                if write
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            return;
+        }
+        let answer = match dispatch(&node, &ledger, &cmd, &args).await {
+            Ok(v) => json!({ "ok": v }),
+            Err(e) => json!({ "error": { "kind": e.kind, "message": e.message } }),
+        };
+        if write
+            .write_all(format!("{answer}\n").as_bytes())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Listens on `path` (mode 0600) and serves admin requests for `node` until
+/// the task is dropped. A stale socket file from a crashed primary is
+/// replaced; a live one (another primary on the same data directory) is an
+/// error.
+pub fn serve(
+    path: &Path,
+    node: Node,
+    ledger: LedgerCheck,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is in use: is another primary running on this data directory?",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(handle(node.clone(), ledger.clone(), stream));
+        }
+    }))
+}
+
+/// Sends one request to the primary at `socket` and returns its answer.
+pub fn request(socket: &Path, cmd: &str, args: Value) -> Result<Value, AdminError> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        err(
+            "unavailable",
+            format!(
+                "cannot reach the primary's admin socket {}: {e}",
+                socket.display()
+            ),
+        )
+    })?;
+    let line = json!({ "cmd": cmd, "args": args });
+    writeln!(stream, "{line}").map_err(|e| err("io", e.to_string()))?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(|e| err("io", e.to_string()))?;
+    parse_answer(&answer)
+}
+
+fn parse_answer(line: &str) -> Result<Value, AdminError> {
+    let v: Value =
+        serde_json::from_str(line.trim()).map_err(|e| err("io", format!("bad answer: {e}")))?;
+    if let Some(ok) = v.get("ok") {
+        return Ok(ok.clone());
+    }
+    Err(err(
+        v["error"]["kind"].as_str().unwrap_or("failed"),
+        v["error"]["message"].as_str().unwrap_or("no message"),
+    ))
+}
+
+/// Follows the primary's events, calling `each` per line, until the
+/// primary goes away or `each` returns false.
+pub fn follow(
+    socket: &Path,
+    pattern: &str,
+    mut each: impl FnMut(&Value) -> bool,
+) -> Result<(), AdminError> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        err(
+            "unavailable",
+            format!("cannot reach {}: {e}", socket.display()),
+        )
+    })?;
+    writeln!(
+        stream,
+        "{}",
+        json!({ "cmd": "events.follow", "args": { "pattern": pattern } })
+    )
+    .map_err(|e| err("io", e.to_string()))?;
+    let mut reader = BufReader::new(&stream);
+    let mut first = String::new();
+    reader
+        .read_line(&mut first)
+        .map_err(|e| err("io", e.to_string()))?;
+    parse_answer(&first)?;
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if !each(&v) {
+            break;
+        }
+    }
+    Ok(())
+}

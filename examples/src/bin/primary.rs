@@ -1,0 +1,144 @@
+//! The reference desktop primary.
+//!
+//! ```text
+//! primary [--data-dir DIR] [--listen ADDR] [--mdns on|off] [--interface all|loopback|NAME]
+//!         [--name NAME] [--json]
+//! ```
+//!
+//! Keeps its identity, devices, policies, actions and audit ledger in the
+//! data directory (SQLite), listens for QUIC, optionally advertises itself
+//! over mDNS, serves `meshctl` on `DIR/admin.sock` (mode 0600) and prints
+//! its events. Ctrl-C stops it cleanly.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use mesh_core::clock::SystemClock;
+use mesh_core::discovery::DiscoveryBook;
+use mesh_core::events::Received;
+use mesh_core::node::{NodeConfig, Role};
+use mesh_examples::{admin, setup};
+use mesh_transport::mdns::{Advertisement, Interfaces, MdnsConfig, MdnsDiscovery};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "primary",
+    version,
+    about = "The mesh SDK's reference desktop primary"
+)]
+struct Args {
+    /// Where the key, database and admin socket live.
+    #[arg(long, default_value = "mesh-primary")]
+    data_dir: PathBuf,
+    /// QUIC listen address.
+    #[arg(long, default_value = "0.0.0.0:4433")]
+    listen: std::net::SocketAddr,
+    /// Advertise over mDNS.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    mdns: String,
+    /// mDNS interfaces: all, loopback, or an interface name.
+    #[arg(long, default_value = "all")]
+    interface: String,
+    /// Display name.
+    #[arg(long, default_value = "mesh primary")]
+    name: String,
+    /// Print events as JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
+fn interfaces(choice: &str) -> Interfaces {
+    match choice {
+        "all" => Interfaces::All,
+        "loopback" => Interfaces::Loopback,
+        name => Interfaces::Named(vec![name.to_owned()]),
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let config = NodeConfig::new(Role::Primary, &args.name, "primary");
+    let parts = setup::primary(&args.data_dir, args.listen, config)?;
+    let node = parts.node.clone();
+    let socket = admin::socket_path(&args.data_dir);
+    let check = setup::ledger_check(parts.store.clone(), parts.key.node_id());
+    let _admin = admin::serve(&socket, node.clone(), check).map_err(|e| e.to_string())?;
+    let _mdns = if args.mdns == "on" {
+        let book = DiscoveryBook::new(parts.store.clone(), node.events().clone());
+        let mdns = MdnsDiscovery::start(
+            node.node_id(),
+            MdnsConfig::with_interfaces(interfaces(&args.interface)),
+            book,
+            Arc::new(SystemClock),
+        )
+        .map_err(|e| e.to_string())?;
+        mdns.advertise(&Advertisement {
+            name: args.name.clone(),
+            platform: "desktop".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            port: parts.addr.port(),
+        })
+        .map_err(|e| e.to_string())?;
+        Some(mdns)
+    } else {
+        None
+    };
+    println!(
+        "primary {} ({})",
+        node.node_id(),
+        node.node_id().fingerprint()
+    );
+    println!(
+        "listening on {} (QUIC); admin socket {}",
+        parts.addr,
+        socket.display()
+    );
+    println!(
+        "workers connect with: worker --connect {}@{}",
+        node.node_id(),
+        parts.addr
+    );
+    let mut events = node.subscribe("*", 1024).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            received = events.recv() => match received {
+                Some(Received::Event(e)) => {
+                    if args.json {
+                        println!("{}", serde_json::json!({ "kind": e.kind, "at_ms": e.at.as_millis(), "data": e.data }));
+                    } else {
+                        println!("{:<26} {}", e.kind, e.data);
+                    }
+                }
+                Some(Received::Lagged { missed }) => println!("({missed} events not shown)"),
+                None => break,
+            },
+        }
+    }
+    println!("shutting down");
+    node.shutdown().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("primary: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("primary: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The reference worker.
+//!
+//! ```text
+//! worker [--data-dir DIR] (--connect NODE_ID@ADDR | --mdns) [--interface all|loopback|NAME]
+//!        [--name NAME] [--json]
+//! ```
+//!
+//! On first start it asks the primary to pair and prints the 6-digit code to
+//! type on the primary (`meshctl pairing approve CODE`); once paired it keeps
+//! a session with the primary (reconnecting by itself), sends heartbeats with
+//! this machine's metrics, and prints its activity. Actions it offers to the
+//! primary's `run_action`: `echo` (returns its arguments) and `metrics`
+//! (returns a fresh metrics sample).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use mesh_core::clock::SystemClock;
+use mesh_core::discovery::{Discovery, DiscoveryBook};
+use mesh_core::events::Received;
+use mesh_core::identity::NodeId;
+use mesh_core::node::{CommandHandler, FnHandler, MetricsSource, Node, NodeConfig, Role};
+use mesh_core::transport::PeerAddr;
+use mesh_examples::{metrics::SystemMetrics, setup};
+use mesh_transport::mdns::{Interfaces, MdnsConfig, MdnsDiscovery};
+use mesh_transport::static_peers::StaticPeer;
+use serde_json::Value;
+
+#[derive(Parser, Debug)]
+#[command(name = "worker", version, about = "The mesh SDK's reference worker")]
+struct Args {
+    /// Where the key and database live.
+    #[arg(long, default_value = "mesh-worker")]
+    data_dir: PathBuf,
+    /// The primary: NODE_ID@ADDRESS (as the primary prints it).
+    #[arg(long)]
+    connect: Option<StaticPeer>,
+    /// Find the primary over mDNS instead.
+    #[arg(long)]
+    mdns: bool,
+    /// mDNS interfaces: all, loopback, or an interface name.
+    #[arg(long, default_value = "all")]
+    interface: String,
+    /// Display name.
+    #[arg(long, default_value = "mesh worker")]
+    name: String,
+    /// Hardware/app id (default: derived from the node key).
+    #[arg(long)]
+    device_id: Option<String>,
+    /// Print events as JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
+async fn find_primary(
+    args: &Args,
+    node: &Node,
+    store: Arc<dyn mesh_core::storage::Storage>,
+) -> Result<(NodeId, PeerAddr), String> {
+    if let Some(peer) = &args.connect {
+        let addr = peer.addresses.first().ok_or("no address")?;
+        return Ok((peer.node, PeerAddr::Socket(*addr)));
+    }
+    if !args.mdns {
+        return Err("not paired yet: pass --connect NODE_ID@ADDR or --mdns".into());
+    }
+    let interfaces = match args.interface.as_str() {
+        "all" => Interfaces::All,
+        "loopback" => Interfaces::Loopback,
+        name => Interfaces::Named(vec![name.to_owned()]),
+    };
+    let book = DiscoveryBook::new(store, node.events().clone());
+    let mdns = MdnsDiscovery::start(
+        node.node_id(),
+        MdnsConfig::with_interfaces(interfaces),
+        book,
+        Arc::new(SystemClock),
+    )
+    .map_err(|e| e.to_string())?;
+    println!("looking for a primary over mDNS…");
+    for _ in 0..30 {
+        let found = mdns
+            .discover(Duration::from_secs(1))
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(n) = found.iter().find(|n| !n.addresses.is_empty()) {
+            let addr = n
+                .addresses
+                .iter()
+                .find(|a| a.is_ipv4())
+                .unwrap_or(&n.addresses[0]);
+            println!("found {} ({}) at {addr}", n.name, n.node.fingerprint());
+            return Ok((n.node, PeerAddr::Socket(*addr)));
+        }
+    }
+    Err("no primary found over mDNS within 30 s".into())
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let device_id = args.device_id.clone();
+    let metrics = Arc::new(SystemMetrics::new());
+    let sampler = metrics.clone();
+    let (key, _) = setup::open_dir(&args.data_dir)?;
+    let device_id = device_id.unwrap_or_else(|| format!("worker-{}", key.node_id().fingerprint()));
+    let config = NodeConfig::new(Role::Worker, &args.name, &device_id)
+        .heartbeat_interval(Duration::from_secs(2));
+    let listen = "0.0.0.0:0".parse().map_err(|e| format!("{e}"))?;
+    let echo: Arc<dyn CommandHandler> = Arc::new(FnHandler(|a: &Value| Ok(a.clone())));
+    let sample: Arc<dyn CommandHandler> = Arc::new(FnHandler(move |_: &Value| {
+        serde_json::to_value(sampler.sample()).map_err(|e| e.to_string())
+    }));
+    let parts = setup::worker(
+        &args.data_dir,
+        listen,
+        config,
+        metrics,
+        vec![("echo", echo), ("metrics", sample)],
+    )?;
+    let node = parts.node.clone();
+    println!(
+        "worker {} ({})",
+        node.node_id(),
+        node.node_id().fingerprint()
+    );
+    let mut events = node.subscribe("*", 1024).map_err(|e| e.to_string())?;
+    match node.paired_primary().map_err(|e| e.to_string())? {
+        Some(primary) => println!("paired with {}; connecting", primary.fingerprint()),
+        None => {
+            let (primary, addr) = find_primary(&args, &node, parts.store.clone()).await?;
+            let ticket = node
+                .request_pairing(primary, addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!();
+            println!("    pairing code: {}", ticket.code());
+            println!(
+                "    on the primary: meshctl pairing approve {}",
+                ticket.code()
+            );
+            println!();
+            ticket
+                .finished()
+                .await
+                .map_err(|e| format!("pairing failed: {e}"))?;
+            println!("paired");
+        }
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            received = events.recv() => match received {
+                Some(Received::Event(e)) => {
+                    if args.json {
+                        println!("{}", serde_json::json!({ "kind": e.kind, "at_ms": e.at.as_millis(), "data": e.data }));
+                    } else {
+                        println!("{:<22} {}", e.kind, e.data);
+                    }
+                }
+                Some(Received::Lagged { missed }) => println!("({missed} events not shown)"),
+                None => break,
+            },
+        }
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! A primary or a worker assembled from a data directory: the node key
+//! (`node.key`, mode 0600), SQLite (`mesh.db`, WAL), and for the primary the
+//! signed ledger and mesh-policy, over QUIC.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use mesh_core::clock::{Clock, SystemClock};
+use mesh_core::identity::{NodeId, NodeKey};
+use mesh_core::ledger::Ledger;
+use mesh_core::node::{CommandHandler, MetricsSource, Node, NodeConfig, RegistryAdmission};
+use mesh_core::storage::{SqliteStorage, Storage};
+use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
+use mesh_policy::runtime::RuntimePolicy;
+use mesh_transport::quic::{QuicConfig, QuicTransport};
+use serde_json::json;
+
+use crate::admin::LedgerCheck;
+
+/// The key file in a data directory.
+pub const KEY_FILE: &str = "node.key";
+/// The database in a data directory.
+pub const DB_FILE: &str = "mesh.db";
+
+/// What a started node is made of.
+#[derive(Debug)]
+pub struct Parts {
+    /// The node.
+    pub node: Node,
+    /// Its identity.
+    pub key: Arc<NodeKey>,
+    /// Its storage.
+    pub store: Arc<dyn Storage>,
+    /// Its ledger (primary only).
+    pub ledger: Option<Arc<SignedLedger>>,
+    /// The QUIC address it listens on.
+    pub addr: SocketAddr,
+}
+
+/// Creates `dir` (mode 0700) if needed, loads or creates the key, opens the database.
+pub fn open_dir(dir: &Path) -> Result<(Arc<NodeKey>, Arc<dyn Storage>), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("securing {}: {e}", dir.display()))?;
+    let (key, _) = NodeKey::load_or_generate(dir.join(KEY_FILE)).map_err(|e| e.to_string())?;
+    let store = SqliteStorage::open(dir.join(DB_FILE)).map_err(|e| e.to_string())?;
+    Ok((Arc::new(key), Arc::new(store)))
+}
+
+fn quic(
+    key: &Arc<NodeKey>,
+    store: &Arc<dyn Storage>,
+    listen: SocketAddr,
+) -> Result<Arc<QuicTransport>, String> {
+    let admission = Arc::new(RegistryAdmission::new(store.clone()));
+    QuicTransport::bind(key.clone(), listen, admission, QuicConfig::default())
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
+/// Starts a primary from `dir`, listening on `listen`.
+pub fn primary(dir: &Path, listen: SocketAddr, config: NodeConfig) -> Result<Parts, String> {
+    let (key, store) = open_dir(dir)?;
+    let ledger = Arc::new(
+        SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default())
+            .map_err(|e| e.to_string())?,
+    );
+    let transport = quic(&key, &store, listen)?;
+    let addr = transport.local_addr();
+    let node = Node::builder(key.clone(), store.clone(), transport, config)
+        .ledger(ledger.clone())
+        .policy(Arc::new(RuntimePolicy::new()))
+        .start()
+        .map_err(|e| e.to_string())?;
+    // Checkpoints fall due by time too.
+    let ticking = ledger.clone();
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            interval.tick().await;
+            let _ = ticking.tick(SystemClock.now());
+        }
+    });
+    Ok(Parts {
+        node,
+        key,
+        store,
+        ledger: Some(ledger),
+        addr,
+    })
+}
+
+/// Starts a worker from `dir` with the actions it offers; it reconnects to
+/// its primary by itself if it is paired already.
+pub fn worker(
+    dir: &Path,
+    listen: SocketAddr,
+    config: NodeConfig,
+    metrics: Arc<dyn MetricsSource>,
+    actions: Vec<(&str, Arc<dyn CommandHandler>)>,
+) -> Result<Parts, String> {
+    let (key, store) = open_dir(dir)?;
+    let transport = quic(&key, &store, listen)?;
+    let addr = transport.local_addr();
+    let mut builder = Node::builder(key.clone(), store.clone(), transport, config).metrics(metrics);
+    for (name, handler) in actions {
+        builder = builder.handler(name, handler);
+    }
+    let node = builder.start().map_err(|e| e.to_string())?;
+    Ok(Parts {
+        node,
+        key,
+        store,
+        ledger: None,
+        addr,
+    })
+}
+
+/// `ledger.verify` for the admin socket: the same check as `meshctl ledger verify`.
+pub fn ledger_check(store: Arc<dyn Storage>, author: NodeId) -> LedgerCheck {
+    Arc::new(move || {
+        let report = verify_ledger(store.as_ref(), &author, None).map_err(|e| e.to_string())?;
+        Ok(json!({
+            "ok": report.ok(),
+            "records": report.records,
+            "first_bad": report.first_bad,
+            "problem": report.problem.as_ref().map(ToString::to_string),
+        }))
+    })
+}

@@ -1,0 +1,237 @@
+//! The README's two-terminal walkthrough, automated: the `primary` and
+//! `worker` binaries over QUIC on 127.0.0.1 (mDNS off), administered with
+//! `meshctl` through the primary's admin socket; then `kill -9` of the
+//! primary and a restart that loses nothing acknowledged.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A running binary whose stdout lines arrive on a channel.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(bin: &str, args: &[&str]) -> Running {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// The first line containing `needle`, within 20 s.
+    fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .expect(needle);
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no line with {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn meshctl(args: &[&str]) -> (i32, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_str(text.trim()).unwrap_or(Value::Null),
+    )
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Polls `meshctl` until `check` holds (bounded).
+fn eventually(args: &[&str], check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, v) = meshctl(args);
+        if code == 0 && check(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{args:?} never satisfied; last answer {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn start_primary(dir: &Path, listen: &str) -> Running {
+    Running::start(
+        env!("CARGO_BIN_EXE_primary"),
+        &[
+            "--data-dir",
+            p(dir),
+            "--listen",
+            listen,
+            "--mdns",
+            "off",
+            "--name",
+            "Studio",
+        ],
+    )
+}
+
+#[test]
+fn primary_worker_and_meshctl_pair_govern_and_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pdir, wdir) = (dir.path().join("primary"), dir.path().join("worker"));
+    let mut primary = start_primary(&pdir, "127.0.0.1:0");
+    let connect = primary.wait_for("workers connect with:");
+    let peer = connect.rsplit(' ').next().unwrap().to_owned();
+    let port = peer.rsplit(':').next().unwrap().to_owned();
+    let d = ["--data-dir", p(&pdir)];
+
+    // Terminal 2: the worker asks to pair and shows its code.
+    let worker = Running::start(
+        env!("CARGO_BIN_EXE_worker"),
+        &[
+            "--data-dir",
+            p(&wdir),
+            "--connect",
+            &peer,
+            "--name",
+            "laptop",
+            "--device-id",
+            "hw-laptop",
+        ],
+    );
+    let code = worker
+        .wait_for("pairing code:")
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(code.len(), 6);
+
+    // Terminal 1: meshctl sees the request and approves it with the code.
+    let pending = eventually(&["pairing", "list", d[0], d[1], "--json"], |v| {
+        v.as_array().is_some_and(|a| a.len() == 1)
+    });
+    assert_eq!(pending[0]["name"], "laptop");
+    let (rc, wrong) = meshctl(&[
+        "pairing",
+        "approve",
+        if code == "000000" { "000001" } else { "000000" },
+        d[0],
+        d[1],
+        "--json",
+    ]);
+    assert_eq!(
+        (rc, wrong["error"]["kind"].as_str()),
+        (2, Some("pairing")),
+        "{wrong}"
+    );
+    let (rc, approved) = meshctl(&["pairing", "approve", &code, d[0], d[1], "--json"]);
+    assert_eq!(rc, 0, "{approved}");
+    worker.wait_for("paired");
+
+    // The device is online with health from the worker's real metrics.
+    let devices = eventually(&["devices", "list", d[0], d[1], "--json"], |v| {
+        v[0]["online"] == true && v[0]["score"].is_u64()
+    });
+    assert_eq!(devices[0]["device_id"], "hw-laptop");
+    let policy = dir.path().join("policy.json");
+    std::fs::write(&policy, r#"{"allowed_commands": ["notes.*"]}"#).unwrap();
+    let (rc, set) = meshctl(&[
+        "policy",
+        "set",
+        "laptop",
+        "--file",
+        p(&policy),
+        d[0],
+        d[1],
+        "--json",
+    ]);
+    assert_eq!(rc, 0, "{set}");
+    let (rc, shown) = meshctl(&["policy", "show", "hw-laptop", d[0], d[1], "--json"]);
+    assert_eq!(
+        (rc, &shown["allowed_commands"]),
+        (0, &serde_json::json!(["notes.*"]))
+    );
+    let (rc, none) = meshctl(&["actions", "list", d[0], d[1], "--json"]);
+    assert_eq!((rc, none), (0, serde_json::json!([])));
+    let (rc, missing) = meshctl(&["devices", "revoke", "nobody", d[0], d[1], "--json"]);
+    assert_eq!(
+        (rc, missing["error"]["kind"].as_str()),
+        (2, Some("not_found"))
+    );
+    let db = pdir.join("mesh.db");
+    let (rc, report) = meshctl(&["ledger", "verify", "--db", p(&db)]);
+    assert_eq!((rc, report["ok"].as_bool()), (0, Some(true)), "{report}");
+    let acknowledged = report["records"].as_u64().unwrap();
+    assert!(acknowledged >= 2, "pairing and policy recorded: {report}");
+
+    // kill -9 during traffic (heartbeats), then restart on the same port.
+    primary.kill();
+    let (rc, gone) = meshctl(&["devices", "list", d[0], d[1], "--json"]);
+    assert_eq!(
+        (rc, gone["error"]["kind"].as_str()),
+        (2, Some("unavailable"))
+    );
+    let _primary = start_primary(&pdir, &format!("127.0.0.1:{port}"));
+
+    // Nothing acknowledged is lost, the ledger verifies, and the worker is back.
+    let devices = eventually(&["devices", "list", d[0], d[1], "--json"], |v| {
+        v[0]["online"] == true
+    });
+    assert_eq!(devices.as_array().unwrap().len(), 1);
+    let (_, shown) = meshctl(&["policy", "show", "laptop", d[0], d[1], "--json"]);
+    assert_eq!(shown["allowed_commands"], serde_json::json!(["notes.*"]));
+    let (rc, report) = meshctl(&["ledger", "verify", "--db", p(&db)]);
+    assert_eq!((rc, report["ok"].as_bool()), (0, Some(true)), "{report}");
+    assert!(report["records"].as_u64().unwrap() >= acknowledged);
+
+    // Revocation through meshctl ends the worker's session.
+    let (rc, revoked) = meshctl(&["devices", "revoke", "laptop", d[0], d[1]]);
+    assert_eq!(rc, 0, "{revoked}");
+    worker.wait_for("revoked");
+    let devices = eventually(&["devices", "list", d[0], d[1], "--json"], |v| {
+        v[0]["revoked"] == true
+    });
+    assert_eq!(devices[0]["online"], false);
+}
