@@ -57,7 +57,18 @@ impl Link {
         conn: &dyn Connection,
         now: impl Fn() -> Timestamp,
     ) -> Result<Payload, NodeError> {
+        self.recv_timed(conn, now).await.map(|(p, _)| p)
+    }
+
+    /// Like [`Link::recv`], with the instant the frame came off the
+    /// connection (for measuring processing time).
+    pub(crate) async fn recv_timed(
+        &self,
+        conn: &dyn Connection,
+        now: impl Fn() -> Timestamp,
+    ) -> Result<(Payload, std::time::Instant), NodeError> {
         let frame = conn.recv().await?;
+        let arrived = std::time::Instant::now();
         let (unverified, used) = decode_frame(&frame, DEFAULT_MAX_FRAME_LEN)
             .map_err(|e| NodeError::Protocol(e.to_string()))?;
         if used != frame.len() {
@@ -82,6 +93,6 @@ impl Link {
             .unwrap_or_else(PoisonError::into_inner)
             .admit(&envelope, now())
             .map_err(|e| NodeError::Protocol(e.to_string()))?;
-        Ok(envelope.into_envelope().payload)
+        Ok((envelope.into_envelope().payload, arrived))
     }
 }

@@ -371,6 +371,7 @@ pub struct NodeBuilder {
     metrics: Arc<dyn MetricsSource>,
     policy: Arc<dyn CommandPolicy>,
     handlers: HashMap<String, Arc<dyn CommandHandler>>,
+    record_timings: bool,
 }
 
 impl fmt::Debug for NodeBuilder {
@@ -422,6 +423,13 @@ impl NodeBuilder {
         self
     }
 
+    /// Keeps the primary's per-heartbeat processing times (for benchmarks
+    /// and diagnostics; see [`Node::stats`]).
+    pub fn record_timings(mut self, on: bool) -> Self {
+        self.record_timings = on;
+        self
+    }
+
     /// Starts the node's tasks (inside a tokio runtime).
     pub fn start(self) -> Result<Node, NodeError> {
         let mut registry = Registry::new(self.store.clone(), self.events.clone());
@@ -441,6 +449,10 @@ impl NodeBuilder {
             self.store.clone(),
         );
         let inner = Arc::new(Inner {
+            stats: Stats {
+                timings: self.record_timings.then(|| Mutex::new(Vec::new())),
+                ..Stats::default()
+            },
             link: link::Link::new(self.key.clone()),
             key: self.key,
             store: self.store,
@@ -468,7 +480,47 @@ impl NodeBuilder {
     }
 }
 
+/// Counters of a running node, and (if asked for with
+/// [`NodeBuilder::record_timings`]) the time the primary spent on each
+/// heartbeat, from the frame leaving the transport to the health update.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    heartbeats_sent: std::sync::atomic::AtomicU64,
+    heartbeats_received: std::sync::atomic::AtomicU64,
+    timings: Option<Mutex<Vec<u32>>>,
+}
+
+/// Most heartbeat timings kept.
+const MAX_TIMINGS: usize = 1 << 20;
+
+impl Stats {
+    fn heartbeat_processed(&self, took: Duration) {
+        self.heartbeats_received
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = &self.timings {
+            let mut t = lock(t);
+            if t.len() < MAX_TIMINGS {
+                t.push(u32::try_from(took.as_nanos()).unwrap_or(u32::MAX));
+            }
+        }
+    }
+}
+
+/// A snapshot of a node's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NodeStats {
+    /// Heartbeats a worker sent.
+    pub heartbeats_sent: u64,
+    /// Heartbeats the primary processed.
+    pub heartbeats_received: u64,
+    /// Per-heartbeat processing times on the primary, nanoseconds (only
+    /// with [`NodeBuilder::record_timings`]; at most 2^20 kept).
+    pub heartbeat_nanos: Vec<u32>,
+}
+
 pub(crate) struct Inner {
+    stats: Stats,
     key: Arc<NodeKey>,
     store: Arc<dyn Storage>,
     transport: Arc<dyn Transport>,
@@ -584,6 +636,7 @@ impl Node {
             metrics: Arc::new(NoMetrics),
             policy: Arc::new(DenyAll),
             handlers: HashMap::new(),
+            record_timings: false,
         }
     }
 
@@ -605,6 +658,22 @@ impl Node {
     /// Subscribes to events matching `pattern` (e.g. `pairing.*`).
     pub fn subscribe(&self, pattern: &str, capacity: usize) -> Result<Subscription, NodeError> {
         Ok(self.inner.events.subscribe(pattern, capacity)?)
+    }
+
+    /// The node's counters (and timings, if recorded).
+    pub fn stats(&self) -> NodeStats {
+        let s = &self.inner.stats;
+        NodeStats {
+            heartbeats_sent: s.heartbeats_sent.load(std::sync::atomic::Ordering::Relaxed),
+            heartbeats_received: s
+                .heartbeats_received
+                .load(std::sync::atomic::Ordering::Relaxed),
+            heartbeat_nanos: s
+                .timings
+                .as_ref()
+                .map(|t| lock(t).clone())
+                .unwrap_or_default(),
+        }
     }
 
     /// Stops every task and closes every connection.

@@ -245,7 +245,7 @@ async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
 /// The session loop: every message passes the gate first.
 async fn serve(inner: &Arc<Inner>, conn: &dyn Connection, node: NodeId, token: &[u8; 32]) {
     loop {
-        let Ok(payload) = inner.link.recv(conn, || inner.now()).await else {
+        let Ok((payload, arrived)) = inner.link.recv_timed(conn, || inner.now()).await else {
             return;
         };
         let scope = match &payload {
@@ -263,6 +263,7 @@ async fn serve(inner: &Arc<Inner>, conn: &dyn Connection, node: NodeId, token: &
                 if ingested.is_ok() {
                     lock(&inner.primary.metrics).insert(node, hb.metrics);
                 }
+                inner.stats.heartbeat_processed(arrived.elapsed());
                 if let Err(e) = ingested {
                     inner.events.publish(
                         "health.rejected",

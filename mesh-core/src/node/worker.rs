@@ -242,6 +242,10 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
             {
                 return;
             }
+            beating
+                .stats
+                .heartbeats_sent
+                .fetch_add(1, Ordering::Relaxed);
         }
     });
     let ended = loop {

@@ -180,6 +180,10 @@ async fn pair_heartbeat_command_rotate_revoke_and_audit() {
     assert_eq!(devices.len(), 1);
     assert!(devices[0].online);
     assert_eq!(devices[0].status.as_deref(), Some("healthy"));
+    assert!(w.stats().heartbeats_sent >= 1);
+    assert!(p.node.stats().heartbeats_received >= 1);
+    // Timings are kept only when asked for.
+    assert!(p.node.stats().heartbeat_nanos.is_empty());
 
     // Primary → worker: ping, config, run_action.
     let rtt = p.node.ping(&w.node_id()).await.unwrap();

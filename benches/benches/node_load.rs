@@ -1,0 +1,241 @@
+//! Load: 200 workers, in-process, each with its own QUIC endpoint on
+//! 127.0.0.1, heartbeating every second for 60 s against one primary
+//! (SQLite, ledger, mesh-policy). Reports heartbeats lost, the primary's
+//! processing time per heartbeat (frame off the transport → health updated;
+//! p50/p99) against the same work done in a tight loop (decode, verify,
+//! gate, ingest: the floor), the process's CPU per heartbeat (both sides, so
+//! an upper bound for the primary), command round trips (ping) p50/p99, and
+//! pairing round trips with the approval made at once (no human in the loop).
+//!
+//! `cargo test --benches` runs 10 workers for 3 s.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mesh_core::clock::{Clock, SystemClock};
+use mesh_core::events::{EventBus, Received};
+use mesh_core::health::{HealthConfig, HealthMonitor};
+use mesh_core::identity::NodeKey;
+use mesh_core::node::{MetricsSource, Node, NodeConfig, RegistryAdmission, Role};
+use mesh_core::registry::{NewDevice, Registry, scopes};
+use mesh_core::storage::{MemoryStorage, SqliteStorage, Storage};
+use mesh_core::wire::{
+    DEFAULT_MAX_FRAME_LEN, Destination, Envelope, HealthMetrics, Heartbeat, Payload, Platform,
+    decode_frame,
+};
+use mesh_ledger::{LedgerConfig, SignedLedger};
+use mesh_transport::quic::{QuicConfig, QuicTransport};
+
+#[derive(Debug)]
+struct Metrics;
+
+impl MetricsSource for Metrics {
+    fn sample(&self) -> HealthMetrics {
+        HealthMetrics {
+            cpu_percent: Some(25.0),
+            memory_percent: Some(50.0),
+            battery_percent: Some(70.0),
+            charging: Some(false),
+            latency_ms: Some(3.0),
+            ..HealthMetrics::default()
+        }
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn process_cpu_ms() -> u64 {
+    let mut sys = sysinfo::System::new();
+    let Ok(pid) = sysinfo::get_current_pid() else {
+        return 0;
+    };
+    sys.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[pid]), true);
+    sys.process(pid).map_or(0, |p| p.accumulated_cpu_time())
+}
+
+fn quic(key: &Arc<NodeKey>, store: &Arc<dyn Storage>) -> Arc<QuicTransport> {
+    let admission = Arc::new(RegistryAdmission::new(store.clone()));
+    Arc::new(
+        QuicTransport::bind(
+            key.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            admission,
+            QuicConfig::default(),
+        )
+        .unwrap(),
+    )
+}
+
+/// The floor: what the primary must do per heartbeat at least (decode and
+/// verify the signed frame, the registry gate, the health update), in a
+/// tight loop on one thread. Nanoseconds per heartbeat.
+fn floor_ns(n: usize) -> f64 {
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let registry = Registry::new(store.clone(), EventBus::new());
+    let worker = NodeKey::generate();
+    let primary = NodeKey::generate();
+    let (record, token, writes) = registry
+        .prepare_device(
+            NewDevice {
+                node: worker.node_id(),
+                device_id: "w".into(),
+                name: "w".into(),
+                platform: Platform::Desktop,
+            },
+            SystemClock.now(),
+        )
+        .unwrap();
+    registry.commit_new_device(&record, &writes).unwrap();
+    let mut monitor = HealthMonitor::new(HealthConfig::default(), EventBus::new(), store);
+    let frames: Vec<Vec<u8>> = (0..n as u64)
+        .map(|seq| {
+            let payload = Payload::Heartbeat(Heartbeat {
+                seq,
+                metrics: Metrics.sample(),
+            });
+            Envelope::new(
+                worker.node_id(),
+                Destination::Node(primary.node_id()),
+                SystemClock.now(),
+                payload,
+            )
+            .sign(&worker)
+            .unwrap()
+            .to_frame()
+            .unwrap()
+        })
+        .collect();
+    let start = Instant::now();
+    for f in &frames {
+        let (u, _) = decode_frame(f, DEFAULT_MAX_FRAME_LEN).unwrap();
+        let env = u.verify().unwrap().into_envelope();
+        registry
+            .check(&env.from, token.as_bytes(), scopes::PRESENCE_WRITE)
+            .unwrap();
+        if let Payload::Heartbeat(hb) = env.payload {
+            monitor
+                .ingest(env.from, SystemClock.now(), &hb.metrics)
+                .unwrap();
+        }
+    }
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+fn main() {
+    let quick = std::env::args().all(|a| a != "--bench");
+    let (workers, seconds) = if quick { (10usize, 3u64) } else { (200, 60) };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Arc::new(NodeKey::generate());
+        let store: Arc<dyn Storage> = Arc::new(SqliteStorage::open(dir.path().join("primary.db")).unwrap());
+        let ledger = Arc::new(SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default()).unwrap());
+        let transport = quic(&key, &store);
+        let addr = transport.addr();
+        let config = NodeConfig::new(Role::Primary, "primary", "primary").heartbeat_interval(Duration::from_secs(1));
+        let primary = Node::builder(key, store, transport, config)
+            .ledger(ledger)
+            .record_timings(true)
+            .start()
+            .unwrap();
+
+        // Pairing, approved at once: the round trip without the human.
+        let mut requests = primary.subscribe("pairing.request_received", 4096).unwrap();
+        let mut pairing_ms = Vec::new();
+        let mut nodes = Vec::new();
+        for i in 0..workers {
+            let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+            let key = Arc::new(NodeKey::generate());
+            let transport = quic(&key, &store);
+            let config = NodeConfig::new(Role::Worker, &format!("w{i}"), &format!("hw-{i}"))
+                .heartbeat_interval(Duration::from_secs(1));
+            let w = Node::builder(key, store, transport, config).metrics(Arc::new(Metrics)).start().unwrap();
+            let mut connected = w.subscribe("session.connected", 4).unwrap();
+            let start = Instant::now();
+            let ticket = w.request_pairing(primary.node_id(), addr.clone()).await.unwrap();
+            loop {
+                if let Some(Received::Event(_)) = requests.recv().await {
+                    break;
+                }
+            }
+            primary.approve_pairing(ticket.request_id(), ticket.code()).await.unwrap();
+            ticket.finished().await.unwrap();
+            pairing_ms.push(start.elapsed().as_micros() as u64);
+            while !matches!(connected.recv().await, Some(Received::Event(_))) {}
+            nodes.push(w);
+        }
+        pairing_ms.sort_unstable();
+
+        // Heartbeats for the measured period, with pings spread over it.
+        let base_sent: u64 = nodes.iter().map(|w| w.stats().heartbeats_sent).sum();
+        let base_received = primary.stats().heartbeats_received;
+        let base_timings = primary.stats().heartbeat_nanos.len();
+        let cpu_before = process_cpu_ms();
+        let start = Instant::now();
+        let mut rtts = Vec::new();
+        let mut i = 0;
+        while start.elapsed() < Duration::from_secs(seconds) {
+            let w = &nodes[i % nodes.len()];
+            i += 1;
+            if let Ok(rtt) = primary.ping(&w.node_id()).await {
+                rtts.push(rtt.as_micros() as u64);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = start.elapsed();
+        // Stop the workers (no more heartbeats), let those in flight land, then count.
+        for w in &nodes {
+            w.shutdown().await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let sent: u64 = nodes.iter().map(|w| w.stats().heartbeats_sent).sum::<u64>() - base_sent;
+        let stats = primary.stats();
+        let received = stats.heartbeats_received - base_received;
+        let cpu_ms = process_cpu_ms().saturating_sub(cpu_before);
+        let mut timings: Vec<u64> = stats.heartbeat_nanos[base_timings..].iter().map(|&n| u64::from(n)).collect();
+        timings.sort_unstable();
+        rtts.sort_unstable();
+        let floor = floor_ns(if quick { 200 } else { 5_000 });
+
+        println!("## {workers} workers × 1 heartbeat/s for {:.1} s against one primary (QUIC on 127.0.0.1, one process, 2 runtime threads)", elapsed.as_secs_f64());
+        println!("heartbeats sent {sent}, processed by the primary {received}; lost (sent and never processed): {}", sent.saturating_sub(received));
+        println!(
+            "primary processing per heartbeat (frame off the transport → health updated): p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs; floor (same work in a tight loop): {:.1} µs → p50/floor {:.2}",
+            percentile(&timings, 0.5) as f64 / 1e3,
+            percentile(&timings, 0.99) as f64 / 1e3,
+            timings.iter().sum::<u64>() as f64 / timings.len().max(1) as f64 / 1e3,
+            floor / 1e3,
+            percentile(&timings, 0.5) as f64 / floor
+        );
+        println!(
+            "process CPU (primary + all workers): {cpu_ms} ms over {:.1} s = {:.1} µs per heartbeat (upper bound for the primary's share)",
+            elapsed.as_secs_f64(),
+            cpu_ms as f64 * 1e3 / received.max(1) as f64
+        );
+        println!(
+            "command round trip (ping, {} samples): p50 {:.2} ms, p99 {:.2} ms",
+            rtts.len(),
+            percentile(&rtts, 0.5) as f64 / 1e3,
+            percentile(&rtts, 0.99) as f64 / 1e3
+        );
+        println!(
+            "pairing round trip, approval at once ({} pairings): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (goal < 20 ms)",
+            pairing_ms.len(),
+            percentile(&pairing_ms, 0.5) as f64 / 1e3,
+            percentile(&pairing_ms, 0.99) as f64 / 1e3,
+            pairing_ms.last().copied().unwrap_or(0) as f64 / 1e3
+        );
+        assert_eq!(sent.saturating_sub(received), 0, "heartbeats were lost");
+        primary.shutdown().await;
+    });
+}
