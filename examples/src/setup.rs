@@ -10,7 +10,9 @@ use std::sync::Arc;
 use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::identity::{NodeId, NodeKey};
 use mesh_core::ledger::Ledger;
-use mesh_core::node::{CommandHandler, MetricsSource, Node, NodeConfig, RegistryAdmission};
+use mesh_core::node::{
+    CommandHandler, FnHandler, MetricsSource, Node, NodeConfig, RegistryAdmission,
+};
 use mesh_core::storage::{SqliteStorage, Storage};
 use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
 use mesh_policy::runtime::RuntimePolicy;
@@ -69,9 +71,12 @@ pub fn primary(dir: &Path, listen: SocketAddr, config: NodeConfig) -> Result<Par
     );
     let transport = quic(&key, &store, listen)?;
     let addr = transport.local_addr();
+    let echo: Arc<dyn CommandHandler> = Arc::new(FnHandler(|a: &serde_json::Value| Ok(a.clone())));
     let node = Node::builder(key.clone(), store.clone(), transport, config)
         .ledger(ledger.clone())
         .policy(Arc::new(RuntimePolicy::new()))
+        // What workers may ask for, if their policy allows: `echo` returns its arguments.
+        .handler("echo", echo)
         .start()
         .map_err(|e| e.to_string())?;
     // Checkpoints fall due by time too.

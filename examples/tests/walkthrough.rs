@@ -175,8 +175,13 @@ fn primary_worker_and_meshctl_pair_govern_and_survive_a_crash() {
         v[0]["online"] == true && v[0]["score"].is_u64()
     });
     assert_eq!(devices[0]["device_id"], "hw-laptop");
+    // An approval-gated policy; the worker (restarted with --send) asks for `echo`.
     let policy = dir.path().join("policy.json");
-    std::fs::write(&policy, r#"{"allowed_commands": ["notes.*"]}"#).unwrap();
+    std::fs::write(
+        &policy,
+        r#"{"allowed_commands": ["echo"], "require_approval": true}"#,
+    )
+    .unwrap();
     let (rc, set) = meshctl(&[
         "policy",
         "set",
@@ -190,11 +195,30 @@ fn primary_worker_and_meshctl_pair_govern_and_survive_a_crash() {
     assert_eq!(rc, 0, "{set}");
     let (rc, shown) = meshctl(&["policy", "show", "hw-laptop", d[0], d[1], "--json"]);
     assert_eq!(
-        (rc, &shown["allowed_commands"]),
-        (0, &serde_json::json!(["notes.*"]))
+        (rc, &shown["require_approval"]),
+        (0, &serde_json::json!(true))
     );
-    let (rc, none) = meshctl(&["actions", "list", d[0], d[1], "--json"]);
-    assert_eq!((rc, none), (0, serde_json::json!([])));
+    drop(worker);
+    let worker = Running::start(
+        env!("CARGO_BIN_EXE_worker"),
+        &[
+            "--data-dir",
+            p(&wdir),
+            "--name",
+            "laptop",
+            "--send",
+            "echo",
+            "--args",
+            r#"{"hello": "primary"}"#,
+        ],
+    );
+    let refused = worker.wait_for("command echo:");
+    assert!(refused.contains("needs_approval"), "{refused}");
+    let actions = eventually(&["actions", "list", d[0], d[1], "--json"], |v| {
+        v.as_array().is_some_and(|a| a.len() == 1)
+    });
+    assert_eq!(actions[0]["state"], "proposed");
+    let action = actions[0]["id"].as_str().unwrap().to_owned();
     let (rc, missing) = meshctl(&["devices", "revoke", "nobody", d[0], d[1], "--json"]);
     assert_eq!(
         (rc, missing["error"]["kind"].as_str()),
@@ -204,7 +228,8 @@ fn primary_worker_and_meshctl_pair_govern_and_survive_a_crash() {
     let (rc, report) = meshctl(&["ledger", "verify", "--db", p(&db)]);
     assert_eq!((rc, report["ok"].as_bool()), (0, Some(true)), "{report}");
     let acknowledged = report["records"].as_u64().unwrap();
-    assert!(acknowledged >= 2, "pairing and policy recorded: {report}");
+    // Pairing, policy, the command's decision, the proposed action.
+    assert!(acknowledged >= 4, "acknowledged changes recorded: {report}");
 
     // kill -9 during traffic (heartbeats), then restart on the same port.
     primary.kill();
@@ -221,7 +246,20 @@ fn primary_worker_and_meshctl_pair_govern_and_survive_a_crash() {
     });
     assert_eq!(devices.as_array().unwrap().len(), 1);
     let (_, shown) = meshctl(&["policy", "show", "laptop", d[0], d[1], "--json"]);
-    assert_eq!(shown["allowed_commands"], serde_json::json!(["notes.*"]));
+    assert_eq!(shown["allowed_commands"], serde_json::json!(["echo"]));
+    // The acknowledged action survived and can be approved now.
+    let (rc, actions) = meshctl(&["actions", "list", d[0], d[1], "--json"]);
+    assert_eq!(
+        (rc, actions[0]["id"].as_str(), actions[0]["state"].as_str()),
+        (0, Some(action.as_str()), Some("proposed"))
+    );
+    let (rc, done) = meshctl(&["actions", "approve", &action, d[0], d[1], "--json"]);
+    assert_eq!(
+        (rc, done["state"].as_str()),
+        (0, Some("executed")),
+        "{done}"
+    );
+    assert_eq!(done["result"], serde_json::json!({"hello": "primary"}));
     let (rc, report) = meshctl(&["ledger", "verify", "--db", p(&db)]);
     assert_eq!((rc, report["ok"].as_bool()), (0, Some(true)), "{report}");
     assert!(report["records"].as_u64().unwrap() >= acknowledged);

@@ -50,6 +50,13 @@ struct Args {
     /// Hardware/app id (default: derived from the node key).
     #[arg(long)]
     device_id: Option<String>,
+    /// Once connected, send this command to the primary (its policy
+    /// decides) and print the outcome.
+    #[arg(long)]
+    send: Option<String>,
+    /// Arguments of --send (JSON).
+    #[arg(long, default_value = "{}")]
+    args: String,
     /// Print events as JSON lines.
     #[arg(long)]
     json: bool,
@@ -126,6 +133,26 @@ async fn run(args: Args) -> Result<(), String> {
         node.node_id().fingerprint()
     );
     let mut events = node.subscribe("*", 1024).map_err(|e| e.to_string())?;
+    if let Some(name) = args.send.clone() {
+        let command_args: Value =
+            serde_json::from_str(&args.args).map_err(|e| format!("--args: {e}"))?;
+        let mut connected = node
+            .subscribe("session.connected", 4)
+            .map_err(|e| e.to_string())?;
+        let sender = node.clone();
+        tokio::spawn(async move {
+            // Subscribed first, then checked: the session may already be open.
+            if sender.is_connected() || connected.recv().await.is_some() {
+                match sender.send_command(&name, command_args).await {
+                    Ok(v) => println!("command {name}: ok {v}"),
+                    Err(mesh_core::node::NodeError::Command { code, message }) => {
+                        println!("command {name}: refused ({code}): {message}")
+                    }
+                    Err(e) => println!("command {name}: error: {e}"),
+                }
+            }
+        });
+    }
     match node.paired_primary().map_err(|e| e.to_string())? {
         Some(primary) => println!("paired with {}; connecting", primary.fingerprint()),
         None => {

@@ -41,14 +41,16 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::discovery::{Discovery, DiscoveryError};
 use crate::events::{EventBus, EventError, Subscription};
 use crate::health::{HealthConfig, HealthMonitor};
 use crate::identity::{NodeId, NodeKey};
 use crate::ledger::Ledger;
 use crate::pairing::{PairingConfig, PairingError, PrimaryPairing};
 use crate::registry::{AuthError, Registry, RegistryError};
+use crate::storage::records::DiscoveredNodeRecord;
 use crate::storage::{Storage, StorageError};
-use crate::transport::{Admission, Protocol, Transport, TransportError};
+use crate::transport::{Admission, Connection, PeerAddr, Protocol, Transport, TransportError};
 use crate::wire::{CommandOutcome, HealthMetrics, MessageId, Platform};
 
 pub use actions::states as action_states;
@@ -328,6 +330,9 @@ pub enum NodeError {
     /// A policy document was refused.
     #[error("invalid policy: {0}")]
     Policy(String),
+    /// Discovery failed.
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
 }
 
 /// Admits keys per protocol from the registry in `store`: anyone may reach
@@ -363,7 +368,8 @@ impl Admission for RegistryAdmission {
 pub struct NodeBuilder {
     key: Arc<NodeKey>,
     store: Arc<dyn Storage>,
-    transport: Arc<dyn Transport>,
+    transports: Vec<Arc<dyn Transport>>,
+    discovery: Vec<Arc<dyn Discovery>>,
     config: NodeConfig,
     events: EventBus,
     clock: Arc<dyn Clock>,
@@ -384,6 +390,19 @@ impl fmt::Debug for NodeBuilder {
 }
 
 impl NodeBuilder {
+    /// Another transport (e.g. BLE next to QUIC): connections go through the
+    /// first that supports the address; the primary accepts on all.
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transports.push(transport);
+        self
+    }
+
+    /// A way of finding nodes (mDNS, static peers); see [`Node::discover`].
+    pub fn discovery(mut self, discovery: Arc<dyn Discovery>) -> Self {
+        self.discovery.push(discovery);
+        self
+    }
+
     /// The event bus to publish on (default: a new one).
     pub fn events(mut self, events: EventBus) -> Self {
         self.events = events;
@@ -456,7 +475,8 @@ impl NodeBuilder {
             link: link::Link::new(self.key.clone()),
             key: self.key,
             store: self.store,
-            transport: self.transport,
+            transports: self.transports,
+            discovery: self.discovery,
             config: self.config,
             events: self.events,
             clock: self.clock,
@@ -494,9 +514,12 @@ pub(crate) struct Stats {
 const MAX_TIMINGS: usize = 1 << 20;
 
 impl Stats {
-    fn heartbeat_processed(&self, took: Duration) {
+    fn heartbeat_received(&self) {
         self.heartbeats_received
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn heartbeat_timed(&self, took: Duration) {
         if let Some(t) = &self.timings {
             let mut t = lock(t);
             if t.len() < MAX_TIMINGS {
@@ -523,7 +546,9 @@ pub(crate) struct Inner {
     stats: Stats,
     key: Arc<NodeKey>,
     store: Arc<dyn Storage>,
-    transport: Arc<dyn Transport>,
+    /// Tried in order; `AddressNotSupported` passes to the next.
+    transports: Vec<Arc<dyn Transport>>,
+    discovery: Vec<Arc<dyn Discovery>>,
     config: NodeConfig,
     events: EventBus,
     clock: Arc<dyn Clock>,
@@ -550,6 +575,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Inner {
     fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// Connects through the first transport that supports `addr`.
+    async fn connect(
+        &self,
+        peer: NodeId,
+        addr: &PeerAddr,
+        protocol: Protocol,
+    ) -> Result<Box<dyn Connection>, TransportError> {
+        for t in &self.transports {
+            match t.connect(peer, addr, protocol).await {
+                Err(TransportError::AddressNotSupported(_)) => continue,
+                other => return other,
+            }
+        }
+        Err(TransportError::AddressNotSupported(addr.clone()))
     }
 
     fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
@@ -628,7 +669,8 @@ impl Node {
         NodeBuilder {
             key,
             store,
-            transport,
+            transports: vec![transport],
+            discovery: Vec::new(),
             config,
             events: EventBus::new(),
             clock: Arc::new(SystemClock),
@@ -658,6 +700,23 @@ impl Node {
     /// Subscribes to events matching `pattern` (e.g. `pairing.*`).
     pub fn subscribe(&self, pattern: &str, capacity: usize) -> Result<Subscription, NodeError> {
         Ok(self.inner.events.subscribe(pattern, capacity)?)
+    }
+
+    /// Every node the configured discovery mechanisms know, plus any found
+    /// within `timeout` (one entry per node).
+    pub async fn discover(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<DiscoveredNodeRecord>, NodeError> {
+        let mut found: Vec<DiscoveredNodeRecord> = Vec::new();
+        for d in &self.inner.discovery {
+            for n in d.discover(timeout).await? {
+                if n.node != self.node_id() && !found.iter().any(|f| f.node == n.node) {
+                    found.push(n);
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// The node's counters (and timings, if recorded).

@@ -59,10 +59,30 @@ pub struct DeviceView {
 
 pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
     super::actions::load_policies(inner)?;
+    for transport in inner.transports.clone() {
+        accept_on(inner, transport);
+    }
+    let ticking = inner.clone();
+    inner.spawn(async move {
+        let period = (ticking.config.heartbeat_interval / 2).max(Duration::from_millis(50));
+        let mut interval = tokio::time::interval(period);
+        loop {
+            interval.tick().await;
+            let now = ticking.now();
+            let mut health = lock(&ticking.health);
+            health.tick(now);
+            let _ = health.flush();
+        }
+    });
+    Ok(())
+}
+
+/// Accepts connections on one transport.
+fn accept_on(inner: &Arc<Inner>, transport: Arc<dyn crate::transport::Transport>) {
     let accepting = inner.clone();
     inner.spawn(async move {
         loop {
-            match accepting.transport.accept().await {
+            match transport.accept().await {
                 Ok(conn) => {
                     let conn: Arc<dyn Connection> = Arc::from(conn);
                     let handler = accepting.clone();
@@ -78,19 +98,6 @@ pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
             }
         }
     });
-    let ticking = inner.clone();
-    inner.spawn(async move {
-        let period = (ticking.config.heartbeat_interval / 2).max(Duration::from_millis(50));
-        let mut interval = tokio::time::interval(period);
-        loop {
-            interval.tick().await;
-            let now = ticking.now();
-            let mut health = lock(&ticking.health);
-            health.tick(now);
-            let _ = health.flush();
-        }
-    });
-    Ok(())
 }
 
 fn auth_code(e: &AuthError) -> &'static str {
@@ -259,11 +266,13 @@ async fn serve(inner: &Arc<Inner>, conn: &dyn Connection, node: NodeId, token: &
         match payload {
             Payload::Heartbeat(hb) => {
                 let now = inner.now();
+                // Counted before the health update publishes its events.
+                inner.stats.heartbeat_received();
                 let ingested = lock(&inner.health).ingest(node, now, &hb.metrics);
                 if ingested.is_ok() {
                     lock(&inner.primary.metrics).insert(node, hb.metrics);
                 }
-                inner.stats.heartbeat_processed(arrived.elapsed());
+                inner.stats.heartbeat_timed(arrived.elapsed());
                 if let Err(e) = ingested {
                     inner.events.publish(
                         "health.rejected",

@@ -173,7 +173,6 @@ async fn run_supervisor(inner: Arc<Inner>) {
 async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
     let primary = link.primary;
     let conn: Arc<dyn Connection> = match inner
-        .transport
         .connect(primary, &link.address, Protocol::Mesh)
         .await
     {
@@ -234,18 +233,19 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
                 seq,
                 metrics: beating.metrics.sample(),
             });
+            // Counted before it leaves (the primary may react before this
+            // task runs again); taken back if it could not be sent.
+            let sent = &beating.stats.heartbeats_sent;
+            sent.fetch_add(1, Ordering::Relaxed);
             if beating
                 .link
                 .send(beat_conn.as_ref(), primary, hb, beating.now())
                 .await
                 .is_err()
             {
+                sent.fetch_sub(1, Ordering::Relaxed);
                 return;
             }
-            beating
-                .stats
-                .heartbeats_sent
-                .fetch_add(1, Ordering::Relaxed);
         }
     });
     let ended = loop {
@@ -365,12 +365,8 @@ impl Node {
         addr: PeerAddr,
     ) -> Result<PairingTicket, NodeError> {
         let inner = self.worker()?.clone();
-        let conn: Arc<dyn Connection> = Arc::from(
-            inner
-                .transport
-                .connect(primary, &addr, Protocol::Pairing)
-                .await?,
-        );
+        let conn: Arc<dyn Connection> =
+            Arc::from(inner.connect(primary, &addr, Protocol::Pairing).await?);
         let info = DeviceInfo {
             device_id: inner.config.device_id.clone(),
             name: inner.config.name.clone(),

@@ -332,3 +332,95 @@ async fn operations_of_the_other_role_are_refused_with_a_clear_error() {
     w.shutdown().await;
     p.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_on_two_transports_and_a_worker_that_discovers_it() {
+    use mesh_core::discovery::DiscoveryBook;
+    use mesh_core::events::EventBus;
+    use mesh_transport::memory::MemoryNetwork;
+    use mesh_transport::static_peers::{StaticDiscovery, StaticPeer};
+
+    // The primary listens on QUIC and on an in-memory network.
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let key = Arc::new(NodeKey::generate());
+    let net = MemoryNetwork::new(5);
+    let memory = Arc::new(
+        net.endpoint(
+            key.node_id(),
+            "primary",
+            Arc::new(RegistryAdmission::new(store.clone())),
+        )
+        .unwrap(),
+    );
+    let memory_addr = memory.addr();
+    let quic_transport = quic(&key, &store);
+    let quic_addr = quic_transport.addr();
+    let config = NodeConfig::new(Role::Primary, "Studio", "primary-1")
+        .heartbeat_interval(Duration::from_millis(100));
+    let node = Node::builder(key.clone(), store.clone(), quic_transport, config)
+        .transport(memory)
+        .start()
+        .unwrap();
+    let via = |addr: PeerAddr| Primary {
+        node: node.clone(),
+        store: store.clone(),
+        key: key.clone(),
+        addr,
+    };
+
+    // A worker whose only transport is the in-memory network, finding the
+    // primary through a static peer list.
+    let w_store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let w_key = Arc::new(NodeKey::generate());
+    let w_transport = Arc::new(
+        net.endpoint(
+            w_key.node_id(),
+            "worker",
+            Arc::new(RegistryAdmission::new(w_store.clone())),
+        )
+        .unwrap(),
+    );
+    let events = EventBus::new();
+    let book = DiscoveryBook::new(w_store.clone(), events.clone());
+    let peer: StaticPeer = format!(
+        "{}@{}",
+        node.node_id(),
+        match &quic_addr {
+            PeerAddr::Socket(a) => a.to_string(),
+            _ => unreachable!(),
+        }
+    )
+    .parse()
+    .unwrap();
+    let discovery =
+        Arc::new(StaticDiscovery::new(&[peer], book, &mesh_core::clock::SystemClock).unwrap());
+    let config = NodeConfig::new(Role::Worker, "memory-worker", "hw-mem")
+        .heartbeat_interval(Duration::from_millis(100));
+    let w = Node::builder(w_key, w_store, w_transport, config)
+        .events(events)
+        .discovery(discovery)
+        .start()
+        .unwrap();
+    let found = w.discover(Duration::ZERO).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].node, node.node_id());
+
+    // That QUIC address is not the memory transport's kind: refused cleanly.
+    let socket = PeerAddr::Socket(found[0].addresses[0]);
+    assert!(matches!(
+        w.request_pairing(node.node_id(), socket).await,
+        Err(NodeError::Transport(
+            mesh_core::transport::TransportError::AddressNotSupported(_)
+        ))
+    ));
+    // The memory worker pairs over the in-memory network, a QUIC worker over QUIC.
+    pair(&via(memory_addr), &w, false).await;
+    let (q, _) = worker("quic-worker");
+    pair(&via(quic_addr), &q, false).await;
+    assert_eq!(node.devices().unwrap().len(), 2);
+    node.ping(&w.node_id()).await.unwrap();
+    node.ping(&q.node_id()).await.unwrap();
+    w.shutdown().await;
+    q.shutdown().await;
+    node.shutdown().await;
+}
