@@ -135,3 +135,45 @@ pub fn ledger_check(store: Arc<dyn Storage>, author: NodeId) -> LedgerCheck {
         }))
     })
 }
+
+/// Prints `events` (text, or JSON lines with `json`) until Ctrl-C or the
+/// bus closes.
+pub async fn print_events(mut events: mesh_core::events::Subscription, json: bool) {
+    use mesh_core::events::Received;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            received = events.recv() => match received {
+                Some(Received::Event(e)) => {
+                    if json {
+                        println!("{}", json!({ "kind": e.kind, "at_ms": e.at.as_millis(), "data": e.data }));
+                    } else {
+                        println!("{:<26} {}", e.kind, e.data);
+                    }
+                }
+                Some(Received::Lagged { missed }) => println!("({missed} events not shown)"),
+                None => return,
+            },
+        }
+    }
+}
+
+/// Runs a binary's async main on a multi-threaded runtime; errors go to
+/// stderr as `NAME: error` with exit code 1.
+pub fn block_on(
+    name: &str,
+    main: impl std::future::Future<Output = Result<(), String>>,
+) -> std::process::ExitCode {
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|runtime| runtime.block_on(main));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use clap::Parser;
 use mesh_core::clock::SystemClock;
 use mesh_core::discovery::DiscoveryBook;
-use mesh_core::events::Received;
 use mesh_core::node::{NodeConfig, Role};
 use mesh_examples::{admin, setup};
 use mesh_transport::mdns::{Advertisement, Interfaces, MdnsConfig, MdnsDiscovery};
@@ -99,23 +98,8 @@ async fn run(args: Args) -> Result<(), String> {
         node.node_id(),
         parts.addr
     );
-    let mut events = node.subscribe("*", 1024).map_err(|e| e.to_string())?;
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            received = events.recv() => match received {
-                Some(Received::Event(e)) => {
-                    if args.json {
-                        println!("{}", serde_json::json!({ "kind": e.kind, "at_ms": e.at.as_millis(), "data": e.data }));
-                    } else {
-                        println!("{:<26} {}", e.kind, e.data);
-                    }
-                }
-                Some(Received::Lagged { missed }) => println!("({missed} events not shown)"),
-                None => break,
-            },
-        }
-    }
+    let events = node.subscribe("*", 1024).map_err(|e| e.to_string())?;
+    setup::print_events(events, args.json).await;
     println!("shutting down");
     node.shutdown().await;
     let _ = std::fs::remove_file(&socket);
@@ -123,22 +107,5 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("primary: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("primary: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    setup::block_on("primary", run(Args::parse()))
 }

@@ -20,7 +20,6 @@ use std::time::Duration;
 use clap::Parser;
 use mesh_core::clock::SystemClock;
 use mesh_core::discovery::{Discovery, DiscoveryBook};
-use mesh_core::events::Received;
 use mesh_core::identity::NodeId;
 use mesh_core::node::{CommandHandler, FnHandler, MetricsSource, Node, NodeConfig, Role};
 use mesh_core::transport::PeerAddr;
@@ -132,7 +131,7 @@ async fn run(args: Args) -> Result<(), String> {
         node.node_id(),
         node.node_id().fingerprint()
     );
-    let mut events = node.subscribe("*", 1024).map_err(|e| e.to_string())?;
+    let events = node.subscribe("*", 1024).map_err(|e| e.to_string())?;
     if let Some(name) = args.send.clone() {
         let command_args: Value =
             serde_json::from_str(&args.args).map_err(|e| format!("--args: {e}"))?;
@@ -175,43 +174,11 @@ async fn run(args: Args) -> Result<(), String> {
             println!("paired");
         }
     }
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            received = events.recv() => match received {
-                Some(Received::Event(e)) => {
-                    if args.json {
-                        println!("{}", serde_json::json!({ "kind": e.kind, "at_ms": e.at.as_millis(), "data": e.data }));
-                    } else {
-                        println!("{:<22} {}", e.kind, e.data);
-                    }
-                }
-                Some(Received::Lagged { missed }) => println!("({missed} events not shown)"),
-                None => break,
-            },
-        }
-    }
+    setup::print_events(events, args.json).await;
     node.shutdown().await;
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("worker: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("worker: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    setup::block_on("worker", run(Args::parse()))
 }

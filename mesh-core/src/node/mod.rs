@@ -614,6 +614,32 @@ impl Inner {
         }
     }
 
+    /// Sends command `name` to `to` over `conn` and waits for its result:
+    /// the one way commands go out, in both directions.
+    async fn call(
+        &self,
+        conn: &dyn Connection,
+        to: NodeId,
+        name: &str,
+        args: &Value,
+    ) -> Result<Value, NodeError> {
+        let id = MessageId::random();
+        let rx = self.expect_result(id);
+        let timeout = self.config.command_timeout;
+        let cmd = crate::wire::Payload::Command(crate::wire::Command {
+            command_id: id,
+            name: name.to_owned(),
+            args: crate::wire::JsonText::from_value(args)
+                .map_err(|e| NodeError::Protocol(e.to_string()))?,
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        });
+        if let Err(e) = self.link.send(conn, to, cmd, self.now()).await {
+            lock(&self.calls).remove(&id);
+            return Err(e);
+        }
+        self.await_result(id, rx, timeout).await
+    }
+
     /// Waits for a call's outcome within the command timeout.
     async fn await_result(
         &self,

@@ -18,8 +18,7 @@ use crate::registry::{AuthError, scopes};
 use crate::storage::records::{DeviceRecord, PairingRequestRecord};
 use crate::transport::{Connection, Protocol, TransportError};
 use crate::wire::{
-    Command, CommandOutcome, CommandResult, HealthMetrics, JsonText, MessageId, PairingMessage,
-    Payload, SessionMessage,
+    CommandOutcome, CommandResult, HealthMetrics, JsonText, PairingMessage, Payload, SessionMessage,
 };
 
 /// A paired device's open session.
@@ -473,24 +472,7 @@ impl Node {
             .get(device)
             .map(|s| s.conn.clone())
             .ok_or(NodeError::NotConnected(*device))?;
-        let id = MessageId::random();
-        let rx = inner.expect_result(id);
-        let timeout = inner.config.command_timeout;
-        let cmd = Payload::Command(Command {
-            command_id: id,
-            name: name.to_owned(),
-            args: JsonText::from_value(&args).map_err(|e| NodeError::Protocol(e.to_string()))?,
-            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
-        });
-        if let Err(e) = inner
-            .link
-            .send(conn.as_ref(), *device, cmd, inner.now())
-            .await
-        {
-            lock(&inner.calls).remove(&id);
-            return Err(e);
-        }
-        inner.await_result(id, rx, timeout).await
+        inner.call(conn.as_ref(), *device, name, &args).await
     }
 
     /// `ping` → `pong`: the round-trip time to a worker.

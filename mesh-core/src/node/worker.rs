@@ -18,7 +18,7 @@ use crate::storage::StorageExt;
 use crate::storage::records::PrimaryLinkRecord;
 use crate::transport::{Connection, PeerAddr, Protocol, TransportError};
 use crate::wire::{
-    Command, CommandOutcome, CommandResult, Heartbeat, JsonText, MessageId, Payload, SessionMessage,
+    Command, CommandOutcome, CommandResult, Heartbeat, JsonText, Payload, SessionMessage,
 };
 
 #[derive(Default)]
@@ -483,23 +483,6 @@ impl Node {
         let conn = lock(&inner.worker.session)
             .clone()
             .ok_or(NodeError::NotConnected(primary))?;
-        let id = MessageId::random();
-        let rx = inner.expect_result(id);
-        let timeout = inner.config.command_timeout;
-        let cmd = Payload::Command(Command {
-            command_id: id,
-            name: name.to_owned(),
-            args: JsonText::from_value(&args).map_err(|e| NodeError::Protocol(e.to_string()))?,
-            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
-        });
-        if let Err(e) = inner
-            .link
-            .send(conn.as_ref(), primary, cmd, inner.now())
-            .await
-        {
-            lock(&inner.calls).remove(&id);
-            return Err(e);
-        }
-        inner.await_result(id, rx, timeout).await
+        inner.call(conn.as_ref(), primary, name, &args).await
     }
 }
