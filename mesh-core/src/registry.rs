@@ -342,6 +342,8 @@ impl Registry {
                 let entry = Entry::json(record_type, ledger.author(), &body);
                 ledger.append(vec![entry], batch, now)?;
             }
+            // Nothing to record and nothing to write: no empty transaction.
+            None if batch.is_empty() => {}
             None => self.store.apply(&batch)?,
         }
         Ok(())

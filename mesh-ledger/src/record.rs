@@ -308,14 +308,7 @@ impl LedgerRecord {
                 signature: key.sign(&signed_message(&leaf)),
             });
         }
-        match &self.signature {
-            None => stored.push(0),
-            Some(sig) => {
-                stored.push(1);
-                stored.extend_from_slice(&sig.signer);
-                stored.extend_from_slice(&sig.signature);
-            }
-        }
+        self.push_signature(&mut stored);
         (stored, leaf)
     }
 
@@ -336,7 +329,13 @@ impl LedgerRecord {
 
     /// The stored form: canonical bytes, then the signature block.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = self.canonical();
+        let mut out = self.canonical_with_room(1 + SIGNATURE_BLOCK);
+        self.push_signature(&mut out);
+        out
+    }
+
+    /// Appends the signature block (`0x00`, or `0x01 signer signature`).
+    fn push_signature(&self, out: &mut Vec<u8>) {
         match &self.signature {
             None => out.push(0),
             Some(sig) => {
@@ -345,7 +344,6 @@ impl LedgerRecord {
                 out.extend_from_slice(&sig.signature);
             }
         }
-        out
     }
 
     /// Parses the stored form, checking everything including the actor key
