@@ -3,28 +3,20 @@
 //! signed ledger and mesh-policy, over QUIC.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::identity::{NodeId, NodeKey};
 use mesh_core::ledger::Ledger;
-use mesh_core::node::{
-    CommandHandler, FnHandler, MetricsSource, Node, NodeConfig, RegistryAdmission,
-};
-use mesh_core::storage::{SqliteStorage, Storage};
+use mesh_core::node::{CommandHandler, DataDir, FnHandler, MetricsSource, Node, NodeConfig};
+use mesh_core::storage::Storage;
 use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
 use mesh_policy::runtime::RuntimePolicy;
 use mesh_transport::quic::{QuicConfig, QuicTransport};
 use serde_json::json;
 
 use crate::admin::LedgerCheck;
-
-/// The key file in a data directory.
-pub const KEY_FILE: &str = "node.key";
-/// The database in a data directory.
-pub const DB_FILE: &str = "mesh.db";
 
 /// What a started node is made of.
 #[derive(Debug)]
@@ -41,38 +33,31 @@ pub struct Parts {
     pub addr: SocketAddr,
 }
 
-/// Creates `dir` (mode 0700) if needed, loads or creates the key, opens the database.
-pub fn open_dir(dir: &Path) -> Result<(Arc<NodeKey>, Arc<dyn Storage>), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("securing {}: {e}", dir.display()))?;
-    let (key, _) = NodeKey::load_or_generate(dir.join(KEY_FILE)).map_err(|e| e.to_string())?;
-    let store = SqliteStorage::open(dir.join(DB_FILE)).map_err(|e| e.to_string())?;
-    Ok((Arc::new(key), Arc::new(store)))
+/// Opens (or creates) the data directory `dir`.
+pub fn open_dir(dir: &Path) -> Result<DataDir, String> {
+    DataDir::open(dir).map_err(|e| e.to_string())
 }
 
-fn quic(
-    key: &Arc<NodeKey>,
-    store: &Arc<dyn Storage>,
-    listen: SocketAddr,
-) -> Result<Arc<QuicTransport>, String> {
-    let admission = Arc::new(RegistryAdmission::new(store.clone()));
-    QuicTransport::bind(key.clone(), listen, admission, QuicConfig::default())
+fn quic(dir: &DataDir, listen: SocketAddr) -> Result<Arc<QuicTransport>, String> {
+    let admission = Arc::new(dir.admission());
+    QuicTransport::bind(dir.key(), listen, admission, QuicConfig::default())
         .map(Arc::new)
         .map_err(|e| e.to_string())
 }
 
 /// Starts a primary from `dir`, listening on `listen`.
 pub fn primary(dir: &Path, listen: SocketAddr, config: NodeConfig) -> Result<Parts, String> {
-    let (key, store) = open_dir(dir)?;
+    let dir = open_dir(dir)?;
+    let (key, store) = (dir.key(), dir.store());
     let ledger = Arc::new(
         SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default())
             .map_err(|e| e.to_string())?,
     );
-    let transport = quic(&key, &store, listen)?;
+    let transport = quic(&dir, listen)?;
     let addr = transport.local_addr();
     let echo: Arc<dyn CommandHandler> = Arc::new(FnHandler(|a: &serde_json::Value| Ok(a.clone())));
-    let node = Node::builder(key.clone(), store.clone(), transport, config)
+    let node = dir
+        .builder(transport, config)
         .ledger(ledger.clone())
         .policy(Arc::new(RuntimePolicy::new()))
         // What workers may ask for, if their policy allows: `echo` returns its arguments.
@@ -100,16 +85,16 @@ pub fn primary(dir: &Path, listen: SocketAddr, config: NodeConfig) -> Result<Par
 /// Starts a worker from `dir` with the actions it offers; it reconnects to
 /// its primary by itself if it is paired already.
 pub fn worker(
-    dir: &Path,
+    dir: &DataDir,
     listen: SocketAddr,
     config: NodeConfig,
     metrics: Arc<dyn MetricsSource>,
     actions: Vec<(&str, Arc<dyn CommandHandler>)>,
 ) -> Result<Parts, String> {
-    let (key, store) = open_dir(dir)?;
-    let transport = quic(&key, &store, listen)?;
+    let (key, store) = (dir.key(), dir.store());
+    let transport = quic(dir, listen)?;
     let addr = transport.local_addr();
-    let mut builder = Node::builder(key.clone(), store.clone(), transport, config).metrics(metrics);
+    let mut builder = dir.builder(transport, config).metrics(metrics);
     for (name, handler) in actions {
         builder = builder.handler(name, handler);
     }

@@ -109,8 +109,9 @@ async fn run(args: Args) -> Result<(), String> {
     let device_id = args.device_id.clone();
     let metrics = Arc::new(SystemMetrics::new());
     let sampler = metrics.clone();
-    let (key, _) = setup::open_dir(&args.data_dir)?;
-    let device_id = device_id.unwrap_or_else(|| format!("worker-{}", key.node_id().fingerprint()));
+    let dir = setup::open_dir(&args.data_dir)?;
+    let device_id =
+        device_id.unwrap_or_else(|| format!("worker-{}", dir.key().node_id().fingerprint()));
     let config = NodeConfig::new(Role::Worker, &args.name, &device_id)
         .heartbeat_interval(Duration::from_secs(2));
     let listen = "0.0.0.0:0".parse().map_err(|e| format!("{e}"))?;
@@ -119,7 +120,7 @@ async fn run(args: Args) -> Result<(), String> {
         serde_json::to_value(sampler.sample()).map_err(|e| e.to_string())
     }));
     let parts = setup::worker(
-        &args.data_dir,
+        &dir,
         listen,
         config,
         metrics,

@@ -56,7 +56,7 @@ pub(super) async fn on_worker_command(
         }
         match verdict {
             Verdict::Allow => {
-                let outcome = run_handler(inner, &cmd.name, &cmd.args, "unknown_command");
+                let outcome = run_handler(inner, &cmd.name, &cmd.args, "unknown_command").await;
                 drop(permit);
                 return outcome;
             }
@@ -214,7 +214,7 @@ impl Node {
             action.updated_at = inner.now();
             transition(inner, &action).await?;
         }
-        match run_handler(inner, &action.command, &action.params, "unknown_command") {
+        match run_handler(inner, &action.command, &action.params, "unknown_command").await {
             CommandOutcome::Ok(result) => {
                 action.state = states::EXECUTED.into();
                 action.result = Some(result);

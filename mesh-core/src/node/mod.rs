@@ -2,16 +2,20 @@
 //! sans-IO pieces (pairing, registry, health, ledger) over any
 //! [`Transport`].
 //!
-//! **Status (issue 8, in progress):** pairing with the code over the
-//! transport, paired sessions opened with the device token (every message
-//! checked at the registry gate, so revocation, unpairing and token rotation
-//! take effect at once and close the session), heartbeats scored and tracked
-//! by the health monitor, primary → worker commands (`ping`, `config`,
-//! `run_action` of a registered handler) and worker → primary commands
-//! decided by a [`CommandPolicy`] and recorded in the ledger, reconnection
-//! with exponential backoff and jitter. Not yet: the approval lifecycle of
-//! actions (needs-approval and deferred verdicts are answered as refusals
-//! with their reason code), discovery-driven connection, the admin socket.
+//! What it drives: pairing with the code over the transport; paired
+//! sessions opened with the device token, every message checked at the
+//! registry gate (so revocation, unpairing and token rotation take effect at
+//! once and close the session); heartbeats scored and tracked by the health
+//! monitor; primary → worker commands (`ping`, `config`, `run_action` of a
+//! registered handler); worker → primary commands decided by a
+//! [`CommandPolicy`], with the approval lifecycle of actions and deferral;
+//! every security-relevant change recorded in the [`Ledger`] in the same
+//! storage batch; reconnection with exponential backoff and jitter.
+//!
+//! A node is usually started from a `DataDir` (identity and SQLite in one
+//! directory) with a QUIC transport from mesh-transport, a `SignedLedger`
+//! from mesh-ledger and a `RuntimePolicy` from mesh-policy; the reference
+//! binaries in `examples/` and the FFI layer do exactly that.
 //!
 //! ```text
 //!  worker                                   primary
@@ -28,6 +32,8 @@
 
 mod actions;
 mod backoff;
+#[cfg(feature = "sqlite")]
+mod data_dir;
 mod link;
 mod primary;
 mod worker;
@@ -55,6 +61,8 @@ use crate::wire::{CommandOutcome, HealthMetrics, MessageId, Platform};
 
 pub use actions::states as action_states;
 pub use backoff::Backoff;
+#[cfg(feature = "sqlite")]
+pub use data_dir::{DB_FILE, DataDir, KEY_FILE};
 pub use primary::DeviceView;
 pub use worker::PairingTicket;
 
@@ -151,6 +159,12 @@ impl MetricsSource for NoMetrics {
 }
 
 /// Host code a command runs: registered by name, never a shell string.
+///
+/// The node calls it on a blocking thread (`tokio::task::spawn_blocking`),
+/// so it may block — on file I/O, or on a call into Swift or Kotlin — without
+/// holding up heartbeats or other commands. The node stops waiting after the
+/// command timeout (`handler_timeout`); a panic fails the command
+/// (`handler_panicked`).
 pub trait CommandHandler: Send + Sync + fmt::Debug + 'static {
     /// Runs with the command's arguments; `Err` is the failure message.
     fn call(&self, args: &Value) -> Result<Value, String>;
@@ -333,6 +347,18 @@ pub enum NodeError {
     /// Discovery failed.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    /// The node key could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    /// The data directory could not be created or secured.
+    #[error("cannot use data directory {path}: {source}", path = .path.display())]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Admits keys per protocol from the registry in `store`: anyone may reach
@@ -378,6 +404,7 @@ pub struct NodeBuilder {
     policy: Arc<dyn CommandPolicy>,
     handlers: HashMap<String, Arc<dyn CommandHandler>>,
     record_timings: bool,
+    data_dir: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for NodeBuilder {
@@ -490,8 +517,12 @@ impl NodeBuilder {
             primary: primary::State::default(),
             worker: worker::State::default(),
             tasks: Mutex::new(Vec::new()),
+            data_dir: self.data_dir,
         });
-        let node = Node { inner };
+        let node = Node {
+            owner: Arc::new(Owner(inner.clone())),
+            inner,
+        };
         match node.inner.config.role {
             Role::Primary => primary::start(&node.inner)?,
             Role::Worker => worker::start(&node.inner)?,
@@ -566,6 +597,7 @@ pub(crate) struct Inner {
     primary: primary::State,
     worker: worker::State,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    data_dir: Option<std::path::PathBuf>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -669,10 +701,39 @@ impl Inner {
     }
 }
 
-/// A running node. Clones share it.
+/// A running node. Clones share it; when the last clone is dropped
+/// without [`Node::shutdown`], the node's tasks are aborted and its
+/// connections closed (without the goodbye `shutdown` sends).
 #[derive(Clone)]
 pub struct Node {
     inner: Arc<Inner>,
+    /// Held only by `Node` handles (the node's own tasks hold `inner`).
+    #[allow(dead_code)]
+    owner: Arc<Owner>,
+}
+
+/// Stops the node when the last [`Node`] handle goes.
+struct Owner(Arc<Inner>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let inner = &self.0;
+        worker::stop_now(inner);
+        primary::close_now(inner);
+        for t in lock(&inner.tasks).drain(..) {
+            t.abort();
+        }
+        let _ = lock(&inner.health).flush();
+    }
+}
+
+/// Aborts a task when dropped (a task that must not outlive its owner).
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl fmt::Debug for Node {
@@ -705,6 +766,7 @@ impl Node {
             policy: Arc::new(DenyAll),
             handlers: HashMap::new(),
             record_timings: false,
+            data_dir: None,
         }
     }
 
@@ -716,6 +778,11 @@ impl Node {
     /// The role.
     pub fn role(&self) -> Role {
         self.inner.config.role
+    }
+
+    /// The data directory, if the node was built from a [`DataDir`].
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        self.inner.data_dir.as_deref()
     }
 
     /// The event bus.

@@ -324,25 +324,41 @@ pub(super) fn session_conn(inner: &Inner, node: &NodeId) -> Option<Arc<dyn Conne
         .map(|s| s.conn.clone())
 }
 
-/// Runs the handler registered as `name` with `args`.
-pub(super) fn run_handler(
+/// Runs the handler registered as `name` with `args` on a blocking thread
+/// (host code may block: file I/O, a call into Swift or Kotlin), waiting at
+/// most the command timeout. A handler that panics or overruns fails the
+/// command (`handler_panicked`, `handler_timeout`); it never takes the node
+/// down.
+pub(super) async fn run_handler(
     inner: &Inner,
     name: &str,
     args: &JsonText,
     missing_code: &str,
 ) -> CommandOutcome {
-    let Some(handler) = inner.handlers.get(name) else {
+    let Some(handler) = inner.handlers.get(name).cloned() else {
         return CommandOutcome::Err {
             code: missing_code.into(),
             message: format!("no handler is registered for {name:?}"),
         };
     };
     let args: Value = serde_json::from_str(args.as_str()).unwrap_or(Value::Null);
-    match handler.call(&args) {
-        Ok(v) => CommandOutcome::Ok(JsonText::from_value(&v).unwrap_or_else(|_| JsonText::null())),
-        Err(message) => CommandOutcome::Err {
+    let timeout = inner.config.command_timeout;
+    let running = tokio::task::spawn_blocking(move || handler.call(&args));
+    match tokio::time::timeout(timeout, running).await {
+        Ok(Ok(Ok(v))) => {
+            CommandOutcome::Ok(JsonText::from_value(&v).unwrap_or_else(|_| JsonText::null()))
+        }
+        Ok(Ok(Err(message))) => CommandOutcome::Err {
             code: "handler_failed".into(),
             message,
+        },
+        Ok(Err(_)) => CommandOutcome::Err {
+            code: "handler_panicked".into(),
+            message: format!("the handler for {name:?} panicked"),
+        },
+        Err(_) => CommandOutcome::Err {
+            code: "handler_timeout".into(),
+            message: format!("the handler for {name:?} took longer than {timeout:?}"),
         },
     }
 }
@@ -352,6 +368,17 @@ async fn end_session(inner: &Inner, node: &NodeId, reason: &str) {
     let session = lock(&inner.primary.sessions).remove(node);
     if let Some(s) = session {
         bye(inner, s.conn.as_ref(), *node, reason).await;
+    }
+}
+
+/// Closes every connection without goodbyes: for a node dropped without
+/// `shutdown`.
+pub(super) fn close_now(inner: &Inner) {
+    for (_, s) in lock(&inner.primary.sessions).drain() {
+        s.conn.close();
+    }
+    for (_, w) in lock(&inner.primary.pairings).drain() {
+        w.conn.close();
     }
 }
 

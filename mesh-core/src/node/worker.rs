@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::backoff::Backoff;
 use super::primary::run_handler;
-use super::{Inner, Node, NodeError, Role, lock};
+use super::{AbortOnDrop, Inner, Node, NodeError, Role, lock};
 use crate::identity::NodeId;
 use crate::pairing::{DeviceInfo, DevicePairing, DeviceStep};
 use crate::storage::StorageExt;
@@ -94,6 +94,16 @@ pub(super) async fn stop(inner: &Inner) {
             )
             .await;
         }
+        conn.close();
+    }
+}
+
+/// [`stop`] without the goodbye: for a node dropped without `shutdown`.
+pub(super) fn stop_now(inner: &Inner) {
+    if let Some(task) = lock(&inner.worker.supervisor).take() {
+        task.abort();
+    }
+    if let Some(conn) = lock(&inner.worker.session).take() {
         conn.close();
     }
 }
@@ -224,7 +234,7 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
     );
     let beating = inner.clone();
     let beat_conn = conn.clone();
-    let heartbeats = tokio::spawn(async move {
+    let heartbeats = AbortOnDrop(tokio::spawn(async move {
         let mut interval = tokio::time::interval(beating.config.heartbeat_interval);
         loop {
             interval.tick().await;
@@ -247,7 +257,7 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
                 return;
             }
         }
-    });
+    }));
     let ended = loop {
         let payload = match inner.link.recv(conn.as_ref(), || inner.now()).await {
             Ok(p) => p,
@@ -260,21 +270,21 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
         };
         match payload {
             Payload::Command(cmd) => {
-                let outcome = handle_command(inner, &cmd);
-                let result = Payload::CommandResult(CommandResult {
-                    command_id: cmd.command_id,
-                    outcome,
+                // Run in its own task: a slow handler holds up neither
+                // other commands nor the session. If the result cannot be
+                // sent, the connection is gone and the loop sees it.
+                let (task_inner, task_conn) = (inner.clone(), conn.clone());
+                inner.spawn(async move {
+                    let outcome = handle_command(&task_inner, &cmd).await;
+                    let result = Payload::CommandResult(CommandResult {
+                        command_id: cmd.command_id,
+                        outcome,
+                    });
+                    let _ = task_inner
+                        .link
+                        .send(task_conn.as_ref(), primary, result, task_inner.now())
+                        .await;
                 });
-                if let Err(e) = inner
-                    .link
-                    .send(conn.as_ref(), primary, result, inner.now())
-                    .await
-                {
-                    break Ended::Lost {
-                        connected: true,
-                        error: e.to_string(),
-                    };
-                }
             }
             Payload::CommandResult(r) => inner.complete(r.command_id, r.outcome),
             Payload::Session(SessionMessage::TokenRotated { token }) => {
@@ -293,14 +303,14 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
             _ => {}
         }
     };
-    heartbeats.abort();
+    drop(heartbeats);
     lock(&inner.worker.session).take();
     conn.close();
     ended
 }
 
 /// The primary's commands: `ping`, `config`, `run_action`.
-fn handle_command(inner: &Inner, cmd: &Command) -> CommandOutcome {
+async fn handle_command(inner: &Inner, cmd: &Command) -> CommandOutcome {
     let args: Value = serde_json::from_str(cmd.args.as_str()).unwrap_or(Value::Null);
     inner.events.publish(
         "command.received",
@@ -338,7 +348,7 @@ fn handle_command(inner: &Inner, cmd: &Command) -> CommandOutcome {
             };
             let action_args = JsonText::from_value(args.get("args").unwrap_or(&Value::Null))
                 .unwrap_or_else(|_| JsonText::null());
-            run_handler(inner, action, &action_args, "unknown_action")
+            run_handler(inner, action, &action_args, "unknown_action").await
         }
         other => CommandOutcome::Err {
             code: "unknown_command".into(),

@@ -424,3 +424,94 @@ async fn a_primary_on_two_transports_and_a_worker_that_discovers_it() {
     q.shutdown().await;
     node.shutdown().await;
 }
+
+/// Host code that blocks (as a Swift or Kotlin callback may) runs off the
+/// runtime: while one handler is blocked, pings and heartbeats go on; a
+/// handler that overruns the worker's command timeout fails with
+/// `handler_timeout`, one that panics with `handler_panicked`, and the worker
+/// keeps serving. Dropping the last handle of a node without `shutdown`
+/// stops it: the primary sees the session end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_panicking_and_overrunning_handlers_do_not_stall_the_worker() {
+    let p = primary();
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let key = Arc::new(NodeKey::generate());
+    let transport = quic(&key, &store);
+    let config = NodeConfig::new(Role::Worker, "slowpoke", "hw-slowpoke")
+        .heartbeat_interval(Duration::from_millis(100))
+        .command_timeout(Duration::from_millis(1500))
+        .reconnect(Duration::from_millis(50), Duration::from_millis(500));
+    // `wait` blocks its thread until the test lets it go.
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = std::sync::Mutex::new(released);
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let w = Node::builder(key, store, transport, config)
+        .handler(
+            "wait",
+            Arc::new(FnHandler(move |_: &serde_json::Value| {
+                let _ = entered_tx.send(());
+                let rx = released.lock().unwrap();
+                rx.recv().map_err(|e| e.to_string())?;
+                Ok(json!("released"))
+            })),
+        )
+        .handler(
+            "boom",
+            Arc::new(FnHandler(
+                |_: &serde_json::Value| -> Result<serde_json::Value, String> {
+                    panic!("a bug in host code")
+                },
+            )),
+        )
+        .start()
+        .unwrap();
+    pair(&p, &w, false).await;
+    let device = w.node_id();
+
+    // 1. A blocked handler: the session goes on.
+    let waiting = {
+        let primary = p.node.clone();
+        tokio::spawn(async move { primary.run_action(&device, "wait", json!({})).await })
+    };
+    tokio::time::timeout(WAIT, entered.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let before = p.node.stats().heartbeats_received;
+    p.node.ping(&device).await.unwrap();
+    // Heartbeats keep arriving (every 100 ms) while the handler is blocked.
+    tokio::time::timeout(WAIT, async {
+        while p.node.stats().heartbeats_received < before + 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("heartbeats stopped while a handler was blocked");
+    release.send(()).unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap(), json!("released"));
+
+    // 2. Overrunning the worker's 1.5 s command timeout.
+    let overrun = p.node.run_action(&device, "wait", json!({})).await;
+    match overrun {
+        Err(NodeError::Command { code, .. }) => assert_eq!(code, "handler_timeout"),
+        other => panic!("expected handler_timeout, got {other:?}"),
+    }
+    release.send(()).unwrap();
+
+    // 3. A panicking handler.
+    match p.node.run_action(&device, "boom", json!({})).await {
+        Err(NodeError::Command { code, .. }) => assert_eq!(code, "handler_panicked"),
+        other => panic!("expected handler_panicked, got {other:?}"),
+    }
+    p.node.ping(&device).await.unwrap();
+
+    // 4. Dropped without shutdown: the primary sees it leave.
+    let mut left = p
+        .node
+        .subscribe(mesh_core::events::kinds::PEER_LEFT, 8)
+        .unwrap();
+    drop(w);
+    let gone = next(&mut left, mesh_core::events::kinds::PEER_LEFT, WAIT).await;
+    assert_eq!(gone.data["node"], device.to_string());
+    p.node.shutdown().await;
+}
