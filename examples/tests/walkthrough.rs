@@ -273,3 +273,97 @@ fn primary_worker_and_meshctl_pair_govern_and_survive_a_crash() {
     });
     assert_eq!(devices[0]["online"], false);
 }
+
+/// A network namespace with only `lo` up, deleted on drop: mDNS stays
+/// inside it (mdns-sd would otherwise use every interface of this machine).
+struct Namespace(String);
+
+impl Namespace {
+    /// `None` without root or iproute2 (CI runs as root).
+    fn create() -> Option<Namespace> {
+        let name = format!("mw{}", std::process::id());
+        let ip = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ip(&["netns", "add", &name]) {
+            return None;
+        }
+        let ns = Namespace(name);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]).then_some(ns)
+    }
+
+    /// `bin args…` inside the namespace.
+    fn start(&self, bin: &str, args: &[&str]) -> Running {
+        let mut all = vec!["netns", "exec", &self.0, bin];
+        all.extend_from_slice(args);
+        Running::start("ip", &all)
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// `worker --mdns` finds a `primary --mdns on` by itself (both restricted to
+/// loopback, inside a namespace of their own), pairs with the code approved
+/// through meshctl, and comes online.
+#[test]
+fn a_worker_finds_the_primary_over_mdns_and_pairs() {
+    let Some(ns) = Namespace::create() else {
+        eprintln!(
+            "SKIPPED: needs root and iproute2 to create a network namespace (CI runs as root)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (pdir, wdir) = (dir.path().join("primary"), dir.path().join("worker"));
+    let d = ["--data-dir", p(&pdir)];
+    let primary = ns.start(
+        env!("CARGO_BIN_EXE_primary"),
+        &[
+            "--data-dir",
+            p(&pdir),
+            "--listen",
+            "127.0.0.1:0",
+            "--mdns",
+            "on",
+            "--interface",
+            "loopback",
+        ],
+    );
+    primary.wait_for("workers connect with:");
+    let worker = ns.start(
+        env!("CARGO_BIN_EXE_worker"),
+        &[
+            "--data-dir",
+            p(&wdir),
+            "--mdns",
+            "--interface",
+            "loopback",
+            "--name",
+            "tablet",
+        ],
+    );
+    let found = worker.wait_for("found ");
+    assert!(found.contains("127.0.0.1:"), "{found}");
+    let code = worker
+        .wait_for("pairing code:")
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    // The admin socket is a file: meshctl reaches it from outside the namespace.
+    let (rc, approved) = meshctl(&["pairing", "approve", &code, d[0], d[1], "--json"]);
+    assert_eq!(rc, 0, "{approved}");
+    worker.wait_for("paired");
+    let devices = eventually(&["devices", "list", d[0], d[1], "--json"], |v| {
+        v[0]["online"] == true
+    });
+    assert_eq!(devices[0]["name"], "tablet");
+}

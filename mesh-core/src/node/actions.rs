@@ -274,6 +274,19 @@ impl Node {
         Ok(())
     }
 
+    /// What `device`'s policy would decide for `command` now (with its
+    /// latest heartbeat metrics), without running or recording anything:
+    /// a dry run for a UI or a script.
+    pub fn check_command(&self, device: &NodeId, command: &str) -> Result<Verdict, NodeError> {
+        let inner = self.primary()?;
+        let metrics = super::lock(&inner.primary.metrics).get(device).cloned();
+        let (verdict, _permit) =
+            inner
+                .policy
+                .decide(device, command, inner.now(), metrics.as_ref());
+        Ok(verdict)
+    }
+
     /// `device`'s policy document, if one is set.
     pub fn policy(&self, device: &NodeId) -> Result<Option<Value>, NodeError> {
         let inner = self.primary()?;

@@ -116,6 +116,28 @@ fn supervise(inner: &Arc<Inner>) {
     }
 }
 
+/// Sends one heartbeat with fresh metrics.
+async fn send_heartbeat(
+    inner: &Inner,
+    conn: &dyn Connection,
+    primary: NodeId,
+) -> Result<(), NodeError> {
+    let seq = inner.worker.heartbeat_seq.fetch_add(1, Ordering::Relaxed) + 1;
+    let hb = Payload::Heartbeat(Heartbeat {
+        seq,
+        metrics: inner.metrics.sample(),
+    });
+    // Counted before it leaves (the primary may react before this task
+    // runs again); taken back if it could not be sent.
+    let sent = &inner.stats.heartbeats_sent;
+    sent.fetch_add(1, Ordering::Relaxed);
+    let result = inner.link.send(conn, primary, hb, inner.now()).await;
+    if result.is_err() {
+        sent.fetch_sub(1, Ordering::Relaxed);
+    }
+    result
+}
+
 /// How a session ended.
 enum Ended {
     /// The primary said goodbye (or refused the hello) with this reason.
@@ -238,22 +260,10 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
         let mut interval = tokio::time::interval(beating.config.heartbeat_interval);
         loop {
             interval.tick().await;
-            let seq = beating.worker.heartbeat_seq.fetch_add(1, Ordering::Relaxed) + 1;
-            let hb = Payload::Heartbeat(Heartbeat {
-                seq,
-                metrics: beating.metrics.sample(),
-            });
-            // Counted before it leaves (the primary may react before this
-            // task runs again); taken back if it could not be sent.
-            let sent = &beating.stats.heartbeats_sent;
-            sent.fetch_add(1, Ordering::Relaxed);
-            if beating
-                .link
-                .send(beat_conn.as_ref(), primary, hb, beating.now())
+            if send_heartbeat(&beating, beat_conn.as_ref(), primary)
                 .await
                 .is_err()
             {
-                sent.fetch_sub(1, Ordering::Relaxed);
                 return;
             }
         }
@@ -483,16 +493,30 @@ impl Node {
         lock(&self.inner.worker.config).get(key).cloned()
     }
 
+    /// Sends a heartbeat now (besides the periodic ones), e.g. right after
+    /// the app's metrics changed (see [`MetricsSource`](super::MetricsSource)).
+    pub async fn send_heartbeat(&self) -> Result<(), NodeError> {
+        let inner = self.worker()?;
+        let (primary, conn) = self.session()?;
+        send_heartbeat(inner, conn.as_ref(), primary).await
+    }
+
+    /// The paired primary and the open session with it.
+    fn session(&self) -> Result<(NodeId, Arc<dyn Connection>), NodeError> {
+        let primary = self
+            .paired_primary()?
+            .ok_or_else(|| NodeError::Unavailable("not paired".into()))?;
+        let conn = lock(&self.inner.worker.session)
+            .clone()
+            .ok_or(NodeError::NotConnected(primary))?;
+        Ok((primary, conn))
+    }
+
     /// Sends a command to the primary, which checks it against this
     /// worker's policy; returns the handler's result or the refusal.
     pub async fn send_command(&self, name: &str, args: Value) -> Result<Value, NodeError> {
         let inner = self.worker()?;
-        let primary = self
-            .paired_primary()?
-            .ok_or_else(|| NodeError::Unavailable("not paired".into()))?;
-        let conn = lock(&inner.worker.session)
-            .clone()
-            .ok_or(NodeError::NotConnected(primary))?;
+        let (primary, conn) = self.session()?;
         inner.call(conn.as_ref(), primary, name, &args).await
     }
 }
