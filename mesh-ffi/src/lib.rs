@@ -1,7 +1,27 @@
 //! UniFFI bindings of the mesh SDK for Swift, Kotlin and Python.
 //!
-//! **Status: not implemented yet.** This crate will wrap the node runtime in a
-//! `MeshNode` object with UniFFI proc-macros (issue 9); it holds no logic of
-//! its own. Until then it exports nothing.
+//! A thin wrapper over the node runtime (`mesh_core::node`): [`MeshNode`]
+//! is a primary or a worker started from a data directory (identity and
+//! SQLite), listening on QUIC, optionally discovering over mDNS, with the
+//! signed ledger and mesh-policy on a primary. Conversions, one flat error
+//! enum ([`MeshError`]), a tokio runtime per node and the bridges for
+//! foreign command handlers and event listeners are all that live here.
+//!
+//! Generate the bindings with `mesh-ffi/bindgen.sh` (Kotlin, Python, Swift).
 // No `forbid(unsafe_code)` here: UniFFI's generated scaffolding needs `unsafe`.
 #![warn(missing_docs)]
+
+mod error;
+mod node;
+mod types;
+
+pub use error::MeshError;
+pub use node::{
+    CommandHandler, EventListener, EventSubscription, MeshNode, PairingTicket, default_options,
+};
+pub use types::{
+    Action, Device, DevicePlatform, DiscoveredNode, MeshEvent, Metrics, NodeOptions, NodeRole,
+    NodeStatus, PairingRequest, PolicyDecision, ThermalState,
+};
+
+uniffi::setup_scaffolding!();

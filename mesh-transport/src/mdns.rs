@@ -48,6 +48,20 @@ pub enum Interfaces {
     Named(Vec<String>),
 }
 
+impl std::str::FromStr for Interfaces {
+    type Err = std::convert::Infallible;
+
+    /// `all`, `loopback`, or an interface name (as the binaries' and the
+    /// bindings' `--interface` options take it).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "all" | "" => Interfaces::All,
+            "loopback" | "lo" => Interfaces::Loopback,
+            name => Interfaces::Named(vec![name.to_owned()]),
+        })
+    }
+}
+
 /// Settings of [`MdnsDiscovery`].
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]

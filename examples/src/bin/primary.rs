@@ -39,21 +39,13 @@ struct Args {
     mdns: String,
     /// mDNS interfaces: all, loopback, or an interface name.
     #[arg(long, default_value = "all")]
-    interface: String,
+    interface: Interfaces,
     /// Display name.
     #[arg(long, default_value = "mesh primary")]
     name: String,
     /// Print events as JSON lines.
     #[arg(long)]
     json: bool,
-}
-
-fn interfaces(choice: &str) -> Interfaces {
-    match choice {
-        "all" => Interfaces::All,
-        "loopback" => Interfaces::Loopback,
-        name => Interfaces::Named(vec![name.to_owned()]),
-    }
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -67,7 +59,7 @@ async fn run(args: Args) -> Result<(), String> {
         let book = DiscoveryBook::new(parts.store.clone(), node.events().clone());
         let mdns = MdnsDiscovery::start(
             node.node_id(),
-            MdnsConfig::with_interfaces(interfaces(&args.interface)),
+            MdnsConfig::with_interfaces(args.interface.clone()),
             book,
             Arc::new(SystemClock),
         )

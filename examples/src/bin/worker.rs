@@ -42,7 +42,7 @@ struct Args {
     mdns: bool,
     /// mDNS interfaces: all, loopback, or an interface name.
     #[arg(long, default_value = "all")]
-    interface: String,
+    interface: Interfaces,
     /// Display name.
     #[arg(long, default_value = "mesh worker")]
     name: String,
@@ -73,15 +73,10 @@ async fn find_primary(
     if !args.mdns {
         return Err("not paired yet: pass --connect NODE_ID@ADDR or --mdns".into());
     }
-    let interfaces = match args.interface.as_str() {
-        "all" => Interfaces::All,
-        "loopback" => Interfaces::Loopback,
-        name => Interfaces::Named(vec![name.to_owned()]),
-    };
     let book = DiscoveryBook::new(store, node.events().clone());
     let mdns = MdnsDiscovery::start(
         node.node_id(),
-        MdnsConfig::with_interfaces(interfaces),
+        MdnsConfig::with_interfaces(args.interface.clone()),
         book,
         Arc::new(SystemClock),
     )

@@ -361,6 +361,33 @@ pub enum NodeError {
     },
 }
 
+/// Reason codes of commands that failed in the runtime or in host code, as
+/// opposed to the policy's refusals (`blocked_command`, `needs_approval`,
+/// `deferred`, `policy_disabled`, a time window, a battery rule, …).
+pub const FAILURE_CODES: &[&str] = &[
+    "audit_failed",
+    "connection_lost",
+    "handler_failed",
+    "handler_panicked",
+    "handler_timeout",
+    "invalid_args",
+    "unknown_action",
+    "unknown_command",
+];
+
+impl NodeError {
+    /// The reason code and message if this is a command the other side's
+    /// policy refused (not one that failed while running).
+    pub fn policy_refusal(&self) -> Option<(&str, &str)> {
+        match self {
+            NodeError::Command { code, message } if !FAILURE_CODES.contains(&code.as_str()) => {
+                Some((code, message))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Admits keys per protocol from the registry in `store`: anyone may reach
 /// pairing; mesh traffic needs a paired, unrevoked device. Build the
 /// transport with it (from the same store) before building the node.
