@@ -3,139 +3,143 @@
 use mesh_core::node::NodeError;
 use mesh_core::registry::RegistryError;
 
-/// What went wrong. Each variant carries a message for people; the variant
-/// (and `code`, where there is one) is for code.
+/// What went wrong. Each variant carries `detail`, a message for people;
+/// the variant (and `code`, where there is one) is for code. (Not named
+/// `message`: Kotlin exceptions have that already.)
 #[derive(Debug, thiserror::Error, uniffi::Error)]
 #[non_exhaustive]
 pub enum MeshError {
     /// The network or the peer failed (unreachable, refused, lost).
-    #[error("network: {message}")]
+    #[error("network: {detail}")]
     Network {
         /// What happened.
-        message: String,
+        detail: String,
     },
     /// Pairing failed: wrong code, rejected, expired, too many attempts.
-    #[error("pairing: {message}")]
+    #[error("pairing: {detail}")]
     Pairing {
         /// What happened.
-        message: String,
+        detail: String,
     },
     /// The other side's execution policy refused the command.
-    #[error("policy denied ({code}): {message}")]
+    #[error("policy denied ({code}): {detail}")]
     PolicyDenied {
         /// Reason code, e.g. `blocked_command`, `needs_approval`.
         code: String,
         /// Explanation.
-        message: String,
+        detail: String,
     },
     /// The command was allowed but failed (handler error, timeout, unknown
     /// command).
-    #[error("command failed ({code}): {message}")]
+    #[error("command failed ({code}): {detail}")]
     CommandFailed {
         /// Reason code, e.g. `handler_failed`, `unknown_action`.
         code: String,
         /// Explanation.
-        message: String,
+        detail: String,
     },
     /// No answer in time.
-    #[error("timed out: {message}")]
+    #[error("timed out: {detail}")]
     Timeout {
         /// What timed out.
-        message: String,
+        detail: String,
     },
     /// A device was refused: unknown, revoked, wrong token.
-    #[error("not authorized: {message}")]
+    #[error("not authorized: {detail}")]
     Unauthorized {
         /// What happened.
-        message: String,
+        detail: String,
     },
     /// Not possible now: not started, stopped, not paired, not connected,
     /// or an operation of the other role.
-    #[error("unavailable: {message}")]
+    #[error("unavailable: {detail}")]
     Unavailable {
         /// Why.
-        message: String,
+        detail: String,
     },
     /// The data directory, the key or the database failed.
-    #[error("storage: {message}")]
+    #[error("storage: {detail}")]
     Storage {
         /// What happened.
-        message: String,
+        detail: String,
     },
     /// An argument is malformed (a node id, an address, JSON, a policy).
-    #[error("invalid input: {message}")]
+    #[error("invalid input: {detail}")]
     InvalidInput {
         /// What is wrong.
-        message: String,
+        detail: String,
     },
     /// No such device, request or action.
-    #[error("not found: {message}")]
+    #[error("not found: {detail}")]
     NotFound {
         /// What was looked for.
-        message: String,
+        detail: String,
     },
     /// An app callback failed unexpectedly.
-    #[error("callback failed: {message}")]
+    #[error("callback failed: {detail}")]
     Callback {
         /// What happened.
-        message: String,
+        detail: String,
     },
     /// A bug in the SDK.
-    #[error("internal error: {message}")]
+    #[error("internal error: {detail}")]
     Internal {
         /// What happened.
-        message: String,
+        detail: String,
     },
 }
 
 impl MeshError {
     pub(crate) fn invalid(message: impl std::fmt::Display) -> Self {
         MeshError::InvalidInput {
-            message: message.to_string(),
+            detail: message.to_string(),
         }
     }
 
     pub(crate) fn unavailable(message: impl std::fmt::Display) -> Self {
         MeshError::Unavailable {
-            message: message.to_string(),
+            detail: message.to_string(),
         }
     }
 }
 
 impl From<uniffi::UnexpectedUniFFICallbackError> for MeshError {
     fn from(e: uniffi::UnexpectedUniFFICallbackError) -> Self {
-        MeshError::Callback { message: e.reason }
+        MeshError::Callback { detail: e.reason }
     }
 }
 
 impl From<NodeError> for MeshError {
     fn from(e: NodeError) -> Self {
-        let message = e.to_string();
+        let detail = e.to_string();
         if let Some((code, why)) = e.policy_refusal() {
             return MeshError::PolicyDenied {
                 code: code.to_owned(),
-                message: why.to_owned(),
+                detail: why.to_owned(),
             };
         }
         match e {
-            NodeError::Command { code, message } => MeshError::CommandFailed { code, message },
+            NodeError::Command { code, message } => MeshError::CommandFailed {
+                code,
+                detail: message,
+            },
             NodeError::Transport(_) | NodeError::NotConnected(_) | NodeError::Discovery(_) => {
-                MeshError::Network { message }
+                MeshError::Network { detail }
             }
-            NodeError::Pairing(_) => MeshError::Pairing { message },
-            NodeError::Auth(_) => MeshError::Unauthorized { message },
-            NodeError::Timeout(_) => MeshError::Timeout { message },
-            NodeError::Unavailable(_) | NodeError::Events(_) => MeshError::Unavailable { message },
-            NodeError::Policy(_) | NodeError::Protocol(_) => MeshError::InvalidInput { message },
+            NodeError::Pairing(_) => MeshError::Pairing { detail },
+            NodeError::Auth(_) => MeshError::Unauthorized { detail },
+            NodeError::Timeout(_) => MeshError::Timeout { detail },
+            NodeError::Unavailable(_) | NodeError::Events(_) => MeshError::Unavailable { detail },
+            NodeError::Policy(_) | NodeError::Protocol(_) => MeshError::InvalidInput { detail },
             NodeError::Storage(_) | NodeError::Identity(_) | NodeError::DataDir { .. } => {
-                MeshError::Storage { message }
+                MeshError::Storage { detail }
             }
-            NodeError::Registry(RegistryError::UnknownDevice(_)) => MeshError::NotFound { message },
+            NodeError::Registry(RegistryError::UnknownDevice(_)) => MeshError::NotFound { detail },
             NodeError::Registry(RegistryError::Storage(_) | RegistryError::Ledger(_)) => {
-                MeshError::Storage { message }
+                MeshError::Storage { detail }
             }
-            NodeError::Registry(_) => MeshError::InvalidInput { message },
-            _ => MeshError::Internal { message },
+            NodeError::Registry(_) => MeshError::InvalidInput { detail },
+            _ => MeshError::Internal { detail },
         }
     }
 }

@@ -9,10 +9,11 @@ use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::discovery::DiscoveryBook;
 use mesh_core::events::{EventBus, Received};
 use mesh_core::identity::NodeId;
-use mesh_core::node::{
-    CommandHandler as CoreHandler, DataDir, MetricsSource, Node, NodeConfig, PairingTicket as CoreTicket,
-};
 use mesh_core::ledger::Ledger;
+use mesh_core::node::{
+    CommandHandler as CoreHandler, DataDir, MetricsSource, Node, NodeConfig,
+    PairingTicket as CoreTicket,
+};
 use mesh_core::transport::PeerAddr;
 use mesh_core::wire::HealthMetrics;
 use mesh_ledger::{LedgerConfig, SignedLedger};
@@ -192,7 +193,7 @@ impl MeshNode {
             .spawn(op(node))
             .await
             .map_err(|e| MeshError::Internal {
-                message: format!("the operation did not finish: {e}"),
+                detail: format!("the operation did not finish: {e}"),
             })?
     }
 
@@ -227,7 +228,7 @@ impl MeshNode {
             QuicConfig::default(),
         )
         .map_err(|e| MeshError::Network {
-            message: format!("cannot listen on {}: {e}", self.listen),
+            detail: format!("cannot listen on {}: {e}", self.listen),
         })?;
         let addr = transport.local_addr();
         let events = EventBus::new();
@@ -256,7 +257,7 @@ impl MeshNode {
                 Arc::new(SystemClock),
             )
             .map_err(|e| MeshError::Network {
-                message: e.to_string(),
+                detail: e.to_string(),
             })?;
             let mdns = Arc::new(mdns);
             builder = builder.discovery(mdns.clone());
@@ -268,7 +269,7 @@ impl MeshNode {
         if self.options.role == NodeRole::Primary {
             let ledger = SignedLedger::open(store, key, LedgerConfig::default()).map_err(|e| {
                 MeshError::Storage {
-                    message: format!("the audit ledger: {e}"),
+                    detail: format!("the audit ledger: {e}"),
                 }
             })?;
             let ledger = Arc::new(ledger);
@@ -291,7 +292,7 @@ impl MeshNode {
                     port: addr.port(),
                 })
                 .map_err(|e| MeshError::Network {
-                    message: e.to_string(),
+                    detail: e.to_string(),
                 })?;
             }
         }
@@ -329,7 +330,7 @@ impl MeshNode {
             .enable_all()
             .build()
             .map_err(|e| MeshError::Internal {
-                message: format!("cannot start the runtime: {e}"),
+                detail: format!("cannot start the runtime: {e}"),
             })?;
         Ok(Arc::new(MeshNode {
             handle: runtime.handle().clone(),
@@ -350,9 +351,7 @@ impl MeshNode {
         handler: Arc<dyn CommandHandler>,
     ) -> Result<(), MeshError> {
         if lock(&self.running).is_some() {
-            return Err(MeshError::invalid(
-                "handlers are registered before start()",
-            ));
+            return Err(MeshError::invalid("handlers are registered before start()"));
         }
         if name.is_empty() {
             return Err(MeshError::invalid("a handler needs a name"));
@@ -382,10 +381,13 @@ impl MeshNode {
             t.abort();
         }
         let node = running.node.clone();
-        let done = self.handle.spawn(async move { node.shutdown().await }).await;
+        let done = self
+            .handle
+            .spawn(async move { node.shutdown().await })
+            .await;
         drop(running);
         done.map_err(|e| MeshError::Internal {
-            message: format!("shutdown did not finish: {e}"),
+            detail: format!("shutdown did not finish: {e}"),
         })
     }
 
@@ -471,7 +473,7 @@ impl MeshNode {
                 });
             })
             .map_err(|e| MeshError::Internal {
-                message: format!("cannot start the event thread: {e}"),
+                detail: format!("cannot start the event thread: {e}"),
             })?;
         Ok(Arc::new(EventSubscription {
             stop: Mutex::new(Some(stop)),
@@ -543,10 +545,8 @@ impl MeshNode {
     /// is `MeshError::PolicyDenied` with its reason code.
     pub async fn send_command(&self, name: String, args_json: String) -> Result<String, MeshError> {
         let args = parse_json("args_json", &args_json)?;
-        self.run(move |node| async move {
-            Ok(node.send_command(&name, args).await?.to_string())
-        })
-        .await
+        self.run(move |node| async move { Ok(node.send_command(&name, args).await?.to_string()) })
+            .await
     }
 
     /// Worker: a configuration value the primary set (JSON).
@@ -568,7 +568,11 @@ impl MeshNode {
 
     /// Primary: approves request `request_id` with the code the worker
     /// shows. A wrong code is `MeshError::Pairing` (attempts are limited).
-    pub async fn approve_pairing(&self, request_id: String, code: String) -> Result<String, MeshError> {
+    pub async fn approve_pairing(
+        &self,
+        request_id: String,
+        code: String,
+    ) -> Result<String, MeshError> {
         self.run(move |node| async move {
             let device = node.approve_pairing(&request_id, &code).await?;
             Ok(device.node.to_string())
@@ -588,7 +592,12 @@ impl MeshNode {
 
     /// Primary: paired devices with their health.
     pub fn devices(&self) -> Result<Vec<Device>, MeshError> {
-        Ok(self.node()?.devices()?.into_iter().map(Into::into).collect())
+        Ok(self
+            .node()?
+            .devices()?
+            .into_iter()
+            .map(Into::into)
+            .collect())
     }
 
     /// Primary: sends command `name` to worker `device` (`ping`, `config`,
@@ -601,9 +610,9 @@ impl MeshNode {
     ) -> Result<String, MeshError> {
         let device = parse_node(&device)?;
         let args = parse_json("args_json", &args_json)?;
-        self.run(move |node| async move {
-            Ok(node.command(&device, &name, args).await?.to_string())
-        })
+        self.run(
+            move |node| async move { Ok(node.command(&device, &name, args).await?.to_string()) },
+        )
         .await
     }
 
@@ -668,14 +677,23 @@ impl MeshNode {
 
     /// Primary: what `device`'s policy decides for `command` now, without
     /// running or recording anything.
-    pub fn check_command(&self, device: String, command: String) -> Result<PolicyDecision, MeshError> {
+    pub fn check_command(
+        &self,
+        device: String,
+        command: String,
+    ) -> Result<PolicyDecision, MeshError> {
         let device = parse_node(&device)?;
         Ok(self.node()?.check_command(&device, &command)?.into())
     }
 
     /// Primary: actions (commands needing approval) and their states.
     pub fn actions(&self) -> Result<Vec<Action>, MeshError> {
-        Ok(self.node()?.actions()?.into_iter().map(Into::into).collect())
+        Ok(self
+            .node()?
+            .actions()?
+            .into_iter()
+            .map(Into::into)
+            .collect())
     }
 
     /// Primary: approves a proposed action; it runs now.
@@ -685,7 +703,11 @@ impl MeshNode {
     }
 
     /// Primary: rejects a proposed action.
-    pub async fn reject_action(&self, id: String, reason: Option<String>) -> Result<Action, MeshError> {
+    pub async fn reject_action(
+        &self,
+        id: String,
+        reason: Option<String>,
+    ) -> Result<Action, MeshError> {
         self.run(move |node| async move { Ok(node.reject_action(&id, reason).await?.into()) })
             .await
     }
@@ -732,7 +754,7 @@ impl PairingTicket {
             .spawn(async move { ticket.finished().await })
             .await
             .map_err(|e| MeshError::Internal {
-                message: e.to_string(),
+                detail: e.to_string(),
             })??;
         Ok(())
     }
@@ -754,8 +776,9 @@ impl std::fmt::Debug for EventSubscription {
 #[uniffi::export]
 impl EventSubscription {
     /// Stops delivery. Returns once no more events will be delivered
-    /// (at once if called from the listener itself).
-    pub fn close(&self) {
+    /// (at once if called from the listener itself). Dropping the
+    /// subscription (Kotlin `close()`, Swift release) does the same.
+    pub fn cancel(&self) {
         lock(&self.stop).take();
         let thread = lock(&self.thread).take();
         if let Some(t) = thread
@@ -768,6 +791,6 @@ impl EventSubscription {
 
 impl Drop for EventSubscription {
     fn drop(&mut self) {
-        self.close();
+        self.cancel();
     }
 }

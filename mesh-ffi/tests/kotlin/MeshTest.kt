@@ -1,0 +1,176 @@
+// The Kotlin bindings against the real library on the JVM: a primary and a
+// worker on 127.0.0.1 (mDNS off), paired with the code, a heartbeat with app
+// metrics, a command run by a Kotlin handler, events in a Kotlin listener, a
+// policy denial as a typed exception, and a clean stop.
+// Run by mesh-ffi/test-bindings.sh; prints "N passed, N failed" last.
+
+import java.nio.file.Files
+import java.util.concurrent.CopyOnWriteArrayList
+import kotlin.system.exitProcess
+import kotlinx.coroutines.delay
+import kotlinx.coroutines.runBlocking
+import kotlinx.coroutines.withTimeout
+import uniffi.mesh_ffi.*
+
+var passed = 0
+var failed = 0
+
+fun check(name: String, ok: Boolean, detail: () -> String = { "" }) {
+    if (ok) {
+        passed++
+        println("ok   $name")
+    } else {
+        failed++
+        println("FAIL $name ${detail()}")
+    }
+}
+
+inline fun <reified E : Throwable> expect(name: String, block: () -> Unit): E? {
+    try {
+        block()
+    } catch (e: Throwable) {
+        check(name, e is E) { "threw ${e::class.qualifiedName}: ${e.message}" }
+        return e as? E
+    }
+    check(name, false) { "nothing was thrown" }
+    return null
+}
+
+class Collector : EventListener {
+    val events = CopyOnWriteArrayList<MeshEvent>()
+    override fun onEvent(event: MeshEvent) {
+        events.add(event)
+    }
+    fun kinds() = events.map { it.kind }
+}
+
+class Greet : CommandHandler {
+    @Volatile var calls = 0
+    override fun handle(argsJson: String): String {
+        calls++
+        val name = Regex("\"name\"\\s*:\\s*\"([^\"]*)\"").find(argsJson)?.groupValues?.get(1)
+        return "{\"hello\":\"$name\",\"from\":\"kotlin\"}"
+    }
+}
+
+class Notes : CommandHandler {
+    override fun handle(argsJson: String): String = "{\"stored\":true}"
+}
+
+fun options(role: NodeRole, dir: String, name: String): NodeOptions =
+    defaultOptions(role, dir).also {
+        it.name = name
+        it.deviceId = "hw-$name"
+        it.listenAddr = "127.0.0.1:0"
+        it.mdns = false
+        it.heartbeatIntervalMs = 200uL
+        it.commandTimeoutMs = 5000uL
+    }
+
+suspend fun eventually(what: String, cond: () -> Boolean) {
+    try {
+        withTimeout(10_000) { while (!cond()) delay(50) }
+    } catch (e: Exception) {
+        check(what, false) { "did not happen within 10 s" }
+    }
+}
+
+fun main() {
+    runBlocking { scenario() }
+    println("$passed passed, $failed failed")
+    exitProcess(if (failed == 0) 0 else 1)
+}
+
+suspend fun scenario() {
+    val tmp = Files.createTempDirectory("mesh-kotlin").toString()
+
+    // Bad input: typed errors, nothing started.
+    expect<MeshException.InvalidInput>("a malformed listen address is InvalidInput") {
+        MeshNode(options(NodeRole.WORKER, "$tmp/bad", "bad").also { it.listenAddr = "nowhere" })
+    }
+
+    val primary = MeshNode(options(NodeRole.PRIMARY, "$tmp/primary", "studio"))
+    primary.registerHandler("notes.write", Notes())
+    primary.start()
+    val worker = MeshNode(options(NodeRole.WORKER, "$tmp/worker", "ktphone"))
+    val greet = Greet()
+    worker.registerHandler("greet", greet)
+    worker.start()
+    expect<MeshException.Unavailable>("a primary operation on a worker is Unavailable") {
+        worker.pendingPairings()
+    }
+    val events = Collector()
+    val subscription = primary.subscribe("*", events)
+
+    // Pairing with the code.
+    val ticket = worker.requestPairing(primary.connectString()!!)
+    check("the worker gets a 6-digit code", ticket.code().length == 6 && ticket.code().all { it.isDigit() })
+    eventually("the request reaches the primary") { primary.pendingPairings().isNotEmpty() }
+    val pending = primary.pendingPairings()
+    check("the primary lists the request", pending.size == 1 && pending[0].name == "ktphone")
+    val wrong = if (ticket.code() == "000000") "000001" else "000000"
+    try {
+        primary.approvePairing(ticket.requestId(), wrong)
+        check("a wrong code is refused", false) { "accepted" }
+    } catch (e: MeshException.Pairing) {
+        check("a wrong code is refused with MeshException.Pairing", true)
+    }
+    val device = primary.approvePairing(ticket.requestId(), ticket.code())
+    check("approval with the right code pairs the worker", device == worker.nodeId())
+    ticket.finished()
+    check("the worker knows its primary", worker.pairedPrimary() == primary.nodeId())
+    eventually("the worker connects") { worker.isConnected() }
+
+    // A heartbeat with the app's metrics.
+    worker.sendHeartbeat(
+        Metrics(
+            batteryPercent = 64.0, charging = false, cpuPercent = 30.0, memoryPercent = 50.0,
+            diskFreeGb = 8.0, thermal = ThermalState.FAIR, lowPowerMode = false,
+        )
+    )
+    eventually("the primary scores the heartbeat") {
+        primary.devices().any { it.online && it.score != null }
+    }
+    check("the device is the worker", primary.devices().single().nodeId == worker.nodeId())
+
+    // The primary runs the worker's Kotlin handler.
+    val result = primary.runAction(worker.nodeId(), "greet", "{\"name\":\"kt\"}")
+    check("the Kotlin handler ran", result.contains("\"hello\":\"kt\"") && greet.calls == 1) { result }
+    check("ping answers", primary.ping(worker.nodeId()) > 0uL)
+    try {
+        primary.runAction(worker.nodeId(), "missing", "{}")
+        check("an unknown action fails", false)
+    } catch (e: MeshException.CommandFailed) {
+        check("an unknown action is CommandFailed(unknown_action)", e.code == "unknown_action") { e.code }
+    }
+
+    // Worker → primary under the policy.
+    primary.setPolicy(worker.nodeId(), "{\"allowed_commands\": [\"notes.*\"]}")
+    val stored = worker.sendCommand("notes.write", "{\"text\":\"hi\"}")
+    check("an allowed command runs the primary's handler", stored.contains("stored")) { stored }
+    try {
+        worker.sendCommand("system.shutdown", "{}")
+        check("a denied command throws", false)
+    } catch (e: MeshException.PolicyDenied) {
+        check("a denied command is PolicyDenied(command_not_allowed)", e.code == "command_not_allowed") { e.code }
+    }
+    val decision = primary.checkCommand(worker.nodeId(), "system.shutdown")
+    check("checkCommand resolves the policy", decision.verdict == "deny" && decision.code == "command_not_allowed")
+
+    // Events reached the Kotlin listener; closing stops delivery.
+    val kinds = events.kinds()
+    for (kind in listOf("pairing.request_received", "pairing.approved", "peer.joined")) {
+        check("the listener saw $kind", kind in kinds) { kinds.toString() }
+    }
+    subscription.close()
+    val seen = events.events.size
+    primary.revoke(worker.nodeId())
+    eventually("the revoked worker is disconnected") { !worker.isConnected() }
+    check("no events after close()", events.events.size == seen)
+
+    worker.stop()
+    primary.stop()
+    check("stopped cleanly", !primary.status().running && !worker.status().running)
+    worker.close()
+    primary.close()
+}

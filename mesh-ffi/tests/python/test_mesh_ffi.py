@@ -1,0 +1,197 @@
+"""The Python bindings against the real library: a primary and a worker on
+127.0.0.1 (mDNS off), paired with the code, a heartbeat with app metrics, a
+command run by a Python handler, events in a Python listener, a policy
+denial as a typed exception, and a clean stop.
+
+Run by mesh-ffi/test-bindings.sh (generated module and .so side by side).
+"""
+
+import asyncio
+import json
+import tempfile
+import threading
+import time
+
+import pytest
+
+import mesh_ffi as m
+
+WAIT_S = 10.0
+
+
+class Collector(m.EventListener):
+    """Keeps every event; wakes waiters."""
+
+    def __init__(self):
+        self.events = []
+        self.cond = threading.Condition()
+
+    def on_event(self, event):
+        with self.cond:
+            self.events.append(event)
+            self.cond.notify_all()
+
+    def kinds(self):
+        with self.cond:
+            return [e.kind for e in self.events]
+
+    def wait_for(self, kind):
+        with self.cond:
+            ok = self.cond.wait_for(lambda: any(e.kind == kind for e in self.events), WAIT_S)
+        assert ok, f"no {kind} event within {WAIT_S} s; got {self.kinds()}"
+
+
+class Greet(m.CommandHandler):
+    def __init__(self):
+        self.calls = 0
+
+    def handle(self, args_json):
+        self.calls += 1
+        args = json.loads(args_json)
+        return json.dumps({"hello": args["name"], "from": "python"})
+
+
+class Broken(m.CommandHandler):
+    def handle(self, args_json):
+        raise ValueError("a bug in the app's handler")
+
+
+class Notes(m.CommandHandler):
+    def handle(self, args_json):
+        return json.dumps({"stored": json.loads(args_json)["text"]})
+
+
+def options(role, data_dir, name):
+    o = m.default_options(role, data_dir)
+    o.name = name
+    o.device_id = f"hw-{name}"
+    o.listen_addr = "127.0.0.1:0"
+    o.mdns = False
+    o.heartbeat_interval_ms = 200
+    o.command_timeout_ms = 5000
+    return o
+
+
+async def eventually(check, what):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} did not happen within {WAIT_S} s")
+
+
+def test_bad_input_is_a_typed_error():
+    with tempfile.TemporaryDirectory() as tmp:
+        o = options(m.NodeRole.WORKER, tmp, "bad")
+        o.listen_addr = "not an address"
+        with pytest.raises(m.MeshError.InvalidInput):
+            m.MeshNode(o)
+        node = m.MeshNode(options(m.NodeRole.WORKER, tmp, "ok"))
+        # Not started yet: a clear error, not a crash.
+        with pytest.raises(m.MeshError.Unavailable):
+            node.devices()
+        node.start()
+        # A primary operation on a worker.
+        with pytest.raises(m.MeshError.Unavailable):
+            node.pending_pairings()
+        with pytest.raises(m.MeshError.InvalidInput):
+            node.set_policy("not-a-node-id", "{}")
+        asyncio.run(node.stop())
+
+
+def test_primary_and_worker_pair_heartbeat_command_and_deny():
+    asyncio.run(scenario())
+
+
+async def scenario():
+    with tempfile.TemporaryDirectory() as tmp:
+        primary = m.MeshNode(options(m.NodeRole.PRIMARY, f"{tmp}/primary", "studio"))
+        primary.register_handler("notes.write", Notes())
+        primary.start()
+        worker = m.MeshNode(options(m.NodeRole.WORKER, f"{tmp}/worker", "pyphone"))
+        greet = Greet()
+        worker.register_handler("greet", greet)
+        worker.register_handler("broken", Broken())
+        worker.start()
+        events = Collector()
+        subscription = primary.subscribe("*", events)
+
+        # Pairing: the worker shows a code, the primary approves with it.
+        ticket = await worker.request_pairing(primary.connect_string())
+        assert len(ticket.code()) == 6 and ticket.code().isdigit()
+        events.wait_for("pairing.request_received")
+        pending = primary.pending_pairings()
+        assert [p.request_id for p in pending] == [ticket.request_id()]
+        assert pending[0].name == "pyphone"
+        wrong = "000001" if ticket.code() == "000000" else "000000"
+        with pytest.raises(m.MeshError.Pairing):
+            await primary.approve_pairing(ticket.request_id(), wrong)
+        device = await primary.approve_pairing(ticket.request_id(), ticket.code())
+        assert device == worker.node_id()
+        await ticket.finished()
+        assert worker.paired_primary() == primary.node_id()
+        await eventually(worker.is_connected, "the worker's session")
+
+        # A heartbeat with the app's metrics; the primary scores it.
+        await worker.send_heartbeat(
+            m.Metrics(
+                battery_percent=81.0,
+                charging=True,
+                cpu_percent=12.0,
+                memory_percent=40.0,
+                disk_free_gb=20.0,
+                thermal=m.ThermalState.NOMINAL,
+                low_power_mode=False,
+            )
+        )
+        devices = await eventually(
+            lambda: [d for d in primary.devices() if d.online and d.score is not None],
+            "a scored, online device",
+        )
+        assert devices[0].node_id == worker.node_id()
+        assert devices[0].platform == m.DevicePlatform.DESKTOP
+        assert (await worker.status()).heartbeats_sent >= 1
+
+        # The primary runs the worker's Python handler.
+        result = json.loads(await primary.run_action(worker.node_id(), "greet", '{"name": "py"}'))
+        assert result == {"hello": "py", "from": "python"}
+        assert greet.calls == 1
+        assert await primary.ping(worker.node_id()) > 0
+        with pytest.raises(m.MeshError.CommandFailed) as failed:
+            await primary.run_action(worker.node_id(), "broken", "{}")
+        assert failed.value.code == "handler_failed"
+        with pytest.raises(m.MeshError.CommandFailed) as unknown:
+            await primary.run_action(worker.node_id(), "nope", "{}")
+        assert unknown.value.code == "unknown_action"
+
+        # Worker → primary: denied without a policy, then by the policy.
+        with pytest.raises(m.MeshError.PolicyDenied):
+            await worker.send_command("notes.write", '{"text": "hi"}')
+        primary.set_policy(worker.node_id(), '{"allowed_commands": ["notes.*"]}')
+        assert json.loads(primary.policy(worker.node_id()))["allowed_commands"] == ["notes.*"]
+        stored = json.loads(await worker.send_command("notes.write", '{"text": "hi"}'))
+        assert stored == {"stored": "hi"}
+        with pytest.raises(m.MeshError.PolicyDenied) as denied:
+            await worker.send_command("system.shutdown", "{}")
+        assert denied.value.code == "command_not_allowed"
+        decision = primary.check_command(worker.node_id(), "system.shutdown")
+        assert decision.verdict == "deny" and decision.code == "command_not_allowed"
+        assert primary.check_command(worker.node_id(), "notes.read").verdict == "allow"
+        with pytest.raises(m.MeshError.InvalidInput):
+            await worker.send_command("notes.write", "{not json")
+
+        # Events reached the Python listener; closing stops delivery.
+        kinds = events.kinds()
+        for kind in ("pairing.request_received", "pairing.approved", "peer.joined"):
+            assert kind in kinds, kinds
+        subscription.cancel()
+        seen = len(events.kinds())
+        await primary.revoke(worker.node_id())
+        await eventually(lambda: not worker.is_connected(), "the revoked worker's disconnection")
+        assert len(events.kinds()) == seen
+
+        await worker.stop()
+        await primary.stop()
+        assert not (await primary.status()).running
