@@ -143,3 +143,47 @@ impl From<NodeError> for MeshError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(code: &str) -> MeshError {
+        NodeError::Command {
+            code: code.into(),
+            message: "why".into(),
+        }
+        .into()
+    }
+
+    #[test]
+    fn policy_refusals_and_failures_are_told_apart() {
+        for code in [
+            "blocked_command",
+            "command_not_allowed",
+            "needs_approval",
+            "deferred",
+        ] {
+            assert!(
+                matches!(command(code), MeshError::PolicyDenied { code: c, .. } if c == code),
+                "{code}"
+            );
+        }
+        for code in mesh_core::node::FAILURE_CODES {
+            assert!(
+                matches!(command(code), MeshError::CommandFailed { code: c, .. } if c == *code),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_errors_map_to_what_an_app_can_act_on() {
+        let timeout: MeshError = NodeError::Timeout(std::time::Duration::from_secs(1)).into();
+        assert!(matches!(timeout, MeshError::Timeout { .. }));
+        let off: MeshError = NodeError::Unavailable("not paired".into()).into();
+        assert!(matches!(off, MeshError::Unavailable { detail } if detail.contains("not paired")));
+        let policy: MeshError = NodeError::Policy("bad glob".into()).into();
+        assert!(matches!(policy, MeshError::InvalidInput { .. }));
+    }
+}

@@ -794,3 +794,60 @@ impl Drop for EventSubscription {
         self.cancel();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(dir: &std::path::Path) -> NodeOptions {
+        let mut o = default_options(NodeRole::Worker, dir.display().to_string());
+        o.listen_addr = "127.0.0.1:0".into();
+        o.mdns = false;
+        o
+    }
+
+    #[test]
+    fn bad_options_are_refused_before_anything_is_created() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("node");
+        let mut o = options(&dir);
+        o.listen_addr = "nowhere".into();
+        assert!(matches!(
+            MeshNode::new(o),
+            Err(MeshError::InvalidInput { .. })
+        ));
+        let mut o = options(&dir);
+        o.heartbeat_interval_ms = 0;
+        assert!(matches!(
+            MeshNode::new(o),
+            Err(MeshError::InvalidInput { .. })
+        ));
+        assert!(!dir.exists(), "nothing is written for refused options");
+    }
+
+    #[test]
+    fn calls_before_start_and_of_the_other_role_are_unavailable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let node = MeshNode::new(options(tmp.path())).unwrap();
+        assert!(matches!(node.devices(), Err(MeshError::Unavailable { .. })));
+        assert!(node.connect_string().is_none());
+        node.start().unwrap();
+        assert!(matches!(node.start(), Err(MeshError::InvalidInput { .. })));
+        assert!(matches!(
+            node.pending_pairings(),
+            Err(MeshError::Unavailable { .. })
+        ));
+        assert!(matches!(
+            node.set_policy("not-an-id".into(), "{}".into()),
+            Err(MeshError::InvalidInput { .. })
+        ));
+        let id = node.node_id();
+        assert!(
+            node.connect_string()
+                .unwrap()
+                .starts_with(&format!("{id}@127.0.0.1:"))
+        );
+        // Dropped while running, outside any runtime: no panic, no hang.
+        drop(node);
+    }
+}
