@@ -56,6 +56,12 @@ impl Running {
         }
     }
 
+    /// The 6-digit code a worker prints.
+    fn pairing_code(&self) -> String {
+        let line = self.wait_for("pairing code:");
+        line.rsplit(' ').next().unwrap().to_owned()
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();
@@ -140,12 +146,7 @@ fn primary_worker_and_meshctl_pair_govern_and_survive_a_crash() {
             "hw-laptop",
         ],
     );
-    let code = worker
-        .wait_for("pairing code:")
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .to_owned();
+    let code = worker.pairing_code();
     assert_eq!(code.len(), 6);
 
     // Terminal 1: meshctl sees the request and approves it with the code.
@@ -352,12 +353,7 @@ fn a_worker_finds_the_primary_over_mdns_and_pairs() {
     );
     let found = worker.wait_for("found ");
     assert!(found.contains("127.0.0.1:"), "{found}");
-    let code = worker
-        .wait_for("pairing code:")
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .to_owned();
+    let code = worker.pairing_code();
     // The admin socket is a file: meshctl reaches it from outside the namespace.
     let (rc, approved) = meshctl(&["pairing", "approve", &code, d[0], d[1], "--json"]);
     assert_eq!(rc, 0, "{approved}");
