@@ -6,9 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::identity::{NodeId, NodeKey};
-use mesh_core::ledger::Ledger;
 use mesh_core::node::{CommandHandler, DataDir, FnHandler, MetricsSource, Node, NodeConfig};
 use mesh_core::storage::Storage;
 use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
@@ -64,15 +62,6 @@ pub fn primary(dir: &Path, listen: SocketAddr, config: NodeConfig) -> Result<Par
         .handler("echo", echo)
         .start()
         .map_err(|e| e.to_string())?;
-    // Checkpoints fall due by time too.
-    let ticking = ledger.clone();
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(std::time::Duration::from_secs(1));
-        loop {
-            interval.tick().await;
-            let _ = ticking.tick(SystemClock.now());
-        }
-    });
     Ok(Parts {
         node,
         key,

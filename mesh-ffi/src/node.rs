@@ -6,10 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use mesh_core::clock::{Clock, SystemClock};
-use mesh_core::discovery::DiscoveryBook;
 use mesh_core::events::{EventBus, Received};
 use mesh_core::identity::NodeId;
-use mesh_core::ledger::Ledger;
 use mesh_core::node::{
     CommandHandler as CoreHandler, DataDir, MetricsSource, Node, NodeConfig,
     PairingTicket as CoreTicket,
@@ -18,7 +16,7 @@ use mesh_core::transport::PeerAddr;
 use mesh_core::wire::HealthMetrics;
 use mesh_ledger::{LedgerConfig, SignedLedger};
 use mesh_policy::runtime::RuntimePolicy;
-use mesh_transport::mdns::{Advertisement, Interfaces, MdnsConfig, MdnsDiscovery};
+use mesh_transport::mdns::{Advertisement, Interfaces, MdnsDiscovery};
 use mesh_transport::quic::{QuicConfig, QuicTransport};
 use mesh_transport::static_peers::StaticPeer;
 use serde_json::Value;
@@ -98,7 +96,6 @@ struct Running {
     addr: SocketAddr,
     /// Kept for its lifetime: dropping it stops mDNS.
     _mdns: Option<Arc<MdnsDiscovery>>,
-    ledger_ticker: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// A mesh node: a primary or a worker, started from a data directory.
@@ -250,40 +247,26 @@ impl MeshNode {
                 .mdns_interface
                 .parse()
                 .unwrap_or(Interfaces::All);
-            let mdns = MdnsDiscovery::start(
-                key.node_id(),
-                MdnsConfig::with_interfaces(interfaces),
-                DiscoveryBook::new(store.clone(), events),
-                Arc::new(SystemClock),
-            )
-            .map_err(|e| MeshError::Network {
-                detail: e.to_string(),
-            })?;
+            let mdns =
+                MdnsDiscovery::start_for_node(key.node_id(), interfaces, store.clone(), events)
+                    .map_err(|e| MeshError::Network {
+                        detail: e.to_string(),
+                    })?;
             let mdns = Arc::new(mdns);
             builder = builder.discovery(mdns.clone());
             Some(mdns)
         } else {
             None
         };
-        let mut ledger_ticker = None;
         if self.options.role == NodeRole::Primary {
             let ledger = SignedLedger::open(store, key, LedgerConfig::default()).map_err(|e| {
                 MeshError::Storage {
                     detail: format!("the audit ledger: {e}"),
                 }
             })?;
-            let ledger = Arc::new(ledger);
             builder = builder
-                .ledger(ledger.clone())
+                .ledger(Arc::new(ledger))
                 .policy(Arc::new(RuntimePolicy::new()));
-            // Checkpoints also fall due by time.
-            ledger_ticker = Some(tokio::spawn(async move {
-                let mut interval = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    interval.tick().await;
-                    let _ = ledger.tick(SystemClock.now());
-                }
-            }));
             if let Some(mdns) = &mdns {
                 mdns.advertise(&Advertisement {
                     name: self.options.name.clone(),
@@ -301,7 +284,6 @@ impl MeshNode {
             node,
             addr,
             _mdns: mdns,
-            ledger_ticker,
         })
     }
 }
@@ -377,9 +359,6 @@ impl MeshNode {
         let Some(running) = lock(&self.running).take() else {
             return Ok(());
         };
-        if let Some(t) = &running.ledger_ticker {
-            t.abort();
-        }
         let node = running.node.clone();
         let done = self
             .handle

@@ -21,9 +21,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mdns_sd::{IfKind, ResolvedService, ScopedIp, ServiceDaemon, ServiceEvent, ServiceInfo};
-use mesh_core::clock::Clock;
+use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::discovery::{Discovery, DiscoveryBook, DiscoveryError, Sighting};
+use mesh_core::events::EventBus;
 use mesh_core::identity::NodeId;
+use mesh_core::storage::Storage;
 use mesh_core::storage::records::DiscoveredNodeRecord;
 use tokio::task::JoinHandle;
 
@@ -144,6 +146,23 @@ impl MdnsDiscovery {
             advertised: Mutex::new(None),
             browser,
         })
+    }
+
+    /// [`start`](Self::start) as a node uses it: sightings go into a
+    /// [`DiscoveryBook`] over `store`, published on `events`, timed by the
+    /// system clock.
+    pub fn start_for_node(
+        local: NodeId,
+        interfaces: Interfaces,
+        store: Arc<dyn Storage>,
+        events: EventBus,
+    ) -> Result<Self, DiscoveryError> {
+        Self::start(
+            local,
+            MdnsConfig::with_interfaces(interfaces),
+            DiscoveryBook::new(store, events),
+            Arc::new(SystemClock),
+        )
     }
 
     /// Advertises this node (replacing an earlier advertisement). Addresses

@@ -12,14 +12,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
-use mesh_core::clock::SystemClock;
-use mesh_core::discovery::DiscoveryBook;
 use mesh_core::node::{NodeConfig, Role};
 use mesh_examples::{admin, setup};
-use mesh_transport::mdns::{Advertisement, Interfaces, MdnsConfig, MdnsDiscovery};
+use mesh_transport::mdns::{Advertisement, Interfaces, MdnsDiscovery};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -56,12 +53,11 @@ async fn run(args: Args) -> Result<(), String> {
     let check = setup::ledger_check(parts.store.clone(), parts.key.node_id());
     let _admin = admin::serve(&socket, node.clone(), check).map_err(|e| e.to_string())?;
     let _mdns = if args.mdns == "on" {
-        let book = DiscoveryBook::new(parts.store.clone(), node.events().clone());
-        let mdns = MdnsDiscovery::start(
+        let mdns = MdnsDiscovery::start_for_node(
             node.node_id(),
-            MdnsConfig::with_interfaces(args.interface.clone()),
-            book,
-            Arc::new(SystemClock),
+            args.interface.clone(),
+            parts.store.clone(),
+            node.events().clone(),
         )
         .map_err(|e| e.to_string())?;
         mdns.advertise(&Advertisement {

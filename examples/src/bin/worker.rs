@@ -18,13 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use mesh_core::clock::SystemClock;
-use mesh_core::discovery::{Discovery, DiscoveryBook};
+use mesh_core::discovery::Discovery;
 use mesh_core::identity::NodeId;
 use mesh_core::node::{CommandHandler, FnHandler, MetricsSource, Node, NodeConfig, Role};
 use mesh_core::transport::PeerAddr;
 use mesh_examples::{metrics::SystemMetrics, setup};
-use mesh_transport::mdns::{Interfaces, MdnsConfig, MdnsDiscovery};
+use mesh_transport::mdns::{Interfaces, MdnsDiscovery};
 use mesh_transport::static_peers::StaticPeer;
 use serde_json::Value;
 
@@ -73,12 +72,11 @@ async fn find_primary(
     if !args.mdns {
         return Err("not paired yet: pass --connect NODE_ID@ADDR or --mdns".into());
     }
-    let book = DiscoveryBook::new(store, node.events().clone());
-    let mdns = MdnsDiscovery::start(
+    let mdns = MdnsDiscovery::start_for_node(
         node.node_id(),
-        MdnsConfig::with_interfaces(args.interface.clone()),
-        book,
-        Arc::new(SystemClock),
+        args.interface.clone(),
+        store,
+        node.events().clone(),
     )
     .map_err(|e| e.to_string())?;
     println!("looking for a primary over mDNS…");

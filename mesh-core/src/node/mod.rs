@@ -470,7 +470,8 @@ impl NodeBuilder {
     }
 
     /// The audit ledger: registry changes and command decisions are recorded
-    /// in it, in the same storage batch.
+    /// in it, in the same storage batch. A primary also ticks it with its
+    /// periodic work, so checkpoints that fall due by time are made.
     pub fn ledger(mut self, ledger: Arc<dyn Ledger>) -> Self {
         self.ledger = Some(ledger);
         self
@@ -545,6 +546,7 @@ impl NodeBuilder {
             worker: worker::State::default(),
             tasks: Mutex::new(Vec::new()),
             data_dir: self.data_dir,
+            ledger: self.ledger,
         });
         let node = Node {
             owner: Arc::new(Owner(inner.clone())),
@@ -625,6 +627,8 @@ pub(crate) struct Inner {
     worker: worker::State,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     data_dir: Option<std::path::PathBuf>,
+    /// The audit ledger (also held by the registry), ticked by the primary.
+    ledger: Option<Arc<dyn Ledger>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -68,9 +68,15 @@ pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
         loop {
             interval.tick().await;
             let now = ticking.now();
-            let mut health = lock(&ticking.health);
-            health.tick(now);
-            let _ = health.flush();
+            {
+                let mut health = lock(&ticking.health);
+                health.tick(now);
+                let _ = health.flush();
+            }
+            // Checkpoints that fall due by time.
+            if let Some(ledger) = &ticking.ledger {
+                let _ = ledger.tick(now);
+            }
         }
     });
     Ok(())

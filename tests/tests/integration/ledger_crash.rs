@@ -3,15 +3,14 @@
 //! first record to the last, and the next run carries on from there.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, mpsc};
-use std::time::Duration;
+use std::sync::Arc;
 
 use mesh_core::ledger::{Body, record_types};
 use mesh_core::storage::{SqliteStorage, Storage};
 use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
 use mesh_tests::{LEDGER_GROUP, ledger_key};
+
+use crate::support::run_and_kill;
 
 #[test]
 fn sigkill_during_appends_loses_no_acknowledged_record() {
@@ -19,34 +18,7 @@ fn sigkill_during_appends_loses_no_acknowledged_record() {
     let db = dir.path().join("ledger.db");
     let mut acknowledged_total = 0;
     for round in 1..=3u64 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ledger-writer"))
-            .arg(&db)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(n) = line.strip_prefix("committed ") {
-                    let _ = tx.send(n.parse::<u64>().unwrap());
-                }
-            }
-        });
-        let mut last = None;
-        while let Ok(n) = rx.recv_timeout(Duration::from_secs(30)) {
-            last = Some(n);
-            if n >= 400 * round {
-                break;
-            }
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        reader.join().unwrap();
-        while let Ok(n) = rx.try_recv() {
-            last = Some(n);
-        }
+        let last = run_and_kill(env!("CARGO_BIN_EXE_ledger-writer"), &db, 400 * round);
         let last = last.expect("the writer acknowledged nothing");
         assert!(last + 1 >= acknowledged_total);
         acknowledged_total = last + 1;

@@ -9,3 +9,4 @@ mod ledger_crash;
 mod node_e2e;
 mod node_policy;
 mod storage_crash;
+mod support;

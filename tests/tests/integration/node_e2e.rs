@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::clock::Timestamp;
-use mesh_core::events::{Event, Received, Subscription};
 use mesh_core::identity::{NodeId, NodeKey};
 use mesh_core::ledger::record_types;
 use mesh_core::node::{
@@ -22,6 +21,8 @@ use mesh_core::wire::HealthMetrics;
 use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
 use mesh_transport::quic::{QuicConfig, QuicTransport};
 use serde_json::json;
+
+use crate::support::{WAIT, next};
 
 /// Allows `notes.*`, refuses the rest.
 #[derive(Debug)]
@@ -108,23 +109,6 @@ fn worker(name: &str) -> (Node, Arc<dyn Storage>) {
         .unwrap();
     (node, store)
 }
-
-/// The next event of `kind` (others are skipped), within `within`.
-async fn next(sub: &mut Subscription, kind: &str, within: Duration) -> Arc<Event> {
-    tokio::time::timeout(within, async {
-        loop {
-            match sub.recv().await {
-                Some(Received::Event(e)) if e.kind == kind => return e,
-                Some(_) => continue,
-                None => panic!("event bus closed"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {kind} event within {within:?}"))
-}
-
-const WAIT: Duration = Duration::from_secs(10);
 
 /// Pairs `w` with `p` using the right code (after one wrong one if asked).
 async fn pair(p: &Primary, w: &Node, wrong_first: bool) {

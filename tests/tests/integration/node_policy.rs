@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use mesh_core::events::{Event, Received, Subscription};
+use mesh_core::events::Received;
 use mesh_core::identity::NodeKey;
 use mesh_core::ledger::{Body, record_types};
 use mesh_core::node::{
@@ -23,21 +23,7 @@ use mesh_policy::{PolicyEngine, PowerThresholds};
 use mesh_transport::quic::{QuicConfig, QuicTransport};
 use serde_json::{Value, json};
 
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn next(sub: &mut Subscription, kind: &str, within: Duration) -> Arc<Event> {
-    tokio::time::timeout(within, async {
-        loop {
-            match sub.recv().await {
-                Some(Received::Event(e)) if e.kind == kind => return e,
-                Some(_) => continue,
-                None => panic!("event bus closed"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {kind} event within {within:?}"))
-}
+use crate::support::{WAIT, next};
 
 /// CPU load the worker reports; the test flips it.
 #[derive(Debug, Default)]
@@ -150,25 +136,21 @@ fn code(r: Result<Value, NodeError>) -> (String, String) {
     }
 }
 
-fn ledger_types(p: &Primary) -> Vec<String> {
+fn ledger_records(p: &Primary) -> Vec<mesh_ledger::LedgerRecord> {
     let ledger =
         SignedLedger::open(p.store.clone(), p.key.clone(), LedgerConfig::default()).unwrap();
-    ledger
-        .view()
-        .records(0, 1000)
-        .unwrap()
+    ledger.view().records(0, 1000).unwrap()
+}
+
+fn ledger_types(p: &Primary) -> Vec<String> {
+    ledger_records(p)
         .into_iter()
         .map(|r| r.record_type)
         .collect()
 }
 
 fn decisions(p: &Primary) -> Vec<String> {
-    let ledger =
-        SignedLedger::open(p.store.clone(), p.key.clone(), LedgerConfig::default()).unwrap();
-    ledger
-        .view()
-        .records(0, 1000)
-        .unwrap()
+    ledger_records(p)
         .into_iter()
         .filter(|r| r.record_type == record_types::COMMAND_DECIDED)
         .map(|r| match r.body {
