@@ -869,9 +869,13 @@ impl Connection for QuicConnection {
         if self.closed.load(Ordering::Relaxed) {
             return Err(TransportError::Closed);
         }
-        send.write_all_chunks(&mut chunks)
-            .await
-            .map_err(write_error)
+        // A send dropped half-way (its task aborted, a timeout around it)
+        // would leave half a message on the stream and everything after it
+        // misframed: the connection is closed instead.
+        let mut unfinished = Unfinished(Some(self));
+        let written = send.write_all_chunks(&mut chunks).await;
+        unfinished.0 = None;
+        written.map_err(write_error)
     }
 
     async fn recv(&self) -> Result<Vec<u8>, TransportError> {
@@ -911,6 +915,19 @@ impl Connection for QuicConnection {
 
     fn close(&self) {
         self.close_gracefully();
+    }
+}
+
+/// Closes a connection whose message was only partly written.
+struct Unfinished<'a>(Option<&'a QuicConnection>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0 {
+            conn.closed.store(true, Ordering::Relaxed);
+            conn.conn
+                .close(VarInt::from(CLOSED), b"a send was cancelled mid-message");
+        }
     }
 }
 

@@ -541,7 +541,9 @@ impl NodeBuilder {
             registry,
             pairing,
             health: Mutex::new(health),
-            calls: Mutex::new(HashMap::new()),
+            calls: link::PendingCalls::default(),
+            guards: link::PeerGuards::default(),
+            next_session: std::sync::atomic::AtomicU64::new(1),
             primary: primary::State::default(),
             worker: worker::State::default(),
             tasks: Mutex::new(Vec::new()),
@@ -621,8 +623,12 @@ pub(crate) struct Inner {
     pairing: PrimaryPairing,
     health: Mutex<HealthMonitor>,
     link: link::Link,
-    /// Commands sent and awaiting their result, by command id.
-    calls: Mutex<HashMap<MessageId, oneshot::Sender<CommandOutcome>>>,
+    /// Commands sent and awaiting their result, by (peer, command id).
+    calls: link::PendingCalls,
+    /// Each authenticated peer's replay guard.
+    guards: link::PeerGuards,
+    /// Numbers sessions (both roles).
+    next_session: std::sync::atomic::AtomicU64,
     primary: primary::State,
     worker: worker::State,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -663,31 +669,24 @@ impl Inner {
         tasks.push(handle);
     }
 
-    /// Registers a pending call and returns its receiver.
-    fn expect_result(&self, id: MessageId) -> oneshot::Receiver<CommandOutcome> {
-        let (tx, rx) = oneshot::channel();
-        lock(&self.calls).insert(id, tx);
-        rx
+    /// A new session number.
+    fn session_id(&self) -> u64 {
+        self.next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Completes a pending call.
-    fn complete(&self, id: MessageId, outcome: CommandOutcome) {
-        if let Some(tx) = lock(&self.calls).remove(&id) {
-            let _ = tx.send(outcome);
-        }
-    }
-
-    /// Sends command `name` to `to` over `conn` and waits for its result:
-    /// the one way commands go out, in both directions.
+    /// Sends command `name` to the peer of `session` and waits for its
+    /// result: the one way commands go out, in both directions. Fails with
+    /// `connection_lost` as soon as that session ends.
     async fn call(
         &self,
-        conn: &dyn Connection,
-        to: NodeId,
+        session: &link::SessionRef,
         name: &str,
         args: &Value,
     ) -> Result<Value, NodeError> {
         let id = MessageId::random();
-        let rx = self.expect_result(id);
+        let to = session.peer;
+        let rx = self.calls.expect(to, session.id, id);
         let timeout = self.config.command_timeout;
         let cmd = crate::wire::Payload::Command(crate::wire::Command {
             command_id: id,
@@ -696,16 +695,21 @@ impl Inner {
                 .map_err(|e| NodeError::Protocol(e.to_string()))?,
             timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
         });
-        if let Err(e) = self.link.send(conn, to, cmd, self.now()).await {
-            lock(&self.calls).remove(&id);
+        if let Err(e) = self
+            .link
+            .send(session.conn.as_ref(), to, cmd, self.now())
+            .await
+        {
+            self.calls.forget(to, id);
             return Err(e);
         }
-        self.await_result(id, rx, timeout).await
+        self.await_result(to, id, rx, timeout).await
     }
 
     /// Waits for a call's outcome within the command timeout.
     async fn await_result(
         &self,
+        to: NodeId,
         id: MessageId,
         rx: oneshot::Receiver<CommandOutcome>,
         timeout: Duration,
@@ -719,7 +723,7 @@ impl Inner {
                 });
             }
             Err(_) => {
-                lock(&self.calls).remove(&id);
+                self.calls.forget(to, id);
                 return Err(NodeError::Timeout(timeout));
             }
         };

@@ -2,7 +2,6 @@
 //! every message, commands in both directions, revocation.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,6 +9,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
+use super::link::{SessionRef, pre_auth_guard};
 use super::{Inner, Node, NodeError, Role, lock};
 use crate::events::kinds;
 use crate::identity::NodeId;
@@ -21,12 +21,6 @@ use crate::wire::{
     CommandOutcome, CommandResult, HealthMetrics, JsonText, PairingMessage, Payload, SessionMessage,
 };
 
-/// A paired device's open session.
-struct Session {
-    id: u64,
-    conn: Arc<dyn Connection>,
-}
-
 /// A device waiting in pairing, and whoever waits for its answer.
 struct Waiter {
     conn: Arc<dyn Connection>,
@@ -36,11 +30,10 @@ struct Waiter {
 
 #[derive(Default)]
 pub(crate) struct State {
-    sessions: Mutex<HashMap<NodeId, Session>>,
+    sessions: Mutex<HashMap<NodeId, SessionRef>>,
     /// Each device's latest heartbeat metrics (the policy's power context).
     pub(super) metrics: Mutex<HashMap<NodeId, HealthMetrics>>,
     pairings: Mutex<HashMap<String, Waiter>>,
-    next_session: AtomicU64,
 }
 
 /// A paired device with its liveness and health.
@@ -117,9 +110,12 @@ fn auth_code(e: &AuthError) -> &'static str {
 
 async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
     let from = conn.remote_node();
+    // This connection's own replay state: an unauthenticated key touches
+    // nothing that paired devices use.
+    let guard = pre_auth_guard();
     let first = tokio::time::timeout(
         inner.config.command_timeout,
-        inner.link.recv(conn.as_ref(), || inner.now()),
+        inner.link.recv(conn.as_ref(), &guard, || inner.now()),
     )
     .await;
     let Ok(Ok(Payload::Pairing(request @ PairingMessage::Request { .. }))) = first else {
@@ -150,10 +146,10 @@ async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
         return;
     }
     loop {
-        let msg = match inner.link.recv(conn.as_ref(), || inner.now()).await {
+        let msg = match inner.link.recv(conn.as_ref(), &guard, || inner.now()).await {
             Ok(Payload::Pairing(m)) => m,
-            Ok(_) => continue,
-            Err(_) => break,
+            // Anything else on a pairing connection breaks the protocol.
+            Ok(_) | Err(_) => break,
         };
         let result = inner.pairing.on_message(from, msg, inner.now());
         let answer = lock(&inner.primary.pairings)
@@ -197,7 +193,9 @@ async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
     let node = conn.remote_node();
     let hello = tokio::time::timeout(
         inner.config.command_timeout,
-        inner.link.recv(conn.as_ref(), || inner.now()),
+        inner
+            .link
+            .recv(conn.as_ref(), &pre_auth_guard(), || inner.now()),
     )
     .await;
     let Ok(Ok(Payload::Session(SessionMessage::Hello { token }))) = hello else {
@@ -212,11 +210,12 @@ async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
         bye(inner, conn.as_ref(), node, auth_code(&e)).await;
         return;
     }
-    let id = inner.primary.next_session.fetch_add(1, Ordering::Relaxed);
+    let id = inner.session_id();
     let old = lock(&inner.primary.sessions).insert(
         node,
-        Session {
+        SessionRef {
             id,
+            peer: node,
             conn: conn.clone(),
         },
     );
@@ -247,6 +246,7 @@ async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
     }
     drop(sessions);
     conn.close();
+    inner.calls.fail_session(node, id);
     inner.events.publish(
         kinds::PEER_LEFT,
         inner.now(),
@@ -256,8 +256,11 @@ async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
 
 /// The session loop: every message passes the gate first.
 async fn serve(inner: &Arc<Inner>, conn: &dyn Connection, node: NodeId, token: &[u8; 32]) {
+    // The device's own replay state, made now that its token passed.
+    let guard = inner.guards.of(node);
     loop {
-        let Ok((payload, arrived)) = inner.link.recv_timed(conn, || inner.now()).await else {
+        let Ok((payload, arrived)) = inner.link.recv_timed(conn, &guard, || inner.now()).await
+        else {
             return;
         };
         let scope = match &payload {
@@ -304,7 +307,9 @@ async fn serve(inner: &Arc<Inner>, conn: &dyn Connection, node: NodeId, token: &
                     }
                 });
             }
-            Payload::CommandResult(r) => inner.complete(r.command_id, r.outcome),
+            Payload::CommandResult(r) => {
+                inner.calls.complete(node, r.command_id, r.outcome);
+            }
             Payload::Session(SessionMessage::Bye { .. }) => return,
             _ => {}
         }
@@ -389,7 +394,7 @@ pub(super) fn close_now(inner: &Inner) {
 }
 
 pub(super) async fn close_all(inner: &Inner, reason: &str) {
-    let sessions: Vec<(NodeId, Session)> = lock(&inner.primary.sessions).drain().collect();
+    let sessions: Vec<(NodeId, SessionRef)> = lock(&inner.primary.sessions).drain().collect();
     for (node, s) in sessions {
         bye(inner, s.conn.as_ref(), node, reason).await;
     }
@@ -501,11 +506,11 @@ impl Node {
         args: Value,
     ) -> Result<Value, NodeError> {
         let inner = self.primary()?;
-        let conn = lock(&inner.primary.sessions)
+        let session = lock(&inner.primary.sessions)
             .get(device)
-            .map(|s| s.conn.clone())
+            .cloned()
             .ok_or(NodeError::NotConnected(*device))?;
-        inner.call(conn.as_ref(), *device, name, &args).await
+        inner.call(&session, name, &args).await
     }
 
     /// `ping` → `pong`: the round-trip time to a worker.
@@ -551,6 +556,7 @@ impl Node {
     pub async fn revoke(&self, device: &NodeId) -> Result<(), NodeError> {
         let inner = self.primary()?;
         inner.registry.revoke(device, inner.now())?;
+        inner.guards.forget(device);
         end_session(inner, device, "revoked").await;
         Ok(())
     }
@@ -559,6 +565,7 @@ impl Node {
     pub async fn unpair(&self, device: &NodeId) -> Result<(), NodeError> {
         let inner = self.primary()?;
         inner.registry.unpair(device, inner.now())?;
+        inner.guards.forget(device);
         end_session(inner, device, "unpaired").await;
         Ok(())
     }

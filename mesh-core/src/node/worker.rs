@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use super::backoff::Backoff;
+use super::link::{SessionRef, pre_auth_guard};
 use super::primary::run_handler;
 use super::{AbortOnDrop, Inner, Node, NodeError, Role, lock};
 use crate::identity::NodeId;
@@ -24,7 +25,7 @@ use crate::wire::{
 #[derive(Default)]
 pub(crate) struct State {
     /// The open session with the primary.
-    session: Mutex<Option<Arc<dyn Connection>>>,
+    session: Mutex<Option<SessionRef>>,
     supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Configuration set by the primary (`config` command).
     config: Mutex<HashMap<String, Value>>,
@@ -76,7 +77,7 @@ pub(super) async fn stop(inner: &Inner) {
         task.abort();
     }
     let session = lock(&inner.worker.session).take();
-    if let Some(conn) = session {
+    if let Some(SessionRef { conn, .. }) = session {
         if let Some(link) = inner
             .store
             .load::<PrimaryLinkRecord>("primary")
@@ -103,8 +104,8 @@ pub(super) fn stop_now(inner: &Inner) {
     if let Some(task) = lock(&inner.worker.supervisor).take() {
         task.abort();
     }
-    if let Some(conn) = lock(&inner.worker.session).take() {
-        conn.close();
+    if let Some(session) = lock(&inner.worker.session).take() {
+        session.conn.close();
     }
 }
 
@@ -128,14 +129,24 @@ async fn send_heartbeat(
         metrics: inner.metrics.sample(),
     });
     // Counted before it leaves (the primary may react before this task
-    // runs again); taken back if it could not be sent.
-    let sent = &inner.stats.heartbeats_sent;
-    sent.fetch_add(1, Ordering::Relaxed);
+    // runs again); taken back if it was not sent, including when this
+    // future is dropped half-way (the session ending).
+    inner.stats.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+    let mut counted = Counted(&inner.stats.heartbeats_sent, false);
     let result = inner.link.send(conn, primary, hb, inner.now()).await;
-    if result.is_err() {
-        sent.fetch_sub(1, Ordering::Relaxed);
-    }
+    counted.1 = result.is_ok();
     result
+}
+
+/// A heartbeat counted as sent; uncounted on drop unless it was.
+struct Counted<'a>(&'a AtomicU64, bool);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// How a session ended.
@@ -231,7 +242,9 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
     }
     let answer = tokio::time::timeout(
         inner.config.command_timeout,
-        inner.link.recv(conn.as_ref(), || inner.now()),
+        inner
+            .link
+            .recv(conn.as_ref(), &pre_auth_guard(), || inner.now()),
     )
     .await;
     match answer {
@@ -248,7 +261,13 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
             };
         }
     }
-    *lock(&inner.worker.session) = Some(conn.clone());
+    let session_id = inner.session_id();
+    *lock(&inner.worker.session) = Some(SessionRef {
+        id: session_id,
+        peer: primary,
+        conn: conn.clone(),
+    });
+    let guard = inner.guards.of(primary);
     inner.events.publish(
         "session.connected",
         inner.now(),
@@ -269,7 +288,7 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
         }
     }));
     let ended = loop {
-        let payload = match inner.link.recv(conn.as_ref(), || inner.now()).await {
+        let payload = match inner.link.recv(conn.as_ref(), &guard, || inner.now()).await {
             Ok(p) => p,
             Err(e) => {
                 break Ended::Lost {
@@ -296,7 +315,9 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
                         .await;
                 });
             }
-            Payload::CommandResult(r) => inner.complete(r.command_id, r.outcome),
+            Payload::CommandResult(r) => {
+                inner.calls.complete(primary, r.command_id, r.outcome);
+            }
             Payload::Session(SessionMessage::TokenRotated { token }) => {
                 let rotated = PrimaryLinkRecord {
                     token,
@@ -316,6 +337,7 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
     drop(heartbeats);
     lock(&inner.worker.session).take();
     conn.close();
+    inner.calls.fail_session(primary, session_id);
     ended
 }
 
@@ -414,8 +436,9 @@ impl Node {
         let task_inner = inner.clone();
         inner.spawn(async move {
             let inner = task_inner;
+            let guard = pre_auth_guard();
             let result = loop {
-                let msg = match inner.link.recv(conn.as_ref(), || inner.now()).await {
+                let msg = match inner.link.recv(conn.as_ref(), &guard, || inner.now()).await {
                     Ok(Payload::Pairing(m)) => m,
                     Ok(_) => continue,
                     Err(e) => break Err(e),
@@ -497,26 +520,26 @@ impl Node {
     /// the app's metrics changed (see [`MetricsSource`](super::MetricsSource)).
     pub async fn send_heartbeat(&self) -> Result<(), NodeError> {
         let inner = self.worker()?;
-        let (primary, conn) = self.session()?;
-        send_heartbeat(inner, conn.as_ref(), primary).await
+        let session = self.session()?;
+        send_heartbeat(inner, session.conn.as_ref(), session.peer).await
     }
 
-    /// The paired primary and the open session with it.
-    fn session(&self) -> Result<(NodeId, Arc<dyn Connection>), NodeError> {
+    /// The open session with the paired primary.
+    fn session(&self) -> Result<SessionRef, NodeError> {
         let primary = self
             .paired_primary()?
             .ok_or_else(|| NodeError::Unavailable("not paired".into()))?;
-        let conn = lock(&self.inner.worker.session)
+        lock(&self.inner.worker.session)
             .clone()
-            .ok_or(NodeError::NotConnected(primary))?;
-        Ok((primary, conn))
+            .filter(|s| s.peer == primary)
+            .ok_or(NodeError::NotConnected(primary))
     }
 
     /// Sends a command to the primary, which checks it against this
     /// worker's policy; returns the handler's result or the refusal.
     pub async fn send_command(&self, name: &str, args: Value) -> Result<Value, NodeError> {
         let inner = self.worker()?;
-        let (primary, conn) = self.session()?;
-        inner.call(conn.as_ref(), primary, name, &args).await
+        let session = self.session()?;
+        inner.call(&session, name, &args).await
     }
 }

@@ -5,6 +5,7 @@
 mod audit;
 mod discovery_netns;
 mod foundation;
+mod hardening;
 mod ledger_crash;
 mod node_e2e;
 mod node_policy;

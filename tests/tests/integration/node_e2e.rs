@@ -48,20 +48,20 @@ impl CommandPolicy for NotesOnly {
     }
 }
 
-struct Primary {
-    node: Node,
-    store: Arc<dyn Storage>,
-    key: Arc<NodeKey>,
-    addr: PeerAddr,
+pub(crate) struct Primary {
+    pub(crate) node: Node,
+    pub(crate) store: Arc<dyn Storage>,
+    pub(crate) key: Arc<NodeKey>,
+    pub(crate) addr: PeerAddr,
 }
 
-fn quic(key: &Arc<NodeKey>, store: &Arc<dyn Storage>) -> Arc<QuicTransport> {
+pub(crate) fn quic(key: &Arc<NodeKey>, store: &Arc<dyn Storage>) -> Arc<QuicTransport> {
     let admission = Arc::new(RegistryAdmission::new(store.clone()));
     let local = "127.0.0.1:0".parse().unwrap();
     Arc::new(QuicTransport::bind(key.clone(), local, admission, QuicConfig::default()).unwrap())
 }
 
-fn primary() -> Primary {
+pub(crate) fn primary() -> Primary {
     let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
     let key = Arc::new(NodeKey::generate());
     let ledger =
@@ -90,7 +90,7 @@ fn primary() -> Primary {
     }
 }
 
-fn worker(name: &str) -> (Node, Arc<dyn Storage>) {
+pub(crate) fn worker(name: &str) -> (Node, Arc<dyn Storage>) {
     let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
     let key = Arc::new(NodeKey::generate());
     let transport = quic(&key, &store);
@@ -111,7 +111,7 @@ fn worker(name: &str) -> (Node, Arc<dyn Storage>) {
 }
 
 /// Pairs `w` with `p` using the right code (after one wrong one if asked).
-async fn pair(p: &Primary, w: &Node, wrong_first: bool) {
+pub(crate) async fn pair(p: &Primary, w: &Node, wrong_first: bool) {
     let mut requests = p.node.subscribe("pairing.request_received", 8).unwrap();
     let mut sessions = w.subscribe("session.connected", 8).unwrap();
     let ticket = w

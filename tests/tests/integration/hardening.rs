@@ -1,0 +1,165 @@
+//! The runtime under a hostile host on the LAN (issue 14): what an unpaired
+//! key can send must never reach state that paired devices depend on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mesh_core::clock::{Clock, SystemClock};
+use mesh_core::events::Received;
+use mesh_core::identity::NodeKey;
+use mesh_core::node::{FnHandler, Node, NodeConfig, NodeError, Role};
+use mesh_core::pairing::{DeviceInfo, DevicePairing, PairingConfig};
+use mesh_core::storage::{MemoryStorage, Storage};
+use mesh_core::transport::{Protocol, Transport};
+use mesh_core::wire::{Ack, Destination, Envelope, Payload, Platform};
+use serde_json::json;
+
+use crate::node_e2e::{pair, primary, quic, worker};
+
+/// Envelopes the flood sends at most, and how long it may take.
+const FLOOD_MESSAGES: usize = 80_000;
+const FLOOD_TIME: Duration = Duration::from_secs(15);
+
+/// Defect 1: one replay guard shared by every peer let an unpaired key,
+/// admitted only to pairing, push the guard's floor past every paired
+/// worker's messages. With per-peer replay state the flood touches only its
+/// own connection: no heartbeat is lost and no session drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpaired_key_flooding_pairing_loses_no_heartbeat_of_50_workers() {
+    let p = primary();
+    let mut workers = Vec::new();
+    for i in 0..50 {
+        let (w, _) = worker(&format!("w{i}"));
+        pair(&p, &w, false).await;
+        workers.push(w);
+    }
+    let mut left = p.node.subscribe("peer.left", 256).unwrap();
+
+    // The attacker: a key of its own, admitted to pairing like anyone.
+    let evil_key = Arc::new(NodeKey::generate());
+    let evil_store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let evil = quic(&evil_key, &evil_store);
+    let primary_id = p.node.node_id();
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut connections = 0usize;
+    while sent < FLOOD_MESSAGES && started.elapsed() < FLOOD_TIME {
+        let Ok(conn) = evil.connect(primary_id, &p.addr, Protocol::Pairing).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        connections += 1;
+        let now = SystemClock.now();
+        let info = DeviceInfo {
+            device_id: format!("evil-{connections}"),
+            name: "evil".into(),
+            platform: Platform::Desktop,
+        };
+        let (_, request) = DevicePairing::start(
+            evil_key.node_id(),
+            primary_id,
+            info,
+            now,
+            &PairingConfig::default(),
+        );
+        let frame = Envelope::new(
+            evil_key.node_id(),
+            Destination::Node(primary_id),
+            now,
+            Payload::Pairing(request),
+        )
+        .sign(&evil_key)
+        .unwrap()
+        .to_frame()
+        .unwrap();
+        if conn.send(frame).await.is_err() {
+            continue;
+        }
+        // Then as many validly signed envelopes as the primary takes,
+        // stamped just inside the clock-skew window's future edge.
+        while sent < FLOOD_MESSAGES && started.elapsed() < FLOOD_TIME {
+            let stamp = SystemClock.now().saturating_add(Duration::from_secs(295));
+            let frame = Envelope::new(
+                evil_key.node_id(),
+                Destination::Node(primary_id),
+                stamp,
+                Payload::Ack(Ack { ids: vec![] }),
+            )
+            .sign(&evil_key)
+            .unwrap()
+            .to_frame()
+            .unwrap();
+            if conn.send(frame).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        conn.close();
+    }
+    println!("flood: {sent} envelopes over {connections} pairing connections");
+
+    // Let the workers beat on for a while after the flood.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for w in &workers {
+        assert!(w.is_connected(), "a worker lost its session");
+    }
+    // Stop the workers, then compare: every heartbeat sent was processed.
+    for w in &workers {
+        w.shutdown().await;
+    }
+    let sent_total: u64 = workers.iter().map(|w| w.stats().heartbeats_sent).sum();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.node.stats().heartbeats_received < sent_total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(p.node.stats().heartbeats_received, sent_total);
+    assert!(sent_total > 50 * 10, "too few heartbeats: {sent_total}");
+    // No session dropped before the workers said goodbye: each of the 50
+    // left once, at its shutdown.
+    let mut lefts = 0;
+    while let Ok(Some(Received::Event(e))) =
+        tokio::time::timeout(Duration::from_millis(200), left.recv()).await
+    {
+        if e.kind == "peer.left" {
+            lefts += 1;
+        }
+    }
+    assert_eq!(lefts, 50, "sessions dropped during the flood");
+}
+
+/// Defect 9: a command waiting for its result fails with `connection_lost`
+/// as soon as the session drops, not after the command timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_command_fails_at_once_when_the_session_drops() {
+    let p = primary();
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let key = Arc::new(NodeKey::generate());
+    let config = NodeConfig::new(Role::Worker, "slow", "hw-slow")
+        .heartbeat_interval(Duration::from_millis(100))
+        .command_timeout(Duration::from_secs(30));
+    let w = Node::builder(key.clone(), store.clone(), quic(&key, &store), config)
+        .handler(
+            "slow",
+            Arc::new(FnHandler(|_: &serde_json::Value| {
+                std::thread::sleep(Duration::from_secs(2));
+                Ok(json!({}))
+            })),
+        )
+        .start()
+        .unwrap();
+    pair(&p, &w, false).await;
+    let device = w.node_id();
+    let primary_node = p.node.clone();
+    let call =
+        tokio::spawn(async move { primary_node.run_action(&device, "slow", json!({})).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(w); // the worker's process goes away mid-command
+    let result = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call still waits")
+        .unwrap();
+    match result {
+        Err(NodeError::Command { code, .. }) => assert_eq!(code, "connection_lost"),
+        other => panic!("expected connection_lost, got {other:?}"),
+    }
+}
