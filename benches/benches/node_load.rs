@@ -19,7 +19,8 @@ use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::events::{EventBus, Received};
 use mesh_core::health::{HealthConfig, HealthMonitor};
 use mesh_core::identity::NodeKey;
-use mesh_core::node::{MetricsSource, Node, NodeConfig, RegistryAdmission, Role};
+use mesh_core::limits::Rate;
+use mesh_core::node::{MetricsSource, Node, NodeConfig, PairingLimits, RegistryAdmission, Role};
 use mesh_core::registry::{NewDevice, Registry, scopes};
 use mesh_core::storage::{MemoryStorage, SqliteStorage, Storage};
 use mesh_core::wire::{
@@ -203,8 +204,13 @@ fn main() {
             SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default()).unwrap(),
         );
         let transport = quic(&key, &store);
+        // Every worker pairs from 127.0.0.1, one after another.
         let config = NodeConfig::new(Role::Primary, "primary", "primary")
-            .heartbeat_interval(Duration::from_secs(1));
+            .heartbeat_interval(Duration::from_secs(1))
+            .pairing_limits(PairingLimits::default().rates(
+                Rate::per_second(1000.0, 1000),
+                Rate::per_second(1000.0, 1000),
+            ));
         let addr = transport.addr();
         let node = Node::builder(key, store, transport, config)
             .ledger(ledger)

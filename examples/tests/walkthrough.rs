@@ -338,6 +338,14 @@ fn a_worker_finds_the_primary_over_mdns_and_pairs() {
             "loopback",
         ],
     );
+    // "primary ID (FINGERPRINT)": the worker pins that fingerprint.
+    let banner = primary.wait_for("primary ");
+    let fingerprint = banner
+        .rsplit('(')
+        .next()
+        .unwrap()
+        .trim_end_matches(')')
+        .to_owned();
     primary.wait_for("workers connect with:");
     let worker = ns.start(
         env!("CARGO_BIN_EXE_worker"),
@@ -349,10 +357,14 @@ fn a_worker_finds_the_primary_over_mdns_and_pairs() {
             "loopback",
             "--name",
             "tablet",
+            "--primary-fingerprint",
+            &fingerprint,
         ],
     );
     let found = worker.wait_for("found ");
     assert!(found.contains("127.0.0.1:"), "{found}");
+    assert!(found.contains(&fingerprint), "{found}");
+    assert!(found.contains("(pinned)"), "{found}");
     let code = worker.pairing_code();
     // The admin socket is a file: meshctl reaches it from outside the namespace.
     let (rc, approved) = meshctl(&["pairing", "approve", &code, d[0], d[1], "--json"]);
@@ -362,4 +374,40 @@ fn a_worker_finds_the_primary_over_mdns_and_pairs() {
         v[0]["online"] == true
     });
     assert_eq!(devices[0]["name"], "tablet");
+}
+
+/// `--primary-fingerprint` pins the primary: a `--connect` naming another
+/// node is refused before any connection, and a malformed fingerprint is a
+/// usage error.
+#[test]
+fn a_worker_refuses_a_primary_that_is_not_the_pinned_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = "aaaa-bbbb-cccc-dddd";
+    let id = mesh_core::identity::NodeKey::generate().node_id();
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args([
+            "--data-dir",
+            p(&dir.path().join("w")),
+            "--connect",
+            &format!("{id}@127.0.0.1:9"),
+            "--primary-fingerprint",
+            other,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not aaaa-bbbb-cccc-dddd"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args([
+            "--data-dir",
+            p(&dir.path().join("w")),
+            "--primary-fingerprint",
+            "xyz",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("fingerprint"), "{stderr}");
 }

@@ -50,6 +50,9 @@ pub mod kinds {
     pub const PAIRING_REJECTED: &str = "pairing.rejected";
     /// A pairing request expired (or was voided by wrong codes).
     pub const PAIRING_EXPIRED: &str = "pairing.expired";
+    /// A pairing request was refused before it was stored (`reason`:
+    /// `rate_limited`, `too_many_pending`, `invalid_request`).
+    pub const PAIRING_REFUSED: &str = "pairing.refused";
     /// A device was unpaired.
     pub const DEVICE_UNPAIRED: &str = "device.unpaired";
     /// A device's token was rotated.

@@ -272,6 +272,38 @@ impl fmt::Display for Fingerprint {
     }
 }
 
+/// Why a string is not a fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "a fingerprint is 16 base32 characters (a-z, 2-7) in groups of 4, e.g. k3x9-a7bq-m2pd-zw4t"
+)]
+pub struct FingerprintError;
+
+/// Parses `abcd-efgh-ijkl-mnop` (dashes, spaces and colons optional, any case).
+impl FromStr for Fingerprint {
+    type Err = FingerprintError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() > 64 {
+            return Err(FingerprintError);
+        }
+        let text: String = s
+            .trim()
+            .chars()
+            .filter(|c| !matches!(c, '-' | ' ' | ':'))
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        let mut out = [0u8; FINGERPRINT_LEN];
+        if BASE32.decode_len(text.len()).ok() != Some(FINGERPRINT_LEN) {
+            return Err(FingerprintError);
+        }
+        BASE32
+            .decode_mut(text.as_bytes(), &mut out)
+            .map_err(|_| FingerprintError)?;
+        Ok(Fingerprint(out))
+    }
+}
+
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Fingerprint({self})")
@@ -630,6 +662,29 @@ mod tests {
     fn write_secret(path: &Path, data: &[u8]) {
         fs::write(path, data).unwrap();
         fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[test]
+    fn fingerprints_parse_back_in_any_usual_spelling() {
+        let fp = NodeKey::generate().node_id().fingerprint();
+        let text = fp.to_string();
+        assert_eq!(text.parse::<Fingerprint>(), Ok(fp));
+        assert_eq!(text.to_uppercase().parse::<Fingerprint>(), Ok(fp));
+        assert_eq!(text.replace('-', "").parse::<Fingerprint>(), Ok(fp));
+        assert_eq!(
+            format!(" {} ", text.replace('-', ":")).parse::<Fingerprint>(),
+            Ok(fp)
+        );
+        for bad in [
+            "",
+            "abcd",
+            &text[1..],
+            &format!("{text}a"),
+            "1111-1111-1111-1111",
+            &"a".repeat(100),
+        ] {
+            assert_eq!(bad.parse::<Fingerprint>(), Err(FingerprintError), "{bad:?}");
+        }
     }
 
     #[test]

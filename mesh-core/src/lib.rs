@@ -81,6 +81,7 @@ pub mod events;
 pub mod health;
 pub mod identity;
 pub mod ledger;
+pub mod limits;
 pub mod node;
 pub mod pairing;
 pub mod registry;

@@ -241,17 +241,25 @@ fn transcript(
 }
 
 /// HMAC-SHA256 under the PAKE key (HKDF-Expand is HMAC over `info || 0x01`).
-fn confirm_mac(key: &[u8], role: &[u8], transcript: &[u8]) -> [u8; 32] {
+/// The key-confirmation MAC of `role` over `transcript`, or `None` if it
+/// cannot be computed (a key too short for HKDF): callers then treat the
+/// confirmation as failed. It never falls back to a fixed value, which
+/// both sides could "agree" on without sharing a key.
+fn confirm_mac(key: &[u8], role: &[u8], transcript: &[u8]) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     let mut info = Vec::with_capacity(role.len() + transcript.len() + 32);
     info.extend_from_slice(b"mesh-sdk/pairing/confirm/v1/");
     info.extend_from_slice(role);
     info.extend_from_slice(transcript);
-    if let Ok(hk) = Hkdf::<Sha256>::from_prk(key) {
-        // 32 bytes never exceed HKDF's output limit.
-        let _ = hk.expand(&info, &mut out);
-    }
-    out
+    let hk = Hkdf::<Sha256>::from_prk(key).ok()?;
+    hk.expand(&info, &mut out).ok()?;
+    Some(out)
+}
+
+/// Whether `mac` is `role`'s confirmation under `key` (constant time;
+/// `false` whenever the MAC cannot be computed).
+fn mac_matches(key: &[u8], role: &[u8], transcript: &[u8], mac: &[u8; 32]) -> bool {
+    confirm_mac(key, role, transcript).is_some_and(|expected| bool::from(expected.ct_eq(mac)))
 }
 
 fn grant_aad(request: &MessageId, primary: &NodeId, device: &NodeId) -> Vec<u8> {
@@ -296,6 +304,9 @@ pub struct DevicePairing {
     last_a: Vec<u8>,
     confirmed: bool,
     expires_at: Timestamp,
+    /// Wrong challenges left before the device gives up (as the primary
+    /// does): a rogue primary cannot try codes without end.
+    attempts_left: u8,
 }
 
 impl fmt::Debug for DevicePairing {
@@ -339,6 +350,7 @@ impl DevicePairing {
             last_a: a,
             confirmed: false,
             expires_at: now.saturating_add(config.expiry),
+            attempts_left: config.max_attempts.max(1),
         };
         (session, msg)
     }
@@ -353,6 +365,12 @@ impl DevicePairing {
         self.request_id
     }
 
+    /// Wrong challenges the device still answers. At 0 the attempt is void
+    /// (the primary voids it after the same number of wrong codes).
+    pub fn attempts_left(&self) -> u8 {
+        self.attempts_left
+    }
+
     /// Handles a message from `from`. `key` is the device's node key (to open the grant).
     pub fn handle(
         &mut self,
@@ -363,6 +381,9 @@ impl DevicePairing {
     ) -> Result<DeviceStep, PairingError> {
         if now >= self.expires_at {
             return Err(PairingError::Expired);
+        }
+        if self.attempts_left == 0 {
+            return Err(PairingError::TooManyAttempts);
         }
         if from != self.primary {
             return Err(PairingError::WrongPeer {
@@ -391,16 +412,21 @@ impl DevicePairing {
                     .finish(&pake)
                     .ok()
                     .map(Zeroizing::new)
-                    .filter(|k| bool::from(confirm_mac(k, b"primary", &t).ct_eq(&mac)));
+                    .filter(|k| mac_matches(k, b"primary", &t, &mac))
+                    .and_then(|k| confirm_mac(&k, b"device", &t));
                 match matched {
-                    Some(k) => {
+                    Some(mac) => {
                         self.confirmed = true;
                         Ok(DeviceStep::Send(PairingMessage::Confirm {
                             request_id,
-                            mac: confirm_mac(&k, b"device", &t),
+                            mac,
                         }))
                     }
                     None => {
+                        // A wrong code, or a primary guessing codes: each
+                        // costs one of the device's attempts too; past the
+                        // last, every challenge is refused.
+                        self.attempts_left = self.attempts_left.saturating_sub(1);
                         let (a_id, b_id) = spake_identities(&self.me, &self.primary);
                         let (spake, a) =
                             Spake2::<Ed25519Group>::start_a(&password(&self.code), &a_id, &b_id);
@@ -568,6 +594,32 @@ impl PrimaryPairing {
         Ok(record)
     }
 
+    /// Forgets a request whose exchange ended (its connection closed): the
+    /// row goes, as does any attempt in flight. Approvals and rejections
+    /// stay in the ledger.
+    pub fn forget(&self, request_id: &str) -> Result<(), PairingError> {
+        self.attempts().remove(request_id);
+        self.store
+            .apply(&[PairingRequestRecord::delete(request_id)])?;
+        Ok(())
+    }
+
+    /// Forgets every stored request (at start: no exchange survives a
+    /// restart, so none of them can be approved). Returns how many went.
+    pub fn forget_all(&self) -> Result<usize, PairingError> {
+        self.attempts().clear();
+        let all = self.store.load_all::<PairingRequestRecord>()?;
+        if all.is_empty() {
+            return Ok(0);
+        }
+        let batch: Vec<_> = all
+            .iter()
+            .map(|r| PairingRequestRecord::delete(&r.request_id))
+            .collect();
+        self.store.apply(&batch)?;
+        Ok(all.len())
+    }
+
     /// Pending requests, expiring overdue ones first.
     pub fn pending(&self, now: Timestamp) -> Result<Vec<PairingRequestRecord>, PairingError> {
         self.expire_due(now)?;
@@ -657,7 +709,8 @@ impl PrimaryPairing {
                 .map_err(|e| PairingError::Invalid(format!("device PAKE message: {e:?}")))?,
         );
         let t = transcript(&rid, &r.device_node, &self.me, &r.device_pake, &b);
-        let mac = confirm_mac(&key, b"primary", &t);
+        let mac = confirm_mac(&key, b"primary", &t)
+            .ok_or_else(|| PairingError::Invalid("the PAKE key is unusable".into()))?;
         r.status = PairingStatus::Approved;
         self.store.apply(&[r.put()?])?;
         self.attempts()
@@ -736,9 +789,8 @@ impl PrimaryPairing {
             .ok_or(PairingError::Unexpected(
                 "no approval is in progress for this request",
             ))?;
-        let confirmed = confirm_mac_d.is_some_and(|mac| {
-            bool::from(confirm_mac(&attempt.key, b"device", &attempt.transcript).ct_eq(&mac))
-        });
+        let confirmed = confirm_mac_d
+            .is_some_and(|mac| mac_matches(&attempt.key, b"device", &attempt.transcript, &mac));
         if !confirmed {
             return Err(self.wrong_code(r, retry_pake, now)?);
         }

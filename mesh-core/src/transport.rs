@@ -143,6 +143,12 @@ pub trait Connection: Send + Sync + fmt::Debug {
     /// The protocol this connection carries.
     fn protocol(&self) -> Protocol;
 
+    /// Where the peer connects from, if the transport knows (for limits per
+    /// source address; never for authentication).
+    fn remote_addr(&self) -> Option<PeerAddr> {
+        None
+    }
+
     /// Sends one message. Waits while the peer's buffer is full (backpressure).
     async fn send(&self, message: Vec<u8>) -> Result<(), TransportError>;
 

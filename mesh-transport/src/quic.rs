@@ -848,6 +848,10 @@ impl Connection for QuicConnection {
         self.remote
     }
 
+    fn remote_addr(&self) -> Option<PeerAddr> {
+        Some(PeerAddr::Socket(self.conn.remote_address()))
+    }
+
     fn protocol(&self) -> Protocol {
         self.protocol
     }

@@ -2,8 +2,13 @@
 //!
 //! ```text
 //! worker [--data-dir DIR] (--connect NODE_ID@ADDR | --mdns) [--interface all|loopback|NAME]
-//!        [--name NAME] [--json]
+//!        [--primary-fingerprint FP] [--name NAME] [--json]
 //! ```
+//!
+//! With `--mdns` it prints the name and fingerprint of the primary it
+//! found. Anyone on the network can advertise a primary; pass
+//! `--primary-fingerprint` (as `primary` prints it) to pair only with that
+//! one. A wrong primary gets 5 guesses of the code at most either way.
 //!
 //! On first start it asks the primary to pair and prints the 6-digit code to
 //! type on the primary (`meshctl pairing approve CODE`); once paired it keeps
@@ -19,7 +24,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use mesh_core::discovery::Discovery;
-use mesh_core::identity::NodeId;
+use mesh_core::identity::{Fingerprint, NodeId};
 use mesh_core::node::{CommandHandler, FnHandler, MetricsSource, Node, NodeConfig, Role};
 use mesh_core::transport::PeerAddr;
 use mesh_examples::{metrics::SystemMetrics, setup};
@@ -42,6 +47,10 @@ struct Args {
     /// mDNS interfaces: all, loopback, or an interface name.
     #[arg(long, default_value = "all")]
     interface: Interfaces,
+    /// Pair only with the primary of this fingerprint (as the primary
+    /// prints it, e.g. k3x9-a7bq-m2pd-zw4t).
+    #[arg(long)]
+    primary_fingerprint: Option<Fingerprint>,
     /// Display name.
     #[arg(long, default_value = "mesh worker")]
     name: String,
@@ -65,7 +74,16 @@ async fn find_primary(
     node: &Node,
     store: Arc<dyn mesh_core::storage::Storage>,
 ) -> Result<(NodeId, PeerAddr), String> {
+    let pinned = args.primary_fingerprint;
     if let Some(peer) = &args.connect {
+        if let Some(fp) = pinned
+            && peer.node.fingerprint() != fp
+        {
+            return Err(format!(
+                "the node in --connect has fingerprint {}, not {fp}",
+                peer.node.fingerprint()
+            ));
+        }
         let addr = peer.addresses.first().ok_or("no address")?;
         return Ok((peer.node, PeerAddr::Socket(*addr)));
     }
@@ -80,18 +98,39 @@ async fn find_primary(
     )
     .map_err(|e| e.to_string())?;
     println!("looking for a primary over mDNS…");
+    let mut ignored = std::collections::HashSet::new();
     for _ in 0..30 {
         let found = mdns
             .discover(Duration::from_secs(1))
             .await
             .map_err(|e| e.to_string())?;
-        if let Some(n) = found.iter().find(|n| !n.addresses.is_empty()) {
+        for n in &found {
+            if let Some(fp) = pinned
+                && n.node.fingerprint() != fp
+                && ignored.insert(n.node)
+            {
+                println!(
+                    "ignoring {} ({}): not the pinned primary {fp}",
+                    n.name,
+                    n.node.fingerprint()
+                );
+            }
+        }
+        let wanted = |n: &&mesh_core::storage::records::DiscoveredNodeRecord| {
+            !n.addresses.is_empty() && pinned.is_none_or(|fp| n.node.fingerprint() == fp)
+        };
+        if let Some(n) = found.iter().find(wanted) {
             let addr = n
                 .addresses
                 .iter()
                 .find(|a| a.is_ipv4())
                 .unwrap_or(&n.addresses[0]);
-            println!("found {} ({}) at {addr}", n.name, n.node.fingerprint());
+            println!(
+                "found primary {:?} fingerprint {} at {addr}{}",
+                n.name,
+                n.node.fingerprint(),
+                if pinned.is_some() { " (pinned)" } else { "" }
+            );
             return Ok((n.node, PeerAddr::Socket(*addr)));
         }
     }

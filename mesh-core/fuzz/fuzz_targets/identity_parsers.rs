@@ -1,9 +1,9 @@
-//! Arbitrary input into the node id, key file and sealed box parsers.
+//! Arbitrary input into the node id, fingerprint, key file and sealed box parsers.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use mesh_core::crypto::{SealedBox, open};
-use mesh_core::identity::{NodeId, NodeKey};
+use mesh_core::identity::{Fingerprint, NodeId, NodeKey};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data)
@@ -11,6 +11,11 @@ fuzz_target!(|data: &[u8]| {
     {
         // Whatever parses prints back to something that parses to the same id.
         assert_eq!(id.to_string().parse::<NodeId>().ok(), Some(id));
+    }
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(fp) = text.parse::<Fingerprint>()
+    {
+        assert_eq!(fp.to_string().parse::<Fingerprint>().ok(), Some(fp));
     }
     let _ = NodeKey::from_pem(data);
     if let Ok(sealed) = SealedBox::from_bytes(data) {

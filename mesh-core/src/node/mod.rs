@@ -97,6 +97,71 @@ pub struct NodeConfig {
     pub reconnect_max: Duration,
     /// Pairing settings.
     pub pairing: PairingConfig,
+    /// Bounds on pairing requests (primary).
+    pub pairing_limits: PairingLimits,
+}
+
+/// How much pairing traffic a primary takes: anyone on the network may ask
+/// to pair, so every request is bounded before it costs a stored row.
+///
+/// A request is refused (closed at once, `pairing.refused` with a `reason`,
+/// counted in [`NodeStats::pairing_refused`]) when the global or the source
+/// address's rate is exceeded (`rate_limited`), or when as many requests as
+/// allowed are already waiting (`too_many_pending`) in all or from that
+/// address. A key has at most one live request: a new one from the same key
+/// replaces the old. A request lives only as long as its connection (the
+/// device must be connected to be approved); its row is removed when the
+/// connection ends, for any reason, and rows left by a crash are removed at
+/// start, so the table holds at most `max_pending` rows. The ledger keeps
+/// the record of approvals and rejections.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct PairingLimits {
+    /// Requests waiting at once, from everyone. Default 32.
+    pub max_pending: usize,
+    /// Requests waiting at once from one source address. Default 4.
+    pub max_pending_per_address: usize,
+    /// New requests accepted, from everyone. Default 10/s, burst 20.
+    pub rate: crate::limits::Rate,
+    /// New requests accepted from one source address. Default 1/s, burst 5.
+    pub rate_per_address: crate::limits::Rate,
+    /// A pairing connection with no message for this long is closed (the
+    /// device must ask again). Default 5 minutes.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PairingLimits {
+    fn default() -> Self {
+        PairingLimits {
+            max_pending: 32,
+            max_pending_per_address: 4,
+            rate: crate::limits::Rate::per_second(10.0, 20),
+            rate_per_address: crate::limits::Rate::per_second(1.0, 5),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl PairingLimits {
+    /// Sets the caps on waiting requests (all, per address).
+    pub fn max_pending(mut self, all: usize, per_address: usize) -> Self {
+        self.max_pending = all.max(1);
+        self.max_pending_per_address = per_address.max(1);
+        self
+    }
+
+    /// Sets the rates of new requests (all, per address).
+    pub fn rates(mut self, all: crate::limits::Rate, per_address: crate::limits::Rate) -> Self {
+        self.rate = all;
+        self.rate_per_address = per_address;
+        self
+    }
+
+    /// Sets the idle deadline of a pairing connection.
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle;
+        self
+    }
 }
 
 impl NodeConfig {
@@ -112,7 +177,14 @@ impl NodeConfig {
             reconnect_base: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             pairing: PairingConfig::default(),
+            pairing_limits: PairingLimits::default(),
         }
+    }
+
+    /// Sets the bounds on pairing requests.
+    pub fn pairing_limits(mut self, limits: PairingLimits) -> Self {
+        self.pairing_limits = limits;
+        self
     }
 
     /// Sets the heartbeat interval.
@@ -569,6 +641,7 @@ impl NodeBuilder {
 pub(crate) struct Stats {
     heartbeats_sent: std::sync::atomic::AtomicU64,
     heartbeats_received: std::sync::atomic::AtomicU64,
+    pairing_refused: std::sync::atomic::AtomicU64,
     timings: Option<Mutex<Vec<u32>>>,
 }
 
@@ -599,6 +672,8 @@ pub struct NodeStats {
     pub heartbeats_sent: u64,
     /// Heartbeats the primary processed.
     pub heartbeats_received: u64,
+    /// Pairing requests refused by [`PairingLimits`] (rate or caps).
+    pub pairing_refused: u64,
     /// Per-heartbeat processing times on the primary, nanoseconds (only
     /// with [`NodeBuilder::record_timings`]; at most 2^20 kept).
     pub heartbeat_nanos: Vec<u32>,
@@ -855,6 +930,7 @@ impl Node {
             heartbeats_received: s
                 .heartbeats_received
                 .load(std::sync::atomic::Ordering::Relaxed),
+            pairing_refused: s.pairing_refused.load(std::sync::atomic::Ordering::Relaxed),
             heartbeat_nanos: s
                 .timings
                 .as_ref()

@@ -13,6 +13,7 @@ use super::link::{SessionRef, pre_auth_guard};
 use super::{Inner, Node, NodeError, Role, lock};
 use crate::events::kinds;
 use crate::identity::NodeId;
+use crate::limits::{KeyedLimiter, TokenBucket};
 use crate::pairing::{PairingCode, PairingError};
 use crate::registry::{AuthError, scopes};
 use crate::storage::records::{DeviceRecord, PairingRequestRecord};
@@ -20,11 +21,14 @@ use crate::transport::{Connection, Protocol, TransportError};
 use crate::wire::{
     CommandOutcome, CommandResult, HealthMetrics, JsonText, PairingMessage, Payload, SessionMessage,
 };
+use std::sync::atomic::Ordering;
 
 /// A device waiting in pairing, and whoever waits for its answer.
 struct Waiter {
     conn: Arc<dyn Connection>,
     node: NodeId,
+    /// Where it connects from (for the per-address cap).
+    source: Option<String>,
     answer: Option<oneshot::Sender<Result<DeviceRecord, PairingError>>>,
 }
 
@@ -34,6 +38,14 @@ pub(crate) struct State {
     /// Each device's latest heartbeat metrics (the policy's power context).
     pub(super) metrics: Mutex<HashMap<NodeId, HealthMetrics>>,
     pairings: Mutex<HashMap<String, Waiter>>,
+    /// Rates of new pairing requests (made at the first request).
+    pairing_rates: Mutex<Option<PairingRates>>,
+}
+
+/// The token buckets of new pairing requests.
+struct PairingRates {
+    all: TokenBucket,
+    per_source: KeyedLimiter<String>,
 }
 
 /// A paired device with its liveness and health.
@@ -51,6 +63,9 @@ pub struct DeviceView {
 
 pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
     super::actions::load_policies(inner)?;
+    // Requests left by a crash cannot be approved (their devices are no
+    // longer connected): the table starts empty.
+    inner.pairing.forget_all()?;
     for transport in inner.transports.clone() {
         accept_on(inner, transport);
     }
@@ -108,8 +123,68 @@ fn auth_code(e: &AuthError) -> &'static str {
     }
 }
 
+/// The source of a connection for per-address limits: its IP address
+/// (any port), or the transport's own name for it.
+fn source_of(conn: &dyn Connection) -> Option<String> {
+    match conn.remote_addr()? {
+        crate::transport::PeerAddr::Socket(a) => Some(a.ip().to_string()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Why a new pairing request is refused before it costs anything, if it is.
+fn pairing_admission(inner: &Inner, source: Option<&str>) -> Option<&'static str> {
+    let limits = &inner.config.pairing_limits;
+    let now = inner.now();
+    let waiting = lock(&inner.primary.pairings);
+    if waiting.len() >= limits.max_pending {
+        return Some("too_many_pending");
+    }
+    if let Some(src) = source {
+        let from_source = waiting
+            .values()
+            .filter(|w| w.source.as_deref() == Some(src))
+            .count();
+        if from_source >= limits.max_pending_per_address {
+            return Some("too_many_pending");
+        }
+    }
+    drop(waiting);
+    let mut rates = lock(&inner.primary.pairing_rates);
+    let rates = rates.get_or_insert_with(|| PairingRates {
+        all: TokenBucket::new(limits.rate, now),
+        // Bounded: at most this many source addresses remembered.
+        per_source: KeyedLimiter::new(limits.rate_per_address, 4096),
+    });
+    if let Some(src) = source
+        && !rates.per_source.try_take(&src.to_owned(), now)
+    {
+        return Some("rate_limited");
+    }
+    if !rates.all.try_take(now) {
+        return Some("rate_limited");
+    }
+    None
+}
+
+fn refuse_pairing(inner: &Inner, conn: &dyn Connection, reason: &str, error: Option<String>) {
+    inner.stats.pairing_refused.fetch_add(1, Ordering::Relaxed);
+    inner.events.publish(
+        kinds::PAIRING_REFUSED,
+        inner.now(),
+        json!({ "node": conn.remote_node().to_string(), "reason": reason, "error": error }),
+    );
+    conn.close();
+}
+
 async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
     let from = conn.remote_node();
+    let source = source_of(conn.as_ref());
+    // Bounded before anything is read, verified or stored.
+    if let Some(reason) = pairing_admission(inner, source.as_deref()) {
+        refuse_pairing(inner, conn.as_ref(), reason, None);
+        return;
+    }
     // This connection's own replay state: an unauthenticated key touches
     // nothing that paired devices use.
     let guard = pre_auth_guard();
@@ -127,29 +202,51 @@ async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
     };
     let rid = request_id.to_string();
     // Waiting before the request is announced, so an approval can find it.
-    lock(&inner.primary.pairings).insert(
-        rid.clone(),
-        Waiter {
-            conn: conn.clone(),
-            node: from,
-            answer: None,
-        },
-    );
+    // One live request per key: a new one replaces the old.
+    let replaced = {
+        let mut waiting = lock(&inner.primary.pairings);
+        if waiting.len() >= inner.config.pairing_limits.max_pending {
+            drop(waiting);
+            refuse_pairing(inner, conn.as_ref(), "too_many_pending", None);
+            return;
+        }
+        let old: Vec<String> = waiting
+            .iter()
+            .filter(|(_, w)| w.node == from)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let replaced: Vec<Waiter> = old.iter().filter_map(|id| waiting.remove(id)).collect();
+        waiting.insert(
+            rid.clone(),
+            Waiter {
+                conn: conn.clone(),
+                node: from,
+                source: source.clone(),
+                answer: None,
+            },
+        );
+        replaced
+    };
+    for w in replaced {
+        w.conn.close();
+    }
     if let Err(e) = inner.pairing.on_request(from, request, inner.now()) {
         lock(&inner.primary.pairings).remove(&rid);
-        inner.events.publish(
-            "pairing.refused",
-            inner.now(),
-            json!({ "node": from.to_string(), "error": e.to_string() }),
-        );
-        conn.close();
+        refuse_pairing(inner, conn.as_ref(), "invalid_request", Some(e.to_string()));
         return;
     }
+    let idle = inner.config.pairing_limits.idle_timeout;
     loop {
-        let msg = match inner.link.recv(conn.as_ref(), &guard, || inner.now()).await {
-            Ok(Payload::Pairing(m)) => m,
-            // Anything else on a pairing connection breaks the protocol.
-            Ok(_) | Err(_) => break,
+        let msg = match tokio::time::timeout(
+            idle,
+            inner.link.recv(conn.as_ref(), &guard, || inner.now()),
+        )
+        .await
+        {
+            Ok(Ok(Payload::Pairing(m))) => m,
+            // Anything else on a pairing connection breaks the protocol;
+            // silence past the idle deadline ends it too.
+            Ok(Ok(_) | Err(_)) | Err(_) => break,
         };
         let result = inner.pairing.on_message(from, msg, inner.now());
         let answer = lock(&inner.primary.pairings)
@@ -187,6 +284,14 @@ async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
     }
     lock(&inner.primary.pairings).remove(&rid);
     conn.close();
+    // The request cannot be approved without its connection: its row goes.
+    if let Err(e) = inner.pairing.forget(&rid) {
+        inner.events.publish(
+            "pairing.prune_failed",
+            inner.now(),
+            json!({ "request_id": rid, "error": e.to_string() }),
+        );
+    }
 }
 
 async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {

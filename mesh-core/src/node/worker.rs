@@ -14,7 +14,7 @@ use super::link::{SessionRef, pre_auth_guard};
 use super::primary::run_handler;
 use super::{AbortOnDrop, Inner, Node, NodeError, Role, lock};
 use crate::identity::NodeId;
-use crate::pairing::{DeviceInfo, DevicePairing, DeviceStep};
+use crate::pairing::{DeviceInfo, DevicePairing, DeviceStep, PairingError};
 use crate::storage::StorageExt;
 use crate::storage::records::PrimaryLinkRecord;
 use crate::transport::{Connection, PeerAddr, Protocol, TransportError};
@@ -465,6 +465,11 @@ impl Node {
                             .await
                         {
                             break Err(e);
+                        }
+                        if session.attempts_left() == 0 {
+                            // The primary voids it too; a rogue one gets no
+                            // further guesses.
+                            break Err(PairingError::TooManyAttempts.into());
                         }
                     }
                     Ok(DeviceStep::Paired(grant)) => {

@@ -464,3 +464,72 @@ fn codes_are_six_digits_and_never_debug_printed() {
         assert!(PairingCode::parse(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn key_confirmation_fails_closed_when_the_mac_cannot_be_computed() {
+    // HKDF refuses a pseudo-random key shorter than its hash: no MAC, and
+    // no all-zero MAC that both sides would "agree" on.
+    assert!(confirm_mac(&[7u8; 8], b"device", b"transcript").is_none());
+    assert!(!mac_matches(
+        &[7u8; 8],
+        b"device",
+        b"transcript",
+        &[0u8; 32]
+    ));
+    let good = confirm_mac(&[7u8; 32], b"device", b"transcript").unwrap();
+    assert!(mac_matches(&[7u8; 32], b"device", b"transcript", &good));
+    assert!(!mac_matches(&[7u8; 32], b"primary", b"transcript", &good));
+}
+
+#[test]
+fn a_rogue_primary_gets_five_wrong_challenges_and_no_more() {
+    // A primary that does not void requests (the first mDNS advertiser a
+    // worker finds, say) trying code after code.
+    let s = setup();
+    let rogue = PrimaryPairing::new(
+        s.primary_key.node_id(),
+        s.store.clone(),
+        s.registry.clone(),
+        s.events.clone(),
+        PairingConfig {
+            max_attempts: 200,
+            ..PairingConfig::default()
+        },
+    );
+    let primary = s.primary_key.node_id();
+    let (key, mut dev, request) = device(9, primary);
+    rogue.on_request(key.node_id(), request, T0).unwrap();
+    let rid = dev.request_id().to_string();
+    let mut mismatches = 0;
+    for guess in 0..20u32 {
+        let code = PairingCode::parse(&format!("{guess:06}")).unwrap();
+        if code.as_str() == dev.code().as_str() {
+            continue;
+        }
+        let (_, challenge) = rogue.approve(&rid, &code, T0).unwrap();
+        match dev.handle(primary, challenge, &key, T0) {
+            Ok(DeviceStep::CodeMismatch(retry)) => {
+                mismatches += 1;
+                assert!(matches!(
+                    rogue.on_message(key.node_id(), retry, T0),
+                    Err(PairingError::InvalidCode { .. })
+                ));
+            }
+            Err(PairingError::TooManyAttempts) => {
+                assert_eq!(mismatches, 5, "five wrong challenges void the attempt");
+                assert_eq!(dev.attempts_left(), 0);
+                // And it stays void, whatever comes next.
+                let (_, again) = rogue
+                    .approve(&rid, &PairingCode::parse(dev.code().as_str()).unwrap(), T0)
+                    .unwrap();
+                assert!(matches!(
+                    dev.handle(primary, again, &key, T0),
+                    Err(PairingError::TooManyAttempts)
+                ));
+                return;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    panic!("the device kept answering a rogue primary");
+}

@@ -7,14 +7,17 @@ use std::time::{Duration, Instant};
 use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::events::Received;
 use mesh_core::identity::NodeKey;
-use mesh_core::node::{FnHandler, Node, NodeConfig, NodeError, Role};
+use mesh_core::limits::Rate;
+use mesh_core::node::{FnHandler, Node, NodeConfig, NodeError, PairingLimits, Role};
 use mesh_core::pairing::{DeviceInfo, DevicePairing, PairingConfig};
-use mesh_core::storage::{MemoryStorage, Storage};
-use mesh_core::transport::{Protocol, Transport};
+use mesh_core::storage::records::PairingRequestRecord;
+use mesh_core::storage::{MemoryStorage, Storage, StorageExt};
+use mesh_core::transport::{Connection, Protocol, Transport};
 use mesh_core::wire::{Ack, Destination, Envelope, Payload, Platform};
+use mesh_transport::quic::QuicTransport;
 use serde_json::json;
 
-use crate::node_e2e::{pair, primary, quic, worker};
+use crate::node_e2e::{pair, primary, primary_with, quic, worker};
 
 /// Envelopes the flood sends at most, and how long it may take.
 const FLOOD_MESSAGES: usize = 80_000;
@@ -162,4 +165,122 @@ async fn a_pending_command_fails_at_once_when_the_session_drops() {
         Err(NodeError::Command { code, .. }) => assert_eq!(code, "connection_lost"),
         other => panic!("expected connection_lost, got {other:?}"),
     }
+}
+
+/// Opens a pairing connection with a fresh key and sends a request;
+/// returns the transport and the connection (kept open).
+async fn ask_to_pair(p: &crate::node_e2e::Primary) -> (Arc<QuicTransport>, Box<dyn Connection>) {
+    let key = Arc::new(NodeKey::generate());
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let transport = quic(&key, &store);
+    let conn = transport
+        .connect(p.node.node_id(), &p.addr, Protocol::Pairing)
+        .await
+        .unwrap();
+    let now = SystemClock.now();
+    let info = DeviceInfo {
+        device_id: format!("hw-{}", key.node_id()),
+        name: "asker".into(),
+        platform: Platform::Android,
+    };
+    let (_, request) = DevicePairing::start(
+        key.node_id(),
+        p.node.node_id(),
+        info,
+        now,
+        &PairingConfig::default(),
+    );
+    let frame = Envelope::new(
+        key.node_id(),
+        Destination::Node(p.node.node_id()),
+        now,
+        Payload::Pairing(request),
+    )
+    .sign(&key)
+    .unwrap()
+    .to_frame()
+    .unwrap();
+    let _ = conn.send(frame).await;
+    (transport, conn)
+}
+
+fn stored_requests(p: &crate::node_e2e::Primary) -> usize {
+    p.store.load_all::<PairingRequestRecord>().unwrap().len()
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Defect 2: pending requests are capped (globally and per address), new
+/// ones rate-limited, and a request's row lives only as long as its
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairing_requests_are_capped_rate_limited_and_pruned() {
+    // Per address: at most 3 waiting, 100/s. Globally: 4 ever (no refill).
+    let p = primary_with(|c| {
+        c.pairing_limits(
+            PairingLimits::default()
+                .max_pending(32, 3)
+                .rates(Rate::per_second(0.0, 4), Rate::per_second(100.0, 100)),
+        )
+    });
+    let mut open = Vec::new();
+    for _ in 0..10 {
+        open.push(ask_to_pair(&p).await);
+    }
+    wait_until("the requests to be decided", || {
+        p.node.stats().pairing_refused + stored_requests(&p) as u64 >= 10
+    })
+    .await;
+    // 127.0.0.1 may keep 3 requests waiting; the other 7 were refused.
+    assert_eq!(p.node.pending_pairings().unwrap().len(), 3);
+    assert_eq!(stored_requests(&p), 3);
+    assert_eq!(p.node.stats().pairing_refused, 7);
+
+    // Closing the connections prunes the rows (nothing can approve them).
+    for (_, conn) in &open {
+        conn.close();
+    }
+    wait_until("the rows to be pruned", || stored_requests(&p) == 0).await;
+
+    // The global bucket: the 3 stored took 3 tokens (the 7 over the cap
+    // were refused before it); one more request gets the last token, the
+    // next is rate-limited although nothing is waiting.
+    let (_t, conn) = ask_to_pair(&p).await;
+    wait_until("the request to be stored", || stored_requests(&p) == 1).await;
+    conn.close();
+    wait_until("the row to be pruned", || stored_requests(&p) == 0).await;
+    let refused_before = p.node.stats().pairing_refused;
+    let (_t, conn) = ask_to_pair(&p).await;
+    wait_until("the refusal", || {
+        p.node.stats().pairing_refused > refused_before
+    })
+    .await;
+    assert!(conn.recv().await.is_err(), "a refused connection is closed");
+    assert_eq!(stored_requests(&p), 0);
+}
+
+/// Defect 2: one live request per key (a new one replaces the old), and a
+/// pairing connection that goes silent is closed at its idle deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_pairing_connection_is_closed_and_its_row_removed() {
+    let p = primary_with(|c| {
+        c.pairing_limits(
+            PairingLimits::default()
+                .rates(Rate::per_second(100.0, 100), Rate::per_second(100.0, 100))
+                .idle_timeout(Duration::from_millis(300)),
+        )
+    });
+    let (_t, conn) = ask_to_pair(&p).await;
+    wait_until("the request to be stored", || stored_requests(&p) == 1).await;
+    // Silence: the primary closes the connection and forgets the request.
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.recv()).await;
+    assert!(matches!(closed, Ok(Err(_))), "{closed:?}");
+    wait_until("the row to go", || stored_requests(&p) == 0).await;
+    assert!(p.node.pending_pairings().unwrap().is_empty());
 }

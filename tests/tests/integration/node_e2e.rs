@@ -9,8 +9,10 @@ use std::time::Duration;
 use mesh_core::clock::Timestamp;
 use mesh_core::identity::{NodeId, NodeKey};
 use mesh_core::ledger::record_types;
+use mesh_core::limits::Rate;
 use mesh_core::node::{
-    CommandPolicy, FnHandler, Node, NodeConfig, NodeError, Permit, RegistryAdmission, Role, Verdict,
+    CommandPolicy, FnHandler, Node, NodeConfig, NodeError, PairingLimits, Permit,
+    RegistryAdmission, Role, Verdict,
 };
 use mesh_core::pairing::PairingError;
 use mesh_core::registry::{AuthError, Registry, scopes};
@@ -62,6 +64,12 @@ pub(crate) fn quic(key: &Arc<NodeKey>, store: &Arc<dyn Storage>) -> Arc<QuicTran
 }
 
 pub(crate) fn primary() -> Primary {
+    primary_with(|config| config)
+}
+
+/// A primary whose configuration `adjust` changes. Every device of these
+/// tests connects from 127.0.0.1, so the per-address pairing rate is raised.
+pub(crate) fn primary_with(adjust: impl FnOnce(NodeConfig) -> NodeConfig) -> Primary {
     let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
     let key = Arc::new(NodeKey::generate());
     let ledger =
@@ -70,8 +78,12 @@ pub(crate) fn primary() -> Primary {
     let addr = transport.addr();
     let config = NodeConfig::new(Role::Primary, "Studio", "primary-1")
         .heartbeat_interval(Duration::from_millis(100))
-        .command_timeout(Duration::from_secs(5));
-    let node = Node::builder(key.clone(), store.clone(), transport, config)
+        .command_timeout(Duration::from_secs(5))
+        .pairing_limits(PairingLimits::default().rates(
+            Rate::per_second(1000.0, 1000),
+            Rate::per_second(1000.0, 1000),
+        ));
+    let node = Node::builder(key.clone(), store.clone(), transport, adjust(config))
         .ledger(ledger)
         .policy(Arc::new(NotesOnly))
         .handler(
