@@ -6,10 +6,14 @@
 #
 #   mesh-ffi/bindgen.sh [--release] [OUT]    (--release: target/release-ffi, LTO)
 #
+# Honours CARGO_TARGET_DIR (default: target/ in the workspace).
+#
 # Generation reads the metadata UniFFI embeds in the library, so the library
 # must keep its symbols (the release profile strips debuginfo only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Cargo reads a relative CARGO_TARGET_DIR from here too.
+target="${CARGO_TARGET_DIR:-target}"
 
 profile=debug
 cargo_profile=()
@@ -19,8 +23,8 @@ if [ "${1:-}" = "--release" ]; then
     cargo_profile=(--profile release-ffi)
     shift
 fi
-out="${1:-target/bindings}"
-lib="target/$profile/libmesh_ffi.so"
+out="${1:-$target/bindings}"
+lib="$target/$profile/libmesh_ffi.so"
 
 # The library (cdylib + staticlib), then the generators: separate builds,
 # since building only the binaries skips the cdylib.
@@ -29,9 +33,9 @@ cargo build --locked -p mesh-ffi --features cli --bins
 
 rm -rf "$out"
 mkdir -p "$out/swift"
-target/debug/uniffi-bindgen generate --no-format --library "$lib" -l kotlin -l python -o "$out"
+"$target/debug/uniffi-bindgen" generate --no-format --library "$lib" -l kotlin -l python -o "$out"
 cp "$lib" "$out/"
-target/debug/uniffi-bindgen-swift --swift-sources --headers --modulemap \
+"$target/debug/uniffi-bindgen-swift" --swift-sources --headers --modulemap \
     --module-name mesh_ffiFFI --modulemap-filename module.modulemap "$lib" "$out/swift"
 echo "bindings in $out:"
 find "$out" -type f | sort

@@ -11,8 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-tools="$root/target/tools"
-out="$root/target/bindings"
+# Honours CARGO_TARGET_DIR (relative to the workspace, as cargo reads it here).
+target="${CARGO_TARGET_DIR:-target}"
+case "$target" in /*) ;; *) target="$root/$target" ;; esac
+tools="$target/tools"
+out="$target/bindings"
 kotlinc_version=2.4.20
 
 need_apt=()
@@ -66,7 +69,7 @@ contract=$(sed -n 's/.*let bindings_contract_version = \([0-9]*\).*/\1/p' "$sw/m
 checksum=$(sed -n 's/.*uniffi_mesh_ffi_checksum_method_meshnode_node_id() != \([0-9]*\).*/\1/p' "$sw/mesh_ffi.swift")
 cargo build --locked -q -p mesh-ffi --lib
 if clang -I"$sw" -DEXPECTED_CONTRACT="$contract" -DEXPECTED_CHECKSUM="$checksum" \
-    mesh-ffi/tests/c/abi_check.c target/debug/libmesh_ffi.a \
+    mesh-ffi/tests/c/abi_check.c "$target/debug/libmesh_ffi.a" \
     -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o "$sw/abi_check"; then
     "$sw/abi_check" || failed=1
 else

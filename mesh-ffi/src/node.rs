@@ -242,11 +242,10 @@ impl MeshNode {
             builder = builder.handler(name, Arc::new(bridge));
         }
         let mdns = if self.options.mdns {
-            let interfaces: Interfaces = self
-                .options
-                .mdns_interface
-                .parse()
-                .unwrap_or(Interfaces::All);
+            // Checked in `new`: a bad value never widens to all interfaces.
+            let interfaces: Interfaces = self.options.mdns_interface.parse().map_err(
+                |e: mesh_transport::mdns::InterfacesError| MeshError::invalid(e.to_string()),
+            )?;
             let mdns =
                 MdnsDiscovery::start_for_node(key.node_id(), interfaces, store.clone(), events)
                     .map_err(|e| MeshError::Network {
@@ -305,6 +304,10 @@ impl MeshNode {
         if options.data_dir.is_empty() {
             return Err(MeshError::invalid("data_dir is empty"));
         }
+        options
+            .mdns_interface
+            .parse::<Interfaces>()
+            .map_err(|e| MeshError::invalid(e.to_string()))?;
         let dir = DataDir::open(&options.data_dir)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -801,6 +804,16 @@ mod tests {
             MeshNode::new(o),
             Err(MeshError::InvalidInput { .. })
         ));
+        // A bad interface is refused, never widened to all interfaces.
+        for bad in ["", "eth0;rm -rf", "wl an0"] {
+            let mut o = options(&dir);
+            o.mdns = true;
+            o.mdns_interface = bad.into();
+            assert!(
+                matches!(MeshNode::new(o), Err(MeshError::InvalidInput { .. })),
+                "{bad:?}"
+            );
+        }
         assert!(!dir.exists(), "nothing is written for refused options");
     }
 

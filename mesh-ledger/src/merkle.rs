@@ -261,8 +261,9 @@ pub fn verify_consistency(
         return proof.is_empty() && old_root == new_root;
     }
     if old_size == 0 {
-        // Every tree extends the empty one.
-        return proof.is_empty();
+        // Every tree extends the empty one, whose root is fixed: a claimed
+        // "empty" tree with any other root is not the empty tree.
+        return proof.is_empty() && *old_root == empty_root();
     }
     let Some((first, rest)) = proof.split_first() else {
         return false;
@@ -417,6 +418,16 @@ mod tests {
             }
             assert!(t.inclusion_proof(size, size).is_err());
         }
+    }
+
+    #[test]
+    fn an_empty_old_tree_must_have_the_empty_root() {
+        let t = tree(5);
+        let new_root = t.root_at(5).unwrap();
+        assert!(verify_consistency(0, &empty_root(), 5, &new_root, &[]));
+        // Any other "old root" for size 0 is a lie about the old tree.
+        assert!(!verify_consistency(0, &leaf_hash(b"x"), 5, &new_root, &[]));
+        assert!(!verify_consistency(0, &new_root, 5, &new_root, &[]));
     }
 
     #[test]

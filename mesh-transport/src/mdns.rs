@@ -50,16 +50,43 @@ pub enum Interfaces {
     Named(Vec<String>),
 }
 
-impl std::str::FromStr for Interfaces {
-    type Err = std::convert::Infallible;
+/// Why a text is not an interface selection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid mDNS interface {given:?}: say all, loopback, or interface names separated by commas (letters, digits, . _ - : @; at most 64 each)"
+)]
+pub struct InterfacesError {
+    /// What was given.
+    pub given: String,
+}
 
-    /// `all`, `loopback`, or an interface name (as the binaries' and the
-    /// bindings' `--interface` options take it).
+impl std::str::FromStr for Interfaces {
+    type Err = InterfacesError;
+
+    /// `all`, `loopback`, or interface names separated by commas (as the
+    /// binaries' and the bindings' `--interface` options take it). Anything
+    /// else, the empty text included, is refused: a typo never widens to
+    /// every interface.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "all" | "" => Interfaces::All,
+        let refuse = || InterfacesError {
+            given: s.chars().take(80).collect(),
+        };
+        Ok(match s.trim() {
+            "all" => Interfaces::All,
             "loopback" | "lo" => Interfaces::Loopback,
-            name => Interfaces::Named(vec![name.to_owned()]),
+            names => {
+                let names: Vec<String> = names.split(',').map(|n| n.trim().to_owned()).collect();
+                let valid = |n: &String| {
+                    !n.is_empty()
+                        && n.len() <= 64
+                        && n.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "._-:@".contains(c))
+                };
+                if names.is_empty() || !names.iter().all(valid) {
+                    return Err(refuse());
+                }
+                Interfaces::Named(names)
+            }
         })
     }
 }
@@ -363,6 +390,19 @@ mod tests {
     use mesh_core::identity::NodeKey;
 
     use super::*;
+
+    #[test]
+    fn interface_selections_parse_strictly() {
+        assert_eq!("all".parse::<Interfaces>(), Ok(Interfaces::All));
+        assert_eq!("loopback".parse::<Interfaces>(), Ok(Interfaces::Loopback));
+        assert_eq!(
+            "en0, wlan0".parse::<Interfaces>(),
+            Ok(Interfaces::Named(vec!["en0".into(), "wlan0".into()]))
+        );
+        for bad in ["", " ", "en0,", "eth 0", "eth0;rm", &"x".repeat(65), "é"] {
+            assert!(bad.parse::<Interfaces>().is_err(), "{bad:?}");
+        }
+    }
 
     fn ad() -> Advertisement {
         Advertisement {

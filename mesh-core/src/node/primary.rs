@@ -457,13 +457,20 @@ pub(super) async fn run_handler(
             message: format!("no handler is registered for {name:?}"),
         };
     };
-    let args: Value = serde_json::from_str(args.as_str()).unwrap_or(Value::Null);
+    let args: Value = match serde_json::from_str(args.as_str()) {
+        Ok(v) => v,
+        Err(e) => return invalid_args(&e),
+    };
     let timeout = inner.config.command_timeout;
     let running = tokio::task::spawn_blocking(move || handler.call(&args));
     match tokio::time::timeout(timeout, running).await {
-        Ok(Ok(Ok(v))) => {
-            CommandOutcome::Ok(JsonText::from_value(&v).unwrap_or_else(|_| JsonText::null()))
-        }
+        Ok(Ok(Ok(v))) => match JsonText::from_value(&v) {
+            Ok(json) => CommandOutcome::Ok(json),
+            Err(e) => CommandOutcome::Err {
+                code: "handler_failed".into(),
+                message: format!("the handler for {name:?} returned an unsendable result: {e}"),
+            },
+        },
         Ok(Ok(Err(message))) => CommandOutcome::Err {
             code: "handler_failed".into(),
             message,
@@ -476,6 +483,14 @@ pub(super) async fn run_handler(
             code: "handler_timeout".into(),
             message: format!("the handler for {name:?} took longer than {timeout:?}"),
         },
+    }
+}
+
+/// The outcome of a command whose arguments are not what it takes.
+pub(super) fn invalid_args(e: &dyn std::fmt::Display) -> CommandOutcome {
+    CommandOutcome::Err {
+        code: "invalid_args".into(),
+        message: format!("the command's arguments are not valid JSON: {e}"),
     }
 }
 

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::backoff::Backoff;
 use super::link::{SessionRef, pre_auth_guard};
-use super::primary::run_handler;
+use super::primary::{invalid_args, run_handler};
 use super::{AbortOnDrop, Inner, Node, NodeError, Role, lock};
 use crate::identity::NodeId;
 use crate::pairing::{DeviceInfo, DevicePairing, DeviceStep, PairingError};
@@ -21,6 +21,9 @@ use crate::transport::{Connection, PeerAddr, Protocol, TransportError};
 use crate::wire::{
     Command, CommandOutcome, CommandResult, Heartbeat, JsonText, Payload, SessionMessage,
 };
+
+/// Event kinds a primary may publish on its workers' buses.
+const PRIMARY_EVENT_KINDS: &[&str] = &[crate::events::kinds::ACTION_UPDATED];
 
 #[derive(Default)]
 pub(crate) struct State {
@@ -326,10 +329,15 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
                 let _ = inner.store.save(&rotated);
             }
             Payload::Session(SessionMessage::Bye { reason }) => break Ended::Bye(reason),
-            // The primary's news for this worker (e.g. its proposed actions).
+            // The primary's news for this worker: only the kinds a primary
+            // may send (its actions' progress); it cannot put anything else
+            // on this node's bus.
             Payload::Event(event) => {
-                let data: Value = serde_json::from_str(event.data.as_str()).unwrap_or(Value::Null);
-                inner.events.publish(&event.kind, inner.now(), data);
+                if PRIMARY_EVENT_KINDS.contains(&event.kind.as_str())
+                    && let Ok(data) = serde_json::from_str::<Value>(event.data.as_str())
+                {
+                    inner.events.publish(&event.kind, inner.now(), data);
+                }
             }
             _ => {}
         }
@@ -343,7 +351,10 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
 
 /// The primary's commands: `ping`, `config`, `run_action`.
 async fn handle_command(inner: &Inner, cmd: &Command) -> CommandOutcome {
-    let args: Value = serde_json::from_str(cmd.args.as_str()).unwrap_or(Value::Null);
+    let args: Value = match serde_json::from_str(cmd.args.as_str()) {
+        Ok(v) => v,
+        Err(e) => return invalid_args(&e),
+    };
     inner.events.publish(
         "command.received",
         inner.now(),
@@ -378,8 +389,10 @@ async fn handle_command(inner: &Inner, cmd: &Command) -> CommandOutcome {
                     message: "run_action needs {\"action\": name, \"args\": …}".into(),
                 };
             };
-            let action_args = JsonText::from_value(args.get("args").unwrap_or(&Value::Null))
-                .unwrap_or_else(|_| JsonText::null());
+            let action_args = match JsonText::from_value(args.get("args").unwrap_or(&Value::Null)) {
+                Ok(a) => a,
+                Err(e) => return invalid_args(&e),
+            };
             run_handler(inner, action, &action_args, "unknown_action").await
         }
         other => CommandOutcome::Err {

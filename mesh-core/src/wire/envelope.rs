@@ -116,8 +116,20 @@ impl Envelope {
         Ok(inner)
     }
 
-    /// Signs the envelope with the sender's key.
+    /// Signs the envelope with the sender's key (hop limit
+    /// [`DEFAULT_HOP_LIMIT`]).
     pub fn sign(self, key: &NodeKey) -> Result<SignedEnvelope, EnvelopeError> {
+        self.sign_with_hop_limit(key, DEFAULT_HOP_LIMIT)
+    }
+
+    /// Signs the envelope with the sender's key and hop limit `hops`. The
+    /// signature covers the hop limit: nobody but the sender can change it
+    /// (a relay that must count hops does so in a message of its own).
+    pub fn sign_with_hop_limit(
+        self,
+        key: &NodeKey,
+        hops: u8,
+    ) -> Result<SignedEnvelope, EnvelopeError> {
         if key.node_id() != self.from {
             return Err(EnvelopeError::SignerMismatch {
                 from: self.from,
@@ -125,12 +137,12 @@ impl Envelope {
             });
         }
         let signed = postcard::to_allocvec(&self).map_err(unencodable)?;
-        let signature = key.sign(&signing_input(&signed));
+        let signature = key.sign(&signing_input(hops, &signed));
         Ok(SignedEnvelope {
             envelope: self,
             signed,
             signature,
-            hop_limit: DEFAULT_HOP_LIMIT,
+            hop_limit: hops,
         })
     }
 }
@@ -144,11 +156,13 @@ fn seal_aad(id: &MessageId, from: &NodeId, to: &NodeId) -> Vec<u8> {
     aad
 }
 
-/// What the signature is computed over: domain tag, version, signed bytes.
-fn signing_input(signed: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(SIGNATURE_DOMAIN.len() + 1 + signed.len());
+/// What the signature is computed over: domain tag, version, hop limit,
+/// signed bytes.
+fn signing_input(hop_limit: u8, signed: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIGNATURE_DOMAIN.len() + 2 + signed.len());
     m.extend_from_slice(SIGNATURE_DOMAIN);
     m.push(FRAME_VERSION);
+    m.push(hop_limit);
     m.extend_from_slice(signed);
     m
 }
@@ -188,27 +202,9 @@ impl SignedEnvelope {
         &self.signature
     }
 
-    /// Remaining hops.
+    /// The hop limit the sender signed.
     pub fn hop_limit(&self) -> u8 {
         self.hop_limit
-    }
-
-    /// Sets the hop limit (not covered by the signature).
-    pub fn with_hop_limit(mut self, hops: u8) -> Self {
-        self.hop_limit = hops;
-        self
-    }
-
-    /// For relays: uses up one hop. Returns `false` (and changes nothing) when
-    /// no hop is left, meaning the message must not be forwarded.
-    pub fn take_hop(&mut self) -> bool {
-        match self.hop_limit.checked_sub(1) {
-            Some(h) => {
-                self.hop_limit = h;
-                true
-            }
-            None => false,
-        }
     }
 
     /// Length of the frame [`SignedEnvelope::write_frame`] produces.
@@ -301,11 +297,14 @@ impl UnverifiedEnvelope {
     /// Checks the signature against the claimed sender.
     pub fn verify(self) -> Result<SignedEnvelope, VerifyError> {
         let from = self.inner.envelope.from;
-        from.verify(&signing_input(&self.inner.signed), &self.inner.signature)
-            .map_err(|_| VerifyError::BadSignature {
-                from,
-                id: self.inner.envelope.id,
-            })?;
+        from.verify(
+            &signing_input(self.inner.hop_limit, &self.inner.signed),
+            &self.inner.signature,
+        )
+        .map_err(|_| VerifyError::BadSignature {
+            from,
+            id: self.inner.envelope.id,
+        })?;
         Ok(self.inner)
     }
 }

@@ -6,10 +6,11 @@
 //! signed  = postcard(id, from, to, timestamp, payload)
 //! ```
 //!
-//! * The signature covers a domain tag, the frame version and the signed part,
-//!   exactly as received: the receiver verifies the bytes it got, not a
-//!   re-encoding. The hop limit sits outside the signature so relays can
-//!   decrement it (as IP's TTL); duplicates are dropped by id anyway.
+//! * The signature covers a domain tag, the frame version, the hop limit and
+//!   the signed part, exactly as received: the receiver verifies the bytes it
+//!   got, not a re-encoding. Nobody but the sender can change the hop limit;
+//!   messages are not relayed at this layer (a relay counts hops in a message
+//!   of its own).
 //! * A frame body is at most [`DEFAULT_MAX_FRAME_LEN`] bytes unless configured
 //!   otherwise (hard cap [`MAX_FRAME_LEN_LIMIT`]); the length is checked before
 //!   any buffer is sized, and the streaming [`FrameDecoder`] grows its buffer

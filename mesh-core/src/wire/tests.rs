@@ -215,20 +215,30 @@ fn signing_with_another_key_is_refused() {
 }
 
 #[test]
-fn hop_limit_is_outside_the_signature() {
-    let signed = round_trip(Payload::Ack(Ack { ids: vec![] })).with_hop_limit(1);
-    let mut relayed = signed.clone();
-    assert!(relayed.take_hop());
-    assert!(!relayed.take_hop());
-    assert_eq!(relayed.hop_limit(), 0);
-    let frame = relayed.to_frame().unwrap();
+fn the_hop_limit_is_covered_by_the_signature() {
+    let k = key(1);
+    let signed = Envelope::new(
+        k.node_id(),
+        Destination::Broadcast,
+        NOW,
+        Payload::Ack(Ack { ids: vec![] }),
+    )
+    .sign_with_hop_limit(&k, 3)
+    .unwrap();
+    let frame = signed.to_frame().unwrap();
     let back = decode_frame(&frame, DEFAULT_MAX_FRAME_LEN)
         .unwrap()
         .0
         .verify()
         .unwrap();
-    assert_eq!(back.hop_limit(), 0);
-    assert_eq!(back.envelope(), signed.envelope());
+    assert_eq!(back.hop_limit(), 3);
+    // Anyone changing it on the way breaks the signature.
+    for hops in [0u8, 2, 4, 255] {
+        let mut tampered = frame.clone();
+        tampered[FRAME_HEADER_LEN] = hops;
+        let (u, _) = decode_frame(&tampered, DEFAULT_MAX_FRAME_LEN).unwrap();
+        assert!(matches!(u.verify(), Err(VerifyError::BadSignature { .. })));
+    }
 }
 
 #[test]
@@ -744,9 +754,8 @@ proptest! {
         let k = key(1);
         let to = to.map_or(Destination::Broadcast, Destination::Node);
         let signed = Envelope::new(k.node_id(), to, Timestamp::from_millis(ts), payload)
-            .sign(&k)
-            .unwrap()
-            .with_hop_limit(hops);
+            .sign_with_hop_limit(&k, hops)
+            .unwrap();
         let frame = signed.to_frame().unwrap();
         let (u, used) = decode_frame(&frame, DEFAULT_MAX_FRAME_LEN).unwrap();
         prop_assert_eq!(used, frame.len());
@@ -786,8 +795,8 @@ proptest! {
         let k = key(1);
         let signed = Envelope::new(k.node_id(), Destination::Broadcast, NOW, payload).sign(&k).unwrap();
         let mut frame = signed.to_frame().unwrap();
-        // Skip the header and the unsigned hop limit.
-        let start = FRAME_HEADER_LEN + 1;
+        // Everything after the header, the hop limit included.
+        let start = FRAME_HEADER_LEN;
         let i = start + pos.index(frame.len() - start);
         frame[i] ^= flip;
         match decode_frame(&frame, DEFAULT_MAX_FRAME_LEN) {

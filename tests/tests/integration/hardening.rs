@@ -5,15 +5,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesh_core::clock::{Clock, SystemClock};
-use mesh_core::events::Received;
+use mesh_core::events::{Received, kinds};
 use mesh_core::identity::NodeKey;
 use mesh_core::limits::Rate;
 use mesh_core::node::{FnHandler, Node, NodeConfig, NodeError, PairingLimits, Role};
 use mesh_core::pairing::{DeviceInfo, DevicePairing, PairingConfig};
-use mesh_core::storage::records::PairingRequestRecord;
+use mesh_core::storage::records::{PairingRequestRecord, PrimaryLinkRecord};
 use mesh_core::storage::{MemoryStorage, Storage, StorageExt};
 use mesh_core::transport::{Connection, Protocol, Transport};
-use mesh_core::wire::{Ack, Destination, Envelope, Payload, Platform};
+use mesh_core::wire::{
+    Ack, Destination, Envelope, EventPayload, JsonText, Payload, Platform, SessionMessage,
+};
 use mesh_transport::quic::QuicTransport;
 use serde_json::json;
 
@@ -283,4 +285,103 @@ async fn a_silent_pairing_connection_is_closed_and_its_row_removed() {
     assert!(matches!(closed, Ok(Err(_))), "{closed:?}");
     wait_until("the row to go", || stored_requests(&p) == 0).await;
     assert!(p.node.pending_pairings().unwrap().is_empty());
+}
+
+/// A fake primary: accepts one session, answers the hello, then sends
+/// `payloads`. Returns its id and address.
+async fn fake_primary(
+    payloads: Vec<Payload>,
+) -> (mesh_core::identity::NodeId, mesh_core::transport::PeerAddr) {
+    let key = Arc::new(NodeKey::generate());
+    let transport = Arc::new(
+        QuicTransport::bind(
+            key.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(mesh_core::transport::AdmitAll),
+            mesh_transport::quic::QuicConfig::default(),
+        )
+        .unwrap(),
+    );
+    let addr = transport.addr();
+    let id = key.node_id();
+    tokio::spawn(async move {
+        let conn = transport.accept().await.unwrap();
+        let _hello = conn.recv().await.unwrap();
+        let to = conn.remote_node();
+        let mut all = vec![Payload::Session(SessionMessage::Welcome)];
+        all.extend(payloads);
+        for p in all {
+            let frame = Envelope::new(id, Destination::Node(to), SystemClock.now(), p)
+                .sign(&key)
+                .unwrap()
+                .to_frame()
+                .unwrap();
+            conn.send(frame).await.unwrap();
+        }
+        // Keep the session open until the worker goes.
+        let _ = conn.recv().await;
+    });
+    (id, addr)
+}
+
+/// A worker that believes it is paired with `primary` at `addr`.
+fn worker_paired_with(
+    primary: mesh_core::identity::NodeId,
+    addr: mesh_core::transport::PeerAddr,
+) -> Node {
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    store
+        .save(&PrimaryLinkRecord {
+            primary,
+            address: addr,
+            token: [7; 32],
+            paired_at: SystemClock.now(),
+        })
+        .unwrap();
+    let key = Arc::new(NodeKey::generate());
+    let config = NodeConfig::new(Role::Worker, "victim", "hw-victim")
+        .heartbeat_interval(Duration::from_secs(60));
+    Node::builder(key.clone(), store.clone(), quic(&key, &store), config)
+        .start()
+        .unwrap()
+}
+
+/// Defect 10: a primary may tell its workers how their actions progress,
+/// and nothing else: it cannot publish arbitrary event kinds on a worker's
+/// bus (a forged `device.revoked` or `pairing.approved` there would mislead
+/// the app).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cannot_publish_arbitrary_events_on_a_worker() {
+    let event = |kind: &str| {
+        Payload::Event(EventPayload {
+            kind: kind.into(),
+            data: JsonText::new(r#"{"forged": true}"#).unwrap(),
+        })
+    };
+    let (id, addr) = fake_primary(vec![
+        event("device.revoked"),
+        event("pairing.approved"),
+        event("session.ended"),
+        event(kinds::ACTION_UPDATED),
+    ])
+    .await;
+    let w = worker_paired_with(id, addr);
+    let mut all = w.subscribe("*", 64).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|k| k == kinds::ACTION_UPDATED) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, all.recv()).await {
+            Ok(Some(Received::Event(e))) => seen.push(e.kind.clone()),
+            Ok(Some(_)) => {}
+            _ => panic!("no action.updated; saw {seen:?}"),
+        }
+    }
+    for forged in ["device.revoked", "pairing.approved", "session.ended"] {
+        assert!(
+            !seen.iter().any(|k| k == forged),
+            "{forged} got through: {seen:?}"
+        );
+    }
+    w.shutdown().await;
 }
