@@ -132,6 +132,14 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 
     /// The next incoming connection (already authenticated and admitted).
     async fn accept(&self) -> Result<Box<dyn Connection>, TransportError>;
+
+    /// Tells the transport whether this device now runs on battery, so it
+    /// can spend less radio time (QUIC turns its keep-alive off for new
+    /// connections). The node runtime calls it when its own metrics change.
+    fn set_on_battery(&self, on_battery: bool) -> Result<(), TransportError> {
+        let _ = on_battery;
+        Ok(())
+    }
 }
 
 /// An authenticated connection carrying whole messages, in order.

@@ -134,6 +134,12 @@ impl PolicyEngine {
             .clone()
     }
 
+    /// Checks that `document` compiles with this engine's thresholds,
+    /// without installing it.
+    pub fn check(&self, document: &PolicyDocument) -> Result<(), PolicyError> {
+        Policy::compile_with(document, self.thresholds.clone()).map(|_| ())
+    }
+
     /// Checks, compiles and installs a policy for `device`. On error the
     /// previous policy stays in force unchanged. Spend and in-flight calls carry over.
     pub fn set_policy(

@@ -3,17 +3,43 @@
 //! its workers' commands with per-device policy documents, the sliding-hour
 //! spend window and concurrency permits held while the command runs.
 
-use mesh_core::clock::Timestamp;
 use mesh_core::identity::NodeId;
-use mesh_core::node::{CommandPolicy, Permit, Verdict};
-use mesh_core::wire::{self, HealthMetrics};
+use mesh_core::node::{CommandPolicy, CommandRequest, Permit, Verdict};
+use mesh_core::wire;
 
-use crate::{Context, Outcome, PolicyDocument, PolicyEngine, PowerState, Thermal};
+use crate::{
+    Context, DeviceClass, JobSize, Outcome, PolicyDocument, PolicyEngine, PowerState, Thermal,
+};
 
-/// The power context of a heartbeat.
-fn power_state(m: &HealthMetrics) -> PowerState {
+/// The device class of a request: its platform as paired, and a desktop
+/// that reports a battery is a laptop.
+fn device_class(request: &CommandRequest<'_>) -> DeviceClass {
+    match request.platform {
+        wire::Platform::Ios => DeviceClass::Ios,
+        wire::Platform::Android => DeviceClass::Android,
+        // A browser tab has no power rules of its own: its host is judged
+        // as a desktop, or a laptop if it reports a battery.
+        wire::Platform::Desktop | wire::Platform::Web if request.reports_battery() => {
+            DeviceClass::Laptop
+        }
+        wire::Platform::Desktop | wire::Platform::Web => DeviceClass::Desktop,
+    }
+}
+
+/// The power context of a request: the device class, and its latest
+/// heartbeat (battery, charging, low-power mode, thermal state, CPU).
+fn power_state(request: &CommandRequest<'_>) -> PowerState {
+    let class = Some(device_class(request));
+    let Some(m) = request.metrics else {
+        return PowerState {
+            device_class: class,
+            ..PowerState::default()
+        };
+    };
     PowerState {
-        on_battery: m.charging.map(|c| !c),
+        device_class: class,
+        // On battery: it has one and is not charging.
+        on_battery: m.charging.map(|c| !c && m.battery_percent.is_some()),
         battery_percent: m.battery_percent,
         low_power_mode: m.low_power_mode,
         thermal: m.thermal.map(|t| match t {
@@ -23,7 +49,6 @@ fn power_state(m: &HealthMetrics) -> PowerState {
             wire::Thermal::Critical => Thermal::Critical,
         }),
         cpu_percent: m.cpu_percent,
-        ..PowerState::default()
     }
 }
 
@@ -51,16 +76,18 @@ impl RuntimePolicy {
 }
 
 impl CommandPolicy for RuntimePolicy {
-    fn decide(
-        &self,
-        device: &NodeId,
-        command: &str,
-        now: Timestamp,
-        metrics: Option<&HealthMetrics>,
-    ) -> (Verdict, Permit) {
-        let mut ctx = Context::at(now.as_millis());
-        ctx.power = metrics.map(power_state);
-        let auth = self.engine.authorize(&device.to_string(), command, ctx);
+    fn decide(&self, request: &CommandRequest<'_>) -> (Verdict, Permit) {
+        let mut ctx = Context::at(request.now.as_millis());
+        ctx.power = Some(power_state(request));
+        ctx.cost = request.usage.cost.unwrap_or(0.0);
+        ctx.tokens = request.usage.tokens.unwrap_or(0);
+        ctx.job_size = match request.usage.job_size.unwrap_or_default() {
+            wire::JobSize::Small => JobSize::Small,
+            wire::JobSize::Large => JobSize::Large,
+        };
+        let auth = self
+            .engine
+            .authorize(&request.device.to_string(), request.command, ctx);
         let d = auth.decision;
         let (code, message) = (d.reason().code().to_owned(), d.message());
         let verdict = match d.outcome() {
@@ -75,6 +102,12 @@ impl CommandPolicy for RuntimePolicy {
         };
         let permit = auth.permit.map_or_else(Permit::none, Permit::holding);
         (verdict, permit)
+    }
+
+    fn validate(&self, document: &str) -> Result<(), String> {
+        PolicyDocument::from_json(document)
+            .and_then(|doc| self.engine.check(&doc))
+            .map_err(|e| e.to_string())
     }
 
     fn install(&self, device: &NodeId, document: &str) -> Result<(), String> {
@@ -92,7 +125,9 @@ impl CommandPolicy for RuntimePolicy {
 
 #[cfg(test)]
 mod tests {
+    use mesh_core::clock::Timestamp;
     use mesh_core::identity::NodeKey;
+    use mesh_core::wire::HealthMetrics;
 
     use super::*;
 
@@ -100,28 +135,35 @@ mod tests {
         NodeKey::from_secret_bytes(&[3; 32]).node_id()
     }
 
+    static NODE: std::sync::LazyLock<NodeId> = std::sync::LazyLock::new(node);
+
+    fn req<'a>(
+        command: &'a str,
+        now: Timestamp,
+        metrics: Option<&'a HealthMetrics>,
+    ) -> CommandRequest<'a> {
+        CommandRequest::new(&NODE, command, now).metrics(metrics)
+    }
+
     #[test]
     fn documents_drive_the_verdicts_and_permits_are_held() {
         let p = RuntimePolicy::new();
         let now = Timestamp::from_millis(1_750_000_000_000);
         assert!(
-            matches!(p.decide(&node(), "a.b", now, None).0, Verdict::Deny { code, .. } if code == "policy_disabled" || code == "no_policy")
+            matches!(p.decide(&req("a.b", now, None)).0, Verdict::Deny { code, .. } if code == "policy_disabled" || code == "no_policy")
         );
         let doc = r#"{"allowed_commands": ["notes.*"], "blocked_commands": ["notes.delete"], "max_concurrent_calls": 1}"#;
         p.install(&node(), doc).unwrap();
-        let (allow, permit) = p.decide(&node(), "notes.write", now, None);
+        let (allow, permit) = p.decide(&req("notes.write", now, None));
         assert_eq!(allow, Verdict::Allow);
         // The one slot is taken while the first command runs.
         assert!(!matches!(
-            p.decide(&node(), "notes.write", now, None).0,
+            p.decide(&req("notes.write", now, None)).0,
             Verdict::Allow
         ));
         drop(permit);
-        assert_eq!(
-            p.decide(&node(), "notes.write", now, None).0,
-            Verdict::Allow
-        );
-        match p.decide(&node(), "notes.delete", now, None).0 {
+        assert_eq!(p.decide(&req("notes.write", now, None)).0, Verdict::Allow);
+        match p.decide(&req("notes.delete", now, None)).0 {
             Verdict::Deny { code, message } => {
                 assert_eq!(code, "blocked_command");
                 assert!(message.contains("notes.delete"));
@@ -138,12 +180,12 @@ mod tests {
             ..HealthMetrics::default()
         };
         assert!(matches!(
-            p.decide(&node(), "notes.write", now, Some(&busy)).0,
+            p.decide(&req("notes.write", now, Some(&busy))).0,
             Verdict::Defer { .. }
         ));
         p.remove(&node());
         assert!(matches!(
-            p.decide(&node(), "notes.write", now, None).0,
+            p.decide(&req("notes.write", now, None)).0,
             Verdict::Deny { .. }
         ));
     }

@@ -548,12 +548,23 @@ impl QuicTransport {
     /// Tells the transport whether the device runs on battery. New
     /// connections (both directions) then follow
     /// [`QuicConfig::keep_alive_on_battery`]; open ones keep their settings.
+    /// (Also [`Transport::set_on_battery`], which the node runtime calls.)
     pub fn set_on_battery(&self, on_battery: bool) -> Result<(), TransportError> {
         let shared = &self.shared;
         shared.on_battery.store(on_battery, Ordering::Relaxed);
         let server = server_config(&shared.tls, &shared.config, on_battery)?;
         shared.endpoint.set_server_config(Some(server));
         Ok(())
+    }
+
+    /// Whether the transport was told the device runs on battery.
+    pub fn on_battery(&self) -> bool {
+        self.shared.on_battery.load(Ordering::Relaxed)
+    }
+
+    /// The keep-alive interval new connections get now (`None`: off).
+    pub fn keep_alive_now(&self) -> Option<Duration> {
+        self.shared.config.keep_alive(self.on_battery())
     }
 
     /// Closes every connection and waits (at most `grace`) until the peers
@@ -667,6 +678,10 @@ fn lost(addr: &PeerAddr, e: ConnectionError) -> TransportError {
 impl Transport for QuicTransport {
     fn local_node(&self) -> NodeId {
         self.shared.node
+    }
+
+    fn set_on_battery(&self, on_battery: bool) -> Result<(), TransportError> {
+        QuicTransport::set_on_battery(self, on_battery)
     }
 
     async fn connect(

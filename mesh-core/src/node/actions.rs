@@ -9,12 +9,14 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::primary::{run_handler, session_conn};
-use super::{Inner, Node, NodeError, Verdict};
+use super::{CommandRequest, Inner, Node, NodeError, Verdict};
 use crate::identity::NodeId;
 use crate::ledger::record_types;
 use crate::storage::records::{ActionRecord, ExecPolicyRecord};
 use crate::storage::{Record, StorageExt};
-use crate::wire::{Command, CommandOutcome, EventPayload, JsonText, MessageId, Payload};
+use crate::wire::{
+    Command, CommandOutcome, CommandUsage, EventPayload, JsonText, MessageId, Payload, Platform,
+};
 
 /// How often a deferred command is decided again before giving up.
 const MAX_DEFERRALS: u32 = 3;
@@ -42,12 +44,23 @@ pub(super) async fn on_worker_command(
     node: NodeId,
     cmd: &Command,
 ) -> CommandOutcome {
+    let usage = cmd.usage.unwrap_or_default();
+    if let Err(message) = usage.validate() {
+        return CommandOutcome::Err {
+            code: "invalid_args".into(),
+            message,
+        };
+    }
     let mut deferrals = 0;
     let mut waited = Duration::ZERO;
     loop {
         let now = inner.now();
-        let metrics = super::lock(&inner.primary.metrics).get(&node).cloned();
-        let (verdict, permit) = inner.policy.decide(&node, &cmd.name, now, metrics.as_ref());
+        let power = super::lock(&inner.primary.power).get(&node).cloned();
+        let request = CommandRequest::new(&node, &cmd.name, now)
+            .platform(power.as_ref().map_or(Platform::Desktop, |p| p.platform))
+            .metrics(power.as_ref().and_then(|p| p.metrics.as_ref()))
+            .usage(usage);
+        let (verdict, permit) = inner.policy.decide(&request);
         if let Err(e) = record_decision(inner, node, cmd, &verdict) {
             return CommandOutcome::Err {
                 code: "audit_failed".into(),
@@ -246,26 +259,32 @@ impl Node {
     }
 
     /// Sets `device`'s execution policy (a mesh-policy document, JSON). The
-    /// document is checked first; the change is stored and audited together.
+    /// document is checked first, then stored and audited together, and only
+    /// once that is durable does it go live: a decision is never made under
+    /// a policy the ledger does not have. Concurrent calls are applied in
+    /// one order, so the live policy is always the last one committed.
     pub fn set_policy(&self, device: &NodeId, document: &str) -> Result<(), NodeError> {
         let inner = self.primary()?;
         let text = JsonText::new(document).map_err(|e| NodeError::Policy(e.to_string()))?;
-        inner
-            .policy
-            .install(device, document)
-            .map_err(NodeError::Policy)?;
+        inner.policy.validate(document).map_err(NodeError::Policy)?;
         let record = ExecPolicyRecord {
             node: *device,
             document: text,
             updated_at: inner.now(),
         };
         let body = json!({ "device": device.to_string(), "document": serde_json::from_str::<Value>(document).unwrap_or(Value::Null) });
+        // Not a hot lock: only policy changes take it.
+        let _order = super::lock(&inner.primary.policy_changes);
         inner.registry.commit(
             vec![record.put()?],
             record_types::POLICY_SET,
             body,
             inner.now(),
         )?;
+        inner
+            .policy
+            .install(device, document)
+            .map_err(NodeError::Policy)?;
         inner.events.publish(
             "policy.updated",
             inner.now(),
@@ -278,12 +297,31 @@ impl Node {
     /// latest heartbeat metrics), without running or recording anything:
     /// a dry run for a UI or a script.
     pub fn check_command(&self, device: &NodeId, command: &str) -> Result<Verdict, NodeError> {
+        self.check_command_with(device, command, CommandUsage::default())
+    }
+
+    /// [`Node::check_command`] for a command declaring `usage`.
+    pub fn check_command_with(
+        &self,
+        device: &NodeId,
+        command: &str,
+        usage: CommandUsage,
+    ) -> Result<Verdict, NodeError> {
+        usage.validate().map_err(NodeError::Policy)?;
         let inner = self.primary()?;
-        let metrics = super::lock(&inner.primary.metrics).get(device).cloned();
-        let (verdict, _permit) =
-            inner
-                .policy
-                .decide(device, command, inner.now(), metrics.as_ref());
+        let power = super::lock(&inner.primary.power).get(device).cloned();
+        let platform = match &power {
+            Some(p) => p.platform,
+            None => inner
+                .registry
+                .get(device)?
+                .map_or(Platform::Desktop, |d| d.platform),
+        };
+        let request = CommandRequest::new(device, command, inner.now())
+            .platform(platform)
+            .metrics(power.as_ref().and_then(|p| p.metrics.as_ref()))
+            .usage(usage);
+        let (verdict, _permit) = inner.policy.decide(&request);
         Ok(verdict)
     }
 

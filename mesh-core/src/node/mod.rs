@@ -57,7 +57,7 @@ use crate::registry::{AuthError, Registry, RegistryError};
 use crate::storage::records::DiscoveredNodeRecord;
 use crate::storage::{Storage, StorageError};
 use crate::transport::{Admission, Connection, PeerAddr, Protocol, Transport, TransportError};
-use crate::wire::{CommandOutcome, HealthMetrics, MessageId, Platform};
+use crate::wire::{CommandOutcome, CommandUsage, HealthMetrics, MessageId, Platform};
 
 pub use actions::states as action_states;
 pub use backoff::Backoff;
@@ -323,23 +323,89 @@ impl fmt::Debug for Permit {
     }
 }
 
+/// Everything a policy is told about one worker command.
+///
+/// The power context comes from the device itself: its `platform` (from
+/// pairing) and its latest heartbeat (`metrics`: battery, charging,
+/// low-power mode, thermal state, CPU). A desktop that reports a battery
+/// is a laptop. What the command will use (`usage`: cost, tokens, job
+/// size) is declared by the sender with the command
+/// ([`Node::send_command_with`]); a command that declares nothing costs
+/// nothing and is a small job.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct CommandRequest<'a> {
+    /// The device asking.
+    pub device: &'a NodeId,
+    /// Its platform, as paired.
+    pub platform: Platform,
+    /// The command name.
+    pub command: &'a str,
+    /// Now.
+    pub now: Timestamp,
+    /// The device's latest heartbeat metrics, if any came.
+    pub metrics: Option<&'a HealthMetrics>,
+    /// What the command declares it uses.
+    pub usage: CommandUsage,
+}
+
+impl<'a> CommandRequest<'a> {
+    /// `device` asking to run `command` at `now` (a desktop with no metrics
+    /// and no declared usage; see the setters).
+    pub fn new(device: &'a NodeId, command: &'a str, now: Timestamp) -> Self {
+        CommandRequest {
+            device,
+            platform: Platform::Desktop,
+            command,
+            now,
+            metrics: None,
+            usage: CommandUsage::default(),
+        }
+    }
+
+    /// Sets the device's platform.
+    pub fn platform(mut self, platform: Platform) -> Self {
+        self.platform = platform;
+        self
+    }
+
+    /// Sets the device's latest metrics.
+    pub fn metrics(mut self, metrics: Option<&'a HealthMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Sets the declared usage.
+    pub fn usage(mut self, usage: CommandUsage) -> Self {
+        self.usage = usage;
+        self
+    }
+
+    /// Whether the device runs on a battery it reports (a phone, or a
+    /// desktop platform with a battery: a laptop).
+    pub fn reports_battery(&self) -> bool {
+        self.metrics.is_some_and(|m| m.battery_percent.is_some())
+    }
+}
+
 /// Decides the commands workers send to the primary, and keeps the
 /// per-device policy documents (mesh-policy implements it behind its
 /// `runtime` feature).
 pub trait CommandPolicy: Send + Sync + fmt::Debug + 'static {
-    /// The verdict for `device` running `command` now, and what to hold
-    /// while an allowed command runs. `metrics` is the device's latest
-    /// heartbeat (battery, charging, CPU, thermal state), if any came.
-    fn decide(
-        &self,
-        device: &NodeId,
-        command: &str,
-        now: Timestamp,
-        metrics: Option<&HealthMetrics>,
-    ) -> (Verdict, Permit);
+    /// The verdict for `request` now, and what to hold while an allowed
+    /// command runs.
+    fn decide(&self, request: &CommandRequest<'_>) -> (Verdict, Permit);
 
-    /// Checks and installs `device`'s policy document (JSON); `Err` says
-    /// what is wrong with it. The runtime persists and audits documents.
+    /// Checks `document` without installing it; `Err` says what is wrong.
+    /// The runtime checks, then commits the document with its ledger
+    /// record, and only then installs it.
+    fn validate(&self, document: &str) -> Result<(), String> {
+        let _ = document;
+        Err("this policy does not take documents".into())
+    }
+
+    /// Installs `device`'s policy document (JSON), already validated and
+    /// committed.
     fn install(&self, device: &NodeId, document: &str) -> Result<(), String> {
         let _ = (device, document);
         Err("this policy does not take documents".into())
@@ -356,13 +422,7 @@ pub trait CommandPolicy: Send + Sync + fmt::Debug + 'static {
 pub struct DenyAll;
 
 impl CommandPolicy for DenyAll {
-    fn decide(
-        &self,
-        _: &NodeId,
-        _: &str,
-        _: Timestamp,
-        _: Option<&HealthMetrics>,
-    ) -> (Verdict, Permit) {
+    fn decide(&self, _: &CommandRequest<'_>) -> (Verdict, Permit) {
         let verdict = Verdict::Deny {
             code: "policy_disabled".into(),
             message: "no execution policy is configured on the primary".into(),
@@ -758,6 +818,7 @@ impl Inner {
         session: &link::SessionRef,
         name: &str,
         args: &Value,
+        usage: Option<CommandUsage>,
     ) -> Result<Value, NodeError> {
         let id = MessageId::random();
         let to = session.peer;
@@ -769,6 +830,7 @@ impl Inner {
             args: crate::wire::JsonText::from_value(args)
                 .map_err(|e| NodeError::Protocol(e.to_string()))?,
             timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+            usage,
         });
         if let Err(e) = self
             .link

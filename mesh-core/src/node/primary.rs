@@ -19,7 +19,8 @@ use crate::registry::{AuthError, scopes};
 use crate::storage::records::{DeviceRecord, PairingRequestRecord};
 use crate::transport::{Connection, Protocol, TransportError};
 use crate::wire::{
-    CommandOutcome, CommandResult, HealthMetrics, JsonText, PairingMessage, Payload, SessionMessage,
+    CommandOutcome, CommandResult, HealthMetrics, JsonText, PairingMessage, Payload, Platform,
+    SessionMessage,
 };
 use std::sync::atomic::Ordering;
 
@@ -35,9 +36,13 @@ struct Waiter {
 #[derive(Default)]
 pub(crate) struct State {
     sessions: Mutex<HashMap<NodeId, SessionRef>>,
-    /// Each device's latest heartbeat metrics (the policy's power context).
-    pub(super) metrics: Mutex<HashMap<NodeId, HealthMetrics>>,
+    /// Each device's platform and latest heartbeat metrics (the policy's
+    /// power context); entries only for paired devices that opened a
+    /// session, dropped on unpair and revocation.
+    pub(super) power: Mutex<HashMap<NodeId, PowerContext>>,
     pairings: Mutex<HashMap<String, Waiter>>,
+    /// Serialises policy changes (commit, then install).
+    pub(super) policy_changes: Mutex<()>,
     /// Rates of new pairing requests (made at the first request).
     pairing_rates: Mutex<Option<PairingRates>>,
 }
@@ -46,6 +51,13 @@ pub(crate) struct State {
 struct PairingRates {
     all: TokenBucket,
     per_source: KeyedLimiter<String>,
+}
+
+/// What the policy knows of a device's power.
+#[derive(Debug, Clone)]
+pub(super) struct PowerContext {
+    pub(super) platform: Platform,
+    pub(super) metrics: Option<HealthMetrics>,
 }
 
 /// A paired device with its liveness and health.
@@ -308,13 +320,23 @@ async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
         return;
     };
     let token = Zeroizing::new(token);
-    if let Err(e) = inner
+    let device = match inner
         .registry
         .check(&node, &token[..], scopes::PRESENCE_WRITE)
     {
-        bye(inner, conn.as_ref(), node, auth_code(&e)).await;
-        return;
-    }
+        Ok(device) => device,
+        Err(e) => {
+            bye(inner, conn.as_ref(), node, auth_code(&e)).await;
+            return;
+        }
+    };
+    lock(&inner.primary.power)
+        .entry(node)
+        .and_modify(|p| p.platform = device.platform)
+        .or_insert(PowerContext {
+            platform: device.platform,
+            metrics: None,
+        });
     let id = inner.session_id();
     let old = lock(&inner.primary.sessions).insert(
         node,
@@ -382,8 +404,10 @@ async fn serve(inner: &Arc<Inner>, conn: &dyn Connection, node: NodeId, token: &
                 // Counted before the health update publishes its events.
                 inner.stats.heartbeat_received();
                 let ingested = lock(&inner.health).ingest(node, now, &hb.metrics);
-                if ingested.is_ok() {
-                    lock(&inner.primary.metrics).insert(node, hb.metrics);
+                if ingested.is_ok()
+                    && let Some(p) = lock(&inner.primary.power).get_mut(&node)
+                {
+                    p.metrics = Some(hb.metrics);
                 }
                 inner.stats.heartbeat_timed(arrived.elapsed());
                 if let Err(e) = ingested {
@@ -630,7 +654,7 @@ impl Node {
             .get(device)
             .cloned()
             .ok_or(NodeError::NotConnected(*device))?;
-        inner.call(&session, name, &args).await
+        inner.call(&session, name, &args, None).await
     }
 
     /// `ping` → `pong`: the round-trip time to a worker.

@@ -19,7 +19,8 @@ use crate::storage::StorageExt;
 use crate::storage::records::PrimaryLinkRecord;
 use crate::transport::{Connection, PeerAddr, Protocol, TransportError};
 use crate::wire::{
-    Command, CommandOutcome, CommandResult, Heartbeat, JsonText, Payload, SessionMessage,
+    Command, CommandOutcome, CommandResult, CommandUsage, Heartbeat, JsonText, Payload,
+    SessionMessage,
 };
 
 /// Event kinds a primary may publish on its workers' buses.
@@ -33,6 +34,8 @@ pub(crate) struct State {
     /// Configuration set by the primary (`config` command).
     config: Mutex<HashMap<String, Value>>,
     heartbeat_seq: AtomicU64,
+    /// The power state last given to the transports (0: none yet).
+    power: std::sync::atomic::AtomicU8,
 }
 
 /// A pairing in progress on the worker: show [`code`](Self::code) to the
@@ -127,10 +130,9 @@ async fn send_heartbeat(
     primary: NodeId,
 ) -> Result<(), NodeError> {
     let seq = inner.worker.heartbeat_seq.fetch_add(1, Ordering::Relaxed) + 1;
-    let hb = Payload::Heartbeat(Heartbeat {
-        seq,
-        metrics: inner.metrics.sample(),
-    });
+    let metrics = inner.metrics.sample();
+    follow_power(inner, &metrics);
+    let hb = Payload::Heartbeat(Heartbeat { seq, metrics });
     // Counted before it leaves (the primary may react before this task
     // runs again); taken back if it was not sent, including when this
     // future is dropped half-way (the session ending).
@@ -140,6 +142,38 @@ async fn send_heartbeat(
     counted.1 = result.is_ok();
     result
 }
+
+/// Tells the transports when this device goes on or off battery (a
+/// battery it reports, not charging), so QUIC's keep-alive follows the
+/// node's own power state.
+fn follow_power(inner: &Inner, metrics: &crate::wire::HealthMetrics) {
+    let on_battery = metrics.battery_percent.is_some() && metrics.charging == Some(false);
+    let state = if on_battery {
+        POWER_BATTERY
+    } else {
+        POWER_EXTERNAL
+    };
+    if inner.worker.power.swap(state, Ordering::Relaxed) == state {
+        return;
+    }
+    for t in &inner.transports {
+        if let Err(e) = t.set_on_battery(on_battery) {
+            inner.events.publish(
+                "transport.power_failed",
+                inner.now(),
+                json!({ "error": e.to_string() }),
+            );
+        }
+    }
+    inner.events.publish(
+        "node.power_changed",
+        inner.now(),
+        json!({ "on_battery": on_battery }),
+    );
+}
+
+const POWER_EXTERNAL: u8 = 1;
+const POWER_BATTERY: u8 = 2;
 
 /// A heartbeat counted as sent; uncounted on drop unless it was.
 struct Counted<'a>(&'a AtomicU64, bool);
@@ -556,8 +590,24 @@ impl Node {
     /// Sends a command to the primary, which checks it against this
     /// worker's policy; returns the handler's result or the refusal.
     pub async fn send_command(&self, name: &str, args: Value) -> Result<Value, NodeError> {
+        self.send_command_with(name, args, None).await
+    }
+
+    /// [`Node::send_command`], declaring what the command will use (cost,
+    /// tokens, job size) for the primary's policy to judge: a cost against
+    /// the device's hourly budget, tokens against the per-call cap, a large
+    /// job against the small-jobs-only rule of a laptop on a low battery.
+    pub async fn send_command_with(
+        &self,
+        name: &str,
+        args: Value,
+        usage: Option<CommandUsage>,
+    ) -> Result<Value, NodeError> {
         let inner = self.worker()?;
+        if let Some(u) = &usage {
+            u.validate().map_err(NodeError::Policy)?;
+        }
         let session = self.session()?;
-        inner.call(&session, name, &args).await
+        inner.call(&session, name, &args, usage).await
     }
 }

@@ -52,9 +52,10 @@ pub use frame::{
     decode_frame,
 };
 pub use payload::{
-    Ack, Command, CommandOutcome, CommandResult, ConfigUpdate, CustomJson, DbOp, DbSync,
-    EventPayload, FileChunk, HealthMetrics, Heartbeat, JsonText, MediaFrame, MediaType,
-    PairingMessage, Payload, PeerAnnounce, PeerExchange, Platform, SessionMessage, Thermal,
+    Ack, Command, CommandOutcome, CommandResult, CommandUsage, ConfigUpdate, CustomJson, DbOp,
+    DbSync, EventPayload, FileChunk, HealthMetrics, Heartbeat, JobSize, JsonText, MediaFrame,
+    MediaType, PairingMessage, Payload, PeerAnnounce, PeerExchange, Platform, SessionMessage,
+    Thermal,
 };
 pub use replay::{ReplayConfig, ReplayGuard};
 

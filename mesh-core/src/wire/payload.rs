@@ -141,6 +141,47 @@ pub struct Command {
     pub args: JsonText,
     /// How long the sender waits, milliseconds.
     pub timeout_ms: u32,
+    /// What the sender declares the command costs (the policy's cost,
+    /// token and job-size rules judge it); `None`: nothing declared (zero
+    /// cost, no tokens, a small job).
+    pub usage: Option<CommandUsage>,
+}
+
+/// What a command declares it will use, for the execution policy's
+/// limits: cost against the hourly budget, tokens against the per-call
+/// cap, and its size against the laptop-on-battery small-jobs-only rule.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct CommandUsage {
+    /// Estimated cost (the policy's currency), finite and 0 or more.
+    pub cost: Option<f64>,
+    /// Tokens the call asks for.
+    pub tokens: Option<u64>,
+    /// How big the job is.
+    pub job_size: Option<JobSize>,
+}
+
+impl CommandUsage {
+    /// Checks the values a peer sent: a cost must be finite and not
+    /// negative (a NaN would compare false against every limit).
+    pub fn validate(&self) -> Result<(), String> {
+        match self.cost {
+            Some(c) if !c.is_finite() || c < 0.0 => {
+                Err(format!("cost must be a finite number, 0 or more (got {c})"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The size of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobSize {
+    /// Small (the default).
+    #[default]
+    Small,
+    /// Large: refused on a laptop low on battery.
+    Large,
 }
 
 /// The outcome of a [`Command`].

@@ -37,6 +37,7 @@ fn one_of_each() -> Vec<Payload> {
             name: "chat.send".into(),
             args: json(serde_json::json!({"text": "hi"})),
             timeout_ms: 30_000,
+            usage: None,
         }),
         Payload::CommandResult(CommandResult {
             command_id: id,
@@ -354,6 +355,7 @@ fn sealed_envelope_is_readable_only_by_the_recipient() {
         name: "config".into(),
         args: JsonText::null(),
         timeout_ms: 1000,
+        usage: None,
     });
     let env = Envelope::new_sealed(alice.node_id(), bob.node_id(), NOW, &inner).unwrap();
     let signed = env.sign(&alice).unwrap();
@@ -643,16 +645,34 @@ fn arb_payload() -> impl Strategy<Value = Payload> {
         }),
         (any::<u64>(), metrics)
             .prop_map(|(seq, metrics)| Payload::Heartbeat(Heartbeat { seq, metrics })),
-        (arb_id(), "[a-z.]{1,20}", arb_json(), any::<u32>()).prop_map(
-            |(command_id, name, args, timeout_ms)| {
+        (
+            arb_id(),
+            "[a-z.]{1,20}",
+            arb_json(),
+            any::<u32>(),
+            proptest::option::of((
+                proptest::option::of(0.0f64..1e6),
+                proptest::option::of(any::<u64>()),
+                any::<bool>()
+            ))
+        )
+            .prop_map(|(command_id, name, args, timeout_ms, usage)| {
                 Payload::Command(Command {
                     command_id,
                     name,
                     args,
                     timeout_ms,
+                    usage: usage.map(|(cost, tokens, large)| CommandUsage {
+                        cost,
+                        tokens,
+                        job_size: Some(if large {
+                            JobSize::Large
+                        } else {
+                            JobSize::Small
+                        }),
+                    }),
                 })
-            }
-        ),
+            }),
         (arb_id(), arb_json(), any::<bool>(), ".{0,10}").prop_map(|(command_id, v, ok, msg)| {
             Payload::CommandResult(CommandResult {
                 command_id,

@@ -59,6 +59,7 @@ fn two_nodes_exchange_sealed_commands_through_a_stream() {
         name: "run_action".into(),
         args: JsonText::new(r#"{"action": "backup"}"#).unwrap(),
         timeout_ms: 30_000,
+        usage: None,
     });
     let first = Envelope::new_sealed(primary.node_id(), worker.node_id(), clock.now(), &command)
         .unwrap()

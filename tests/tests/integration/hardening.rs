@@ -385,3 +385,62 @@ async fn a_primary_cannot_publish_arbitrary_events_on_a_worker() {
     }
     w.shutdown().await;
 }
+
+/// Battery state an app reports; the test flips it.
+#[derive(Debug, Default)]
+struct Battery(std::sync::atomic::AtomicBool);
+
+impl mesh_core::node::MetricsSource for Battery {
+    fn sample(&self) -> mesh_core::wire::HealthMetrics {
+        let on_battery = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        mesh_core::wire::HealthMetrics {
+            battery_percent: Some(55.0),
+            charging: Some(!on_battery),
+            ..Default::default()
+        }
+    }
+}
+
+/// Defect 7: QUIC keep-alive follows the node's own power state, driven by
+/// the runtime from its heartbeat metrics (not only by a test calling the
+/// transport).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_follows_the_workers_own_power_state() {
+    let p = primary();
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let key = Arc::new(NodeKey::generate());
+    let transport = quic(&key, &store);
+    let battery = Arc::new(Battery::default());
+    let config = NodeConfig::new(Role::Worker, "laptop", "hw-laptop")
+        .heartbeat_interval(Duration::from_millis(50));
+    let w = Node::builder(key, store, transport.clone(), config)
+        .metrics(battery.clone())
+        .start()
+        .unwrap();
+    pair(&p, &w, false).await;
+    wait_until("a heartbeat on external power", || {
+        w.stats().heartbeats_sent > 0
+    })
+    .await;
+    assert!(!transport.on_battery());
+    assert!(transport.keep_alive_now().is_some());
+
+    battery.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    wait_until("the transport to hear of the battery", || {
+        transport.on_battery()
+    })
+    .await;
+    assert_eq!(
+        transport.keep_alive_now(),
+        None,
+        "keep-alive off on battery"
+    );
+
+    battery.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    wait_until("the transport to hear of the charger", || {
+        !transport.on_battery()
+    })
+    .await;
+    assert!(transport.keep_alive_now().is_some());
+    w.shutdown().await;
+}

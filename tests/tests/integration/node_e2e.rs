@@ -6,12 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_core::clock::Timestamp;
-use mesh_core::identity::{NodeId, NodeKey};
+use mesh_core::identity::NodeKey;
 use mesh_core::ledger::record_types;
 use mesh_core::limits::Rate;
 use mesh_core::node::{
-    CommandPolicy, FnHandler, Node, NodeConfig, NodeError, PairingLimits, Permit,
+    CommandPolicy, CommandRequest, FnHandler, Node, NodeConfig, NodeError, PairingLimits, Permit,
     RegistryAdmission, Role, Verdict,
 };
 use mesh_core::pairing::PairingError;
@@ -19,7 +18,6 @@ use mesh_core::registry::{AuthError, Registry, scopes};
 use mesh_core::storage::records::PrimaryLinkRecord;
 use mesh_core::storage::{MemoryStorage, Storage, StorageExt};
 use mesh_core::transport::PeerAddr;
-use mesh_core::wire::HealthMetrics;
 use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
 use mesh_transport::quic::{QuicConfig, QuicTransport};
 use serde_json::json;
@@ -31,13 +29,8 @@ use crate::support::{WAIT, next};
 struct NotesOnly;
 
 impl CommandPolicy for NotesOnly {
-    fn decide(
-        &self,
-        _: &NodeId,
-        command: &str,
-        _: Timestamp,
-        _: Option<&HealthMetrics>,
-    ) -> (Verdict, Permit) {
+    fn decide(&self, request: &CommandRequest<'_>) -> (Verdict, Permit) {
+        let command = request.command;
         let verdict = if command.starts_with("notes.") {
             Verdict::Allow
         } else {

@@ -16,7 +16,7 @@ use mesh_core::node::{
 };
 use mesh_core::storage::{MemoryStorage, SqliteStorage, Storage};
 use mesh_core::transport::PeerAddr;
-use mesh_core::wire::HealthMetrics;
+use mesh_core::wire::{CommandUsage, HealthMetrics, JobSize, Platform};
 use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
 use mesh_policy::runtime::RuntimePolicy;
 use mesh_policy::{PolicyEngine, PowerThresholds};
@@ -94,6 +94,10 @@ fn start_primary(store: Arc<dyn Storage>, key: Arc<NodeKey>, port: u16) -> Resul
 }
 
 fn start_worker(cpu: Arc<Cpu>) -> Node {
+    start_worker_as(cpu, Platform::Desktop, "builder")
+}
+
+fn start_worker_as(metrics: Arc<dyn MetricsSource>, platform: Platform, name: &str) -> Node {
     let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
     let key = Arc::new(NodeKey::generate());
     let admission = Arc::new(RegistryAdmission::new(store.clone()));
@@ -103,12 +107,13 @@ fn start_worker(cpu: Arc<Cpu>) -> Node {
     let transport = Arc::new(
         QuicTransport::bind(key.clone(), "127.0.0.1:0".parse().unwrap(), admission, quic).unwrap(),
     );
-    let config = NodeConfig::new(Role::Worker, "builder", "hw-builder")
+    let config = NodeConfig::new(Role::Worker, name, &format!("hw-{name}"))
+        .platform(platform)
         .heartbeat_interval(Duration::from_millis(50))
         .command_timeout(Duration::from_secs(5))
         .reconnect(Duration::from_millis(50), Duration::from_millis(400));
     Node::builder(key, store, transport, config)
-        .metrics(cpu)
+        .metrics(metrics)
         .start()
         .unwrap()
 }
@@ -412,4 +417,113 @@ async fn a_restarted_primary_keeps_its_state_and_the_worker_comes_back() {
     );
     w.shutdown().await;
     p.node.shutdown().await;
+}
+
+/// Fixed metrics, as an app reports them.
+#[derive(Debug)]
+struct Fixed(HealthMetrics);
+
+impl MetricsSource for Fixed {
+    fn sample(&self) -> HealthMetrics {
+        self.0.clone()
+    }
+}
+
+/// Issue 14, defect 7: the power rules fire in the runtime, from the
+/// device's platform and its latest heartbeat, over QUIC. An iPhone in
+/// low-power mode is refused with the power reason; a laptop (a desktop
+/// platform reporting a battery) at 30 % on battery runs small jobs only;
+/// the same desktop platform without a battery runs anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_rules_fire_from_the_platform_and_the_latest_heartbeat() {
+    let p = start_primary(
+        Arc::new(MemoryStorage::new()),
+        Arc::new(NodeKey::generate()),
+        0,
+    )
+    .unwrap();
+    let phone = start_worker_as(
+        Arc::new(Fixed(HealthMetrics {
+            battery_percent: Some(80.0),
+            charging: Some(false),
+            low_power_mode: Some(true),
+            ..HealthMetrics::default()
+        })),
+        Platform::Ios,
+        "phone",
+    );
+    let laptop = start_worker_as(
+        Arc::new(Fixed(HealthMetrics {
+            battery_percent: Some(30.0),
+            charging: Some(false),
+            ..HealthMetrics::default()
+        })),
+        Platform::Desktop,
+        "laptop",
+    );
+    let tower = start_worker_as(
+        Arc::new(Fixed(HealthMetrics {
+            cpu_percent: Some(10.0),
+            ..HealthMetrics::default()
+        })),
+        Platform::Desktop,
+        "tower",
+    );
+    let large = CommandUsage {
+        job_size: Some(JobSize::Large),
+        ..CommandUsage::default()
+    };
+    let mut online = p.node.subscribe("device.online", 8).unwrap();
+    for w in [&phone, &laptop, &tower] {
+        pair(&p, w).await;
+        p.node
+            .set_policy(&w.node_id(), r#"{"allowed_commands": ["notes.*"]}"#)
+            .unwrap();
+    }
+    // Each device's first heartbeat has been scored.
+    for _ in 0..3 {
+        next(&mut online, "device.online", WAIT).await;
+    }
+
+    let (c, _) = code(
+        phone
+            .send_command("notes.write", json!({"text": "x"}))
+            .await,
+    );
+    assert_eq!(c, "power_low_power_mode");
+    let (c, m) = code(
+        laptop
+            .send_command_with("notes.write", json!({"text": "big"}), Some(large))
+            .await,
+    );
+    assert_eq!(c, "power_small_jobs_only", "{m}");
+    assert_eq!(
+        laptop
+            .send_command("notes.write", json!({"text": "small"}))
+            .await
+            .unwrap(),
+        json!({"stored": "small"})
+    );
+    assert_eq!(
+        tower
+            .send_command_with("notes.write", json!({"text": "big"}), Some(large))
+            .await
+            .unwrap(),
+        json!({"stored": "big"})
+    );
+    // A declared cost that is not a number a limit can judge is refused
+    // before it leaves the worker.
+    let bad = Some(CommandUsage {
+        cost: Some(f64::NAN),
+        ..CommandUsage::default()
+    });
+    assert!(matches!(
+        tower.send_command_with("notes.write", json!({}), bad).await,
+        Err(NodeError::Policy(_))
+    ));
+    // The dry run sees the same context.
+    assert!(matches!(
+        p.node.check_command_with(&laptop.node_id(), "notes.write", large),
+        Ok(mesh_core::node::Verdict::Deny { code, .. }) if code == "power_small_jobs_only"
+    ));
 }
