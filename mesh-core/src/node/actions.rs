@@ -35,6 +35,61 @@ pub mod states {
     pub const FAILED: &str = "failed";
     /// Refused by a person.
     pub const REJECTED: &str = "rejected";
+    /// Void: its device was revoked or unpaired before anyone decided.
+    pub const VOIDED: &str = "voided";
+}
+
+/// A claim on an action being decided; released on drop.
+struct Claim<'a> {
+    inner: &'a Inner,
+    id: String,
+}
+
+impl<'a> Claim<'a> {
+    /// Claims action `id`, or says another decision holds it.
+    fn take(inner: &'a Inner, id: &str) -> Result<Self, NodeError> {
+        if !super::lock(&inner.primary.claimed).insert(id.to_owned()) {
+            return Err(NodeError::Unavailable(format!(
+                "action {id} is being decided already"
+            )));
+        }
+        Ok(Claim {
+            inner,
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        super::lock(&self.inner.primary.claimed).remove(&self.id);
+    }
+}
+
+/// Voids `device`'s proposed actions (revoked or unpaired): each goes
+/// proposed → voided, with its ledger record.
+pub(super) async fn void_actions(
+    inner: &Inner,
+    device: &NodeId,
+    why: &str,
+) -> Result<(), NodeError> {
+    let all: Vec<ActionRecord> = inner.store.load_all()?;
+    for a in all
+        .into_iter()
+        .filter(|a| a.proposed_by == *device && a.state == states::PROPOSED)
+    {
+        // One being approved right now is left to that approval.
+        let Ok(_claim) = Claim::take(inner, &a.id) else {
+            continue;
+        };
+        let mut a = a;
+        a.state = states::VOIDED.into();
+        a.decided_by = Some(inner.key.node_id().to_string());
+        a.error = Some(format!("the device was {why}"));
+        a.updated_at = inner.now();
+        transition(inner, &a).await?;
+    }
+    Ok(())
 }
 
 /// A worker's command: decide (again after a deferral), record the decision,
@@ -69,9 +124,8 @@ pub(super) async fn on_worker_command(
         }
         match verdict {
             Verdict::Allow => {
-                let outcome = run_handler(inner, &cmd.name, &cmd.args, "unknown_command").await;
-                drop(permit);
-                return outcome;
+                // The permit goes with the handler's thread.
+                return run_handler(inner, &cmd.name, &cmd.args, "unknown_command", permit).await;
             }
             Verdict::Deny { code, message } => return CommandOutcome::Err { code, message },
             Verdict::NeedsApproval { message, .. } => {
@@ -200,8 +254,11 @@ impl Node {
         Ok(all)
     }
 
-    fn proposed(&self, id: &str) -> Result<ActionRecord, NodeError> {
+    /// Action `id`, claimed for a decision, if it is still proposed.
+    fn claim_proposed(&self, id: &str) -> Result<(Claim<'_>, ActionRecord), NodeError> {
         let inner = self.primary()?;
+        let claim = Claim::take(inner, id)?;
+        // Read after the claim: a decision that finished before it shows.
         let action: ActionRecord = inner
             .store
             .load(id)?
@@ -212,13 +269,14 @@ impl Node {
                 action.state
             )));
         }
-        Ok(action)
+        Ok((claim, action))
     }
 
     /// Approves a proposed action: it runs now (approved → executing →
     /// executed or failed) and the final record is returned.
+    /// Two concurrent approvals run it once: the second is refused.
     pub async fn approve_action(&self, id: &str) -> Result<ActionRecord, NodeError> {
-        let mut action = self.proposed(id)?;
+        let (_claim, mut action) = self.claim_proposed(id)?;
         let inner = self.primary()?;
         let me = Some(inner.key.node_id().to_string());
         for state in [states::APPROVED, states::EXECUTING] {
@@ -227,7 +285,15 @@ impl Node {
             action.updated_at = inner.now();
             transition(inner, &action).await?;
         }
-        match run_handler(inner, &action.command, &action.params, "unknown_command").await {
+        match run_handler(
+            inner,
+            &action.command,
+            &action.params,
+            "unknown_command",
+            super::Permit::none(),
+        )
+        .await
+        {
             CommandOutcome::Ok(result) => {
                 action.state = states::EXECUTED.into();
                 action.result = Some(result);
@@ -248,7 +314,7 @@ impl Node {
         id: &str,
         reason: Option<String>,
     ) -> Result<ActionRecord, NodeError> {
-        let mut action = self.proposed(id)?;
+        let (_claim, mut action) = self.claim_proposed(id)?;
         let inner = self.primary()?;
         action.state = states::REJECTED.into();
         action.decided_by = Some(inner.key.node_id().to_string());

@@ -99,6 +99,55 @@ pub struct NodeConfig {
     pub pairing: PairingConfig,
     /// Bounds on pairing requests (primary).
     pub pairing_limits: PairingLimits,
+    /// Bounds on what one paired peer may send.
+    pub peer_limits: PeerLimits,
+}
+
+/// What one paired peer may send. Excess is refused with a typed code and
+/// counted in [`NodeStats`]: a message over the rate is dropped
+/// (`messages_refused`; a command among them is answered `rate_limited`),
+/// a command over the in-flight cap is answered `too_many_commands`
+/// (`commands_refused`), a connection over the per-key cap is closed at
+/// once (`connections_refused`).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct PeerLimits {
+    /// Messages per second from one peer. Default 100/s, burst 200.
+    pub messages: crate::limits::Rate,
+    /// Commands of one peer running at once. Default 16.
+    pub commands_in_flight: usize,
+    /// Connections of one key open at once. Default 4.
+    pub connections_per_key: usize,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        PeerLimits {
+            messages: crate::limits::Rate::per_second(100.0, 200),
+            commands_in_flight: 16,
+            connections_per_key: 4,
+        }
+    }
+}
+
+impl PeerLimits {
+    /// Sets the message rate.
+    pub fn messages(mut self, rate: crate::limits::Rate) -> Self {
+        self.messages = rate;
+        self
+    }
+
+    /// Sets the in-flight command cap (at least 1).
+    pub fn commands_in_flight(mut self, n: usize) -> Self {
+        self.commands_in_flight = n.max(1);
+        self
+    }
+
+    /// Sets the per-key connection cap (at least 1).
+    pub fn connections_per_key(mut self, n: usize) -> Self {
+        self.connections_per_key = n.max(1);
+        self
+    }
 }
 
 /// How much pairing traffic a primary takes: anyone on the network may ask
@@ -178,7 +227,14 @@ impl NodeConfig {
             reconnect_max: Duration::from_secs(30),
             pairing: PairingConfig::default(),
             pairing_limits: PairingLimits::default(),
+            peer_limits: PeerLimits::default(),
         }
+    }
+
+    /// Sets the bounds on what one peer may send.
+    pub fn peer_limits(mut self, limits: PeerLimits) -> Self {
+        self.peer_limits = limits;
+        self
     }
 
     /// Sets the bounds on pairing requests.
@@ -498,11 +554,15 @@ pub enum NodeError {
 /// `deferred`, `policy_disabled`, a time window, a battery rule, …).
 pub const FAILURE_CODES: &[&str] = &[
     "audit_failed",
+    "cancelled",
     "connection_lost",
+    "duplicate_command",
     "handler_failed",
     "handler_panicked",
     "handler_timeout",
     "invalid_args",
+    "rate_limited",
+    "too_many_commands",
     "unknown_action",
     "unknown_command",
 ];
@@ -702,6 +762,9 @@ pub(crate) struct Stats {
     heartbeats_sent: std::sync::atomic::AtomicU64,
     heartbeats_received: std::sync::atomic::AtomicU64,
     pairing_refused: std::sync::atomic::AtomicU64,
+    messages_refused: std::sync::atomic::AtomicU64,
+    commands_refused: std::sync::atomic::AtomicU64,
+    connections_refused: std::sync::atomic::AtomicU64,
     timings: Option<Mutex<Vec<u32>>>,
 }
 
@@ -734,6 +797,12 @@ pub struct NodeStats {
     pub heartbeats_received: u64,
     /// Pairing requests refused by [`PairingLimits`] (rate or caps).
     pub pairing_refused: u64,
+    /// Messages dropped over a peer's rate ([`PeerLimits::messages`]).
+    pub messages_refused: u64,
+    /// Commands refused over a peer's in-flight cap.
+    pub commands_refused: u64,
+    /// Connections closed over a key's connection cap.
+    pub connections_refused: u64,
     /// Per-heartbeat processing times on the primary, nanoseconds (only
     /// with [`NodeBuilder::record_timings`]; at most 2^20 kept).
     pub heartbeat_nanos: Vec<u32>,
@@ -993,6 +1062,15 @@ impl Node {
                 .heartbeats_received
                 .load(std::sync::atomic::Ordering::Relaxed),
             pairing_refused: s.pairing_refused.load(std::sync::atomic::Ordering::Relaxed),
+            messages_refused: s
+                .messages_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
+            commands_refused: s
+                .commands_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
+            connections_refused: s
+                .connections_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
             heartbeat_nanos: s
                 .timings
                 .as_ref()

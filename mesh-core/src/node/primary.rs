@@ -18,6 +18,7 @@ use crate::pairing::{PairingCode, PairingError};
 use crate::registry::{AuthError, scopes};
 use crate::storage::records::{DeviceRecord, PairingRequestRecord};
 use crate::transport::{Connection, Protocol, TransportError};
+use crate::wire::MessageId;
 use crate::wire::{
     CommandOutcome, CommandResult, HealthMetrics, JsonText, PairingMessage, Payload, Platform,
     SessionMessage,
@@ -41,6 +42,15 @@ pub(crate) struct State {
     /// session, dropped on unpair and revocation.
     pub(super) power: Mutex<HashMap<NodeId, PowerContext>>,
     pairings: Mutex<HashMap<String, Waiter>>,
+    /// Each device's commands running now (bounded by
+    /// `PeerLimits::commands_in_flight`), cancelled on revocation.
+    running: Mutex<HashMap<NodeId, HashMap<MessageId, tokio::task::AbortHandle>>>,
+    /// Open mesh connections per key (bounded by
+    /// `PeerLimits::connections_per_key`).
+    mesh_conns: Mutex<HashMap<NodeId, usize>>,
+    /// Actions being decided now (approve, reject, void): a transition
+    /// claims its action first, so two concurrent approvals run it once.
+    pub(super) claimed: Mutex<std::collections::HashSet<String>>,
     /// Serialises policy changes (commit, then install).
     pub(super) policy_changes: Mutex<()>,
     /// Rates of new pairing requests (made at the first request).
@@ -132,6 +142,37 @@ fn auth_code(e: &AuthError) -> &'static str {
         AuthError::BadToken(_) => "bad_token",
         AuthError::ScopeMissing { .. } => "scope_missing",
         AuthError::Storage(_) => "storage",
+    }
+}
+
+/// One of a key's open mesh connections; uncounted on drop.
+struct ConnCount<'a> {
+    inner: &'a Inner,
+    node: NodeId,
+}
+
+impl<'a> ConnCount<'a> {
+    /// Counts a connection of `node`, unless it has as many as it may.
+    fn take(inner: &'a Inner, node: NodeId) -> Option<Self> {
+        let mut conns = lock(&inner.primary.mesh_conns);
+        let n = conns.entry(node).or_insert(0);
+        if *n >= inner.config.peer_limits.connections_per_key {
+            return None;
+        }
+        *n += 1;
+        Some(ConnCount { inner, node })
+    }
+}
+
+impl Drop for ConnCount<'_> {
+    fn drop(&mut self) {
+        let mut conns = lock(&self.inner.primary.mesh_conns);
+        if let Some(n) = conns.get_mut(&self.node) {
+            *n -= 1;
+            if *n == 0 {
+                conns.remove(&self.node);
+            }
+        }
     }
 }
 
@@ -308,6 +349,14 @@ async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
 
 async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
     let node = conn.remote_node();
+    let Some(_counted) = ConnCount::take(inner, node) else {
+        inner
+            .stats
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        conn.close();
+        return;
+    };
     let hello = tokio::time::timeout(
         inner.config.command_timeout,
         inner
@@ -385,11 +434,29 @@ async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
 async fn serve(inner: &Arc<Inner>, conn: &dyn Connection, node: NodeId, token: &[u8; 32]) {
     // The device's own replay state, made now that its token passed.
     let guard = inner.guards.of(node);
+    let mut rate = TokenBucket::new(inner.config.peer_limits.messages, inner.now());
     loop {
         let Ok((payload, arrived)) = inner.link.recv_timed(conn, &guard, || inner.now()).await
         else {
             return;
         };
+        // Over its rate, a peer's messages are dropped before any work
+        // (a command among them is told why).
+        if !rate.try_take(inner.now()) {
+            inner.stats.messages_refused.fetch_add(1, Ordering::Relaxed);
+            if let Payload::Command(cmd) = &payload {
+                refuse_command(
+                    inner,
+                    conn,
+                    node,
+                    cmd.command_id,
+                    "rate_limited",
+                    "over this device's message rate",
+                )
+                .await;
+            }
+            continue;
+        }
         let scope = match &payload {
             Payload::Command(_) => scopes::COMMANDS_RUN,
             _ => scopes::PRESENCE_WRITE,
@@ -418,29 +485,100 @@ async fn serve(inner: &Arc<Inner>, conn: &dyn Connection, node: NodeId, token: &
                     );
                 }
             }
-            Payload::Command(cmd) => {
-                // Decided and run in its own task: a slow handler or a
-                // deferral does not hold up heartbeats.
-                let (task_inner, conn) = (inner.clone(), session_conn(inner, &node));
-                inner.spawn(async move {
-                    let outcome = super::actions::on_worker_command(&task_inner, node, &cmd).await;
-                    let result = Payload::CommandResult(CommandResult {
-                        command_id: cmd.command_id,
-                        outcome,
-                    });
-                    if let Some(conn) = conn {
-                        let _ = task_inner
-                            .link
-                            .send(conn.as_ref(), node, result, task_inner.now())
-                            .await;
-                    }
-                });
-            }
+            Payload::Command(cmd) => start_command(inner, conn, node, cmd).await,
             Payload::CommandResult(r) => {
                 inner.calls.complete(node, r.command_id, r.outcome);
             }
             Payload::Session(SessionMessage::Bye { .. }) => return,
             _ => {}
+        }
+    }
+}
+
+/// Answers `cmd` with a failure `code` without running it.
+async fn refuse_command(
+    inner: &Inner,
+    conn: &dyn Connection,
+    node: NodeId,
+    command_id: MessageId,
+    code: &str,
+    message: &str,
+) {
+    let result = Payload::CommandResult(CommandResult {
+        command_id,
+        outcome: CommandOutcome::Err {
+            code: code.into(),
+            message: message.into(),
+        },
+    });
+    let _ = inner.link.send(conn, node, result, inner.now()).await;
+}
+
+/// Decides and runs a worker's command in a task of its own (a slow
+/// handler or a deferral holds up nothing else), within the device's
+/// in-flight cap; the task is registered so revocation can cancel it.
+async fn start_command(
+    inner: &Arc<Inner>,
+    conn: &dyn Connection,
+    node: NodeId,
+    cmd: crate::wire::Command,
+) {
+    let command_id = cmd.command_id;
+    let refusal = {
+        let mut running = lock(&inner.primary.running);
+        let mine = running.entry(node).or_default();
+        if mine.contains_key(&cmd.command_id) {
+            Some(("duplicate_command", "a command with this id is running"))
+        } else if mine.len() >= inner.config.peer_limits.commands_in_flight {
+            Some((
+                "too_many_commands",
+                "this device has as many commands running as it may",
+            ))
+        } else {
+            let (task_inner, reply_conn) = (inner.clone(), session_conn(inner, &node));
+            let id = cmd.command_id;
+            // Registered before the task can finish: it deregisters itself
+            // under the same lock.
+            let task = tokio::spawn(async move {
+                let outcome = super::actions::on_worker_command(&task_inner, node, &cmd).await;
+                if let Some(m) = lock(&task_inner.primary.running).get_mut(&node) {
+                    m.remove(&id);
+                }
+                let result = Payload::CommandResult(CommandResult {
+                    command_id: cmd.command_id,
+                    outcome,
+                });
+                if let Some(conn) = reply_conn {
+                    let _ = task_inner
+                        .link
+                        .send(conn.as_ref(), node, result, task_inner.now())
+                        .await;
+                }
+            });
+            mine.insert(id, task.abort_handle());
+            None
+        }
+    };
+    if let Some((code, message)) = refusal {
+        inner.stats.commands_refused.fetch_add(1, Ordering::Relaxed);
+        refuse_command(inner, conn, node, command_id, code, message).await;
+    }
+}
+
+/// Cancels `node`'s running and deferred commands (revoked, unpaired).
+fn cancel_commands(inner: &Inner, node: &NodeId) {
+    if let Some(tasks) = lock(&inner.primary.running).remove(node) {
+        for (_, t) in tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Cancels every device's commands (the node stops).
+pub(super) fn cancel_all_commands(inner: &Inner) {
+    for (_, tasks) in lock(&inner.primary.running).drain() {
+        for (_, t) in tasks {
+            t.abort();
         }
     }
 }
@@ -474,6 +612,7 @@ pub(super) async fn run_handler(
     name: &str,
     args: &JsonText,
     missing_code: &str,
+    permit: super::Permit,
 ) -> CommandOutcome {
     let Some(handler) = inner.handlers.get(name).cloned() else {
         return CommandOutcome::Err {
@@ -486,7 +625,13 @@ pub(super) async fn run_handler(
         Err(e) => return invalid_args(&e),
     };
     let timeout = inner.config.command_timeout;
-    let running = tokio::task::spawn_blocking(move || handler.call(&args));
+    // The permit (a policy's concurrency slot) lives on the handler's
+    // thread: a handler that overruns its timeout keeps its slot until it
+    // really ends.
+    let running = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        handler.call(&args)
+    });
     match tokio::time::timeout(timeout, running).await {
         Ok(Ok(Ok(v))) => match JsonText::from_value(&v) {
             Ok(json) => CommandOutcome::Ok(json),
@@ -529,6 +674,7 @@ async fn end_session(inner: &Inner, node: &NodeId, reason: &str) {
 /// Closes every connection without goodbyes: for a node dropped without
 /// `shutdown`.
 pub(super) fn close_now(inner: &Inner) {
+    cancel_all_commands(inner);
     for (_, s) in lock(&inner.primary.sessions).drain() {
         s.conn.close();
     }
@@ -538,6 +684,7 @@ pub(super) fn close_now(inner: &Inner) {
 }
 
 pub(super) async fn close_all(inner: &Inner, reason: &str) {
+    cancel_all_commands(inner);
     let sessions: Vec<(NodeId, SessionRef)> = lock(&inner.primary.sessions).drain().collect();
     for (node, s) in sessions {
         bye(inner, s.conn.as_ref(), node, reason).await;
@@ -701,7 +848,9 @@ impl Node {
         let inner = self.primary()?;
         inner.registry.revoke(device, inner.now())?;
         inner.guards.forget(device);
+        cancel_commands(inner, device);
         end_session(inner, device, "revoked").await;
+        super::actions::void_actions(inner, device, "revoked").await?;
         Ok(())
     }
 
@@ -710,7 +859,10 @@ impl Node {
         let inner = self.primary()?;
         inner.registry.unpair(device, inner.now())?;
         inner.guards.forget(device);
+        cancel_commands(inner, device);
+        lock(&inner.primary.power).remove(device);
         end_session(inner, device, "unpaired").await;
+        super::actions::void_actions(inner, device, "unpaired").await?;
         Ok(())
     }
 

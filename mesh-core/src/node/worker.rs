@@ -34,6 +34,8 @@ pub(crate) struct State {
     /// Configuration set by the primary (`config` command).
     config: Mutex<HashMap<String, Value>>,
     heartbeat_seq: AtomicU64,
+    /// The primary's commands running now.
+    commands_running: std::sync::atomic::AtomicUsize,
     /// The power state last given to the transports (0: none yet).
     power: std::sync::atomic::AtomicU8,
 }
@@ -337,11 +339,34 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
         match payload {
             Payload::Command(cmd) => {
                 // Run in its own task: a slow handler holds up neither
-                // other commands nor the session. If the result cannot be
-                // sent, the connection is gone and the loop sees it.
+                // other commands nor the session, within the in-flight
+                // cap. If the result cannot be sent, the connection is
+                // gone and the loop sees it.
+                let limit = inner.config.peer_limits.commands_in_flight;
+                let running = &inner.worker.commands_running;
+                if running.fetch_add(1, Ordering::AcqRel) >= limit {
+                    running.fetch_sub(1, Ordering::AcqRel);
+                    inner.stats.commands_refused.fetch_add(1, Ordering::Relaxed);
+                    let refused = Payload::CommandResult(CommandResult {
+                        command_id: cmd.command_id,
+                        outcome: CommandOutcome::Err {
+                            code: "too_many_commands".into(),
+                            message: "this worker runs as many commands as it may".into(),
+                        },
+                    });
+                    let _ = inner
+                        .link
+                        .send(conn.as_ref(), primary, refused, inner.now())
+                        .await;
+                    continue;
+                }
                 let (task_inner, task_conn) = (inner.clone(), conn.clone());
                 inner.spawn(async move {
                     let outcome = handle_command(&task_inner, &cmd).await;
+                    task_inner
+                        .worker
+                        .commands_running
+                        .fetch_sub(1, Ordering::AcqRel);
                     let result = Payload::CommandResult(CommandResult {
                         command_id: cmd.command_id,
                         outcome,
@@ -427,7 +452,14 @@ async fn handle_command(inner: &Inner, cmd: &Command) -> CommandOutcome {
                 Ok(a) => a,
                 Err(e) => return invalid_args(&e),
             };
-            run_handler(inner, action, &action_args, "unknown_action").await
+            run_handler(
+                inner,
+                action,
+                &action_args,
+                "unknown_action",
+                super::Permit::none(),
+            )
+            .await
         }
         other => CommandOutcome::Err {
             code: "unknown_command".into(),

@@ -8,7 +8,7 @@ use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::events::{Received, kinds};
 use mesh_core::identity::NodeKey;
 use mesh_core::limits::Rate;
-use mesh_core::node::{FnHandler, Node, NodeConfig, NodeError, PairingLimits, Role};
+use mesh_core::node::{FnHandler, Node, NodeConfig, NodeError, PairingLimits, PeerLimits, Role};
 use mesh_core::pairing::{DeviceInfo, DevicePairing, PairingConfig};
 use mesh_core::storage::records::{PairingRequestRecord, PrimaryLinkRecord};
 use mesh_core::storage::{MemoryStorage, Storage, StorageExt};
@@ -443,4 +443,178 @@ async fn keep_alive_follows_the_workers_own_power_state() {
     .await;
     assert!(transport.keep_alive_now().is_some());
     w.shutdown().await;
+}
+
+/// A paired device driven by hand: its key and token (from pairing a real
+/// worker, which is then shut down).
+struct RawDevice {
+    key: Arc<NodeKey>,
+    token: [u8; 32],
+    transport: Arc<QuicTransport>,
+}
+
+async fn raw_device(p: &crate::node_e2e::Primary) -> RawDevice {
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let key = Arc::new(NodeKey::generate());
+    let config = NodeConfig::new(Role::Worker, "raw", &format!("hw-raw-{}", key.node_id()))
+        .heartbeat_interval(Duration::from_secs(60));
+    let w = Node::builder(key.clone(), store.clone(), quic(&key, &store), config)
+        .start()
+        .unwrap();
+    pair(p, &w, false).await;
+    let link: PrimaryLinkRecord = store.load("primary").unwrap().unwrap();
+    w.shutdown().await;
+    RawDevice {
+        transport: quic(&key, &store),
+        key,
+        token: link.token,
+    }
+}
+
+impl RawDevice {
+    async fn send(&self, conn: &dyn Connection, to: mesh_core::identity::NodeId, payload: Payload) {
+        let frame = Envelope::new(
+            self.key.node_id(),
+            Destination::Node(to),
+            SystemClock.now(),
+            payload,
+        )
+        .sign(&self.key)
+        .unwrap()
+        .to_frame()
+        .unwrap();
+        conn.send(frame).await.unwrap();
+    }
+
+    /// Opens a session (hello with the token, welcome back).
+    async fn session(&self, p: &crate::node_e2e::Primary) -> Box<dyn Connection> {
+        let conn = self
+            .transport
+            .connect(p.node.node_id(), &p.addr, Protocol::Mesh)
+            .await
+            .unwrap();
+        self.send(
+            conn.as_ref(),
+            p.node.node_id(),
+            Payload::Session(SessionMessage::Hello { token: self.token }),
+        )
+        .await;
+        match recv(conn.as_ref()).await {
+            Some(Payload::Session(SessionMessage::Welcome)) => conn,
+            other => panic!("no welcome: {other:?}"),
+        }
+    }
+}
+
+/// The next payload on `conn` within 5 s (`None`: closed or silent).
+async fn recv(conn: &dyn Connection) -> Option<Payload> {
+    let frame = tokio::time::timeout(Duration::from_secs(5), conn.recv())
+        .await
+        .ok()?
+        .ok()?;
+    let (u, _) =
+        mesh_core::wire::decode_frame(&frame, mesh_core::wire::DEFAULT_MAX_FRAME_LEN).ok()?;
+    Some(u.verify().ok()?.into_envelope().payload)
+}
+
+fn command(name: &str) -> Payload {
+    Payload::Command(mesh_core::wire::Command {
+        command_id: mesh_core::wire::MessageId::random(),
+        name: name.into(),
+        args: JsonText::new(r#"{"text": "x"}"#).unwrap(),
+        timeout_ms: 5000,
+        usage: None,
+    })
+}
+
+/// Sends `n` commands `name` at once and returns the outcome codes
+/// (`ok` for successes), in any order.
+async fn burst(dev: &RawDevice, p: &crate::node_e2e::Primary, name: &str, n: usize) -> Vec<String> {
+    let conn = dev.session(p).await;
+    for _ in 0..n {
+        dev.send(conn.as_ref(), p.node.node_id(), command(name))
+            .await;
+    }
+    let mut codes = Vec::new();
+    while codes.len() < n {
+        match recv(conn.as_ref()).await {
+            Some(Payload::CommandResult(r)) => codes.push(match r.outcome {
+                mesh_core::wire::CommandOutcome::Ok(_) => "ok".to_owned(),
+                mesh_core::wire::CommandOutcome::Err { code, .. } => code,
+            }),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    conn.close();
+    codes
+}
+
+fn count(codes: &[String], code: &str) -> usize {
+    codes.iter().filter(|c| *c == code).count()
+}
+
+/// Defect 4: a peer's messages over its rate are refused with a typed code
+/// and counted; the rest are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_its_message_rate_is_refused_with_rate_limited() {
+    let p =
+        primary_with(|c| c.peer_limits(PeerLimits::default().messages(Rate::per_second(0.0, 10))));
+    let dev = raw_device(&p).await;
+    // A burst of 10 and no refill: 10 served, 20 refused.
+    let codes = burst(&dev, &p, "notes.write", 30).await;
+    assert_eq!(codes.len(), 30, "{codes:?}");
+    assert_eq!(count(&codes, "ok"), 10, "{codes:?}");
+    assert_eq!(count(&codes, "rate_limited"), 20, "{codes:?}");
+    assert_eq!(p.node.stats().messages_refused, 20);
+}
+
+/// Defect 4: commands in flight per peer are capped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_its_commands_in_flight_is_refused_with_too_many_commands() {
+    let p = primary_with(|c| c.peer_limits(PeerLimits::default().commands_in_flight(2)));
+    let dev = raw_device(&p).await;
+    let codes = burst(&dev, &p, "notes.slow", 6).await;
+    assert_eq!(count(&codes, "ok"), 2, "{codes:?}");
+    assert_eq!(count(&codes, "too_many_commands"), 4, "{codes:?}");
+    assert_eq!(p.node.stats().commands_refused, 4);
+    // Once they finished, the device may run commands again.
+    let again = burst(&dev, &p, "notes.slow", 2).await;
+    assert_eq!(count(&again, "ok"), 2, "{again:?}");
+}
+
+/// Defect 4: connections per key are capped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_connection_cap_is_closed() {
+    let p = primary_with(|c| c.peer_limits(PeerLimits::default().connections_per_key(2)));
+    let dev = raw_device(&p).await;
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        conns.push(
+            dev.transport
+                .connect(p.node.node_id(), &p.addr, Protocol::Mesh)
+                .await
+                .unwrap(),
+        );
+    }
+    wait_until("two refusals", || p.node.stats().connections_refused == 2).await;
+    let mut closed = 0;
+    for c in &conns {
+        if tokio::time::timeout(Duration::from_millis(300), c.recv())
+            .await
+            .is_ok_and(|r| r.is_err())
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 2);
+    for c in &conns {
+        c.close();
+    }
+    drop(conns);
+    // With the others gone (their hello deadline or close), a session
+    // opens again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let conn = dev.session(&p).await;
+    conn.close();
 }

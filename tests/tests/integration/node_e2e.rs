@@ -85,6 +85,13 @@ pub(crate) fn primary_with(adjust: impl FnOnce(NodeConfig) -> NodeConfig) -> Pri
                 Ok(json!({ "stored": args["text"] }))
             })),
         )
+        .handler(
+            "notes.slow",
+            Arc::new(FnHandler(|_: &serde_json::Value| {
+                std::thread::sleep(Duration::from_millis(400));
+                Ok(json!({ "slow": true }))
+            })),
+        )
         .start()
         .unwrap();
     Primary {

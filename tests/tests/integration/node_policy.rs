@@ -48,6 +48,15 @@ struct Primary {
 }
 
 fn start_primary(store: Arc<dyn Storage>, key: Arc<NodeKey>, port: u16) -> Result<Primary, String> {
+    start_primary_with(store, key, port, Duration::from_secs(5))
+}
+
+fn start_primary_with(
+    store: Arc<dyn Storage>,
+    key: Arc<NodeKey>,
+    port: u16,
+    command_timeout: Duration,
+) -> Result<Primary, String> {
     let ledger = Arc::new(
         SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default())
             .map_err(|e| e.to_string())?,
@@ -65,7 +74,7 @@ fn start_primary(store: Arc<dyn Storage>, key: Arc<NodeKey>, port: u16) -> Resul
     let engine = PolicyEngine::with_thresholds(thresholds);
     let config = NodeConfig::new(Role::Primary, "Studio", "primary-1")
         .heartbeat_interval(Duration::from_millis(50))
-        .command_timeout(Duration::from_secs(5));
+        .command_timeout(command_timeout);
     let node = Node::builder(key.clone(), store.clone(), transport, config)
         .ledger(ledger)
         .policy(Arc::new(RuntimePolicy::with_engine(engine)))
@@ -82,6 +91,13 @@ fn start_primary(store: Arc<dyn Storage>, key: Arc<NodeKey>, port: u16) -> Resul
         .handler(
             "jobs.fail",
             Arc::new(FnHandler(|_: &Value| Err("disk full".to_owned()))),
+        )
+        .handler(
+            "jobs.slow",
+            Arc::new(FnHandler(|_: &Value| {
+                std::thread::sleep(Duration::from_millis(1500));
+                Ok(json!({ "slow": true }))
+            })),
         )
         .start()
         .map_err(|e| e.to_string())?;
@@ -526,4 +542,176 @@ async fn power_rules_fire_from_the_platform_and_the_latest_heartbeat() {
         p.node.check_command_with(&laptop.node_id(), "notes.write", large),
         Ok(mesh_core::node::Verdict::Deny { code, .. }) if code == "power_small_jobs_only"
     ));
+}
+
+fn body(r: &mesh_ledger::LedgerRecord) -> Value {
+    match &r.body {
+        Body::Json(j) => serde_json::from_str(j.as_str()).unwrap(),
+        Body::Bytes(_) => panic!("JSON body"),
+    }
+}
+
+/// Issue 14, defect 5: revoking a device cancels its deferred command (no
+/// decision is made or recorded for it afterwards) and voids its proposed
+/// actions, each with a ledger record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_cancels_deferred_commands_and_voids_proposed_actions() {
+    let p = start_primary(
+        Arc::new(MemoryStorage::new()),
+        Arc::new(NodeKey::generate()),
+        0,
+    )
+    .unwrap();
+    let cpu = Arc::new(Cpu::default());
+    let w = start_worker(cpu.clone());
+    pair(&p, &w).await;
+    let dev = w.node_id();
+    p.node
+        .set_policy(
+            &dev,
+            r#"{"allowed_commands": ["jobs.*"], "require_approval": true}"#,
+        )
+        .unwrap();
+    assert_eq!(
+        code(w.send_command("jobs.deploy", json!({"version": 1})).await).0,
+        "needs_approval"
+    );
+    let proposed = p.node.actions().unwrap()[0].id.clone();
+
+    // A command deferred on a busy CPU (retried every 200 ms)…
+    p.node
+        .set_policy(&dev, r#"{"allowed_commands": ["notes.*"]}"#)
+        .unwrap();
+    cpu.0.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut decided = p.node.subscribe("command.decided", 16).unwrap();
+    let sender = w.clone();
+    let pending = tokio::spawn(async move {
+        sender
+            .send_command("notes.write", json!({"text": "later"}))
+            .await
+    });
+    let first = next(&mut decided, "command.decided", WAIT).await;
+    assert_eq!(first.data["decision"], "defer");
+    // …and the device is revoked while it waits.
+    p.node.revoke(&dev).await.unwrap();
+    assert!(pending.await.unwrap().is_err());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let records = ledger_records(&p);
+    let revoked_at = records
+        .iter()
+        .position(|r| r.record_type == record_types::DEVICE_REVOKED)
+        .unwrap();
+    let after: Vec<_> = records[revoked_at..]
+        .iter()
+        .map(|r| (r.record_type.clone(), body(r)))
+        .collect();
+    assert!(
+        !after
+            .iter()
+            .any(|(t, _)| t == record_types::COMMAND_DECIDED),
+        "decided after the revocation: {after:?}"
+    );
+    let voided: Vec<_> = after
+        .iter()
+        .filter(|(t, b)| {
+            t == record_types::ACTION_TRANSITION && b["state"] == action_states::VOIDED
+        })
+        .collect();
+    assert_eq!(voided.len(), 1, "{after:?}");
+    assert_eq!(voided[0].1["action"], proposed.as_str());
+    let action = p
+        .node
+        .actions()
+        .unwrap()
+        .into_iter()
+        .find(|a| a.id == proposed)
+        .unwrap();
+    assert_eq!(action.state, action_states::VOIDED);
+    assert!(p.node.approve_action(&proposed).await.is_err());
+}
+
+/// Issue 14, defect 5: two concurrent approvals of one action run its
+/// handler once; the other is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_approvals_run_an_action_once() {
+    let p = start_primary(
+        Arc::new(MemoryStorage::new()),
+        Arc::new(NodeKey::generate()),
+        0,
+    )
+    .unwrap();
+    let w = start_worker(Arc::new(Cpu::default()));
+    pair(&p, &w).await;
+    p.node
+        .set_policy(
+            &w.node_id(),
+            r#"{"allowed_commands": ["jobs.*"], "require_approval": true}"#,
+        )
+        .unwrap();
+    for round in 0..5 {
+        code(
+            w.send_command("jobs.deploy", json!({"version": round}))
+                .await,
+        );
+        let id = p.node.actions().unwrap()[0].id.clone();
+        let (a, b) = (p.node.clone(), p.node.clone());
+        let (ida, idb) = (id.clone(), id.clone());
+        let first = tokio::spawn(async move { a.approve_action(&ida).await });
+        let second = tokio::spawn(async move { b.approve_action(&idb).await });
+        let results = [first.await.unwrap(), second.await.unwrap()];
+        assert_eq!(
+            results.iter().filter(|r| r.is_ok()).count(),
+            1,
+            "{results:?}"
+        );
+        let executed = ledger_records(&p)
+            .iter()
+            .filter(|r| {
+                r.record_type == record_types::ACTION_TRANSITION
+                    && body(r)["action"] == id.as_str()
+                    && body(r)["state"] == action_states::EXECUTED
+            })
+            .count();
+        assert_eq!(executed, 1);
+    }
+}
+
+/// Issue 14, defect 5: a handler that overran its timeout keeps its
+/// concurrency permit until its thread ends: the next command is refused
+/// for concurrency meanwhile, then allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overrunning_handler_keeps_its_concurrency_slot_until_it_ends() {
+    let p = start_primary_with(
+        Arc::new(MemoryStorage::new()),
+        Arc::new(NodeKey::generate()),
+        0,
+        Duration::from_millis(400),
+    )
+    .unwrap();
+    let w = start_worker(Arc::new(Cpu::default()));
+    pair(&p, &w).await;
+    p.node
+        .set_policy(
+            &w.node_id(),
+            r#"{"allowed_commands": ["jobs.*"], "max_concurrent_calls": 1}"#,
+        )
+        .unwrap();
+    assert_eq!(
+        code(w.send_command("jobs.slow", json!({})).await).0,
+        "handler_timeout"
+    );
+    // The handler still runs (1.5 s): its slot is still taken.
+    assert_eq!(
+        code(w.send_command("jobs.deploy", json!({"version": 1})).await).0,
+        "concurrency_exceeded"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        w.send_command("jobs.deploy", json!({"version": 2}))
+            .await
+            .unwrap(),
+        json!({"deployed": 2})
+    );
 }
