@@ -258,7 +258,16 @@ async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
     // One live request per key: a new one replaces the old.
     let replaced = {
         let mut waiting = lock(&inner.primary.pairings);
-        if waiting.len() >= inner.config.pairing_limits.max_pending {
+        // Checked again under the lock that inserts: several connections
+        // may have passed the first check before any was waiting.
+        let limits = &inner.config.pairing_limits;
+        let from_source = source.as_deref().map_or(0, |src| {
+            waiting
+                .values()
+                .filter(|w| w.node != from && w.source.as_deref() == Some(src))
+                .count()
+        });
+        if waiting.len() >= limits.max_pending || from_source >= limits.max_pending_per_address {
             drop(waiting);
             refuse_pairing(inner, conn.as_ref(), "too_many_pending", None);
             return;
