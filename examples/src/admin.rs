@@ -66,6 +66,7 @@ fn node_error(e: NodeError) -> AdminError {
         NodeError::Pairing(_) => "pairing",
         NodeError::Policy(_) => "invalid_policy",
         NodeError::NotConnected(_) => "not_connected",
+        NodeError::DeviceOffline(_) => "device_offline",
         NodeError::Timeout(_) => "timeout",
         NodeError::Unavailable(_) => "unavailable",
         NodeError::Registry(_) | NodeError::Auth(_) => "registry",
@@ -192,6 +193,9 @@ pub async fn dispatch(
             match cmd {
                 "devices.unpair" => node.unpair(&device).await,
                 "devices.revoke" => node.revoke(&device).await,
+                _ if args.get("force").and_then(Value::as_bool) == Some(true) => {
+                    node.rotate_token_forced(&device).await
+                }
                 _ => node.rotate_token(&device).await,
             }
             .map_err(node_error)?;

@@ -549,6 +549,18 @@ impl Registry {
         now: Timestamp,
     ) -> Result<DeviceToken, RegistryError> {
         let token = DeviceToken::generate();
+        self.rotate_token_to(node, &token, now)?;
+        Ok(token)
+    }
+
+    /// Makes `token` the device's only token (the second phase of a
+    /// rotation the device acknowledged), audited.
+    pub fn rotate_token_to(
+        &self,
+        node: &NodeId,
+        token: &DeviceToken,
+        now: Timestamp,
+    ) -> Result<(), RegistryError> {
         let hash = token.hash();
         let audit = Audit(record_types::TOKEN_ROTATED, now);
         self.update_audited(node, Some(audit), |d| d.token_hash = hash)?;
@@ -557,7 +569,7 @@ impl Registry {
             now,
             json!({ "node": node.to_string() }),
         );
-        Ok(token)
+        Ok(())
     }
 
     /// Revokes the device: every check fails until it is unpaired and paired again.

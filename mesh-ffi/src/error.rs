@@ -123,9 +123,10 @@ impl From<NodeError> for MeshError {
                 code,
                 detail: message,
             },
-            NodeError::Transport(_) | NodeError::NotConnected(_) | NodeError::Discovery(_) => {
-                MeshError::Network { detail }
-            }
+            NodeError::Transport(_)
+            | NodeError::NotConnected(_)
+            | NodeError::DeviceOffline(_)
+            | NodeError::Discovery(_) => MeshError::Network { detail },
             NodeError::Pairing(_) => MeshError::Pairing { detail },
             NodeError::Auth(_) => MeshError::Unauthorized { detail },
             NodeError::Timeout(_) => MeshError::Timeout { detail },

@@ -637,11 +637,22 @@ impl MeshNode {
             .await
     }
 
-    /// Primary: gives `device` a new token (over its open session).
-    pub async fn rotate_token(&self, device: String) -> Result<(), MeshError> {
+    /// Primary: gives `device` a new token. Without `force` the device
+    /// must be connected: it stores the new token and acknowledges before
+    /// the old one stops working (`Network` error if it is offline). With
+    /// `force` the old token stops at once; an offline device must then
+    /// pair again.
+    pub async fn rotate_token(&self, device: String, force: bool) -> Result<(), MeshError> {
         let device = parse_node(&device)?;
-        self.run(move |node| async move { Ok(node.rotate_token(&device).await?) })
-            .await
+        self.run(move |node| async move {
+            if force {
+                node.rotate_token_forced(&device).await?;
+            } else {
+                node.rotate_token(&device).await?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Primary: sets `device`'s execution policy (a mesh-policy document,

@@ -150,10 +150,15 @@ enum DevicesCmd {
         #[command(flatten)]
         target: Target,
     },
-    /// Rotate a device's token; the old one is refused from now on.
+    /// Rotate a device's token: the connected device stores the new one
+    /// and acknowledges, then the old one is refused. An offline device
+    /// fails with device_offline unless --force (it must then pair again).
     Rotate {
         /// Node id, hardware/app id or name.
         device: String,
+        /// Rotate without the device's acknowledgement.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -589,9 +594,15 @@ fn admin_command(command: &Command) -> Option<ExitCode> {
         Command::Devices(DevicesCmd::Revoke { device, target }) => {
             run_admin(target, "devices.revoke", json!({ "device": device }))
         }
-        Command::Devices(DevicesCmd::Rotate { device, target }) => {
-            run_admin(target, "devices.rotate", json!({ "device": device }))
-        }
+        Command::Devices(DevicesCmd::Rotate {
+            device,
+            force,
+            target,
+        }) => run_admin(
+            target,
+            "devices.rotate",
+            json!({ "device": device, "force": force }),
+        ),
         Command::Policy(PolicyCmd::Set {
             device,
             file,

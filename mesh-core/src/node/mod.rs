@@ -520,6 +520,10 @@ pub enum NodeError {
     /// The device is not connected.
     #[error("device {0} is not connected")]
     NotConnected(NodeId),
+    /// The operation needs the device online (a token rotation it must
+    /// acknowledge); force it to go ahead without.
+    #[error("device {0} is offline; a forced rotation makes it pair again")]
+    DeviceOffline(NodeId),
     /// This operation belongs to the other role, or needs pairing first.
     #[error("not available: {0}")]
     Unavailable(String),

@@ -51,6 +51,9 @@ pub(crate) struct State {
     /// Actions being decided now (approve, reject, void): a transition
     /// claims its action first, so two concurrent approvals run it once.
     pub(super) claimed: Mutex<std::collections::HashSet<String>>,
+    /// Token rotations waiting for the device's acknowledgement, with the
+    /// session they were sent on.
+    rotations: Mutex<HashMap<NodeId, (u64, oneshot::Sender<()>)>>,
     /// Serialises policy changes (commit, then install).
     pub(super) policy_changes: Mutex<()>,
     /// Rates of new pairing requests (made at the first request).
@@ -423,7 +426,7 @@ async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
             inner.now(),
             json!({ "node": node.to_string() }),
         );
-        serve(inner, conn.as_ref(), node, &token).await;
+        serve(inner, conn.as_ref(), node, id, &token).await;
     }
     let mut sessions = lock(&inner.primary.sessions);
     if sessions.get(&node).is_some_and(|s| s.id == id) {
@@ -440,7 +443,13 @@ async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
 }
 
 /// The session loop: every message passes the gate first.
-async fn serve(inner: &Arc<Inner>, conn: &dyn Connection, node: NodeId, token: &[u8; 32]) {
+async fn serve(
+    inner: &Arc<Inner>,
+    conn: &dyn Connection,
+    node: NodeId,
+    session_id: u64,
+    token: &[u8; 32],
+) {
     // The device's own replay state, made now that its token passed.
     let guard = inner.guards.of(node);
     let mut rate = TokenBucket::new(inner.config.peer_limits.messages, inner.now());
@@ -499,6 +508,14 @@ async fn serve(inner: &Arc<Inner>, conn: &dyn Connection, node: NodeId, token: &
                 inner.calls.complete(node, r.command_id, r.outcome);
             }
             Payload::Session(SessionMessage::Bye { .. }) => return,
+            Payload::Session(SessionMessage::TokenStored) => {
+                let waiting = lock(&inner.primary.rotations).remove(&node);
+                if let Some((session, tx)) = waiting
+                    && session == session_id
+                {
+                    let _ = tx.send(());
+                }
+            }
             _ => {}
         }
     }
@@ -875,9 +892,58 @@ impl Node {
         Ok(())
     }
 
-    /// Rotates a device's token: the old one is refused from now on; a
-    /// connected device gets the new one and reconnects with it.
+    /// Rotates a connected device's token in two phases: the new token is
+    /// sent, the device stores it durably and acknowledges, and only then
+    /// does it become the only one (the old one is refused from then on;
+    /// the device reconnects with the new one). Fails with
+    /// [`NodeError::DeviceOffline`] if the device is not connected (see
+    /// [`Node::rotate_token_forced`]), and with a timeout if no
+    /// acknowledgement comes (the old token then stays valid).
     pub async fn rotate_token(&self, device: &NodeId) -> Result<(), NodeError> {
+        let inner = self.primary()?;
+        let session = lock(&inner.primary.sessions)
+            .get(device)
+            .cloned()
+            .ok_or(NodeError::DeviceOffline(*device))?;
+        let token = crate::registry::DeviceToken::generate();
+        let (tx, rx) = oneshot::channel();
+        lock(&inner.primary.rotations).insert(*device, (session.id, tx));
+        let msg = Payload::Session(SessionMessage::TokenRotated {
+            token: *token.as_bytes(),
+        });
+        let sent = inner
+            .link
+            .send(session.conn.as_ref(), *device, msg, inner.now())
+            .await;
+        let acked = match sent {
+            Ok(()) => tokio::time::timeout(inner.config.command_timeout, rx).await,
+            Err(e) => {
+                lock(&inner.primary.rotations).remove(device);
+                return Err(e);
+            }
+        };
+        match acked {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(NodeError::NotConnected(*device)),
+            Err(_) => {
+                lock(&inner.primary.rotations).remove(device);
+                return Err(NodeError::Timeout(inner.config.command_timeout));
+            }
+        }
+        inner
+            .registry
+            .rotate_token_to(device, &token, inner.now())?;
+        let session = lock(&inner.primary.sessions).remove(device);
+        if let Some(s) = session {
+            bye(inner, s.conn.as_ref(), *device, "token_rotated").await;
+        }
+        Ok(())
+    }
+
+    /// Rotates a device's token without its acknowledgement, connected or
+    /// not: the old token is refused at once, and a device that does not
+    /// receive the new one must pair again.
+    pub async fn rotate_token_forced(&self, device: &NodeId) -> Result<(), NodeError> {
         let inner = self.primary()?;
         let token = inner.registry.rotate_token(device, inner.now())?;
         let session = lock(&inner.primary.sessions).remove(device);

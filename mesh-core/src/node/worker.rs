@@ -15,8 +15,9 @@ use super::primary::{invalid_args, run_handler};
 use super::{AbortOnDrop, Inner, Node, NodeError, Role, lock};
 use crate::identity::NodeId;
 use crate::pairing::{DeviceInfo, DevicePairing, DeviceStep, PairingError};
+use crate::storage::Record;
 use crate::storage::StorageExt;
-use crate::storage::records::PrimaryLinkRecord;
+use crate::storage::records::{PrimaryLinkRecord, TokenFallbackRecord};
 use crate::transport::{Connection, PeerAddr, Protocol, TransportError};
 use crate::wire::{
     Command, CommandOutcome, CommandResult, CommandUsage, Heartbeat, JsonText, Payload,
@@ -192,9 +193,30 @@ impl Drop for Counted<'_> {
 enum Ended {
     /// The primary said goodbye (or refused the hello) with this reason.
     Bye(String),
+    /// The primary's transport refused this key.
+    Refused(String),
     /// The connection failed or dropped; `connected` if it had been open.
     Lost { connected: bool, error: String },
 }
+
+/// Whether a session's end is final.
+///
+/// Permanent: the primary revoked or unpaired this device, or refused its
+/// token (after the pre-rotation token was tried too), or refused its key
+/// several times in a row. Everything else (the primary restarting, a
+/// storage hiccup on either side, a rate limit, a lost connection, a
+/// timeout) is retried with backoff.
+pub(crate) fn is_permanent(reason: &str) -> bool {
+    matches!(
+        reason,
+        "revoked" | "unpaired" | "bad_token" | "scope_missing"
+    )
+}
+
+/// Refusals of this key by the primary's transport in a row before the
+/// worker stops (a revoked key is refused at the handshake; one refusal
+/// may be the primary's storage failing).
+const MAX_REFUSALS: u32 = 5;
 
 async fn run_supervisor(inner: Arc<Inner>) {
     let seed = u64::from_le_bytes(
@@ -207,38 +229,79 @@ async fn run_supervisor(inner: Arc<Inner>) {
         inner.config.reconnect_max,
         seed,
     );
+    let mut refusals = 0;
     loop {
-        let Ok(Some(link)) = inner.store.load::<PrimaryLinkRecord>("primary") else {
-            return;
-        };
-        match run_session(&inner, &link).await {
-            Ended::Bye(reason) if reason == "token_rotated" => {
-                backoff.reset();
+        let link = match inner.store.load::<PrimaryLinkRecord>("primary") {
+            Ok(Some(link)) => link,
+            Ok(None) => return,
+            Err(e) => {
+                // A storage hiccup: try again later.
+                inner.events.publish(
+                    "session.storage_error",
+                    inner.now(),
+                    json!({ "error": e.to_string() }),
+                );
+                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
+        };
+        let ended = run_session(&inner, &link).await;
+        let primary = link.primary.to_string();
+        match ended {
+            Ended::Bye(reason) if reason == "token_rotated" => {
+                backoff.reset();
+                refusals = 0;
+                continue;
+            }
+            Ended::Bye(reason) if reason == "bad_token" && fall_back_to_previous_token(&inner) => {
+                // A rotation the primary never committed: the old token.
+                continue;
+            }
+            Ended::Refused(reason) => {
+                refusals += 1;
+                if refusals >= MAX_REFUSALS {
+                    inner.events.publish(
+                        "session.ended",
+                        inner.now(),
+                        json!({ "primary": primary, "reason": "refused", "error": reason }),
+                    );
+                    return;
+                }
+                inner.events.publish(
+                    "session.lost",
+                    inner.now(),
+                    json!({ "primary": primary, "error": format!("refused: {reason}") }),
+                );
+            }
             Ended::Bye(reason) => {
-                if reason == "unpaired" {
-                    let _ = inner.store.remove::<PrimaryLinkRecord>("primary");
+                refusals = 0;
+                if reason == "unpaired"
+                    && let Err(e) = inner.store.remove::<PrimaryLinkRecord>("primary")
+                {
+                    inner.events.publish(
+                        "session.storage_error",
+                        inner.now(),
+                        json!({ "error": e.to_string() }),
+                    );
                 }
                 inner.events.publish(
                     "session.ended",
                     inner.now(),
-                    json!({ "primary": link.primary.to_string(), "reason": reason }),
+                    json!({ "primary": primary, "reason": reason }),
                 );
-                if reason == "shutdown" {
-                    // The primary is restarting: come back later.
-                } else {
+                if is_permanent(&reason) {
                     return;
                 }
             }
             Ended::Lost { connected, error } => {
+                refusals = 0;
                 if connected {
                     backoff.reset();
                 }
                 inner.events.publish(
                     "session.lost",
                     inner.now(),
-                    json!({ "primary": link.primary.to_string(), "error": error }),
+                    json!({ "primary": primary, "error": error }),
                 );
             }
         }
@@ -252,22 +315,52 @@ async fn run_supervisor(inner: Arc<Inner>) {
     }
 }
 
+/// After `bad_token`: if a rotation left the previous token, makes it the
+/// token again (one batch) and says so.
+fn fall_back_to_previous_token(inner: &Inner) -> bool {
+    let (Ok(Some(prev)), Ok(Some(link))) = (
+        inner
+            .store
+            .load::<TokenFallbackRecord>(TokenFallbackRecord::KEY),
+        inner.store.load::<PrimaryLinkRecord>("primary"),
+    ) else {
+        return false;
+    };
+    let restored = PrimaryLinkRecord {
+        token: prev.token,
+        ..link
+    };
+    let batch = restored
+        .put()
+        .map(|put| vec![put, TokenFallbackRecord::delete(TokenFallbackRecord::KEY)]);
+    match batch.and_then(|b| inner.store.apply(&b)) {
+        Ok(()) => {
+            inner.events.publish(
+                "session.token_fallback",
+                inner.now(),
+                json!({ "primary": link.primary.to_string() }),
+            );
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
     let primary = link.primary;
-    let conn: Arc<dyn Connection> = match inner
-        .connect(primary, &link.address, Protocol::Mesh)
-        .await
-    {
-        Ok(c) => Arc::from(c),
-        // The primary's admission refuses revoked and unknown keys.
-        Err(TransportError::Refused(reason)) => return Ended::Bye(format!("refused: {reason}")),
-        Err(e) => {
-            return Ended::Lost {
-                connected: false,
-                error: e.to_string(),
-            };
-        }
-    };
+    let conn: Arc<dyn Connection> =
+        match inner.connect(primary, &link.address, Protocol::Mesh).await {
+            Ok(c) => Arc::from(c),
+            // The primary's admission refuses revoked and unknown keys (or
+            // could not read its registry).
+            Err(TransportError::Refused(reason)) => return Ended::Refused(reason),
+            Err(e) => {
+                return Ended::Lost {
+                    connected: false,
+                    error: e.to_string(),
+                };
+            }
+        };
     let hello = Payload::Session(SessionMessage::Hello { token: link.token });
     if let Err(e) = inner
         .link
@@ -299,6 +392,16 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
                 error: format!("no welcome: {other:?}"),
             };
         }
+    }
+    // The token that opened this session works: a fallback kept from a
+    // rotation is no longer needed.
+    if let Ok(Some(_)) = inner
+        .store
+        .load::<TokenFallbackRecord>(TokenFallbackRecord::KEY)
+    {
+        let _ = inner
+            .store
+            .apply(&[TokenFallbackRecord::delete(TokenFallbackRecord::KEY)]);
     }
     let session_id = inner.session_id();
     *lock(&inner.worker.session) = Some(SessionRef {
@@ -381,11 +484,37 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
                 inner.calls.complete(primary, r.command_id, r.outcome);
             }
             Payload::Session(SessionMessage::TokenRotated { token }) => {
+                // Phase one of a rotation: the new token and the old one (in
+                // case the primary never commits) in one durable batch, then
+                // the acknowledgement. Nothing is acknowledged unsaved.
                 let rotated = PrimaryLinkRecord {
                     token,
                     ..link.clone()
                 };
-                let _ = inner.store.save(&rotated);
+                let previous = TokenFallbackRecord {
+                    token: link.token,
+                    stored_at: inner.now(),
+                };
+                let saved = rotated
+                    .put()
+                    .and_then(|a| Ok(vec![a, previous.put()?]))
+                    .and_then(|batch| inner.store.apply(&batch));
+                match saved {
+                    Ok(()) => {
+                        let ack = Payload::Session(SessionMessage::TokenStored);
+                        let _ = inner
+                            .link
+                            .send(conn.as_ref(), primary, ack, inner.now())
+                            .await;
+                    }
+                    Err(e) => {
+                        inner.events.publish(
+                            "session.token_save_failed",
+                            inner.now(),
+                            json!({ "error": e.to_string() }),
+                        );
+                    }
+                }
             }
             Payload::Session(SessionMessage::Bye { reason }) => break Ended::Bye(reason),
             // The primary's news for this worker: only the kinds a primary

@@ -63,11 +63,14 @@ pub enum Table {
     DeviceIds,
     /// Audit ledger records (mesh-ledger), keyed by author and sequence.
     LedgerRecords,
+    /// This node's own state: a worker's link to its primary and its
+    /// token fallback during a rotation.
+    NodeState,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 11] = [
+    pub const ALL: [Table; 12] = [
         Table::Devices,
         Table::PairingRequests,
         Table::DiscoveredNodes,
@@ -79,6 +82,7 @@ impl Table {
         Table::Actions,
         Table::DeviceIds,
         Table::LedgerRecords,
+        Table::NodeState,
     ];
 
     /// The table's name (also its SQL name).
@@ -95,6 +99,7 @@ impl Table {
             Table::Actions => "actions",
             Table::DeviceIds => "device_ids",
             Table::LedgerRecords => "ledger_records",
+            Table::NodeState => "node_state",
         }
     }
 }

@@ -403,7 +403,7 @@ impl Record for ActionRecord {
 }
 
 /// A worker's link to its primary: who, where, and the token it presents.
-/// Kept in [`Table::Peers`] under the key `"primary"`. The token is the
+/// Kept in [`Table::NodeState`] under the key `"primary"`. The token is the
 /// worker's own credential (the primary stores only its hash); the SQLite
 /// file is created with mode 0600.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -429,8 +429,41 @@ impl std::fmt::Debug for PrimaryLinkRecord {
 }
 
 impl Record for PrimaryLinkRecord {
-    const TABLE: Table = Table::Peers;
+    const TABLE: Table = Table::NodeState;
     fn key(&self) -> String {
         "primary".to_owned()
+    }
+}
+
+/// The token a worker presented before a rotation it acknowledged: kept
+/// until a session opens with the new one, so a primary that stopped
+/// between the acknowledgement and its commit still admits the device.
+/// In [`Table::NodeState`] under `"primary.previous_token"`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenFallbackRecord {
+    /// The previous token.
+    pub token: [u8; 32],
+    /// When the new one was stored.
+    pub stored_at: Timestamp,
+}
+
+impl TokenFallbackRecord {
+    /// Its key.
+    pub const KEY: &'static str = "primary.previous_token";
+}
+
+impl std::fmt::Debug for TokenFallbackRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenFallbackRecord")
+            .field("token", &"<redacted>")
+            .field("stored_at", &self.stored_at)
+            .finish()
+    }
+}
+
+impl Record for TokenFallbackRecord {
+    const TABLE: Table = Table::NodeState;
+    fn key(&self) -> String {
+        Self::KEY.to_owned()
     }
 }

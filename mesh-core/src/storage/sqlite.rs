@@ -9,11 +9,11 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use super::{Storage, StorageError, Table, Visitor, Write};
 
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Migrations, in order; migration `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>] =
-    &[migrate_v1, migrate_v2, migrate_v3];
+    &[migrate_v1, migrate_v2, migrate_v3, migrate_v4];
 
 fn create_table(tx: &rusqlite::Transaction<'_>, name: &str) -> rusqlite::Result<()> {
     tx.execute_batch(&format!(
@@ -71,6 +71,16 @@ fn visit_rows(mut rows: rusqlite::Rows<'_>, visit: &mut Visitor<'_>) -> Result<(
 /// v3: the audit ledger's records (mesh-ledger).
 fn migrate_v3(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     create_table(tx, "ledger_records")
+}
+
+/// v4: the node's own state (`node_state`); a worker's primary link moves
+/// there from `peers`, which is left to mesh members.
+fn migrate_v4(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    create_table(tx, "node_state")?;
+    tx.execute_batch(
+        "INSERT INTO node_state (key, body) SELECT key, body FROM peers WHERE key = 'primary';
+         DELETE FROM peers WHERE key = 'primary';",
+    )
 }
 
 /// The embedded default storage.

@@ -47,12 +47,29 @@ mod sqlite_only {
         let path = dir.path().join("mesh.db");
         let node = crate::identity::NodeKey::from_secret_bytes(&[4; 32]).node_id();
         {
-            // Build a v1 file: the v1 tables, one device, user_version 1 (the
-            // migrations to v2 and v3 then add device_ids and ledger_records).
+            // Build a v1 file: the v1 tables, one device, a worker's primary
+            // link in `peers`, user_version 1 (the migrations to v2, v3 and
+            // v4 then add device_ids, ledger_records and node_state, and
+            // move the link).
             let s = SqliteStorage::open(&path).unwrap();
             let conn = s.conn();
             conn.execute_batch(
-                "DROP TABLE device_ids; DROP TABLE ledger_records; PRAGMA user_version = 1;",
+                "DROP TABLE device_ids; DROP TABLE ledger_records; DROP TABLE node_state;
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+            let link = crate::storage::records::PrimaryLinkRecord {
+                primary: node,
+                address: crate::transport::PeerAddr::Memory("p".into()),
+                token: [3; 32],
+                paired_at: crate::clock::Timestamp::from_millis(5),
+            };
+            let Ok(crate::storage::Write::Put { body, .. }) = link.put() else {
+                panic!("a put");
+            };
+            conn.execute(
+                "INSERT INTO peers (key, body) VALUES ('primary', ?1)",
+                rusqlite::params![body],
             )
             .unwrap();
             let body =
@@ -69,6 +86,13 @@ mod sqlite_only {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+        let moved: crate::storage::records::PrimaryLinkRecord = s.load("primary").unwrap().unwrap();
+        assert_eq!(moved.token, [3; 32]);
+        let left: i64 = s
+            .conn()
+            .query_row("SELECT count(*) FROM peers", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0, "the link left the mesh members' table");
         let index: DeviceIdRecord = s.load("hw-old").unwrap().unwrap();
         assert_eq!(
             index,

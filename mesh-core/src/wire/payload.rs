@@ -490,6 +490,9 @@ pub enum SessionMessage {
         /// Reason code, e.g. `revoked`, `unpaired`, `token_rotated`, `shutdown`.
         reason: String,
     },
+    /// Device → primary: the rotated token is stored durably; the primary
+    /// may now make it the only one.
+    TokenStored,
 }
 
 impl std::fmt::Debug for SessionMessage {
@@ -502,6 +505,7 @@ impl std::fmt::Debug for SessionMessage {
                 f.write_str("TokenRotated { token: <redacted> }")
             }
             SessionMessage::Bye { reason } => write!(f, "Bye {{ reason: {reason:?} }}"),
+            SessionMessage::TokenStored => f.write_str("TokenStored"),
         }
     }
 }

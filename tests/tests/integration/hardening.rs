@@ -624,3 +624,165 @@ async fn a_key_over_its_connection_cap_is_closed() {
     let conn = dev.session(&p).await;
     conn.close();
 }
+
+/// The payload of one frame.
+fn payload_of(frame: &[u8]) -> Payload {
+    let (u, _) =
+        mesh_core::wire::decode_frame(frame, mesh_core::wire::DEFAULT_MAX_FRAME_LEN).unwrap();
+    u.verify().unwrap().into_envelope().payload
+}
+
+/// Defect 6: a worker retries transient ends (a storage hiccup on the
+/// primary), acknowledges a rotated token only once it is stored, and if
+/// the primary never committed the rotation (it stopped between the
+/// acknowledgement and its commit) it falls back to the old token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_retries_transient_ends_and_survives_an_uncommitted_rotation() {
+    let key = Arc::new(NodeKey::generate());
+    let transport = Arc::new(
+        QuicTransport::bind(
+            key.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(mesh_core::transport::AdmitAll),
+            mesh_transport::quic::QuicConfig::default(),
+        )
+        .unwrap(),
+    );
+    let addr = transport.addr();
+    let id = key.node_id();
+    let new_token = [9u8; 32];
+    let (tx, mut hellos) = tokio::sync::mpsc::channel(16);
+    let fake = tokio::spawn(async move {
+        let send = |conn: Arc<dyn Connection>, p: Payload| {
+            let key = key.clone();
+            async move {
+                let to = conn.remote_node();
+                let frame = Envelope::new(id, Destination::Node(to), SystemClock.now(), p)
+                    .sign(&key)
+                    .unwrap()
+                    .to_frame()
+                    .unwrap();
+                let _ = conn.send(frame).await;
+            }
+        };
+        for round in 0..4 {
+            let conn: Arc<dyn Connection> = Arc::from(transport.accept().await.unwrap());
+            let Payload::Session(SessionMessage::Hello { token }) =
+                payload_of(&conn.recv().await.unwrap())
+            else {
+                panic!("no hello");
+            };
+            tx.send(token).await.unwrap();
+            match round {
+                // A storage hiccup on the primary: transient.
+                0 => {
+                    send(
+                        conn.clone(),
+                        Payload::Session(SessionMessage::Bye {
+                            reason: "storage".into(),
+                        }),
+                    )
+                    .await;
+                }
+                // A rotation the worker acknowledges; then this "primary"
+                // stops before committing it.
+                1 => {
+                    send(conn.clone(), Payload::Session(SessionMessage::Welcome)).await;
+                    send(
+                        conn.clone(),
+                        Payload::Session(SessionMessage::TokenRotated { token: new_token }),
+                    )
+                    .await;
+                    loop {
+                        let p = payload_of(&conn.recv().await.unwrap());
+                        if matches!(p, Payload::Session(SessionMessage::TokenStored)) {
+                            break;
+                        }
+                    }
+                    tx.send([0xAC; 32]).await.unwrap(); // "acknowledged"
+                }
+                // Back up without the commit: the new token is unknown.
+                2 => {
+                    send(
+                        conn.clone(),
+                        Payload::Session(SessionMessage::Bye {
+                            reason: "bad_token".into(),
+                        }),
+                    )
+                    .await;
+                }
+                _ => {
+                    send(conn.clone(), Payload::Session(SessionMessage::Welcome)).await;
+                    while conn.recv().await.is_ok() {}
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            conn.close();
+        }
+    });
+
+    let old_token = [7u8; 32];
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    store
+        .save(&PrimaryLinkRecord {
+            primary: id,
+            address: addr,
+            token: old_token,
+            paired_at: SystemClock.now(),
+        })
+        .unwrap();
+    let wkey = Arc::new(NodeKey::generate());
+    let config = NodeConfig::new(Role::Worker, "w", "hw-w")
+        .heartbeat_interval(Duration::from_secs(60))
+        .reconnect(Duration::from_millis(20), Duration::from_millis(100));
+    let w = Node::builder(wkey.clone(), store.clone(), quic(&wkey, &store), config)
+        .start()
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        match tokio::time::timeout(Duration::from_secs(10), hellos.recv()).await {
+            Ok(Some(t)) => seen.push(t),
+            other => panic!(
+                "the worker stopped trying: {other:?} after {} hellos",
+                seen.len()
+            ),
+        }
+    }
+    // old (storage bye) → old (rotated, acknowledged) → new (bad_token) → old again.
+    assert_eq!(
+        seen,
+        [old_token, old_token, [0xAC; 32], new_token, old_token]
+    );
+    wait_until("the session", || w.is_connected()).await;
+    let link: PrimaryLinkRecord = store.load("primary").unwrap().unwrap();
+    assert_eq!(link.token, old_token);
+    w.shutdown().await;
+    fake.abort();
+}
+
+/// Defect 6: rotating an offline device's token fails with
+/// `DeviceOffline` (nothing changes) unless forced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_an_offline_device_needs_force() {
+    let p = primary();
+    let (w, w_store) = worker("sleepy");
+    pair(&p, &w, false).await;
+    let device = w.node_id();
+    w.shutdown().await;
+    wait_until("the device to be offline", || {
+        !p.node.devices().unwrap()[0].online
+    })
+    .await;
+    let link: PrimaryLinkRecord = w_store.load("primary").unwrap().unwrap();
+    let registry =
+        mesh_core::registry::Registry::new(p.store.clone(), mesh_core::events::EventBus::new());
+    let gate = mesh_core::registry::scopes::PRESENCE_WRITE;
+    assert!(matches!(
+        p.node.rotate_token(&device).await,
+        Err(NodeError::DeviceOffline(d)) if d == device
+    ));
+    registry.check(&device, &link.token, gate).unwrap();
+    p.node.rotate_token_forced(&device).await.unwrap();
+    assert!(registry.check(&device, &link.token, gate).is_err());
+}
