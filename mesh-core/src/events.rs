@@ -59,6 +59,13 @@ pub mod kinds {
     pub const DEVICE_TOKEN_ROTATED: &str = "device.token_rotated";
     /// A device was revoked.
     pub const DEVICE_REVOKED: &str = "device.revoked";
+    /// A paired device became trusted after enough successful commands.
+    pub const DEVICE_TRUSTED: &str = "device.trusted";
+    /// A device's scopes were replaced.
+    pub const DEVICE_SCOPES_SET: &str = "device.scopes_set";
+    /// A worker published an event to its primary (`device`, `kind`,
+    /// `data`; needs `events:write`).
+    pub const DEVICE_EVENT: &str = "device.event";
     /// A peer joined the mesh.
     pub const PEER_JOINED: &str = "peer.joined";
     /// A peer left the mesh.

@@ -28,6 +28,10 @@ pub mod record_types {
     pub const DEVICE_REVOKED: &str = "device.revoked";
     /// A device's token was rotated.
     pub const TOKEN_ROTATED: &str = "device.token_rotated";
+    /// A device's scopes were replaced.
+    pub const SCOPES_SET: &str = "device.scopes_set";
+    /// A paired device became trusted (R-PAIR8).
+    pub const DEVICE_TRUSTED: &str = "device.trusted";
     /// A device's policy was set or changed.
     pub const POLICY_SET: &str = "policy.set";
     /// A command was decided (allowed, denied, needs approval, deferred).

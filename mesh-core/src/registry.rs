@@ -270,6 +270,30 @@ impl Default for TrustConfig {
     }
 }
 
+impl TrustConfig {
+    /// Sets the trust added per successful command (clamped to 0–1; a
+    /// value that is not a number adds nothing).
+    pub fn step(mut self, step: f64) -> Self {
+        self.step = if step.is_nan() {
+            0.0
+        } else {
+            step.clamp(0.0, 1.0)
+        };
+        self
+    }
+
+    /// Sets the level from which a paired device is trusted (clamped to
+    /// 0–1; not a number: never).
+    pub fn trusted_from(mut self, level: f64) -> Self {
+        self.trusted_from = if level.is_nan() {
+            f64::INFINITY
+        } else {
+            level.clamp(0.0, 1.0)
+        };
+        self
+    }
+}
+
 /// What a new device record is made from (the pairing request's facts).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewDevice {
@@ -373,7 +397,7 @@ impl Registry {
         if !bool::from(presented.as_slice().ct_eq(device.token_hash.as_slice())) {
             return Err(AuthError::BadToken(*node));
         }
-        if !device.scopes.iter().any(|s| s.as_str() == scope) {
+        if !device.has_scope(scope) {
             return Err(AuthError::ScopeMissing {
                 node: *node,
                 scope: scope.to_owned(),
@@ -486,14 +510,6 @@ impl Registry {
             })
     }
 
-    fn update(
-        &self,
-        node: &NodeId,
-        change: impl FnOnce(&mut DeviceRecord),
-    ) -> Result<DeviceRecord, RegistryError> {
-        self.update_audited(node, None, change)
-    }
-
     /// A read-modify-write of one device, recorded in the ledger if `audit`.
     fn update_audited(
         &self,
@@ -587,33 +603,81 @@ impl Registry {
         Ok(())
     }
 
-    /// Replaces the device's scopes.
+    /// Replaces the device's scopes, with a ledger record.
     pub fn set_scopes(
         &self,
         node: &NodeId,
         scopes: &[&str],
+        now: Timestamp,
     ) -> Result<DeviceRecord, RegistryError> {
-        self.update(node, |d| {
-            d.scopes = scopes.iter().map(|s| Scope::new(s)).collect()
-        })
+        let device = self.update_with(node, now, |d| {
+            d.scopes = scopes.iter().map(|s| Scope::new(s)).collect();
+            Some((
+                record_types::SCOPES_SET,
+                json!({ "node": node.to_string(), "device_id": d.device_id, "scopes": scopes }),
+            ))
+        })?;
+        self.events.publish(
+            kinds::DEVICE_SCOPES_SET,
+            now,
+            json!({ "node": node.to_string(), "scopes": scopes }),
+        );
+        Ok(device)
     }
 
     /// Records a successful use: raises trust, and promotes a paired device
-    /// to trusted at the configured level (R-PAIR8).
+    /// to trusted at the configured level (R-PAIR8); the promotion is
+    /// recorded in the ledger and published (`device.trusted`).
     pub fn record_success(
         &self,
         node: &NodeId,
         now: Timestamp,
     ) -> Result<DeviceRecord, RegistryError> {
         let trust = self.trust.clone();
-        self.update(node, |d| {
+        let device = self.update_with(node, now, |d| {
             d.successes += 1;
             d.trust_level = (d.trust_level + trust.step).min(1.0);
             d.last_seen = Some(now);
-            if d.status == DeviceStatus::Paired && d.trust_level + 1e-9 >= trust.trusted_from {
+            let promote =
+                d.status == DeviceStatus::Paired && d.trust_level + 1e-9 >= trust.trusted_from;
+            promote.then(|| {
                 d.status = DeviceStatus::Trusted;
+                (
+                    record_types::DEVICE_TRUSTED,
+                    json!({ "node": node.to_string(), "device_id": d.device_id, "trust_level": d.trust_level, "successes": d.successes }),
+                )
+            })
+        })?;
+        Ok(device)
+    }
+
+    /// Changes a device; `change` says whether (and what) to record in the
+    /// ledger, in the same batch.
+    fn update_with(
+        &self,
+        node: &NodeId,
+        now: Timestamp,
+        change: impl FnOnce(&mut DeviceRecord) -> Option<(&'static str, serde_json::Value)>,
+    ) -> Result<DeviceRecord, RegistryError> {
+        let audited = {
+            let _g = self.lock();
+            let mut device = self.get(node)?.ok_or(RegistryError::UnknownDevice(*node))?;
+            let audit = change(&mut device);
+            let batch = vec![device.put()?];
+            match &audit {
+                Some((record_type, body)) => self.commit(batch, record_type, body.clone(), now)?,
+                None => self.store.apply(&batch)?,
             }
-        })
+            (device, audit)
+        };
+        if let (device, Some((record_types::DEVICE_TRUSTED, _))) = &audited {
+            self.events.publish(
+                kinds::DEVICE_TRUSTED,
+                now,
+                json!({ "node": node.to_string(), "trust_level": device.trust_level }),
+            );
+        }
+        Ok(audited.0)
     }
 }
 

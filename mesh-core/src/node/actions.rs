@@ -39,6 +39,18 @@ pub mod states {
     pub const VOIDED: &str = "voided";
 }
 
+/// A command of `node` succeeded: its trust rises (R-PAIR8). A failure to
+/// record it is published, not fatal to the command.
+fn record_success(inner: &Inner, node: &NodeId) {
+    if let Err(e) = inner.registry.record_success(node, inner.now()) {
+        inner.events.publish(
+            "trust.update_failed",
+            inner.now(),
+            json!({ "device": node.to_string(), "error": e.to_string() }),
+        );
+    }
+}
+
 /// A claim on an action being decided; released on drop.
 struct Claim<'a> {
     inner: &'a Inner,
@@ -125,7 +137,12 @@ pub(super) async fn on_worker_command(
         match verdict {
             Verdict::Allow => {
                 // The permit goes with the handler's thread.
-                return run_handler(inner, &cmd.name, &cmd.args, "unknown_command", permit).await;
+                let outcome =
+                    run_handler(inner, &cmd.name, &cmd.args, "unknown_command", permit).await;
+                if matches!(outcome, CommandOutcome::Ok(_)) {
+                    record_success(inner, &node);
+                }
+                return outcome;
             }
             Verdict::Deny { code, message } => return CommandOutcome::Err { code, message },
             Verdict::NeedsApproval { message, .. } => {
@@ -213,7 +230,17 @@ async fn transition(inner: &Inner, action: &ActionRecord) -> Result<(), NodeErro
     inner
         .events
         .publish("action.updated", action.updated_at, data.clone());
-    // The proposing worker hears of it too, if connected.
+    // The proposing worker hears of it too, if connected and allowed to
+    // read actions (`actions:read`).
+    let may_read = inner
+        .registry
+        .get(&action.proposed_by)
+        .ok()
+        .flatten()
+        .is_some_and(|d| d.has_scope(crate::registry::scopes::ACTIONS_READ));
+    if !may_read {
+        return Ok(());
+    }
     if let Some(conn) = session_conn(inner, &action.proposed_by) {
         let event = Payload::Event(EventPayload {
             kind: "action.updated".into(),
@@ -297,6 +324,7 @@ impl Node {
             CommandOutcome::Ok(result) => {
                 action.state = states::EXECUTED.into();
                 action.result = Some(result);
+                record_success(inner, &action.proposed_by);
             }
             CommandOutcome::Err { code, message } => {
                 action.state = states::FAILED.into();

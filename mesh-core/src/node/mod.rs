@@ -101,6 +101,10 @@ pub struct NodeConfig {
     pub pairing_limits: PairingLimits,
     /// Bounds on what one paired peer may send.
     pub peer_limits: PeerLimits,
+    /// Trust progression (primary): each successful worker command raises
+    /// the device's trust by `step`; at `trusted_from` a paired device
+    /// becomes trusted (recorded in the ledger, `device.trusted`).
+    pub trust: crate::registry::TrustConfig,
 }
 
 /// What one paired peer may send. Excess is refused with a typed code and
@@ -228,7 +232,14 @@ impl NodeConfig {
             pairing: PairingConfig::default(),
             pairing_limits: PairingLimits::default(),
             peer_limits: PeerLimits::default(),
+            trust: crate::registry::TrustConfig::default(),
         }
+    }
+
+    /// Sets the trust progression.
+    pub fn trust(mut self, trust: crate::registry::TrustConfig) -> Self {
+        self.trust = trust;
+        self
     }
 
     /// Sets the bounds on what one peer may send.
@@ -566,6 +577,7 @@ pub const FAILURE_CODES: &[&str] = &[
     "handler_timeout",
     "invalid_args",
     "rate_limited",
+    "scope_missing",
     "too_many_commands",
     "unknown_action",
     "unknown_command",
@@ -702,7 +714,11 @@ impl NodeBuilder {
 
     /// Starts the node's tasks (inside a tokio runtime).
     pub fn start(self) -> Result<Node, NodeError> {
-        let mut registry = Registry::new(self.store.clone(), self.events.clone());
+        let mut registry = Registry::with_trust(
+            self.store.clone(),
+            self.events.clone(),
+            self.config.trust.clone(),
+        );
         if let Some(ledger) = &self.ledger {
             registry = registry.with_ledger(ledger.clone());
         }

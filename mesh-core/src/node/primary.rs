@@ -475,13 +475,32 @@ async fn serve(
             }
             continue;
         }
+        // Which scope each payload needs (R-PAIR7):
+        //   Command → commands:run; Event → events:write; everything else
+        //   (heartbeats, command results, session messages) → presence:write.
+        //   actions:read is checked where action news go out to the
+        //   device; memories:read guards no entry point yet (nothing
+        //   serves memories).
         let scope = match &payload {
             Payload::Command(_) => scopes::COMMANDS_RUN,
+            Payload::Event(_) => scopes::EVENTS_WRITE,
             _ => scopes::PRESENCE_WRITE,
         };
-        if let Err(e) = inner.registry.check(&node, token, scope) {
-            bye(inner, conn, node, auth_code(&e)).await;
-            return;
+        match inner.registry.check(&node, token, scope) {
+            Ok(_) => {}
+            // A scope this device lacks refuses that message, not the
+            // session: a command is told why, an event is dropped.
+            Err(AuthError::ScopeMissing { .. }) if scope != scopes::PRESENCE_WRITE => {
+                if let Payload::Command(cmd) = &payload {
+                    let why = format!("this device lacks the {scope} scope");
+                    refuse_command(inner, conn, node, cmd.command_id, "scope_missing", &why).await;
+                }
+                continue;
+            }
+            Err(e) => {
+                bye(inner, conn, node, auth_code(&e)).await;
+                return;
+            }
         }
         match payload {
             Payload::Heartbeat(hb) => {
@@ -506,6 +525,16 @@ async fn serve(
             Payload::Command(cmd) => start_command(inner, conn, node, cmd).await,
             Payload::CommandResult(r) => {
                 inner.calls.complete(node, r.command_id, r.outcome);
+            }
+            // A worker's event: republished under one kind of its own, so
+            // a device cannot pose as the primary's own events.
+            Payload::Event(event) => {
+                let data: Value = serde_json::from_str(event.data.as_str()).unwrap_or(Value::Null);
+                inner.events.publish(
+                    kinds::DEVICE_EVENT,
+                    inner.now(),
+                    json!({ "device": node.to_string(), "kind": event.kind, "data": data }),
+                );
             }
             Payload::Session(SessionMessage::Bye { .. }) => return,
             Payload::Session(SessionMessage::TokenStored) => {
@@ -890,6 +919,13 @@ impl Node {
         end_session(inner, device, "unpaired").await;
         super::actions::void_actions(inner, device, "unpaired").await?;
         Ok(())
+    }
+
+    /// Replaces a device's scopes (recorded in the ledger). A session
+    /// already open is checked against the new scopes from its next message.
+    pub fn set_scopes(&self, device: &NodeId, scopes: &[&str]) -> Result<DeviceRecord, NodeError> {
+        let inner = self.primary()?;
+        Ok(inner.registry.set_scopes(device, scopes, inner.now())?)
     }
 
     /// Rotates a connected device's token in two phases: the new token is

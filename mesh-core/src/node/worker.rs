@@ -748,6 +748,27 @@ impl Node {
             .ok_or(NodeError::NotConnected(primary))
     }
 
+    /// Publishes an event to the primary (needs the `events:write`
+    /// scope there): it appears on the primary's bus as `device.event`
+    /// with this device, `kind` and `data`.
+    pub async fn publish_event(&self, kind: &str, data: Value) -> Result<(), NodeError> {
+        let inner = self.worker()?;
+        if kind.is_empty() || kind.len() > 128 {
+            return Err(NodeError::Unavailable(
+                "an event kind is 1-128 bytes".into(),
+            ));
+        }
+        let session = self.session()?;
+        let event = Payload::Event(crate::wire::EventPayload {
+            kind: kind.to_owned(),
+            data: JsonText::from_value(&data).map_err(|e| NodeError::Protocol(e.to_string()))?,
+        });
+        inner
+            .link
+            .send(session.conn.as_ref(), session.peer, event, inner.now())
+            .await
+    }
+
     /// Sends a command to the primary, which checks it against this
     /// worker's policy; returns the handler's result or the refusal.
     pub async fn send_command(&self, name: &str, args: Value) -> Result<Value, NodeError> {

@@ -133,6 +133,13 @@ pub struct DeviceRecord {
     pub metadata: JsonText,
 }
 
+impl DeviceRecord {
+    /// Whether the device holds `scope`.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s.as_str() == scope)
+    }
+}
+
 impl Record for DeviceRecord {
     const TABLE: Table = Table::Devices;
     fn key(&self) -> String {

@@ -786,3 +786,94 @@ async fn rotating_an_offline_device_needs_force() {
     p.node.rotate_token_forced(&device).await.unwrap();
     assert!(registry.check(&device, &link.token, gate).is_err());
 }
+
+/// Defect 8: successful commands move a device from paired to trusted
+/// (threshold configurable, recorded in the ledger, `device.trusted`);
+/// scope changes are audited and enforced at the entry points: without
+/// `commands:run` a command is refused `scope_missing` (the session stays
+/// open), without `events:write` a worker's event is dropped, with it the
+/// event reaches the primary as `device.event`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_progresses_with_successes_and_scopes_guard_their_entry_points() {
+    use mesh_core::ledger::record_types;
+    use mesh_core::registry::{TrustConfig, scopes};
+    use mesh_core::storage::records::{DeviceRecord, DeviceStatus};
+    let p = primary_with(|c| c.trust(TrustConfig::default().step(0.2).trusted_from(0.7)));
+    let (w, _) = worker("climber");
+    pair(&p, &w, false).await;
+    let dev = w.node_id();
+    let status = |p: &crate::node_e2e::Primary| {
+        let d: DeviceRecord = p.store.load(&dev.to_string()).unwrap().unwrap();
+        (d.status, (d.trust_level * 100.0).round() as u32)
+    };
+    assert_eq!(status(&p), (DeviceStatus::Paired, 30));
+    let mut trusted = p.node.subscribe(kinds::DEVICE_TRUSTED, 8).unwrap();
+    // A refused command earns nothing.
+    assert!(w.send_command("shell.exec", json!({})).await.is_err());
+    assert_eq!(status(&p), (DeviceStatus::Paired, 30));
+    w.send_command("notes.write", json!({"text": "1"}))
+        .await
+        .unwrap();
+    assert_eq!(status(&p), (DeviceStatus::Paired, 50));
+    w.send_command("notes.write", json!({"text": "2"}))
+        .await
+        .unwrap();
+    assert_eq!(status(&p), (DeviceStatus::Trusted, 70));
+    crate::support::next(&mut trusted, kinds::DEVICE_TRUSTED, crate::support::WAIT).await;
+
+    // Scopes: commands:run and events:write taken away (audited).
+    let mut device_events = p.node.subscribe(kinds::DEVICE_EVENT, 8).unwrap();
+    p.node
+        .set_scopes(&dev, &[scopes::PRESENCE_WRITE, scopes::ACTIONS_READ])
+        .unwrap();
+    match w.send_command("notes.write", json!({"text": "3"})).await {
+        Err(NodeError::Command { code, .. }) => assert_eq!(code, "scope_missing"),
+        other => panic!("{other:?}"),
+    }
+    w.publish_event("app.note", json!({"n": 1})).await.unwrap();
+    // The session is in order: this answer means the event was handled.
+    assert!(w.send_command("notes.write", json!({})).await.is_err());
+    assert!(w.is_connected(), "a missing scope does not end the session");
+    // Events allowed again: the next one arrives (and only it).
+    p.node
+        .set_scopes(&dev, &[scopes::PRESENCE_WRITE, scopes::EVENTS_WRITE])
+        .unwrap();
+    w.publish_event("app.note", json!({"n": 2})).await.unwrap();
+    let e = crate::support::next(
+        &mut device_events,
+        kinds::DEVICE_EVENT,
+        crate::support::WAIT,
+    )
+    .await;
+    assert_eq!(e.data["kind"], "app.note");
+    assert_eq!(e.data["data"]["n"], 2);
+    assert_eq!(e.data["device"], dev.to_string());
+
+    let ledger = mesh_ledger::SignedLedger::open(
+        p.store.clone(),
+        p.key.clone(),
+        mesh_ledger::LedgerConfig::default(),
+    )
+    .unwrap();
+    let types: Vec<String> = ledger
+        .view()
+        .records(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.record_type)
+        .collect();
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| *t == record_types::DEVICE_TRUSTED)
+            .count(),
+        1
+    );
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| *t == record_types::SCOPES_SET)
+            .count(),
+        2
+    );
+}
