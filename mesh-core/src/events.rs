@@ -5,7 +5,7 @@
 //! buffer is full the event is dropped *for that subscriber* and a gap marker
 //! takes its place, so the subscriber later receives
 //! [`Received::Lagged`] exactly where events went missing, with their number.
-//! In-process code, FFI callbacks and the gateway all subscribe the same way.
+//! In-process code and FFI callbacks subscribe the same way.
 //!
 //! ```
 //! use mesh_core::clock::Timestamp;

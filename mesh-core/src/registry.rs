@@ -5,8 +5,8 @@
 //!   pairing or rotation) and stored only as its SHA-256; presented tokens are
 //!   compared in constant time. [`DeviceToken`] zeroizes itself and never
 //!   prints its value in `Debug`.
-//! * [`Registry::check`] is the gate for commands, events, heartbeats and the
-//!   gateway alike: unknown device, revoked, wrong token or missing scope are
+//! * [`Registry::check`] is the gate for every entry point (commands, events,
+//!   heartbeats, session messages): unknown device, revoked, wrong token or missing scope are
 //!   each a typed [`AuthError`]. Nothing is cached, so unpairing, rotation and
 //!   revocation take effect on the very next check.
 //! * Trust (R-PAIR8): each successful use raises `trust_level` by a step; a
@@ -377,9 +377,9 @@ impl Registry {
         self.write.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// **The gate.** Every entry point (commands, events, heartbeats, the
-    /// gateway) calls this with the authenticated node id, the presented token
-    /// and the scope it needs.
+    /// **The gate.** Every entry point (commands, events, heartbeats,
+    /// session messages) calls this with the authenticated node id, the
+    /// presented token and the scope it needs.
     pub fn check(
         &self,
         node: &NodeId,

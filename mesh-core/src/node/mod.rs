@@ -652,7 +652,7 @@ impl fmt::Debug for NodeBuilder {
 }
 
 impl NodeBuilder {
-    /// Another transport (e.g. BLE next to QUIC): connections go through the
+    /// Another transport (e.g. a second QUIC endpoint): connections go through the
     /// first that supports the address; the primary accepts on all.
     pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
         self.transports.push(transport);

@@ -49,7 +49,7 @@ pub fn decode_frame(
     Ok((UnverifiedEnvelope::from_body(body)?, total))
 }
 
-/// Incremental decoder for a byte stream (a QUIC stream, a BLE link).
+/// Incremental decoder for a byte stream (a QUIC stream, any reliable link).
 ///
 /// Sans-IO: hand it whatever bytes arrived; it consumes at most one frame per
 /// call and says how many bytes it used. It holds at most one partial frame,

@@ -225,8 +225,8 @@ fn can_create_namespaces() -> bool {
 #[test]
 fn mdns_discovers_across_namespaces_and_notices_restarts() {
     if !can_create_namespaces() {
-        eprintln!(
-            "SKIPPED: mDNS across network namespaces needs root and iproute2 (CI runs it as root)"
+        crate::support::cannot_run(
+            "mDNS across network namespaces needs root and iproute2 (CI runs it as root)",
         );
         return;
     }
@@ -319,7 +319,7 @@ fn mdns_discovers_across_namespaces_and_notices_restarts() {
 #[test]
 fn mdns_restricted_to_loopback_discovers_on_the_same_host() {
     if !can_create_namespaces() {
-        eprintln!("SKIPPED: needs root and iproute2 to create a network namespace");
+        crate::support::cannot_run("needs root and iproute2 to create a network namespace");
         return;
     }
     let ns = Lonely::create().unwrap();
