@@ -282,7 +282,10 @@ struct Namespace(String);
 impl Namespace {
     /// `None` without root or iproute2 (CI runs as root).
     fn create() -> Option<Namespace> {
-        let name = format!("mw{}", std::process::id());
+        // Unique per test: tests of this binary run in parallel.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("mw{}-{n}", std::process::id());
         let ip = |args: &[&str]| {
             Command::new("ip")
                 .args(args)
@@ -413,4 +416,53 @@ fn a_worker_refuses_a_primary_that_is_not_the_pinned_one() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("fingerprint"), "{stderr}");
+}
+
+/// Issue 14, defect 11: a primary listening on `[::1]` is reached by a
+/// worker (whose endpoint is dual-stack): they pair and heartbeat over IPv6
+/// only, inside a namespace whose loopback has no IPv4 address at all.
+#[test]
+fn a_worker_pairs_and_heartbeats_over_ipv6_only() {
+    let Some(ns) = Namespace::create() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot run under CI: needs root and iproute2 to create a network namespace"
+        );
+        eprintln!("SKIPPED: needs root and iproute2 to create a network namespace");
+        return;
+    };
+    let no_v4 = Command::new("ip")
+        .args(["-n", &ns.0, "addr", "del", "127.0.0.1/8", "dev", "lo"])
+        .status()
+        .unwrap();
+    assert!(no_v4.success());
+    let dir = tempfile::tempdir().unwrap();
+    let (pdir, wdir) = (dir.path().join("primary"), dir.path().join("worker"));
+    let d = ["--data-dir", p(&pdir)];
+    let primary = ns.start(
+        env!("CARGO_BIN_EXE_primary"),
+        &[
+            "--data-dir",
+            p(&pdir),
+            "--listen",
+            "[::1]:0",
+            "--mdns",
+            "off",
+        ],
+    );
+    let hint = primary.wait_for("workers connect with:");
+    let target = hint.rsplit(' ').next().unwrap().to_owned();
+    assert!(target.contains("@[::1]:"), "{hint}");
+    let worker = ns.start(
+        env!("CARGO_BIN_EXE_worker"),
+        &["--data-dir", p(&wdir), "--connect", &target, "--name", "v6"],
+    );
+    let code = worker.pairing_code();
+    let (rc, approved) = meshctl(&["pairing", "approve", &code, d[0], d[1], "--json"]);
+    assert_eq!(rc, 0, "{approved}");
+    worker.wait_for("paired");
+    let devices = eventually(&["devices", "list", d[0], d[1], "--json"], |v| {
+        v[0]["online"] == true && v[0]["health"] == "healthy"
+    });
+    assert_eq!(devices[0]["name"], "v6");
 }

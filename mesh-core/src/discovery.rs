@@ -468,3 +468,72 @@ mod tests {
         );
     }
 }
+
+/// The order in which to try a node's reported addresses: loopback first
+/// (same host), then routable IPv6, then IPv4, then IPv6 link-local with a
+/// scope (interface) id; a link-local address without one cannot be dialled
+/// and is left out. Duplicates go; the order within a class is kept.
+pub fn dial_order(addrs: &[std::net::SocketAddr]) -> Vec<std::net::SocketAddr> {
+    use std::net::SocketAddr;
+    fn class(a: &SocketAddr) -> Option<u8> {
+        match a {
+            _ if a.ip().is_loopback() => Some(0),
+            SocketAddr::V6(v6) if v6.ip().is_unicast_link_local() => {
+                (v6.scope_id() != 0).then_some(3)
+            }
+            SocketAddr::V6(_) => Some(1),
+            SocketAddr::V4(_) => Some(2),
+        }
+    }
+    let mut out: Vec<(u8, SocketAddr)> = Vec::new();
+    for a in addrs {
+        let a = match a {
+            // An IPv4-mapped IPv6 address is an IPv4 address.
+            SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+                Some(v4) => SocketAddr::from((v4, v6.port())),
+                None => *a,
+            },
+            SocketAddr::V4(_) => *a,
+        };
+        if let Some(c) = class(&a)
+            && !out.iter().any(|(_, b)| *b == a)
+        {
+            out.push((c, a));
+        }
+    }
+    out.sort_by_key(|(c, _)| *c);
+    out.into_iter().map(|(_, a)| a).collect()
+}
+
+#[cfg(test)]
+mod dial_order_tests {
+    use super::dial_order;
+
+    #[test]
+    fn loopback_then_ipv6_then_ipv4_then_scoped_link_local() {
+        let addrs: Vec<std::net::SocketAddr> = [
+            "[fe80::1]:5",
+            "192.168.1.4:5",
+            "[fe80::2%3]:5",
+            "[2001:db8::1]:5",
+            "[::ffff:10.0.0.9]:5",
+            "[::1]:5",
+            "192.168.1.4:5",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let ordered: Vec<String> = dial_order(&addrs).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            ordered,
+            [
+                "[::1]:5",
+                "[2001:db8::1]:5",
+                "192.168.1.4:5",
+                "10.0.0.9:5",
+                "[fe80::2%3]:5"
+            ]
+        );
+        assert!(dial_order(&[]).is_empty());
+    }
+}

@@ -484,7 +484,9 @@ impl fmt::Debug for QuicTransport {
 
 impl QuicTransport {
     /// Binds a UDP socket at `addr` (port 0 picks a free one) and starts
-    /// accepting connections that `admission` lets in.
+    /// accepting connections that `admission` lets in. An unspecified
+    /// address (`0.0.0.0` or `[::]`) binds one dual-stack socket: the node
+    /// reaches and is reached over IPv4 and IPv6 alike.
     pub fn bind(
         key: Arc<NodeKey>,
         addr: SocketAddr,
@@ -499,8 +501,8 @@ impl QuicTransport {
         let node = key.node_id();
         let (reset_key, cid_key) = restart_keys(&key);
         let tls = Tls::new(key)?;
-        let socket = std::net::UdpSocket::bind(addr)
-            .map_err(|e| TransportError::Io(format!("binding UDP {addr}: {e}")))?;
+        let socket =
+            bind_udp(addr).map_err(|e| TransportError::Io(format!("binding UDP {addr}: {e}")))?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Io("QUIC needs a tokio runtime".into()))?;
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
@@ -935,6 +937,34 @@ impl Connection for QuicConnection {
     fn close(&self) {
         self.close_gracefully();
     }
+}
+
+/// Binds the endpoint's UDP socket. An unspecified address (`0.0.0.0:P` or
+/// `[::]:P`) becomes one dual-stack IPv6 socket, so the node reaches and is
+/// reached over both IPv4 and IPv6 (mDNS often reports IPv6 first); where
+/// the host has no IPv6, `0.0.0.0:P` stays IPv4. A specific address binds
+/// just that family.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    if addr.ip().is_unspecified() {
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, addr.port()));
+        let dual = (|| {
+            let s = socket2::Socket::new(
+                socket2::Domain::IPV6,
+                socket2::Type::DGRAM,
+                Some(socket2::Protocol::UDP),
+            )?;
+            s.set_only_v6(false)?;
+            s.bind(&v6.into())?;
+            s.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(std::net::UdpSocket::from(s))
+        })();
+        match dual {
+            Ok(socket) => return Ok(socket),
+            Err(e) if addr.is_ipv6() => return Err(e),
+            Err(_) => {} // no IPv6 here: IPv4 only
+        }
+    }
+    std::net::UdpSocket::bind(addr)
 }
 
 /// Closes a connection whose message was only partly written.

@@ -73,7 +73,7 @@ async fn find_primary(
     args: &Args,
     node: &Node,
     store: Arc<dyn mesh_core::storage::Storage>,
-) -> Result<(NodeId, PeerAddr), String> {
+) -> Result<(NodeId, Vec<PeerAddr>), String> {
     let pinned = args.primary_fingerprint;
     if let Some(peer) = &args.connect {
         if let Some(fp) = pinned
@@ -84,8 +84,15 @@ async fn find_primary(
                 peer.node.fingerprint()
             ));
         }
-        let addr = peer.addresses.first().ok_or("no address")?;
-        return Ok((peer.node, PeerAddr::Socket(*addr)));
+        if peer.addresses.is_empty() {
+            return Err("no address".into());
+        }
+        let addrs = peer
+            .addresses
+            .iter()
+            .map(|a| PeerAddr::Socket(*a))
+            .collect();
+        return Ok((peer.node, addrs));
     }
     if !args.mdns {
         return Err("not paired yet: pass --connect NODE_ID@ADDR or --mdns".into());
@@ -120,18 +127,17 @@ async fn find_primary(
             !n.addresses.is_empty() && pinned.is_none_or(|fp| n.node.fingerprint() == fp)
         };
         if let Some(n) = found.iter().find(wanted) {
-            let addr = n
-                .addresses
-                .iter()
-                .find(|a| a.is_ipv4())
-                .unwrap_or(&n.addresses[0]);
+            // Tried in this order until one connects.
+            let ordered = mesh_core::discovery::dial_order(&n.addresses);
+            let shown: Vec<String> = ordered.iter().map(ToString::to_string).collect();
             println!(
-                "found primary {:?} fingerprint {} at {addr}{}",
+                "found primary {:?} fingerprint {} at {}{}",
                 n.name,
                 n.node.fingerprint(),
+                shown.join(", "),
                 if pinned.is_some() { " (pinned)" } else { "" }
             );
-            return Ok((n.node, PeerAddr::Socket(*addr)));
+            return Ok((n.node, ordered.into_iter().map(PeerAddr::Socket).collect()));
         }
     }
     Err("no primary found over mDNS within 30 s".into())
@@ -188,9 +194,9 @@ async fn run(args: Args) -> Result<(), String> {
     match node.paired_primary().map_err(|e| e.to_string())? {
         Some(primary) => println!("paired with {}; connecting", primary.fingerprint()),
         None => {
-            let (primary, addr) = find_primary(&args, &node, parts.store.clone()).await?;
+            let (primary, addrs) = find_primary(&args, &node, parts.store.clone()).await?;
             let ticket = node
-                .request_pairing(primary, addr)
+                .request_pairing_at(primary, &addrs)
                 .await
                 .map_err(|e| e.to_string())?;
             println!();

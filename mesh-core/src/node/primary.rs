@@ -183,7 +183,7 @@ impl Drop for ConnCount<'_> {
 /// (any port), or the transport's own name for it.
 fn source_of(conn: &dyn Connection) -> Option<String> {
     match conn.remote_addr()? {
-        crate::transport::PeerAddr::Socket(a) => Some(a.ip().to_string()),
+        crate::transport::PeerAddr::Socket(a) => Some(a.ip().to_canonical().to_string()),
         other => Some(other.to_string()),
     }
 }

@@ -614,9 +614,51 @@ impl Node {
         primary: NodeId,
         addr: PeerAddr,
     ) -> Result<PairingTicket, NodeError> {
+        self.request_pairing_at(primary, &[addr]).await
+    }
+
+    /// [`Node::request_pairing`] with every address discovery reported:
+    /// socket addresses are tried in [`dial_order`](crate::discovery::dial_order)
+    /// (others as given) until one connects; the one that did is kept for
+    /// the session. Fails with the last error if none connects.
+    pub async fn request_pairing_at(
+        &self,
+        primary: NodeId,
+        addrs: &[PeerAddr],
+    ) -> Result<PairingTicket, NodeError> {
         let inner = self.worker()?.clone();
-        let conn: Arc<dyn Connection> =
-            Arc::from(inner.connect(primary, &addr, Protocol::Pairing).await?);
+        let sockets: Vec<std::net::SocketAddr> = addrs
+            .iter()
+            .filter_map(|a| match a {
+                PeerAddr::Socket(s) => Some(*s),
+                _ => None,
+            })
+            .collect();
+        let mut ordered: Vec<PeerAddr> = crate::discovery::dial_order(&sockets)
+            .into_iter()
+            .map(PeerAddr::Socket)
+            .collect();
+        ordered.extend(
+            addrs
+                .iter()
+                .filter(|a| !matches!(a, PeerAddr::Socket(_)))
+                .cloned(),
+        );
+        let mut last = NodeError::Unavailable("no address to reach the primary at".into());
+        let mut reached = None;
+        for a in ordered {
+            match inner.connect(primary, &a, Protocol::Pairing).await {
+                Ok(c) => {
+                    reached = Some((a, c));
+                    break;
+                }
+                Err(e) => last = e.into(),
+            }
+        }
+        let Some((addr, conn)) = reached else {
+            return Err(last);
+        };
+        let conn: Arc<dyn Connection> = Arc::from(conn);
         let info = DeviceInfo {
             device_id: inner.config.device_id.clone(),
             name: inner.config.name.clone(),
