@@ -310,6 +310,31 @@ impl HealthMonitor {
         self.devices.get(node)
     }
 
+    /// The changed health rows as one batch, marked clean; write it with
+    /// [`Storage::apply`] outside any lock around the monitor (and give it
+    /// back with [`HealthMonitor::unflushed`] if that fails).
+    pub fn take_dirty(
+        &mut self,
+    ) -> Result<(Vec<crate::storage::Write>, Vec<NodeId>), StorageError> {
+        let nodes: Vec<NodeId> = self.dirty.drain().collect();
+        let batch = nodes
+            .iter()
+            .filter_map(|n| self.devices.get(n).map(|d| d.record(*n).put()))
+            .collect::<Result<Vec<_>, _>>();
+        match batch {
+            Ok(b) => Ok((b, nodes)),
+            Err(e) => {
+                self.dirty.extend(nodes);
+                Err(e)
+            }
+        }
+    }
+
+    /// Marks `nodes` changed again (their write failed).
+    pub fn unflushed(&mut self, nodes: Vec<NodeId>) {
+        self.dirty.extend(nodes);
+    }
+
     /// Writes every changed health row in one batch; returns how many.
     pub fn flush(&mut self) -> Result<usize, StorageError> {
         if self.dirty.is_empty() {

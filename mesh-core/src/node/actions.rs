@@ -128,10 +128,23 @@ pub(super) async fn on_worker_command(
             .metrics(power.as_ref().and_then(|p| p.metrics.as_ref()))
             .usage(usage);
         let (verdict, permit) = inner.policy.decide(&request);
-        if let Err(e) = record_decision(inner, node, cmd, &verdict) {
+        // Durable (an fsync) before anything runs, and off the async
+        // threads: heartbeats and other devices' messages go on meanwhile.
+        let recording = (inner.clone(), cmd.clone(), verdict.clone());
+        let recorded = tokio::task::spawn_blocking(move || {
+            let (inner, cmd, verdict) = recording;
+            record_decision(&inner, node, &cmd, &verdict)
+        })
+        .await;
+        let failed = match recorded {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(format!("recording the decision did not finish: {e}")),
+        };
+        if let Some(message) = failed {
             return CommandOutcome::Err {
                 code: "audit_failed".into(),
-                message: e.to_string(),
+                message,
             };
         }
         match verdict {

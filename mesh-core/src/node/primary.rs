@@ -101,10 +101,22 @@ pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
         loop {
             interval.tick().await;
             let now = ticking.now();
-            {
+            // Scored under the lock, written after it (and off the async
+            // threads): heartbeats never wait behind this fsync.
+            let dirty = {
                 let mut health = lock(&ticking.health);
                 health.tick(now);
-                let _ = health.flush();
+                health.take_dirty()
+            };
+            if let Ok((batch, nodes)) = dirty
+                && !batch.is_empty()
+            {
+                let writing = ticking.clone();
+                let written =
+                    tokio::task::spawn_blocking(move || writing.store.apply(&batch)).await;
+                if !matches!(written, Ok(Ok(()))) {
+                    lock(&ticking.health).unflushed(nodes);
+                }
             }
             // Checkpoints that fall due by time.
             if let Some(ledger) = &ticking.ledger {

@@ -94,9 +94,16 @@ fn migrate_v4(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
 /// * Versioned migrations through `PRAGMA user_version`; a file from a newer
 ///   SDK is refused rather than misread.
 /// * A new database file is created with mode 0600.
+///
+/// Reads of a file-backed database use a connection of their own (WAL lets
+/// them run while a write commits), so a lookup — the registry gate on every
+/// message — never waits behind another caller's fsync.
 #[derive(Debug)]
 pub struct SqliteStorage {
+    /// The writer (and, in memory, the reader too).
     conn: Mutex<Connection>,
+    /// Reads, for a file-backed database.
+    reader: Option<Mutex<Connection>>,
     path: PathBuf,
 }
 
@@ -110,7 +117,18 @@ impl SqliteStorage {
         let path = path.as_ref().to_owned();
         create_private(&path)?;
         let conn = Connection::open(&path).map_err(backend)?;
-        Self::setup(conn, path)
+        let mut storage = Self::setup(conn, path)?;
+        // Opened after the migrations, so it sees the current schema.
+        let reader = Connection::open_with_flags(
+            &storage.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(backend)?;
+        reader
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(backend)?;
+        storage.reader = Some(Mutex::new(reader));
+        Ok(storage)
     }
 
     /// A private in-memory SQLite database (for tests of the SQL path).
@@ -151,12 +169,21 @@ impl SqliteStorage {
         }
         Ok(SqliteStorage {
             conn: Mutex::new(conn),
+            reader: None,
             path,
         })
     }
 
     pub(super) fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The connection reads use.
+    fn read_conn(&self) -> MutexGuard<'_, Connection> {
+        match &self.reader {
+            Some(r) => r.lock().unwrap_or_else(PoisonError::into_inner),
+            None => self.conn(),
+        }
     }
 
     /// The database file.
@@ -205,7 +232,7 @@ fn create_private(_path: &Path) -> Result<(), StorageError> {
 
 impl Storage for SqliteStorage {
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        let conn = self.conn();
+        let conn = self.read_conn();
         let mut stmt = conn
             .prepare_cached(&format!("SELECT body FROM {} WHERE key = ?1", table.name()))
             .map_err(backend)?;
@@ -224,7 +251,7 @@ impl Storage for SqliteStorage {
     }
 
     fn scan(&self, table: Table, visit: &mut Visitor<'_>) -> Result<(), StorageError> {
-        let conn = self.conn();
+        let conn = self.read_conn();
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT key, body FROM {} ORDER BY key",
@@ -243,7 +270,7 @@ impl Storage for SqliteStorage {
         limit: usize,
         visit: &mut Visitor<'_>,
     ) -> Result<(), StorageError> {
-        let conn = self.conn();
+        let conn = self.read_conn();
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT key, body FROM {} WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT ?3",
