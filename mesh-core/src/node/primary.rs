@@ -313,6 +313,9 @@ async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
         return;
     }
     let idle = inner.config.pairing_limits.idle_timeout;
+    // A pairing exchange is a handful of messages: more than this many a
+    // second (each costs a signature check) ends the connection.
+    let mut rate = TokenBucket::new(crate::limits::Rate::per_second(2.0, 10), inner.now());
     loop {
         let msg = match tokio::time::timeout(
             idle,
@@ -325,6 +328,10 @@ async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
             // silence past the idle deadline ends it too.
             Ok(Ok(_) | Err(_)) | Err(_) => break,
         };
+        if !rate.try_take(inner.now()) {
+            inner.stats.messages_refused.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
         let result = inner.pairing.on_message(from, msg, inner.now());
         let answer = lock(&inner.primary.pairings)
             .get_mut(&rid)
