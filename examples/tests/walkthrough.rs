@@ -86,6 +86,20 @@ fn meshctl(args: &[&str]) -> (i32, Value) {
     )
 }
 
+/// `meshctl pairing approve CODE`, once the request is pending: the worker
+/// prints its code as soon as the request is sent, a moment before the
+/// primary has stored it.
+fn approve(code: &str, d: &[&str; 2]) -> (i32, Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (rc, answer) = meshctl(&["pairing", "approve", code, d[0], d[1], "--json"]);
+        if answer["error"]["kind"] != "not_found" || Instant::now() > deadline {
+            return (rc, answer);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -167,7 +181,7 @@ fn primary_worker_and_meshctl_pair_govern_and_survive_a_crash() {
         (2, Some("pairing")),
         "{wrong}"
     );
-    let (rc, approved) = meshctl(&["pairing", "approve", &code, d[0], d[1], "--json"]);
+    let (rc, approved) = approve(&code, &d);
     assert_eq!(rc, 0, "{approved}");
     worker.wait_for("paired");
 
@@ -373,7 +387,7 @@ fn a_worker_finds_the_primary_over_mdns_and_pairs() {
     assert!(found.contains("(pinned)"), "{found}");
     let code = worker.pairing_code();
     // The admin socket is a file: meshctl reaches it from outside the namespace.
-    let (rc, approved) = meshctl(&["pairing", "approve", &code, d[0], d[1], "--json"]);
+    let (rc, approved) = approve(&code, &d);
     assert_eq!(rc, 0, "{approved}");
     worker.wait_for("paired");
     let devices = eventually(&["devices", "list", d[0], d[1], "--json"], |v| {
@@ -458,7 +472,7 @@ fn a_worker_pairs_and_heartbeats_over_ipv6_only() {
         &["--data-dir", p(&wdir), "--connect", &target, "--name", "v6"],
     );
     let code = worker.pairing_code();
-    let (rc, approved) = meshctl(&["pairing", "approve", &code, d[0], d[1], "--json"]);
+    let (rc, approved) = approve(&code, &d);
     assert_eq!(rc, 0, "{approved}");
     worker.wait_for("paired");
     let devices = eventually(&["devices", "list", d[0], d[1], "--json"], |v| {

@@ -947,19 +947,21 @@ impl Connection for QuicConnection {
 fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     if addr.ip().is_unspecified() {
         let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, addr.port()));
-        let dual = (|| {
-            let s = socket2::Socket::new(
-                socket2::Domain::IPV6,
-                socket2::Type::DGRAM,
-                Some(socket2::Protocol::UDP),
-            )?;
-            s.set_only_v6(false)?;
-            s.bind(&v6.into())?;
-            s.set_nonblocking(true)?;
-            Ok::<_, std::io::Error>(std::net::UdpSocket::from(s))
-        })();
+        // Only a host without IPv6 (the socket cannot be made, or cannot
+        // be dual-stack) falls back to IPv4; any other error (the port in
+        // use) is reported.
+        let dual = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .and_then(|s| s.set_only_v6(false).map(|()| s));
         match dual {
-            Ok(socket) => return Ok(socket),
+            Ok(s) => {
+                s.bind(&v6.into())?;
+                s.set_nonblocking(true)?;
+                return Ok(std::net::UdpSocket::from(s));
+            }
             Err(e) if addr.is_ipv6() => return Err(e),
             Err(_) => {} // no IPv6 here: IPv4 only
         }

@@ -94,7 +94,13 @@ pub(super) async fn void_actions(
         let Ok(_claim) = Claim::take(inner, &a.id) else {
             continue;
         };
-        let mut a = a;
+        // Read again under the claim: a decision may have finished since.
+        let Some(mut a) = inner.store.load::<ActionRecord>(&a.id)? else {
+            continue;
+        };
+        if a.state != states::PROPOSED {
+            continue;
+        }
         a.state = states::VOIDED.into();
         a.decided_by = Some(inner.key.node_id().to_string());
         a.error = Some(format!("the device was {why}"));

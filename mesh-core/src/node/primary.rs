@@ -292,6 +292,12 @@ async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
             .filter(|(_, w)| w.node == from)
             .map(|(id, _)| id.clone())
             .collect();
+        if waiting.get(&rid).is_some_and(|w| w.node != from) {
+            // Another key's request id: refused, and that request untouched.
+            drop(waiting);
+            refuse_pairing(inner, conn.as_ref(), "invalid_request", None);
+            return;
+        }
         let replaced: Vec<Waiter> = old.iter().filter_map(|id| waiting.remove(id)).collect();
         waiting.insert(
             rid.clone(),
@@ -516,6 +522,13 @@ async fn serve(
                 }
                 continue;
             }
+            // The token passed at the hello, so a bad token now means it was
+            // rotated while this session ran: the device reconnects with its
+            // current one (never a permanent refusal).
+            Err(AuthError::BadToken(_)) => {
+                bye(inner, conn, node, "token_rotated").await;
+                return;
+            }
             Err(e) => {
                 bye(inner, conn, node, auth_code(&e)).await;
                 return;
@@ -557,9 +570,9 @@ async fn serve(
             }
             Payload::Session(SessionMessage::Bye { .. }) => return,
             Payload::Session(SessionMessage::TokenStored) => {
-                let waiting = lock(&inner.primary.rotations).remove(&node);
-                if let Some((session, tx)) = waiting
-                    && session == session_id
+                let mut rotations = lock(&inner.primary.rotations);
+                if rotations.get(&node).is_some_and(|(s, _)| *s == session_id)
+                    && let Some((_, tx)) = rotations.remove(&node)
                 {
                     let _ = tx.send(());
                 }
@@ -807,7 +820,11 @@ impl Node {
             )));
         };
         let (to, challenge) = inner.pairing.approve(request_id, &code, inner.now())?;
-        debug_assert_eq!(to, node);
+        if to != node {
+            return Err(NodeError::Protocol(format!(
+                "request {request_id} belongs to {to}, but {node} is waiting on it"
+            )));
+        }
         let (tx, rx) = oneshot::channel();
         if let Some(w) = lock(&inner.primary.pairings).get_mut(request_id) {
             w.answer = Some(tx);
@@ -923,6 +940,7 @@ impl Node {
         inner.registry.revoke(device, inner.now())?;
         inner.guards.forget(device);
         cancel_commands(inner, device);
+        lock(&inner.primary.power).remove(device);
         end_session(inner, device, "revoked").await;
         super::actions::void_actions(inner, device, "revoked").await?;
         Ok(())
@@ -962,7 +980,15 @@ impl Node {
             .ok_or(NodeError::DeviceOffline(*device))?;
         let token = crate::registry::DeviceToken::generate();
         let (tx, rx) = oneshot::channel();
-        lock(&inner.primary.rotations).insert(*device, (session.id, tx));
+        {
+            let mut rotations = lock(&inner.primary.rotations);
+            if rotations.contains_key(device) {
+                return Err(NodeError::Unavailable(format!(
+                    "a rotation of {device}'s token is already waiting for the device"
+                )));
+            }
+            rotations.insert(*device, (session.id, tx));
+        }
         let msg = Payload::Session(SessionMessage::TokenRotated {
             token: *token.as_bytes(),
         });

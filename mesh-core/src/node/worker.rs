@@ -201,22 +201,17 @@ enum Ended {
 
 /// Whether a session's end is final.
 ///
-/// Permanent: the primary revoked or unpaired this device, or refused its
-/// token (after the pre-rotation token was tried too), or refused its key
-/// several times in a row. Everything else (the primary restarting, a
+/// Permanent, and only when the primary says so in a signed `Bye`: it
+/// revoked or unpaired this device, or refused its token (after the other
+/// stored token was tried too). Everything else (the primary restarting, a
 /// storage hiccup on either side, a rate limit, a lost connection, a
-/// timeout) is retried with backoff.
+/// transport-level refusal, a timeout) is retried with backoff.
 pub(crate) fn is_permanent(reason: &str) -> bool {
     matches!(
         reason,
         "revoked" | "unpaired" | "bad_token" | "scope_missing"
     )
 }
-
-/// Refusals of this key by the primary's transport in a row before the
-/// worker stops (a revoked key is refused at the handshake; one refusal
-/// may be the primary's storage failing).
-const MAX_REFUSALS: u32 = 5;
 
 async fn run_supervisor(inner: Arc<Inner>) {
     let seed = u64::from_le_bytes(
@@ -229,7 +224,9 @@ async fn run_supervisor(inner: Arc<Inner>) {
         inner.config.reconnect_max,
         seed,
     );
-    let mut refusals = 0;
+    // Token swaps since the last session opened (at most two: each stored
+    // token gets one try).
+    let mut swaps = 0;
     loop {
         let link = match inner.store.load::<PrimaryLinkRecord>("primary") {
             Ok(Some(link)) => link,
@@ -246,27 +243,25 @@ async fn run_supervisor(inner: Arc<Inner>) {
             }
         };
         let ended = run_session(&inner, &link).await;
+        if !matches!(ended, Ended::Bye(ref r) if r == "bad_token") {
+            swaps = 0;
+        }
         let primary = link.primary.to_string();
         match ended {
             Ended::Bye(reason) if reason == "token_rotated" => {
                 backoff.reset();
-                refusals = 0;
                 continue;
             }
-            Ended::Bye(reason) if reason == "bad_token" && fall_back_to_previous_token(&inner) => {
-                // A rotation the primary never committed: the old token.
+            Ended::Bye(reason) if reason == "bad_token" && swaps < 2 && swap_tokens(&inner) => {
+                // A rotation the primary has not committed (or has, and this
+                // was the old token): try the other stored token.
+                swaps += 1;
                 continue;
             }
+            // A transport refusal is not authenticated (and may be the
+            // primary failing to read its registry): retried with backoff,
+            // never final. The worker stops only on the primary's signed word.
             Ended::Refused(reason) => {
-                refusals += 1;
-                if refusals >= MAX_REFUSALS {
-                    inner.events.publish(
-                        "session.ended",
-                        inner.now(),
-                        json!({ "primary": primary, "reason": "refused", "error": reason }),
-                    );
-                    return;
-                }
                 inner.events.publish(
                     "session.lost",
                     inner.now(),
@@ -274,7 +269,6 @@ async fn run_supervisor(inner: Arc<Inner>) {
                 );
             }
             Ended::Bye(reason) => {
-                refusals = 0;
                 if reason == "unpaired"
                     && let Err(e) = inner.store.remove::<PrimaryLinkRecord>("primary")
                 {
@@ -294,7 +288,6 @@ async fn run_supervisor(inner: Arc<Inner>) {
                 }
             }
             Ended::Lost { connected, error } => {
-                refusals = 0;
                 if connected {
                     backoff.reset();
                 }
@@ -315,10 +308,11 @@ async fn run_supervisor(inner: Arc<Inner>) {
     }
 }
 
-/// After `bad_token`: if a rotation left the previous token, makes it the
-/// token again (one batch) and says so.
-fn fall_back_to_previous_token(inner: &Inner) -> bool {
-    let (Ok(Some(prev)), Ok(Some(link))) = (
+/// After `bad_token`: if a rotation left a second token, swaps the two
+/// (one batch): the refused one is kept as the fallback, so neither is ever
+/// lost before a session opens with the other.
+fn swap_tokens(inner: &Inner) -> bool {
+    let (Ok(Some(other)), Ok(Some(link))) = (
         inner
             .store
             .load::<TokenFallbackRecord>(TokenFallbackRecord::KEY),
@@ -326,13 +320,15 @@ fn fall_back_to_previous_token(inner: &Inner) -> bool {
     ) else {
         return false;
     };
-    let restored = PrimaryLinkRecord {
-        token: prev.token,
-        ..link
+    let swapped = PrimaryLinkRecord {
+        token: other.token,
+        ..link.clone()
     };
-    let batch = restored
-        .put()
-        .map(|put| vec![put, TokenFallbackRecord::delete(TokenFallbackRecord::KEY)]);
+    let kept = TokenFallbackRecord {
+        token: link.token,
+        stored_at: other.stored_at,
+    };
+    let batch = swapped.put().and_then(|a| Ok(vec![a, kept.put()?]));
     match batch.and_then(|b| inner.store.apply(&b)) {
         Ok(()) => {
             inner.events.publish(
