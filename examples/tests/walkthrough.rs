@@ -314,6 +314,21 @@ impl Namespace {
         ip(&["-n", &ns.0, "link", "set", "lo", "up"]).then_some(ns)
     }
 
+    /// [`Namespace::create`], or `None` after saying SKIPPED; under CI
+    /// (which runs as root) a namespace that cannot be made is a failure,
+    /// since a skip would hide one.
+    fn create_or_skip() -> Option<Namespace> {
+        let ns = Namespace::create();
+        if ns.is_none() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "cannot run under CI: needs root and iproute2 to create a network namespace"
+            );
+            eprintln!("SKIPPED: needs root and iproute2 to create a network namespace");
+        }
+        ns
+    }
+
     /// `bin args…` inside the namespace.
     fn start(&self, bin: &str, args: &[&str]) -> Running {
         let mut all = vec!["netns", "exec", &self.0, bin];
@@ -333,13 +348,7 @@ impl Drop for Namespace {
 /// through meshctl, and comes online.
 #[test]
 fn a_worker_finds_the_primary_over_mdns_and_pairs() {
-    let Some(ns) = Namespace::create() else {
-        // Under CI (which runs as root) a skip would hide a failure.
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "cannot run under CI: needs root and iproute2 to create a network namespace"
-        );
-        eprintln!("SKIPPED: needs root and iproute2 to create a network namespace");
+    let Some(ns) = Namespace::create_or_skip() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -437,12 +446,7 @@ fn a_worker_refuses_a_primary_that_is_not_the_pinned_one() {
 /// only, inside a namespace whose loopback has no IPv4 address at all.
 #[test]
 fn a_worker_pairs_and_heartbeats_over_ipv6_only() {
-    let Some(ns) = Namespace::create() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "cannot run under CI: needs root and iproute2 to create a network namespace"
-        );
-        eprintln!("SKIPPED: needs root and iproute2 to create a network namespace");
+    let Some(ns) = Namespace::create_or_skip() else {
         return;
     };
     let no_v4 = Command::new("ip")
