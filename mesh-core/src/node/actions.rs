@@ -39,6 +39,12 @@ pub mod states {
     pub const VOIDED: &str = "voided";
 }
 
+/// Whether `node` is still paired and not revoked (a storage error counts
+/// as no: nothing runs on a device the primary cannot vouch for).
+fn still_paired(inner: &Inner, node: &NodeId) -> bool {
+    matches!(inner.registry.get(node), Ok(Some(d)) if d.revoked_at.is_none())
+}
+
 /// A command of `node` succeeded: its trust rises (R-PAIR8). A failure to
 /// record it is published, not fatal to the command.
 fn record_success(inner: &Inner, node: &NodeId) {
@@ -151,6 +157,15 @@ pub(super) async fn on_worker_command(
             return CommandOutcome::Err {
                 code: "audit_failed".into(),
                 message,
+            };
+        }
+        // Revoked or unpaired since its message passed the gate (the
+        // cancellation may have run before this task registered): nothing
+        // runs and nothing is proposed.
+        if !still_paired(inner, &node) {
+            return CommandOutcome::Err {
+                code: "cancelled".into(),
+                message: "the device was revoked or unpaired".into(),
             };
         }
         match verdict {
@@ -324,6 +339,11 @@ impl Node {
     pub async fn approve_action(&self, id: &str) -> Result<ActionRecord, NodeError> {
         let (_claim, mut action) = self.claim_proposed(id)?;
         let inner = self.primary()?;
+        if !still_paired(inner, &action.proposed_by) {
+            return Err(NodeError::Unavailable(format!(
+                "action {id} was proposed by a device that is no longer paired"
+            )));
+        }
         let me = Some(inner.key.node_id().to_string());
         for state in [states::APPROVED, states::EXECUTING] {
             action.state = state.into();
