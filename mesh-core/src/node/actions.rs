@@ -45,16 +45,24 @@ fn still_paired(inner: &Inner, node: &NodeId) -> bool {
     matches!(inner.registry.get(node), Ok(Some(d)) if d.revoked_at.is_none())
 }
 
-/// A command of `node` succeeded: its trust rises (R-PAIR8). A failure to
-/// record it is published, not fatal to the command.
-fn record_success(inner: &Inner, node: &NodeId) {
-    if let Err(e) = inner.registry.record_success(node, inner.now()) {
-        inner.events.publish(
-            "trust.update_failed",
-            inner.now(),
-            json!({ "device": node.to_string(), "error": e.to_string() }),
-        );
-    }
+/// A command of `node` succeeded: its trust rises (R-PAIR8), written on the
+/// blocking pool like the decision. A failure to record it is published,
+/// not fatal to the command.
+async fn record_success(inner: &Arc<Inner>, node: NodeId) {
+    let writing = inner.clone();
+    let written =
+        tokio::task::spawn_blocking(move || writing.registry.record_success(&node, writing.now()))
+            .await;
+    let error = match written {
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    inner.events.publish(
+        "trust.update_failed",
+        inner.now(),
+        json!({ "device": node.to_string(), "error": error }),
+    );
 }
 
 /// A claim on an action being decided; released on drop.
@@ -174,7 +182,7 @@ pub(super) async fn on_worker_command(
                 let outcome =
                     run_handler(inner, &cmd.name, &cmd.args, "unknown_command", permit).await;
                 if matches!(outcome, CommandOutcome::Ok(_)) {
-                    record_success(inner, &node);
+                    record_success(inner, node).await;
                 }
                 return outcome;
             }
@@ -363,7 +371,7 @@ impl Node {
             CommandOutcome::Ok(result) => {
                 action.state = states::EXECUTED.into();
                 action.result = Some(result);
-                record_success(inner, &action.proposed_by);
+                record_success(&self.inner, action.proposed_by).await;
             }
             CommandOutcome::Err { code, message } => {
                 action.state = states::FAILED.into();

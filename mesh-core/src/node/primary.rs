@@ -200,24 +200,31 @@ fn source_of(conn: &dyn Connection) -> Option<String> {
     }
 }
 
+/// Whether the waiting requests are at a cap (all, or `source`'s) for a
+/// new request of `from`; `from`'s own waiting request does not count, since
+/// the new one replaces it.
+fn pending_full(
+    waiting: &HashMap<String, Waiter>,
+    limits: &super::PairingLimits,
+    from: NodeId,
+    source: Option<&str>,
+) -> bool {
+    let others = || waiting.values().filter(|w| w.node != from);
+    let from_source = source.map_or(0, |src| {
+        others()
+            .filter(|w| w.source.as_deref() == Some(src))
+            .count()
+    });
+    others().count() >= limits.max_pending || from_source >= limits.max_pending_per_address
+}
+
 /// Why a new pairing request is refused before it costs anything, if it is.
-fn pairing_admission(inner: &Inner, source: Option<&str>) -> Option<&'static str> {
+fn pairing_admission(inner: &Inner, from: NodeId, source: Option<&str>) -> Option<&'static str> {
     let limits = &inner.config.pairing_limits;
     let now = inner.now();
-    let waiting = lock(&inner.primary.pairings);
-    if waiting.len() >= limits.max_pending {
+    if pending_full(&lock(&inner.primary.pairings), limits, from, source) {
         return Some("too_many_pending");
     }
-    if let Some(src) = source {
-        let from_source = waiting
-            .values()
-            .filter(|w| w.source.as_deref() == Some(src))
-            .count();
-        if from_source >= limits.max_pending_per_address {
-            return Some("too_many_pending");
-        }
-    }
-    drop(waiting);
     let mut rates = lock(&inner.primary.pairing_rates);
     let rates = rates.get_or_insert_with(|| PairingRates {
         all: TokenBucket::new(limits.rate, now),
@@ -249,7 +256,7 @@ async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
     let from = conn.remote_node();
     let source = source_of(conn.as_ref());
     // Bounded before anything is read, verified or stored.
-    if let Some(reason) = pairing_admission(inner, source.as_deref()) {
+    if let Some(reason) = pairing_admission(inner, from, source.as_deref()) {
         refuse_pairing(inner, conn.as_ref(), reason, None);
         return;
     }
@@ -275,14 +282,12 @@ async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
         let mut waiting = lock(&inner.primary.pairings);
         // Checked again under the lock that inserts: several connections
         // may have passed the first check before any was waiting.
-        let limits = &inner.config.pairing_limits;
-        let from_source = source.as_deref().map_or(0, |src| {
-            waiting
-                .values()
-                .filter(|w| w.node != from && w.source.as_deref() == Some(src))
-                .count()
-        });
-        if waiting.len() >= limits.max_pending || from_source >= limits.max_pending_per_address {
+        if pending_full(
+            &waiting,
+            &inner.config.pairing_limits,
+            from,
+            source.as_deref(),
+        ) {
             drop(waiting);
             refuse_pairing(inner, conn.as_ref(), "too_many_pending", None);
             return;

@@ -21,6 +21,20 @@ use serde_json::json;
 
 use crate::node_e2e::{pair, primary, primary_with, quic, worker};
 
+/// A frame of `payload` from `key` to `to`, stamped `at`.
+fn signed(
+    key: &NodeKey,
+    to: mesh_core::identity::NodeId,
+    at: mesh_core::clock::Timestamp,
+    payload: Payload,
+) -> Vec<u8> {
+    Envelope::new(key.node_id(), Destination::Node(to), at, payload)
+        .sign(key)
+        .unwrap()
+        .to_frame()
+        .unwrap()
+}
+
 /// Envelopes the flood sends at most, and how long it may take.
 const FLOOD_MESSAGES: usize = 80_000;
 const FLOOD_TIME: Duration = Duration::from_secs(15);
@@ -67,16 +81,7 @@ async fn an_unpaired_key_flooding_pairing_loses_no_heartbeat_of_50_workers() {
             now,
             &PairingConfig::default(),
         );
-        let frame = Envelope::new(
-            evil_key.node_id(),
-            Destination::Node(primary_id),
-            now,
-            Payload::Pairing(request),
-        )
-        .sign(&evil_key)
-        .unwrap()
-        .to_frame()
-        .unwrap();
+        let frame = signed(&evil_key, primary_id, now, Payload::Pairing(request));
         if conn.send(frame).await.is_err() {
             continue;
         }
@@ -84,16 +89,12 @@ async fn an_unpaired_key_flooding_pairing_loses_no_heartbeat_of_50_workers() {
         // stamped just inside the clock-skew window's future edge.
         while sent < FLOOD_MESSAGES && started.elapsed() < FLOOD_TIME {
             let stamp = SystemClock.now().saturating_add(Duration::from_secs(295));
-            let frame = Envelope::new(
-                evil_key.node_id(),
-                Destination::Node(primary_id),
+            let frame = signed(
+                &evil_key,
+                primary_id,
                 stamp,
                 Payload::Ack(Ack { ids: vec![] }),
-            )
-            .sign(&evil_key)
-            .unwrap()
-            .to_frame()
-            .unwrap();
+            );
             if conn.send(frame).await.is_err() {
                 break;
             }
@@ -192,16 +193,7 @@ async fn ask_to_pair(p: &crate::node_e2e::Primary) -> (Arc<QuicTransport>, Box<d
         now,
         &PairingConfig::default(),
     );
-    let frame = Envelope::new(
-        key.node_id(),
-        Destination::Node(p.node.node_id()),
-        now,
-        Payload::Pairing(request),
-    )
-    .sign(&key)
-    .unwrap()
-    .to_frame()
-    .unwrap();
+    let frame = signed(&key, p.node.node_id(), now, Payload::Pairing(request));
     let _ = conn.send(frame).await;
     (transport, conn)
 }
@@ -317,11 +309,7 @@ async fn fake_primary(
         let mut all = vec![Payload::Session(SessionMessage::Welcome)];
         all.extend(payloads);
         for p in all {
-            let frame = Envelope::new(id, Destination::Node(to), SystemClock.now(), p)
-                .sign(&key)
-                .unwrap()
-                .to_frame()
-                .unwrap();
+            let frame = signed(&key, to, SystemClock.now(), p);
             conn.send(frame).await.unwrap();
         }
         // Keep the session open until the worker goes.
@@ -479,16 +467,7 @@ async fn raw_device(p: &crate::node_e2e::Primary) -> RawDevice {
 
 impl RawDevice {
     async fn send(&self, conn: &dyn Connection, to: mesh_core::identity::NodeId, payload: Payload) {
-        let frame = Envelope::new(
-            self.key.node_id(),
-            Destination::Node(to),
-            SystemClock.now(),
-            payload,
-        )
-        .sign(&self.key)
-        .unwrap()
-        .to_frame()
-        .unwrap();
+        let frame = signed(&self.key, to, SystemClock.now(), payload);
         conn.send(frame).await.unwrap();
     }
 
@@ -657,11 +636,7 @@ async fn a_worker_retries_transient_ends_and_survives_an_uncommitted_rotation() 
             let key = key.clone();
             async move {
                 let to = conn.remote_node();
-                let frame = Envelope::new(id, Destination::Node(to), SystemClock.now(), p)
-                    .sign(&key)
-                    .unwrap()
-                    .to_frame()
-                    .unwrap();
+                let frame = signed(&key, to, SystemClock.now(), p);
                 let _ = conn.send(frame).await;
             }
         };
