@@ -167,10 +167,11 @@ pub(crate) async fn pair(p: &Primary, w: &Node, wrong_first: bool) {
 async fn pair_heartbeat_command_rotate_revoke_and_audit() {
     let p = primary();
     let (w, w_store) = worker("laptop");
+    // Subscribed before pairing: the first heartbeat may be scored at once.
+    let mut online = p.node.subscribe("device.online", 8).unwrap();
     pair(&p, &w, true).await;
 
     // Heartbeats arrive and are scored.
-    let mut online = p.node.subscribe("device.online", 8).unwrap();
     next(&mut online, "device.online", WAIT).await;
     let devices = p.node.devices().unwrap();
     assert_eq!(devices.len(), 1);
