@@ -8,7 +8,12 @@
 //! 2. durable appends/s: SQLite (WAL, `synchronous=FULL`, a file on disk)
 //!    with group commit, 1,000 entries per transaction;
 //! 3. full verification of 1,000,000 records (memory store);
-//! 4. verification of one inclusion proof at 2^20 records.
+//! 4. verification of one inclusion proof at 2^20 records;
+//! 5. audited decisions/s: one `command.decided` entry per `append` (one
+//!    durable transaction each, as the node records a decision) from many
+//!    threads at once, which the storage writer's group commit shares
+//!    transactions among — against the same appends from one thread (one
+//!    fsync each), in the same run.
 //!
 //! `cargo test --benches` runs a small version of each.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -155,6 +160,60 @@ fn durable_appends(z: &Sizes) {
     }
 }
 
+/// `threads` threads appending `n` single-entry batches in all to a ledger
+/// on a fresh SQLite file; returns (decisions/s, batches per transaction).
+fn decisions(dir: &std::path::Path, threads: u64, n: u64) -> (f64, f64) {
+    let path = dir.join(format!("decisions-{threads}.db"));
+    let sqlite = Arc::new(SqliteStorage::open(path).unwrap());
+    let store: Arc<dyn Storage> = sqlite.clone();
+    let key = Arc::new(NodeKey::from_secret_bytes(&[1; 32]));
+    let ledger = Arc::new(SignedLedger::open(store, key.clone(), LedgerConfig::default()).unwrap());
+    let actor = key.node_id();
+    let per = n / threads;
+    let before = sqlite.write_stats();
+    let start = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let ledger = ledger.clone();
+            std::thread::spawn(move || {
+                for i in 0..per {
+                    ledger
+                        .append(
+                            entries(t * per + i, 1, actor),
+                            vec![],
+                            Timestamp::from_millis(1),
+                        )
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let rate = (per * threads) as f64 / start.elapsed().as_secs_f64();
+    let after = sqlite.write_stats();
+    let grouped = (after.batches - before.batches) as f64
+        / (after.transactions - before.transactions).max(1) as f64;
+    (rate, grouped)
+}
+
+fn audited_decisions(z: &Sizes) {
+    println!("## audited decisions: one entry per durable append, SQLite file, synchronous=FULL");
+    let dir = tempfile::tempdir().unwrap();
+    let n_one = if z.quick { 200 } else { 5_000 };
+    let (one, _) = decisions(dir.path(), 1, n_one);
+    println!("1 thread (baseline, one fsync each):          {one:>10.0} decisions/s ({n_one})");
+    for threads in [16u64, 64, 256] {
+        let n = if z.quick { threads * 10 } else { 200_000 };
+        let (rate, grouped) = decisions(dir.path(), threads, n);
+        println!(
+            "{threads:>3} threads, group commit:                  {rate:>10.0} decisions/s ({n}; {grouped:.1} per transaction; {:.1}x baseline)",
+            rate / one
+        );
+    }
+}
+
 fn full_verification(z: &Sizes) {
     println!("## full verification");
     let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
@@ -248,10 +307,12 @@ fn main() {
             rounds: 3,
         }
     };
-    // Optional filter, e.g. `cargo bench --bench ledger -- memory verify`.
-    let phases: [(&str, Phase); 4] = [
+    // Optional filter, e.g. `cargo bench --bench ledger -- memory verify`
+    // (phases: memory sqlite decisions verify proof).
+    let phases: [(&str, Phase); 5] = [
         ("memory", appends_in_memory),
         ("sqlite", durable_appends),
+        ("decisions", audited_decisions),
         ("verify", full_verification),
         ("proof", proof_verification),
     ];

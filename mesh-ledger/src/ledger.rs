@@ -3,6 +3,7 @@
 //! ledger, extended only by replication), both readable through
 //! [`LedgerView`].
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -160,6 +161,10 @@ pub fn verify_checkpoint_consistency(
 #[derive(Debug)]
 pub(crate) struct State {
     pub(crate) v: Verified,
+    /// Batches submitted to storage and not yet known to be committed, in
+    /// submission order, each with the state to go back to if it fails.
+    inflight: VecDeque<(u64, Mark)>,
+    next_ticket: u64,
 }
 
 impl State {
@@ -204,7 +209,11 @@ impl LedgerView {
             store,
             author,
             key_prefix: format!("{author}/"),
-            state: Mutex::new(State { v: verified }),
+            state: Mutex::new(State {
+                v: verified,
+                inflight: VecDeque::new(),
+                next_ticket: 0,
+            }),
         })
     }
 
@@ -336,12 +345,70 @@ impl SignedLedger {
             let mut writes = Vec::new();
             let mark = Mark::of(&st);
             self.push_checkpoint(&mut st, now, &mut writes);
-            if let Err(e) = self.view.store.apply(&writes) {
-                mark.restore(&mut st);
-                return Err(e.into());
-            }
+            let cp = st.latest().cloned();
+            self.commit(st, mark, writes)?;
+            return Ok(cp);
         }
         Ok(st.latest().cloned())
+    }
+
+    /// Hands a batch built under the lock to storage, releases the lock and
+    /// waits for the commit — so appends from many threads pipeline: while
+    /// one batch is being flushed the next ones are already built and
+    /// queued, and the storage writer commits them together.
+    ///
+    /// The batch requires the record before its first one
+    /// ([`Write::Require`]): if the batch that wrote that record fails, this
+    /// one fails too instead of leaving a gap in the chain. A failed batch
+    /// takes the in-memory state back to where it was before it (dropping
+    /// the later batches built on it, which fail as well).
+    fn commit(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        mark: Mark,
+        mut writes: Vec<Write>,
+    ) -> Result<(), StorageError> {
+        if mark.len > 0 {
+            writes.push(Write::Require {
+                table: Table::LedgerRecords,
+                key: self.view.key(mark.len - 1),
+            });
+        }
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
+        let pending = self.view.store.submit(writes);
+        st.inflight.push_back((ticket, mark));
+        drop(st);
+
+        let outcome = pending.wait();
+        let mut st = self.view.lock();
+        match &outcome {
+            Ok(()) => {
+                // Storage commits in submission order: everything before
+                // this batch is settled too.
+                while st.inflight.front().is_some_and(|(t, _)| *t <= ticket) {
+                    st.inflight.pop_front();
+                }
+            }
+            Err(_) => {
+                if let Some(pos) = st.inflight.iter().position(|(t, _)| *t == ticket) {
+                    let mut dropped = st.inflight.split_off(pos);
+                    if let Some((_, mark)) = dropped.pop_front() {
+                        mark.restore(&mut st);
+                    }
+                }
+                // Otherwise an earlier failed batch has already taken the
+                // state back past this one.
+            }
+        }
+        outcome
+    }
+
+    /// Whether `e` says only that the record this batch chained on is gone
+    /// (an earlier batch failed), so the same entries may be appended again.
+    fn chain_broken(&self, e: &StorageError, len_before: u64) -> bool {
+        matches!(e, StorageError::Missing { table: Table::LedgerRecords, key }
+            if len_before > 0 && *key == self.view.key(len_before - 1))
     }
 
     fn push(&self, st: &mut State, mut record: LedgerRecord, writes: &mut Vec<Write>) {
@@ -376,6 +443,7 @@ impl SignedLedger {
 }
 
 /// What to restore if a batch fails.
+#[derive(Debug)]
 struct Mark {
     len: u64,
     last_hash: Hash,
@@ -415,13 +483,54 @@ impl Ledger for SignedLedger {
 
     fn append(
         &self,
-        entries: Vec<Entry>,
-        with: Vec<Write>,
+        mut entries: Vec<Entry>,
+        mut with: Vec<Write>,
         now: Timestamp,
     ) -> Result<Appended, LedgerError> {
         for e in &entries {
             e.validate()?;
         }
+        // A batch that fails only because an earlier, concurrent batch it
+        // was chained on failed is built again on the restored state.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let last_try = tries >= MAX_CHAIN_RETRIES;
+            let (entries, with) = if last_try {
+                (std::mem::take(&mut entries), std::mem::take(&mut with))
+            } else {
+                (entries.clone(), with.clone())
+            };
+            match self.append_once(entries, with, now) {
+                Err((e, len_before)) if !last_try && self.chain_broken(&e, len_before) => continue,
+                Err((e, _)) => return Err(e.into()),
+                Ok(appended) => return Ok(appended),
+            }
+        }
+    }
+
+    fn tick(&self, now: Timestamp) -> Result<bool, LedgerError> {
+        let due = self.due(&self.view.lock(), now);
+        if due {
+            self.checkpoint(now)?;
+        }
+        Ok(due)
+    }
+}
+
+/// How many times an append is built again after the batch it chained on
+/// failed (each retry needs another concurrent batch to have failed).
+const MAX_CHAIN_RETRIES: u32 = 8;
+
+impl SignedLedger {
+    /// One attempt of [`Ledger::append`]; the error comes with the length
+    /// the batch was built on.
+    fn append_once(
+        &self,
+        entries: Vec<Entry>,
+        with: Vec<Write>,
+        now: Timestamp,
+    ) -> Result<Appended, (StorageError, u64)> {
         let mut st = self.view.lock();
         let mark = Mark::of(&st);
         let first_seq = st.len();
@@ -447,22 +556,12 @@ impl Ledger for SignedLedger {
         if self.due(&st, now) {
             self.push_checkpoint(&mut st, now, &mut writes);
         }
-        if let Err(e) = self.view.store.apply(&writes) {
-            mark.restore(&mut st);
-            return Err(e.into());
-        }
-        Ok(Appended {
+        let appended = Appended {
             first_seq,
             count: st.len() - first_seq,
-        })
-    }
-
-    fn tick(&self, now: Timestamp) -> Result<bool, LedgerError> {
-        let due = self.due(&self.view.lock(), now);
-        if due {
-            self.checkpoint(now)?;
-        }
-        Ok(due)
+        };
+        self.commit(st, mark, writes).map_err(|e| (e, first_seq))?;
+        Ok(appended)
     }
 }
 

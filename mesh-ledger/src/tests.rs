@@ -701,3 +701,178 @@ mod replication {
         assert_eq!(replica.apply(good).unwrap(), ledger.len());
     }
 }
+
+/// Storage whose writer is held: batches queue until `release`, then go
+/// through (in order) and later ones apply at once.
+#[derive(Debug, Default)]
+struct HeldStorage {
+    inner: MemoryStorage,
+    queue: std::sync::Mutex<Option<Vec<QueuedBatch>>>,
+}
+
+type QueuedBatch = (
+    Vec<Write>,
+    std::sync::mpsc::SyncSender<Result<(), StorageError>>,
+);
+
+impl HeldStorage {
+    fn held() -> Self {
+        HeldStorage {
+            inner: MemoryStorage::new(),
+            queue: std::sync::Mutex::new(Some(Vec::new())),
+        }
+    }
+
+    fn queued(&self) -> usize {
+        self.queue.lock().unwrap().as_ref().map_or(0, Vec::len)
+    }
+
+    fn wait_queued(&self, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.queued() < n {
+            assert!(std::time::Instant::now() < deadline, "batches never queued");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn release(&self) {
+        let mut q = self.queue.lock().unwrap();
+        for (batch, done) in q.take().unwrap_or_default() {
+            done.send(self.inner.apply(&batch)).unwrap();
+        }
+    }
+}
+
+impl Storage for HeldStorage {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get(table, key)
+    }
+    fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        self.inner.list(table)
+    }
+    fn apply(&self, batch: &[Write]) -> Result<(), StorageError> {
+        self.submit(batch.to_vec()).wait()
+    }
+    fn submit(&self, batch: Vec<Write>) -> mesh_core::storage::Pending {
+        let mut q = self.queue.lock().unwrap();
+        match q.as_mut() {
+            Some(q) => {
+                let (done, outcome) = std::sync::mpsc::sync_channel(1);
+                q.push((batch, done));
+                mesh_core::storage::Pending::waiting(outcome)
+            }
+            None => mesh_core::storage::Pending::ready(self.inner.apply(&batch)),
+        }
+    }
+}
+
+#[test]
+fn a_failed_batch_fails_the_batches_chained_on_it_and_they_are_appended_again() {
+    let held = Arc::new(HeldStorage::held());
+    let store: Arc<dyn Storage> = held.clone();
+    let author = key(1);
+    let ledger = Arc::new(
+        SignedLedger::open(store.clone(), author.clone(), LedgerConfig::default()).unwrap(),
+    );
+    let actor = key(9).node_id();
+    let taken = Write::Put {
+        table: Table::Devices,
+        key: "taken".into(),
+        body: b"x".to_vec(),
+    };
+    held.inner.apply(&[taken]).unwrap();
+
+    // A's own write fails (the key is taken); B and C were built on A's
+    // records while A was still queued.
+    let a = {
+        let ledger = ledger.clone();
+        std::thread::spawn(move || {
+            ledger.append(
+                vec![entry(0, actor), entry(1, actor)],
+                vec![Write::Insert {
+                    table: Table::Devices,
+                    key: "taken".into(),
+                    body: b"y".to_vec(),
+                }],
+                t(10),
+            )
+        })
+    };
+    held.wait_queued(1);
+    assert_eq!(ledger.len(), 2, "A's records count while it is queued");
+    let spawn_one = |i: u64| {
+        let ledger = ledger.clone();
+        std::thread::spawn(move || ledger.append(vec![entry(i, actor)], vec![], t(10 + i)))
+    };
+    let b = spawn_one(2);
+    held.wait_queued(2);
+    let c = spawn_one(3);
+    held.wait_queued(3);
+    held.release();
+
+    assert!(matches!(
+        a.join().unwrap(),
+        Err(LedgerError::Storage(StorageError::AlreadyExists { .. }))
+    ));
+    b.join().unwrap().unwrap();
+    c.join().unwrap().unwrap();
+    assert_eq!(ledger.len(), 2, "A's records are gone, B's and C's remain");
+    // The stored chain has no gap and verifies from the start.
+    let reopened =
+        SignedLedger::open(store.clone(), author.clone(), LedgerConfig::default()).unwrap();
+    let bodies: Vec<Body> = reopened
+        .view()
+        .records(0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.body)
+        .collect();
+    assert_eq!(bodies, vec![entry(2, actor).body, entry(3, actor).body]);
+    // And it goes on: the next append chains on C.
+    reopened
+        .append(vec![entry(4, actor)], vec![], t(20))
+        .unwrap();
+    assert_eq!(reopened.checkpoint(t(21)).unwrap().unwrap().size, 3);
+}
+
+#[test]
+fn concurrent_appends_on_sqlite_share_transactions_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let sqlite = Arc::new(SqliteStorage::open(&path).unwrap());
+    let store: Arc<dyn Storage> = sqlite.clone();
+    let author = key(1);
+    let ledger = Arc::new(
+        SignedLedger::open(
+            store,
+            author.clone(),
+            LedgerConfig::default().checkpoint_every(50),
+        )
+        .unwrap(),
+    );
+    let actor = key(9).node_id();
+    let threads: Vec<_> = (0..8u64)
+        .map(|th| {
+            let ledger = ledger.clone();
+            std::thread::spawn(move || {
+                for i in 0..40 {
+                    ledger
+                        .append(vec![entry(th * 100 + i, actor)], vec![], t(1_000))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap();
+    }
+    let stats = sqlite.write_stats();
+    // 320 entries, 6 checkpoints on the way (every 50), all in 320 batches.
+    assert_eq!(stats.batches, 320);
+    assert_eq!(ledger.len(), 326);
+    drop(ledger);
+    drop(Arc::into_inner(sqlite));
+    let store: Arc<dyn Storage> = Arc::new(SqliteStorage::open(&path).unwrap());
+    let reopened = SignedLedger::open(store, author, LedgerConfig::default()).unwrap();
+    assert_eq!(reopened.len(), 326);
+}

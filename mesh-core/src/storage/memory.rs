@@ -103,21 +103,26 @@ impl Storage for MemoryStorage {
                     let old = tables.get_mut(table).and_then(|t| t.remove(key));
                     undo.push((i, old));
                 }
+                Write::Require { table, key } => {
+                    if !tables.get(table).is_some_and(|t| t.contains_key(key)) {
+                        conflict = Some(StorageError::Missing {
+                            table: *table,
+                            key: key.clone(),
+                        });
+                        break;
+                    }
+                }
             }
         }
         let Some(conflict) = conflict else {
             return Ok(());
         };
         for (i, old) in undo.into_iter().rev() {
-            let (table, key) = match &batch[i] {
-                Write::Put { table, key, .. }
-                | Write::Insert { table, key, .. }
-                | Write::Delete { table, key } => (*table, key),
-            };
+            let (table, key) = batch[i].target();
             let t = tables.entry(table).or_default();
             match old {
                 Some(body) => {
-                    t.insert(key.clone(), body);
+                    t.insert(key.to_owned(), body);
                 }
                 None => {
                     t.remove(key);

@@ -35,7 +35,7 @@ use serde::de::DeserializeOwned;
 
 pub use memory::MemoryStorage;
 #[cfg(feature = "sqlite")]
-pub use sqlite::{SCHEMA_VERSION, SqliteStorage};
+pub use sqlite::{MAX_GROUP, QUEUE_DEPTH, SCHEMA_VERSION, SqliteStorage, WriteStats};
 
 /// The tables the node keeps (R-STORE1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -138,6 +138,29 @@ pub enum Write {
         /// Key.
         key: String,
     },
+    /// Writes nothing; the whole batch fails with [`StorageError::Missing`]
+    /// unless the key exists (written earlier in this batch or by a batch
+    /// committed, or queued, before it). A batch that extends another
+    /// queued batch (the next records of a hash chain) requires the other's
+    /// last key, so if the first fails the second fails too.
+    Require {
+        /// Table.
+        table: Table,
+        /// Key.
+        key: String,
+    },
+}
+
+impl Write {
+    /// The table and key the write concerns.
+    pub fn target(&self) -> (Table, &str) {
+        match self {
+            Write::Put { table, key, .. }
+            | Write::Insert { table, key, .. }
+            | Write::Delete { table, key }
+            | Write::Require { table, key } => (*table, key),
+        }
+    }
 }
 
 impl fmt::Debug for Write {
@@ -151,6 +174,7 @@ impl fmt::Debug for Write {
                 write!(f, "Insert({table}/{key}, {} bytes)", body.len())
             }
             Write::Delete { table, key } => write!(f, "Delete({table}/{key})"),
+            Write::Require { table, key } => write!(f, "Require({table}/{key})"),
         }
     }
 }
@@ -162,6 +186,14 @@ pub enum StorageError {
     /// An `Insert` found its key taken.
     #[error("{table}/{key} already exists")]
     AlreadyExists {
+        /// Table.
+        table: Table,
+        /// Key.
+        key: String,
+    },
+    /// A [`Write::Require`] found no record under its key.
+    #[error("{table}/{key} is required by the batch but does not exist")]
+    Missing {
         /// Table.
         table: Table,
         /// Key.
@@ -192,6 +224,72 @@ pub enum StorageError {
     Backend(String),
 }
 
+impl Clone for StorageError {
+    fn clone(&self) -> Self {
+        match self {
+            StorageError::AlreadyExists { table, key } => StorageError::AlreadyExists {
+                table: *table,
+                key: key.clone(),
+            },
+            StorageError::Missing { table, key } => StorageError::Missing {
+                table: *table,
+                key: key.clone(),
+            },
+            StorageError::Corrupt { table, key, reason } => StorageError::Corrupt {
+                table: *table,
+                key: key.clone(),
+                reason: reason.clone(),
+            },
+            StorageError::SchemaTooNew { found, supported } => StorageError::SchemaTooNew {
+                found: *found,
+                supported: *supported,
+            },
+            StorageError::Backend(m) => StorageError::Backend(m.clone()),
+        }
+    }
+}
+
+/// A batch handed to [`Storage::submit`]: wait on it for its outcome.
+///
+/// Batches are committed in the order they were submitted; a batch's
+/// outcome is final (durable, or nothing of it written) when
+/// [`Pending::wait`] returns.
+#[derive(Debug)]
+#[must_use = "a submitted batch is only known to be durable once `wait` returns Ok"]
+pub struct Pending(PendingState);
+
+#[derive(Debug)]
+enum PendingState {
+    Ready(Result<(), StorageError>),
+    Waiting(std::sync::mpsc::Receiver<Result<(), StorageError>>),
+}
+
+impl Pending {
+    /// An outcome known at once (a backend that applies in place).
+    pub fn ready(outcome: Result<(), StorageError>) -> Self {
+        Pending(PendingState::Ready(outcome))
+    }
+
+    /// An outcome a writer will send; the sender dropped unsent reads as a
+    /// backend error (the writer stopped).
+    pub fn waiting(rx: std::sync::mpsc::Receiver<Result<(), StorageError>>) -> Self {
+        Pending(PendingState::Waiting(rx))
+    }
+
+    /// Blocks until the batch is committed or has failed. Do not call it on
+    /// an async thread: it waits for a disk flush.
+    pub fn wait(self) -> Result<(), StorageError> {
+        match self.0 {
+            PendingState::Ready(r) => r,
+            PendingState::Waiting(rx) => rx.recv().unwrap_or_else(|_| {
+                Err(StorageError::Backend(
+                    "the storage writer stopped before committing the batch".into(),
+                ))
+            }),
+        }
+    }
+}
+
 /// The storage interface the node runtime uses. Implementations must make
 /// [`Storage::apply`] atomic and durable once it returns `Ok`.
 pub trait Storage: Send + Sync + fmt::Debug + 'static {
@@ -201,6 +299,15 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StorageError>;
     /// Applies all writes or none.
     fn apply(&self, batch: &[Write]) -> Result<(), StorageError>;
+
+    /// Queues a batch and returns at once; [`Pending::wait`] gives its
+    /// outcome. Batches commit in submission order, and a backend with a
+    /// writer task commits the batches queued together in one transaction
+    /// (one disk flush), each still all or nothing. The default applies in
+    /// place.
+    fn submit(&self, batch: Vec<Write>) -> Pending {
+        Pending::ready(self.apply(&batch))
+    }
 
     /// Visits every document of a table in key order without copying it out;
     /// stops at the first error `visit` returns. The default goes through
@@ -445,6 +552,40 @@ macro_rules! storage_conformance_tests {
                 assert_eq!(s.get(Table::Devices, "taken").unwrap(), Some(b"old".to_vec()));
                 assert_eq!(s.get(Table::Peers, "p").unwrap(), None);
                 assert_eq!(s.get(Table::PairingRequests, "r").unwrap(), None);
+            }
+
+            #[test]
+            fn require_fails_the_batch_unless_its_key_exists() {
+                let s = store();
+                let require = |key: &str| Write::Require { table: Table::LedgerRecords, key: key.into() };
+                let err = s.apply(&[put(Table::LedgerRecords, "a", "1"), require("b")]).unwrap_err();
+                assert!(matches!(&err, StorageError::Missing { table: Table::LedgerRecords, key } if key == "b"), "{err}");
+                assert_eq!(s.get(Table::LedgerRecords, "a").unwrap(), None, "nothing of the batch");
+                // Written earlier in the same batch counts; so does committed.
+                s.apply(&[put(Table::LedgerRecords, "b", "2"), require("b")]).unwrap();
+                s.apply(&[require("b"), put(Table::LedgerRecords, "c", "3")]).unwrap();
+                assert_eq!(s.get(Table::LedgerRecords, "c").unwrap(), Some(b"3".to_vec()));
+                // Another table's key does not.
+                assert!(s.apply(&[Write::Require { table: Table::Devices, key: "b".into() }]).is_err());
+            }
+
+            #[test]
+            fn submitted_batches_commit_in_order_and_fail_alone() {
+                let s = store();
+                let require = |key: &str| Write::Require { table: Table::Actions, key: key.into() };
+                let first = s.submit(vec![put(Table::Actions, "1", "a")]);
+                let second = s.submit(vec![require("1"), insert(Table::Actions, "2", "b")]);
+                let bad = s.submit(vec![insert(Table::Actions, "3", "c"), insert(Table::Actions, "1", "dup")]);
+                let chained = s.submit(vec![require("3"), put(Table::Actions, "4", "d")]);
+                let after = s.submit(vec![require("2"), put(Table::Actions, "5", "e")]);
+                first.wait().unwrap();
+                second.wait().unwrap();
+                assert!(matches!(bad.wait(), Err(StorageError::AlreadyExists { .. })));
+                assert!(matches!(chained.wait(), Err(StorageError::Missing { .. })), "a batch on a failed one fails");
+                after.wait().unwrap();
+                let keys: Vec<String> = s.list(Table::Actions).unwrap().into_iter().map(|(k, _)| k).collect();
+                assert_eq!(keys, ["1", "2", "5"]);
+                assert_eq!(s.get(Table::Actions, "1").unwrap(), Some(b"a".to_vec()));
             }
 
             #[test]

@@ -52,24 +52,24 @@ mod sqlite_only {
             // v4 then add device_ids, ledger_records and node_state, and
             // move the link).
             let s = SqliteStorage::open(&path).unwrap();
-            let conn = s.conn();
-            conn.execute_batch(
-                "DROP TABLE device_ids; DROP TABLE ledger_records; DROP TABLE node_state;
-                 PRAGMA user_version = 1;",
-            )
-            .unwrap();
             let link = crate::storage::records::PrimaryLinkRecord {
                 primary: node,
                 address: crate::transport::PeerAddr::Memory("p".into()),
                 token: [3; 32],
                 paired_at: crate::clock::Timestamp::from_millis(5),
             };
-            let Ok(crate::storage::Write::Put { body, .. }) = link.put() else {
+            let Ok(crate::storage::Write::Put { body: link, .. }) = link.put() else {
                 panic!("a put");
             };
+            s.with_writer(move |conn| {
+            conn.execute_batch(
+                "DROP TABLE device_ids; DROP TABLE ledger_records; DROP TABLE node_state;
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
             conn.execute(
                 "INSERT INTO peers (key, body) VALUES ('primary', ?1)",
-                rusqlite::params![body],
+                rusqlite::params![link],
             )
             .unwrap();
             let body =
@@ -79,18 +79,20 @@ mod sqlite_only {
                 rusqlite::params![node.to_string(), body.to_string().into_bytes()],
             )
             .unwrap();
+            })
+            .unwrap();
         }
         let s = SqliteStorage::open(&path).unwrap();
         let version: i64 = s
-            .conn()
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .with_writer(|conn| conn.query_row("PRAGMA user_version", [], |r| r.get(0)))
+            .unwrap()
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
         let moved: crate::storage::records::PrimaryLinkRecord = s.load("primary").unwrap().unwrap();
         assert_eq!(moved.token, [3; 32]);
         let left: i64 = s
-            .conn()
-            .query_row("SELECT count(*) FROM peers", [], |r| r.get(0))
+            .with_writer(|conn| conn.query_row("SELECT count(*) FROM peers", [], |r| r.get(0)))
+            .unwrap()
             .unwrap();
         assert_eq!(left, 0, "the link left the mesh members' table");
         let index: DeviceIdRecord = s.load("hw-old").unwrap().unwrap();
@@ -102,6 +104,133 @@ mod sqlite_only {
             }
         );
         s.integrity_check().unwrap();
+    }
+
+    /// Holds the writer thread inside a job until the returned sender is
+    /// dropped (or sent to), so batches submitted meanwhile queue up.
+    fn hold_writer(s: &std::sync::Arc<SqliteStorage>) -> std::sync::mpsc::Sender<()> {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, is_started) = std::sync::mpsc::channel();
+        let s2 = s.clone();
+        std::thread::spawn(move || {
+            s2.with_writer(move |_| {
+                started.send(()).unwrap();
+                let _ = held.recv();
+            })
+            .unwrap();
+        });
+        is_started.recv().unwrap();
+        release
+    }
+
+    #[test]
+    fn batches_queued_together_share_one_transaction_and_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(SqliteStorage::open(dir.path().join("mesh.db")).unwrap());
+        s.apply(&[Write::Put {
+            table: Table::Devices,
+            key: "taken".into(),
+            body: b"old".to_vec(),
+        }])
+        .unwrap();
+        let before = s.write_stats();
+        assert_eq!(
+            before,
+            WriteStats {
+                transactions: 1,
+                batches: 1
+            }
+        );
+
+        let release = hold_writer(&s);
+        let put = |key: String| Write::Put {
+            table: Table::Actions,
+            key,
+            body: b"x".to_vec(),
+        };
+        let mut pending: Vec<_> = (0..100)
+            .map(|i| s.submit(vec![put(format!("a{i:03}"))]))
+            .collect();
+        // One bad batch in the middle, and one that builds on it.
+        let bad = s.submit(vec![
+            put("b-first".into()),
+            Write::Insert {
+                table: Table::Devices,
+                key: "taken".into(),
+                body: b"new".to_vec(),
+            },
+        ]);
+        let on_bad = s.submit(vec![
+            Write::Require {
+                table: Table::Actions,
+                key: "b-first".into(),
+            },
+            put("b-second".into()),
+        ]);
+        pending.extend((100..200).map(|i| s.submit(vec![put(format!("a{i:03}"))])));
+        drop(release);
+
+        for p in pending {
+            p.wait().unwrap();
+        }
+        assert!(matches!(
+            bad.wait(),
+            Err(StorageError::AlreadyExists { .. })
+        ));
+        assert!(matches!(on_bad.wait(), Err(StorageError::Missing { .. })));
+        let after = s.write_stats();
+        assert_eq!(after.batches - before.batches, 202);
+        assert_eq!(
+            after.transactions - before.transactions,
+            1,
+            "202 queued batches, one transaction (one fsync)"
+        );
+        assert_eq!(s.list(Table::Actions).unwrap().len(), 200);
+        assert_eq!(s.get(Table::Actions, "b-first").unwrap(), None);
+        assert_eq!(
+            s.get(Table::Devices, "taken").unwrap(),
+            Some(b"old".to_vec())
+        );
+        // Durable: a fresh open sees them all.
+        drop(std::sync::Arc::into_inner(s).unwrap());
+        let s = SqliteStorage::open(dir.path().join("mesh.db")).unwrap();
+        assert_eq!(s.list(Table::Actions).unwrap().len(), 200);
+    }
+
+    #[test]
+    fn many_threads_writing_at_once_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(SqliteStorage::open(dir.path().join("mesh.db")).unwrap());
+        let release = hold_writer(&s);
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20 {
+                        s.apply(&[Write::Put {
+                            table: Table::Actions,
+                            key: format!("{t:02}/{i:02}"),
+                            body: vec![t],
+                        }])
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        // Let the threads queue their first batches behind the held writer
+        // (two of sixteen are enough for the assertion below).
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(release);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let stats = s.write_stats();
+        assert_eq!(stats.batches, 320);
+        assert!(
+            stats.transactions < stats.batches,
+            "concurrent writers share transactions: {stats:?}"
+        );
+        assert_eq!(s.list(Table::Actions).unwrap().len(), 320);
     }
 
     #[test]
@@ -125,15 +254,19 @@ mod sqlite_only {
     fn wal_and_full_sync_are_on() {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStorage::open(dir.path().join("mesh.db")).unwrap();
-        let conn = s.conn();
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .unwrap();
-        let sync: i64 = conn
-            .query_row("PRAGMA synchronous", [], |r| r.get(0))
-            .unwrap();
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
+        let (mode, sync, version) = s
+            .with_writer(|conn| {
+                let mode: String = conn
+                    .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                    .unwrap();
+                let sync: i64 = conn
+                    .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                    .unwrap();
+                let version: i64 = conn
+                    .query_row("PRAGMA user_version", [], |r| r.get(0))
+                    .unwrap();
+                (mode, sync, version)
+            })
             .unwrap();
         assert_eq!((mode.as_str(), sync, version), ("wal", 2, SCHEMA_VERSION));
     }

@@ -19,7 +19,7 @@ use mesh_core::wire::{
 use mesh_transport::quic::QuicTransport;
 use serde_json::json;
 
-use crate::node_e2e::{pair, primary, primary_with, quic, worker};
+use crate::node_e2e::{pair, primary, primary_on, primary_with, quic, worker};
 
 /// A frame of `payload` from `key` to `to`, stamped `at`.
 fn signed(
@@ -851,4 +851,151 @@ async fn trust_progresses_with_successes_and_scopes_guard_their_entry_points() {
             .count(),
         2
     );
+}
+
+/// Defect 3: one paired device sending denied commands as fast as it can,
+/// against a primary on SQLite, makes no other device look offline, and
+/// every decision it got an answer for is durable in the ledger — written
+/// through the storage writer's group commit (fewer transactions than
+/// batches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_flooding_denied_commands_on_sqlite_slows_no_other_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite =
+        Arc::new(mesh_core::storage::SqliteStorage::open(dir.path().join("primary.db")).unwrap());
+    let (p, ledger) = primary_on(sqlite.clone(), |c| {
+        c.peer_limits(
+            PeerLimits::default()
+                .messages(Rate::per_second(100_000.0, 100_000))
+                .commands_in_flight(256),
+        )
+    });
+    let mut workers = Vec::new();
+    for i in 0..10 {
+        let (w, _) = worker(&format!("w{i}"));
+        pair(&p, &w, false).await;
+        workers.push(w);
+    }
+    let mut offline = p.node.subscribe(kinds::DEVICE_OFFLINE, 64).unwrap();
+    let dev = raw_device(&p).await;
+    let decided_before = ledger
+        .view()
+        .records(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .filter(|r| r.record_type == mesh_core::ledger::record_types::COMMAND_DECIDED)
+        .count();
+    let stats_before = sqlite.write_stats();
+
+    // The flood: the device's session (a new one would replace it) sends
+    // denied commands back to back for 3 s while reading the answers.
+    let dev = Arc::new(dev);
+    let flood_for = Duration::from_secs(3);
+    let mut floods = Vec::new();
+    {
+        let conn: Arc<dyn Connection> = Arc::from(dev.session(&p).await);
+        let dev = dev.clone();
+        let to = p.node.node_id();
+        let reader = {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let mut denied = 0usize;
+                let mut other = 0usize;
+                while let Some(payload) = recv(conn.as_ref()).await {
+                    if let Payload::CommandResult(r) = payload {
+                        match r.outcome {
+                            mesh_core::wire::CommandOutcome::Err { code, .. }
+                                if code == "blocked_command" =>
+                            {
+                                denied += 1
+                            }
+                            _ => other += 1,
+                        }
+                    }
+                }
+                (denied, other)
+            })
+        };
+        floods.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut sent = 0usize;
+            while started.elapsed() < flood_for {
+                dev.send(conn.as_ref(), to, command("shell.exec")).await;
+                sent += 1;
+            }
+            // Let the last answers come, then end the session.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            conn.close();
+            (sent, reader.await.unwrap())
+        }));
+    }
+    let mut sent = 0;
+    let mut denied = 0;
+    let mut refused = 0;
+    for f in floods {
+        let (s, (d, o)) = f.await.unwrap();
+        sent += s;
+        denied += d;
+        refused += o;
+    }
+    println!(
+        "flood: {sent} denied commands sent, {denied} answered denied, {refused} refused otherwise"
+    );
+    assert!(
+        denied > 100,
+        "the flood barely reached the policy: {denied}"
+    );
+
+    // Nobody else looked offline (the flooder sends no heartbeats, so it
+    // may), and every session is up.
+    let flooder = dev.key.node_id().to_string();
+    while let Ok(Some(Received::Event(e))) =
+        tokio::time::timeout(Duration::from_millis(300), offline.recv()).await
+    {
+        assert_eq!(
+            e.data["node"],
+            json!(flooder),
+            "another device went offline: {e:?}"
+        );
+    }
+    for w in &workers {
+        assert!(w.is_connected(), "a worker lost its session");
+    }
+    // Every heartbeat the workers sent was processed.
+    for w in &workers {
+        w.shutdown().await;
+    }
+    let sent_total: u64 = workers.iter().map(|w| w.stats().heartbeats_sent).sum();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.node.stats().heartbeats_received < sent_total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(p.node.stats().heartbeats_received, sent_total);
+
+    // Each answered denial is a durable ledger record, and the writer
+    // shared its transactions among them.
+    let decided = ledger
+        .view()
+        .records(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .filter(|r| r.record_type == mesh_core::ledger::record_types::COMMAND_DECIDED)
+        .count()
+        - decided_before;
+    assert!(
+        decided >= denied,
+        "{decided} decisions recorded, {denied} answered"
+    );
+    let stats = sqlite.write_stats();
+    let (tx, batches) = (
+        stats.transactions - stats_before.transactions,
+        stats.batches - stats_before.batches,
+    );
+    println!("storage writer: {batches} batches in {tx} transactions");
+    assert!(
+        tx < batches,
+        "no group commit: {batches} batches in {tx} transactions"
+    );
+    let report = mesh_ledger::verify_ledger(p.store.as_ref(), &p.node.node_id(), None).unwrap();
+    assert!(report.ok(), "{report:?}");
 }

@@ -63,7 +63,14 @@ pub(crate) fn primary() -> Primary {
 /// A primary whose configuration `adjust` changes. Every device of these
 /// tests connects from 127.0.0.1, so the per-address pairing rate is raised.
 pub(crate) fn primary_with(adjust: impl FnOnce(NodeConfig) -> NodeConfig) -> Primary {
-    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    primary_on(Arc::new(MemoryStorage::new()), adjust).0
+}
+
+/// [`primary_with`] on a store of the caller's; with its ledger.
+pub(crate) fn primary_on(
+    store: Arc<dyn Storage>,
+    adjust: impl FnOnce(NodeConfig) -> NodeConfig,
+) -> (Primary, Arc<SignedLedger>) {
     let key = Arc::new(NodeKey::generate());
     let ledger =
         Arc::new(SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default()).unwrap());
@@ -77,7 +84,7 @@ pub(crate) fn primary_with(adjust: impl FnOnce(NodeConfig) -> NodeConfig) -> Pri
             Rate::per_second(1000.0, 1000),
         ));
     let node = Node::builder(key.clone(), store.clone(), transport, adjust(config))
-        .ledger(ledger)
+        .ledger(ledger.clone())
         .policy(Arc::new(NotesOnly))
         .handler(
             "notes.write",
@@ -94,12 +101,15 @@ pub(crate) fn primary_with(adjust: impl FnOnce(NodeConfig) -> NodeConfig) -> Pri
         )
         .start()
         .unwrap();
-    Primary {
-        node,
-        store,
-        key,
-        addr,
-    }
+    (
+        Primary {
+            node,
+            store,
+            key,
+            addr,
+        },
+        ledger,
+    )
 }
 
 pub(crate) fn worker(name: &str) -> (Node, Arc<dyn Storage>) {
