@@ -2,7 +2,9 @@
 //! same TLS (node keys as raw public keys, ring) and transport settings:
 //!
 //! 1. one-stream transfer of 1 GiB in 1 MiB messages (ours: `Connection::send`
-//!    / `recv`; raw: `write_all` of the same buffers / `read_chunk`);
+//!    / `recv`; raw: `write_all` of the same buffers / `read_chunk`), and the
+//!    same bytes over one of our application streams (`open_uni`,
+//!    `write_all`, `read`);
 //! 2. round trip of a 64-byte message, p50 / p99 (ours: send + recv through
 //!    an echoing peer; raw: the same on one bidirectional stream);
 //! 3. handshakes per second with mutual authentication (ours: `connect` +
@@ -101,6 +103,33 @@ async fn our_transfer(total: usize) -> f64 {
     for _ in 0..total / MESSAGE {
         c.send(payload.clone()).await.unwrap();
     }
+    assert_eq!(receiver.await.unwrap(), total);
+    start.elapsed().as_secs_f64()
+}
+
+/// Seconds to move `total` bytes over one application stream of ours
+/// (`Connection::open_uni`, `SendStream::write_all`, `RecvStream::read`).
+async fn our_stream_transfer(total: usize) -> f64 {
+    let (_server, _client, c, s) = our_pair().await;
+    let receiver = tokio::spawn(async move {
+        let mesh_core::transport::IncomingStream::Uni(mut recv) = s.accept_stream().await.unwrap()
+        else {
+            panic!("a unidirectional stream");
+        };
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0;
+        while let Some(n) = recv.read(&mut buf).await.unwrap() {
+            got += n;
+        }
+        got
+    });
+    let payload = vec![0xA5u8; MESSAGE];
+    let mut send = c.open_uni(0).await.unwrap();
+    let start = Instant::now();
+    for _ in 0..total / MESSAGE {
+        send.write_all(&payload).await.unwrap();
+    }
+    send.finish().await.unwrap();
     assert_eq!(receiver.await.unwrap(), total);
     start.elapsed().as_secs_f64()
 }
@@ -246,10 +275,11 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let gb = |secs: f64| total as f64 / secs / 1e9;
-        let (mut raw_s, mut our_s) = (Vec::new(), Vec::new());
+        let (mut raw_s, mut our_s, mut stream_s) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             raw_s.push(raw_transfer(total).await);
             our_s.push(our_transfer(total).await);
+            stream_s.push(our_stream_transfer(total).await);
         }
         let (raw_m, our_m) = (median(raw_s.clone()), median(our_s.clone()));
         println!(
@@ -278,6 +308,17 @@ fn main() {
             gb(raw_m),
             gb(our_m),
             raw_m / our_m
+        );
+        let stream_m = median(stream_s.clone());
+        println!(
+            "ours, one application stream (open_uni, 4 MiB window): {} — median {:.3} GB/s, ratio to raw {:.3}",
+            stream_s
+                .iter()
+                .map(|s| format!("{:.3} GB/s", gb(*s)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            gb(stream_m),
+            raw_m / stream_m
         );
 
         let (raw_r, our_r) = (raw_rtts(pings).await, our_rtts(pings).await);

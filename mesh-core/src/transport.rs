@@ -13,6 +13,10 @@
 //!   transport's limit is refused with [`TransportError::TooLarge`].
 //! * [`TransportError::AddressNotSupported`] lets a combined transport try the
 //!   next one.
+//! * Beside messages, a connection may carry multiplexed byte streams (each
+//!   with a [`Priority`], its own flow control, and reset/stop codes) and
+//!   unreliable datagrams; [`Capabilities`] says which. Files and media use
+//!   them; the device session uses messages.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -110,9 +114,129 @@ pub enum TransportError {
         /// The limit.
         max: usize,
     },
+    /// The connection cannot do this (see [`Capabilities`]).
+    #[error("this connection does not support {0}")]
+    Unsupported(&'static str),
     /// Another I/O failure.
     #[error("transport I/O: {0}")]
     Io(String),
+}
+
+/// What a connection carries beyond whole messages. A transport that lacks
+/// a capability says so here, and its methods for it fail with
+/// [`TransportError::Unsupported`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Multiplexed byte streams ([`Connection::open_bi`],
+    /// [`Connection::open_uni`], [`Connection::accept_stream`]).
+    pub streams: bool,
+    /// Unreliable datagrams ([`Connection::send_datagram`]).
+    pub datagrams: bool,
+}
+
+impl Capabilities {
+    /// Messages only.
+    pub const MESSAGES_ONLY: Capabilities = Capabilities {
+        streams: false,
+        datagrams: false,
+    };
+    /// Messages, streams and datagrams.
+    pub const ALL: Capabilities = Capabilities {
+        streams: true,
+        datagrams: true,
+    };
+
+    /// With or without streams.
+    pub const fn with_streams(mut self, on: bool) -> Self {
+        self.streams = on;
+        self
+    }
+
+    /// With or without datagrams.
+    pub const fn with_datagrams(mut self, on: bool) -> Self {
+        self.datagrams = on;
+        self
+    }
+}
+
+/// A stream's priority: when several streams of a connection have data
+/// queued, the highest priority is sent first; equal priorities share the
+/// link. The default is 0.
+pub type Priority = i32;
+
+/// Why a stream operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The peer abandoned the stream ([`SendStream::reset`]) with this code.
+    #[error("the peer reset the stream (code {0})")]
+    Reset(u32),
+    /// The peer will read no more ([`RecvStream::stop`]) and gave this code.
+    #[error("the peer stopped reading the stream (code {0})")]
+    Stopped(u32),
+    /// This side already finished or reset the stream.
+    #[error("the stream is finished")]
+    Finished,
+    /// The connection is gone.
+    #[error("connection closed")]
+    Closed,
+    /// Another failure.
+    #[error("stream I/O: {0}")]
+    Io(String),
+}
+
+/// The sending half of a stream.
+#[async_trait]
+pub trait SendStream: Send + Sync + fmt::Debug {
+    /// Writes all of `data`; waits while the peer's flow-control window is
+    /// full (backpressure).
+    async fn write_all(&mut self, data: &[u8]) -> Result<(), StreamError>;
+    /// Ends the stream: the peer reads what was written, then the end.
+    async fn finish(&mut self) -> Result<(), StreamError>;
+    /// Abandons the stream: data not yet delivered may be dropped and the
+    /// peer's reads fail with [`StreamError::Reset`]`(code)`.
+    fn reset(&mut self, code: u32);
+    /// Changes the stream's [`Priority`].
+    fn set_priority(&mut self, priority: Priority) -> Result<(), StreamError>;
+}
+
+/// The receiving half of a stream.
+#[async_trait]
+pub trait RecvStream: Send + Sync + fmt::Debug {
+    /// Reads into `buf`; `Ok(None)` at the end of the stream, `Ok(Some(n))`
+    /// with `n > 0` otherwise (an empty `buf` reads nothing and returns
+    /// `Some(0)`).
+    async fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, StreamError>;
+    /// Tells the peer to stop sending: its writes fail with
+    /// [`StreamError::Stopped`]`(code)`.
+    fn stop(&mut self, code: u32);
+
+    /// Reads to the end, refusing more than `limit` bytes (the stream is
+    /// then stopped with code 0 and the error is [`StreamError::Io`]).
+    async fn read_to_end(&mut self, limit: usize) -> Result<Vec<u8>, StreamError> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Some(n) = self.read(&mut buf).await? {
+            if out.len() + n > limit {
+                self.stop(0);
+                return Err(StreamError::Io(format!(
+                    "the stream is longer than {limit} bytes"
+                )));
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        Ok(out)
+    }
+}
+
+/// A stream the peer opened.
+#[derive(Debug)]
+pub enum IncomingStream {
+    /// Both ways.
+    Bi(Box<dyn SendStream>, Box<dyn RecvStream>),
+    /// From the peer to this side only.
+    Uni(Box<dyn RecvStream>),
 }
 
 /// An endpoint that connects out and accepts in.
@@ -142,7 +266,14 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     }
 }
 
-/// An authenticated connection carrying whole messages, in order.
+/// An authenticated connection carrying whole messages, in order — and,
+/// where [`Connection::capabilities`] says so, multiplexed byte streams and
+/// unreliable datagrams beside them.
+///
+/// Streams are independent of the message channel and of each other: a
+/// stalled stream (its reader not reading) holds up only itself, as each has
+/// its own flow-control window. A peer sees a stream once something is
+/// written on it (QUIC announces streams with their first bytes).
 #[async_trait]
 pub trait Connection: Send + Sync + fmt::Debug {
     /// The authenticated remote node.
@@ -164,5 +295,53 @@ pub trait Connection: Send + Sync + fmt::Debug {
     async fn recv(&self) -> Result<Vec<u8>, TransportError>;
 
     /// Closes the connection; the peer's `recv` then returns `Closed`.
+    /// Streams end with it.
     fn close(&self);
+
+    /// What this connection carries beyond messages. The default: nothing.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::MESSAGES_ONLY
+    }
+
+    /// Opens a bidirectional stream with `priority`. Waits while the peer's
+    /// limit of open streams is reached.
+    async fn open_bi(
+        &self,
+        priority: Priority,
+    ) -> Result<(Box<dyn SendStream>, Box<dyn RecvStream>), TransportError> {
+        let _ = priority;
+        Err(TransportError::Unsupported("streams"))
+    }
+
+    /// Opens a stream to the peer only, with `priority`.
+    async fn open_uni(&self, priority: Priority) -> Result<Box<dyn SendStream>, TransportError> {
+        let _ = priority;
+        Err(TransportError::Unsupported("streams"))
+    }
+
+    /// The next stream the peer opened; [`TransportError::Closed`] once the
+    /// connection is gone.
+    async fn accept_stream(&self) -> Result<IncomingStream, TransportError> {
+        Err(TransportError::Unsupported("streams"))
+    }
+
+    /// The largest datagram that can be sent now (it follows the path's
+    /// MTU), or `None` if datagrams are not available on this connection.
+    fn max_datagram_size(&self) -> Option<usize> {
+        None
+    }
+
+    /// Sends one unreliable datagram: it may be lost, duplicated or
+    /// reordered, and is never retransmitted. Over
+    /// [`Connection::max_datagram_size`] it is refused with
+    /// [`TransportError::TooLarge`].
+    fn send_datagram(&self, datagram: Vec<u8>) -> Result<(), TransportError> {
+        let _ = datagram;
+        Err(TransportError::Unsupported("datagrams"))
+    }
+
+    /// The next datagram from the peer.
+    async fn recv_datagram(&self) -> Result<Vec<u8>, TransportError> {
+        Err(TransportError::Unsupported("datagrams"))
+    }
 }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use mesh_core::identity::{NodeId, NodeKey};
 use mesh_core::transport::{
-    Admission, AdmitAll, Connection, PeerAddr, Protocol, Transport, TransportError,
+    Admission, AdmitAll, Capabilities, Connection, IncomingStream, PeerAddr, Protocol, RecvStream,
+    StreamError, Transport, TransportError,
 };
 
 /// Makes endpoints of the transport under test.
@@ -180,6 +181,268 @@ pub async fn drop_delivers_what_was_sent(h: &dyn Harness) {
     assert_eq!(s.recv().await, Err(TransportError::Closed));
 }
 
+/// `len` bytes that start with `i` (4 bytes, big-endian) and differ per `i`.
+fn pattern(i: usize, len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..len).map(|k| (i * 31 + k) as u8).collect();
+    v[..4].copy_from_slice(&(i as u32).to_be_bytes());
+    v
+}
+
+/// The `i` a [`pattern`] starts with, if `data` is exactly that pattern.
+fn pattern_index(data: &[u8]) -> Option<usize> {
+    let i = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    (data == pattern(i, data.len())).then_some(i)
+}
+
+async fn accept(conn: &dyn Connection) -> IncomingStream {
+    tokio::time::timeout(std::time::Duration::from_secs(10), conn.accept_stream())
+        .await
+        .expect("no stream arrived")
+        .unwrap()
+}
+
+/// Many streams at once, both kinds, each carrying its own bytes intact;
+/// messages flow beside them.
+pub async fn many_concurrent_streams(h: &dyn Harness) {
+    let (c, s, _ta, _tb) = pair(h).await;
+    assert!(c.capabilities().streams && s.capabilities().streams);
+    let (c, s): (Arc<dyn Connection>, Arc<dyn Connection>) = (Arc::from(c), Arc::from(s));
+    const N: usize = 40;
+    const LEN: usize = 100_000;
+    // The server checks each bidirectional stream's bytes and echoes its index.
+    let server = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let mut echoes = Vec::new();
+            for _ in 0..N {
+                let IncomingStream::Bi(mut send, mut recv) = accept(s.as_ref()).await else {
+                    panic!("a bidirectional stream");
+                };
+                echoes.push(tokio::spawn(async move {
+                    let data = recv.read_to_end(10 * LEN).await.unwrap();
+                    assert_eq!(data.len(), LEN);
+                    let i = pattern_index(&data).expect("the stream's bytes intact");
+                    send.write_all(&(i as u32).to_be_bytes()).await.unwrap();
+                    send.finish().await.unwrap();
+                }));
+            }
+            for e in echoes {
+                e.await.unwrap();
+            }
+        })
+    };
+    let mut clients = Vec::new();
+    for i in 0..N {
+        let c = c.clone();
+        clients.push(tokio::spawn(async move {
+            let (mut send, mut recv) = c.open_bi(0).await.unwrap();
+            send.write_all(&pattern(i, LEN)).await.unwrap();
+            send.finish().await.unwrap();
+            let back = recv.read_to_end(64).await.unwrap();
+            assert_eq!(back, (i as u32).to_be_bytes(), "stream {i}'s echo");
+        }));
+    }
+    c.send(b"beside the streams".to_vec()).await.unwrap();
+    assert_eq!(s.recv().await.unwrap(), b"beside the streams");
+    for t in clients {
+        t.await.unwrap();
+    }
+    server.await.unwrap();
+    // Unidirectional streams the other way.
+    for i in 0..10 {
+        let mut send = s.open_uni(0).await.unwrap();
+        send.write_all(&pattern(i, 5_000)).await.unwrap();
+        send.finish().await.unwrap();
+    }
+    for _ in 0..10 {
+        let IncomingStream::Uni(mut recv) = accept(c.as_ref()).await else {
+            panic!("a unidirectional stream");
+        };
+        let data = recv.read_to_end(10_000).await.unwrap();
+        assert_eq!(data.len(), 5_000);
+        assert!(pattern_index(&data).is_some(), "the stream's bytes intact");
+    }
+}
+
+/// A reset reaches the reader with its code, a stop reaches the writer with
+/// its code, and the connection lives on.
+pub async fn streams_reset_and_stop_with_codes(h: &dyn Harness) {
+    let (c, s, _ta, _tb) = pair(h).await;
+    let (mut send, _recv) = c.open_bi(0).await.unwrap();
+    send.write_all(b"hello").await.unwrap();
+    let IncomingStream::Bi(_, mut peer) = accept(s.as_ref()).await else {
+        panic!("a bidirectional stream");
+    };
+    let mut buf = [0u8; 5];
+    let mut got = 0;
+    while got < 5 {
+        got += peer.read(&mut buf[got..]).await.unwrap().unwrap();
+    }
+    assert_eq!(&buf, b"hello");
+    send.reset(7);
+    assert_eq!(peer.read(&mut buf).await, Err(StreamError::Reset(7)));
+    assert_eq!(send.write_all(b"more").await, Err(StreamError::Finished));
+
+    let mut up = c.open_uni(0).await.unwrap();
+    up.write_all(b"x").await.unwrap();
+    let IncomingStream::Uni(mut down) = accept(s.as_ref()).await else {
+        panic!("a unidirectional stream");
+    };
+    down.stop(9);
+    // The stop arrives after a round trip; writes fail from then on.
+    let chunk = vec![0u8; 16 * 1024];
+    let outcome = loop {
+        match up.write_all(&chunk).await {
+            Ok(()) => tokio::task::yield_now().await,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(outcome, StreamError::Stopped(9));
+    c.send(b"still here".to_vec()).await.unwrap();
+    assert_eq!(s.recv().await.unwrap(), b"still here");
+}
+
+/// A stream nobody reads fills its own window and holds up nothing else:
+/// another stream and the messages still go through.
+pub async fn a_stalled_stream_stalls_only_itself(h: &dyn Harness) {
+    let (c, s, _ta, _tb) = pair(h).await;
+    let (c, s): (Arc<dyn Connection>, Arc<dyn Connection>) = (Arc::from(c), Arc::from(s));
+    let mut stalled = c.open_uni(0).await.unwrap();
+    stalled.write_all(b"first").await.unwrap();
+    let IncomingStream::Uni(_never_read) = accept(s.as_ref()).await else {
+        panic!("a unidirectional stream");
+    };
+    // 64 MiB: more than any stream window; this writer ends up waiting.
+    let writer = tokio::spawn(async move {
+        let chunk = vec![1u8; 1 << 20];
+        for _ in 0..64 {
+            if stalled.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut other = c.open_uni(0).await.unwrap();
+    let data = pattern(3, 8 << 20);
+    let sent = data.clone();
+    let other_writer = tokio::spawn(async move {
+        other.write_all(&sent).await.unwrap();
+        other.finish().await.unwrap();
+    });
+    let IncomingStream::Uni(mut recv) = accept(s.as_ref()).await else {
+        panic!("a unidirectional stream");
+    };
+    let got = recv.read_to_end(16 << 20).await.unwrap();
+    other_writer.await.unwrap();
+    assert!(
+        got == data,
+        "the other stream's {} bytes arrive intact",
+        data.len()
+    );
+    c.send(b"not held up".to_vec()).await.unwrap();
+    assert_eq!(s.recv().await.unwrap(), b"not held up");
+    assert!(
+        !writer.is_finished(),
+        "the unread stream's writer waits for its window"
+    );
+    writer.abort();
+}
+
+/// Datagrams up to the current maximum are carried; larger ones are refused
+/// with a typed error.
+pub async fn datagrams_up_to_the_size_limit(h: &dyn Harness) {
+    let (c, s, _ta, _tb) = pair(h).await;
+    assert!(c.capabilities().datagrams);
+    let max = c.max_datagram_size().expect("datagrams available");
+    assert!(max >= 1000, "max datagram {max}");
+    assert_eq!(
+        c.send_datagram(vec![0; max + 1]),
+        Err(TransportError::TooLarge { len: max + 1, max })
+    );
+    // Unreliable: send until one arrives (on loopback the first does).
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            c.send_datagram(vec![7; max]).unwrap();
+            if let Ok(Ok(d)) =
+                tokio::time::timeout(std::time::Duration::from_millis(200), s.recv_datagram()).await
+            {
+                break d;
+            }
+        }
+    })
+    .await
+    .expect("no datagram arrived");
+    assert!(got == vec![7; max], "the datagram arrives whole");
+}
+
+/// Pairing connections carry messages only.
+pub async fn pairing_connections_carry_no_streams(h: &dyn Harness) {
+    let (a, b) = (key(1), key(2));
+    let (ta, _) = h.endpoint(&a, Arc::new(AdmitAll)).await;
+    let (tb, addr_b) = h.endpoint(&b, Arc::new(AdmitAll)).await;
+    let (c, s) = tokio::join!(
+        ta.connect(b.node_id(), &addr_b, Protocol::Pairing),
+        tb.accept()
+    );
+    let (c, s) = (c.unwrap(), s.unwrap());
+    assert_eq!(c.capabilities(), Capabilities::MESSAGES_ONLY);
+    assert_eq!(s.capabilities(), Capabilities::MESSAGES_ONLY);
+    assert!(matches!(
+        c.open_bi(0).await,
+        Err(TransportError::Unsupported(_))
+    ));
+    assert!(matches!(
+        s.open_uni(0).await,
+        Err(TransportError::Unsupported(_))
+    ));
+    assert_eq!(c.max_datagram_size(), None);
+    assert!(matches!(
+        c.send_datagram(vec![1]),
+        Err(TransportError::Unsupported(_))
+    ));
+    c.send(b"pairing".to_vec()).await.unwrap();
+    assert_eq!(s.recv().await.unwrap(), b"pairing");
+}
+
+/// Under a link that carries `bytes_per_second`, streams with data queued
+/// are served highest priority first. Needs a transport whose link the
+/// test can constrain (the memory transport: `set_bandwidth`); the `pair`
+/// passed in must already be on it.
+pub async fn priorities_order_a_constrained_link(c: &dyn Connection, s: &dyn Connection) {
+    const LEN: usize = 60_000;
+    let mut sends = Vec::new();
+    // Lowest priority first, so order of opening cannot explain the result.
+    for priority in [0, 5, 10] {
+        let mut send = c.open_uni(priority).await.unwrap();
+        send.write_all(&[priority as u8]).await.unwrap();
+        sends.push((priority, send));
+    }
+    let mut recvs: Vec<Box<dyn RecvStream>> = Vec::new();
+    for _ in 0..3 {
+        let IncomingStream::Uni(recv) = accept(s).await else {
+            panic!("a unidirectional stream");
+        };
+        recvs.push(recv);
+    }
+    let mut readers = Vec::new();
+    for mut recv in recvs {
+        readers.push(tokio::spawn(async move {
+            let data = recv.read_to_end(2 * LEN).await.unwrap();
+            (data[0] as i32, tokio::time::Instant::now())
+        }));
+    }
+    for (_, send) in &mut sends {
+        send.write_all(&vec![0u8; LEN]).await.unwrap();
+        send.finish().await.unwrap();
+    }
+    let mut done = Vec::new();
+    for r in readers {
+        done.push(r.await.unwrap());
+    }
+    done.sort_by_key(|(_, at)| *at);
+    let order: Vec<i32> = done.iter().map(|(p, _)| *p).collect();
+    assert_eq!(order, vec![10, 5, 0], "streams finish in priority order");
+}
+
 /// Turns every check into a `#[tokio::test]` for the harness `$make`.
 #[macro_export]
 macro_rules! transport_conformance_tests {
@@ -193,7 +456,12 @@ macro_rules! transport_conformance_tests {
                 oversize_messages_are_refused,
                 many_connections_in_parallel,
                 close_is_seen_by_the_peer,
-                drop_delivers_what_was_sent
+                drop_delivers_what_was_sent,
+                many_concurrent_streams,
+                streams_reset_and_stop_with_codes,
+                a_stalled_stream_stalls_only_itself,
+                datagrams_up_to_the_size_limit,
+                pairing_connections_carry_no_streams
             );
         }
     };

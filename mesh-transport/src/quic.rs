@@ -25,8 +25,28 @@
 //! stream of length-prefixed messages (a 4-byte big-endian length, then the
 //! bytes). A peer that announces a message over the limit, or ends the stream
 //! inside a message, is disconnected (application close [`PROTOCOL_VIOLATION`]);
-//! other connections are unaffected. Parallel traffic uses parallel
-//! connections, which cost one handshake each (see `BENCHMARKS.md`).
+//! other connections are unaffected.
+//!
+//! Beside the message stream, a **mesh** connection carries application
+//! streams (bidirectional and unidirectional, with quinn's priorities,
+//! reset and stop codes; up to [`QuicConfig::max_streams`] of each kind open
+//! at once) and unreliable datagrams (RFC 9221, up to the path's current
+//! maximum). The limits are raised only once the connection is admitted, so
+//! a key that is only admitted to pairing can open no stream: pairing
+//! connections carry messages only.
+//!
+//! # Flow-control windows
+//!
+//! A stream can only keep its flow-control window in flight, so its rate is
+//! at most window / RTT. A fast LAN is 1 Gbit/s (125 MB/s); its RTT is under
+//! 1 ms wired, but 5–30 ms on a loaded Wi-Fi network. Filling 1 Gbit/s at
+//! 30 ms needs 125 MB/s × 0.03 s ≈ 3.75 MB, so the default stream window is
+//! **4 MiB** (quinn's default, 1.25 MB, is sized for 100 Mbit/s at 100 ms and
+//! would cap one stream at ~400 Mbit/s at 25 ms). The connection window is
+//! **16 MiB**, so four streams can run at full window together, and the send
+//! window matches it. The windows are also the most a peer can make this
+//! node buffer for a connection whose streams it does not read; a mesh
+//! connection is only ever open to a paired, authenticated key.
 //!
 //! Session resumption and 0-RTT are off: every connection runs a full
 //! handshake, so a revoked key can never ride on an old ticket. Stateless
@@ -65,9 +85,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use mesh_core::identity::{NODE_ID_LEN, NodeId, NodeKey};
-use mesh_core::transport::{Admission, Connection, PeerAddr, Protocol, Transport, TransportError};
+use mesh_core::transport::{
+    Admission, Capabilities, Connection, IncomingStream, PeerAddr, Priority, Protocol, RecvStream,
+    SendStream, StreamError, Transport, TransportError,
+};
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
-use quinn::{ConnectionError, ReadError, ReadExactError, VarInt, WriteError};
+use quinn::{ConnectionError, ReadError, ReadExactError, SendDatagramError, VarInt, WriteError};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -127,6 +150,23 @@ pub struct QuicConfig {
     pub max_pending_handshakes: usize,
     /// Admitted connections waiting for [`Transport::accept`]. Default 64.
     pub accept_backlog: usize,
+    /// Streams of each kind (bidirectional, unidirectional) the peer may
+    /// have open at once on a mesh connection, beyond the message stream.
+    /// Pairing connections allow none. Default 100.
+    pub max_streams: u32,
+    /// Bytes one stream may have in flight unread (its flow-control
+    /// window). Default 4 MiB: see "Flow-control windows" in the module
+    /// docs.
+    pub stream_receive_window: u32,
+    /// Bytes all streams of a connection together may have unread.
+    /// Default 16 MiB.
+    pub receive_window: u32,
+    /// Bytes this side keeps unacknowledged in flight on a connection.
+    /// Default 16 MiB.
+    pub send_window: u64,
+    /// Datagrams received and not yet read are kept up to this many bytes
+    /// (older ones are dropped first). Default 256 KiB.
+    pub datagram_receive_buffer: usize,
 }
 
 impl Default for QuicConfig {
@@ -139,6 +179,11 @@ impl Default for QuicConfig {
             max_message: MAX_MESSAGE,
             max_pending_handshakes: 256,
             accept_backlog: 64,
+            max_streams: 100,
+            stream_receive_window: 4 * 1024 * 1024,
+            receive_window: 16 * 1024 * 1024,
+            send_window: 16 * 1024 * 1024,
+            datagram_receive_buffer: 256 * 1024,
         }
     }
 }
@@ -152,19 +197,27 @@ impl QuicConfig {
         }
     }
 
+    /// The transport parameters of a new connection. `incoming_bidi` is
+    /// how many bidirectional streams the peer may open before admission
+    /// (the accepting side opens the message stream, so a client allows 1
+    /// and a server 0); a mesh connection raises the limits once admitted.
     fn transport(
         &self,
         on_battery: bool,
-        incoming_streams: u8,
+        incoming_bidi: u32,
     ) -> Result<quinn::TransportConfig, TransportError> {
         let idle = quinn::IdleTimeout::try_from(self.idle_timeout)
             .map_err(|_| TransportError::Io("idle_timeout is too large for QUIC".into()))?;
         let mut t = quinn::TransportConfig::default();
         t.max_idle_timeout(Some(idle))
             .keep_alive_interval(self.keep_alive(on_battery))
-            .max_concurrent_bidi_streams(VarInt::from(incoming_streams))
-            .max_concurrent_uni_streams(VarInt::from(0u8))
-            .datagram_receive_buffer_size(None);
+            .max_concurrent_bidi_streams(VarInt::from_u32(incoming_bidi))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .stream_receive_window(VarInt::from_u32(self.stream_receive_window))
+            .receive_window(VarInt::from_u32(self.receive_window))
+            .send_window(self.send_window)
+            .datagram_receive_buffer_size(Some(self.datagram_receive_buffer))
+            .datagram_send_buffer_size(self.datagram_receive_buffer);
         Ok(t)
     }
 }
@@ -631,6 +684,12 @@ async fn admit(
     }
     let (mut send, recv) = conn.open_bi().await.ok()?;
     send.write_all(&[ADMITTED]).await.ok()?;
+    if protocol == Protocol::Mesh {
+        // Admitted: the peer may now open streams beside the messages.
+        let n = VarInt::from_u32(shared.config.max_streams);
+        conn.set_max_concurrent_bi_streams(n);
+        conn.set_max_concurrent_uni_streams(n);
+    }
     Some(QuicConnection::new(
         conn,
         send,
@@ -734,6 +793,11 @@ impl Transport for QuicTransport {
                 return Err(TransportError::Io(
                     "the peer sent a bad admission byte".into(),
                 ));
+            }
+            if protocol == Protocol::Mesh {
+                let n = shared.config.max_streams;
+                conn.set_max_concurrent_bi_streams(VarInt::from_u32(n.saturating_add(1)));
+                conn.set_max_concurrent_uni_streams(VarInt::from_u32(n));
             }
             Ok(QuicConnection::new(
                 conn,
@@ -936,6 +1000,173 @@ impl Connection for QuicConnection {
 
     fn close(&self) {
         self.close_gracefully();
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        if self.protocol == Protocol::Pairing {
+            return Capabilities::MESSAGES_ONLY;
+        }
+        Capabilities::MESSAGES_ONLY
+            .with_streams(true)
+            .with_datagrams(self.conn.max_datagram_size().is_some())
+    }
+
+    async fn open_bi(
+        &self,
+        priority: Priority,
+    ) -> Result<(Box<dyn SendStream>, Box<dyn RecvStream>), TransportError> {
+        self.streams_allowed()?;
+        let (send, recv) = self.conn.open_bi().await.map_err(connection_error)?;
+        // Only fails on a stream already closed, which a new one is not.
+        let _ = send.set_priority(priority);
+        Ok((
+            Box::new(QuicSendStream(send)),
+            Box::new(QuicRecvStream(recv)),
+        ))
+    }
+
+    async fn open_uni(&self, priority: Priority) -> Result<Box<dyn SendStream>, TransportError> {
+        self.streams_allowed()?;
+        let send = self.conn.open_uni().await.map_err(connection_error)?;
+        let _ = send.set_priority(priority);
+        Ok(Box::new(QuicSendStream(send)))
+    }
+
+    async fn accept_stream(&self) -> Result<IncomingStream, TransportError> {
+        self.streams_allowed()?;
+        // Both accepts are cancel-safe: a stream stays queued until taken.
+        tokio::select! {
+            bi = self.conn.accept_bi() => {
+                let (send, recv) = bi.map_err(connection_error)?;
+                Ok(IncomingStream::Bi(Box::new(QuicSendStream(send)), Box::new(QuicRecvStream(recv))))
+            }
+            uni = self.conn.accept_uni() => {
+                let recv = uni.map_err(connection_error)?;
+                Ok(IncomingStream::Uni(Box::new(QuicRecvStream(recv))))
+            }
+        }
+    }
+
+    fn max_datagram_size(&self) -> Option<usize> {
+        if self.protocol == Protocol::Pairing {
+            return None;
+        }
+        self.conn.max_datagram_size()
+    }
+
+    fn send_datagram(&self, datagram: Vec<u8>) -> Result<(), TransportError> {
+        let Some(max) = self.max_datagram_size() else {
+            return Err(TransportError::Unsupported("datagrams"));
+        };
+        if datagram.len() > max {
+            return Err(TransportError::TooLarge {
+                len: datagram.len(),
+                max,
+            });
+        }
+        self.conn
+            .send_datagram(Bytes::from(datagram))
+            .map_err(|e| match e {
+                SendDatagramError::ConnectionLost(_) => TransportError::Closed,
+                SendDatagramError::TooLarge => TransportError::TooLarge {
+                    len: 0,
+                    max: self.conn.max_datagram_size().unwrap_or(0),
+                },
+                SendDatagramError::UnsupportedByPeer | SendDatagramError::Disabled => {
+                    TransportError::Unsupported("datagrams")
+                }
+            })
+    }
+
+    async fn recv_datagram(&self) -> Result<Vec<u8>, TransportError> {
+        if self.protocol == Protocol::Pairing {
+            return Err(TransportError::Unsupported("datagrams"));
+        }
+        let datagram = self.conn.read_datagram().await.map_err(connection_error)?;
+        Ok(datagram.to_vec())
+    }
+}
+
+impl QuicConnection {
+    /// Streams are for mesh connections; pairing carries messages only.
+    fn streams_allowed(&self) -> Result<(), TransportError> {
+        if self.protocol == Protocol::Pairing {
+            Err(TransportError::Unsupported(
+                "streams on a pairing connection",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn connection_error(e: ConnectionError) -> TransportError {
+    match e {
+        ConnectionError::ApplicationClosed(_)
+        | ConnectionError::LocallyClosed
+        | ConnectionError::ConnectionClosed(_)
+        | ConnectionError::Reset
+        | ConnectionError::TimedOut => TransportError::Closed,
+        other => TransportError::Io(other.to_string()),
+    }
+}
+
+fn code(v: VarInt) -> u32 {
+    u32::try_from(v.into_inner()).unwrap_or(u32::MAX)
+}
+
+/// The sending half of a QUIC stream.
+#[derive(Debug)]
+pub struct QuicSendStream(quinn::SendStream);
+
+#[async_trait]
+impl SendStream for QuicSendStream {
+    async fn write_all(&mut self, data: &[u8]) -> Result<(), StreamError> {
+        self.0.write_all(data).await.map_err(|e| match e {
+            WriteError::Stopped(c) => StreamError::Stopped(code(c)),
+            WriteError::ConnectionLost(_) => StreamError::Closed,
+            WriteError::ClosedStream => StreamError::Finished,
+            other => StreamError::Io(other.to_string()),
+        })
+    }
+
+    async fn finish(&mut self) -> Result<(), StreamError> {
+        self.0.finish().map_err(|_| StreamError::Finished)
+    }
+
+    fn reset(&mut self, code: u32) {
+        // Fails only on a stream already finished or reset.
+        let _ = self.0.reset(VarInt::from_u32(code));
+    }
+
+    fn set_priority(&mut self, priority: Priority) -> Result<(), StreamError> {
+        self.0
+            .set_priority(priority)
+            .map_err(|_| StreamError::Finished)
+    }
+}
+
+/// The receiving half of a QUIC stream.
+#[derive(Debug)]
+pub struct QuicRecvStream(quinn::RecvStream);
+
+#[async_trait]
+impl RecvStream for QuicRecvStream {
+    async fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, StreamError> {
+        if buf.is_empty() {
+            return Ok(Some(0));
+        }
+        self.0.read(buf).await.map_err(|e| match e {
+            ReadError::Reset(c) => StreamError::Reset(code(c)),
+            ReadError::ConnectionLost(_) => StreamError::Closed,
+            ReadError::ClosedStream => StreamError::Finished,
+            other => StreamError::Io(other.to_string()),
+        })
+    }
+
+    fn stop(&mut self, code: u32) {
+        // Fails only on a stream already stopped.
+        let _ = self.0.stop(VarInt::from_u32(code));
     }
 }
 

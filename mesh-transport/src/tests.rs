@@ -150,3 +150,37 @@ async fn other_address_kinds_are_not_supported_and_names_are_unique() {
         Err(TransportError::Io(_))
     ));
 }
+
+/// Foundation A: under a constrained link, the highest-priority stream with
+/// data queued goes first (on the virtual clock: 20 kB/s, 180 kB queued).
+#[tokio::test(start_paused = true)]
+async fn stream_priorities_order_a_constrained_memory_link() {
+    let net = MemoryNetwork::new(1);
+    let (_ta, _tb, c, s) = connected(&net).await;
+    net.set_bandwidth(Some(20_000));
+    crate::conformance::priorities_order_a_constrained_link(c.as_ref(), s.as_ref()).await;
+}
+
+/// Under a constraint the link carries about its rate (virtual clock).
+#[tokio::test(start_paused = true)]
+async fn a_constrained_memory_link_carries_its_rate() {
+    let net = MemoryNetwork::new(1);
+    let (_ta, _tb, c, s) = connected(&net).await;
+    net.set_bandwidth(Some(100_000));
+    let start = Instant::now();
+    let mut send = c.open_uni(0).await.unwrap();
+    send.write_all(&vec![5u8; 200_000]).await.unwrap();
+    send.finish().await.unwrap();
+    let mesh_core::transport::IncomingStream::Uni(mut recv) = s.accept_stream().await.unwrap()
+    else {
+        panic!("a unidirectional stream");
+    };
+    let data = recv.read_to_end(1 << 20).await.unwrap();
+    assert_eq!(data.len(), 200_000);
+    // 200 kB at 100 kB/s: two seconds of virtual time (one chunk of slack).
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1_980) && took <= Duration::from_millis(2_050),
+        "{took:?}"
+    );
+}

@@ -11,6 +11,12 @@
 //! A partition silently drops messages between the two sides (as a real
 //! partition does) and refuses new connections; a crash removes the endpoint
 //! and breaks its connections (the peers' `recv` returns `Closed`).
+//!
+//! Connections also carry streams and datagrams (see [`streams`]):
+//! [`MemoryNetwork::set_bandwidth`] constrains the link so stream
+//! priorities show in the order streams finish.
+
+pub mod streams;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -20,7 +26,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mesh_core::identity::NodeId;
-use mesh_core::transport::{Admission, Connection, PeerAddr, Protocol, Transport, TransportError};
+use mesh_core::transport::{
+    Admission, Capabilities, Connection, IncomingStream, PeerAddr, Priority, Protocol, RecvStream,
+    SendStream, Transport, TransportError,
+};
 use mesh_core::wire::{DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN};
 use tokio::sync::{Mutex as AsyncMutex, mpsc, watch};
 use tokio::time::Instant;
@@ -34,6 +43,9 @@ struct Net {
     partitions: HashSet<(NodeId, NodeId)>,
     latency: Duration,
     loss: f64,
+    /// Stream bytes per second per direction of a connection; `None`: as
+    /// fast as the reader takes them.
+    bandwidth: Option<u64>,
     rng: u64,
     next_id: u64,
 }
@@ -130,6 +142,17 @@ impl MemoryNetwork {
         self.lock().latency = latency;
     }
 
+    /// Limits every connection's streams to `bytes_per_second` in each
+    /// direction from now on (`None`: no limit). Under a limit the
+    /// highest-priority stream with data queued is sent first.
+    pub fn set_bandwidth(&self, bytes_per_second: Option<u64>) {
+        self.lock().bandwidth = bytes_per_second.map(|b| b.max(1));
+    }
+
+    fn bandwidth(&self) -> Option<u64> {
+        self.lock().bandwidth
+    }
+
     /// Drops each message with probability `loss` (0.0–1.0) from now on.
     pub fn set_loss(&self, loss: f64) {
         self.lock().loss = loss.clamp(0.0, 1.0);
@@ -212,6 +235,60 @@ pub struct MemoryConnection {
     rx: AsyncMutex<mpsc::Receiver<Queue>>,
     link: Arc<Link>,
     network: MemoryNetwork,
+    /// Stream bytes from this side to the peer, and back.
+    out: Arc<streams::Pipe>,
+    back: Arc<streams::Pipe>,
+    /// Streams this side opens reach the peer's `accept_stream` here.
+    streams_tx: mpsc::Sender<IncomingStream>,
+    streams_rx: AsyncMutex<mpsc::Receiver<IncomingStream>>,
+    datagrams_tx: mpsc::Sender<Queue>,
+    datagrams_rx: AsyncMutex<mpsc::Receiver<Queue>>,
+}
+
+impl MemoryConnection {
+    /// Waits for the next item of `rx` or for the link to break or close.
+    async fn next_or_closed<T>(
+        &self,
+        rx: &AsyncMutex<mpsc::Receiver<T>>,
+    ) -> Result<T, TransportError> {
+        let mut rx = rx.lock().await;
+        let mut changed = self.link.changed.subscribe();
+        loop {
+            if self.link.state() != LinkState::Open {
+                return Err(TransportError::Closed);
+            }
+            match rx.try_recv() {
+                Ok(item) => return Ok(item),
+                Err(mpsc::error::TryRecvError::Disconnected) => return Err(TransportError::Closed),
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            tokio::select! {
+                item = rx.recv() => return item.ok_or(TransportError::Closed),
+                _ = changed.changed() => {}
+            }
+        }
+    }
+
+    /// Pairing connections carry messages only (as over QUIC).
+    fn streams_allowed(&self) -> Result<(), TransportError> {
+        if self.protocol == Protocol::Pairing {
+            Err(TransportError::Unsupported(
+                "streams and datagrams on a pairing connection",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn announce(&self, stream: IncomingStream) -> Result<(), TransportError> {
+        if self.link.state() != LinkState::Open {
+            return Err(TransportError::Closed);
+        }
+        self.streams_tx
+            .send(stream)
+            .await
+            .map_err(|_| TransportError::Closed)
+    }
 }
 
 impl fmt::Debug for MemoryConnection {
@@ -303,6 +380,69 @@ impl Connection for MemoryConnection {
     fn close(&self) {
         self.link.set(LinkState::Closed);
     }
+
+    fn capabilities(&self) -> Capabilities {
+        if self.protocol == Protocol::Pairing {
+            Capabilities::MESSAGES_ONLY
+        } else {
+            Capabilities::ALL
+        }
+    }
+
+    async fn open_bi(
+        &self,
+        priority: Priority,
+    ) -> Result<(Box<dyn SendStream>, Box<dyn RecvStream>), TransportError> {
+        self.streams_allowed()?;
+        let (send, peer_recv) = streams::flow(&self.out, priority);
+        let (peer_send, recv) = streams::flow(&self.back, 0);
+        self.announce(IncomingStream::Bi(Box::new(peer_send), Box::new(peer_recv)))
+            .await?;
+        Ok((Box::new(send), Box::new(recv)))
+    }
+
+    async fn open_uni(&self, priority: Priority) -> Result<Box<dyn SendStream>, TransportError> {
+        self.streams_allowed()?;
+        let (send, peer_recv) = streams::flow(&self.out, priority);
+        self.announce(IncomingStream::Uni(Box::new(peer_recv)))
+            .await?;
+        Ok(Box::new(send))
+    }
+
+    async fn accept_stream(&self) -> Result<IncomingStream, TransportError> {
+        self.streams_allowed()?;
+        self.next_or_closed(&self.streams_rx).await
+    }
+
+    fn max_datagram_size(&self) -> Option<usize> {
+        (self.protocol != Protocol::Pairing && self.link.state() == LinkState::Open)
+            .then_some(streams::MAX_DATAGRAM)
+    }
+
+    fn send_datagram(&self, datagram: Vec<u8>) -> Result<(), TransportError> {
+        self.streams_allowed()?;
+        if self.link.state() != LinkState::Open {
+            return Err(TransportError::Closed);
+        }
+        if datagram.len() > streams::MAX_DATAGRAM {
+            return Err(TransportError::TooLarge {
+                len: datagram.len(),
+                max: streams::MAX_DATAGRAM,
+            });
+        }
+        if let Some(at) = self.network.route(self.local, self.remote) {
+            // A full receive queue drops the datagram, as a busy host would.
+            let _ = self.datagrams_tx.try_send((at, datagram));
+        }
+        Ok(())
+    }
+
+    async fn recv_datagram(&self) -> Result<Vec<u8>, TransportError> {
+        self.streams_allowed()?;
+        let (at, datagram) = self.next_or_closed(&self.datagrams_rx).await?;
+        tokio::time::sleep_until(at).await;
+        Ok(datagram)
+    }
 }
 
 impl Drop for MemoryConnection {
@@ -378,6 +518,12 @@ impl Transport for MemoryTransport {
             });
             let (to_remote, from_me) = mpsc::channel(QUEUE);
             let (to_me, from_remote) = mpsc::channel(QUEUE);
+            let (streams_to_remote, streams_from_me) = mpsc::channel(streams::ACCEPT_QUEUE);
+            let (streams_to_me, streams_from_remote) = mpsc::channel(streams::ACCEPT_QUEUE);
+            let (dgrams_to_remote, dgrams_from_me) = mpsc::channel(streams::DATAGRAM_QUEUE);
+            let (dgrams_to_me, dgrams_from_remote) = mpsc::channel(streams::DATAGRAM_QUEUE);
+            let up = streams::Pipe::new(link.clone(), self.network.clone());
+            let down = streams::Pipe::new(link.clone(), self.network.clone());
             let mine = MemoryConnection {
                 local: self.node,
                 remote: remote_node,
@@ -386,6 +532,12 @@ impl Transport for MemoryTransport {
                 rx: AsyncMutex::new(from_remote),
                 link: link.clone(),
                 network: self.network.clone(),
+                out: up.clone(),
+                back: down.clone(),
+                streams_tx: streams_to_remote,
+                streams_rx: AsyncMutex::new(streams_from_remote),
+                datagrams_tx: dgrams_to_remote,
+                datagrams_rx: AsyncMutex::new(dgrams_from_remote),
             };
             let theirs = MemoryConnection {
                 local: remote_node,
@@ -395,6 +547,12 @@ impl Transport for MemoryTransport {
                 rx: AsyncMutex::new(from_me),
                 link: link.clone(),
                 network: self.network.clone(),
+                out: down,
+                back: up,
+                streams_tx: streams_to_me,
+                streams_rx: AsyncMutex::new(streams_from_me),
+                datagrams_tx: dgrams_to_me,
+                datagrams_rx: AsyncMutex::new(dgrams_from_me),
             };
             let incoming = remote.incoming.clone();
             if let Some(e) = net.endpoints.get_mut(name) {
