@@ -1,6 +1,6 @@
 //! Streams and datagrams of the in-memory transport.
 //!
-//! Each direction of a stream is a [`Flow`]: a buffer the writer fills and
+//! Each direction of a stream is a flow: a buffer the writer fills and
 //! the reader drains, with a flow-control window ([`STREAM_WINDOW`] unread
 //! bytes per stream). On an unconstrained network a write lands in the
 //! reader's buffer at once. Under [`MemoryNetwork::set_bandwidth`](super::MemoryNetwork::set_bandwidth)
