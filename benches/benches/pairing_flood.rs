@@ -80,7 +80,7 @@ async fn attack(
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
-        let Ok(conn) = transport.connect(primary, &addr, Protocol::Pairing).await else {
+        let Ok(conn) = transport.connect(primary, &addr, Protocol::PAIRING).await else {
             continue;
         };
         // An attempt: a connection the primary accepted at the QUIC level.

@@ -50,7 +50,7 @@ async fn our_pair() -> (
     let (server, client) = (transport(1), transport(2));
     let addr = server.addr();
     let (c, s) = tokio::join!(
-        client.connect(server.local_node(), &addr, Protocol::Mesh),
+        client.connect(server.local_node(), &addr, Protocol::MESH),
         server.accept()
     );
     (server, client, c.unwrap(), s.unwrap())
@@ -69,7 +69,7 @@ async fn raw_pair() -> RawPair {
             .unwrap();
     let client = quinn::Endpoint::client(localhost()).unwrap();
     let addr = server.local_addr().unwrap();
-    let cfg = raw::client_config(key(2), key(1).node_id(), Protocol::Mesh, &config()).unwrap();
+    let cfg = raw::client_config(key(2), key(1).node_id(), Protocol::MESH, &config()).unwrap();
     let (c, s) = tokio::join!(
         async {
             client
@@ -221,7 +221,7 @@ async fn our_handshakes(n: usize) -> f64 {
     let start = Instant::now();
     for _ in 0..n {
         let (c, s) = tokio::join!(
-            client.connect(server.local_node(), &addr, Protocol::Mesh),
+            client.connect(server.local_node(), &addr, Protocol::MESH),
             server.accept()
         );
         drop((c.unwrap(), s.unwrap()));
@@ -236,7 +236,7 @@ async fn raw_handshakes(n: usize) -> f64 {
             .unwrap();
     let client = quinn::Endpoint::client(localhost()).unwrap();
     let addr = server.local_addr().unwrap();
-    let cfg = raw::client_config(key(2), key(1).node_id(), Protocol::Mesh, &config()).unwrap();
+    let cfg = raw::client_config(key(2), key(1).node_id(), Protocol::MESH, &config()).unwrap();
     let start = Instant::now();
     for _ in 0..n {
         let (c, s) = tokio::join!(

@@ -20,27 +20,68 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::identity::NodeId;
 
-/// The protocol a connection carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    /// Pairing: open to keys that are not paired yet.
-    Pairing,
-    /// Mesh traffic between paired nodes.
-    Mesh,
-}
+/// The protocol a connection carries: its ALPN identifier. An open set:
+/// the SDK's own are [`Protocol::PAIRING`] and [`Protocol::MESH`] (the device
+/// session); an app or a later SDK layer (membership, files, media) names
+/// its own with [`Protocol::new`] and registers a handler for it on the node
+/// (`NodeBuilder::protocol`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Protocol(&'static str);
 
 impl Protocol {
+    /// Pairing: open to keys that are not paired yet.
+    pub const PAIRING: Protocol = Protocol("mesh-sdk/pairing/1");
+    /// The device session between a primary and its paired devices.
+    pub const MESH: Protocol = Protocol("mesh-sdk/mesh/1");
+
+    /// A protocol named by `alpn`: 1 to 255 bytes of printable ASCII, by
+    /// convention `owner/name/version` (`"acme/sync/1"`). Checked at compile
+    /// time when used in a `const`.
+    pub const fn new(alpn: &'static str) -> Protocol {
+        let b = alpn.as_bytes();
+        assert!(!b.is_empty() && b.len() <= 255, "an ALPN is 1 to 255 bytes");
+        let mut i = 0;
+        while i < b.len() {
+            assert!(
+                b[i] > b' ' && b[i] < 0x7f,
+                "an ALPN here is printable ASCII without spaces"
+            );
+            i += 1;
+        }
+        Protocol(alpn)
+    }
+
     /// The ALPN identifier.
     pub fn alpn(self) -> &'static [u8] {
-        match self {
-            Protocol::Pairing => b"mesh-sdk/pairing/1",
-            Protocol::Mesh => b"mesh-sdk/mesh/1",
-        }
+        self.0.as_bytes()
+    }
+
+    /// The ALPN identifier as text.
+    pub fn name(self) -> &'static str {
+        self.0
+    }
+
+    /// The one of `known` whose ALPN is `alpn`.
+    pub fn find(known: &[Protocol], alpn: &[u8]) -> Option<Protocol> {
+        known.iter().copied().find(|p| p.alpn() == alpn)
+    }
+}
+
+impl fmt::Debug for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Protocol({})", self.0)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
     }
 }
 
@@ -263,6 +304,20 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn set_on_battery(&self, on_battery: bool) -> Result<(), TransportError> {
         let _ = on_battery;
         Ok(())
+    }
+
+    /// From now on, accept exactly `protocols` (QUIC advertises their ALPNs)
+    /// and ask `admission` which keys may use which. The node calls it at
+    /// start with the protocols it has handlers for; until then the
+    /// admission given at construction applies (to
+    /// [`Protocol::PAIRING`] and [`Protocol::MESH`]).
+    fn serve(
+        &self,
+        protocols: &[Protocol],
+        admission: Arc<dyn Admission>,
+    ) -> Result<(), TransportError> {
+        let _ = (protocols, admission);
+        Err(TransportError::Unsupported("serving other protocols"))
     }
 }
 

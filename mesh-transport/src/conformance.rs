@@ -43,7 +43,7 @@ async fn pair(
     let (ta, _) = h.endpoint(&a, Arc::new(AdmitAll)).await;
     let (tb, addr_b) = h.endpoint(&b, Arc::new(AdmitAll)).await;
     let (c, s) = tokio::join!(
-        ta.connect(b.node_id(), &addr_b, Protocol::Mesh),
+        ta.connect(b.node_id(), &addr_b, Protocol::MESH),
         tb.accept()
     );
     (c.unwrap(), s.unwrap(), ta, tb)
@@ -56,7 +56,7 @@ pub async fn round_trip(h: &dyn Harness) {
     assert_eq!(s.remote_node(), ta.local_node());
     assert_eq!(
         (c.protocol(), s.protocol()),
-        (Protocol::Mesh, Protocol::Mesh)
+        (Protocol::MESH, Protocol::MESH)
     );
     for i in 0..100u32 {
         c.send(i.to_be_bytes().to_vec()).await.unwrap();
@@ -75,7 +75,7 @@ pub async fn wrong_peer_is_refused(h: &dyn Harness) {
     let (a, b, c) = (key(1), key(2), key(3));
     let (ta, _) = h.endpoint(&a, Arc::new(AdmitAll)).await;
     let (_tb, addr_b) = h.endpoint(&b, Arc::new(AdmitAll)).await;
-    match ta.connect(c.node_id(), &addr_b, Protocol::Mesh).await {
+    match ta.connect(c.node_id(), &addr_b, Protocol::MESH).await {
         Err(TransportError::PeerMismatch { expected, actual }) => {
             assert_eq!((expected, actual), (c.node_id(), b.node_id()));
         }
@@ -88,7 +88,7 @@ struct PairedOnly(NodeId);
 
 impl Admission for PairedOnly {
     fn admit(&self, peer: &NodeId, protocol: Protocol) -> bool {
-        protocol == Protocol::Pairing || *peer == self.0
+        protocol == Protocol::PAIRING || *peer == self.0
     }
 }
 
@@ -98,21 +98,21 @@ pub async fn unknown_keys_reach_only_pairing(h: &dyn Harness) {
     let (tb, addr_b) = h.endpoint(&b, Arc::new(PairedOnly(friend.node_id()))).await;
     let (ts, _) = h.endpoint(&stranger, Arc::new(AdmitAll)).await;
     assert!(matches!(
-        ts.connect(b.node_id(), &addr_b, Protocol::Mesh).await,
+        ts.connect(b.node_id(), &addr_b, Protocol::MESH).await,
         Err(TransportError::Refused(_))
     ));
     let (c, s) = tokio::join!(
-        ts.connect(b.node_id(), &addr_b, Protocol::Pairing),
+        ts.connect(b.node_id(), &addr_b, Protocol::PAIRING),
         tb.accept()
     );
     let (c, s) = (c.unwrap(), s.unwrap());
-    assert_eq!(s.protocol(), Protocol::Pairing);
+    assert_eq!(s.protocol(), Protocol::PAIRING);
     assert_eq!(s.remote_node(), stranger.node_id());
     c.send(b"pair me".to_vec()).await.unwrap();
     assert_eq!(s.recv().await.unwrap(), b"pair me");
     let (tf, _) = h.endpoint(&friend, Arc::new(AdmitAll)).await;
     let (c2, s2) = tokio::join!(
-        tf.connect(b.node_id(), &addr_b, Protocol::Mesh),
+        tf.connect(b.node_id(), &addr_b, Protocol::MESH),
         tb.accept()
     );
     assert!(c2.is_ok() && s2.is_ok());
@@ -141,7 +141,7 @@ pub async fn many_connections_in_parallel(h: &dyn Harness) {
     }
     let mut conns = Vec::new();
     for t in &clients {
-        let (c, s) = tokio::join!(t.connect(b.node_id(), &addr_b, Protocol::Mesh), tb.accept());
+        let (c, s) = tokio::join!(t.connect(b.node_id(), &addr_b, Protocol::MESH), tb.accept());
         conns.push((c.unwrap(), s.unwrap()));
     }
     for (i, (c, _)) in conns.iter().enumerate() {
@@ -380,7 +380,7 @@ pub async fn pairing_connections_carry_no_streams(h: &dyn Harness) {
     let (ta, _) = h.endpoint(&a, Arc::new(AdmitAll)).await;
     let (tb, addr_b) = h.endpoint(&b, Arc::new(AdmitAll)).await;
     let (c, s) = tokio::join!(
-        ta.connect(b.node_id(), &addr_b, Protocol::Pairing),
+        ta.connect(b.node_id(), &addr_b, Protocol::PAIRING),
         tb.accept()
     );
     let (c, s) = (c.unwrap(), s.unwrap());
@@ -443,6 +443,44 @@ pub async fn priorities_order_a_constrained_link(c: &dyn Connection, s: &dyn Con
     assert_eq!(order, vec![10, 5, 0], "streams finish in priority order");
 }
 
+/// `serve` sets exactly what is accepted: an unlisted protocol is refused,
+/// a listed one asks the new admission, and an empty list refuses all.
+pub async fn serve_sets_the_protocols_accepted(h: &dyn Harness) {
+    const ECHO: Protocol = Protocol::new("mesh-sdk-test/echo/1");
+    let (friend, b, stranger) = (key(1), key(2), key(3));
+    let (tb, addr_b) = h.endpoint(&b, Arc::new(AdmitAll)).await;
+    let (tf, _) = h.endpoint(&friend, Arc::new(AdmitAll)).await;
+    let (ts, _) = h.endpoint(&stranger, Arc::new(AdmitAll)).await;
+    // Before `serve`: the built-in protocols only.
+    assert!(matches!(
+        tf.connect(b.node_id(), &addr_b, ECHO).await,
+        Err(TransportError::Refused(_))
+    ));
+    tb.serve(&[ECHO], Arc::new(PairedOnly(friend.node_id())))
+        .unwrap();
+    let (c, s) = tokio::join!(tf.connect(b.node_id(), &addr_b, ECHO), tb.accept());
+    let (c, s) = (c.unwrap(), s.unwrap());
+    assert_eq!((c.protocol(), s.protocol()), (ECHO, ECHO));
+    c.send(b"echo".to_vec()).await.unwrap();
+    assert_eq!(s.recv().await.unwrap(), b"echo");
+    // Not for the stranger (admission), and MESH is no longer served.
+    assert!(matches!(
+        ts.connect(b.node_id(), &addr_b, ECHO).await,
+        Err(TransportError::Refused(_))
+    ));
+    assert!(matches!(
+        tf.connect(b.node_id(), &addr_b, Protocol::MESH).await,
+        Err(TransportError::Refused(_))
+    ));
+    // Nothing served: nothing accepted.
+    tb.serve(&[], Arc::new(AdmitAll)).unwrap();
+    assert!(
+        tf.connect(b.node_id(), &addr_b, Protocol::PAIRING)
+            .await
+            .is_err()
+    );
+}
+
 /// Turns every check into a `#[tokio::test]` for the harness `$make`.
 #[macro_export]
 macro_rules! transport_conformance_tests {
@@ -461,7 +499,8 @@ macro_rules! transport_conformance_tests {
                 streams_reset_and_stop_with_codes,
                 a_stalled_stream_stalls_only_itself,
                 datagrams_up_to_the_size_limit,
-                pairing_connections_carry_no_streams
+                pairing_connections_carry_no_streams,
+                serve_sets_the_protocols_accepted
             );
         }
     };

@@ -22,7 +22,7 @@
 //! let (a, b) = (NodeKey::generate(), NodeKey::generate());
 //! let ta = net.endpoint(a.node_id(), "a", Arc::new(AdmitAll))?;
 //! let tb = net.endpoint(b.node_id(), "b", Arc::new(AdmitAll))?;
-//! let conn = ta.connect(b.node_id(), &tb.addr(), Protocol::Mesh).await?;
+//! let conn = ta.connect(b.node_id(), &tb.addr(), Protocol::MESH).await?;
 //! let incoming = tb.accept().await?;
 //! conn.send(b"hello".to_vec()).await?;
 //! assert_eq!(incoming.recv().await?, b"hello");

@@ -66,7 +66,7 @@
 //! let tb = QuicTransport::bind(b.clone(), local, Arc::new(AdmitAll), QuicConfig::default())?;
 //! let addr = tb.addr();
 //! let (conn, incoming) = tokio::join!(
-//!     ta.connect(b.node_id(), &addr, Protocol::Mesh),
+//!     ta.connect(b.node_id(), &addr, Protocol::MESH),
 //!     tb.accept(),
 //! );
 //! let (conn, incoming) = (conn?, incoming?);
@@ -461,7 +461,7 @@ impl Tls {
         })
     }
 
-    fn server(&self) -> Result<QuicServerConfig, TransportError> {
+    fn server(&self, protocols: &[Protocol]) -> Result<QuicServerConfig, TransportError> {
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_error)?
@@ -469,10 +469,7 @@ impl Tls {
             .with_cert_resolver(Arc::new(
                 rustls::server::AlwaysResolvesServerRawPublicKeys::new(self.certified.clone()),
             ));
-        server.alpn_protocols = vec![
-            Protocol::Pairing.alpn().to_vec(),
-            Protocol::Mesh.alpn().to_vec(),
-        ];
+        server.alpn_protocols = protocols.iter().map(|p| p.alpn().to_vec()).collect();
         server.send_tls13_tickets = 0;
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         server.max_early_data_size = 0;
@@ -503,14 +500,40 @@ struct Shared {
     tls: Tls,
     config: QuicConfig,
     on_battery: AtomicBool,
+    /// What is accepted, and who may use it (see [`Transport::serve`]).
+    serving: Mutex<Serving>,
+}
+
+struct Serving {
+    protocols: Vec<Protocol>,
+    admission: Arc<dyn Admission>,
+}
+
+impl Shared {
+    fn serving(&self) -> (Vec<Protocol>, Arc<dyn Admission>) {
+        let s = self.serving.lock().unwrap_or_else(PoisonError::into_inner);
+        (s.protocols.clone(), s.admission.clone())
+    }
+
+    /// Installs the server configuration for the current protocols and
+    /// power state (with no protocol, the accept loop refuses every
+    /// connection attempt).
+    fn reconfigure(&self) -> Result<(), TransportError> {
+        let (protocols, _) = self.serving();
+        let on_battery = self.on_battery.load(Ordering::Relaxed);
+        let server = server_config(&self.tls, &self.config, on_battery, &protocols)?;
+        self.endpoint.set_server_config(Some(server));
+        Ok(())
+    }
 }
 
 fn server_config(
     tls: &Tls,
     config: &QuicConfig,
     on_battery: bool,
+    protocols: &[Protocol],
 ) -> Result<quinn::ServerConfig, TransportError> {
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.server()?));
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.server(protocols)?));
     // The accepting side opens the one message stream; it accepts none.
     server.transport_config(Arc::new(config.transport(on_battery, 0)?));
     Ok(server)
@@ -564,9 +587,10 @@ impl QuicTransport {
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });
+        let protocols = vec![Protocol::PAIRING, Protocol::MESH];
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
-            Some(server_config(&tls, &config, false)?),
+            Some(server_config(&tls, &config, false, &protocols)?),
             socket,
             runtime,
         )
@@ -577,9 +601,13 @@ impl QuicTransport {
             tls,
             config,
             on_battery: AtomicBool::new(false),
+            serving: Mutex::new(Serving {
+                protocols,
+                admission,
+            }),
         });
         let (tx, rx) = mpsc::channel(shared.config.accept_backlog.max(1));
-        let acceptor = tokio::spawn(accept_loop(shared.clone(), admission, tx));
+        let acceptor = tokio::spawn(accept_loop(shared.clone(), tx));
         Ok(QuicTransport {
             shared,
             incoming: AsyncMutex::new(rx),
@@ -605,11 +633,27 @@ impl QuicTransport {
     /// [`QuicConfig::keep_alive_on_battery`]; open ones keep their settings.
     /// (Also [`Transport::set_on_battery`], which the node runtime calls.)
     pub fn set_on_battery(&self, on_battery: bool) -> Result<(), TransportError> {
-        let shared = &self.shared;
-        shared.on_battery.store(on_battery, Ordering::Relaxed);
-        let server = server_config(&shared.tls, &shared.config, on_battery)?;
-        shared.endpoint.set_server_config(Some(server));
-        Ok(())
+        self.shared.on_battery.store(on_battery, Ordering::Relaxed);
+        self.shared.reconfigure()
+    }
+
+    /// See [`Transport::serve`]: advertises exactly `protocols` from now on
+    /// (none: incoming connections are refused) and asks `admission`.
+    pub fn serve(
+        &self,
+        protocols: &[Protocol],
+        admission: Arc<dyn Admission>,
+    ) -> Result<(), TransportError> {
+        {
+            let mut s = self
+                .shared
+                .serving
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            s.protocols = protocols.to_vec();
+            s.admission = admission;
+        }
+        self.shared.reconfigure()
     }
 
     /// Whether the transport was told the device runs on battery.
@@ -642,22 +686,23 @@ impl Drop for QuicTransport {
     }
 }
 
-async fn accept_loop(
-    shared: Arc<Shared>,
-    admission: Arc<dyn Admission>,
-    tx: mpsc::Sender<QuicConnection>,
-) {
+async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<QuicConnection>) {
     let pending = Arc::new(Semaphore::new(shared.config.max_pending_handshakes.max(1)));
     while let Some(incoming) = shared.endpoint.accept().await {
+        if shared.serving().0.is_empty() {
+            // Serving nothing (a worker with no protocol of its own):
+            // refused before any handshake work.
+            incoming.refuse();
+            continue;
+        }
         let Ok(permit) = pending.clone().try_acquire_owned() else {
             incoming.refuse();
             continue;
         };
-        let (shared, admission, tx) = (shared.clone(), admission.clone(), tx.clone());
+        let (shared, tx) = (shared.clone(), tx.clone());
         tokio::spawn(async move {
             let timeout = shared.config.handshake_timeout;
-            let admitted =
-                tokio::time::timeout(timeout, admit(&shared, incoming, admission.as_ref())).await;
+            let admitted = tokio::time::timeout(timeout, admit(&shared, incoming)).await;
             drop(permit);
             if let Ok(Some(conn)) = admitted {
                 // A full backlog holds the connection until the node accepts;
@@ -669,14 +714,14 @@ async fn accept_loop(
 }
 
 /// Runs the handshake, checks admission and confirms it to the client.
-async fn admit(
-    shared: &Shared,
-    incoming: quinn::Incoming,
-    admission: &dyn Admission,
-) -> Option<QuicConnection> {
+async fn admit(shared: &Shared, incoming: quinn::Incoming) -> Option<QuicConnection> {
     let conn = incoming.accept().ok()?.await.ok()?;
     let remote = peer_node(&conn)?;
-    let protocol = negotiated(&conn)?;
+    let (protocols, admission) = shared.serving();
+    let Some(protocol) = negotiated(&conn, &protocols) else {
+        conn.close(VarInt::from(REFUSED), b"no protocol this node serves");
+        return None;
+    };
     if !admission.admit(&remote, protocol) {
         let reason = format!("this node does not admit your key for {protocol:?}");
         conn.close(VarInt::from(REFUSED), reason.as_bytes());
@@ -684,7 +729,7 @@ async fn admit(
     }
     let (mut send, recv) = conn.open_bi().await.ok()?;
     send.write_all(&[ADMITTED]).await.ok()?;
-    if protocol == Protocol::Mesh {
+    if protocol == Protocol::MESH {
         // Admitted: the peer may now open streams beside the messages.
         let n = VarInt::from_u32(shared.config.max_streams);
         conn.set_max_concurrent_bi_streams(n);
@@ -706,12 +751,10 @@ fn peer_node(conn: &quinn::Connection) -> Option<NodeId> {
     node_from_spki(keys.first()?)
 }
 
-fn negotiated(conn: &quinn::Connection) -> Option<Protocol> {
+fn negotiated(conn: &quinn::Connection, known: &[Protocol]) -> Option<Protocol> {
     let data = conn.handshake_data()?.downcast::<HandshakeData>().ok()?;
     let alpn = data.protocol?;
-    [Protocol::Pairing, Protocol::Mesh]
-        .into_iter()
-        .find(|p| p.alpn() == alpn.as_slice())
+    Protocol::find(known, &alpn)
 }
 
 fn lost(addr: &PeerAddr, e: ConnectionError) -> TransportError {
@@ -743,6 +786,14 @@ impl Transport for QuicTransport {
 
     fn set_on_battery(&self, on_battery: bool) -> Result<(), TransportError> {
         QuicTransport::set_on_battery(self, on_battery)
+    }
+
+    fn serve(
+        &self,
+        protocols: &[Protocol],
+        admission: Arc<dyn Admission>,
+    ) -> Result<(), TransportError> {
+        QuicTransport::serve(self, protocols, admission)
     }
 
     async fn connect(
@@ -794,7 +845,7 @@ impl Transport for QuicTransport {
                     "the peer sent a bad admission byte".into(),
                 ));
             }
-            if protocol == Protocol::Mesh {
+            if protocol == Protocol::MESH {
                 let n = shared.config.max_streams;
                 conn.set_max_concurrent_bi_streams(VarInt::from_u32(n.saturating_add(1)));
                 conn.set_max_concurrent_uni_streams(VarInt::from_u32(n));
@@ -1003,7 +1054,7 @@ impl Connection for QuicConnection {
     }
 
     fn capabilities(&self) -> Capabilities {
-        if self.protocol == Protocol::Pairing {
+        if self.protocol == Protocol::PAIRING {
             return Capabilities::MESSAGES_ONLY;
         }
         Capabilities::MESSAGES_ONLY
@@ -1048,7 +1099,7 @@ impl Connection for QuicConnection {
     }
 
     fn max_datagram_size(&self) -> Option<usize> {
-        if self.protocol == Protocol::Pairing {
+        if self.protocol == Protocol::PAIRING {
             return None;
         }
         self.conn.max_datagram_size()
@@ -1079,7 +1130,7 @@ impl Connection for QuicConnection {
     }
 
     async fn recv_datagram(&self) -> Result<Vec<u8>, TransportError> {
-        if self.protocol == Protocol::Pairing {
+        if self.protocol == Protocol::PAIRING {
             return Err(TransportError::Unsupported("datagrams"));
         }
         let datagram = self.conn.read_datagram().await.map_err(connection_error)?;
@@ -1090,7 +1141,7 @@ impl Connection for QuicConnection {
 impl QuicConnection {
     /// Streams are for mesh connections; pairing carries messages only.
     fn streams_allowed(&self) -> Result<(), TransportError> {
-        if self.protocol == Protocol::Pairing {
+        if self.protocol == Protocol::PAIRING {
             Err(TransportError::Unsupported(
                 "streams on a pairing connection",
             ))
@@ -1234,7 +1285,8 @@ pub mod raw {
         config: &QuicConfig,
     ) -> Result<quinn::ServerConfig, TransportError> {
         let tls = Tls::new(key)?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.server()?));
+        let protocols = [Protocol::PAIRING, Protocol::MESH];
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls.server(&protocols)?));
         server.transport_config(Arc::new(config.transport(false, 1)?));
         Ok(server)
     }

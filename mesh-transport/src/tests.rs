@@ -48,7 +48,7 @@ async fn connected(
     let tb = net.endpoint(b.node_id(), "b", Arc::new(AdmitAll)).unwrap();
     let addr_b = tb.addr();
     let (c, s) = tokio::join!(
-        ta.connect(b.node_id(), &addr_b, Protocol::Mesh),
+        ta.connect(b.node_id(), &addr_b, Protocol::MESH),
         tb.accept()
     );
     (ta, tb, c.unwrap(), s.unwrap())
@@ -93,7 +93,7 @@ async fn partition_drops_traffic_and_refuses_connects_until_healed() {
     net.partition(ta.local_node(), tb.local_node());
     c.send(b"lost".to_vec()).await.unwrap();
     assert!(matches!(
-        ta.connect(tb.local_node(), &tb.addr(), Protocol::Mesh)
+        ta.connect(tb.local_node(), &tb.addr(), Protocol::MESH)
             .await,
         Err(TransportError::Unreachable { .. })
     ));
@@ -119,7 +119,7 @@ async fn a_crash_breaks_connections_and_a_restart_is_reachable_again() {
     assert_eq!(c.send(b"x".to_vec()).await, Err(TransportError::Closed));
     assert!(matches!(tb.accept().await, Err(TransportError::Closed)));
     assert!(matches!(
-        ta.connect(b_node, &PeerAddr::Memory("b".into()), Protocol::Mesh)
+        ta.connect(b_node, &PeerAddr::Memory("b".into()), Protocol::MESH)
             .await,
         Err(TransportError::Unreachable { .. })
     ));
@@ -127,7 +127,7 @@ async fn a_crash_breaks_connections_and_a_restart_is_reachable_again() {
     let tb2 = net.endpoint(b_node, "b", Arc::new(AdmitAll)).unwrap();
     drop(tb);
     let addr_b2 = tb2.addr();
-    let (c2, s2) = tokio::join!(ta.connect(b_node, &addr_b2, Protocol::Mesh), tb2.accept());
+    let (c2, s2) = tokio::join!(ta.connect(b_node, &addr_b2, Protocol::MESH), tb2.accept());
     c2.unwrap().send(b"back".to_vec()).await.unwrap();
     assert_eq!(s2.unwrap().recv().await.unwrap(), b"back");
 }
@@ -140,7 +140,7 @@ async fn other_address_kinds_are_not_supported_and_names_are_unique() {
         .unwrap();
     let addr = PeerAddr::Socket("127.0.0.1:4433".parse().unwrap());
     assert_eq!(
-        ta.connect(key(2).node_id(), &addr, Protocol::Mesh)
+        ta.connect(key(2).node_id(), &addr, Protocol::MESH)
             .await
             .err(),
         Some(TransportError::AddressNotSupported(addr))

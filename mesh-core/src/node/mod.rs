@@ -36,6 +36,7 @@ mod backoff;
 mod data_dir;
 mod link;
 mod primary;
+mod protocols;
 mod worker;
 
 use std::collections::HashMap;
@@ -64,6 +65,7 @@ pub use backoff::Backoff;
 #[cfg(feature = "sqlite")]
 pub use data_dir::{DB_FILE, DataDir, KEY_FILE};
 pub use primary::DeviceView;
+pub use protocols::{ProtocolError, ProtocolHandler};
 pub use worker::PairingTicket;
 
 /// Whether the node is the primary or a worker.
@@ -517,6 +519,9 @@ pub enum NodeError {
     /// Storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A registered protocol cannot be served.
+    #[error(transparent)]
+    ProtocolSetup(#[from] protocols::ProtocolError),
     /// A command was refused or failed on the other side.
     #[error("command refused or failed: {code}: {message}")]
     Command {
@@ -615,12 +620,12 @@ impl RegistryAdmission {
 
 impl Admission for RegistryAdmission {
     fn admit(&self, peer: &NodeId, protocol: Protocol) -> bool {
-        match protocol {
-            Protocol::Pairing => true,
-            Protocol::Mesh => matches!(
-                self.registry.get(peer),
-                Ok(Some(device)) if device.revoked_at.is_none()
-            ),
+        if protocol == Protocol::PAIRING {
+            true
+        } else if protocol == Protocol::MESH {
+            protocols::paired(&self.registry, peer)
+        } else {
+            false
         }
     }
 }
@@ -638,6 +643,7 @@ pub struct NodeBuilder {
     metrics: Arc<dyn MetricsSource>,
     policy: Arc<dyn CommandPolicy>,
     handlers: HashMap<String, Arc<dyn CommandHandler>>,
+    protocols: Vec<(Protocol, Arc<dyn protocols::ProtocolHandler>)>,
     record_timings: bool,
     data_dir: Option<std::path::PathBuf>,
 }
@@ -705,6 +711,21 @@ impl NodeBuilder {
         self
     }
 
+    /// Serves `protocol` (an ALPN of the app's or of a later SDK layer) with
+    /// `handler`, on either role: the node's transports then accept it, and
+    /// `handler.admit` decides which keys may use it. [`Protocol::PAIRING`]
+    /// and [`Protocol::MESH`] are the SDK's own ([`NodeBuilder::start`]
+    /// refuses them, and a protocol registered twice, with
+    /// [`NodeError::ProtocolSetup`]).
+    pub fn protocol(
+        mut self,
+        protocol: Protocol,
+        handler: Arc<dyn protocols::ProtocolHandler>,
+    ) -> Self {
+        self.protocols.push((protocol, handler));
+        self
+    }
+
     /// Keeps the primary's per-heartbeat processing times (for benchmarks
     /// and diagnostics; see [`Node::stats`]).
     pub fn record_timings(mut self, on: bool) -> Self {
@@ -714,6 +735,7 @@ impl NodeBuilder {
 
     /// Starts the node's tasks (inside a tokio runtime).
     pub fn start(self) -> Result<Node, NodeError> {
+        let protocols = protocols::Protocols::new(self.config.role, self.protocols)?;
         let mut registry = Registry::with_trust(
             self.store.clone(),
             self.events.clone(),
@@ -750,6 +772,7 @@ impl NodeBuilder {
             metrics: self.metrics,
             policy: self.policy,
             handlers: self.handlers,
+            protocols,
             registry,
             pairing,
             health: Mutex::new(health),
@@ -770,8 +793,67 @@ impl NodeBuilder {
             Role::Primary => primary::start(&node.inner)?,
             Role::Worker => worker::start(&node.inner)?,
         }
+        serve_protocols(&node.inner)?;
         Ok(node)
     }
+}
+
+/// Tells every transport what the node serves (and who may use it), and
+/// accepts on each if it serves anything.
+fn serve_protocols(inner: &Arc<Inner>) -> Result<(), NodeError> {
+    let list = inner.protocols.list();
+    let admission = inner.protocols.admission(inner.registry.clone());
+    let registered = list
+        .iter()
+        .any(|p| matches!(inner.protocols.get(*p), Some(protocols::Served::Handler(_))));
+    for transport in &inner.transports {
+        match transport.serve(&list, admission.clone()) {
+            Ok(()) => {}
+            // A transport that knows only the built-in protocols keeps the
+            // admission it was made with; it cannot carry registered ones.
+            Err(TransportError::Unsupported(_)) if !registered => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !list.is_empty() {
+        for transport in inner.transports.clone() {
+            accept_on(inner, transport);
+        }
+    }
+    Ok(())
+}
+
+/// Accepts connections on one transport and hands each to what serves its
+/// protocol.
+fn accept_on(inner: &Arc<Inner>, transport: Arc<dyn Transport>) {
+    let accepting = inner.clone();
+    inner.spawn(async move {
+        loop {
+            match transport.accept().await {
+                Ok(conn) => {
+                    let conn: Arc<dyn Connection> = Arc::from(conn);
+                    let served = accepting.protocols.get(conn.protocol()).cloned();
+                    let handler = accepting.clone();
+                    accepting.spawn(async move {
+                        match served {
+                            Some(protocols::Served::Pairing) => {
+                                primary::pairing_session(&handler, conn).await
+                            }
+                            Some(protocols::Served::Session) => {
+                                primary::mesh_session(&handler, conn).await
+                            }
+                            Some(protocols::Served::Handler(h)) => h.serve(conn).await,
+                            // Admission refuses what is not served; a
+                            // transport without `serve` may still let it in.
+                            None => conn.close(),
+                        }
+                    });
+                }
+                Err(TransportError::Closed) => break,
+                Err(_) => continue,
+            }
+        }
+    });
 }
 
 /// Counters of a running node, and (if asked for with
@@ -841,6 +923,8 @@ pub(crate) struct Inner {
     metrics: Arc<dyn MetricsSource>,
     policy: Arc<dyn CommandPolicy>,
     handlers: HashMap<String, Arc<dyn CommandHandler>>,
+    /// What the node accepts, by ALPN.
+    protocols: protocols::Protocols,
     /// The registry; with a ledger attached, every audited change goes
     /// through it (`Registry::commit`).
     registry: Registry,
@@ -1026,6 +1110,7 @@ impl Node {
             metrics: Arc::new(NoMetrics),
             policy: Arc::new(DenyAll),
             handlers: HashMap::new(),
+            protocols: Vec::new(),
             record_timings: false,
             data_dir: None,
         }

@@ -17,7 +17,7 @@ use crate::limits::{KeyedLimiter, TokenBucket};
 use crate::pairing::{PairingCode, PairingError};
 use crate::registry::{AuthError, scopes};
 use crate::storage::records::{DeviceRecord, PairingRequestRecord};
-use crate::transport::{Connection, Protocol, TransportError};
+use crate::transport::Connection;
 use crate::wire::MessageId;
 use crate::wire::{
     CommandOutcome, CommandResult, HealthMetrics, JsonText, PairingMessage, Payload, Platform,
@@ -91,9 +91,8 @@ pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
     // Requests left by a crash cannot be approved (their devices are no
     // longer connected): the table starts empty.
     inner.pairing.forget_all()?;
-    for transport in inner.transports.clone() {
-        accept_on(inner, transport);
-    }
+    // Accepting (pairing and device sessions) starts with the node's other
+    // protocols, in `serve_protocols`.
     let ticking = inner.clone();
     inner.spawn(async move {
         let period = (ticking.config.heartbeat_interval / 2).max(Duration::from_millis(50));
@@ -125,29 +124,6 @@ pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
         }
     });
     Ok(())
-}
-
-/// Accepts connections on one transport.
-fn accept_on(inner: &Arc<Inner>, transport: Arc<dyn crate::transport::Transport>) {
-    let accepting = inner.clone();
-    inner.spawn(async move {
-        loop {
-            match transport.accept().await {
-                Ok(conn) => {
-                    let conn: Arc<dyn Connection> = Arc::from(conn);
-                    let handler = accepting.clone();
-                    accepting.spawn(async move {
-                        match conn.protocol() {
-                            Protocol::Pairing => pairing_session(&handler, conn).await,
-                            Protocol::Mesh => mesh_session(&handler, conn).await,
-                        }
-                    });
-                }
-                Err(TransportError::Closed) => break,
-                Err(_) => continue,
-            }
-        }
-    });
 }
 
 fn auth_code(e: &AuthError) -> &'static str {
@@ -252,7 +228,7 @@ fn refuse_pairing(inner: &Inner, conn: &dyn Connection, reason: &str, error: Opt
     conn.close();
 }
 
-async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
+pub(super) async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
     let from = conn.remote_node();
     let source = source_of(conn.as_ref());
     // Bounded before anything is read, verified or stored.
@@ -389,7 +365,7 @@ async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
     }
 }
 
-async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
+pub(super) async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
     let node = conn.remote_node();
     let Some(_counted) = ConnCount::take(inner, node) else {
         inner

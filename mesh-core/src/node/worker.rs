@@ -345,7 +345,7 @@ fn swap_tokens(inner: &Inner) -> bool {
 async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
     let primary = link.primary;
     let conn: Arc<dyn Connection> =
-        match inner.connect(primary, &link.address, Protocol::Mesh).await {
+        match inner.connect(primary, &link.address, Protocol::MESH).await {
             Ok(c) => Arc::from(c),
             // The primary's admission refuses revoked and unknown keys (or
             // could not read its registry).
@@ -643,7 +643,7 @@ impl Node {
         let mut last = NodeError::Unavailable("no address to reach the primary at".into());
         let mut reached = None;
         for a in ordered {
-            match inner.connect(primary, &a, Protocol::Pairing).await {
+            match inner.connect(primary, &a, Protocol::PAIRING).await {
                 Ok(c) => {
                     reached = Some((a, c));
                     break;

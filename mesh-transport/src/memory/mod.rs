@@ -55,6 +55,8 @@ struct Endpoint {
     id: u64,
     node: NodeId,
     admission: Arc<dyn Admission>,
+    /// What it accepts (see `Transport::serve`).
+    protocols: Vec<Protocol>,
     incoming: mpsc::Sender<MemoryConnection>,
     links: Vec<Arc<Link>>,
 }
@@ -124,6 +126,7 @@ impl MemoryNetwork {
                 id,
                 node,
                 admission,
+                protocols: vec![Protocol::PAIRING, Protocol::MESH],
                 incoming: tx,
                 links: Vec::new(),
             },
@@ -271,7 +274,7 @@ impl MemoryConnection {
 
     /// Pairing connections carry messages only (as over QUIC).
     fn streams_allowed(&self) -> Result<(), TransportError> {
-        if self.protocol == Protocol::Pairing {
+        if self.protocol == Protocol::PAIRING {
             Err(TransportError::Unsupported(
                 "streams and datagrams on a pairing connection",
             ))
@@ -382,7 +385,7 @@ impl Connection for MemoryConnection {
     }
 
     fn capabilities(&self) -> Capabilities {
-        if self.protocol == Protocol::Pairing {
+        if self.protocol == Protocol::PAIRING {
             Capabilities::MESSAGES_ONLY
         } else {
             Capabilities::ALL
@@ -415,7 +418,7 @@ impl Connection for MemoryConnection {
     }
 
     fn max_datagram_size(&self) -> Option<usize> {
-        (self.protocol != Protocol::Pairing && self.link.state() == LinkState::Open)
+        (self.protocol != Protocol::PAIRING && self.link.state() == LinkState::Open)
             .then_some(streams::MAX_DATAGRAM)
     }
 
@@ -505,6 +508,11 @@ impl Transport for MemoryTransport {
                     actual: remote_node,
                 });
             }
+            if !remote.protocols.contains(&protocol) {
+                return Err(TransportError::Refused(format!(
+                    "{remote_node} does not serve {protocol}"
+                )));
+            }
             if !remote.admission.admit(&self.node, protocol) {
                 return Err(TransportError::Refused(format!(
                     "{} does not admit {} for {protocol:?}",
@@ -577,6 +585,26 @@ impl Transport for MemoryTransport {
     async fn accept(&self) -> Result<Box<dyn Connection>, TransportError> {
         match self.incoming.lock().await.recv().await {
             Some(c) => Ok(Box::new(c)),
+            None => Err(TransportError::Closed),
+        }
+    }
+
+    fn serve(
+        &self,
+        protocols: &[Protocol],
+        admission: Arc<dyn Admission>,
+    ) -> Result<(), TransportError> {
+        let mut net = self.network.lock();
+        match net
+            .endpoints
+            .get_mut(&self.name)
+            .filter(|e| e.id == self.id)
+        {
+            Some(e) => {
+                e.protocols = protocols.to_vec();
+                e.admission = admission;
+                Ok(())
+            }
             None => Err(TransportError::Closed),
         }
     }

@@ -49,7 +49,7 @@ async fn connected(
 ) -> (Box<dyn Connection>, Box<dyn Connection>) {
     let addr = server.addr();
     let (c, s) = tokio::join!(
-        client.connect(server.local_node(), &addr, Protocol::Mesh),
+        client.connect(server.local_node(), &addr, Protocol::MESH),
         server.accept()
     );
     (c.unwrap(), s.unwrap())
@@ -68,7 +68,7 @@ async fn raw_client(
     server: &QuicTransport,
 ) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream) {
     let tls = Tls::new(key(seed)).unwrap();
-    let (crypto, _) = tls.client(server.local_node(), Protocol::Mesh).unwrap();
+    let (crypto, _) = tls.client(server.local_node(), Protocol::MESH).unwrap();
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(QuicConfig::default().transport(false, 1).unwrap()));
     let endpoint = quinn::Endpoint::client(localhost()).unwrap();
@@ -209,7 +209,7 @@ async fn a_silent_address_is_unreachable_within_the_handshake_timeout() {
         let addr = PeerAddr::Socket(silent.local_addr().unwrap());
         assert_eq!(
             client
-                .connect(key(2).node_id(), &addr, Protocol::Mesh)
+                .connect(key(2).node_id(), &addr, Protocol::MESH)
                 .await
                 .err(),
             Some(TransportError::Unreachable { addr })
@@ -224,7 +224,7 @@ async fn memory_addresses_are_not_supported() {
     let addr = PeerAddr::Memory("b".into());
     assert_eq!(
         client
-            .connect(key(2).node_id(), &addr, Protocol::Mesh)
+            .connect(key(2).node_id(), &addr, Protocol::MESH)
             .await
             .err(),
         Some(TransportError::AddressNotSupported(addr))
@@ -302,7 +302,7 @@ async fn a_client_claiming_a_key_it_cannot_sign_with_is_refused() {
     within(async {
         let server = bind(1, QuicConfig::default());
         let tls = impostor(2, 3);
-        let (crypto, _) = tls.client(server.local_node(), Protocol::Mesh).unwrap();
+        let (crypto, _) = tls.client(server.local_node(), Protocol::MESH).unwrap();
         let endpoint = quinn::Endpoint::client(localhost()).unwrap();
         let attempt = endpoint
             .connect_with(
@@ -326,7 +326,13 @@ async fn a_client_claiming_a_key_it_cannot_sign_with_is_refused() {
 async fn a_server_claiming_a_key_it_cannot_sign_with_is_refused() {
     within(async {
         let tls = impostor(2, 3);
-        let server_config = server_config(&tls, &QuicConfig::default(), false).unwrap();
+        let server_config = server_config(
+            &tls,
+            &QuicConfig::default(),
+            false,
+            &[Protocol::PAIRING, Protocol::MESH],
+        )
+        .unwrap();
         let fake = quinn::Endpoint::server(server_config, localhost()).unwrap();
         let fake_addr = PeerAddr::Socket(fake.local_addr().unwrap());
         let accepting = tokio::spawn(async move {
@@ -336,7 +342,7 @@ async fn a_server_claiming_a_key_it_cannot_sign_with_is_refused() {
         });
         let client = bind(1, QuicConfig::default());
         let result = client
-            .connect(key(2).node_id(), &fake_addr, Protocol::Mesh)
+            .connect(key(2).node_id(), &fake_addr, Protocol::MESH)
             .await;
         assert!(
             matches!(
@@ -376,7 +382,7 @@ async fn a_closing_endpoint_is_unreachable_not_a_refusal() {
         let addr = b.addr();
         // Closed, but its socket still answers: transport-level CONNECTION_REFUSED.
         b.shutdown(Duration::ZERO).await;
-        match a.connect(b.local_node(), &addr, Protocol::Mesh).await {
+        match a.connect(b.local_node(), &addr, Protocol::MESH).await {
             Err(TransportError::Unreachable { .. }) => {}
             other => panic!("expected Unreachable, got {other:?}"),
         }

@@ -19,7 +19,7 @@ use mesh_core::wire::{
 use mesh_transport::quic::QuicTransport;
 use serde_json::json;
 
-use crate::node_e2e::{pair, primary, primary_on, primary_with, quic, worker};
+use crate::node_e2e::{pair, primary, primary_built, primary_on, primary_with, quic, worker};
 
 /// A frame of `payload` from `key` to `to`, stamped `at`.
 fn signed(
@@ -63,7 +63,7 @@ async fn an_unpaired_key_flooding_pairing_loses_no_heartbeat_of_50_workers() {
     let mut sent = 0usize;
     let mut connections = 0usize;
     while sent < FLOOD_MESSAGES && started.elapsed() < FLOOD_TIME {
-        let Ok(conn) = evil.connect(primary_id, &p.addr, Protocol::Pairing).await else {
+        let Ok(conn) = evil.connect(primary_id, &p.addr, Protocol::PAIRING).await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
@@ -177,7 +177,7 @@ async fn ask_to_pair(p: &crate::node_e2e::Primary) -> (Arc<QuicTransport>, Box<d
     let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
     let transport = quic(&key, &store);
     let conn = transport
-        .connect(p.node.node_id(), &p.addr, Protocol::Pairing)
+        .connect(p.node.node_id(), &p.addr, Protocol::PAIRING)
         .await
         .unwrap();
     let now = SystemClock.now();
@@ -475,7 +475,7 @@ impl RawDevice {
     async fn session(&self, p: &crate::node_e2e::Primary) -> Box<dyn Connection> {
         let conn = self
             .transport
-            .connect(p.node.node_id(), &p.addr, Protocol::Mesh)
+            .connect(p.node.node_id(), &p.addr, Protocol::MESH)
             .await
             .unwrap();
         self.send(
@@ -577,7 +577,7 @@ async fn a_key_over_its_connection_cap_is_closed() {
     for _ in 0..4 {
         conns.push(
             dev.transport
-                .connect(p.node.node_id(), &p.addr, Protocol::Mesh)
+                .connect(p.node.node_id(), &p.addr, Protocol::MESH)
                 .await
                 .unwrap(),
         );
@@ -998,4 +998,112 @@ async fn a_worker_flooding_denied_commands_on_sqlite_slows_no_other_device() {
     );
     let report = mesh_ledger::verify_ledger(p.store.as_ref(), &p.node.node_id(), None).unwrap();
     assert!(report.ok(), "{report:?}");
+}
+
+/// Foundation B: a protocol registered on the node by ALPN, with its own
+/// admission, served over QUIC beside pairing and the device session.
+const ECHO: Protocol = Protocol::new("mesh-sdk-test/echo/1");
+
+#[derive(Debug)]
+struct Echo(mesh_core::node::RegistryAdmission);
+
+#[async_trait::async_trait]
+impl mesh_core::node::ProtocolHandler for Echo {
+    fn admit(&self, peer: &mesh_core::identity::NodeId) -> bool {
+        // Paired devices only: the registry's own rule for the session.
+        mesh_core::transport::Admission::admit(&self.0, peer, Protocol::MESH)
+    }
+
+    async fn serve(&self, conn: Arc<dyn Connection>) {
+        while let Ok(m) = conn.recv().await {
+            if conn.send(m).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_protocol_is_served_with_its_own_admission() {
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let echo = Arc::new(Echo(mesh_core::node::RegistryAdmission::new(store.clone())));
+    let (p, _) = primary_built(store, |c| c, |b| b.protocol(ECHO, echo));
+    let dev = raw_device(&p).await;
+    // A paired device's key reaches the protocol and is served.
+    let conn = dev
+        .transport
+        .connect(p.node.node_id(), &p.addr, ECHO)
+        .await
+        .unwrap();
+    conn.send(b"ping".to_vec()).await.unwrap();
+    assert_eq!(conn.recv().await.unwrap(), b"ping");
+    // An unpaired key is refused at the handshake, and still reaches pairing.
+    let stranger_key = Arc::new(NodeKey::generate());
+    let stranger_store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let stranger = quic(&stranger_key, &stranger_store);
+    assert!(matches!(
+        stranger.connect(p.node.node_id(), &p.addr, ECHO).await,
+        Err(mesh_core::transport::TransportError::Refused(_))
+    ));
+    assert!(
+        stranger
+            .connect(p.node.node_id(), &p.addr, Protocol::PAIRING)
+            .await
+            .is_ok()
+    );
+    // A protocol nobody registered is refused.
+    const OTHER: Protocol = Protocol::new("mesh-sdk-test/other/1");
+    assert!(matches!(
+        dev.transport
+            .connect(p.node.node_id(), &p.addr, OTHER)
+            .await,
+        Err(mesh_core::transport::TransportError::Refused(_))
+    ));
+    // The device session still works beside it.
+    let session = dev.session(&p).await;
+    session.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn built_in_protocols_cannot_be_replaced_and_workers_serve_nothing_by_default() {
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let key = Arc::new(NodeKey::generate());
+    let echo = Arc::new(Echo(mesh_core::node::RegistryAdmission::new(store.clone())));
+    let config = NodeConfig::new(Role::Primary, "p", "hw-p");
+    match Node::builder(key.clone(), store.clone(), quic(&key, &store), config)
+        .protocol(Protocol::MESH, echo.clone())
+        .start()
+    {
+        Err(NodeError::ProtocolSetup(mesh_core::node::ProtocolError::BuiltIn(p))) => {
+            assert_eq!(p, Protocol::MESH)
+        }
+        other => panic!("expected BuiltIn, got {:?}", other.map(|_| ())),
+    }
+    // A worker accepts no pairing and no sessions: its endpoint refuses
+    // every connection (it used to complete handshakes nobody served).
+    let w_store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let w_key = Arc::new(NodeKey::generate());
+    let w_transport = quic(&w_key, &w_store);
+    let w_addr = w_transport.addr();
+    let w = Node::builder(
+        w_key.clone(),
+        w_store,
+        w_transport,
+        NodeConfig::new(Role::Worker, "w", "hw-w"),
+    )
+    .start()
+    .unwrap();
+    let other_key = Arc::new(NodeKey::generate());
+    let other_store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let other = quic(&other_key, &other_store);
+    for protocol in [Protocol::PAIRING, Protocol::MESH, ECHO] {
+        assert!(
+            other
+                .connect(w_key.node_id(), &w_addr, protocol)
+                .await
+                .is_err(),
+            "a worker accepted {protocol}"
+        );
+    }
+    w.shutdown().await;
 }

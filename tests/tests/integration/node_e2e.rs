@@ -71,6 +71,15 @@ pub(crate) fn primary_on(
     store: Arc<dyn Storage>,
     adjust: impl FnOnce(NodeConfig) -> NodeConfig,
 ) -> (Primary, Arc<SignedLedger>) {
+    primary_built(store, adjust, |b| b)
+}
+
+/// [`primary_on`], with `build` adding to the node's builder.
+pub(crate) fn primary_built(
+    store: Arc<dyn Storage>,
+    adjust: impl FnOnce(NodeConfig) -> NodeConfig,
+    build: impl FnOnce(mesh_core::node::NodeBuilder) -> mesh_core::node::NodeBuilder,
+) -> (Primary, Arc<SignedLedger>) {
     let key = Arc::new(NodeKey::generate());
     let ledger =
         Arc::new(SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default()).unwrap());
@@ -83,7 +92,8 @@ pub(crate) fn primary_on(
             Rate::per_second(1000.0, 1000),
             Rate::per_second(1000.0, 1000),
         ));
-    let node = Node::builder(key.clone(), store.clone(), transport, adjust(config))
+    let builder = Node::builder(key.clone(), store.clone(), transport, adjust(config));
+    let node = build(builder)
         .ledger(ledger.clone())
         .policy(Arc::new(NotesOnly))
         .handler(

@@ -1,0 +1,135 @@
+//! Protocols as a registry: what a node accepts, by ALPN, each with its own
+//! admission.
+//!
+//! The SDK's own protocols are built in: [`Protocol::PAIRING`] (a primary
+//! admits any key: pairing is how keys become known) and [`Protocol::MESH`]
+//! (the device session: a primary admits paired, unrevoked devices). Other
+//! layers (membership, files, media, an app's own) register a
+//! [`ProtocolHandler`] with [`NodeBuilder::protocol`](super::NodeBuilder::protocol):
+//! its [`ProtocolHandler::admit`] is asked during the handshake, before any
+//! byte of the connection is read, and [`ProtocolHandler::serve`] then owns
+//! the connection. At start the node tells each transport exactly which
+//! protocols it serves ([`Transport::serve`](crate::transport::Transport::serve)):
+//! a worker, which accepts no pairing and no device sessions, serves only
+//! what was registered (nothing by default, so its endpoint refuses every
+//! incoming connection).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::identity::NodeId;
+use crate::registry::Registry;
+use crate::transport::{Admission, Connection, Protocol};
+
+use super::Role;
+
+/// Serves one protocol of a node.
+#[async_trait]
+pub trait ProtocolHandler: Send + Sync + fmt::Debug + 'static {
+    /// Whether `peer` may open a connection for this protocol. Called during
+    /// the handshake on the transport's task: keep it quick and
+    /// non-blocking (a lookup, not I/O).
+    fn admit(&self, peer: &NodeId) -> bool;
+
+    /// Serves one admitted connection until it ends. Each connection gets a
+    /// task of its own; the handler bounds what a peer can make it hold.
+    async fn serve(&self, conn: Arc<dyn Connection>);
+}
+
+/// What serves a protocol.
+#[derive(Debug, Clone)]
+pub(super) enum Served {
+    /// Pairing requests (a primary).
+    Pairing,
+    /// Device sessions (a primary).
+    Session,
+    /// A registered handler.
+    Handler(Arc<dyn ProtocolHandler>),
+}
+
+/// The protocols a node serves.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Protocols {
+    served: BTreeMap<Protocol, Served>,
+}
+
+/// Why a protocol cannot be registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The SDK serves this one itself.
+    #[error("{0} is served by the SDK itself")]
+    BuiltIn(Protocol),
+    /// Registered twice.
+    #[error("{0} is registered twice")]
+    Duplicate(Protocol),
+}
+
+impl Protocols {
+    /// The built-in protocols for `role`, then `registered`.
+    pub(super) fn new(
+        role: Role,
+        registered: Vec<(Protocol, Arc<dyn ProtocolHandler>)>,
+    ) -> Result<Self, ProtocolError> {
+        let mut served = BTreeMap::new();
+        if role == Role::Primary {
+            served.insert(Protocol::PAIRING, Served::Pairing);
+            served.insert(Protocol::MESH, Served::Session);
+        }
+        for (protocol, handler) in registered {
+            if protocol == Protocol::PAIRING || protocol == Protocol::MESH {
+                return Err(ProtocolError::BuiltIn(protocol));
+            }
+            if served.insert(protocol, Served::Handler(handler)).is_some() {
+                return Err(ProtocolError::Duplicate(protocol));
+            }
+        }
+        Ok(Protocols { served })
+    }
+
+    /// Every protocol served, in ALPN order.
+    pub(super) fn list(&self) -> Vec<Protocol> {
+        self.served.keys().copied().collect()
+    }
+
+    /// What serves `protocol`.
+    pub(super) fn get(&self, protocol: Protocol) -> Option<&Served> {
+        self.served.get(&protocol)
+    }
+
+    /// The admission the node gives its transports.
+    pub(super) fn admission(&self, registry: Registry) -> Arc<dyn Admission> {
+        Arc::new(NodeAdmission {
+            protocols: self.clone(),
+            registry,
+        })
+    }
+}
+
+/// Admission per protocol: pairing is open, the device session needs a
+/// paired, unrevoked device, a registered protocol asks its handler, and
+/// anything else is refused.
+#[derive(Debug)]
+struct NodeAdmission {
+    protocols: Protocols,
+    registry: Registry,
+}
+
+impl Admission for NodeAdmission {
+    fn admit(&self, peer: &NodeId, protocol: Protocol) -> bool {
+        match self.protocols.get(protocol) {
+            Some(Served::Pairing) => true,
+            Some(Served::Session) => paired(&self.registry, peer),
+            Some(Served::Handler(h)) => h.admit(peer),
+            None => false,
+        }
+    }
+}
+
+/// Whether `peer` is a paired device that is not revoked.
+pub(super) fn paired(registry: &Registry, peer: &NodeId) -> bool {
+    matches!(registry.get(peer), Ok(Some(device)) if device.revoked_at.is_none())
+}
