@@ -85,6 +85,7 @@ pub mod limits;
 pub mod node;
 pub mod pairing;
 pub mod registry;
+pub mod session;
 pub mod storage;
 pub mod transport;
 pub mod wire;

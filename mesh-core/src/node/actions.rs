@@ -243,6 +243,21 @@ fn record_decision(
         inner.now(),
     )?;
     inner.events.publish("command.decided", inner.now(), body);
+    // A command the policy refused outright is also a violation (R-POL):
+    // one event a dashboard or an alert can follow without parsing
+    // decisions.
+    if let Verdict::Deny { code, message } = verdict {
+        inner.events.publish(
+            crate::events::kinds::POLICY_VIOLATION,
+            inner.now(),
+            json!({
+                "device": node.to_string(),
+                "command": cmd.name,
+                "reason": code,
+                "message": message,
+            }),
+        );
+    }
     Ok(())
 }
 

@@ -1186,7 +1186,7 @@ impl Node {
 
     /// Stops every task and closes every connection.
     pub async fn shutdown(&self) {
-        primary::close_all(&self.inner, "shutdown").await;
+        primary::close_all(&self.inner, crate::session::ByeReason::Shutdown).await;
         worker::stop(&self.inner).await;
         let tasks: Vec<_> = lock(&self.inner.tasks).drain(..).collect();
         for t in tasks {

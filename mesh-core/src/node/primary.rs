@@ -15,7 +15,8 @@ use crate::events::kinds;
 use crate::identity::NodeId;
 use crate::limits::{KeyedLimiter, TokenBucket};
 use crate::pairing::{PairingCode, PairingError};
-use crate::registry::{AuthError, scopes};
+use crate::registry::scopes;
+use crate::session::{ByeReason, DeviceSession, Output, refusals};
 use crate::storage::records::{DeviceRecord, PairingRequestRecord};
 use crate::transport::Connection;
 use crate::wire::MessageId;
@@ -124,16 +125,6 @@ pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
         }
     });
     Ok(())
-}
-
-fn auth_code(e: &AuthError) -> &'static str {
-    match e {
-        AuthError::UnknownDevice(_) => "unpaired",
-        AuthError::Revoked { .. } => "revoked",
-        AuthError::BadToken(_) => "bad_token",
-        AuthError::ScopeMissing { .. } => "scope_missing",
-        AuthError::Storage(_) => "storage",
-    }
 }
 
 /// One of a key's open mesh connections; uncounted on drop.
@@ -375,65 +366,104 @@ pub(super) async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) 
         conn.close();
         return;
     };
-    let hello = tokio::time::timeout(
+    // The session's protocol is the sans-IO `DeviceSession`; this drives it.
+    let mut session = DeviceSession::new(
+        inner.now(),
         inner.config.command_timeout,
+        inner.config.peer_limits.messages,
+    );
+    let now = inner.now();
+    let wait = session
+        .poll_timeout()
+        .map(|at| Duration::from_millis(at.as_millis().saturating_sub(now.as_millis())))
+        .unwrap_or_default();
+    let first = tokio::time::timeout(
+        wait,
         inner
             .link
             .recv(conn.as_ref(), &pre_auth_guard(), || inner.now()),
     )
     .await;
-    let Ok(Ok(Payload::Session(SessionMessage::Hello { token }))) = hello else {
-        conn.close();
-        return;
-    };
-    let token = Zeroizing::new(token);
-    let device = match inner
-        .registry
-        .check(&node, &token[..], scopes::PRESENCE_WRITE)
-    {
-        Ok(device) => device,
-        Err(e) => {
-            bye(inner, conn.as_ref(), node, auth_code(&e)).await;
-            return;
+    let mut device = None;
+    let token = match first {
+        Ok(Ok(payload)) => session.handle_hello(payload, inner.now(), |token| {
+            device = Some(
+                inner
+                    .registry
+                    .check(&node, &token[..], scopes::PRESENCE_WRITE)?,
+            );
+            Ok(())
+        }),
+        // Nothing verifiable came: the connection goes without a word.
+        Ok(Err(_)) => {
+            session.handle_lost();
+            None
+        }
+        Err(_) => {
+            session.handle_timeout(inner.now());
+            None
         }
     };
-    lock(&inner.primary.power)
-        .entry(node)
-        .and_modify(|p| p.platform = device.platform)
-        .or_insert(PowerContext {
-            platform: device.platform,
-            metrics: None,
-        });
+    let token = Zeroizing::new(token.unwrap_or([0; 32]));
     let id = inner.session_id();
-    let old = lock(&inner.primary.sessions).insert(
-        node,
-        SessionRef {
-            id,
-            peer: node,
-            conn: conn.clone(),
-        },
+    while let Some(output) = session.poll_output() {
+        match output {
+            Output::Opened => {
+                // Opened only after the gate passed, which gave the record.
+                if let Some(platform) = device.as_ref().map(|d| d.platform) {
+                    lock(&inner.primary.power)
+                        .entry(node)
+                        .and_modify(|p| p.platform = platform)
+                        .or_insert(PowerContext {
+                            platform,
+                            metrics: None,
+                        });
+                }
+                let old = lock(&inner.primary.sessions).insert(
+                    node,
+                    SessionRef {
+                        id,
+                        peer: node,
+                        conn: conn.clone(),
+                    },
+                );
+                if let Some(old) = old {
+                    old.conn.close();
+                }
+            }
+            Output::Send(payload) => {
+                if inner
+                    .link
+                    .send(conn.as_ref(), node, payload, inner.now())
+                    .await
+                    .is_err()
+                {
+                    session.handle_lost();
+                }
+            }
+            Output::Close { reason, send_bye } => {
+                if send_bye {
+                    bye(inner, conn.as_ref(), node, &reason).await;
+                }
+                conn.close();
+            }
+            Output::Deliver(_) | Output::Refuse { .. } => {}
+        }
+    }
+    if !session.is_open() {
+        let mut sessions = lock(&inner.primary.sessions);
+        if sessions.get(&node).is_some_and(|s| s.id == id) {
+            sessions.remove(&node);
+        }
+        conn.close();
+        return;
+    }
+    inner.events.publish(
+        kinds::PEER_JOINED,
+        inner.now(),
+        json!({ "node": node.to_string() }),
     );
-    if let Some(old) = old {
-        old.conn.close();
-    }
-    if inner
-        .link
-        .send(
-            conn.as_ref(),
-            node,
-            Payload::Session(SessionMessage::Welcome),
-            inner.now(),
-        )
-        .await
-        .is_ok()
-    {
-        inner.events.publish(
-            kinds::PEER_JOINED,
-            inner.now(),
-            json!({ "node": node.to_string() }),
-        );
-        serve(inner, conn.as_ref(), node, id, &token).await;
-    }
+    serve(inner, conn.as_ref(), node, id, &token, &mut session).await;
     let mut sessions = lock(&inner.primary.sessions);
     if sessions.get(&node).is_some_and(|s| s.id == id) {
         sessions.remove(&node);
@@ -448,118 +478,111 @@ pub(super) async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) 
     );
 }
 
-/// The session loop: every message passes the gate first.
+/// The session loop: every message goes through the session machine (rate,
+/// scope, gate) and the driver carries out what it says.
 async fn serve(
     inner: &Arc<Inner>,
     conn: &dyn Connection,
     node: NodeId,
     session_id: u64,
     token: &[u8; 32],
+    session: &mut DeviceSession,
 ) {
     // The device's own replay state, made now that its token passed.
     let guard = inner.guards.of(node);
-    let mut rate = TokenBucket::new(inner.config.peer_limits.messages, inner.now());
     loop {
         let Ok((payload, arrived)) = inner.link.recv_timed(conn, &guard, || inner.now()).await
         else {
+            session.handle_lost();
             return;
         };
-        // Over its rate, a peer's messages are dropped before any work
-        // (a command among them is told why).
-        if !rate.try_take(inner.now()) {
-            inner.stats.messages_refused.fetch_add(1, Ordering::Relaxed);
-            if let Payload::Command(cmd) = &payload {
-                refuse_command(
-                    inner,
-                    conn,
-                    node,
-                    cmd.command_id,
-                    "rate_limited",
-                    "over this device's message rate",
-                )
-                .await;
-            }
-            continue;
-        }
-        // Which scope each payload needs (R-PAIR7):
-        //   Command → commands:run; Event → events:write; everything else
-        //   (heartbeats, command results, session messages) → presence:write.
-        //   actions:read is checked where action news go out to the
-        //   device; memories:read guards no entry point yet (nothing
-        //   serves memories).
-        let scope = match &payload {
-            Payload::Command(_) => scopes::COMMANDS_RUN,
-            Payload::Event(_) => scopes::EVENTS_WRITE,
-            _ => scopes::PRESENCE_WRITE,
-        };
-        match inner.registry.check(&node, token, scope) {
-            Ok(_) => {}
-            // A scope this device lacks refuses that message, not the
-            // session: a command is told why, an event is dropped.
-            Err(AuthError::ScopeMissing { .. }) if scope != scopes::PRESENCE_WRITE => {
-                if let Payload::Command(cmd) = &payload {
-                    let why = format!("this device lacks the {scope} scope");
-                    refuse_command(inner, conn, node, cmd.command_id, "scope_missing", &why).await;
+        session.handle_message(payload, inner.now(), |scope| {
+            inner.registry.check(&node, token, scope).map(|_| ())
+        });
+        while let Some(output) = session.poll_output() {
+            match output {
+                Output::Deliver(payload) => {
+                    deliver(inner, conn, node, session_id, payload, arrived).await
                 }
-                continue;
-            }
-            // The token passed at the hello, so a bad token now means it was
-            // rotated while this session ran: the device reconnects with its
-            // current one (never a permanent refusal).
-            Err(AuthError::BadToken(_)) => {
-                bye(inner, conn, node, "token_rotated").await;
-                return;
-            }
-            Err(e) => {
-                bye(inner, conn, node, auth_code(&e)).await;
-                return;
+                Output::Refuse {
+                    command_id,
+                    code,
+                    message,
+                } => {
+                    if code == refusals::RATE_LIMITED {
+                        inner.stats.messages_refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(id) = command_id {
+                        refuse_command(inner, conn, node, id, code, &message).await;
+                    }
+                }
+                Output::Send(payload) => {
+                    let _ = inner.link.send(conn, node, payload, inner.now()).await;
+                }
+                Output::Close { reason, send_bye } => {
+                    if send_bye {
+                        bye(inner, conn, node, &reason).await;
+                    }
+                    return;
+                }
+                Output::Opened => {}
             }
         }
-        match payload {
-            Payload::Heartbeat(hb) => {
-                let now = inner.now();
-                // Counted before the health update publishes its events.
-                inner.stats.heartbeat_received();
-                let ingested = lock(&inner.health).ingest(node, now, &hb.metrics);
-                if ingested.is_ok()
-                    && let Some(p) = lock(&inner.primary.power).get_mut(&node)
-                {
-                    p.metrics = Some(hb.metrics);
-                }
-                inner.stats.heartbeat_timed(arrived.elapsed());
-                if let Err(e) = ingested {
-                    inner.events.publish(
-                        "health.rejected",
-                        now,
-                        json!({ "node": node.to_string(), "error": e.to_string() }),
-                    );
-                }
+    }
+}
+
+/// Acts on a message the session machine let through.
+async fn deliver(
+    inner: &Arc<Inner>,
+    conn: &dyn Connection,
+    node: NodeId,
+    session_id: u64,
+    payload: Payload,
+    arrived: std::time::Instant,
+) {
+    match payload {
+        Payload::Heartbeat(hb) => {
+            let now = inner.now();
+            // Counted before the health update publishes its events.
+            inner.stats.heartbeat_received();
+            let ingested = lock(&inner.health).ingest(node, now, &hb.metrics);
+            if ingested.is_ok()
+                && let Some(p) = lock(&inner.primary.power).get_mut(&node)
+            {
+                p.metrics = Some(hb.metrics);
             }
-            Payload::Command(cmd) => start_command(inner, conn, node, cmd).await,
-            Payload::CommandResult(r) => {
-                inner.calls.complete(node, r.command_id, r.outcome);
-            }
-            // A worker's event: republished under one kind of its own, so
-            // a device cannot pose as the primary's own events.
-            Payload::Event(event) => {
-                let data: Value = serde_json::from_str(event.data.as_str()).unwrap_or(Value::Null);
+            inner.stats.heartbeat_timed(arrived.elapsed());
+            if let Err(e) = ingested {
                 inner.events.publish(
-                    kinds::DEVICE_EVENT,
-                    inner.now(),
-                    json!({ "device": node.to_string(), "kind": event.kind, "data": data }),
+                    "health.rejected",
+                    now,
+                    json!({ "node": node.to_string(), "error": e.to_string() }),
                 );
             }
-            Payload::Session(SessionMessage::Bye { .. }) => return,
-            Payload::Session(SessionMessage::TokenStored) => {
-                let mut rotations = lock(&inner.primary.rotations);
-                if rotations.get(&node).is_some_and(|(s, _)| *s == session_id)
-                    && let Some((_, tx)) = rotations.remove(&node)
-                {
-                    let _ = tx.send(());
-                }
-            }
-            _ => {}
         }
+        Payload::Command(cmd) => start_command(inner, conn, node, cmd).await,
+        Payload::CommandResult(r) => {
+            inner.calls.complete(node, r.command_id, r.outcome);
+        }
+        // A worker's event: republished under one kind of its own, so a
+        // device cannot pose as the primary's own events.
+        Payload::Event(event) => {
+            let data: Value = serde_json::from_str(event.data.as_str()).unwrap_or(Value::Null);
+            inner.events.publish(
+                kinds::DEVICE_EVENT,
+                inner.now(),
+                json!({ "device": node.to_string(), "kind": event.kind, "data": data }),
+            );
+        }
+        Payload::Session(SessionMessage::TokenStored) => {
+            let mut rotations = lock(&inner.primary.rotations);
+            if rotations.get(&node).is_some_and(|(s, _)| *s == session_id)
+                && let Some((_, tx)) = rotations.remove(&node)
+            {
+                let _ = tx.send(());
+            }
+        }
+        _ => {}
     }
 }
 
@@ -651,9 +674,9 @@ pub(super) fn cancel_all_commands(inner: &Inner) {
     }
 }
 
-async fn bye(inner: &Inner, conn: &dyn Connection, to: NodeId, reason: &str) {
+async fn bye(inner: &Inner, conn: &dyn Connection, to: NodeId, reason: &ByeReason) {
     let msg = Payload::Session(SessionMessage::Bye {
-        reason: reason.to_owned(),
+        reason: reason.as_str().to_owned(),
     });
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
@@ -732,10 +755,10 @@ pub(super) fn invalid_args(e: &dyn std::fmt::Display) -> CommandOutcome {
 }
 
 /// Ends `node`'s session with `reason`, if it has one.
-async fn end_session(inner: &Inner, node: &NodeId, reason: &str) {
+async fn end_session(inner: &Inner, node: &NodeId, reason: ByeReason) {
     let session = lock(&inner.primary.sessions).remove(node);
     if let Some(s) = session {
-        bye(inner, s.conn.as_ref(), *node, reason).await;
+        bye(inner, s.conn.as_ref(), *node, &reason).await;
     }
 }
 
@@ -751,11 +774,11 @@ pub(super) fn close_now(inner: &Inner) {
     }
 }
 
-pub(super) async fn close_all(inner: &Inner, reason: &str) {
+pub(super) async fn close_all(inner: &Inner, reason: ByeReason) {
     cancel_all_commands(inner);
     let sessions: Vec<(NodeId, SessionRef)> = lock(&inner.primary.sessions).drain().collect();
     for (node, s) in sessions {
-        bye(inner, s.conn.as_ref(), node, reason).await;
+        bye(inner, s.conn.as_ref(), node, &reason).await;
     }
     let waiting: Vec<Waiter> = lock(&inner.primary.pairings)
         .drain()
@@ -922,7 +945,7 @@ impl Node {
         inner.guards.forget(device);
         cancel_commands(inner, device);
         lock(&inner.primary.power).remove(device);
-        end_session(inner, device, "revoked").await;
+        end_session(inner, device, ByeReason::Revoked).await;
         super::actions::void_actions(inner, device, "revoked").await?;
         Ok(())
     }
@@ -934,7 +957,7 @@ impl Node {
         inner.guards.forget(device);
         cancel_commands(inner, device);
         lock(&inner.primary.power).remove(device);
-        end_session(inner, device, "unpaired").await;
+        end_session(inner, device, ByeReason::Unpaired).await;
         super::actions::void_actions(inner, device, "unpaired").await?;
         Ok(())
     }
@@ -997,7 +1020,7 @@ impl Node {
             .rotate_token_to(device, &token, inner.now())?;
         let session = lock(&inner.primary.sessions).remove(device);
         if let Some(s) = session {
-            bye(inner, s.conn.as_ref(), *device, "token_rotated").await;
+            bye(inner, s.conn.as_ref(), *device, &ByeReason::TokenRotated).await;
         }
         Ok(())
     }
@@ -1017,7 +1040,7 @@ impl Node {
                 .link
                 .send(s.conn.as_ref(), *device, msg, inner.now())
                 .await;
-            bye(inner, s.conn.as_ref(), *device, "token_rotated").await;
+            bye(inner, s.conn.as_ref(), *device, &ByeReason::TokenRotated).await;
         }
         Ok(())
     }

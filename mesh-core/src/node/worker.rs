@@ -15,6 +15,7 @@ use super::primary::{invalid_args, run_handler};
 use super::{AbortOnDrop, Inner, Node, NodeError, Role, lock};
 use crate::identity::NodeId;
 use crate::pairing::{DeviceInfo, DevicePairing, DeviceStep, PairingError};
+use crate::session::ByeReason;
 use crate::storage::Record;
 use crate::storage::StorageExt;
 use crate::storage::records::{PrimaryLinkRecord, TokenFallbackRecord};
@@ -94,7 +95,7 @@ pub(super) async fn stop(inner: &Inner) {
             .flatten()
         {
             let bye = Payload::Session(SessionMessage::Bye {
-                reason: "shutdown".into(),
+                reason: ByeReason::Shutdown.to_string(),
             });
             let _ = tokio::time::timeout(
                 Duration::from_secs(2),
@@ -192,25 +193,11 @@ impl Drop for Counted<'_> {
 /// How a session ended.
 enum Ended {
     /// The primary said goodbye (or refused the hello) with this reason.
-    Bye(String),
+    Bye(ByeReason),
     /// The primary's transport refused this key.
     Refused(String),
     /// The connection failed or dropped; `connected` if it had been open.
     Lost { connected: bool, error: String },
-}
-
-/// Whether a session's end is final.
-///
-/// Permanent, and only when the primary says so in a signed `Bye`: it
-/// revoked or unpaired this device, or refused its token (after the other
-/// stored token was tried too). Everything else (the primary restarting, a
-/// storage hiccup on either side, a rate limit, a lost connection, a
-/// transport-level refusal, a timeout) is retried with backoff.
-pub(crate) fn is_permanent(reason: &str) -> bool {
-    matches!(
-        reason,
-        "revoked" | "unpaired" | "bad_token" | "scope_missing"
-    )
 }
 
 async fn run_supervisor(inner: Arc<Inner>) {
@@ -242,17 +229,20 @@ async fn run_supervisor(inner: Arc<Inner>) {
                 continue;
             }
         };
+        // Final only on the primary's signed word (`ByeReason::is_permanent`):
+        // a rate limit, a lost connection, a transport-level refusal, a
+        // timeout, a storage hiccup on either side are retried with backoff.
         let ended = run_session(&inner, &link).await;
-        if !matches!(ended, Ended::Bye(ref r) if r == "bad_token") {
+        if !matches!(ended, Ended::Bye(ByeReason::BadToken)) {
             swaps = 0;
         }
         let primary = link.primary.to_string();
         match ended {
-            Ended::Bye(reason) if reason == "token_rotated" => {
+            Ended::Bye(ByeReason::TokenRotated) => {
                 backoff.reset();
                 continue;
             }
-            Ended::Bye(reason) if reason == "bad_token" && swaps < 2 && swap_tokens(&inner) => {
+            Ended::Bye(ByeReason::BadToken) if swaps < 2 && swap_tokens(&inner) => {
                 // A rotation the primary has not committed (or has, and this
                 // was the old token): try the other stored token.
                 swaps += 1;
@@ -269,7 +259,7 @@ async fn run_supervisor(inner: Arc<Inner>) {
                 );
             }
             Ended::Bye(reason) => {
-                if reason == "unpaired"
+                if reason == ByeReason::Unpaired
                     && let Err(e) = inner.store.remove::<PrimaryLinkRecord>("primary")
                 {
                     inner.events.publish(
@@ -281,9 +271,9 @@ async fn run_supervisor(inner: Arc<Inner>) {
                 inner.events.publish(
                     "session.ended",
                     inner.now(),
-                    json!({ "primary": primary, "reason": reason }),
+                    json!({ "primary": primary, "reason": reason.as_str() }),
                 );
-                if is_permanent(&reason) {
+                if reason.is_permanent() {
                     return;
                 }
             }
@@ -379,7 +369,7 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
         Ok(Ok(Payload::Session(SessionMessage::Welcome))) => {}
         Ok(Ok(Payload::Session(SessionMessage::Bye { reason }))) => {
             conn.close();
-            return Ended::Bye(reason);
+            return Ended::Bye(ByeReason::parse(&reason));
         }
         other => {
             conn.close();
@@ -512,7 +502,9 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
                     }
                 }
             }
-            Payload::Session(SessionMessage::Bye { reason }) => break Ended::Bye(reason),
+            Payload::Session(SessionMessage::Bye { reason }) => {
+                break Ended::Bye(ByeReason::parse(&reason));
+            }
             // The primary's news for this worker: only the kinds a primary
             // may send (its actions' progress); it cannot put anything else
             // on this node's bus.

@@ -1107,3 +1107,30 @@ async fn built_in_protocols_cannot_be_replaced_and_workers_serve_nothing_by_defa
     }
     w.shutdown().await;
 }
+
+/// Foundation C: a command the policy refuses publishes `policy.violation`
+/// (declared in `events::kinds`, never published before), over QUIC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_command_publishes_a_policy_violation() {
+    let p = primary();
+    let mut violations = p.node.subscribe(kinds::POLICY_VIOLATION, 16).unwrap();
+    let dev = raw_device(&p).await;
+    let codes = burst(&dev, &p, "shell.exec", 1).await;
+    assert_eq!(codes, vec!["blocked_command".to_owned()]);
+    let event = match tokio::time::timeout(Duration::from_secs(5), violations.recv()).await {
+        Ok(Some(Received::Event(e))) => e,
+        other => panic!("no policy.violation: {other:?}"),
+    };
+    assert_eq!(event.kind, kinds::POLICY_VIOLATION);
+    assert_eq!(event.data["device"], json!(dev.key.node_id().to_string()));
+    assert_eq!(event.data["command"], json!("shell.exec"));
+    assert_eq!(event.data["reason"], json!("blocked_command"));
+    // An allowed command is no violation.
+    let codes = burst(&dev, &p, "notes.write", 1).await;
+    assert_eq!(codes, vec!["ok".to_owned()]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), violations.recv())
+            .await
+            .is_err()
+    );
+}
