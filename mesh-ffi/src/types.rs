@@ -314,7 +314,7 @@ impl From<ActionRecord> for Action {
     fn from(a: ActionRecord) -> Self {
         Action {
             id: a.id,
-            state: a.state,
+            state: a.state.to_string(),
             command: a.command,
             args_json: a.params.as_str().to_owned(),
             proposed_by: a.proposed_by.to_string(),

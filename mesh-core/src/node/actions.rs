@@ -12,7 +12,7 @@ use super::primary::{run_handler, session_conn};
 use super::{CommandRequest, Inner, Node, NodeError, Verdict};
 use crate::identity::NodeId;
 use crate::ledger::record_types;
-use crate::storage::records::{ActionRecord, ExecPolicyRecord};
+use crate::storage::records::{ActionRecord, ActionState, ExecPolicyRecord};
 use crate::storage::{Record, StorageExt};
 use crate::wire::{
     Command, CommandOutcome, CommandUsage, EventPayload, JsonText, MessageId, Payload, Platform,
@@ -23,20 +23,22 @@ const MAX_DEFERRALS: u32 = 3;
 
 /// Action states.
 pub mod states {
+    use crate::storage::records::ActionState;
+
     /// Waiting for a person.
-    pub const PROPOSED: &str = "proposed";
+    pub const PROPOSED: &str = ActionState::Proposed.as_str_const();
     /// Approved; about to run.
-    pub const APPROVED: &str = "approved";
+    pub const APPROVED: &str = ActionState::Approved.as_str_const();
     /// Running.
-    pub const EXECUTING: &str = "executing";
+    pub const EXECUTING: &str = ActionState::Executing.as_str_const();
     /// Ran; `result` holds the outcome.
-    pub const EXECUTED: &str = "executed";
+    pub const EXECUTED: &str = ActionState::Executed.as_str_const();
     /// Ran and failed; `error` says why.
-    pub const FAILED: &str = "failed";
+    pub const FAILED: &str = ActionState::Failed.as_str_const();
     /// Refused by a person.
-    pub const REJECTED: &str = "rejected";
+    pub const REJECTED: &str = ActionState::Rejected.as_str_const();
     /// Void: its device was revoked or unpaired before anyone decided.
-    pub const VOIDED: &str = "voided";
+    pub const VOIDED: &str = ActionState::Voided.as_str_const();
 }
 
 /// Whether `node` is still paired and not revoked (a storage error counts
@@ -102,7 +104,7 @@ pub(super) async fn void_actions(
     let all: Vec<ActionRecord> = inner.store.load_all()?;
     for a in all
         .into_iter()
-        .filter(|a| a.proposed_by == *device && a.state == states::PROPOSED)
+        .filter(|a| a.proposed_by == *device && a.state == ActionState::Proposed)
     {
         // One being approved right now is left to that approval.
         let Ok(_claim) = Claim::take(inner, &a.id) else {
@@ -112,10 +114,10 @@ pub(super) async fn void_actions(
         let Some(mut a) = inner.store.load::<ActionRecord>(&a.id)? else {
             continue;
         };
-        if a.state != states::PROPOSED {
+        if a.state != ActionState::Proposed {
             continue;
         }
-        a.state = states::VOIDED.into();
+        a.state = ActionState::Voided;
         a.decided_by = Some(inner.key.node_id().to_string());
         a.error = Some(format!("the device was {why}"));
         a.updated_at = inner.now();
@@ -262,7 +264,17 @@ fn record_decision(
 }
 
 /// Stores an action and its transition record together; tells the worker.
+/// A move the lifecycle does not allow ([`ActionState::can_become`]) is
+/// refused and changes nothing.
 async fn transition(inner: &Inner, action: &ActionRecord) -> Result<(), NodeError> {
+    if let Some(stored) = inner.store.load::<ActionRecord>(&action.id)?
+        && !stored.state.can_become(action.state)
+    {
+        return Err(NodeError::Unavailable(format!(
+            "action {} cannot go from {} to {}",
+            action.id, stored.state, action.state
+        )));
+    }
     let body = json!({
         "action": action.id,
         "state": action.state,
@@ -315,7 +327,7 @@ async fn propose(inner: &Inner, node: NodeId, cmd: &Command) -> Result<String, N
     let now = inner.now();
     let action = ActionRecord {
         id: MessageId::random().to_string(),
-        state: states::PROPOSED.into(),
+        state: ActionState::Proposed,
         command: cmd.name.clone(),
         params: cmd.args.clone(),
         proposed_by: node,
@@ -347,7 +359,7 @@ impl Node {
             .store
             .load(id)?
             .ok_or_else(|| NodeError::Unavailable(format!("no action {id}")))?;
-        if action.state != states::PROPOSED {
+        if action.state != ActionState::Proposed {
             return Err(NodeError::Unavailable(format!(
                 "action {id} is {}, not proposed",
                 action.state
@@ -368,8 +380,8 @@ impl Node {
             )));
         }
         let me = Some(inner.key.node_id().to_string());
-        for state in [states::APPROVED, states::EXECUTING] {
-            action.state = state.into();
+        for state in [ActionState::Approved, ActionState::Executing] {
+            action.state = state;
             action.decided_by.clone_from(&me);
             action.updated_at = inner.now();
             transition(inner, &action).await?;
@@ -384,12 +396,12 @@ impl Node {
         .await
         {
             CommandOutcome::Ok(result) => {
-                action.state = states::EXECUTED.into();
+                action.state = ActionState::Executed;
                 action.result = Some(result);
                 record_success(&self.inner, action.proposed_by).await;
             }
             CommandOutcome::Err { code, message } => {
-                action.state = states::FAILED.into();
+                action.state = ActionState::Failed;
                 action.error = Some(format!("{code}: {message}"));
             }
         }
@@ -406,7 +418,7 @@ impl Node {
     ) -> Result<ActionRecord, NodeError> {
         let (_claim, mut action) = self.claim_proposed(id)?;
         let inner = self.primary()?;
-        action.state = states::REJECTED.into();
+        action.state = ActionState::Rejected;
         action.decided_by = Some(inner.key.node_id().to_string());
         action.error = reason;
         action.updated_at = inner.now();

@@ -700,7 +700,7 @@ macro_rules! storage_conformance_tests {
                 assert_eq!(s.load::<JoinTokenRecord>(&token.key()).unwrap(), Some(token));
                 let action = ActionRecord {
                     id: "a1".into(),
-                    state: "proposed".into(),
+                    state: ActionState::Proposed,
                     command: "backup".into(),
                     params: $crate::wire::JsonText::new("{}").unwrap(),
                     proposed_by: node(2),

@@ -377,13 +377,114 @@ impl Record for JoinTokenRecord {
     }
 }
 
+/// Where an action is in its lifecycle (R-ACT2). Stored and sent as its
+/// text (`"proposed"`, …), so records and JSON read the same as before the
+/// type existed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActionState {
+    /// Waiting for a person.
+    Proposed,
+    /// Approved; about to run.
+    Approved,
+    /// Running.
+    Executing,
+    /// Ran; `result` holds the outcome.
+    Executed,
+    /// Ran and failed; `error` says why.
+    Failed,
+    /// Refused by a person.
+    Rejected,
+    /// Void: its device was revoked or unpaired before anyone decided.
+    Voided,
+}
+
+impl ActionState {
+    /// Every state.
+    pub const ALL: [ActionState; 7] = [
+        ActionState::Proposed,
+        ActionState::Approved,
+        ActionState::Executing,
+        ActionState::Executed,
+        ActionState::Failed,
+        ActionState::Rejected,
+        ActionState::Voided,
+    ];
+
+    /// The state's text.
+    pub fn as_str(self) -> &'static str {
+        self.as_str_const()
+    }
+
+    /// [`ActionState::as_str`], usable in constants.
+    pub const fn as_str_const(self) -> &'static str {
+        match self {
+            ActionState::Proposed => "proposed",
+            ActionState::Approved => "approved",
+            ActionState::Executing => "executing",
+            ActionState::Executed => "executed",
+            ActionState::Failed => "failed",
+            ActionState::Rejected => "rejected",
+            ActionState::Voided => "voided",
+        }
+    }
+
+    /// The state named `text`.
+    pub fn parse(text: &str) -> Option<ActionState> {
+        ActionState::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// Whether the lifecycle allows going from `self` to `next`:
+    /// proposed → approved | rejected | voided; approved → executing;
+    /// executing → executed | failed. The last four are final.
+    pub fn can_become(self, next: ActionState) -> bool {
+        use ActionState::*;
+        matches!(
+            (self, next),
+            (Proposed, Approved | Rejected | Voided)
+                | (Approved, Executing)
+                | (Executing, Executed | Failed)
+        )
+    }
+
+    /// Whether nothing follows this state.
+    pub fn is_final(self) -> bool {
+        ActionState::ALL.iter().all(|n| !self.can_become(*n))
+    }
+}
+
+impl std::fmt::Display for ActionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for ActionState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl Serialize for ActionState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ActionState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        ActionState::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown action state {text:?}")))
+    }
+}
+
 /// An action and its lifecycle (R-ACT2).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActionRecord {
     /// Action id.
     pub id: String,
-    /// `proposed`, `approved`, `executing`, `executed`, `failed`, `rejected`.
-    pub state: String,
+    /// Where it is in its lifecycle.
+    pub state: ActionState,
     /// Command name.
     pub command: String,
     /// Parameters.

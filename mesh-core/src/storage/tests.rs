@@ -286,3 +286,38 @@ mod sqlite_only {
         ));
     }
 }
+
+#[test]
+fn action_states_are_typed_but_stored_as_their_text() {
+    use crate::storage::records::ActionState;
+    for s in ActionState::ALL {
+        assert_eq!(ActionState::parse(s.as_str()), Some(s));
+        // JSON and postcard carry the text, as records did before the type.
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            format!("\"{}\"", s.as_str())
+        );
+        assert_eq!(
+            postcard::to_allocvec(&s).unwrap(),
+            postcard::to_allocvec(s.as_str()).unwrap()
+        );
+        let back: ActionState =
+            postcard::from_bytes(&postcard::to_allocvec(s.as_str()).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+    assert!(serde_json::from_str::<ActionState>("\"exploded\"").is_err());
+    use ActionState::*;
+    assert!(Proposed.can_become(Approved) && Approved.can_become(Executing));
+    assert!(Executing.can_become(Executed) && Executing.can_become(Failed));
+    assert!(Proposed.can_become(Rejected) && Proposed.can_become(Voided));
+    assert!(
+        !Proposed.can_become(Executed),
+        "no running without approval"
+    );
+    assert!(!Executed.can_become(Proposed) && !Rejected.can_become(Approved));
+    let finals: Vec<ActionState> = ActionState::ALL
+        .into_iter()
+        .filter(|s| s.is_final())
+        .collect();
+    assert_eq!(finals, vec![Executed, Failed, Rejected, Voided]);
+}

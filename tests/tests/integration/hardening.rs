@@ -870,6 +870,19 @@ async fn a_worker_flooding_denied_commands_on_sqlite_slows_no_other_device() {
                 .commands_in_flight(256),
         )
     });
+    // The flooder first: the worker it pairs through (then shuts down) has
+    // heartbeats of its own, counted before the baseline below.
+    let dev = raw_device(&p).await;
+    // Its last heartbeat may still be in flight: wait until the count rests.
+    let mut beats_before = p.node.stats().heartbeats_received;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = p.node.stats().heartbeats_received;
+        if now == beats_before {
+            break;
+        }
+        beats_before = now;
+    }
     let mut workers = Vec::new();
     for i in 0..10 {
         let (w, _) = worker(&format!("w{i}"));
@@ -877,7 +890,6 @@ async fn a_worker_flooding_denied_commands_on_sqlite_slows_no_other_device() {
         workers.push(w);
     }
     let mut offline = p.node.subscribe(kinds::DEVICE_OFFLINE, 64).unwrap();
-    let dev = raw_device(&p).await;
     let decided_before = ledger
         .view()
         .records(0, usize::MAX)
@@ -966,11 +978,12 @@ async fn a_worker_flooding_denied_commands_on_sqlite_slows_no_other_device() {
         w.shutdown().await;
     }
     let sent_total: u64 = workers.iter().map(|w| w.stats().heartbeats_sent).sum();
+    let received = || p.node.stats().heartbeats_received - beats_before;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while p.node.stats().heartbeats_received < sent_total && Instant::now() < deadline {
+    while received() < sent_total && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(p.node.stats().heartbeats_received, sent_total);
+    assert_eq!(received(), sent_total);
 
     // Each answered denial is a durable ledger record, and the writer
     // shared its transactions among them.
