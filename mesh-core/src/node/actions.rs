@@ -3,13 +3,15 @@
 //! documents. Every decision, transition and policy change is appended to
 //! the ledger in the same storage batch as the state it changes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use super::primary::{run_handler, session_conn};
-use super::{CommandRequest, Inner, Node, NodeError, Verdict};
+use super::{CommandRequest, Inner, Node, NodeError, Verdict, lock};
 use crate::identity::NodeId;
 use crate::ledger::record_types;
 use crate::storage::records::{ActionRecord, ActionState, ExecPolicyRecord};
@@ -190,15 +192,41 @@ pub(super) async fn on_worker_command(
             }
             Verdict::Deny { code, message } => return CommandOutcome::Err { code, message },
             Verdict::NeedsApproval { message, .. } => {
+                // A place among the device's open proposals, taken before
+                // the proposal is written (so concurrent ones cannot pass
+                // the cap together) and given back if it is not.
+                let cap = inner.config.peer_limits.proposed_actions;
+                let reserved = {
+                    let mut open = lock(&inner.primary.proposed);
+                    let n = open.entry(node).or_insert(0);
+                    if *n >= cap {
+                        false
+                    } else {
+                        *n += 1;
+                        true
+                    }
+                };
+                if !reserved {
+                    inner.stats.commands_refused.fetch_add(1, Ordering::Relaxed);
+                    return CommandOutcome::Err {
+                        code: "too_many_actions".into(),
+                        message: format!(
+                            "this device has {cap} actions waiting for approval; decide those first"
+                        ),
+                    };
+                }
                 return match propose(inner, node, cmd).await {
                     Ok(id) => CommandOutcome::Err {
                         code: "needs_approval".into(),
                         message: format!("{message}; awaiting approval as action {id}"),
                     },
-                    Err(e) => CommandOutcome::Err {
-                        code: "audit_failed".into(),
-                        message: e.to_string(),
-                    },
+                    Err(e) => {
+                        proposal_settled(inner, node);
+                        CommandOutcome::Err {
+                            code: "audit_failed".into(),
+                            message: e.to_string(),
+                        }
+                    }
                 };
             }
             Verdict::Defer {
@@ -267,7 +295,8 @@ fn record_decision(
 /// A move the lifecycle does not allow ([`ActionState::can_become`]) is
 /// refused and changes nothing.
 async fn transition(inner: &Inner, action: &ActionRecord) -> Result<(), NodeError> {
-    if let Some(stored) = inner.store.load::<ActionRecord>(&action.id)?
+    let stored = inner.store.load::<ActionRecord>(&action.id)?;
+    if let Some(stored) = &stored
         && !stored.state.can_become(action.state)
     {
         return Err(NodeError::Unavailable(format!(
@@ -275,6 +304,9 @@ async fn transition(inner: &Inner, action: &ActionRecord) -> Result<(), NodeErro
             action.id, stored.state, action.state
         )));
     }
+    let leaves_proposed = stored
+        .as_ref()
+        .is_some_and(|s| s.state == ActionState::Proposed);
     let body = json!({
         "action": action.id,
         "state": action.state,
@@ -289,6 +321,9 @@ async fn transition(inner: &Inner, action: &ActionRecord) -> Result<(), NodeErro
         body,
         action.updated_at,
     )?;
+    if leaves_proposed {
+        proposal_settled(inner, action.proposed_by);
+    }
     let data = json!({
         "id": action.id,
         "state": action.state,
@@ -502,6 +537,29 @@ impl Node {
 }
 
 /// Installs the stored policies (at start: a restart keeps them).
+/// One of `node`'s proposals was decided (or never written).
+fn proposal_settled(inner: &Inner, node: NodeId) {
+    let mut open = lock(&inner.primary.proposed);
+    if let Some(n) = open.get_mut(&node) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            open.remove(&node);
+        }
+    }
+}
+
+/// Counts each device's proposals still waiting (at start).
+pub(super) fn count_proposals(inner: &Inner) -> Result<(), NodeError> {
+    let mut open: HashMap<NodeId, usize> = HashMap::new();
+    for a in inner.store.load_all::<ActionRecord>()? {
+        if a.state == ActionState::Proposed {
+            *open.entry(a.proposed_by).or_insert(0) += 1;
+        }
+    }
+    *lock(&inner.primary.proposed) = open;
+    Ok(())
+}
+
 pub(super) fn load_policies(inner: &Inner) -> Result<(), NodeError> {
     let all: Vec<ExecPolicyRecord> = inner.store.load_all()?;
     for p in all {

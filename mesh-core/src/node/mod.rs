@@ -124,6 +124,9 @@ pub struct PeerLimits {
     pub commands_in_flight: usize,
     /// Connections of one key open at once. Default 4.
     pub connections_per_key: usize,
+    /// Actions of one device waiting for approval at once; a command that
+    /// would propose one more is answered `too_many_actions`. Default 32.
+    pub proposed_actions: usize,
 }
 
 impl Default for PeerLimits {
@@ -132,6 +135,7 @@ impl Default for PeerLimits {
             messages: crate::limits::Rate::per_second(100.0, 200),
             commands_in_flight: 16,
             connections_per_key: 4,
+            proposed_actions: 32,
         }
     }
 }
@@ -140,6 +144,12 @@ impl PeerLimits {
     /// Sets the message rate.
     pub fn messages(mut self, rate: crate::limits::Rate) -> Self {
         self.messages = rate;
+        self
+    }
+
+    /// Sets the cap of actions waiting for approval per device (at least 1).
+    pub fn proposed_actions(mut self, n: usize) -> Self {
+        self.proposed_actions = n.max(1);
         self
     }
 

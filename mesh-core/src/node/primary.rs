@@ -59,6 +59,12 @@ pub(crate) struct State {
     pub(super) policy_changes: Mutex<()>,
     /// Rates of new pairing requests (made at the first request).
     pairing_rates: Mutex<Option<PairingRates>>,
+    /// Each device's message rate (kept across its sessions; only paired
+    /// devices get one, dropped on unpair and revocation).
+    rates: Mutex<HashMap<NodeId, Arc<Mutex<TokenBucket>>>>,
+    /// Actions waiting for approval, per device (bounded by
+    /// `PeerLimits::proposed_actions`; counted from storage at start).
+    pub(super) proposed: Mutex<HashMap<NodeId, usize>>,
 }
 
 /// The token buckets of new pairing requests.
@@ -89,6 +95,7 @@ pub struct DeviceView {
 
 pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
     super::actions::load_policies(inner)?;
+    super::actions::count_proposals(inner)?;
     // Requests left by a crash cannot be approved (their devices are no
     // longer connected): the table starts empty.
     inner.pairing.forget_all()?;
@@ -158,12 +165,25 @@ impl Drop for ConnCount<'_> {
     }
 }
 
-/// The source of a connection for per-address limits: its IP address
-/// (any port), or the transport's own name for it.
+/// The source of a connection for per-address limits: its IPv4 address,
+/// or the /64 network of its IPv6 address (any port), or the transport's
+/// own name for it. One host on a LAN holds a whole /64 (SLAAC, privacy
+/// addresses), so a per-/128 limit would be no limit at all.
 fn source_of(conn: &dyn Connection) -> Option<String> {
     match conn.remote_addr()? {
-        crate::transport::PeerAddr::Socket(a) => Some(a.ip().to_canonical().to_string()),
+        crate::transport::PeerAddr::Socket(a) => Some(source_key(a.ip())),
         other => Some(other.to_string()),
+    }
+}
+
+/// The per-address limit key of `ip` (see [`source_of`]).
+pub(super) fn source_key(ip: std::net::IpAddr) -> String {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
     }
 }
 
@@ -367,11 +387,7 @@ pub(super) async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) 
         return;
     };
     // The session's protocol is the sans-IO `DeviceSession`; this drives it.
-    let mut session = DeviceSession::new(
-        inner.now(),
-        inner.config.command_timeout,
-        inner.config.peer_limits.messages,
-    );
+    let mut session = DeviceSession::new(inner.now(), inner.config.command_timeout);
     let now = inner.now();
     let wait = session
         .poll_timeout()
@@ -488,15 +504,19 @@ async fn serve(
     token: &[u8; 32],
     session: &mut DeviceSession,
 ) {
-    // The device's own replay state, made now that its token passed.
+    // The device's own replay state and message rate, made now that its
+    // token passed; both outlive the session (reconnecting refills
+    // neither) and go when the device is unpaired or revoked.
     let guard = inner.guards.of(node);
+    let rate = rate_of(inner, node);
     loop {
         let Ok((payload, arrived)) = inner.link.recv_timed(conn, &guard, || inner.now()).await
         else {
             session.handle_lost();
             return;
         };
-        session.handle_message(payload, inner.now(), |scope| {
+        let now = inner.now();
+        session.handle_message(payload, now, &mut lock(&rate), |scope| {
             inner.registry.check(&node, token, scope).map(|_| ())
         });
         while let Some(output) = session.poll_output() {
@@ -529,6 +549,19 @@ async fn serve(
             }
         }
     }
+}
+
+/// `node`'s message bucket, shared by all its sessions.
+fn rate_of(inner: &Inner, node: NodeId) -> Arc<Mutex<TokenBucket>> {
+    lock(&inner.primary.rates)
+        .entry(node)
+        .or_insert_with(|| {
+            Arc::new(Mutex::new(TokenBucket::new(
+                inner.config.peer_limits.messages,
+                inner.now(),
+            )))
+        })
+        .clone()
 }
 
 /// Acts on a message the session machine let through.
@@ -945,6 +978,7 @@ impl Node {
         inner.guards.forget(device);
         cancel_commands(inner, device);
         lock(&inner.primary.power).remove(device);
+        lock(&inner.primary.rates).remove(device);
         end_session(inner, device, ByeReason::Revoked).await;
         super::actions::void_actions(inner, device, "revoked").await?;
         Ok(())
@@ -957,6 +991,7 @@ impl Node {
         inner.guards.forget(device);
         cancel_commands(inner, device);
         lock(&inner.primary.power).remove(device);
+        lock(&inner.primary.rates).remove(device);
         end_session(inner, device, ByeReason::Unpaired).await;
         super::actions::void_actions(inner, device, "unpaired").await?;
         Ok(())
@@ -1043,5 +1078,24 @@ impl Node {
             bye(inner, s.conn.as_ref(), *device, &ByeReason::TokenRotated).await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod source_tests {
+    use super::source_key;
+
+    #[test]
+    fn ipv6_sources_are_limited_per_64_and_ipv4_per_address() {
+        let a = source_key("2001:db8:1:2::1".parse().unwrap());
+        let b = source_key("2001:db8:1:2:ffff:1234:5678:9abc".parse().unwrap());
+        let c = source_key("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, "2001:db8:1:2::/64");
+        assert_eq!(a, b, "one /64, one source");
+        assert_ne!(a, c);
+        assert_eq!(source_key("10.0.0.7".parse().unwrap()), "10.0.0.7");
+        // An IPv4-mapped IPv6 address is its IPv4 address.
+        assert_eq!(source_key("::ffff:10.0.0.7".parse().unwrap()), "10.0.0.7");
+        assert_eq!(source_key("fe80::1".parse().unwrap()), "fe80:0:0:0::/64");
     }
 }

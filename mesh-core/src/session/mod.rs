@@ -26,7 +26,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::clock::Timestamp;
-use crate::limits::{Rate, TokenBucket};
+use crate::limits::TokenBucket;
 use crate::registry::{AuthError, scopes};
 use crate::wire::{MessageId, Payload, SessionMessage};
 
@@ -200,22 +200,23 @@ enum State {
 }
 
 /// The primary's side of one device session.
+///
+/// The device's message rate is a [`TokenBucket`] the caller keeps per
+/// device, not per session, and passes to
+/// [`DeviceSession::handle_message`]: reconnecting does not refill it.
 #[derive(Debug)]
 pub struct DeviceSession {
     state: State,
-    rate: TokenBucket,
     out: VecDeque<Output>,
 }
 
 impl DeviceSession {
-    /// A session whose `Hello` must come within `hello_timeout`, whose
-    /// device may then send at `rate`.
-    pub fn new(now: Timestamp, hello_timeout: Duration, rate: Rate) -> Self {
+    /// A session whose `Hello` must come within `hello_timeout`.
+    pub fn new(now: Timestamp, hello_timeout: Duration) -> Self {
         DeviceSession {
             state: State::AwaitingHello {
                 deadline: now.saturating_add(hello_timeout),
             },
-            rate: TokenBucket::new(rate, now),
             out: VecDeque::new(),
         }
     }
@@ -299,13 +300,15 @@ impl DeviceSession {
         }
     }
 
-    /// A later message of the open session. `gate` checks the device's
-    /// token for the scope the payload needs ([`required_scope`]); it is
-    /// not called for a message over the rate.
+    /// A later message of the open session. `rate` is the device's
+    /// message bucket; `gate` checks the device's token for the scope the
+    /// payload needs ([`required_scope`]) and is not called for a message
+    /// over the rate.
     pub fn handle_message(
         &mut self,
         payload: Payload,
         now: Timestamp,
+        rate: &mut TokenBucket,
         gate: impl FnOnce(&'static str) -> Result<(), AuthError>,
     ) {
         if !self.is_open() {
@@ -313,7 +316,7 @@ impl DeviceSession {
         }
         // Over its rate, a device's messages are dropped before any work;
         // a command among them is told why.
-        if !self.rate.try_take(now) {
+        if !rate.try_take(now) {
             self.out.push_back(Output::Refuse {
                 command_id: command_id(&payload),
                 code: refusals::RATE_LIMITED,

@@ -2,6 +2,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::identity::NodeKey;
+use crate::limits::Rate;
 use crate::wire::{Ack, Command, JsonText};
 
 fn t(ms: u64) -> Timestamp {
@@ -38,8 +39,12 @@ fn drain(s: &mut DeviceSession) -> Vec<Output> {
     std::iter::from_fn(|| s.poll_output()).collect()
 }
 
-fn open(rate: Rate) -> DeviceSession {
-    let mut s = DeviceSession::new(t(0), Duration::from_secs(5), rate);
+fn bucket(rate: Rate) -> TokenBucket {
+    TokenBucket::new(rate, t(0))
+}
+
+fn open() -> DeviceSession {
+    let mut s = DeviceSession::new(t(0), Duration::from_secs(5));
     let token = s.handle_hello(hello(), t(10), |token| {
         assert_eq!(token, &[7; 32]);
         Ok(())
@@ -57,7 +62,7 @@ fn open(rate: Rate) -> DeviceSession {
 
 #[test]
 fn a_hello_must_come_before_its_deadline() {
-    let mut s = DeviceSession::new(t(1_000), Duration::from_secs(5), Rate::per_second(1.0, 1));
+    let mut s = DeviceSession::new(t(1_000), Duration::from_secs(5));
     assert_eq!(s.poll_timeout(), Some(t(6_000)));
     s.handle_timeout(t(5_999));
     assert!(drain(&mut s).is_empty());
@@ -77,7 +82,7 @@ fn a_hello_must_come_before_its_deadline() {
 
 #[test]
 fn a_late_hello_is_refused_even_before_the_timer_fires() {
-    let mut s = DeviceSession::new(t(0), Duration::from_secs(5), Rate::per_second(1.0, 1));
+    let mut s = DeviceSession::new(t(0), Duration::from_secs(5));
     let called = std::cell::Cell::new(false);
     assert_eq!(
         s.handle_hello(hello(), t(9_000), |_| {
@@ -98,7 +103,7 @@ fn a_late_hello_is_refused_even_before_the_timer_fires() {
 
 #[test]
 fn a_first_message_that_is_not_a_hello_ends_the_session() {
-    let mut s = DeviceSession::new(t(0), Duration::from_secs(5), Rate::per_second(1.0, 1));
+    let mut s = DeviceSession::new(t(0), Duration::from_secs(5));
     assert_eq!(s.handle_hello(ack(), t(1), |_| Ok(())), None);
     assert_eq!(
         drain(&mut s),
@@ -123,7 +128,7 @@ fn a_refused_hello_says_why_with_a_typed_reason() {
         (AuthError::BadToken(node()), ByeReason::BadToken),
         (AuthError::Storage("disk".into()), ByeReason::Storage),
     ] {
-        let mut s = DeviceSession::new(t(0), Duration::from_secs(5), Rate::per_second(1.0, 1));
+        let mut s = DeviceSession::new(t(0), Duration::from_secs(5));
         assert_eq!(s.handle_hello(hello(), t(1), |_| Err(err.clone())), None);
         assert_eq!(
             drain(&mut s),
@@ -138,14 +143,15 @@ fn a_refused_hello_says_why_with_a_typed_reason() {
 
 #[test]
 fn messages_are_gated_by_the_scope_their_payload_needs() {
-    let mut s = open(Rate::per_second(100.0, 100));
+    let mut s = open();
+    let mut rate = bucket(Rate::per_second(100.0, 100));
     let (id, cmd) = command();
     let mut asked = Vec::new();
-    s.handle_message(cmd.clone(), t(20), |scope| {
+    s.handle_message(cmd.clone(), t(20), &mut rate, |scope| {
         asked.push(scope);
         Ok(())
     });
-    s.handle_message(ack(), t(21), |scope| {
+    s.handle_message(ack(), t(21), &mut rate, |scope| {
         asked.push(scope);
         Ok(())
     });
@@ -155,7 +161,7 @@ fn messages_are_gated_by_the_scope_their_payload_needs() {
         vec![Output::Deliver(cmd.clone()), Output::Deliver(ack())]
     );
     // Without commands:run, the command is refused and the session goes on.
-    s.handle_message(cmd, t(22), |scope| {
+    s.handle_message(cmd, t(22), &mut rate, |scope| {
         Err(AuthError::ScopeMissing {
             node: node(),
             scope: scope.into(),
@@ -167,7 +173,7 @@ fn messages_are_gated_by_the_scope_their_payload_needs() {
     ));
     assert!(s.is_open());
     // Without presence:write, the session ends.
-    s.handle_message(ack(), t(23), |scope| {
+    s.handle_message(ack(), t(23), &mut rate, |scope| {
         Err(AuthError::ScopeMissing {
             node: node(),
             scope: scope.into(),
@@ -184,8 +190,11 @@ fn messages_are_gated_by_the_scope_their_payload_needs() {
 
 #[test]
 fn a_token_rotated_away_mid_session_ends_it_for_a_reconnect() {
-    let mut s = open(Rate::per_second(100.0, 100));
-    s.handle_message(ack(), t(30), |_| Err(AuthError::BadToken(node())));
+    let mut s = open();
+    let mut rate = bucket(Rate::per_second(100.0, 100));
+    s.handle_message(ack(), t(30), &mut rate, |_| {
+        Err(AuthError::BadToken(node()))
+    });
     let out = drain(&mut s);
     assert_eq!(
         out,
@@ -196,19 +205,20 @@ fn a_token_rotated_away_mid_session_ends_it_for_a_reconnect() {
     );
     assert!(!ByeReason::TokenRotated.is_permanent());
     // Closed: later input does nothing, and the gate is not asked.
-    s.handle_message(ack(), t(31), |_| panic!("asked after the end"));
+    s.handle_message(ack(), t(31), &mut rate, |_| panic!("asked after the end"));
     assert!(drain(&mut s).is_empty());
 }
 
 #[test]
 fn over_its_rate_a_device_is_refused_before_the_gate_is_asked() {
     // A burst of 2, refilling 1 per second.
-    let mut s = open(Rate::per_second(1.0, 2));
+    let mut s = open();
+    let mut rate = bucket(Rate::per_second(1.0, 2));
     let mut gate_calls = 0;
     let mut outputs = Vec::new();
     for ms in [100, 101, 102] {
         let (_, cmd) = command();
-        s.handle_message(cmd, t(ms), |_| {
+        s.handle_message(cmd, t(ms), &mut rate, |_| {
             gate_calls += 1;
             Ok(())
         });
@@ -223,7 +233,7 @@ fn over_its_rate_a_device_is_refused_before_the_gate_is_asked() {
             ..
         }
     ));
-    s.handle_message(ack(), t(103), |_| panic!("over the rate"));
+    s.handle_message(ack(), t(103), &mut rate, |_| panic!("over the rate"));
     assert!(matches!(
         drain(&mut s)[..],
         [Output::Refuse {
@@ -233,17 +243,18 @@ fn over_its_rate_a_device_is_refused_before_the_gate_is_asked() {
         }]
     ));
     // A second later the bucket has one token again (time passed in).
-    s.handle_message(ack(), t(1_103), |_| Ok(()));
+    s.handle_message(ack(), t(1_103), &mut rate, |_| Ok(()));
     assert_eq!(drain(&mut s), vec![Output::Deliver(ack())]);
 }
 
 #[test]
 fn a_device_saying_goodbye_closes_without_a_bye_back() {
-    let mut s = open(Rate::per_second(100.0, 100));
+    let mut s = open();
+    let mut rate = bucket(Rate::per_second(100.0, 100));
     let bye = Payload::Session(SessionMessage::Bye {
         reason: "shutdown".into(),
     });
-    s.handle_message(bye, t(40), |_| Ok(()));
+    s.handle_message(bye, t(40), &mut rate, |_| Ok(()));
     assert_eq!(
         drain(&mut s),
         vec![Output::Close {
@@ -255,7 +266,8 @@ fn a_device_saying_goodbye_closes_without_a_bye_back() {
 
 #[test]
 fn the_primary_ends_a_session_once() {
-    let mut s = open(Rate::per_second(100.0, 100));
+    let mut s = open();
+    let mut rate = bucket(Rate::per_second(100.0, 100));
     s.end(ByeReason::Revoked);
     s.end(ByeReason::Shutdown);
     assert_eq!(

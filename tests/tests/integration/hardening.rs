@@ -552,6 +552,10 @@ async fn a_peer_over_its_message_rate_is_refused_with_rate_limited() {
     assert_eq!(count(&codes, "ok"), 10, "{codes:?}");
     assert_eq!(count(&codes, "rate_limited"), 20, "{codes:?}");
     assert_eq!(p.node.stats().messages_refused, 20);
+    // The bucket is the device's, not the session's: reconnecting does not
+    // refill it.
+    let codes = burst(&dev, &p, "notes.write", 5).await;
+    assert_eq!(count(&codes, "rate_limited"), 5, "{codes:?}");
 }
 
 /// Defect 4: commands in flight per peer are capped.
@@ -1145,5 +1149,60 @@ async fn a_denied_command_publishes_a_policy_violation() {
         tokio::time::timeout(Duration::from_millis(300), violations.recv())
             .await
             .is_err()
+    );
+}
+
+/// Review finding: a device's actions waiting for approval are capped, so
+/// it cannot fill the primary's action table; deciding one frees a place.
+#[derive(Debug)]
+struct ApproveEverything;
+
+impl mesh_core::node::CommandPolicy for ApproveEverything {
+    fn decide(
+        &self,
+        _: &mesh_core::node::CommandRequest<'_>,
+    ) -> (mesh_core::node::Verdict, mesh_core::node::Permit) {
+        (
+            mesh_core::node::Verdict::NeedsApproval {
+                code: "needs_approval".into(),
+                message: "a person decides".into(),
+            },
+            mesh_core::node::Permit::none(),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_cannot_propose_actions_without_end() {
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let (p, _) = primary_built(
+        store,
+        |c| c.peer_limits(PeerLimits::default().proposed_actions(3)),
+        |b| b.policy(Arc::new(ApproveEverything)),
+    );
+    let dev = raw_device(&p).await;
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.extend(burst(&dev, &p, "notes.write", 1).await);
+    }
+    assert_eq!(count(&codes, "needs_approval"), 3, "{codes:?}");
+    assert_eq!(count(&codes, "too_many_actions"), 2, "{codes:?}");
+    let waiting: Vec<_> = p
+        .node
+        .actions()
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.state == mesh_core::node::action_states::PROPOSED)
+        .collect();
+    assert_eq!(waiting.len(), 3);
+    // Rejecting one frees its place.
+    p.node.reject_action(&waiting[0].id, None).await.unwrap();
+    assert_eq!(
+        burst(&dev, &p, "notes.write", 1).await,
+        vec!["needs_approval".to_owned()]
+    );
+    assert_eq!(
+        burst(&dev, &p, "notes.write", 1).await,
+        vec!["too_many_actions".to_owned()]
     );
 }

@@ -92,8 +92,7 @@ pub(crate) fn primary_built(
             Rate::per_second(1000.0, 1000),
             Rate::per_second(1000.0, 1000),
         ));
-    let builder = Node::builder(key.clone(), store.clone(), transport, adjust(config));
-    let node = build(builder)
+    let builder = Node::builder(key.clone(), store.clone(), transport, adjust(config))
         .ledger(ledger.clone())
         .policy(Arc::new(NotesOnly))
         .handler(
@@ -108,9 +107,9 @@ pub(crate) fn primary_built(
                 std::thread::sleep(Duration::from_millis(400));
                 Ok(json!({ "slow": true }))
             })),
-        )
-        .start()
-        .unwrap();
+        );
+    // Last, so a test's additions (a policy of its own) win.
+    let node = build(builder).start().unwrap();
     (
         Primary {
             node,
