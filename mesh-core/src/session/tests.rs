@@ -267,7 +267,6 @@ fn a_device_saying_goodbye_closes_without_a_bye_back() {
 #[test]
 fn the_primary_ends_a_session_once() {
     let mut s = open();
-    let mut rate = bucket(Rate::per_second(100.0, 100));
     s.end(ByeReason::Revoked);
     s.end(ByeReason::Shutdown);
     assert_eq!(
