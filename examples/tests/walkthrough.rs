@@ -484,3 +484,110 @@ fn a_worker_pairs_and_heartbeats_over_ipv6_only() {
     });
     assert_eq!(devices[0]["name"], "v6");
 }
+
+/// Issue 14, defect 11: two namespaces joined by a veth pair with IPv6
+/// link-local addresses only (no IPv4 anywhere): `worker --mdns` finds the
+/// primary's link-local address (with its interface scope) over IPv6
+/// multicast, pairs, and heartbeats over it.
+#[test]
+fn a_worker_finds_and_pairs_over_ipv6_link_local_with_mdns() {
+    let Some(ns1) = Namespace::create_or_skip() else {
+        return;
+    };
+    let Some(ns2) = Namespace::create_or_skip() else {
+        return;
+    };
+    let ip = |args: &[&str]| {
+        let ok = Command::new("ip").args(args).status().unwrap().success();
+        assert!(ok, "ip {args:?}");
+    };
+    let sysctl = |ns: &Namespace, key: &str| {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "sysctl", "-qw", key])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "sysctl {key}");
+    };
+    for ns in [&ns1, &ns2] {
+        // Link-local addresses usable at once (no duplicate detection wait),
+        // and no IPv4 on loopback either.
+        sysctl(ns, "net.ipv6.conf.all.accept_dad=0");
+        sysctl(ns, "net.ipv6.conf.default.accept_dad=0");
+        ip(&["-n", &ns.0, "addr", "del", "127.0.0.1/8", "dev", "lo"]);
+    }
+    ip(&[
+        "-n", &ns1.0, "link", "add", "mv0", "type", "veth", "peer", "name", "mv1", "netns", &ns2.0,
+    ]);
+    ip(&[
+        "-n",
+        &ns1.0,
+        "addr",
+        "add",
+        "fe80::1/64",
+        "dev",
+        "mv0",
+        "nodad",
+    ]);
+    ip(&[
+        "-n",
+        &ns2.0,
+        "addr",
+        "add",
+        "fe80::2/64",
+        "dev",
+        "mv1",
+        "nodad",
+    ]);
+    ip(&["-n", &ns1.0, "link", "set", "mv0", "up", "multicast", "on"]);
+    ip(&["-n", &ns2.0, "link", "set", "mv1", "up", "multicast", "on"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (pdir, wdir) = (dir.path().join("primary"), dir.path().join("worker"));
+    let d = ["--data-dir", p(&pdir)];
+    let primary = ns1.start(
+        env!("CARGO_BIN_EXE_primary"),
+        &[
+            "--data-dir",
+            p(&pdir),
+            "--listen",
+            "[::]:0",
+            "--mdns",
+            "on",
+            "--interface",
+            "mv0",
+        ],
+    );
+    let banner = primary.wait_for("primary ");
+    let fingerprint = banner
+        .rsplit('(')
+        .next()
+        .unwrap()
+        .trim_end_matches(')')
+        .to_owned();
+    primary.wait_for("workers connect with:");
+    let worker = ns2.start(
+        env!("CARGO_BIN_EXE_worker"),
+        &[
+            "--data-dir",
+            p(&wdir),
+            "--mdns",
+            "--interface",
+            "mv1",
+            "--name",
+            "linklocal",
+            "--primary-fingerprint",
+            &fingerprint,
+        ],
+    );
+    let found = worker.wait_for("found ");
+    assert!(found.contains("fe80::"), "found over link-local: {found}");
+    let code = worker.pairing_code();
+    let (rc, approved) = approve(&code, &d);
+    assert_eq!(rc, 0, "{approved}");
+    worker.wait_for("paired");
+    let devices = eventually(&["devices", "list", d[0], d[1], "--json"], |v| {
+        v[0]["online"] == true && v[0]["health"] == "healthy"
+    });
+    assert_eq!(devices[0]["name"], "linklocal");
+}

@@ -86,13 +86,102 @@ impl fmt::Display for Protocol {
 }
 
 /// Where a node can be reached.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+///
+/// An IPv6 link-local address keeps its scope (the interface index), which
+/// it cannot be dialled without; stored records keep it too (see the serde
+/// impls below).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum PeerAddr {
     /// An IP address and port (QUIC).
     Socket(SocketAddr),
     /// A name on an in-memory network (tests, simulation).
     Memory(String),
+}
+
+/// How a [`PeerAddr`] is stored. The first two variants are what the derived
+/// encoding always wrote (serde's `SocketAddr` drops an IPv6 scope id), so
+/// every stored record still reads; an address with a scope is written as
+/// the third, which older builds never wrote.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum PeerAddrRepr {
+    Socket(SocketAddr),
+    Memory(String),
+    ScopedV6 {
+        ip: std::net::Ipv6Addr,
+        port: u16,
+        scope_id: u32,
+    },
+}
+
+impl serde::Serialize for PeerAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PeerAddr::Socket(SocketAddr::V6(v6)) if v6.scope_id() != 0 => PeerAddrRepr::ScopedV6 {
+                ip: *v6.ip(),
+                port: v6.port(),
+                scope_id: v6.scope_id(),
+            },
+            PeerAddr::Socket(a) => PeerAddrRepr::Socket(*a),
+            PeerAddr::Memory(name) => PeerAddrRepr::Memory(name.clone()),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PeerAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match PeerAddrRepr::deserialize(d)? {
+            PeerAddrRepr::Socket(a) => PeerAddr::Socket(a),
+            PeerAddrRepr::Memory(name) => PeerAddr::Memory(name),
+            PeerAddrRepr::ScopedV6 { ip, port, scope_id } => PeerAddr::Socket(SocketAddr::V6(
+                std::net::SocketAddrV6::new(ip, port, 0, scope_id),
+            )),
+        })
+    }
+}
+
+#[cfg(test)]
+mod peer_addr_tests {
+    use super::*;
+
+    #[test]
+    fn stored_addresses_keep_an_ipv6_scope_and_old_encodings_still_read() {
+        let scoped = PeerAddr::Socket(SocketAddr::V6(std::net::SocketAddrV6::new(
+            "fe80::1".parse().unwrap(),
+            4433,
+            0,
+            7,
+        )));
+        for addr in [
+            scoped.clone(),
+            PeerAddr::Socket("127.0.0.1:9".parse().unwrap()),
+            PeerAddr::Socket("[2001:db8::1]:9".parse().unwrap()),
+            PeerAddr::Memory("m".into()),
+        ] {
+            let bytes = postcard::to_allocvec(&addr).unwrap();
+            assert_eq!(postcard::from_bytes::<PeerAddr>(&bytes).unwrap(), addr);
+            let json = serde_json::to_string(&addr).unwrap();
+            assert_eq!(serde_json::from_str::<PeerAddr>(&json).unwrap(), addr);
+        }
+        // What the derived encoding wrote (no scope) reads the same.
+        #[derive(serde::Serialize)]
+        enum Old {
+            Socket(SocketAddr),
+            #[allow(dead_code)]
+            Memory(String),
+        }
+        let plain: SocketAddr = "[2001:db8::1]:9".parse().unwrap();
+        let old = postcard::to_allocvec(&Old::Socket(plain)).unwrap();
+        assert_eq!(
+            postcard::to_allocvec(&PeerAddr::Socket(plain)).unwrap(),
+            old
+        );
+        assert_eq!(
+            postcard::from_bytes::<PeerAddr>(&old).unwrap(),
+            PeerAddr::Socket(plain)
+        );
+    }
 }
 
 impl fmt::Display for PeerAddr {
