@@ -1,4 +1,4 @@
-//! Load: 200 workers, in-process, each with its own QUIC endpoint on
+//! Load: 1,000 workers (`NODE_LOAD_WORKERS` to change), in-process, each with its own QUIC endpoint on
 //! 127.0.0.1, heartbeating every second for 60 s against one primary
 //! (SQLite, ledger, mesh-policy). Reports heartbeats lost, the primary's
 //! processing time per heartbeat (frame off the transport → health updated;
@@ -171,8 +171,13 @@ fn main() {
     let (workers, seconds, ping_seconds) = if quick {
         (10usize, 3u64, 1u64)
     } else {
-        (200, 60, 15)
+        (1000, 60, 15)
     };
+    // `NODE_LOAD_WORKERS=200 cargo bench … --bench node_load` for another size.
+    let workers = std::env::var("NODE_LOAD_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(workers);
     // The primary runs on its own runtime (one worker thread, plus blocking
     // threads that are kept alive), so its CPU time can be read per thread;
     // the workers and this driver run on another.
