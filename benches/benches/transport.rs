@@ -110,7 +110,17 @@ async fn our_transfer(total: usize) -> f64 {
 /// Seconds to move `total` bytes over one application stream of ours
 /// (`Connection::open_uni`, `SendStream::write_all`, `RecvStream::read`).
 async fn our_stream_transfer(total: usize) -> f64 {
-    let (_server, _client, c, s) = our_pair().await;
+    // Streams are carried by registered protocols (files, media), not by
+    // the device session.
+    const BULK: Protocol = Protocol::new("mesh-sdk-bench/bulk/1");
+    let (server, client) = (transport(1), transport(2));
+    server.serve(&[BULK], Arc::new(AdmitAll)).unwrap();
+    let addr = server.addr();
+    let (c, s) = tokio::join!(
+        client.connect(server.local_node(), &addr, BULK),
+        server.accept()
+    );
+    let (c, s) = (c.unwrap(), s.unwrap());
     let receiver = tokio::spawn(async move {
         let mesh_core::transport::IncomingStream::Uni(mut recv) = s.accept_stream().await.unwrap()
         else {

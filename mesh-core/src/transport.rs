@@ -67,6 +67,14 @@ impl Protocol {
         self.0
     }
 
+    /// Whether connections of this protocol carry streams and datagrams:
+    /// those a node registers (files, media, an app's own), whose handlers
+    /// read them. Pairing and the device session carry messages only, so
+    /// no peer can make a node buffer stream data that nothing reads.
+    pub fn carries_streams(self) -> bool {
+        self != Protocol::PAIRING && self != Protocol::MESH
+    }
+
     /// The one of `known` whose ALPN is `alpn`.
     pub fn find(known: &[Protocol], alpn: &[u8]) -> Option<Protocol> {
         known.iter().copied().find(|p| p.alpn() == alpn)

@@ -163,17 +163,64 @@ pub(crate) struct State {
     pub(crate) v: Verified,
     /// Batches submitted to storage and not yet known to be committed, in
     /// submission order, each with the state to go back to if it fails.
-    inflight: VecDeque<(u64, Mark)>,
+    inflight: VecDeque<InFlight>,
     next_ticket: u64,
+    /// Records and checkpoints known to be durable. Readers (lengths,
+    /// checkpoints, proofs, replication answers) see only these: a batch
+    /// still being flushed may yet fail and be taken back, and a checkpoint
+    /// handed out before that would look like a fork later.
+    committed_len: u64,
+    committed_checkpoints: usize,
+}
+
+/// A batch on its way to storage.
+#[derive(Debug)]
+struct InFlight {
+    ticket: u64,
+    /// The state before it, to go back to if it fails.
+    mark: Mark,
+    /// Where it ends: records and checkpoints with it.
+    end_len: u64,
+    end_checkpoints: usize,
 }
 
 impl State {
+    /// Every record built, including those of batches still in flight (the
+    /// next record's sequence number).
     pub(crate) fn len(&self) -> u64 {
         self.v.tree.len()
     }
 
+    /// The latest checkpoint built (possibly in flight).
     pub(crate) fn latest(&self) -> Option<&Checkpoint> {
         self.v.checkpoints.last()
+    }
+
+    /// Records known durable.
+    pub(crate) fn committed_len(&self) -> u64 {
+        self.committed_len.min(self.len())
+    }
+
+    /// Checkpoints known durable, oldest first.
+    pub(crate) fn committed_checkpoints(&self) -> &[Checkpoint] {
+        let n = self.committed_checkpoints.min(self.v.checkpoints.len());
+        &self.v.checkpoints[..n]
+    }
+
+    /// Everything built so far is durable (after a synchronous write).
+    fn all_committed(&mut self) {
+        self.committed_len = self.len();
+        self.committed_checkpoints = self.v.checkpoints.len();
+    }
+
+    /// A size a reader may ask about.
+    fn readable(&self, size: u64) -> Result<(), ProofError> {
+        let len = self.committed_len();
+        if size > len {
+            Err(ProofError::SizeOutOfRange { size, len })
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -209,10 +256,16 @@ impl LedgerView {
             store,
             author,
             key_prefix: format!("{author}/"),
-            state: Mutex::new(State {
-                v: verified,
-                inflight: VecDeque::new(),
-                next_ticket: 0,
+            state: Mutex::new({
+                let mut st = State {
+                    v: verified,
+                    inflight: VecDeque::new(),
+                    next_ticket: 0,
+                    committed_len: 0,
+                    committed_checkpoints: 0,
+                };
+                st.all_committed();
+                st
             }),
         })
     }
@@ -235,9 +288,10 @@ impl LedgerView {
         self.author
     }
 
-    /// Records held, checkpoints included.
+    /// Records held durably, checkpoints included (a batch still being
+    /// flushed counts once it is committed).
     pub fn len(&self) -> u64 {
-        self.lock().len()
+        self.lock().committed_len()
     }
 
     /// Whether no record is held.
@@ -247,17 +301,19 @@ impl LedgerView {
 
     /// The latest checkpoint.
     pub fn latest_checkpoint(&self) -> Option<Checkpoint> {
-        self.lock().latest().cloned()
+        self.lock().committed_checkpoints().last().cloned()
     }
 
     /// Every checkpoint, oldest first.
     pub fn checkpoints(&self) -> Vec<Checkpoint> {
-        self.lock().v.checkpoints.clone()
+        self.lock().committed_checkpoints().to_vec()
     }
 
     /// The Merkle root of the first `size` records.
     pub fn root_at(&self, size: u64) -> Result<Hash, ProofError> {
-        self.lock().v.tree.root_at(size)
+        let st = self.lock();
+        st.readable(size)?;
+        st.v.tree.root_at(size)
     }
 
     /// One record.
@@ -281,7 +337,11 @@ impl LedgerView {
 
     /// Proof that record `index` is among the first `size` records.
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<InclusionProof, ProofError> {
-        let path = self.lock().v.tree.inclusion_proof(index, size)?;
+        let path = {
+            let st = self.lock();
+            st.readable(size)?;
+            st.v.tree.inclusion_proof(index, size)?
+        };
         Ok(InclusionProof { index, size, path })
     }
 
@@ -292,7 +352,11 @@ impl LedgerView {
         old_size: u64,
         new_size: u64,
     ) -> Result<ConsistencyProof, ProofError> {
-        let path = self.lock().v.tree.consistency_proof(old_size, new_size)?;
+        let path = {
+            let st = self.lock();
+            st.readable(new_size)?;
+            st.v.tree.consistency_proof(old_size, new_size)?
+        };
         Ok(ConsistencyProof {
             old_size,
             new_size,
@@ -340,16 +404,26 @@ impl SignedLedger {
     /// Makes a checkpoint now if any record is not covered by one; returns
     /// the latest checkpoint (`None` only for an empty ledger).
     pub fn checkpoint(&self, now: Timestamp) -> Result<Option<Checkpoint>, LedgerError> {
-        let mut st = self.view.lock();
-        if st.v.uncovered > 0 || (st.latest().is_none() && st.len() > 0) {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut st = self.view.lock();
+            if !(st.v.uncovered > 0 || (st.latest().is_none() && st.len() > 0)) {
+                // Nothing new to cover; what readers may see.
+                return Ok(st.committed_checkpoints().last().cloned());
+            }
             let mut writes = Vec::new();
             let mark = Mark::of(&st);
+            let len_before = st.len();
             self.push_checkpoint(&mut st, now, &mut writes);
             let cp = st.latest().cloned();
-            self.commit(st, mark, writes)?;
-            return Ok(cp);
+            match self.commit(st, mark, writes) {
+                Ok(()) => return Ok(cp),
+                // The batch under it failed: build it again on what is left.
+                Err(e) if tries < MAX_CHAIN_RETRIES && self.chain_broken(&e, len_before) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(st.latest().cloned())
     }
 
     /// Hands a batch built under the lock to storage, releases the lock and
@@ -377,7 +451,13 @@ impl SignedLedger {
         let ticket = st.next_ticket;
         st.next_ticket += 1;
         let pending = self.view.store.submit(writes);
-        st.inflight.push_back((ticket, mark));
+        let (end_len, end_checkpoints) = (st.len(), st.v.checkpoints.len());
+        st.inflight.push_back(InFlight {
+            ticket,
+            mark,
+            end_len,
+            end_checkpoints,
+        });
         drop(st);
 
         let outcome = pending.wait();
@@ -385,16 +465,25 @@ impl SignedLedger {
         match &outcome {
             Ok(()) => {
                 // Storage commits in submission order: everything before
-                // this batch is settled too.
-                while st.inflight.front().is_some_and(|(t, _)| *t <= ticket) {
+                // this batch is settled too, and durable up to its end.
+                while let Some(front) = st.inflight.front() {
+                    let (t, end_len, end_checkpoints) =
+                        (front.ticket, front.end_len, front.end_checkpoints);
+                    if t > ticket {
+                        break;
+                    }
+                    if t == ticket {
+                        st.committed_len = end_len;
+                        st.committed_checkpoints = end_checkpoints;
+                    }
                     st.inflight.pop_front();
                 }
             }
             Err(_) => {
-                if let Some(pos) = st.inflight.iter().position(|(t, _)| *t == ticket) {
+                if let Some(pos) = st.inflight.iter().position(|f| f.ticket == ticket) {
                     let mut dropped = st.inflight.split_off(pos);
-                    if let Some((_, mark)) = dropped.pop_front() {
-                        mark.restore(&mut st);
+                    if let Some(failed) = dropped.pop_front() {
+                        failed.mark.restore(&mut st);
                     }
                 }
                 // Otherwise an earlier failed batch has already taken the
@@ -794,6 +883,7 @@ impl Replica {
         st.v.checkpoints.extend(new_checkpoints);
         st.v.uncovered = 0;
         st.v.first_uncovered_at = None;
+        st.all_committed();
         Ok(wanted)
     }
 }

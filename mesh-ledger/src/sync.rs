@@ -94,11 +94,13 @@ impl LedgerView {
             records: Vec::new(),
         };
         let (checkpoints, latest) = {
+            // Only what is durable: a checkpoint still being flushed could be
+            // taken back and would then look like a fork to the replica.
             let st = self.lock();
-            let Some(latest) = st.latest().cloned() else {
+            let Some(latest) = st.committed_checkpoints().last().cloned() else {
                 return Ok(empty);
             };
-            let sizes: Vec<u64> = st.v.checkpoints.iter().map(|c| c.size).collect();
+            let sizes: Vec<u64> = st.committed_checkpoints().iter().map(|c| c.size).collect();
             (sizes, latest)
         };
         if request.from > latest.size {

@@ -27,6 +27,29 @@ pub trait Harness: Send + Sync {
     fn max_message(&self) -> usize;
 }
 
+/// A protocol of the kind a node registers (files, media): the kind that
+/// carries streams and datagrams.
+pub const STREAMS_TEST: Protocol = Protocol::new("mesh-sdk-test/streams/1");
+
+/// A connection pair for [`STREAMS_TEST`], both ends serving it.
+async fn stream_pair(
+    h: &dyn Harness,
+) -> (
+    Box<dyn Connection>,
+    Box<dyn Connection>,
+    Box<dyn Transport>,
+    Box<dyn Transport>,
+) {
+    let (a, b) = (key(1), key(2));
+    let (ta, _) = h.endpoint(&a, Arc::new(AdmitAll)).await;
+    let (tb, addr_b) = h.endpoint(&b, Arc::new(AdmitAll)).await;
+    for t in [&ta, &tb] {
+        t.serve(&[STREAMS_TEST], Arc::new(AdmitAll)).unwrap();
+    }
+    let (c, s) = tokio::join!(ta.connect(b.node_id(), &addr_b, STREAMS_TEST), tb.accept());
+    (c.unwrap(), s.unwrap(), ta, tb)
+}
+
 fn key(seed: u8) -> Arc<NodeKey> {
     Arc::new(NodeKey::from_secret_bytes(&[seed; 32]))
 }
@@ -204,7 +227,7 @@ async fn accept(conn: &dyn Connection) -> IncomingStream {
 /// Many streams at once, both kinds, each carrying its own bytes intact;
 /// messages flow beside them.
 pub async fn many_concurrent_streams(h: &dyn Harness) {
-    let (c, s, _ta, _tb) = pair(h).await;
+    let (c, s, _ta, _tb) = stream_pair(h).await;
     assert!(c.capabilities().streams && s.capabilities().streams);
     let (c, s): (Arc<dyn Connection>, Arc<dyn Connection>) = (Arc::from(c), Arc::from(s));
     const N: usize = 40;
@@ -267,7 +290,7 @@ pub async fn many_concurrent_streams(h: &dyn Harness) {
 /// A reset reaches the reader with its code, a stop reaches the writer with
 /// its code, and the connection lives on.
 pub async fn streams_reset_and_stop_with_codes(h: &dyn Harness) {
-    let (c, s, _ta, _tb) = pair(h).await;
+    let (c, s, _ta, _tb) = stream_pair(h).await;
     let (mut send, _recv) = c.open_bi(0).await.unwrap();
     send.write_all(b"hello").await.unwrap();
     let IncomingStream::Bi(_, mut peer) = accept(s.as_ref()).await else {
@@ -305,7 +328,7 @@ pub async fn streams_reset_and_stop_with_codes(h: &dyn Harness) {
 /// A stream nobody reads fills its own window and holds up nothing else:
 /// another stream and the messages still go through.
 pub async fn a_stalled_stream_stalls_only_itself(h: &dyn Harness) {
-    let (c, s, _ta, _tb) = pair(h).await;
+    let (c, s, _ta, _tb) = stream_pair(h).await;
     let (c, s): (Arc<dyn Connection>, Arc<dyn Connection>) = (Arc::from(c), Arc::from(s));
     let mut stalled = c.open_uni(0).await.unwrap();
     stalled.write_all(b"first").await.unwrap();
@@ -350,7 +373,7 @@ pub async fn a_stalled_stream_stalls_only_itself(h: &dyn Harness) {
 /// Datagrams up to the current maximum are carried; larger ones are refused
 /// with a typed error.
 pub async fn datagrams_up_to_the_size_limit(h: &dyn Harness) {
-    let (c, s, _ta, _tb) = pair(h).await;
+    let (c, s, _ta, _tb) = stream_pair(h).await;
     assert!(c.capabilities().datagrams);
     let max = c.max_datagram_size().expect("datagrams available");
     assert!(max >= 1000, "max datagram {max}");
@@ -374,33 +397,33 @@ pub async fn datagrams_up_to_the_size_limit(h: &dyn Harness) {
     assert!(got == vec![7; max], "the datagram arrives whole");
 }
 
-/// Pairing connections carry messages only.
+/// Pairing and device-session connections carry messages only: no peer
+/// can open a stream or send a datagram there.
 pub async fn pairing_connections_carry_no_streams(h: &dyn Harness) {
     let (a, b) = (key(1), key(2));
     let (ta, _) = h.endpoint(&a, Arc::new(AdmitAll)).await;
     let (tb, addr_b) = h.endpoint(&b, Arc::new(AdmitAll)).await;
-    let (c, s) = tokio::join!(
-        ta.connect(b.node_id(), &addr_b, Protocol::PAIRING),
-        tb.accept()
-    );
-    let (c, s) = (c.unwrap(), s.unwrap());
-    assert_eq!(c.capabilities(), Capabilities::MESSAGES_ONLY);
-    assert_eq!(s.capabilities(), Capabilities::MESSAGES_ONLY);
-    assert!(matches!(
-        c.open_bi(0).await,
-        Err(TransportError::Unsupported(_))
-    ));
-    assert!(matches!(
-        s.open_uni(0).await,
-        Err(TransportError::Unsupported(_))
-    ));
-    assert_eq!(c.max_datagram_size(), None);
-    assert!(matches!(
-        c.send_datagram(vec![1]),
-        Err(TransportError::Unsupported(_))
-    ));
-    c.send(b"pairing".to_vec()).await.unwrap();
-    assert_eq!(s.recv().await.unwrap(), b"pairing");
+    for protocol in [Protocol::PAIRING, Protocol::MESH] {
+        let (c, s) = tokio::join!(ta.connect(b.node_id(), &addr_b, protocol), tb.accept());
+        let (c, s) = (c.unwrap(), s.unwrap());
+        assert_eq!(c.capabilities(), Capabilities::MESSAGES_ONLY);
+        assert_eq!(s.capabilities(), Capabilities::MESSAGES_ONLY);
+        assert!(matches!(
+            c.open_bi(0).await,
+            Err(TransportError::Unsupported(_))
+        ));
+        assert!(matches!(
+            s.open_uni(0).await,
+            Err(TransportError::Unsupported(_))
+        ));
+        assert_eq!(c.max_datagram_size(), None);
+        assert!(matches!(
+            c.send_datagram(vec![1]),
+            Err(TransportError::Unsupported(_))
+        ));
+        c.send(b"messages only".to_vec()).await.unwrap();
+        assert_eq!(s.recv().await.unwrap(), b"messages only");
+    }
 }
 
 /// Under a link that carries `bytes_per_second`, streams with data queued

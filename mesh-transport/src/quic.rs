@@ -27,13 +27,15 @@
 //! inside a message, is disconnected (application close [`PROTOCOL_VIOLATION`]);
 //! other connections are unaffected.
 //!
-//! Beside the message stream, a **mesh** connection carries application
+//! Beside the message stream, a connection of a **registered** protocol
+//! (files, media, an app's own: see `Transport::serve`) carries application
 //! streams (bidirectional and unidirectional, with quinn's priorities,
 //! reset and stop codes; up to [`QuicConfig::max_streams`] of each kind open
 //! at once) and unreliable datagrams (RFC 9221, up to the path's current
-//! maximum). The limits are raised only once the connection is admitted, so
-//! a key that is only admitted to pairing can open no stream: pairing
-//! connections carry messages only.
+//! maximum). The stream limits are raised only once the connection is
+//! admitted, and never for pairing or the device session, which carry
+//! messages only: an unpaired key can open no stream, and no peer can make
+//! this node buffer stream data nothing reads.
 //!
 //! # Flow-control windows
 //!
@@ -45,8 +47,9 @@
 //! would cap one stream at ~400 Mbit/s at 25 ms). The connection window is
 //! **16 MiB**, so four streams can run at full window together, and the send
 //! window matches it. The windows are also the most a peer can make this
-//! node buffer for a connection whose streams it does not read; a mesh
-//! connection is only ever open to a paired, authenticated key.
+//! node buffer on a connection whose streams are not read; streams exist
+//! only on registered protocols, whose handlers read them, and only for the
+//! keys those handlers admit.
 //!
 //! Session resumption and 0-RTT are off: every connection runs a full
 //! handshake, so a revoked key can never ride on an old ticket. Stateless
@@ -151,8 +154,9 @@ pub struct QuicConfig {
     /// Admitted connections waiting for [`Transport::accept`]. Default 64.
     pub accept_backlog: usize,
     /// Streams of each kind (bidirectional, unidirectional) the peer may
-    /// have open at once on a mesh connection, beyond the message stream.
-    /// Pairing connections allow none. Default 100.
+    /// have open at once on a connection of a registered protocol, beyond
+    /// the message stream. Pairing and device-session connections allow
+    /// none. Default 100.
     pub max_streams: u32,
     /// Bytes one stream may have in flight unread (its flow-control
     /// window). Default 4 MiB: see "Flow-control windows" in the module
@@ -165,7 +169,8 @@ pub struct QuicConfig {
     /// Default 16 MiB.
     pub send_window: u64,
     /// Datagrams received and not yet read are kept up to this many bytes
-    /// (older ones are dropped first). Default 256 KiB.
+    /// per connection (older ones are dropped first). Default 64 KiB; a
+    /// media layer that reads them as they come may raise it.
     pub datagram_receive_buffer: usize,
 }
 
@@ -183,7 +188,7 @@ impl Default for QuicConfig {
             stream_receive_window: 4 * 1024 * 1024,
             receive_window: 16 * 1024 * 1024,
             send_window: 16 * 1024 * 1024,
-            datagram_receive_buffer: 256 * 1024,
+            datagram_receive_buffer: 64 * 1024,
         }
     }
 }
@@ -517,11 +522,16 @@ impl Shared {
 
     /// Installs the server configuration for the current protocols and
     /// power state (with no protocol, the accept loop refuses every
-    /// connection attempt).
+    /// connection attempt). Under the serving lock, so a concurrent `serve`
+    /// and `set_on_battery` cannot install a stale list.
     fn reconfigure(&self) -> Result<(), TransportError> {
-        let (protocols, _) = self.serving();
+        let serving = self.serving.lock().unwrap_or_else(PoisonError::into_inner);
+        self.install(&serving.protocols)
+    }
+
+    fn install(&self, protocols: &[Protocol]) -> Result<(), TransportError> {
         let on_battery = self.on_battery.load(Ordering::Relaxed);
-        let server = server_config(&self.tls, &self.config, on_battery, &protocols)?;
+        let server = server_config(&self.tls, &self.config, on_battery, protocols)?;
         self.endpoint.set_server_config(Some(server));
         Ok(())
     }
@@ -644,16 +654,15 @@ impl QuicTransport {
         protocols: &[Protocol],
         admission: Arc<dyn Admission>,
     ) -> Result<(), TransportError> {
-        {
-            let mut s = self
-                .shared
-                .serving
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            s.protocols = protocols.to_vec();
-            s.admission = admission;
-        }
-        self.shared.reconfigure()
+        let mut s = self
+            .shared
+            .serving
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.shared.install(protocols)?;
+        s.protocols = protocols.to_vec();
+        s.admission = admission;
+        Ok(())
     }
 
     /// Whether the transport was told the device runs on battery.
@@ -729,7 +738,7 @@ async fn admit(shared: &Shared, incoming: quinn::Incoming) -> Option<QuicConnect
     }
     let (mut send, recv) = conn.open_bi().await.ok()?;
     send.write_all(&[ADMITTED]).await.ok()?;
-    if protocol == Protocol::MESH {
+    if protocol.carries_streams() {
         // Admitted: the peer may now open streams beside the messages.
         let n = VarInt::from_u32(shared.config.max_streams);
         conn.set_max_concurrent_bi_streams(n);
@@ -845,7 +854,7 @@ impl Transport for QuicTransport {
                     "the peer sent a bad admission byte".into(),
                 ));
             }
-            if protocol == Protocol::MESH {
+            if protocol.carries_streams() {
                 let n = shared.config.max_streams;
                 conn.set_max_concurrent_bi_streams(VarInt::from_u32(n.saturating_add(1)));
                 conn.set_max_concurrent_uni_streams(VarInt::from_u32(n));
@@ -1054,7 +1063,7 @@ impl Connection for QuicConnection {
     }
 
     fn capabilities(&self) -> Capabilities {
-        if self.protocol == Protocol::PAIRING {
+        if !self.protocol.carries_streams() {
             return Capabilities::MESSAGES_ONLY;
         }
         Capabilities::MESSAGES_ONLY
@@ -1099,7 +1108,7 @@ impl Connection for QuicConnection {
     }
 
     fn max_datagram_size(&self) -> Option<usize> {
-        if self.protocol == Protocol::PAIRING {
+        if !self.protocol.carries_streams() {
             return None;
         }
         self.conn.max_datagram_size()
@@ -1130,7 +1139,7 @@ impl Connection for QuicConnection {
     }
 
     async fn recv_datagram(&self) -> Result<Vec<u8>, TransportError> {
-        if self.protocol == Protocol::PAIRING {
+        if !self.protocol.carries_streams() {
             return Err(TransportError::Unsupported("datagrams"));
         }
         let datagram = self.conn.read_datagram().await.map_err(connection_error)?;
@@ -1141,12 +1150,12 @@ impl Connection for QuicConnection {
 impl QuicConnection {
     /// Streams are for mesh connections; pairing carries messages only.
     fn streams_allowed(&self) -> Result<(), TransportError> {
-        if self.protocol == Protocol::PAIRING {
-            Err(TransportError::Unsupported(
-                "streams on a pairing connection",
-            ))
-        } else {
+        if self.protocol.carries_streams() {
             Ok(())
+        } else {
+            Err(TransportError::Unsupported(
+                "streams on pairing or device-session connections",
+            ))
         }
     }
 }

@@ -153,10 +153,29 @@ async fn other_address_kinds_are_not_supported_and_names_are_unique() {
 
 /// Foundation A: under a constrained link, the highest-priority stream with
 /// data queued goes first (on the virtual clock: 20 kB/s, 180 kB queued).
+/// A connection for a registered protocol (the kind with streams).
+async fn stream_connected(
+    net: &MemoryNetwork,
+) -> (
+    MemoryTransport,
+    MemoryTransport,
+    Box<dyn mesh_core::transport::Connection>,
+    Box<dyn mesh_core::transport::Connection>,
+) {
+    use crate::conformance::STREAMS_TEST;
+    let (a, b) = (key(1), key(2));
+    let ta = net.endpoint(a.node_id(), "a", Arc::new(AdmitAll)).unwrap();
+    let tb = net.endpoint(b.node_id(), "b", Arc::new(AdmitAll)).unwrap();
+    tb.serve(&[STREAMS_TEST], Arc::new(AdmitAll)).unwrap();
+    let addr_b = tb.addr();
+    let (c, s) = tokio::join!(ta.connect(b.node_id(), &addr_b, STREAMS_TEST), tb.accept());
+    (ta, tb, c.unwrap(), s.unwrap())
+}
+
 #[tokio::test(start_paused = true)]
 async fn stream_priorities_order_a_constrained_memory_link() {
     let net = MemoryNetwork::new(1);
-    let (_ta, _tb, c, s) = connected(&net).await;
+    let (_ta, _tb, c, s) = stream_connected(&net).await;
     net.set_bandwidth(Some(20_000));
     crate::conformance::priorities_order_a_constrained_link(c.as_ref(), s.as_ref()).await;
 }
@@ -165,7 +184,7 @@ async fn stream_priorities_order_a_constrained_memory_link() {
 #[tokio::test(start_paused = true)]
 async fn a_constrained_memory_link_carries_its_rate() {
     let net = MemoryNetwork::new(1);
-    let (_ta, _tb, c, s) = connected(&net).await;
+    let (_ta, _tb, c, s) = stream_connected(&net).await;
     net.set_bandwidth(Some(100_000));
     let start = Instant::now();
     let mut send = c.open_uni(0).await.unwrap();

@@ -480,6 +480,11 @@ pub(super) async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) 
         json!({ "node": node.to_string() }),
     );
     serve(inner, conn.as_ref(), node, id, &token, &mut session).await;
+    // Revoked or unpaired while the session started: its bucket (made
+    // after the revocation dropped the old one) goes too.
+    if !super::protocols::paired(&inner.registry, &node) {
+        lock(&inner.primary.rates).remove(&node);
+    }
     let mut sessions = lock(&inner.primary.sessions);
     if sessions.get(&node).is_some_and(|s| s.id == id) {
         sessions.remove(&node);
@@ -515,10 +520,13 @@ async fn serve(
             session.handle_lost();
             return;
         };
-        let now = inner.now();
-        session.handle_message(payload, now, &mut lock(&rate), |scope| {
-            inner.registry.check(&node, token, scope).map(|_| ())
-        });
+        // The bucket is locked only to take a token, not across the gate.
+        session.handle_message(
+            payload,
+            inner.now(),
+            |now| lock(&rate).try_take(now),
+            |scope| inner.registry.check(&node, token, scope).map(|_| ()),
+        );
         while let Some(output) = session.poll_output() {
             match output {
                 Output::Deliver(payload) => {

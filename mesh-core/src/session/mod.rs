@@ -26,7 +26,6 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::clock::Timestamp;
-use crate::limits::TokenBucket;
 use crate::registry::{AuthError, scopes};
 use crate::wire::{MessageId, Payload, SessionMessage};
 
@@ -201,8 +200,8 @@ enum State {
 
 /// The primary's side of one device session.
 ///
-/// The device's message rate is a [`TokenBucket`] the caller keeps per
-/// device, not per session, and passes to
+/// The device's message rate is a [`TokenBucket`](crate::limits::TokenBucket) the caller keeps per
+/// device, not per session, and takes from in
 /// [`DeviceSession::handle_message`]: reconnecting does not refill it.
 #[derive(Debug)]
 pub struct DeviceSession {
@@ -300,15 +299,16 @@ impl DeviceSession {
         }
     }
 
-    /// A later message of the open session. `rate` is the device's
-    /// message bucket; `gate` checks the device's token for the scope the
-    /// payload needs ([`required_scope`]) and is not called for a message
-    /// over the rate.
+    /// A later message of the open session. `take` takes one token of the
+    /// device's message bucket (a [`TokenBucket`](crate::limits::TokenBucket) kept per device, so
+    /// reconnecting does not refill it); `gate` checks the device's token
+    /// for the scope the payload needs ([`required_scope`]) and is not
+    /// called for a message over the rate.
     pub fn handle_message(
         &mut self,
         payload: Payload,
         now: Timestamp,
-        rate: &mut TokenBucket,
+        take: impl FnOnce(Timestamp) -> bool,
         gate: impl FnOnce(&'static str) -> Result<(), AuthError>,
     ) {
         if !self.is_open() {
@@ -316,7 +316,7 @@ impl DeviceSession {
         }
         // Over its rate, a device's messages are dropped before any work;
         // a command among them is told why.
-        if !rate.try_take(now) {
+        if !take(now) {
             self.out.push_back(Output::Refuse {
                 command_id: command_id(&payload),
                 code: refusals::RATE_LIMITED,

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::identity::NodeKey;
-use crate::limits::Rate;
+use crate::limits::{Rate, TokenBucket};
 use crate::wire::{Ack, Command, JsonText};
 
 fn t(ms: u64) -> Timestamp {
@@ -147,38 +147,58 @@ fn messages_are_gated_by_the_scope_their_payload_needs() {
     let mut rate = bucket(Rate::per_second(100.0, 100));
     let (id, cmd) = command();
     let mut asked = Vec::new();
-    s.handle_message(cmd.clone(), t(20), &mut rate, |scope| {
-        asked.push(scope);
-        Ok(())
-    });
-    s.handle_message(ack(), t(21), &mut rate, |scope| {
-        asked.push(scope);
-        Ok(())
-    });
+    s.handle_message(
+        cmd.clone(),
+        t(20),
+        |now| rate.try_take(now),
+        |scope| {
+            asked.push(scope);
+            Ok(())
+        },
+    );
+    s.handle_message(
+        ack(),
+        t(21),
+        |now| rate.try_take(now),
+        |scope| {
+            asked.push(scope);
+            Ok(())
+        },
+    );
     assert_eq!(asked, vec![scopes::COMMANDS_RUN, scopes::PRESENCE_WRITE]);
     assert_eq!(
         drain(&mut s),
         vec![Output::Deliver(cmd.clone()), Output::Deliver(ack())]
     );
     // Without commands:run, the command is refused and the session goes on.
-    s.handle_message(cmd, t(22), &mut rate, |scope| {
-        Err(AuthError::ScopeMissing {
-            node: node(),
-            scope: scope.into(),
-        })
-    });
+    s.handle_message(
+        cmd,
+        t(22),
+        |now| rate.try_take(now),
+        |scope| {
+            Err(AuthError::ScopeMissing {
+                node: node(),
+                scope: scope.into(),
+            })
+        },
+    );
     assert!(matches!(
         &drain(&mut s)[..],
         [Output::Refuse { command_id: Some(c), code: refusals::SCOPE_MISSING, .. }] if *c == id
     ));
     assert!(s.is_open());
     // Without presence:write, the session ends.
-    s.handle_message(ack(), t(23), &mut rate, |scope| {
-        Err(AuthError::ScopeMissing {
-            node: node(),
-            scope: scope.into(),
-        })
-    });
+    s.handle_message(
+        ack(),
+        t(23),
+        |now| rate.try_take(now),
+        |scope| {
+            Err(AuthError::ScopeMissing {
+                node: node(),
+                scope: scope.into(),
+            })
+        },
+    );
     assert_eq!(
         drain(&mut s),
         vec![Output::Close {
@@ -192,9 +212,12 @@ fn messages_are_gated_by_the_scope_their_payload_needs() {
 fn a_token_rotated_away_mid_session_ends_it_for_a_reconnect() {
     let mut s = open();
     let mut rate = bucket(Rate::per_second(100.0, 100));
-    s.handle_message(ack(), t(30), &mut rate, |_| {
-        Err(AuthError::BadToken(node()))
-    });
+    s.handle_message(
+        ack(),
+        t(30),
+        |now| rate.try_take(now),
+        |_| Err(AuthError::BadToken(node())),
+    );
     let out = drain(&mut s);
     assert_eq!(
         out,
@@ -205,7 +228,12 @@ fn a_token_rotated_away_mid_session_ends_it_for_a_reconnect() {
     );
     assert!(!ByeReason::TokenRotated.is_permanent());
     // Closed: later input does nothing, and the gate is not asked.
-    s.handle_message(ack(), t(31), &mut rate, |_| panic!("asked after the end"));
+    s.handle_message(
+        ack(),
+        t(31),
+        |now| rate.try_take(now),
+        |_| panic!("asked after the end"),
+    );
     assert!(drain(&mut s).is_empty());
 }
 
@@ -218,10 +246,15 @@ fn over_its_rate_a_device_is_refused_before_the_gate_is_asked() {
     let mut outputs = Vec::new();
     for ms in [100, 101, 102] {
         let (_, cmd) = command();
-        s.handle_message(cmd, t(ms), &mut rate, |_| {
-            gate_calls += 1;
-            Ok(())
-        });
+        s.handle_message(
+            cmd,
+            t(ms),
+            |now| rate.try_take(now),
+            |_| {
+                gate_calls += 1;
+                Ok(())
+            },
+        );
         outputs.extend(drain(&mut s));
     }
     assert_eq!(gate_calls, 2);
@@ -233,7 +266,12 @@ fn over_its_rate_a_device_is_refused_before_the_gate_is_asked() {
             ..
         }
     ));
-    s.handle_message(ack(), t(103), &mut rate, |_| panic!("over the rate"));
+    s.handle_message(
+        ack(),
+        t(103),
+        |now| rate.try_take(now),
+        |_| panic!("over the rate"),
+    );
     assert!(matches!(
         drain(&mut s)[..],
         [Output::Refuse {
@@ -243,7 +281,7 @@ fn over_its_rate_a_device_is_refused_before_the_gate_is_asked() {
         }]
     ));
     // A second later the bucket has one token again (time passed in).
-    s.handle_message(ack(), t(1_103), &mut rate, |_| Ok(()));
+    s.handle_message(ack(), t(1_103), |now| rate.try_take(now), |_| Ok(()));
     assert_eq!(drain(&mut s), vec![Output::Deliver(ack())]);
 }
 
@@ -254,7 +292,7 @@ fn a_device_saying_goodbye_closes_without_a_bye_back() {
     let bye = Payload::Session(SessionMessage::Bye {
         reason: "shutdown".into(),
     });
-    s.handle_message(bye, t(40), &mut rate, |_| Ok(()));
+    s.handle_message(bye, t(40), |now| rate.try_take(now), |_| Ok(()));
     assert_eq!(
         drain(&mut s),
         vec![Output::Close {

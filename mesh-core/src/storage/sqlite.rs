@@ -249,12 +249,30 @@ fn commit_group(conn: &mut Connection, group: &mut Vec<Queued>, counters: &Count
     let committed = (|| {
         let mut tx = conn.transaction().map_err(backend)?;
         for (writes, _) in group.iter() {
-            let sp = tx.savepoint().map_err(backend)?;
+            let mut sp = tx.savepoint().map_err(backend)?;
             let outcome = apply_writes(&sp, writes);
-            if outcome.is_ok() {
-                sp.commit().map_err(backend)?;
+            match &outcome {
+                Ok(()) => sp.commit().map_err(backend)?,
+                // A failed batch is rolled back alone (ROLLBACK TO, then
+                // RELEASE); if either fails, the whole group fails rather
+                // than commit part of the batch.
+                Err(_) => {
+                    sp.rollback().map_err(backend)?;
+                    sp.commit().map_err(backend)?;
+                }
             }
-            // A failed batch's savepoint is dropped: rolled back alone.
+            // Some errors (disk full, I/O, out of memory) make SQLite roll
+            // the whole transaction back by itself: the batches before this
+            // one are gone too, and nothing of the group may be reported
+            // as committed.
+            if tx.is_autocommit() {
+                return Err(StorageError::Backend(format!(
+                    "SQLite rolled the group's transaction back ({})",
+                    outcome
+                        .err()
+                        .map_or_else(|| "no error".into(), |e| e.to_string())
+                )));
+            }
             outcomes.push(outcome);
         }
         tx.commit().map_err(backend)

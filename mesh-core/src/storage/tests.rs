@@ -106,6 +106,20 @@ mod sqlite_only {
         s.integrity_check().unwrap();
     }
 
+    /// Drops the last handle of `s` (waiting for a helper thread that still
+    /// holds a clone to let go), so the file is closed.
+    fn close(mut s: std::sync::Arc<SqliteStorage>) {
+        loop {
+            match std::sync::Arc::try_unwrap(s) {
+                Ok(store) => return drop(store),
+                Err(back) => {
+                    s = back;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
     /// Holds the writer thread inside a job until the returned sender is
     /// dropped (or sent to), so batches submitted meanwhile queue up.
     fn hold_writer(s: &std::sync::Arc<SqliteStorage>) -> std::sync::mpsc::Sender<()> {
@@ -192,9 +206,53 @@ mod sqlite_only {
             Some(b"old".to_vec())
         );
         // Durable: a fresh open sees them all.
-        drop(std::sync::Arc::into_inner(s).unwrap());
+        close(s);
         let s = SqliteStorage::open(dir.path().join("mesh.db")).unwrap();
         assert_eq!(s.list(Table::Actions).unwrap().len(), 200);
+    }
+
+    /// A batch that fills the disk (here: the file's page cap) fails; every
+    /// batch of its group is then reported exactly as it ended up on disk
+    /// (`Ok` ones are there after a reopen, failed ones are not), whatever
+    /// SQLite chose to roll back.
+    #[test]
+    fn a_full_disk_in_a_group_reports_every_batch_as_it_landed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.db");
+        let s = std::sync::Arc::new(SqliteStorage::open(&path).unwrap());
+        let pages: i64 = s
+            .with_writer(|c| c.query_row("PRAGMA page_count", [], |r| r.get(0)))
+            .unwrap()
+            .unwrap();
+        s.with_writer(move |c| c.pragma_update(None, "max_page_count", pages + 8))
+            .unwrap()
+            .unwrap();
+        let put = |key: &str, len: usize| Write::Put {
+            table: Table::Actions,
+            key: key.into(),
+            body: vec![7; len],
+        };
+        let release = hold_writer(&s);
+        let keys = ["before", "huge", "after"];
+        let pending: Vec<_> = [
+            s.submit(vec![put(keys[0], 100)]),
+            s.submit(vec![put(keys[1], 1 << 20)]),
+            s.submit(vec![put(keys[2], 100)]),
+        ]
+        .into_iter()
+        .collect();
+        drop(release);
+        let outcomes: Vec<bool> = pending.into_iter().map(|p| p.wait().is_ok()).collect();
+        assert!(!outcomes[1], "the batch over the cap fails");
+        close(s);
+        let s = SqliteStorage::open(&path).unwrap();
+        for (key, ok) in keys.iter().zip(&outcomes) {
+            assert_eq!(
+                s.get(Table::Actions, key).unwrap().is_some(),
+                *ok,
+                "{key}: reported {ok}, stored the opposite"
+            );
+        }
     }
 
     #[test]

@@ -272,14 +272,14 @@ impl MemoryConnection {
         }
     }
 
-    /// Pairing connections carry messages only (as over QUIC).
+    /// Pairing and the device session carry messages only (as over QUIC).
     fn streams_allowed(&self) -> Result<(), TransportError> {
-        if self.protocol == Protocol::PAIRING {
-            Err(TransportError::Unsupported(
-                "streams and datagrams on a pairing connection",
-            ))
-        } else {
+        if self.protocol.carries_streams() {
             Ok(())
+        } else {
+            Err(TransportError::Unsupported(
+                "streams and datagrams on pairing or device-session connections",
+            ))
         }
     }
 
@@ -385,10 +385,10 @@ impl Connection for MemoryConnection {
     }
 
     fn capabilities(&self) -> Capabilities {
-        if self.protocol == Protocol::PAIRING {
-            Capabilities::MESSAGES_ONLY
-        } else {
+        if self.protocol.carries_streams() {
             Capabilities::ALL
+        } else {
+            Capabilities::MESSAGES_ONLY
         }
     }
 
@@ -418,7 +418,7 @@ impl Connection for MemoryConnection {
     }
 
     fn max_datagram_size(&self) -> Option<usize> {
-        (self.protocol != Protocol::PAIRING && self.link.state() == LinkState::Open)
+        (self.protocol.carries_streams() && self.link.state() == LinkState::Open)
             .then_some(streams::MAX_DATAGRAM)
     }
 

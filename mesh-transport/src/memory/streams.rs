@@ -359,7 +359,8 @@ impl RecvStream for MemoryRecvStream {
             if st.finished && st.queued.is_empty() {
                 return Some(Ok(None));
             }
-            if link == LinkState::Closed {
+            // Closed gracefully: what the pump still holds arrives first.
+            if link == LinkState::Closed && st.queued.is_empty() {
                 return Some(Err(StreamError::Closed));
             }
             None
