@@ -1083,7 +1083,7 @@ impl Drop for Owner {
 }
 
 /// Aborts a task when dropped (a task that must not outlive its owner).
-pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

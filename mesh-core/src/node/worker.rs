@@ -33,6 +33,10 @@ pub(crate) struct State {
     /// The open session with the primary.
     session: Mutex<Option<SessionRef>>,
     supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The open session's heartbeat task: `stop` waits for it to end
+    /// before saying goodbye, so no heartbeat follows the `Bye` (the
+    /// primary reads nothing after it, and it would count as sent).
+    heartbeats: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Configuration set by the primary (`config` command).
     config: Mutex<HashMap<String, Value>>,
     heartbeat_seq: AtomicU64,
@@ -83,8 +87,13 @@ pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
 }
 
 pub(super) async fn stop(inner: &Inner) {
-    if let Some(task) = lock(&inner.worker.supervisor).take() {
+    let supervisor = lock(&inner.worker.supervisor).take();
+    let heartbeats = lock(&inner.worker.heartbeats).take();
+    // Aborting is a request; awaiting the handles makes sure neither task
+    // can still send once the goodbye goes out.
+    for task in [supervisor, heartbeats].into_iter().flatten() {
         task.abort();
+        let _ = task.await;
     }
     let session = lock(&inner.worker.session).take();
     if let Some(SessionRef { conn, .. }) = session {
@@ -403,7 +412,7 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
     );
     let beating = inner.clone();
     let beat_conn = conn.clone();
-    let heartbeats = AbortOnDrop(tokio::spawn(async move {
+    let beat_task = tokio::spawn(async move {
         let mut interval = tokio::time::interval(beating.config.heartbeat_interval);
         loop {
             interval.tick().await;
@@ -414,7 +423,13 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
                 return;
             }
         }
-    }));
+    });
+    // Ended with the session (dropping this aborts it); `stop` takes the
+    // handle itself to wait for the end.
+    let heartbeats = AbortOnDrop(beat_task.abort_handle());
+    if let Some(old) = lock(&inner.worker.heartbeats).replace(beat_task) {
+        old.abort();
+    }
     let ended = loop {
         let payload = match inner.link.recv(conn.as_ref(), &guard, || inner.now()).await {
             Ok(p) => p,
