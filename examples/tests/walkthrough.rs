@@ -289,6 +289,16 @@ fn primary_worker_and_meshctl_pair_govern_and_survive_a_crash() {
     assert_eq!(devices[0]["online"], false);
 }
 
+/// The fingerprint in the primary's banner "primary ID (FINGERPRINT)".
+fn fingerprint_of(banner: &str) -> String {
+    banner
+        .rsplit('(')
+        .next()
+        .unwrap()
+        .trim_end_matches(')')
+        .to_owned()
+}
+
 /// A network namespace with only `lo` up, deleted on drop: mDNS stays
 /// inside it (mdns-sd would otherwise use every interface of this machine).
 struct Namespace(String);
@@ -368,13 +378,7 @@ fn a_worker_finds_the_primary_over_mdns_and_pairs() {
         ],
     );
     // "primary ID (FINGERPRINT)": the worker pins that fingerprint.
-    let banner = primary.wait_for("primary ");
-    let fingerprint = banner
-        .rsplit('(')
-        .next()
-        .unwrap()
-        .trim_end_matches(')')
-        .to_owned();
+    let fingerprint = fingerprint_of(&primary.wait_for("primary "));
     primary.wait_for("workers connect with:");
     let worker = ns.start(
         env!("CARGO_BIN_EXE_worker"),
@@ -558,13 +562,7 @@ fn a_worker_finds_and_pairs_over_ipv6_link_local_with_mdns() {
             "mv0",
         ],
     );
-    let banner = primary.wait_for("primary ");
-    let fingerprint = banner
-        .rsplit('(')
-        .next()
-        .unwrap()
-        .trim_end_matches(')')
-        .to_owned();
+    let fingerprint = fingerprint_of(&primary.wait_for("primary "));
     primary.wait_for("workers connect with:");
     let worker = ns2.start(
         env!("CARGO_BIN_EXE_worker"),

@@ -31,29 +31,11 @@ pub trait Harness: Send + Sync {
 /// carries streams and datagrams.
 pub const STREAMS_TEST: Protocol = Protocol::new("mesh-sdk-test/streams/1");
 
-/// A connection pair for [`STREAMS_TEST`], both ends serving it.
-async fn stream_pair(
-    h: &dyn Harness,
-) -> (
-    Box<dyn Connection>,
-    Box<dyn Connection>,
-    Box<dyn Transport>,
-    Box<dyn Transport>,
-) {
-    let (a, b) = (key(1), key(2));
-    let (ta, _) = h.endpoint(&a, Arc::new(AdmitAll)).await;
-    let (tb, addr_b) = h.endpoint(&b, Arc::new(AdmitAll)).await;
-    for t in [&ta, &tb] {
-        t.serve(&[STREAMS_TEST], Arc::new(AdmitAll)).unwrap();
-    }
-    let (c, s) = tokio::join!(ta.connect(b.node_id(), &addr_b, STREAMS_TEST), tb.accept());
-    (c.unwrap(), s.unwrap(), ta, tb)
-}
-
 fn key(seed: u8) -> Arc<NodeKey> {
     Arc::new(NodeKey::from_secret_bytes(&[seed; 32]))
 }
 
+/// Two endpoints and a connection between them for the device session.
 async fn pair(
     h: &dyn Harness,
 ) -> (
@@ -62,13 +44,42 @@ async fn pair(
     Box<dyn Transport>,
     Box<dyn Transport>,
 ) {
+    pair_for(h, None).await
+}
+
+/// The same for [`STREAMS_TEST`], both ends serving it.
+async fn stream_pair(
+    h: &dyn Harness,
+) -> (
+    Box<dyn Connection>,
+    Box<dyn Connection>,
+    Box<dyn Transport>,
+    Box<dyn Transport>,
+) {
+    pair_for(h, Some(STREAMS_TEST)).await
+}
+
+/// A connection for `served` (served by both ends first), or for
+/// [`Protocol::MESH`] when `None`.
+async fn pair_for(
+    h: &dyn Harness,
+    served: Option<Protocol>,
+) -> (
+    Box<dyn Connection>,
+    Box<dyn Connection>,
+    Box<dyn Transport>,
+    Box<dyn Transport>,
+) {
     let (a, b) = (key(1), key(2));
     let (ta, _) = h.endpoint(&a, Arc::new(AdmitAll)).await;
     let (tb, addr_b) = h.endpoint(&b, Arc::new(AdmitAll)).await;
-    let (c, s) = tokio::join!(
-        ta.connect(b.node_id(), &addr_b, Protocol::MESH),
-        tb.accept()
-    );
+    if let Some(p) = served {
+        for t in [&ta, &tb] {
+            t.serve(&[p], Arc::new(AdmitAll)).unwrap();
+        }
+    }
+    let protocol = served.unwrap_or(Protocol::MESH);
+    let (c, s) = tokio::join!(ta.connect(b.node_id(), &addr_b, protocol), tb.accept());
     (c.unwrap(), s.unwrap(), ta, tb)
 }
 

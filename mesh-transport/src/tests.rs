@@ -43,14 +43,40 @@ async fn connected(
     Box<dyn mesh_core::transport::Connection>,
     Box<dyn mesh_core::transport::Connection>,
 ) {
+    connected_for(net, Protocol::MESH).await
+}
+
+/// A connection for a registered protocol (the kind with streams).
+async fn stream_connected(
+    net: &MemoryNetwork,
+) -> (
+    MemoryTransport,
+    MemoryTransport,
+    Box<dyn mesh_core::transport::Connection>,
+    Box<dyn mesh_core::transport::Connection>,
+) {
+    connected_for(net, crate::conformance::STREAMS_TEST).await
+}
+
+/// Endpoints "a" and "b" and a connection from a to b for `protocol` (which
+/// b serves first, unless it is a built-in one).
+async fn connected_for(
+    net: &MemoryNetwork,
+    protocol: Protocol,
+) -> (
+    MemoryTransport,
+    MemoryTransport,
+    Box<dyn mesh_core::transport::Connection>,
+    Box<dyn mesh_core::transport::Connection>,
+) {
     let (a, b) = (key(1), key(2));
     let ta = net.endpoint(a.node_id(), "a", Arc::new(AdmitAll)).unwrap();
     let tb = net.endpoint(b.node_id(), "b", Arc::new(AdmitAll)).unwrap();
+    if protocol.carries_streams() {
+        tb.serve(&[protocol], Arc::new(AdmitAll)).unwrap();
+    }
     let addr_b = tb.addr();
-    let (c, s) = tokio::join!(
-        ta.connect(b.node_id(), &addr_b, Protocol::MESH),
-        tb.accept()
-    );
+    let (c, s) = tokio::join!(ta.connect(b.node_id(), &addr_b, protocol), tb.accept());
     (ta, tb, c.unwrap(), s.unwrap())
 }
 
@@ -153,25 +179,6 @@ async fn other_address_kinds_are_not_supported_and_names_are_unique() {
 
 /// Foundation A: under a constrained link, the highest-priority stream with
 /// data queued goes first (on the virtual clock: 20 kB/s, 180 kB queued).
-/// A connection for a registered protocol (the kind with streams).
-async fn stream_connected(
-    net: &MemoryNetwork,
-) -> (
-    MemoryTransport,
-    MemoryTransport,
-    Box<dyn mesh_core::transport::Connection>,
-    Box<dyn mesh_core::transport::Connection>,
-) {
-    use crate::conformance::STREAMS_TEST;
-    let (a, b) = (key(1), key(2));
-    let ta = net.endpoint(a.node_id(), "a", Arc::new(AdmitAll)).unwrap();
-    let tb = net.endpoint(b.node_id(), "b", Arc::new(AdmitAll)).unwrap();
-    tb.serve(&[STREAMS_TEST], Arc::new(AdmitAll)).unwrap();
-    let addr_b = tb.addr();
-    let (c, s) = tokio::join!(ta.connect(b.node_id(), &addr_b, STREAMS_TEST), tb.accept());
-    (ta, tb, c.unwrap(), s.unwrap())
-}
-
 #[tokio::test(start_paused = true)]
 async fn stream_priorities_order_a_constrained_memory_link() {
     let net = MemoryNetwork::new(1);

@@ -46,7 +46,7 @@ pub mod states {
 /// Whether `node` is still paired and not revoked (a storage error counts
 /// as no: nothing runs on a device the primary cannot vouch for).
 fn still_paired(inner: &Inner, node: &NodeId) -> bool {
-    matches!(inner.registry.get(node), Ok(Some(d)) if d.revoked_at.is_none())
+    super::protocols::paired(&inner.registry, node)
 }
 
 /// A command of `node` succeeded: its trust rises (R-PAIR8), written on the
