@@ -220,7 +220,7 @@ fn main() {
         let node = Node::builder(key, store, transport, config)
             .ledger(ledger)
             .record_timings(true)
-            .start()
+            .start_primary()
             .unwrap();
         (node, addr)
     });
@@ -237,7 +237,7 @@ fn main() {
             let transport = quic(&key, &store);
             let config = NodeConfig::new(Role::Worker, &format!("w{i}"), &format!("hw-{i}"))
                 .heartbeat_interval(Duration::from_secs(1));
-            let w = Node::builder(key, store, transport, config).metrics(Arc::new(Metrics)).start().unwrap();
+            let w = Node::builder(key, store, transport, config).metrics(Arc::new(Metrics)).start_worker().unwrap();
             let mut connected = w.subscribe("session.connected", 4).unwrap();
             let start = Instant::now();
             let ticket = w.request_pairing(primary.node_id(), addr.clone()).await.unwrap();

@@ -141,7 +141,7 @@ fn main() {
         let node = Node::builder(key, store.clone(), transport, config)
             .ledger(ledger)
             .record_timings(true)
-            .start()
+            .start_primary()
             .unwrap();
         (node, addr, store)
     });
@@ -164,7 +164,7 @@ fn main() {
                 .save(&PrimaryLinkRecord { primary: primary.node_id(), address: addr.clone(), token: *token.as_bytes(), paired_at: SystemClock.now() })
                 .unwrap();
             let config = NodeConfig::new(Role::Worker, &format!("w{i}"), &format!("hw-{i}")).heartbeat_interval(Duration::from_secs(1));
-            let w = Node::builder(key.clone(), store.clone(), quic(&key, &store), config).start().unwrap();
+            let w = Node::builder(key.clone(), store.clone(), quic(&key, &store), config).start_worker().unwrap();
             nodes.push(w);
         }
         let deadline = Instant::now() + Duration::from_secs(30);

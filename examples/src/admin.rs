@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use mesh_core::events::Received;
 use mesh_core::identity::NodeId;
-use mesh_core::node::{DeviceView, Node, NodeError};
+use mesh_core::node::{DeviceView, NodeError, Primary};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream as AsyncUnixStream};
@@ -99,7 +99,7 @@ fn text(args: &Value, key: &str) -> Result<String, AdminError> {
 }
 
 /// Finds a device by node id, hardware/app id or name.
-fn resolve(node: &Node, which: &str) -> Result<NodeId, AdminError> {
+fn resolve(node: &Primary, which: &str) -> Result<NodeId, AdminError> {
     if let Ok(id) = which.parse::<NodeId>() {
         return Ok(id);
     }
@@ -120,7 +120,7 @@ fn resolve(node: &Node, which: &str) -> Result<NodeId, AdminError> {
 
 /// Runs one command against the primary.
 pub async fn dispatch(
-    node: &Node,
+    node: &Primary,
     ledger: &LedgerCheck,
     cmd: &str,
     args: &Value,
@@ -261,7 +261,7 @@ pub async fn dispatch(
     }
 }
 
-async fn handle(node: Node, ledger: LedgerCheck, stream: AsyncUnixStream) {
+async fn handle(node: Primary, ledger: LedgerCheck, stream: AsyncUnixStream) {
     let (read, mut write) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(read).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -332,7 +332,7 @@ async fn handle(node: Node, ledger: LedgerCheck, stream: AsyncUnixStream) {
 /// error.
 pub fn serve(
     path: &Path,
-    node: Node,
+    node: Primary,
     ledger: LedgerCheck,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     if path.exists() {

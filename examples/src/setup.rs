@@ -7,7 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use mesh_core::identity::{NodeId, NodeKey};
-use mesh_core::node::{CommandHandler, DataDir, FnHandler, MetricsSource, Node, NodeConfig};
+use mesh_core::node::{
+    CommandHandler, DataDir, FnHandler, MetricsSource, NodeConfig, Primary, Worker,
+};
 use mesh_core::storage::Storage;
 use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
 use mesh_policy::runtime::RuntimePolicy;
@@ -16,11 +18,11 @@ use serde_json::json;
 
 use crate::admin::LedgerCheck;
 
-/// What a started node is made of.
+/// What a started node is made of; `N` is its role's handle.
 #[derive(Debug)]
-pub struct Parts {
+pub struct Parts<N> {
     /// The node.
-    pub node: Node,
+    pub node: N,
     /// Its identity.
     pub key: Arc<NodeKey>,
     /// Its storage.
@@ -44,7 +46,11 @@ fn quic(dir: &DataDir, listen: SocketAddr) -> Result<Arc<QuicTransport>, String>
 }
 
 /// Starts a primary from `dir`, listening on `listen`.
-pub fn primary(dir: &Path, listen: SocketAddr, config: NodeConfig) -> Result<Parts, String> {
+pub fn primary(
+    dir: &Path,
+    listen: SocketAddr,
+    config: NodeConfig,
+) -> Result<Parts<Primary>, String> {
     let dir = open_dir(dir)?;
     let (key, store) = (dir.key(), dir.store());
     let ledger = Arc::new(
@@ -60,7 +66,7 @@ pub fn primary(dir: &Path, listen: SocketAddr, config: NodeConfig) -> Result<Par
         .policy(Arc::new(RuntimePolicy::new()))
         // What workers may ask for, if their policy allows: `echo` returns its arguments.
         .handler("echo", echo)
-        .start()
+        .start_primary()
         .map_err(|e| e.to_string())?;
     Ok(Parts {
         node,
@@ -79,7 +85,7 @@ pub fn worker(
     config: NodeConfig,
     metrics: Arc<dyn MetricsSource>,
     actions: Vec<(&str, Arc<dyn CommandHandler>)>,
-) -> Result<Parts, String> {
+) -> Result<Parts<Worker>, String> {
     let (key, store) = (dir.key(), dir.store());
     let transport = quic(dir, listen)?;
     let addr = transport.local_addr();
@@ -87,7 +93,7 @@ pub fn worker(
     for (name, handler) in actions {
         builder = builder.handler(name, handler);
     }
-    let node = builder.start().map_err(|e| e.to_string())?;
+    let node = builder.start_worker().map_err(|e| e.to_string())?;
     Ok(Parts {
         node,
         key,

@@ -10,7 +10,7 @@ use mesh_core::events::{EventBus, Received};
 use mesh_core::identity::NodeId;
 use mesh_core::node::{
     CommandHandler as CoreHandler, DataDir, MetricsSource, Node, NodeConfig,
-    PairingTicket as CoreTicket,
+    PairingTicket as CoreTicket, Primary, Worker,
 };
 use mesh_core::transport::PeerAddr;
 use mesh_core::wire::HealthMetrics;
@@ -179,15 +179,38 @@ impl MeshNode {
             .ok_or_else(|| MeshError::unavailable("the node is not running: call start() first"))
     }
 
+    /// The primary's handle, if the node runs as the primary.
+    fn primary(&self) -> Result<Primary, MeshError> {
+        self.node()?.as_primary().ok_or_else(|| {
+            MeshError::unavailable("this is a primary operation; the node is a worker")
+        })
+    }
+
+    /// The worker's handle, if the node runs as a worker.
+    fn worker(&self) -> Result<Worker, MeshError> {
+        self.node()?.as_worker().ok_or_else(|| {
+            MeshError::unavailable("this is a worker operation; the node is the primary")
+        })
+    }
+
     /// Runs `op` on the node's runtime and waits for it.
     async fn run<T, F>(&self, op: impl FnOnce(Node) -> F) -> Result<T, MeshError>
     where
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, MeshError>> + Send + 'static,
     {
-        let node = self.node()?;
+        self.on(self.node()?, op).await
+    }
+
+    /// Runs `op` with `handle` (the node or a role's handle) on the node's
+    /// runtime and waits for it.
+    async fn on<H, T, F>(&self, handle: H, op: impl FnOnce(H) -> F) -> Result<T, MeshError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, MeshError>> + Send + 'static,
+    {
         self.handle
-            .spawn(op(node))
+            .spawn(op(handle))
             .await
             .map_err(|e| MeshError::Internal {
                 detail: format!("the operation did not finish: {e}"),
@@ -398,7 +421,7 @@ impl MeshNode {
             .map(|r| (r.node.clone(), r.addr));
         let (connected, addr, stats) = match &running {
             Some((node, addr)) => (
-                node.role() == mesh_core::node::Role::Worker && node.is_connected(),
+                node.as_worker().is_some_and(|w| w.is_connected()),
                 Some(addr.to_string()),
                 node.stats(),
             ),
@@ -486,7 +509,7 @@ impl MeshNode {
             .first()
             .ok_or_else(|| MeshError::invalid("the primary needs an address"))?;
         let ticket = self
-            .run(move |node| async move {
+            .on(self.worker()?, move |node| async move {
                 Ok(node
                     .request_pairing(peer.node, PeerAddr::Socket(addr))
                     .await?)
@@ -502,12 +525,12 @@ impl MeshNode {
 
     /// Worker: the primary it is paired with, if any.
     pub fn paired_primary(&self) -> Result<Option<String>, MeshError> {
-        Ok(self.node()?.paired_primary()?.map(|n| n.to_string()))
+        Ok(self.worker()?.paired_primary()?.map(|n| n.to_string()))
     }
 
     /// Worker: whether the session with the primary is open.
     pub fn is_connected(&self) -> bool {
-        self.node().is_ok_and(|n| n.is_connected())
+        self.worker().is_ok_and(|n| n.is_connected())
     }
 
     /// Worker: the metrics later heartbeats carry.
@@ -518,8 +541,10 @@ impl MeshNode {
     /// Worker: sets the metrics and sends a heartbeat with them now.
     pub async fn send_heartbeat(&self, metrics: Metrics) -> Result<(), MeshError> {
         self.set_metrics(metrics);
-        self.run(|node| async move { Ok(node.send_heartbeat().await?) })
-            .await
+        self.on(self.worker()?, |node| async move {
+            Ok(node.send_heartbeat().await?)
+        })
+        .await
     }
 
     /// Worker: sends command `name` with `args_json` to the primary, whose
@@ -527,13 +552,15 @@ impl MeshNode {
     /// is `MeshError::PolicyDenied` with its reason code.
     pub async fn send_command(&self, name: String, args_json: String) -> Result<String, MeshError> {
         let args = parse_json("args_json", &args_json)?;
-        self.run(move |node| async move { Ok(node.send_command(&name, args).await?.to_string()) })
-            .await
+        self.on(self.worker()?, move |node| async move {
+            Ok(node.send_command(&name, args).await?.to_string())
+        })
+        .await
     }
 
     /// Worker: a configuration value the primary set (JSON).
     pub fn config_value(&self, key: String) -> Result<Option<String>, MeshError> {
-        Ok(self.node()?.config_value(&key).map(|v| v.to_string()))
+        Ok(self.worker()?.config_value(&key).map(|v| v.to_string()))
     }
 
     // ----- primary -----
@@ -541,7 +568,7 @@ impl MeshNode {
     /// Primary: pairing requests waiting for the user.
     pub fn pending_pairings(&self) -> Result<Vec<PairingRequest>, MeshError> {
         Ok(self
-            .node()?
+            .primary()?
             .pending_pairings()?
             .into_iter()
             .map(Into::into)
@@ -555,7 +582,7 @@ impl MeshNode {
         request_id: String,
         code: String,
     ) -> Result<String, MeshError> {
-        self.run(move |node| async move {
+        self.on(self.primary()?, move |node| async move {
             let device = node.approve_pairing(&request_id, &code).await?;
             Ok(device.node.to_string())
         })
@@ -568,14 +595,16 @@ impl MeshNode {
         request_id: String,
         reason: Option<String>,
     ) -> Result<(), MeshError> {
-        self.run(move |node| async move { Ok(node.reject_pairing(&request_id, reason).await?) })
-            .await
+        self.on(self.primary()?, move |node| async move {
+            Ok(node.reject_pairing(&request_id, reason).await?)
+        })
+        .await
     }
 
     /// Primary: paired devices with their health.
     pub fn devices(&self) -> Result<Vec<Device>, MeshError> {
         Ok(self
-            .node()?
+            .primary()?
             .devices()?
             .into_iter()
             .map(Into::into)
@@ -607,7 +636,7 @@ impl MeshNode {
     ) -> Result<String, MeshError> {
         let device = parse_node(&device)?;
         let args = parse_json("args_json", &args_json)?;
-        self.run(move |node| async move {
+        self.on(self.primary()?, move |node| async move {
             Ok(node.run_action(&device, &action, args).await?.to_string())
         })
         .await
@@ -616,7 +645,7 @@ impl MeshNode {
     /// Primary: round-trip time to worker `device`, microseconds.
     pub async fn ping(&self, device: String) -> Result<u64, MeshError> {
         let device = parse_node(&device)?;
-        self.run(move |node| async move {
+        self.on(self.primary()?, move |node| async move {
             let rtt = node.ping(&device).await?;
             Ok(u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX))
         })
@@ -626,15 +655,19 @@ impl MeshNode {
     /// Primary: revokes `device`; it is refused from now on.
     pub async fn revoke(&self, device: String) -> Result<(), MeshError> {
         let device = parse_node(&device)?;
-        self.run(move |node| async move { Ok(node.revoke(&device).await?) })
-            .await
+        self.on(self.primary()?, move |node| async move {
+            Ok(node.revoke(&device).await?)
+        })
+        .await
     }
 
     /// Primary: unpairs `device`; it forgets this primary.
     pub async fn unpair(&self, device: String) -> Result<(), MeshError> {
         let device = parse_node(&device)?;
-        self.run(move |node| async move { Ok(node.unpair(&device).await?) })
-            .await
+        self.on(self.primary()?, move |node| async move {
+            Ok(node.unpair(&device).await?)
+        })
+        .await
     }
 
     /// Primary: gives `device` a new token. Without `force` the device
@@ -644,7 +677,7 @@ impl MeshNode {
     /// pair again.
     pub async fn rotate_token(&self, device: String, force: bool) -> Result<(), MeshError> {
         let device = parse_node(&device)?;
-        self.run(move |node| async move {
+        self.on(self.primary()?, move |node| async move {
             if force {
                 node.rotate_token_forced(&device).await?;
             } else {
@@ -659,13 +692,13 @@ impl MeshNode {
     /// JSON); checked first, stored and audited.
     pub fn set_policy(&self, device: String, policy_json: String) -> Result<(), MeshError> {
         let device = parse_node(&device)?;
-        Ok(self.node()?.set_policy(&device, &policy_json)?)
+        Ok(self.primary()?.set_policy(&device, &policy_json)?)
     }
 
     /// Primary: `device`'s policy document (JSON), if set.
     pub fn policy(&self, device: String) -> Result<Option<String>, MeshError> {
         let device = parse_node(&device)?;
-        Ok(self.node()?.policy(&device)?.map(|v| v.to_string()))
+        Ok(self.primary()?.policy(&device)?.map(|v| v.to_string()))
     }
 
     /// Primary: what `device`'s policy decides for `command` now, without
@@ -676,13 +709,13 @@ impl MeshNode {
         command: String,
     ) -> Result<PolicyDecision, MeshError> {
         let device = parse_node(&device)?;
-        Ok(self.node()?.check_command(&device, &command)?.into())
+        Ok(self.primary()?.check_command(&device, &command)?.into())
     }
 
     /// Primary: actions (commands needing approval) and their states.
     pub fn actions(&self) -> Result<Vec<Action>, MeshError> {
         Ok(self
-            .node()?
+            .primary()?
             .actions()?
             .into_iter()
             .map(Into::into)
@@ -691,8 +724,10 @@ impl MeshNode {
 
     /// Primary: approves a proposed action; it runs now.
     pub async fn approve_action(&self, id: String) -> Result<Action, MeshError> {
-        self.run(move |node| async move { Ok(node.approve_action(&id).await?.into()) })
-            .await
+        self.on(self.primary()?, move |node| async move {
+            Ok(node.approve_action(&id).await?.into())
+        })
+        .await
     }
 
     /// Primary: rejects a proposed action.
@@ -701,8 +736,10 @@ impl MeshNode {
         id: String,
         reason: Option<String>,
     ) -> Result<Action, MeshError> {
-        self.run(move |node| async move { Ok(node.reject_action(&id, reason).await?.into()) })
-            .await
+        self.on(self.primary()?, move |node| async move {
+            Ok(node.reject_action(&id, reason).await?.into())
+        })
+        .await
     }
 }
 

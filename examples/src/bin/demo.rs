@@ -20,7 +20,7 @@ use mesh_core::events::{Received, Subscription};
 use mesh_core::identity::NodeKey;
 use mesh_core::ledger::Ledger;
 use mesh_core::node::{
-    FnHandler, Node, NodeConfig, NodeError, RegistryAdmission, Role, action_states,
+    FnHandler, Node, NodeConfig, NodeError, RegistryAdmission, Role, Worker, action_states,
 };
 use mesh_core::storage::{MemoryStorage, SqliteStorage, Storage};
 use mesh_core::wire::{HealthMetrics, Platform};
@@ -107,7 +107,7 @@ fn quic(key: &Arc<NodeKey>, store: &Arc<dyn Storage>) -> Result<Arc<QuicTranspor
     .map_err(|e| e.to_string())
 }
 
-fn worker(name: &str, platform: Platform, cpu: f64) -> Result<Node, String> {
+fn worker(name: &str, platform: Platform, cpu: f64) -> Result<Worker, String> {
     let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
     let key = Arc::new(NodeKey::generate());
     let transport = quic(&key, &store)?;
@@ -123,7 +123,7 @@ fn worker(name: &str, platform: Platform, cpu: f64) -> Result<Node, String> {
                 Ok(json!({ "backed_up": a["path"], "files": 42 }))
             })),
         )
-        .start()
+        .start_worker()
         .map_err(|e| e.to_string())
 }
 
@@ -164,7 +164,7 @@ async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
                 Ok(json!({ "deployed": a["version"] }))
             })),
         )
-        .start()
+        .start_primary()
         .map_err(|e| e.to_string())?;
     println!(
         "primary {} listening on {addr}",

@@ -25,7 +25,7 @@ use std::time::Duration;
 use clap::Parser;
 use mesh_core::discovery::Discovery;
 use mesh_core::identity::{Fingerprint, NodeId};
-use mesh_core::node::{CommandHandler, FnHandler, MetricsSource, Node, NodeConfig, Role};
+use mesh_core::node::{CommandHandler, FnHandler, MetricsSource, NodeConfig, Role, Worker};
 use mesh_core::transport::PeerAddr;
 use mesh_examples::{metrics::SystemMetrics, setup};
 use mesh_transport::mdns::{Interfaces, MdnsDiscovery};
@@ -71,7 +71,7 @@ struct Args {
 
 async fn find_primary(
     args: &Args,
-    node: &Node,
+    node: &Worker,
     store: Arc<dyn mesh_core::storage::Storage>,
 ) -> Result<(NodeId, Vec<PeerAddr>), String> {
     let pinned = args.primary_fingerprint;

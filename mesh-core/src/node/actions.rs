@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::primary::{Primary, PrimaryRt};
 use super::primary::{run_handler, session_conn};
-use super::{CommandRequest, Inner, Node, NodeError, Verdict, lock};
+use super::{CommandRequest, NodeError, Verdict, lock};
 use crate::identity::NodeId;
 use crate::ledger::record_types;
 use crate::storage::records::{ActionRecord, ActionState, ExecPolicyRecord};
@@ -45,14 +46,14 @@ pub mod states {
 
 /// Whether `node` is still paired and not revoked (a storage error counts
 /// as no: nothing runs on a device the primary cannot vouch for).
-fn still_paired(inner: &Inner, node: &NodeId) -> bool {
+fn still_paired(inner: &PrimaryRt, node: &NodeId) -> bool {
     super::protocols::paired(&inner.registry, node)
 }
 
 /// A command of `node` succeeded: its trust rises (R-PAIR8), written on the
 /// blocking pool like the decision. A failure to record it is published,
 /// not fatal to the command.
-async fn record_success(inner: &Arc<Inner>, node: NodeId) {
+async fn record_success(inner: &Arc<PrimaryRt>, node: NodeId) {
     let writing = inner.clone();
     let written =
         tokio::task::spawn_blocking(move || writing.registry.record_success(&node, writing.now()))
@@ -71,13 +72,13 @@ async fn record_success(inner: &Arc<Inner>, node: NodeId) {
 
 /// A claim on an action being decided; released on drop.
 struct Claim<'a> {
-    inner: &'a Inner,
+    inner: &'a PrimaryRt,
     id: String,
 }
 
 impl<'a> Claim<'a> {
     /// Claims action `id`, or says another decision holds it.
-    fn take(inner: &'a Inner, id: &str) -> Result<Self, NodeError> {
+    fn take(inner: &'a PrimaryRt, id: &str) -> Result<Self, NodeError> {
         if !super::lock(&inner.primary.claimed).insert(id.to_owned()) {
             return Err(NodeError::Unavailable(format!(
                 "action {id} is being decided already"
@@ -99,7 +100,7 @@ impl Drop for Claim<'_> {
 /// Voids `device`'s proposed actions (revoked or unpaired): each goes
 /// proposed → voided, with its ledger record.
 pub(super) async fn void_actions(
-    inner: &Inner,
+    inner: &PrimaryRt,
     device: &NodeId,
     why: &str,
 ) -> Result<(), NodeError> {
@@ -131,7 +132,7 @@ pub(super) async fn void_actions(
 /// A worker's command: decide (again after a deferral), record the decision,
 /// and run it, refuse it, or propose it for approval.
 pub(super) async fn on_worker_command(
-    inner: &Arc<Inner>,
+    inner: &Arc<PrimaryRt>,
     node: NodeId,
     cmd: &Command,
 ) -> CommandOutcome {
@@ -248,7 +249,7 @@ pub(super) async fn on_worker_command(
 }
 
 fn record_decision(
-    inner: &Inner,
+    inner: &PrimaryRt,
     node: NodeId,
     cmd: &Command,
     verdict: &Verdict,
@@ -294,7 +295,7 @@ fn record_decision(
 /// Stores an action and its transition record together; tells the worker.
 /// A move the lifecycle does not allow ([`ActionState::can_become`]) is
 /// refused and changes nothing.
-async fn transition(inner: &Inner, action: &ActionRecord) -> Result<(), NodeError> {
+async fn transition(inner: &PrimaryRt, action: &ActionRecord) -> Result<(), NodeError> {
     let stored = inner.store.load::<ActionRecord>(&action.id)?;
     if let Some(stored) = &stored
         && !stored.state.can_become(action.state)
@@ -358,7 +359,7 @@ async fn transition(inner: &Inner, action: &ActionRecord) -> Result<(), NodeErro
     Ok(())
 }
 
-async fn propose(inner: &Inner, node: NodeId, cmd: &Command) -> Result<String, NodeError> {
+async fn propose(inner: &PrimaryRt, node: NodeId, cmd: &Command) -> Result<String, NodeError> {
     let now = inner.now();
     let action = ActionRecord {
         id: MessageId::random().to_string(),
@@ -376,10 +377,10 @@ async fn propose(inner: &Inner, node: NodeId, cmd: &Command) -> Result<String, N
     Ok(action.id)
 }
 
-impl Node {
+impl Primary {
     /// Every action, newest first.
     pub fn actions(&self) -> Result<Vec<ActionRecord>, NodeError> {
-        let inner = self.primary()?;
+        let inner = &self.rt;
         let mut all: Vec<ActionRecord> = inner.store.load_all()?;
         all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
         Ok(all)
@@ -387,7 +388,7 @@ impl Node {
 
     /// Action `id`, claimed for a decision, if it is still proposed.
     fn claim_proposed(&self, id: &str) -> Result<(Claim<'_>, ActionRecord), NodeError> {
-        let inner = self.primary()?;
+        let inner = &self.rt;
         let claim = Claim::take(inner, id)?;
         // Read after the claim: a decision that finished before it shows.
         let action: ActionRecord = inner
@@ -408,7 +409,7 @@ impl Node {
     /// Two concurrent approvals run it once: the second is refused.
     pub async fn approve_action(&self, id: &str) -> Result<ActionRecord, NodeError> {
         let (_claim, mut action) = self.claim_proposed(id)?;
-        let inner = self.primary()?;
+        let inner = &self.rt;
         if !still_paired(inner, &action.proposed_by) {
             return Err(NodeError::Unavailable(format!(
                 "action {id} was proposed by a device that is no longer paired"
@@ -433,7 +434,7 @@ impl Node {
             CommandOutcome::Ok(result) => {
                 action.state = ActionState::Executed;
                 action.result = Some(result);
-                record_success(&self.inner, action.proposed_by).await;
+                record_success(&self.rt, action.proposed_by).await;
             }
             CommandOutcome::Err { code, message } => {
                 action.state = ActionState::Failed;
@@ -452,7 +453,7 @@ impl Node {
         reason: Option<String>,
     ) -> Result<ActionRecord, NodeError> {
         let (_claim, mut action) = self.claim_proposed(id)?;
-        let inner = self.primary()?;
+        let inner = &self.rt;
         action.state = ActionState::Rejected;
         action.decided_by = Some(inner.key.node_id().to_string());
         action.error = reason;
@@ -467,7 +468,7 @@ impl Node {
     /// a policy the ledger does not have. Concurrent calls are applied in
     /// one order, so the live policy is always the last one committed.
     pub fn set_policy(&self, device: &NodeId, document: &str) -> Result<(), NodeError> {
-        let inner = self.primary()?;
+        let inner = &self.rt;
         let text = JsonText::new(document).map_err(|e| NodeError::Policy(e.to_string()))?;
         inner.policy.validate(document).map_err(NodeError::Policy)?;
         let record = ExecPolicyRecord {
@@ -503,7 +504,7 @@ impl Node {
         self.check_command_with(device, command, CommandUsage::default())
     }
 
-    /// [`Node::check_command`] for a command declaring `usage`.
+    /// [`Primary::check_command`] for a command declaring `usage`.
     pub fn check_command_with(
         &self,
         device: &NodeId,
@@ -511,7 +512,7 @@ impl Node {
         usage: CommandUsage,
     ) -> Result<Verdict, NodeError> {
         usage.validate().map_err(NodeError::Policy)?;
-        let inner = self.primary()?;
+        let inner = &self.rt;
         let power = super::lock(&inner.primary.power).get(device).cloned();
         let platform = match &power {
             Some(p) => p.platform,
@@ -530,7 +531,7 @@ impl Node {
 
     /// `device`'s policy document, if one is set.
     pub fn policy(&self, device: &NodeId) -> Result<Option<Value>, NodeError> {
-        let inner = self.primary()?;
+        let inner = &self.rt;
         let record: Option<ExecPolicyRecord> = inner.store.load(&device.to_string())?;
         Ok(record.and_then(|r| serde_json::from_str(r.document.as_str()).ok()))
     }
@@ -538,7 +539,7 @@ impl Node {
 
 /// Installs the stored policies (at start: a restart keeps them).
 /// One of `node`'s proposals was decided (or never written).
-fn proposal_settled(inner: &Inner, node: NodeId) {
+fn proposal_settled(inner: &PrimaryRt, node: NodeId) {
     let mut open = lock(&inner.primary.proposed);
     if let Some(n) = open.get_mut(&node) {
         *n = n.saturating_sub(1);
@@ -549,7 +550,7 @@ fn proposal_settled(inner: &Inner, node: NodeId) {
 }
 
 /// Counts each device's proposals still waiting (at start).
-pub(super) fn count_proposals(inner: &Inner) -> Result<(), NodeError> {
+pub(super) fn count_proposals(inner: &PrimaryRt) -> Result<(), NodeError> {
     let mut open: HashMap<NodeId, usize> = HashMap::new();
     for a in inner.store.load_all::<ActionRecord>()? {
         if a.state == ActionState::Proposed {
@@ -560,7 +561,7 @@ pub(super) fn count_proposals(inner: &Inner) -> Result<(), NodeError> {
     Ok(())
 }
 
-pub(super) fn load_policies(inner: &Inner) -> Result<(), NodeError> {
+pub(super) fn load_policies(inner: &PrimaryRt) -> Result<(), NodeError> {
     let all: Vec<ExecPolicyRecord> = inner.store.load_all()?;
     for p in all {
         if let Err(e) = inner.policy.install(&p.node, p.document.as_str()) {

@@ -81,6 +81,69 @@ pub(crate) struct SessionRef {
     pub(crate) id: u64,
     pub(crate) peer: NodeId,
     pub(crate) conn: Arc<dyn Connection>,
+    pub(crate) opened_at: Timestamp,
+}
+
+/// The open authenticated session with each peer, one per peer (a newer
+/// session of the same peer replaces the older, which the caller closes).
+/// Entries are made only for peers that passed their role's gate (a
+/// primary's paired devices, a worker's primary), so the table is bounded
+/// by who may be paired.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    open: Mutex<HashMap<NodeId, SessionRef>>,
+}
+
+impl Sessions {
+    /// Records `session` as its peer's open one; returns the one it replaced.
+    pub(crate) fn insert(&self, session: SessionRef) -> Option<SessionRef> {
+        lock(&self.open).insert(session.peer, session)
+    }
+
+    /// `peer`'s open session.
+    pub(crate) fn get(&self, peer: &NodeId) -> Option<SessionRef> {
+        lock(&self.open).get(peer).cloned()
+    }
+
+    /// Whether `peer` has an open session.
+    pub(crate) fn contains(&self, peer: &NodeId) -> bool {
+        lock(&self.open).contains_key(peer)
+    }
+
+    /// Removes `peer`'s session, whichever it is.
+    pub(crate) fn remove(&self, peer: &NodeId) -> Option<SessionRef> {
+        lock(&self.open).remove(peer)
+    }
+
+    /// Removes `peer`'s session if it is still session `id` (a newer one
+    /// of the same peer stays).
+    pub(crate) fn remove_if(&self, peer: &NodeId, id: u64) -> Option<SessionRef> {
+        let mut open = lock(&self.open);
+        if open.get(peer).is_some_and(|s| s.id == id) {
+            open.remove(peer)
+        } else {
+            None
+        }
+    }
+
+    /// Removes every session.
+    pub(crate) fn drain(&self) -> Vec<SessionRef> {
+        lock(&self.open).drain().map(|(_, s)| s).collect()
+    }
+
+    /// The open sessions, by peer.
+    pub(crate) fn list(&self) -> Vec<super::PeerSession> {
+        let mut all: Vec<super::PeerSession> = lock(&self.open)
+            .values()
+            .map(|s| super::PeerSession {
+                peer: s.peer,
+                opened_at: s.opened_at,
+                addr: s.conn.remote_addr(),
+            })
+            .collect();
+        all.sort_by_key(|s| s.peer);
+        all
+    }
 }
 
 /// Commands sent and awaiting their result, by (peer, command id): only the

@@ -17,6 +17,12 @@
 //! from mesh-ledger and a `RuntimePolicy` from mesh-policy; the reference
 //! binaries in `examples/` and the FFI layer do exactly that.
 //!
+//! Each role is a type: [`NodeBuilder::start_primary`] gives a [`Primary`],
+//! [`NodeBuilder::start_worker`] a [`Worker`]; both dereference to the
+//! [`Node`] they are, which carries what the roles share (events, discovery,
+//! the authenticated [`sessions`](Node::sessions) with peers,
+//! [`command`](Node::command) to any of them, counters, shutdown).
+//!
 //! ```text
 //!  worker                                   primary
 //!    │── QUIC, ALPN pairing ──────────────────▶│  Pairing::Request (code shown on the worker)
@@ -50,10 +56,9 @@ use tokio::sync::oneshot;
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::discovery::{Discovery, DiscoveryError};
 use crate::events::{EventBus, EventError, Subscription};
-use crate::health::{HealthConfig, HealthMonitor};
 use crate::identity::{NodeId, NodeKey};
 use crate::ledger::Ledger;
-use crate::pairing::{PairingConfig, PairingError, PrimaryPairing};
+use crate::pairing::{PairingConfig, PairingError};
 use crate::registry::{AuthError, Registry, RegistryError};
 use crate::storage::records::DiscoveredNodeRecord;
 use crate::storage::{Storage, StorageError};
@@ -64,9 +69,9 @@ pub use actions::states as action_states;
 pub use backoff::Backoff;
 #[cfg(feature = "sqlite")]
 pub use data_dir::{DB_FILE, DataDir, KEY_FILE};
-pub use primary::DeviceView;
+pub use primary::{DeviceView, Primary};
 pub use protocols::{ProtocolError, ProtocolHandler};
-pub use worker::PairingTicket;
+pub use worker::{PairingTicket, Worker};
 
 /// Whether the node is the primary or a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -409,7 +414,7 @@ impl fmt::Debug for Permit {
 /// low-power mode, thermal state, CPU). A desktop that reports a battery
 /// is a laptop. What the command will use (`usage`: cost, tokens, job
 /// size) is declared by the sender with the command
-/// ([`Node::send_command_with`]); a command that declares nothing costs
+/// ([`Worker::send_command_with`]); a command that declares nothing costs
 /// nothing and is a small job.
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
@@ -743,30 +748,11 @@ impl NodeBuilder {
         self
     }
 
-    /// Starts the node's tasks (inside a tokio runtime).
+    /// Starts the node's tasks (inside a tokio runtime), in the role its
+    /// configuration names; [`Node::as_primary`] and [`Node::as_worker`]
+    /// give the role's handle.
     pub fn start(self) -> Result<Node, NodeError> {
-        let protocols = protocols::Protocols::new(self.config.role, self.protocols)?;
-        let mut registry = Registry::with_trust(
-            self.store.clone(),
-            self.events.clone(),
-            self.config.trust.clone(),
-        );
-        if let Some(ledger) = &self.ledger {
-            registry = registry.with_ledger(ledger.clone());
-        }
-        let pairing = PrimaryPairing::new(
-            self.key.node_id(),
-            self.store.clone(),
-            registry.clone(),
-            self.events.clone(),
-            self.config.pairing.clone(),
-        );
-        let health = HealthMonitor::new(
-            HealthConfig::for_interval(self.config.heartbeat_interval),
-            self.events.clone(),
-            self.store.clone(),
-        );
-        let inner = Arc::new(Inner {
+        let core = Arc::new(Core {
             stats: Stats {
                 timings: self.record_timings.then(|| Mutex::new(Vec::new())),
                 ..Stats::default()
@@ -779,44 +765,75 @@ impl NodeBuilder {
             config: self.config,
             events: self.events,
             clock: self.clock,
-            metrics: self.metrics,
-            policy: self.policy,
             handlers: self.handlers,
-            protocols,
-            registry,
-            pairing,
-            health: Mutex::new(health),
             calls: link::PendingCalls::default(),
             guards: link::PeerGuards::default(),
+            sessions: link::Sessions::default(),
             next_session: std::sync::atomic::AtomicU64::new(1),
-            primary: primary::State::default(),
-            worker: worker::State::default(),
             tasks: Mutex::new(Vec::new()),
             data_dir: self.data_dir,
             ledger: self.ledger,
         });
-        let node = Node {
-            owner: Arc::new(Owner(inner.clone())),
-            inner,
+        let (role, built_in) = match core.config.role {
+            Role::Primary => {
+                let rt = primary::PrimaryRt::new(core.clone(), self.policy);
+                let built_in = primary::protocols(&rt);
+                (RoleRt::Primary(rt), built_in)
+            }
+            Role::Worker => (
+                RoleRt::Worker(worker::WorkerRt::new(core.clone(), self.metrics)),
+                Vec::new(),
+            ),
         };
-        match node.inner.config.role {
-            Role::Primary => primary::start(&node.inner)?,
-            Role::Worker => worker::start(&node.inner)?,
+        let protocols = protocols::Protocols::new(built_in, self.protocols)?;
+        let node = Node {
+            owner: Arc::new(Owner {
+                core: core.clone(),
+                role: role.clone(),
+            }),
+            core,
+            role,
+        };
+        match &node.role {
+            RoleRt::Primary(rt) => primary::start(rt)?,
+            RoleRt::Worker(rt) => worker::start(rt)?,
         }
-        serve_protocols(&node.inner)?;
+        serve_protocols(&node.core, &protocols)?;
         Ok(node)
+    }
+
+    /// Starts a primary ([`NodeBuilder::start`] for a configuration whose
+    /// role is [`Role::Primary`]; any other is refused with
+    /// [`NodeError::Unavailable`] before anything starts).
+    pub fn start_primary(self) -> Result<Primary, NodeError> {
+        if self.config.role != Role::Primary {
+            return Err(NodeError::Unavailable(
+                "start_primary needs a configuration with Role::Primary".into(),
+            ));
+        }
+        let node = self.start()?;
+        Ok(node.as_primary().expect("started as a primary"))
+    }
+
+    /// Starts a worker (see [`NodeBuilder::start_primary`]).
+    pub fn start_worker(self) -> Result<Worker, NodeError> {
+        if self.config.role != Role::Worker {
+            return Err(NodeError::Unavailable(
+                "start_worker needs a configuration with Role::Worker".into(),
+            ));
+        }
+        let node = self.start()?;
+        Ok(node.as_worker().expect("started as a worker"))
     }
 }
 
 /// Tells every transport what the node serves (and who may use it), and
 /// accepts on each if it serves anything.
-fn serve_protocols(inner: &Arc<Inner>) -> Result<(), NodeError> {
-    let list = inner.protocols.list();
-    let admission = inner.protocols.admission(inner.registry.clone());
-    let registered = list
-        .iter()
-        .any(|p| matches!(inner.protocols.get(*p), Some(protocols::Served::Handler(_))));
-    for transport in &inner.transports {
+fn serve_protocols(core: &Arc<Core>, protocols: &protocols::Protocols) -> Result<(), NodeError> {
+    let list = protocols.list();
+    let admission = protocols.admission();
+    let registered = protocols.any_registered();
+    for transport in &core.transports {
         match transport.serve(&list, admission.clone()) {
             Ok(()) => {}
             // A transport that knows only the built-in protocols keeps the
@@ -826,38 +843,28 @@ fn serve_protocols(inner: &Arc<Inner>) -> Result<(), NodeError> {
         }
     }
     if !list.is_empty() {
-        for transport in inner.transports.clone() {
-            accept_on(inner, transport);
+        for transport in core.transports.clone() {
+            accept_on(core, transport, protocols.clone());
         }
     }
     Ok(())
 }
 
-/// Accepts connections on one transport and hands each to what serves its
-/// protocol.
-fn accept_on(inner: &Arc<Inner>, transport: Arc<dyn Transport>) {
-    let accepting = inner.clone();
-    inner.spawn(async move {
+/// Accepts connections on one transport and hands each, in a task of its
+/// own, to the handler of its protocol.
+fn accept_on(core: &Arc<Core>, transport: Arc<dyn Transport>, protocols: protocols::Protocols) {
+    let accepting = core.clone();
+    core.spawn(async move {
         loop {
             match transport.accept().await {
                 Ok(conn) => {
                     let conn: Arc<dyn Connection> = Arc::from(conn);
-                    let served = accepting.protocols.get(conn.protocol()).cloned();
-                    let handler = accepting.clone();
-                    accepting.spawn(async move {
-                        match served {
-                            Some(protocols::Served::Pairing) => {
-                                primary::pairing_session(&handler, conn).await
-                            }
-                            Some(protocols::Served::Session) => {
-                                primary::mesh_session(&handler, conn).await
-                            }
-                            Some(protocols::Served::Handler(h)) => h.serve(conn).await,
-                            // Admission refuses what is not served; a
-                            // transport without `serve` may still let it in.
-                            None => conn.close(),
-                        }
-                    });
+                    match protocols.get(conn.protocol()).cloned() {
+                        Some(handler) => accepting.spawn(async move { handler.serve(conn).await }),
+                        // Admission refuses what is not served; a transport
+                        // without `serve` may still let it in.
+                        None => conn.close(),
+                    }
                 }
                 Err(TransportError::Closed) => break,
                 Err(_) => continue,
@@ -920,7 +927,12 @@ pub struct NodeStats {
     pub heartbeat_nanos: Vec<u32>,
 }
 
-pub(crate) struct Inner {
+/// What both roles share: identity, storage, transports, the signed link,
+/// the authenticated sessions with peers, the calls awaiting results, the
+/// node's tasks. Each role's own state is in its runtime
+/// ([`primary::PrimaryRt`], [`worker::WorkerRt`]), which the node's tasks
+/// and the role's handle hold; nothing checks the role at run time.
+pub(crate) struct Core {
     stats: Stats,
     key: Arc<NodeKey>,
     store: Arc<dyn Storage>,
@@ -930,36 +942,38 @@ pub(crate) struct Inner {
     config: NodeConfig,
     events: EventBus,
     clock: Arc<dyn Clock>,
-    metrics: Arc<dyn MetricsSource>,
-    policy: Arc<dyn CommandPolicy>,
+    /// Host code by name: a worker runs it for the primary's `run_action`,
+    /// a primary for workers' commands its policy allows.
     handlers: HashMap<String, Arc<dyn CommandHandler>>,
-    /// What the node accepts, by ALPN.
-    protocols: protocols::Protocols,
-    /// The registry; with a ledger attached, every audited change goes
-    /// through it (`Registry::commit`).
-    registry: Registry,
-    pairing: PrimaryPairing,
-    health: Mutex<HealthMonitor>,
     link: link::Link,
     /// Commands sent and awaiting their result, by (peer, command id).
     calls: link::PendingCalls,
     /// Each authenticated peer's replay guard.
     guards: link::PeerGuards,
-    /// Numbers sessions (both roles).
+    /// The open authenticated session with each peer (a primary's devices,
+    /// a worker's primary; the primaries of a mesh next).
+    sessions: link::Sessions,
+    /// Numbers sessions.
     next_session: std::sync::atomic::AtomicU64,
-    primary: primary::State,
-    worker: worker::State,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     data_dir: Option<std::path::PathBuf>,
-    /// The audit ledger (also held by the registry), ticked by the primary.
+    /// The audit ledger (also held by the primary's registry), ticked by
+    /// the primary.
     ledger: Option<Arc<dyn Ledger>>,
+}
+
+/// The role's runtime.
+#[derive(Clone)]
+enum RoleRt {
+    Primary(Arc<primary::PrimaryRt>),
+    Worker(Arc<worker::WorkerRt>),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Inner {
+impl Core {
     fn now(&self) -> Timestamp {
         self.clock.now()
     }
@@ -1056,30 +1070,55 @@ impl Inner {
     }
 }
 
-/// A running node. Clones share it; when the last clone is dropped
+/// A running node, of either role: what both roles do (identity, events,
+/// discovery, the sessions with peers, commands to them, counters,
+/// shutdown). The role's own operations are on its typed handle,
+/// [`Primary`] or [`Worker`] ([`Node::as_primary`], [`Node::as_worker`],
+/// or [`NodeBuilder::start_primary`] / [`NodeBuilder::start_worker`]).
+///
+/// Clones (and role handles) share the node; when the last is dropped
 /// without [`Node::shutdown`], the node's tasks are aborted and its
 /// connections closed (without the goodbye `shutdown` sends).
 #[derive(Clone)]
 pub struct Node {
-    inner: Arc<Inner>,
-    /// Held only by `Node` handles (the node's own tasks hold `inner`).
+    core: Arc<Core>,
+    role: RoleRt,
+    /// Held only by handles (the node's own tasks hold the runtimes).
     #[allow(dead_code)]
     owner: Arc<Owner>,
 }
 
-/// Stops the node when the last [`Node`] handle goes.
-struct Owner(Arc<Inner>);
+/// Stops the node when the last handle goes.
+struct Owner {
+    core: Arc<Core>,
+    role: RoleRt,
+}
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        let inner = &self.0;
-        worker::stop_now(inner);
-        primary::close_now(inner);
-        for t in lock(&inner.tasks).drain(..) {
+        match &self.role {
+            RoleRt::Primary(rt) => primary::close_now(rt),
+            RoleRt::Worker(rt) => worker::stop_now(rt),
+        }
+        for t in lock(&self.core.tasks).drain(..) {
             t.abort();
         }
-        let _ = lock(&inner.health).flush();
+        if let RoleRt::Primary(rt) = &self.role {
+            rt.flush_health();
+        }
     }
+}
+
+/// An authenticated session the node holds with a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerSession {
+    /// The peer.
+    pub peer: NodeId,
+    /// When the session opened.
+    pub opened_at: Timestamp,
+    /// Where the peer is, as the transport sees it.
+    pub addr: Option<PeerAddr>,
 }
 
 /// Aborts a task when dropped (a task that must not outlive its owner).
@@ -1094,8 +1133,8 @@ impl Drop for AbortOnDrop {
 impl fmt::Debug for Node {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Node")
-            .field("id", &self.inner.key.node_id())
-            .field("role", &self.inner.config.role)
+            .field("id", &self.core.key.node_id())
+            .field("role", &self.role())
             .finish_non_exhaustive()
     }
 }
@@ -1128,27 +1167,78 @@ impl Node {
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
-        self.inner.key.node_id()
+        self.core.key.node_id()
     }
 
     /// The role.
     pub fn role(&self) -> Role {
-        self.inner.config.role
+        match self.role {
+            RoleRt::Primary(_) => Role::Primary,
+            RoleRt::Worker(_) => Role::Worker,
+        }
+    }
+
+    /// The primary's handle, if this node is the primary.
+    pub fn as_primary(&self) -> Option<Primary> {
+        match &self.role {
+            RoleRt::Primary(rt) => Some(Primary {
+                node: self.clone(),
+                rt: rt.clone(),
+            }),
+            RoleRt::Worker(_) => None,
+        }
+    }
+
+    /// The worker's handle, if this node is a worker.
+    pub fn as_worker(&self) -> Option<Worker> {
+        match &self.role {
+            RoleRt::Worker(rt) => Some(Worker {
+                node: self.clone(),
+                rt: rt.clone(),
+            }),
+            RoleRt::Primary(_) => None,
+        }
+    }
+
+    /// The authenticated sessions open now, one per peer: a primary's
+    /// connected devices, a worker's primary.
+    pub fn sessions(&self) -> Vec<PeerSession> {
+        self.core.sessions.list()
+    }
+
+    /// Sends command `name` with `args` to `peer`, with which a session is
+    /// open, and waits for its result (or the refusal): a primary's
+    /// commands to a device, a worker's to its primary (which decides it
+    /// by the device's policy). Fails with [`NodeError::NotConnected`]
+    /// without a session, with `connection_lost` as soon as the session
+    /// ends, and with [`NodeError::Timeout`] after the command timeout.
+    pub async fn command(
+        &self,
+        peer: &NodeId,
+        name: &str,
+        args: Value,
+    ) -> Result<Value, NodeError> {
+        let session = self
+            .core
+            .sessions
+            .get(peer)
+            .ok_or(NodeError::NotConnected(*peer))?;
+        self.core.call(&session, name, &args, None).await
     }
 
     /// The data directory, if the node was built from a [`DataDir`].
     pub fn data_dir(&self) -> Option<&std::path::Path> {
-        self.inner.data_dir.as_deref()
+        self.core.data_dir.as_deref()
     }
 
     /// The event bus.
     pub fn events(&self) -> &EventBus {
-        &self.inner.events
+        &self.core.events
     }
 
     /// Subscribes to events matching `pattern` (e.g. `pairing.*`).
     pub fn subscribe(&self, pattern: &str, capacity: usize) -> Result<Subscription, NodeError> {
-        Ok(self.inner.events.subscribe(pattern, capacity)?)
+        Ok(self.core.events.subscribe(pattern, capacity)?)
     }
 
     /// Every node the configured discovery mechanisms know, plus any found
@@ -1158,7 +1248,7 @@ impl Node {
         timeout: Duration,
     ) -> Result<Vec<DiscoveredNodeRecord>, NodeError> {
         let mut found: Vec<DiscoveredNodeRecord> = Vec::new();
-        for d in &self.inner.discovery {
+        for d in &self.core.discovery {
             for n in d.discover(timeout).await? {
                 if n.node != self.node_id() && !found.iter().any(|f| f.node == n.node) {
                     found.push(n);
@@ -1170,7 +1260,7 @@ impl Node {
 
     /// The node's counters (and timings, if recorded).
     pub fn stats(&self) -> NodeStats {
-        let s = &self.inner.stats;
+        let s = &self.core.stats;
         NodeStats {
             heartbeats_sent: s.heartbeats_sent.load(std::sync::atomic::Ordering::Relaxed),
             heartbeats_received: s
@@ -1196,12 +1286,18 @@ impl Node {
 
     /// Stops every task and closes every connection.
     pub async fn shutdown(&self) {
-        primary::close_all(&self.inner, crate::session::ByeReason::Shutdown).await;
-        worker::stop(&self.inner).await;
-        let tasks: Vec<_> = lock(&self.inner.tasks).drain(..).collect();
+        match &self.role {
+            RoleRt::Primary(rt) => {
+                primary::close_all(rt, crate::session::ByeReason::Shutdown).await
+            }
+            RoleRt::Worker(rt) => worker::stop(rt).await,
+        }
+        let tasks: Vec<_> = lock(&self.core.tasks).drain(..).collect();
         for t in tasks {
             t.abort();
         }
-        let _ = lock(&self.inner.health).flush();
+        if let RoleRt::Primary(rt) = &self.role {
+            rt.flush_health();
+        }
     }
 }

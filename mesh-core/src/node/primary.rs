@@ -2,7 +2,7 @@
 //! every message, commands in both directions, revocation.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -10,15 +10,19 @@ use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
 use super::link::{SessionRef, pre_auth_guard};
-use super::{Inner, Node, NodeError, Role, lock};
+use super::protocols::ProtocolHandler;
+use super::{Core, Node, NodeError, lock};
 use crate::events::kinds;
+use crate::health::{HealthConfig, HealthMonitor};
 use crate::identity::NodeId;
 use crate::limits::{KeyedLimiter, TokenBucket};
+use crate::pairing::PrimaryPairing;
 use crate::pairing::{PairingCode, PairingError};
+use crate::registry::Registry;
 use crate::registry::scopes;
 use crate::session::{ByeReason, DeviceSession, Output, refusals};
 use crate::storage::records::{DeviceRecord, PairingRequestRecord};
-use crate::transport::Connection;
+use crate::transport::{Connection, Protocol};
 use crate::wire::MessageId;
 use crate::wire::{
     CommandOutcome, CommandResult, HealthMetrics, JsonText, PairingMessage, Payload, Platform,
@@ -35,9 +39,167 @@ struct Waiter {
     answer: Option<oneshot::Sender<Result<DeviceRecord, PairingError>>>,
 }
 
+/// The primary's runtime: the shared core and what only a primary has
+/// (the registry, pairing, health, the policy, and the state below). The
+/// primary's tasks and its [`Primary`] handle hold it.
+pub(crate) struct PrimaryRt {
+    core: Arc<Core>,
+    /// The registry; with a ledger attached, every audited change goes
+    /// through it (`Registry::commit`).
+    pub(super) registry: Registry,
+    pub(super) pairing: PrimaryPairing,
+    pub(super) health: Mutex<HealthMonitor>,
+    pub(super) policy: Arc<dyn super::CommandPolicy>,
+    pub(super) primary: State,
+}
+
+impl std::ops::Deref for PrimaryRt {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl PrimaryRt {
+    pub(super) fn new(core: Arc<Core>, policy: Arc<dyn super::CommandPolicy>) -> Arc<Self> {
+        let mut registry = Registry::with_trust(
+            core.store.clone(),
+            core.events.clone(),
+            core.config.trust.clone(),
+        );
+        if let Some(ledger) = &core.ledger {
+            registry = registry.with_ledger(ledger.clone());
+        }
+        let pairing = PrimaryPairing::new(
+            core.key.node_id(),
+            core.store.clone(),
+            registry.clone(),
+            core.events.clone(),
+            core.config.pairing.clone(),
+        );
+        let health = HealthMonitor::new(
+            HealthConfig::for_interval(core.config.heartbeat_interval),
+            core.events.clone(),
+            core.store.clone(),
+        );
+        Arc::new(PrimaryRt {
+            registry,
+            pairing,
+            health: Mutex::new(health),
+            policy,
+            primary: State::default(),
+            core,
+        })
+    }
+
+    /// Writes the health state still unwritten (the node stops).
+    pub(super) fn flush_health(&self) {
+        let _ = lock(&self.health).flush();
+    }
+}
+
+/// The primary's own protocols, served like any registered one: pairing
+/// (any key may ask) and the device session (paired, unrevoked devices).
+/// They hold the runtime weakly: the transports hold their admission, and
+/// the runtime holds the transports.
+pub(super) fn protocols(rt: &Arc<PrimaryRt>) -> Vec<(Protocol, Arc<dyn ProtocolHandler>)> {
+    vec![
+        (
+            Protocol::PAIRING,
+            Arc::new(PairingService(Arc::downgrade(rt))),
+        ),
+        (
+            Protocol::MESH,
+            Arc::new(SessionService {
+                rt: Arc::downgrade(rt),
+                registry: rt.registry.clone(),
+            }),
+        ),
+    ]
+}
+
+/// Serves [`Protocol::PAIRING`].
+struct PairingService(Weak<PrimaryRt>);
+
+impl std::fmt::Debug for PairingService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PairingService")
+    }
+}
+
+#[async_trait::async_trait]
+impl ProtocolHandler for PairingService {
+    fn admit(&self, _: &NodeId) -> bool {
+        // Pairing is how keys become known; its own limits bound it.
+        true
+    }
+
+    async fn serve(&self, conn: Arc<dyn Connection>) {
+        match self.0.upgrade() {
+            Some(rt) => pairing_session(&rt, conn).await,
+            None => conn.close(),
+        }
+    }
+}
+
+/// Serves [`Protocol::MESH`], the device session.
+struct SessionService {
+    rt: Weak<PrimaryRt>,
+    registry: Registry,
+}
+
+impl std::fmt::Debug for SessionService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionService")
+    }
+}
+
+#[async_trait::async_trait]
+impl ProtocolHandler for SessionService {
+    fn admit(&self, peer: &NodeId) -> bool {
+        super::protocols::paired(&self.registry, peer)
+    }
+
+    async fn serve(&self, conn: Arc<dyn Connection>) {
+        match self.rt.upgrade() {
+            Some(rt) => mesh_session(&rt, conn).await,
+            None => conn.close(),
+        }
+    }
+}
+
+/// A primary: its handle, with the operations only a primary has (pairing
+/// approval, the devices, their policies and actions, revocation). It
+/// dereferences to the [`Node`] it is, for what both roles do.
+#[derive(Clone)]
+pub struct Primary {
+    pub(super) node: Node,
+    pub(super) rt: Arc<PrimaryRt>,
+}
+
+impl std::ops::Deref for Primary {
+    type Target = Node;
+
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl std::fmt::Debug for Primary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.node.fmt(f)
+    }
+}
+
+impl From<Primary> for Node {
+    fn from(p: Primary) -> Node {
+        p.node
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct State {
-    sessions: Mutex<HashMap<NodeId, SessionRef>>,
     /// Each device's platform and latest heartbeat metrics (the policy's
     /// power context); entries only for paired devices that opened a
     /// session, dropped on unpair and revocation.
@@ -93,7 +255,7 @@ pub struct DeviceView {
     pub score: Option<u8>,
 }
 
-pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
+pub(super) fn start(inner: &Arc<PrimaryRt>) -> Result<(), NodeError> {
     super::actions::load_policies(inner)?;
     super::actions::count_proposals(inner)?;
     // Requests left by a crash cannot be approved (their devices are no
@@ -136,13 +298,13 @@ pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
 
 /// One of a key's open mesh connections; uncounted on drop.
 struct ConnCount<'a> {
-    inner: &'a Inner,
+    inner: &'a PrimaryRt,
     node: NodeId,
 }
 
 impl<'a> ConnCount<'a> {
     /// Counts a connection of `node`, unless it has as many as it may.
-    fn take(inner: &'a Inner, node: NodeId) -> Option<Self> {
+    fn take(inner: &'a PrimaryRt, node: NodeId) -> Option<Self> {
         let mut conns = lock(&inner.primary.mesh_conns);
         let n = conns.entry(node).or_insert(0);
         if *n >= inner.config.peer_limits.connections_per_key {
@@ -206,7 +368,11 @@ fn pending_full(
 }
 
 /// Why a new pairing request is refused before it costs anything, if it is.
-fn pairing_admission(inner: &Inner, from: NodeId, source: Option<&str>) -> Option<&'static str> {
+fn pairing_admission(
+    inner: &PrimaryRt,
+    from: NodeId,
+    source: Option<&str>,
+) -> Option<&'static str> {
     let limits = &inner.config.pairing_limits;
     let now = inner.now();
     if pending_full(&lock(&inner.primary.pairings), limits, from, source) {
@@ -229,7 +395,7 @@ fn pairing_admission(inner: &Inner, from: NodeId, source: Option<&str>) -> Optio
     None
 }
 
-fn refuse_pairing(inner: &Inner, conn: &dyn Connection, reason: &str, error: Option<String>) {
+fn refuse_pairing(inner: &PrimaryRt, conn: &dyn Connection, reason: &str, error: Option<String>) {
     inner.stats.pairing_refused.fetch_add(1, Ordering::Relaxed);
     inner.events.publish(
         kinds::PAIRING_REFUSED,
@@ -239,7 +405,7 @@ fn refuse_pairing(inner: &Inner, conn: &dyn Connection, reason: &str, error: Opt
     conn.close();
 }
 
-pub(super) async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
+pub(super) async fn pairing_session(inner: &Arc<PrimaryRt>, conn: Arc<dyn Connection>) {
     let from = conn.remote_node();
     let source = source_of(conn.as_ref());
     // Bounded before anything is read, verified or stored.
@@ -376,7 +542,7 @@ pub(super) async fn pairing_session(inner: &Arc<Inner>, conn: Arc<dyn Connection
     }
 }
 
-pub(super) async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) {
+pub(super) async fn mesh_session(inner: &Arc<PrimaryRt>, conn: Arc<dyn Connection>) {
     let node = conn.remote_node();
     let Some(_counted) = ConnCount::take(inner, node) else {
         inner
@@ -435,14 +601,12 @@ pub(super) async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) 
                             metrics: None,
                         });
                 }
-                let old = lock(&inner.primary.sessions).insert(
-                    node,
-                    SessionRef {
-                        id,
-                        peer: node,
-                        conn: conn.clone(),
-                    },
-                );
+                let old = inner.sessions.insert(SessionRef {
+                    id,
+                    peer: node,
+                    conn: conn.clone(),
+                    opened_at: inner.now(),
+                });
                 if let Some(old) = old {
                     old.conn.close();
                 }
@@ -467,10 +631,7 @@ pub(super) async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) 
         }
     }
     if !session.is_open() {
-        let mut sessions = lock(&inner.primary.sessions);
-        if sessions.get(&node).is_some_and(|s| s.id == id) {
-            sessions.remove(&node);
-        }
+        inner.sessions.remove_if(&node, id);
         conn.close();
         return;
     }
@@ -485,11 +646,7 @@ pub(super) async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) 
     if !super::protocols::paired(&inner.registry, &node) {
         lock(&inner.primary.rates).remove(&node);
     }
-    let mut sessions = lock(&inner.primary.sessions);
-    if sessions.get(&node).is_some_and(|s| s.id == id) {
-        sessions.remove(&node);
-    }
-    drop(sessions);
+    inner.sessions.remove_if(&node, id);
     conn.close();
     inner.calls.fail_session(node, id);
     inner.events.publish(
@@ -502,7 +659,7 @@ pub(super) async fn mesh_session(inner: &Arc<Inner>, conn: Arc<dyn Connection>) 
 /// The session loop: every message goes through the session machine (rate,
 /// scope, gate) and the driver carries out what it says.
 async fn serve(
-    inner: &Arc<Inner>,
+    inner: &Arc<PrimaryRt>,
     conn: &dyn Connection,
     node: NodeId,
     session_id: u64,
@@ -560,7 +717,7 @@ async fn serve(
 }
 
 /// `node`'s message bucket, shared by all its sessions.
-fn rate_of(inner: &Inner, node: NodeId) -> Arc<Mutex<TokenBucket>> {
+fn rate_of(inner: &PrimaryRt, node: NodeId) -> Arc<Mutex<TokenBucket>> {
     lock(&inner.primary.rates)
         .entry(node)
         .or_insert_with(|| {
@@ -574,7 +731,7 @@ fn rate_of(inner: &Inner, node: NodeId) -> Arc<Mutex<TokenBucket>> {
 
 /// Acts on a message the session machine let through.
 async fn deliver(
-    inner: &Arc<Inner>,
+    inner: &Arc<PrimaryRt>,
     conn: &dyn Connection,
     node: NodeId,
     session_id: u64,
@@ -629,7 +786,7 @@ async fn deliver(
 
 /// Answers `cmd` with a failure `code` without running it.
 async fn refuse_command(
-    inner: &Inner,
+    inner: &PrimaryRt,
     conn: &dyn Connection,
     node: NodeId,
     command_id: MessageId,
@@ -650,7 +807,7 @@ async fn refuse_command(
 /// handler or a deferral holds up nothing else), within the device's
 /// in-flight cap; the task is registered so revocation can cancel it.
 async fn start_command(
-    inner: &Arc<Inner>,
+    inner: &Arc<PrimaryRt>,
     conn: &dyn Connection,
     node: NodeId,
     cmd: crate::wire::Command,
@@ -698,7 +855,7 @@ async fn start_command(
 }
 
 /// Cancels `node`'s running and deferred commands (revoked, unpaired).
-fn cancel_commands(inner: &Inner, node: &NodeId) {
+fn cancel_commands(inner: &PrimaryRt, node: &NodeId) {
     if let Some(tasks) = lock(&inner.primary.running).remove(node) {
         for (_, t) in tasks {
             t.abort();
@@ -707,7 +864,7 @@ fn cancel_commands(inner: &Inner, node: &NodeId) {
 }
 
 /// Cancels every device's commands (the node stops).
-pub(super) fn cancel_all_commands(inner: &Inner) {
+pub(super) fn cancel_all_commands(inner: &PrimaryRt) {
     for (_, tasks) in lock(&inner.primary.running).drain() {
         for (_, t) in tasks {
             t.abort();
@@ -715,7 +872,7 @@ pub(super) fn cancel_all_commands(inner: &Inner) {
     }
 }
 
-async fn bye(inner: &Inner, conn: &dyn Connection, to: NodeId, reason: &ByeReason) {
+async fn bye(inner: &PrimaryRt, conn: &dyn Connection, to: NodeId, reason: &ByeReason) {
     let msg = Payload::Session(SessionMessage::Bye {
         reason: reason.as_str().to_owned(),
     });
@@ -728,10 +885,8 @@ async fn bye(inner: &Inner, conn: &dyn Connection, to: NodeId, reason: &ByeReaso
 }
 
 /// The open session's connection to `node`, if any.
-pub(super) fn session_conn(inner: &Inner, node: &NodeId) -> Option<Arc<dyn Connection>> {
-    lock(&inner.primary.sessions)
-        .get(node)
-        .map(|s| s.conn.clone())
+pub(super) fn session_conn(inner: &PrimaryRt, node: &NodeId) -> Option<Arc<dyn Connection>> {
+    inner.sessions.get(node).map(|s| s.conn)
 }
 
 /// Runs the handler registered as `name` with `args` on a blocking thread
@@ -740,7 +895,7 @@ pub(super) fn session_conn(inner: &Inner, node: &NodeId) -> Option<Arc<dyn Conne
 /// command (`handler_panicked`, `handler_timeout`); it never takes the node
 /// down.
 pub(super) async fn run_handler(
-    inner: &Inner,
+    inner: &Core,
     name: &str,
     args: &JsonText,
     missing_code: &str,
@@ -796,8 +951,8 @@ pub(super) fn invalid_args(e: &dyn std::fmt::Display) -> CommandOutcome {
 }
 
 /// Ends `node`'s session with `reason`, if it has one.
-async fn end_session(inner: &Inner, node: &NodeId, reason: ByeReason) {
-    let session = lock(&inner.primary.sessions).remove(node);
+async fn end_session(inner: &PrimaryRt, node: &NodeId, reason: ByeReason) {
+    let session = inner.sessions.remove(node);
     if let Some(s) = session {
         bye(inner, s.conn.as_ref(), *node, &reason).await;
     }
@@ -805,9 +960,9 @@ async fn end_session(inner: &Inner, node: &NodeId, reason: ByeReason) {
 
 /// Closes every connection without goodbyes: for a node dropped without
 /// `shutdown`.
-pub(super) fn close_now(inner: &Inner) {
+pub(super) fn close_now(inner: &PrimaryRt) {
     cancel_all_commands(inner);
-    for (_, s) in lock(&inner.primary.sessions).drain() {
+    for s in inner.sessions.drain() {
         s.conn.close();
     }
     for (_, w) in lock(&inner.primary.pairings).drain() {
@@ -815,11 +970,10 @@ pub(super) fn close_now(inner: &Inner) {
     }
 }
 
-pub(super) async fn close_all(inner: &Inner, reason: ByeReason) {
+pub(super) async fn close_all(inner: &PrimaryRt, reason: ByeReason) {
     cancel_all_commands(inner);
-    let sessions: Vec<(NodeId, SessionRef)> = lock(&inner.primary.sessions).drain().collect();
-    for (node, s) in sessions {
-        bye(inner, s.conn.as_ref(), node, &reason).await;
+    for s in inner.sessions.drain() {
+        bye(inner, s.conn.as_ref(), s.peer, &reason).await;
     }
     let waiting: Vec<Waiter> = lock(&inner.primary.pairings)
         .drain()
@@ -830,19 +984,10 @@ pub(super) async fn close_all(inner: &Inner, reason: ByeReason) {
     }
 }
 
-impl Node {
-    pub(super) fn primary(&self) -> Result<&Inner, NodeError> {
-        match self.inner.config.role {
-            Role::Primary => Ok(&self.inner),
-            Role::Worker => Err(NodeError::Unavailable(
-                "this is a primary operation; the node is a worker".into(),
-            )),
-        }
-    }
-
+impl Primary {
     /// Pairing requests waiting for the user.
     pub fn pending_pairings(&self) -> Result<Vec<PairingRequestRecord>, NodeError> {
-        let inner = self.primary()?;
+        let inner = &self.rt;
         Ok(inner.pairing.pending(inner.now())?)
     }
 
@@ -854,7 +999,7 @@ impl Node {
         request_id: &str,
         code: &str,
     ) -> Result<DeviceRecord, NodeError> {
-        let inner = self.primary()?;
+        let inner = &self.rt;
         let code = PairingCode::parse(code)?;
         let conn = lock(&inner.primary.pairings)
             .get(request_id)
@@ -891,7 +1036,7 @@ impl Node {
         request_id: &str,
         reason: Option<String>,
     ) -> Result<(), NodeError> {
-        let inner = self.primary()?;
+        let inner = &self.rt;
         let (to, msg) = inner.pairing.reject(request_id, reason, inner.now())?;
         let waiter = lock(&inner.primary.pairings).remove(request_id);
         if let Some(w) = waiter {
@@ -906,8 +1051,7 @@ impl Node {
 
     /// Paired devices with liveness and health.
     pub fn devices(&self) -> Result<Vec<DeviceView>, NodeError> {
-        let inner = self.primary()?;
-        let sessions = lock(&inner.primary.sessions);
+        let inner = &self.rt;
         let health = lock(&inner.health);
         Ok(inner
             .registry
@@ -916,28 +1060,13 @@ impl Node {
             .map(|record| {
                 let h = health.device(&record.node);
                 DeviceView {
-                    online: sessions.contains_key(&record.node),
+                    online: inner.sessions.contains(&record.node),
                     status: h.map(|h| h.status().as_str().to_owned()),
                     score: h.and_then(|h| h.score()),
                     record,
                 }
             })
             .collect())
-    }
-
-    /// Sends `name` with `args` to a connected worker and waits for the result.
-    pub async fn command(
-        &self,
-        device: &NodeId,
-        name: &str,
-        args: Value,
-    ) -> Result<Value, NodeError> {
-        let inner = self.primary()?;
-        let session = lock(&inner.primary.sessions)
-            .get(device)
-            .cloned()
-            .ok_or(NodeError::NotConnected(*device))?;
-        inner.call(&session, name, &args, None).await
     }
 
     /// `ping` → `pong`: the round-trip time to a worker.
@@ -981,7 +1110,7 @@ impl Node {
 
     /// Revokes a device: its session closes now and it is refused from now on.
     pub async fn revoke(&self, device: &NodeId) -> Result<(), NodeError> {
-        let inner = self.primary()?;
+        let inner = &self.rt;
         inner.registry.revoke(device, inner.now())?;
         inner.guards.forget(device);
         cancel_commands(inner, device);
@@ -994,7 +1123,7 @@ impl Node {
 
     /// Unpairs a device: its session closes now and its record is removed.
     pub async fn unpair(&self, device: &NodeId) -> Result<(), NodeError> {
-        let inner = self.primary()?;
+        let inner = &self.rt;
         inner.registry.unpair(device, inner.now())?;
         inner.guards.forget(device);
         cancel_commands(inner, device);
@@ -1008,7 +1137,7 @@ impl Node {
     /// Replaces a device's scopes (recorded in the ledger). A session
     /// already open is checked against the new scopes from its next message.
     pub fn set_scopes(&self, device: &NodeId, scopes: &[&str]) -> Result<DeviceRecord, NodeError> {
-        let inner = self.primary()?;
+        let inner = &self.rt;
         Ok(inner.registry.set_scopes(device, scopes, inner.now())?)
     }
 
@@ -1017,13 +1146,13 @@ impl Node {
     /// does it become the only one (the old one is refused from then on;
     /// the device reconnects with the new one). Fails with
     /// [`NodeError::DeviceOffline`] if the device is not connected (see
-    /// [`Node::rotate_token_forced`]), and with a timeout if no
+    /// [`Primary::rotate_token_forced`]), and with a timeout if no
     /// acknowledgement comes (the old token then stays valid).
     pub async fn rotate_token(&self, device: &NodeId) -> Result<(), NodeError> {
-        let inner = self.primary()?;
-        let session = lock(&inner.primary.sessions)
+        let inner = &self.rt;
+        let session = inner
+            .sessions
             .get(device)
-            .cloned()
             .ok_or(NodeError::DeviceOffline(*device))?;
         let token = crate::registry::DeviceToken::generate();
         let (tx, rx) = oneshot::channel();
@@ -1061,7 +1190,7 @@ impl Node {
         inner
             .registry
             .rotate_token_to(device, &token, inner.now())?;
-        let session = lock(&inner.primary.sessions).remove(device);
+        let session = inner.sessions.remove(device);
         if let Some(s) = session {
             bye(inner, s.conn.as_ref(), *device, &ByeReason::TokenRotated).await;
         }
@@ -1072,9 +1201,9 @@ impl Node {
     /// not: the old token is refused at once, and a device that does not
     /// receive the new one must pair again.
     pub async fn rotate_token_forced(&self, device: &NodeId) -> Result<(), NodeError> {
-        let inner = self.primary()?;
+        let inner = &self.rt;
         let token = inner.registry.rotate_token(device, inner.now())?;
-        let session = lock(&inner.primary.sessions).remove(device);
+        let session = inner.sessions.remove(device);
         if let Some(s) = session {
             let msg = Payload::Session(SessionMessage::TokenRotated {
                 token: *token.as_bytes(),

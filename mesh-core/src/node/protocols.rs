@@ -3,7 +3,8 @@
 //!
 //! The SDK's own protocols are built in: [`Protocol::PAIRING`] (a primary
 //! admits any key: pairing is how keys become known) and [`Protocol::MESH`]
-//! (the device session: a primary admits paired, unrevoked devices). Other
+//! (the device session: a primary admits paired, unrevoked devices), served
+//! by the primary's runtime as handlers like any other. Other
 //! layers (membership, files, media, an app's own) register a
 //! [`ProtocolHandler`] with [`NodeBuilder::protocol`](super::NodeBuilder::protocol):
 //! its [`ProtocolHandler::admit`] is asked during the handshake, before any
@@ -24,8 +25,6 @@ use crate::identity::NodeId;
 use crate::registry::Registry;
 use crate::transport::{Admission, Connection, Protocol};
 
-use super::Role;
-
 /// Serves one protocol of a node.
 #[async_trait]
 pub trait ProtocolHandler: Send + Sync + fmt::Debug + 'static {
@@ -39,21 +38,12 @@ pub trait ProtocolHandler: Send + Sync + fmt::Debug + 'static {
     async fn serve(&self, conn: Arc<dyn Connection>);
 }
 
-/// What serves a protocol.
-#[derive(Debug, Clone)]
-pub(super) enum Served {
-    /// Pairing requests (a primary).
-    Pairing,
-    /// Device sessions (a primary).
-    Session,
-    /// A registered handler.
-    Handler(Arc<dyn ProtocolHandler>),
-}
-
-/// The protocols a node serves.
+/// The protocols a node serves: its role's own (the primary's pairing and
+/// device sessions, which are handlers like any other) and the registered
+/// ones.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Protocols {
-    served: BTreeMap<Protocol, Served>,
+    served: BTreeMap<Protocol, Arc<dyn ProtocolHandler>>,
 }
 
 /// Why a protocol cannot be registered.
@@ -69,21 +59,22 @@ pub enum ProtocolError {
 }
 
 impl Protocols {
-    /// The built-in protocols for `role`, then `registered`.
+    /// The role's own protocols (`built_in`), then `registered`, which may
+    /// not take an ALPN of the SDK's ([`Protocol::PAIRING`],
+    /// [`Protocol::MESH`]) whether or not this role serves it.
     pub(super) fn new(
-        role: Role,
+        built_in: Vec<(Protocol, Arc<dyn ProtocolHandler>)>,
         registered: Vec<(Protocol, Arc<dyn ProtocolHandler>)>,
     ) -> Result<Self, ProtocolError> {
         let mut served = BTreeMap::new();
-        if role == Role::Primary {
-            served.insert(Protocol::PAIRING, Served::Pairing);
-            served.insert(Protocol::MESH, Served::Session);
+        for (protocol, handler) in built_in {
+            served.insert(protocol, handler);
         }
         for (protocol, handler) in registered {
             if protocol == Protocol::PAIRING || protocol == Protocol::MESH {
                 return Err(ProtocolError::BuiltIn(protocol));
             }
-            if served.insert(protocol, Served::Handler(handler)).is_some() {
+            if served.insert(protocol, handler).is_some() {
                 return Err(ProtocolError::Duplicate(protocol));
             }
         }
@@ -95,37 +86,35 @@ impl Protocols {
         self.served.keys().copied().collect()
     }
 
+    /// Whether any protocol beyond the SDK's own is served.
+    pub(super) fn any_registered(&self) -> bool {
+        self.served
+            .keys()
+            .any(|p| *p != Protocol::PAIRING && *p != Protocol::MESH)
+    }
+
     /// What serves `protocol`.
-    pub(super) fn get(&self, protocol: Protocol) -> Option<&Served> {
+    pub(super) fn get(&self, protocol: Protocol) -> Option<&Arc<dyn ProtocolHandler>> {
         self.served.get(&protocol)
     }
 
-    /// The admission the node gives its transports.
-    pub(super) fn admission(&self, registry: Registry) -> Arc<dyn Admission> {
+    /// The admission the node gives its transports: each protocol's
+    /// handler decides; anything not served is refused.
+    pub(super) fn admission(&self) -> Arc<dyn Admission> {
         Arc::new(NodeAdmission {
             protocols: self.clone(),
-            registry,
         })
     }
 }
 
-/// Admission per protocol: pairing is open, the device session needs a
-/// paired, unrevoked device, a registered protocol asks its handler, and
-/// anything else is refused.
 #[derive(Debug)]
 struct NodeAdmission {
     protocols: Protocols,
-    registry: Registry,
 }
 
 impl Admission for NodeAdmission {
     fn admit(&self, peer: &NodeId, protocol: Protocol) -> bool {
-        match self.protocols.get(protocol) {
-            Some(Served::Pairing) => true,
-            Some(Served::Session) => paired(&self.registry, peer),
-            Some(Served::Handler(h)) => h.admit(peer),
-            None => false,
-        }
+        self.protocols.get(protocol).is_some_and(|h| h.admit(peer))
     }
 }
 

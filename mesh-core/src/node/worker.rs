@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use super::backoff::Backoff;
 use super::link::{SessionRef, pre_auth_guard};
 use super::primary::{invalid_args, run_handler};
-use super::{AbortOnDrop, Inner, Node, NodeError, Role, lock};
+use super::{AbortOnDrop, Core, MetricsSource, Node, NodeError, lock};
 use crate::identity::NodeId;
 use crate::pairing::{DeviceInfo, DevicePairing, DeviceStep, PairingError};
 use crate::session::ByeReason;
@@ -28,10 +28,73 @@ use crate::wire::{
 /// Event kinds a primary may publish on its workers' buses.
 const PRIMARY_EVENT_KINDS: &[&str] = &[crate::events::kinds::ACTION_UPDATED];
 
+/// A worker's runtime: the shared core and what only a worker has (where
+/// its metrics come from, and the state below). The worker's tasks and its
+/// [`Worker`] handle hold it.
+pub(crate) struct WorkerRt {
+    core: Arc<Core>,
+    metrics: Arc<dyn MetricsSource>,
+    pub(super) worker: State,
+}
+
+impl std::ops::Deref for WorkerRt {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl WorkerRt {
+    pub(super) fn new(core: Arc<Core>, metrics: Arc<dyn MetricsSource>) -> Arc<Self> {
+        Arc::new(WorkerRt {
+            core,
+            metrics,
+            worker: State::default(),
+        })
+    }
+
+    /// The open session with the primary (one of the core's sessions).
+    fn primary_session(&self) -> Option<SessionRef> {
+        let primary = (*lock(&self.worker.primary))?;
+        self.sessions.get(&primary)
+    }
+}
+
+/// A worker: its handle, with the operations only a worker has (pairing
+/// with a primary, heartbeats, events and commands to it). It dereferences
+/// to the [`Node`] it is, for what both roles do.
+#[derive(Clone)]
+pub struct Worker {
+    pub(super) node: Node,
+    pub(super) rt: Arc<WorkerRt>,
+}
+
+impl std::ops::Deref for Worker {
+    type Target = Node;
+
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.node.fmt(f)
+    }
+}
+
+impl From<Worker> for Node {
+    fn from(w: Worker) -> Node {
+        w.node
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct State {
-    /// The open session with the primary.
-    session: Mutex<Option<SessionRef>>,
+    /// The primary of the open session, if one is open (its session is in
+    /// the core's table).
+    primary: Mutex<Option<NodeId>>,
     supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The open session's heartbeat task: `stop` waits for it to end
     /// before saying goodbye, so no heartbeat follows the `Bye` (the
@@ -79,14 +142,14 @@ impl PairingTicket {
     }
 }
 
-pub(super) fn start(inner: &Arc<Inner>) -> Result<(), NodeError> {
+pub(super) fn start(inner: &Arc<WorkerRt>) -> Result<(), NodeError> {
     if inner.store.load::<PrimaryLinkRecord>("primary")?.is_some() {
         supervise(inner);
     }
     Ok(())
 }
 
-pub(super) async fn stop(inner: &Inner) {
+pub(super) async fn stop(inner: &WorkerRt) {
     let supervisor = lock(&inner.worker.supervisor).take();
     let heartbeats = lock(&inner.worker.heartbeats).take();
     // Aborting is a request; awaiting the handles makes sure neither task
@@ -95,7 +158,9 @@ pub(super) async fn stop(inner: &Inner) {
         task.abort();
         let _ = task.await;
     }
-    let session = lock(&inner.worker.session).take();
+    let session = lock(&inner.worker.primary)
+        .take()
+        .and_then(|p| inner.sessions.remove(&p));
     if let Some(SessionRef { conn, .. }) = session {
         if let Some(link) = inner
             .store
@@ -119,16 +184,19 @@ pub(super) async fn stop(inner: &Inner) {
 }
 
 /// [`stop`] without the goodbye: for a node dropped without `shutdown`.
-pub(super) fn stop_now(inner: &Inner) {
+pub(super) fn stop_now(inner: &WorkerRt) {
     if let Some(task) = lock(&inner.worker.supervisor).take() {
         task.abort();
     }
-    if let Some(session) = lock(&inner.worker.session).take() {
+    if let Some(session) = lock(&inner.worker.primary)
+        .take()
+        .and_then(|p| inner.sessions.remove(&p))
+    {
         session.conn.close();
     }
 }
 
-fn supervise(inner: &Arc<Inner>) {
+fn supervise(inner: &Arc<WorkerRt>) {
     let task_inner = inner.clone();
     let task = tokio::spawn(async move { run_supervisor(task_inner).await });
     if let Some(old) = lock(&inner.worker.supervisor).replace(task) {
@@ -138,7 +206,7 @@ fn supervise(inner: &Arc<Inner>) {
 
 /// Sends one heartbeat with fresh metrics.
 async fn send_heartbeat(
-    inner: &Inner,
+    inner: &WorkerRt,
     conn: &dyn Connection,
     primary: NodeId,
 ) -> Result<(), NodeError> {
@@ -159,7 +227,7 @@ async fn send_heartbeat(
 /// Tells the transports when this device goes on or off battery (a
 /// battery it reports, not charging), so QUIC's keep-alive follows the
 /// node's own power state.
-fn follow_power(inner: &Inner, metrics: &crate::wire::HealthMetrics) {
+fn follow_power(inner: &WorkerRt, metrics: &crate::wire::HealthMetrics) {
     let on_battery = metrics.battery_percent.is_some() && metrics.charging == Some(false);
     let state = if on_battery {
         POWER_BATTERY
@@ -209,7 +277,7 @@ enum Ended {
     Lost { connected: bool, error: String },
 }
 
-async fn run_supervisor(inner: Arc<Inner>) {
+async fn run_supervisor(inner: Arc<WorkerRt>) {
     let seed = u64::from_le_bytes(
         inner.key.node_id().as_bytes()[..8]
             .try_into()
@@ -310,7 +378,7 @@ async fn run_supervisor(inner: Arc<Inner>) {
 /// After `bad_token`: if a rotation left a second token, swaps the two
 /// (one batch): the refused one is kept as the fallback, so neither is ever
 /// lost before a session opens with the other.
-fn swap_tokens(inner: &Inner) -> bool {
+fn swap_tokens(inner: &WorkerRt) -> bool {
     let (Ok(Some(other)), Ok(Some(link))) = (
         inner
             .store
@@ -341,7 +409,7 @@ fn swap_tokens(inner: &Inner) -> bool {
     }
 }
 
-async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
+async fn run_session(inner: &Arc<WorkerRt>, link: &PrimaryLinkRecord) -> Ended {
     let primary = link.primary;
     let conn: Arc<dyn Connection> =
         match inner.connect(primary, &link.address, Protocol::MESH).await {
@@ -399,11 +467,16 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
             .apply(&[TokenFallbackRecord::delete(TokenFallbackRecord::KEY)]);
     }
     let session_id = inner.session_id();
-    *lock(&inner.worker.session) = Some(SessionRef {
+    let old = inner.sessions.insert(SessionRef {
         id: session_id,
         peer: primary,
         conn: conn.clone(),
+        opened_at: inner.now(),
     });
+    *lock(&inner.worker.primary) = Some(primary);
+    if let Some(old) = old {
+        old.conn.close();
+    }
     let guard = inner.guards.of(primary);
     inner.events.publish(
         "session.connected",
@@ -534,14 +607,19 @@ async fn run_session(inner: &Arc<Inner>, link: &PrimaryLinkRecord) -> Ended {
         }
     };
     drop(heartbeats);
-    lock(&inner.worker.session).take();
+    if inner.sessions.remove_if(&primary, session_id).is_some() {
+        let mut current = lock(&inner.worker.primary);
+        if *current == Some(primary) {
+            *current = None;
+        }
+    }
     conn.close();
     inner.calls.fail_session(primary, session_id);
     ended
 }
 
 /// The primary's commands: `ping`, `config`, `run_action`.
-async fn handle_command(inner: &Inner, cmd: &Command) -> CommandOutcome {
+async fn handle_command(inner: &WorkerRt, cmd: &Command) -> CommandOutcome {
     let args: Value = match serde_json::from_str(cmd.args.as_str()) {
         Ok(v) => v,
         Err(e) => return invalid_args(&e),
@@ -600,16 +678,7 @@ async fn handle_command(inner: &Inner, cmd: &Command) -> CommandOutcome {
     }
 }
 
-impl Node {
-    fn worker(&self) -> Result<&Arc<Inner>, NodeError> {
-        match self.inner.config.role {
-            Role::Worker => Ok(&self.inner),
-            Role::Primary => Err(NodeError::Unavailable(
-                "this is a worker operation; the node is the primary".into(),
-            )),
-        }
-    }
-
+impl Worker {
     /// Asks `primary` at `addr` to pair. The returned ticket holds the code
     /// to show; the exchange continues in the background.
     pub async fn request_pairing(
@@ -620,7 +689,7 @@ impl Node {
         self.request_pairing_at(primary, &[addr]).await
     }
 
-    /// [`Node::request_pairing`] with every address discovery reported:
+    /// [`Worker::request_pairing`] with every address discovery reported:
     /// socket addresses are tried in [`dial_order`](crate::discovery::dial_order)
     /// (others as given) until one connects; the one that did is kept for
     /// the session. Fails with the last error if none connects.
@@ -629,7 +698,7 @@ impl Node {
         primary: NodeId,
         addrs: &[PeerAddr],
     ) -> Result<PairingTicket, NodeError> {
-        let inner = self.worker()?.clone();
+        let inner = self.rt.clone();
         let sockets: Vec<std::net::SocketAddr> = addrs
             .iter()
             .filter_map(|a| match a {
@@ -757,13 +826,13 @@ impl Node {
 
     /// Whether the session with the primary is open.
     pub fn is_connected(&self) -> bool {
-        lock(&self.inner.worker.session).is_some()
+        self.rt.primary_session().is_some()
     }
 
     /// The primary this worker is paired with, if any.
     pub fn paired_primary(&self) -> Result<Option<NodeId>, NodeError> {
         Ok(self
-            .inner
+            .rt
             .store
             .load::<PrimaryLinkRecord>("primary")?
             .map(|l| l.primary))
@@ -771,13 +840,13 @@ impl Node {
 
     /// A configuration value the primary set.
     pub fn config_value(&self, key: &str) -> Option<Value> {
-        lock(&self.inner.worker.config).get(key).cloned()
+        lock(&self.rt.worker.config).get(key).cloned()
     }
 
     /// Sends a heartbeat now (besides the periodic ones), e.g. right after
     /// the app's metrics changed (see [`MetricsSource`](super::MetricsSource)).
     pub async fn send_heartbeat(&self) -> Result<(), NodeError> {
-        let inner = self.worker()?;
+        let inner = &self.rt;
         let session = self.session()?;
         send_heartbeat(inner, session.conn.as_ref(), session.peer).await
     }
@@ -787,8 +856,8 @@ impl Node {
         let primary = self
             .paired_primary()?
             .ok_or_else(|| NodeError::Unavailable("not paired".into()))?;
-        lock(&self.inner.worker.session)
-            .clone()
+        self.rt
+            .primary_session()
             .filter(|s| s.peer == primary)
             .ok_or(NodeError::NotConnected(primary))
     }
@@ -797,7 +866,7 @@ impl Node {
     /// scope there): it appears on the primary's bus as `device.event`
     /// with this device, `kind` and `data`.
     pub async fn publish_event(&self, kind: &str, data: Value) -> Result<(), NodeError> {
-        let inner = self.worker()?;
+        let inner = &self.rt;
         if kind.is_empty() || kind.len() > 128 {
             return Err(NodeError::Unavailable(
                 "an event kind is 1-128 bytes".into(),
@@ -820,7 +889,7 @@ impl Node {
         self.send_command_with(name, args, None).await
     }
 
-    /// [`Node::send_command`], declaring what the command will use (cost,
+    /// [`Worker::send_command`], declaring what the command will use (cost,
     /// tokens, job size) for the primary's policy to judge: a cost against
     /// the device's hourly budget, tokens against the per-call cap, a large
     /// job against the small-jobs-only rule of a laptop on a low battery.
@@ -830,7 +899,7 @@ impl Node {
         args: Value,
         usage: Option<CommandUsage>,
     ) -> Result<Value, NodeError> {
-        let inner = self.worker()?;
+        let inner = &self.rt;
         if let Some(u) = &usage {
             u.validate().map_err(NodeError::Policy)?;
         }

@@ -8,7 +8,9 @@ use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::events::{Received, kinds};
 use mesh_core::identity::NodeKey;
 use mesh_core::limits::Rate;
-use mesh_core::node::{FnHandler, Node, NodeConfig, NodeError, PairingLimits, PeerLimits, Role};
+use mesh_core::node::{
+    FnHandler, Node, NodeConfig, NodeError, PairingLimits, PeerLimits, Role, Worker,
+};
 use mesh_core::pairing::{DeviceInfo, DevicePairing, PairingConfig};
 use mesh_core::storage::records::{PairingRequestRecord, PrimaryLinkRecord};
 use mesh_core::storage::{MemoryStorage, Storage, StorageExt};
@@ -151,7 +153,7 @@ async fn a_pending_command_fails_at_once_when_the_session_drops() {
                 Ok(json!({}))
             })),
         )
-        .start()
+        .start_worker()
         .unwrap();
     pair(&p, &w, false).await;
     let device = w.node_id();
@@ -322,7 +324,7 @@ async fn fake_primary(
 fn worker_paired_with(
     primary: mesh_core::identity::NodeId,
     addr: mesh_core::transport::PeerAddr,
-) -> Node {
+) -> Worker {
     let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
     store
         .save(&PrimaryLinkRecord {
@@ -336,7 +338,7 @@ fn worker_paired_with(
     let config = NodeConfig::new(Role::Worker, "victim", "hw-victim")
         .heartbeat_interval(Duration::from_secs(60));
     Node::builder(key.clone(), store.clone(), quic(&key, &store), config)
-        .start()
+        .start_worker()
         .unwrap()
 }
 
@@ -409,7 +411,7 @@ async fn keep_alive_follows_the_workers_own_power_state() {
         .heartbeat_interval(Duration::from_millis(50));
     let w = Node::builder(key, store, transport.clone(), config)
         .metrics(battery.clone())
-        .start()
+        .start_worker()
         .unwrap();
     pair(&p, &w, false).await;
     wait_until("a heartbeat on external power", || {
@@ -453,7 +455,7 @@ async fn raw_device(p: &crate::node_e2e::Primary) -> RawDevice {
     let config = NodeConfig::new(Role::Worker, "raw", &format!("hw-raw-{}", key.node_id()))
         .heartbeat_interval(Duration::from_secs(60));
     let w = Node::builder(key.clone(), store.clone(), quic(&key, &store), config)
-        .start()
+        .start_worker()
         .unwrap();
     pair(p, &w, false).await;
     let link: PrimaryLinkRecord = store.load("primary").unwrap().unwrap();
@@ -719,7 +721,7 @@ async fn a_worker_retries_transient_ends_and_survives_an_uncommitted_rotation() 
         .heartbeat_interval(Duration::from_secs(60))
         .reconnect(Duration::from_millis(20), Duration::from_millis(100));
     let w = Node::builder(wkey.clone(), store.clone(), quic(&wkey, &store), config)
-        .start()
+        .start_worker()
         .unwrap();
     let mut seen = Vec::new();
     while seen.len() < 5 {
@@ -1095,7 +1097,7 @@ async fn built_in_protocols_cannot_be_replaced_and_workers_serve_nothing_by_defa
     let config = NodeConfig::new(Role::Primary, "p", "hw-p");
     match Node::builder(key.clone(), store.clone(), quic(&key, &store), config)
         .protocol(Protocol::MESH, echo.clone())
-        .start()
+        .start_primary()
     {
         Err(NodeError::ProtocolSetup(mesh_core::node::ProtocolError::BuiltIn(p))) => {
             assert_eq!(p, Protocol::MESH)
@@ -1114,7 +1116,7 @@ async fn built_in_protocols_cannot_be_replaced_and_workers_serve_nothing_by_defa
         w_transport,
         NodeConfig::new(Role::Worker, "w", "hw-w"),
     )
-    .start()
+    .start_worker()
     .unwrap();
     let other_key = Arc::new(NodeKey::generate());
     let other_store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());

@@ -11,7 +11,7 @@ use mesh_core::ledger::record_types;
 use mesh_core::limits::Rate;
 use mesh_core::node::{
     CommandPolicy, CommandRequest, FnHandler, Node, NodeConfig, NodeError, PairingLimits, Permit,
-    RegistryAdmission, Role, Verdict,
+    RegistryAdmission, Role, Verdict, Worker,
 };
 use mesh_core::pairing::PairingError;
 use mesh_core::registry::{AuthError, Registry, scopes};
@@ -44,7 +44,7 @@ impl CommandPolicy for NotesOnly {
 }
 
 pub(crate) struct Primary {
-    pub(crate) node: Node,
+    pub(crate) node: mesh_core::node::Primary,
     pub(crate) store: Arc<dyn Storage>,
     pub(crate) key: Arc<NodeKey>,
     pub(crate) addr: PeerAddr,
@@ -109,7 +109,7 @@ pub(crate) fn primary_built(
             })),
         );
     // Last, so a test's additions (a policy of its own) win.
-    let node = build(builder).start().unwrap();
+    let node = build(builder).start_primary().unwrap();
     (
         Primary {
             node,
@@ -121,7 +121,7 @@ pub(crate) fn primary_built(
     )
 }
 
-pub(crate) fn worker(name: &str) -> (Node, Arc<dyn Storage>) {
+pub(crate) fn worker(name: &str) -> (Worker, Arc<dyn Storage>) {
     let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
     let key = Arc::new(NodeKey::generate());
     let transport = quic(&key, &store);
@@ -136,13 +136,13 @@ pub(crate) fn worker(name: &str) -> (Node, Arc<dyn Storage>) {
                 Ok(json!({ "backed_up": args["path"] }))
             })),
         )
-        .start()
+        .start_worker()
         .unwrap();
     (node, store)
 }
 
 /// Pairs `w` with `p` using the right code (after one wrong one if asked).
-pub(crate) async fn pair(p: &Primary, w: &Node, wrong_first: bool) {
+pub(crate) async fn pair(p: &Primary, w: &Worker, wrong_first: bool) {
     let mut requests = p.node.subscribe("pairing.request_received", 8).unwrap();
     let mut sessions = w.subscribe("session.connected", 8).unwrap();
     let ticket = w
@@ -330,21 +330,30 @@ async fn a_rejected_request_fails_on_the_worker_and_an_unpaired_worker_forgets_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operations_of_the_other_role_are_refused_with_a_clear_error() {
+async fn each_role_has_its_own_handle_and_a_clear_error_for_the_other() {
     let p = primary();
     let (w, _) = worker("watch");
-    assert!(matches!(
-        w.pending_pairings(),
-        Err(NodeError::Unavailable(_))
-    ));
-    assert!(matches!(
-        p.node.send_command("x", json!({})).await,
-        Err(NodeError::Unavailable(_))
-    ));
+    // The other role's operations do not exist on a handle; a plain `Node`
+    // gives only its own role's handle.
+    let as_node: Node = w.clone().into();
+    assert!(as_node.as_primary().is_none());
+    assert!(as_node.as_worker().is_some());
+    assert!(p.node.as_worker().is_none());
+    assert_eq!(p.node.role(), Role::Primary);
+    // A builder refuses to start a role its configuration does not name.
+    let key = Arc::new(NodeKey::generate());
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let config = NodeConfig::new(Role::Worker, "w", "hw-w");
+    let refused =
+        Node::builder(key.clone(), store.clone(), quic(&key, &store), config).start_primary();
+    assert!(matches!(refused, Err(NodeError::Unavailable(_))));
+    // Unpaired, a worker has no primary to send to.
     assert!(matches!(
         w.send_command("notes.write", json!({})).await,
         Err(NodeError::Unavailable(_))
     ));
+    // Nor does either have a session with anyone.
+    assert!(w.sessions().is_empty() && p.node.sessions().is_empty());
     w.shutdown().await;
     p.node.shutdown().await;
 }
@@ -375,7 +384,7 @@ async fn a_primary_on_two_transports_and_a_worker_that_discovers_it() {
         .heartbeat_interval(Duration::from_millis(100));
     let node = Node::builder(key.clone(), store.clone(), quic_transport, config)
         .transport(memory)
-        .start()
+        .start_primary()
         .unwrap();
     let via = |addr: PeerAddr| Primary {
         node: node.clone(),
@@ -415,7 +424,7 @@ async fn a_primary_on_two_transports_and_a_worker_that_discovers_it() {
     let w = Node::builder(w_key, w_store, w_transport, config)
         .events(events)
         .discovery(discovery)
-        .start()
+        .start_worker()
         .unwrap();
     let found = w.discover(Duration::ZERO).await.unwrap();
     assert_eq!(found.len(), 1);
@@ -479,7 +488,7 @@ async fn blocking_panicking_and_overrunning_handlers_do_not_stall_the_worker() {
                 },
             )),
         )
-        .start()
+        .start_worker()
         .unwrap();
     pair(&p, &w, false).await;
     let device = w.node_id();
@@ -529,5 +538,76 @@ async fn blocking_panicking_and_overrunning_handlers_do_not_stall_the_worker() {
     drop(w);
     let gone = next(&mut left, mesh_core::events::kinds::PEER_LEFT, WAIT).await;
     assert_eq!(gone.data["node"], device.to_string());
+    p.node.shutdown().await;
+}
+
+/// A node holds an authenticated session with each of many peers, lists
+/// them, and sends commands to any of them through the one `Node` API both
+/// roles share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holds_a_session_with_each_peer_and_commands_reach_any_of_them() {
+    let p = primary();
+    let mut workers = Vec::new();
+    for name in ["one", "two", "three"] {
+        let (w, _) = worker(name);
+        pair(&p, &w, false).await;
+        workers.push(w);
+    }
+    let mut ids: Vec<_> = workers.iter().map(|w| w.node_id()).collect();
+    ids.sort();
+    let open = p.node.sessions();
+    assert_eq!(open.iter().map(|s| s.peer).collect::<Vec<_>>(), ids);
+    for s in &open {
+        match &s.addr {
+            Some(PeerAddr::Socket(a)) => assert!(a.ip().is_loopback(), "{a}"),
+            other => panic!("a QUIC session has a socket address, not {other:?}"),
+        }
+    }
+    for w in &workers {
+        // A worker's one session is with its primary.
+        let mine = w.sessions();
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].peer, p.node.node_id());
+        // The primary reaches each device through the shared API …
+        let pong = p
+            .node
+            .command(&w.node_id(), "ping", json!({}))
+            .await
+            .unwrap();
+        assert_eq!(pong["pong"], true);
+        // … and each device its primary, whose policy decides.
+        let node: &Node = w;
+        let stored = node
+            .command(&p.node.node_id(), "notes.write", json!({ "text": "hi" }))
+            .await
+            .unwrap();
+        assert_eq!(stored["stored"], "hi");
+        let refused = node
+            .command(&p.node.node_id(), "shell.exec", json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.policy_refusal().map(|r| r.0),
+            Some("blocked_command")
+        );
+    }
+    // No session with a stranger.
+    let stranger = NodeKey::generate().node_id();
+    assert!(matches!(
+        p.node.command(&stranger, "ping", json!({})).await,
+        Err(NodeError::NotConnected(n)) if n == stranger
+    ));
+    // A worker that leaves leaves the table; the others stay.
+    let gone = workers.remove(0);
+    let gone_id = gone.node_id();
+    let mut left = p.node.subscribe("peer.left", 8).unwrap();
+    gone.shutdown().await;
+    next(&mut left, "peer.left", WAIT).await;
+    let open: Vec<_> = p.node.sessions().into_iter().map(|s| s.peer).collect();
+    assert_eq!(open.len(), 2);
+    assert!(!open.contains(&gone_id));
+    for w in workers {
+        w.shutdown().await;
+    }
     p.node.shutdown().await;
 }

@@ -12,7 +12,8 @@ use mesh_core::events::Received;
 use mesh_core::identity::NodeKey;
 use mesh_core::ledger::{Body, record_types};
 use mesh_core::node::{
-    FnHandler, MetricsSource, Node, NodeConfig, NodeError, RegistryAdmission, Role, action_states,
+    FnHandler, MetricsSource, Node, NodeConfig, NodeError, RegistryAdmission, Role, Worker,
+    action_states,
 };
 use mesh_core::storage::{MemoryStorage, SqliteStorage, Storage};
 use mesh_core::transport::PeerAddr;
@@ -41,7 +42,7 @@ impl MetricsSource for Cpu {
 }
 
 struct Primary {
-    node: Node,
+    node: mesh_core::node::Primary,
     store: Arc<dyn Storage>,
     key: Arc<NodeKey>,
     addr: PeerAddr,
@@ -99,7 +100,7 @@ fn start_primary_with(
                 Ok(json!({ "slow": true }))
             })),
         )
-        .start()
+        .start_primary()
         .map_err(|e| e.to_string())?;
     Ok(Primary {
         node,
@@ -109,11 +110,11 @@ fn start_primary_with(
     })
 }
 
-fn start_worker(cpu: Arc<Cpu>) -> Node {
+fn start_worker(cpu: Arc<Cpu>) -> Worker {
     start_worker_as(cpu, Platform::Desktop, "builder")
 }
 
-fn start_worker_as(metrics: Arc<dyn MetricsSource>, platform: Platform, name: &str) -> Node {
+fn start_worker_as(metrics: Arc<dyn MetricsSource>, platform: Platform, name: &str) -> Worker {
     let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
     let key = Arc::new(NodeKey::generate());
     let admission = Arc::new(RegistryAdmission::new(store.clone()));
@@ -130,11 +131,11 @@ fn start_worker_as(metrics: Arc<dyn MetricsSource>, platform: Platform, name: &s
         .reconnect(Duration::from_millis(50), Duration::from_millis(400));
     Node::builder(key, store, transport, config)
         .metrics(metrics)
-        .start()
+        .start_worker()
         .unwrap()
 }
 
-async fn pair(p: &Primary, w: &Node) {
+async fn pair(p: &Primary, w: &Worker) {
     let mut requests = p.node.subscribe("pairing.request_received", 8).unwrap();
     let mut sessions = w.subscribe("session.connected", 8).unwrap();
     let ticket = w
