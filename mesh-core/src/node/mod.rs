@@ -969,6 +969,12 @@ enum RoleRt {
     Worker(Arc<worker::WorkerRt>),
 }
 
+/// Time for a session machine's timers: monotonic from `start`, so a
+/// wall-clock jump neither fires nor delays a deadline or a heartbeat.
+fn mono(start: std::time::Instant) -> Timestamp {
+    Timestamp::from_millis(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -1119,15 +1125,6 @@ pub struct PeerSession {
     pub opened_at: Timestamp,
     /// Where the peer is, as the transport sees it.
     pub addr: Option<PeerAddr>,
-}
-
-/// Aborts a task when dropped (a task that must not outlive its owner).
-pub(crate) struct AbortOnDrop(pub(crate) tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl fmt::Debug for Node {

@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 
 use super::link::{SessionRef, pre_auth_guard};
 use super::protocols::ProtocolHandler;
-use super::{Core, Node, NodeError, lock};
+use super::{Core, Node, NodeError, lock, mono};
 use crate::events::kinds;
 use crate::health::{HealthConfig, HealthMonitor};
 use crate::identity::NodeId;
@@ -553,11 +553,13 @@ pub(super) async fn mesh_session(inner: &Arc<PrimaryRt>, conn: Arc<dyn Connectio
         return;
     };
     // The session's protocol is the sans-IO `DeviceSession`; this drives it.
-    let mut session = DeviceSession::new(inner.now(), inner.config.command_timeout);
-    let now = inner.now();
+    // The hello deadline runs on a monotonic clock (a wall-clock jump
+    // neither ends nor prolongs it).
+    let start = Instant::now();
+    let mut session = DeviceSession::new(mono(start), inner.config.command_timeout);
     let wait = session
         .poll_timeout()
-        .map(|at| Duration::from_millis(at.as_millis().saturating_sub(now.as_millis())))
+        .map(|at| at.saturating_duration_since(mono(start)))
         .unwrap_or_default();
     let first = tokio::time::timeout(
         wait,
@@ -568,7 +570,7 @@ pub(super) async fn mesh_session(inner: &Arc<PrimaryRt>, conn: Arc<dyn Connectio
     .await;
     let mut device = None;
     let token = match first {
-        Ok(Ok(payload)) => session.handle_hello(payload, inner.now(), |token| {
+        Ok(Ok(payload)) => session.handle_hello(payload, mono(start), |token| {
             device = Some(
                 inner
                     .registry
@@ -582,7 +584,7 @@ pub(super) async fn mesh_session(inner: &Arc<PrimaryRt>, conn: Arc<dyn Connectio
             None
         }
         Err(_) => {
-            session.handle_timeout(inner.now());
+            session.handle_timeout(mono(start));
             None
         }
     };

@@ -12,21 +12,19 @@ use tokio::sync::oneshot;
 use super::backoff::Backoff;
 use super::link::{SessionRef, pre_auth_guard};
 use super::primary::{invalid_args, run_handler};
-use super::{AbortOnDrop, Core, MetricsSource, Node, NodeError, lock};
+use super::{Core, MetricsSource, Node, NodeError, lock, mono};
 use crate::identity::NodeId;
 use crate::pairing::{DeviceInfo, DevicePairing, DeviceStep, PairingError};
-use crate::session::ByeReason;
+use crate::session::{ByeReason, RotatedToken, SessionEnd, WorkerOutput, WorkerSession};
 use crate::storage::Record;
 use crate::storage::StorageExt;
 use crate::storage::records::{PrimaryLinkRecord, TokenFallbackRecord};
 use crate::transport::{Connection, PeerAddr, Protocol, TransportError};
+use crate::wire::ReplayGuard;
 use crate::wire::{
     Command, CommandOutcome, CommandResult, CommandUsage, Heartbeat, JsonText, Payload,
     SessionMessage,
 };
-
-/// Event kinds a primary may publish on its workers' buses.
-const PRIMARY_EVENT_KINDS: &[&str] = &[crate::events::kinds::ACTION_UPDATED];
 
 /// A worker's runtime: the shared core and what only a worker has (where
 /// its metrics come from, and the state below). The worker's tasks and its
@@ -34,6 +32,8 @@ const PRIMARY_EVENT_KINDS: &[&str] = &[crate::events::kinds::ACTION_UPDATED];
 pub(crate) struct WorkerRt {
     core: Arc<Core>,
     metrics: Arc<dyn MetricsSource>,
+    /// Set once the worker stops: the supervisor and the session see it.
+    stop: tokio::sync::watch::Sender<bool>,
     pub(super) worker: State,
 }
 
@@ -50,6 +50,7 @@ impl WorkerRt {
         Arc::new(WorkerRt {
             core,
             metrics,
+            stop: tokio::sync::watch::Sender::new(false),
             worker: State::default(),
         })
     }
@@ -96,10 +97,6 @@ pub(crate) struct State {
     /// the core's table).
     primary: Mutex<Option<NodeId>>,
     supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// The open session's heartbeat task: `stop` waits for it to end
-    /// before saying goodbye, so no heartbeat follows the `Bye` (the
-    /// primary reads nothing after it, and it would count as sent).
-    heartbeats: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Configuration set by the primary (`config` command).
     config: Mutex<HashMap<String, Value>>,
     heartbeat_seq: AtomicU64,
@@ -150,41 +147,30 @@ pub(super) fn start(inner: &Arc<WorkerRt>) -> Result<(), NodeError> {
 }
 
 pub(super) async fn stop(inner: &WorkerRt) {
+    // The session machine says goodbye (`WorkerSession::end`) and the
+    // supervisor returns; a supervisor that does not finish in time (a send
+    // stuck on a dead link) is aborted. Either way no heartbeat can follow.
+    inner.stop.send_replace(true);
     let supervisor = lock(&inner.worker.supervisor).take();
-    let heartbeats = lock(&inner.worker.heartbeats).take();
-    // Aborting is a request; awaiting the handles makes sure neither task
-    // can still send once the goodbye goes out.
-    for task in [supervisor, heartbeats].into_iter().flatten() {
+    if let Some(mut task) = supervisor
+        && tokio::time::timeout(Duration::from_secs(3), &mut task)
+            .await
+            .is_err()
+    {
         task.abort();
         let _ = task.await;
     }
-    let session = lock(&inner.worker.primary)
+    if let Some(session) = lock(&inner.worker.primary)
         .take()
-        .and_then(|p| inner.sessions.remove(&p));
-    if let Some(SessionRef { conn, .. }) = session {
-        if let Some(link) = inner
-            .store
-            .load::<PrimaryLinkRecord>("primary")
-            .ok()
-            .flatten()
-        {
-            let bye = Payload::Session(SessionMessage::Bye {
-                reason: ByeReason::Shutdown.to_string(),
-            });
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                inner
-                    .link
-                    .send(conn.as_ref(), link.primary, bye, inner.now()),
-            )
-            .await;
-        }
-        conn.close();
+        .and_then(|p| inner.sessions.remove(&p))
+    {
+        session.conn.close();
     }
 }
 
 /// [`stop`] without the goodbye: for a node dropped without `shutdown`.
 pub(super) fn stop_now(inner: &WorkerRt) {
+    inner.stop.send_replace(true);
     if let Some(task) = lock(&inner.worker.supervisor).take() {
         task.abort();
     }
@@ -194,6 +180,12 @@ pub(super) fn stop_now(inner: &WorkerRt) {
     {
         session.conn.close();
     }
+}
+
+/// Resolves once the worker is stopping.
+async fn stopping(inner: &WorkerRt) {
+    let mut rx = inner.stop.subscribe();
+    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 fn supervise(inner: &Arc<WorkerRt>) {
@@ -292,6 +284,9 @@ async fn run_supervisor(inner: Arc<WorkerRt>) {
     // token gets one try).
     let mut swaps = 0;
     loop {
+        if *inner.stop.borrow() {
+            return;
+        }
         let link = match inner.store.load::<PrimaryLinkRecord>("primary") {
             Ok(Some(link)) => link,
             Ok(None) => return,
@@ -302,7 +297,9 @@ async fn run_supervisor(inner: Arc<WorkerRt>) {
                     inner.now(),
                     json!({ "error": e.to_string() }),
                 );
-                tokio::time::sleep(backoff.next_delay()).await;
+                if pause(&inner, backoff.next_delay()).await {
+                    return;
+                }
                 continue;
             }
         };
@@ -310,6 +307,9 @@ async fn run_supervisor(inner: Arc<WorkerRt>) {
         // a rate limit, a lost connection, a transport-level refusal, a
         // timeout, a storage hiccup on either side are retried with backoff.
         let ended = run_session(&inner, &link).await;
+        if *inner.stop.borrow() {
+            return;
+        }
         if !matches!(ended, Ended::Bye(ByeReason::BadToken)) {
             swaps = 0;
         }
@@ -371,7 +371,17 @@ async fn run_supervisor(inner: Arc<WorkerRt>) {
             inner.now(),
             json!({ "in_ms": delay.as_millis() as u64, "attempt": backoff.attempts() }),
         );
-        tokio::time::sleep(delay).await;
+        if pause(&inner, delay).await {
+            return;
+        }
+    }
+}
+
+/// Waits `delay`, or until the worker stops (`true`).
+async fn pause(inner: &WorkerRt, delay: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => false,
+        () = stopping(inner) => true,
     }
 }
 
@@ -409,204 +419,121 @@ fn swap_tokens(inner: &WorkerRt) -> bool {
     }
 }
 
+/// The next verified message from the primary, as an owned future (kept
+/// across the driver's waits, so a timer firing never drops a message
+/// half-read).
+fn next_message(
+    inner: &Arc<WorkerRt>,
+    conn: &Arc<dyn Connection>,
+    guard: &Arc<Mutex<ReplayGuard>>,
+) -> impl std::future::Future<Output = Result<Payload, NodeError>> + Send + 'static {
+    let (inner, conn, guard) = (inner.clone(), conn.clone(), guard.clone());
+    async move { inner.link.recv(conn.as_ref(), &guard, || inner.now()).await }
+}
+
+/// One session with the primary: connects, then drives the sans-IO
+/// [`WorkerSession`] (hello and welcome deadline, heartbeats, what the
+/// primary sends, the device's half of a rotation, the goodbye when the
+/// worker stops) until it ends.
 async fn run_session(inner: &Arc<WorkerRt>, link: &PrimaryLinkRecord) -> Ended {
     let primary = link.primary;
-    let conn: Arc<dyn Connection> =
-        match inner.connect(primary, &link.address, Protocol::MESH).await {
-            Ok(c) => Arc::from(c),
-            // The primary's admission refuses revoked and unknown keys (or
-            // could not read its registry).
-            Err(TransportError::Refused(reason)) => return Ended::Refused(reason),
-            Err(e) => {
-                return Ended::Lost {
-                    connected: false,
-                    error: e.to_string(),
-                };
-            }
-        };
-    let hello = Payload::Session(SessionMessage::Hello { token: link.token });
-    if let Err(e) = inner
-        .link
-        .send(conn.as_ref(), primary, hello, inner.now())
-        .await
-    {
-        return Ended::Lost {
-            connected: false,
-            error: e.to_string(),
-        };
-    }
-    let answer = tokio::time::timeout(
-        inner.config.command_timeout,
-        inner
-            .link
-            .recv(conn.as_ref(), &pre_auth_guard(), || inner.now()),
-    )
-    .await;
-    match answer {
-        Ok(Ok(Payload::Session(SessionMessage::Welcome))) => {}
-        Ok(Ok(Payload::Session(SessionMessage::Bye { reason }))) => {
-            conn.close();
-            return Ended::Bye(ByeReason::parse(&reason));
-        }
-        other => {
-            conn.close();
+    let connecting = tokio::select! {
+        c = inner.connect(primary, &link.address, Protocol::MESH) => c,
+        () = stopping(inner) => return Ended::Bye(ByeReason::Shutdown),
+    };
+    let conn: Arc<dyn Connection> = match connecting {
+        Ok(c) => Arc::from(c),
+        // The primary's admission refuses revoked and unknown keys (or
+        // could not read its registry).
+        Err(TransportError::Refused(reason)) => return Ended::Refused(reason),
+        Err(e) => {
             return Ended::Lost {
                 connected: false,
-                error: format!("no welcome: {other:?}"),
+                error: e.to_string(),
             };
         }
-    }
-    // The token that opened this session works: a fallback kept from a
-    // rotation is no longer needed.
-    if let Ok(Some(_)) = inner
-        .store
-        .load::<TokenFallbackRecord>(TokenFallbackRecord::KEY)
-    {
-        let _ = inner
-            .store
-            .apply(&[TokenFallbackRecord::delete(TokenFallbackRecord::KEY)]);
-    }
-    let session_id = inner.session_id();
-    let old = inner.sessions.insert(SessionRef {
-        id: session_id,
-        peer: primary,
-        conn: conn.clone(),
-        opened_at: inner.now(),
-    });
-    *lock(&inner.worker.primary) = Some(primary);
-    if let Some(old) = old {
-        old.conn.close();
-    }
-    let guard = inner.guards.of(primary);
-    inner.events.publish(
-        "session.connected",
-        inner.now(),
-        json!({ "primary": primary.to_string() }),
-    );
-    let beating = inner.clone();
-    let beat_conn = conn.clone();
-    let beat_task = tokio::spawn(async move {
-        let mut interval = tokio::time::interval(beating.config.heartbeat_interval);
-        loop {
-            interval.tick().await;
-            if send_heartbeat(&beating, beat_conn.as_ref(), primary)
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
-    // Ended with the session (dropping this aborts it); `stop` takes the
-    // handle itself to wait for the end.
-    let heartbeats = AbortOnDrop(beat_task.abort_handle());
-    if let Some(old) = lock(&inner.worker.heartbeats).replace(beat_task) {
-        old.abort();
-    }
-    let ended = loop {
-        let payload = match inner.link.recv(conn.as_ref(), &guard, || inner.now()).await {
-            Ok(p) => p,
-            Err(e) => {
-                break Ended::Lost {
-                    connected: true,
-                    error: e.to_string(),
-                };
-            }
-        };
-        match payload {
-            Payload::Command(cmd) => {
-                // Run in its own task: a slow handler holds up neither
-                // other commands nor the session, within the in-flight
-                // cap. If the result cannot be sent, the connection is
-                // gone and the loop sees it.
-                let limit = inner.config.peer_limits.commands_in_flight;
-                let running = &inner.worker.commands_running;
-                if running.fetch_add(1, Ordering::AcqRel) >= limit {
-                    running.fetch_sub(1, Ordering::AcqRel);
-                    inner.stats.commands_refused.fetch_add(1, Ordering::Relaxed);
-                    let refused = Payload::CommandResult(CommandResult {
-                        command_id: cmd.command_id,
-                        outcome: CommandOutcome::Err {
-                            code: "too_many_commands".into(),
-                            message: "this worker runs as many commands as it may".into(),
-                        },
-                    });
-                    let _ = inner
-                        .link
-                        .send(conn.as_ref(), primary, refused, inner.now())
-                        .await;
-                    continue;
-                }
-                let (task_inner, task_conn) = (inner.clone(), conn.clone());
-                inner.spawn(async move {
-                    let outcome = handle_command(&task_inner, &cmd).await;
-                    task_inner
-                        .worker
-                        .commands_running
-                        .fetch_sub(1, Ordering::AcqRel);
-                    let result = Payload::CommandResult(CommandResult {
-                        command_id: cmd.command_id,
-                        outcome,
-                    });
-                    let _ = task_inner
-                        .link
-                        .send(task_conn.as_ref(), primary, result, task_inner.now())
-                        .await;
-                });
-            }
-            Payload::CommandResult(r) => {
-                inner.calls.complete(primary, r.command_id, r.outcome);
-            }
-            Payload::Session(SessionMessage::TokenRotated { token }) => {
-                // Phase one of a rotation: the new token and the old one (in
-                // case the primary never commits) in one durable batch, then
-                // the acknowledgement. Nothing is acknowledged unsaved.
-                let rotated = PrimaryLinkRecord {
-                    token,
-                    ..link.clone()
-                };
-                let previous = TokenFallbackRecord {
-                    token: link.token,
-                    stored_at: inner.now(),
-                };
-                let saved = rotated
-                    .put()
-                    .and_then(|a| Ok(vec![a, previous.put()?]))
-                    .and_then(|batch| inner.store.apply(&batch));
-                match saved {
-                    Ok(()) => {
-                        let ack = Payload::Session(SessionMessage::TokenStored);
-                        let _ = inner
-                            .link
-                            .send(conn.as_ref(), primary, ack, inner.now())
-                            .await;
-                    }
-                    Err(e) => {
-                        inner.events.publish(
-                            "session.token_save_failed",
-                            inner.now(),
-                            json!({ "error": e.to_string() }),
-                        );
-                    }
-                }
-            }
-            Payload::Session(SessionMessage::Bye { reason }) => {
-                break Ended::Bye(ByeReason::parse(&reason));
-            }
-            // The primary's news for this worker: only the kinds a primary
-            // may send (its actions' progress); it cannot put anything else
-            // on this node's bus.
-            Payload::Event(event) => {
-                if PRIMARY_EVENT_KINDS.contains(&event.kind.as_str())
-                    && let Ok(data) = serde_json::from_str::<Value>(event.data.as_str())
-                {
-                    inner.events.publish(&event.kind, inner.now(), data);
-                }
-            }
-            _ => {}
-        }
     };
-    drop(heartbeats);
+    let start = std::time::Instant::now();
+    let mut session = WorkerSession::new(
+        mono(start),
+        link.token,
+        inner.config.command_timeout,
+        inner.config.heartbeat_interval,
+    );
+    let session_id = inner.session_id();
+    // Until the welcome, this connection's own replay state; then the
+    // primary's.
+    let mut guard = Arc::new(pre_auth_guard());
+    let mut incoming = Box::pin(next_message(inner, &conn, &guard));
+    let mut stop = std::pin::pin!(stopping(inner));
+    let mut stop_seen = false;
+    loop {
+        while let Some(output) = session.poll_output() {
+            match output {
+                WorkerOutput::Send(payload) => {
+                    if let Err(e) = inner
+                        .link
+                        .send(conn.as_ref(), primary, payload, inner.now())
+                        .await
+                    {
+                        session.handle_lost(&e.to_string());
+                    }
+                }
+                WorkerOutput::Opened => {
+                    opened(inner, &conn, primary, session_id).await;
+                    guard = inner.guards.of(primary);
+                }
+                WorkerOutput::Heartbeat => {
+                    if let Err(e) = send_heartbeat(inner, conn.as_ref(), primary).await {
+                        session.handle_lost(&e.to_string());
+                    }
+                }
+                WorkerOutput::Deliver(payload) => deliver(inner, &conn, primary, payload).await,
+                WorkerOutput::StoreToken(token) => {
+                    let stored = store_rotated(inner, link, token).await;
+                    session.handle_token_stored(stored);
+                }
+                WorkerOutput::Close { send_bye } => {
+                    if send_bye {
+                        let reason = match session.ended() {
+                            Some(SessionEnd::Bye(r)) => r.clone(),
+                            _ => ByeReason::Shutdown,
+                        };
+                        let bye = Payload::Session(SessionMessage::Bye {
+                            reason: reason.to_string(),
+                        });
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            inner.link.send(conn.as_ref(), primary, bye, inner.now()),
+                        )
+                        .await;
+                    }
+                    conn.close();
+                }
+            }
+        }
+        if session.is_closed() {
+            break;
+        }
+        let wait = session
+            .poll_timeout()
+            .map(|at| at.saturating_duration_since(mono(start)))
+            .unwrap_or(Duration::from_secs(3600));
+        tokio::select! {
+            received = &mut incoming => {
+                match received {
+                    Ok(payload) => session.handle_message(payload, mono(start)),
+                    Err(e) => session.handle_lost(&e.to_string()),
+                }
+                incoming = Box::pin(next_message(inner, &conn, &guard));
+            }
+            () = tokio::time::sleep(wait) => session.handle_timeout(mono(start)),
+            () = &mut stop, if !stop_seen => {
+                stop_seen = true;
+                session.end();
+            }
+        }
+    }
     if inner.sessions.remove_if(&primary, session_id).is_some() {
         let mut current = lock(&inner.worker.primary);
         if *current == Some(primary) {
@@ -615,7 +542,140 @@ async fn run_session(inner: &Arc<WorkerRt>, link: &PrimaryLinkRecord) -> Ended {
     }
     conn.close();
     inner.calls.fail_session(primary, session_id);
-    ended
+    match session.ended() {
+        Some(SessionEnd::Bye(reason)) => Ended::Bye(reason.clone()),
+        Some(SessionEnd::Lost { connected, error }) => Ended::Lost {
+            connected: *connected,
+            error: error.clone(),
+        },
+        None => Ended::Lost {
+            connected: false,
+            error: "the session ended without a reason".into(),
+        },
+    }
+}
+
+/// The welcome came: the session is registered as the node's session with
+/// its primary, and a fallback token kept from a rotation goes (the token
+/// that opened this session works).
+async fn opened(inner: &Arc<WorkerRt>, conn: &Arc<dyn Connection>, primary: NodeId, id: u64) {
+    let store = inner.store.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Ok(Some(_)) = store.load::<TokenFallbackRecord>(TokenFallbackRecord::KEY) {
+            let _ = store.apply(&[TokenFallbackRecord::delete(TokenFallbackRecord::KEY)]);
+        }
+    })
+    .await;
+    let old = inner.sessions.insert(SessionRef {
+        id,
+        peer: primary,
+        conn: conn.clone(),
+        opened_at: inner.now(),
+    });
+    *lock(&inner.worker.primary) = Some(primary);
+    if let Some(old) = old {
+        old.conn.close();
+    }
+    inner.events.publish(
+        "session.connected",
+        inner.now(),
+        json!({ "primary": primary.to_string() }),
+    );
+}
+
+/// Acts on what the session machine let through from the primary.
+async fn deliver(
+    inner: &Arc<WorkerRt>,
+    conn: &Arc<dyn Connection>,
+    primary: NodeId,
+    payload: Payload,
+) {
+    match payload {
+        Payload::Command(cmd) => {
+            // Run in its own task: a slow handler holds up neither other
+            // commands nor the session, within the in-flight cap. If the
+            // result cannot be sent, the connection is gone and the session
+            // sees it.
+            let limit = inner.config.peer_limits.commands_in_flight;
+            let running = &inner.worker.commands_running;
+            if running.fetch_add(1, Ordering::AcqRel) >= limit {
+                running.fetch_sub(1, Ordering::AcqRel);
+                inner.stats.commands_refused.fetch_add(1, Ordering::Relaxed);
+                let refused = Payload::CommandResult(CommandResult {
+                    command_id: cmd.command_id,
+                    outcome: CommandOutcome::Err {
+                        code: "too_many_commands".into(),
+                        message: "this worker runs as many commands as it may".into(),
+                    },
+                });
+                let _ = inner
+                    .link
+                    .send(conn.as_ref(), primary, refused, inner.now())
+                    .await;
+                return;
+            }
+            let (task_inner, task_conn) = (inner.clone(), conn.clone());
+            inner.spawn(async move {
+                let outcome = handle_command(&task_inner, &cmd).await;
+                task_inner
+                    .worker
+                    .commands_running
+                    .fetch_sub(1, Ordering::AcqRel);
+                let result = Payload::CommandResult(CommandResult {
+                    command_id: cmd.command_id,
+                    outcome,
+                });
+                let _ = task_inner
+                    .link
+                    .send(task_conn.as_ref(), primary, result, task_inner.now())
+                    .await;
+            });
+        }
+        Payload::CommandResult(r) => {
+            inner.calls.complete(primary, r.command_id, r.outcome);
+        }
+        // Only kinds a primary may publish here reach this far.
+        Payload::Event(event) => {
+            if let Ok(data) = serde_json::from_str::<Value>(event.data.as_str()) {
+                inner.events.publish(&event.kind, inner.now(), data);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Phase one of a rotation on the device: the new token and the old one (in
+/// case the primary never commits) in one durable batch, off the async
+/// threads. `true` once stored; a failure is published and not
+/// acknowledged.
+async fn store_rotated(inner: &WorkerRt, link: &PrimaryLinkRecord, token: RotatedToken) -> bool {
+    let rotated = PrimaryLinkRecord {
+        token: *token.expose(),
+        ..link.clone()
+    };
+    let previous = TokenFallbackRecord {
+        token: link.token,
+        stored_at: inner.now(),
+    };
+    let store = inner.store.clone();
+    let saved = tokio::task::spawn_blocking(move || {
+        rotated
+            .put()
+            .and_then(|a| Ok(vec![a, previous.put()?]))
+            .and_then(|batch| store.apply(&batch))
+    })
+    .await;
+    let error = match saved {
+        Ok(Ok(())) => return true,
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    inner.events.publish(
+        "session.token_save_failed",
+        inner.now(),
+        json!({ "error": error }),
+    );
+    false
 }
 
 /// The primary's commands: `ping`, `config`, `run_action`.

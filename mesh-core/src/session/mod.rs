@@ -11,6 +11,12 @@
 //!   gate's answer into an output: deliver it, refuse a command with a typed
 //!   code (the session goes on), or end the session with a typed
 //!   [`ByeReason`].
+//! * [`WorkerSession`] is the worker's side of its session with the
+//!   primary: the hello and the welcome deadline, the heartbeat timer, what
+//!   a primary may send (commands, results, its actions' news; nothing
+//!   else reaches the worker's bus), the device's half of a two-phase token
+//!   rotation (store, then acknowledge), and how the session ended
+//!   ([`SessionEnd`]).
 //! * [`ByeReason`] is the one table of why sessions end, with which of them
 //!   are final for a device ([`ByeReason::is_permanent`]).
 //!
@@ -20,6 +26,11 @@
 
 #[cfg(test)]
 mod tests;
+mod worker;
+#[cfg(test)]
+mod worker_tests;
+
+pub use worker::{PRIMARY_EVENT_KINDS, RotatedToken, SessionEnd, WorkerOutput, WorkerSession};
 
 use std::collections::VecDeque;
 use std::fmt;

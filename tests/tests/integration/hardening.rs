@@ -1214,3 +1214,97 @@ async fn a_device_cannot_propose_actions_without_end() {
         vec!["too_many_actions".to_owned()]
     );
 }
+
+/// Foundation C, the worker's side: the session machine ends a session
+/// whose primary never welcomes it (a transient loss, retried with a new
+/// hello), sends its first heartbeat as soon as it is welcomed, and when the
+/// worker stops says goodbye with `shutdown` before anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_leaves_a_silent_primary_and_says_goodbye_when_it_stops() {
+    let key = Arc::new(NodeKey::generate());
+    let transport = Arc::new(
+        QuicTransport::bind(
+            key.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(mesh_core::transport::AdmitAll),
+            mesh_transport::quic::QuicConfig::default(),
+        )
+        .unwrap(),
+    );
+    let (addr, id) = (transport.addr(), key.node_id());
+    let (tx, mut seen) = tokio::sync::mpsc::channel::<String>(64);
+    let fake = tokio::spawn(async move {
+        // First session: the hello, then silence.
+        let silent = transport.accept().await.unwrap();
+        let first = payload_of(&silent.recv().await.unwrap());
+        tx.send(format!("1:{}", first.kind())).await.unwrap();
+        // Second: welcomed; then every payload the worker sends, in order.
+        let conn = transport.accept().await.unwrap();
+        let hello = payload_of(&conn.recv().await.unwrap());
+        tx.send(format!("2:{}", hello.kind())).await.unwrap();
+        let to = conn.remote_node();
+        let welcome = signed(
+            &key,
+            to,
+            SystemClock.now(),
+            Payload::Session(SessionMessage::Welcome),
+        );
+        conn.send(welcome).await.unwrap();
+        while let Ok(frame) = conn.recv().await {
+            let line = match payload_of(&frame) {
+                Payload::Session(SessionMessage::Bye { reason }) => format!("bye:{reason}"),
+                other => other.kind().to_owned(),
+            };
+            tx.send(line).await.unwrap();
+        }
+        drop(silent);
+    });
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    store
+        .save(&PrimaryLinkRecord {
+            primary: id,
+            address: addr,
+            token: [7; 32],
+            paired_at: SystemClock.now(),
+        })
+        .unwrap();
+    let wkey = Arc::new(NodeKey::generate());
+    let config = NodeConfig::new(Role::Worker, "w", "hw-w")
+        .heartbeat_interval(Duration::from_secs(60))
+        .command_timeout(Duration::from_millis(300))
+        .reconnect(Duration::from_millis(50), Duration::from_millis(200));
+    let w = Node::builder(wkey.clone(), store.clone(), quic(&wkey, &store), config)
+        .start_worker()
+        .unwrap();
+    let mut lost = w.subscribe("session.lost", 8).unwrap();
+    assert_eq!(next_line(&mut seen).await, "1:session");
+    let e = crate::support::next(&mut lost, "session.lost", Duration::from_secs(5)).await;
+    assert!(
+        e.data["error"]
+            .as_str()
+            .unwrap()
+            .contains("no welcome in time"),
+        "{e:?}"
+    );
+    assert_eq!(next_line(&mut seen).await, "2:session");
+    // Welcomed: the first heartbeat comes at once, not an interval later.
+    assert_eq!(next_line(&mut seen).await, "heartbeat");
+    assert!(w.is_connected());
+    w.shutdown().await;
+    assert_eq!(next_line(&mut seen).await, "bye:shutdown");
+    assert!(!w.is_connected());
+    // Nothing after the goodbye: the fake sees the connection end.
+    tokio::time::timeout(Duration::from_secs(10), fake)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(seen.recv().await.is_none());
+}
+
+/// The next line a test's fake peer reported, within 10 s.
+async fn next_line(seen: &mut tokio::sync::mpsc::Receiver<String>) -> String {
+    tokio::time::timeout(Duration::from_secs(10), seen.recv())
+        .await
+        .expect("a line within 10 s")
+        .expect("the fake peer still running")
+}

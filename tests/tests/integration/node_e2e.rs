@@ -320,7 +320,7 @@ async fn a_rejected_request_fails_on_the_worker_and_an_unpaired_worker_forgets_i
     pair(&p, &w2, false).await;
     let mut ended = w2.subscribe("session.ended", 8).unwrap();
     p.node.unpair(&w2.node_id()).await.unwrap();
-    let bye = next(&mut ended, "session.ended", Duration::from_secs(1)).await;
+    let bye = next(&mut ended, "session.ended", WAIT).await;
     assert_eq!(bye.data["reason"], "unpaired");
     assert_eq!(w2.paired_primary().unwrap(), None);
     assert!(p.node.devices().unwrap().is_empty());
