@@ -99,13 +99,21 @@ fn process_cpu_ms() -> u64 {
 }
 
 fn quic(key: &Arc<NodeKey>, store: &Arc<dyn Storage>) -> Arc<QuicTransport> {
+    quic_with(key, store, QuicConfig::default())
+}
+
+fn quic_with(
+    key: &Arc<NodeKey>,
+    store: &Arc<dyn Storage>,
+    config: QuicConfig,
+) -> Arc<QuicTransport> {
     let admission = Arc::new(RegistryAdmission::new(store.clone()));
     Arc::new(
         QuicTransport::bind(
             key.clone(),
             "127.0.0.1:0".parse().unwrap(),
             admission,
-            QuicConfig::default(),
+            config,
         )
         .unwrap(),
     )
@@ -208,7 +216,11 @@ fn main() {
         let ledger = Arc::new(
             SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default()).unwrap(),
         );
-        let transport = quic(&key, &store);
+        // Every simulated device connects from 127.0.0.1: one source, as
+        // far as the per-source handshake rate knows, so it is lifted here.
+        let mut config = QuicConfig::default();
+        config.handshakes_per_source = mesh_core::limits::Rate::per_second(100_000.0, 100_000);
+        let transport = quic_with(&key, &store, config);
         // Every worker pairs from 127.0.0.1, one after another.
         let config = NodeConfig::new(Role::Primary, "primary", "primary")
             .heartbeat_interval(Duration::from_secs(1))

@@ -151,6 +151,19 @@ pub struct QuicConfig {
     /// Handshakes run at once on the accepting side; further attempts are
     /// refused until one finishes. Default 256.
     pub max_pending_handshakes: usize,
+    /// New connection attempts accepted from one source (an IPv4 address,
+    /// or an IPv6 /64), decided from the first packet before any
+    /// cryptography: over it, the attempt is refused with a stateless
+    /// `CONNECTION_REFUSED`. Default 20/s, burst 200 (a LAN host connects
+    /// a handful of times; a flood from one host costs the node a packet
+    /// parse per attempt). At most 4,096 sources are remembered.
+    pub handshakes_per_source: mesh_core::limits::Rate,
+    /// With this many handshakes running or more, an attempt from an
+    /// address not yet validated is first sent a stateless Retry (QUIC's
+    /// address validation): a spoofed source never comes back, so it can
+    /// neither hold a handshake slot nor use up another host's rate.
+    /// Default 32.
+    pub retry_above: usize,
     /// Admitted connections waiting for [`Transport::accept`]. Default 64.
     pub accept_backlog: usize,
     /// Streams of each kind (bidirectional, unidirectional) the peer may
@@ -183,6 +196,8 @@ impl Default for QuicConfig {
             handshake_timeout: Duration::from_secs(10),
             max_message: MAX_MESSAGE,
             max_pending_handshakes: 256,
+            handshakes_per_source: mesh_core::limits::Rate::per_second(20.0, 200),
+            retry_above: 32,
             accept_backlog: 64,
             max_streams: 100,
             stream_receive_window: 4 * 1024 * 1024,
@@ -507,6 +522,36 @@ struct Shared {
     on_battery: AtomicBool,
     /// What is accepted, and who may use it (see [`Transport::serve`]).
     serving: Mutex<Serving>,
+    /// What the accept loop turned away before any handshake work.
+    incoming: IncomingCounters,
+}
+
+/// Counters of the accepting side.
+#[derive(Debug, Default)]
+struct IncomingCounters {
+    refused_rate: std::sync::atomic::AtomicU64,
+    refused_busy: std::sync::atomic::AtomicU64,
+    refused_serving_nothing: std::sync::atomic::AtomicU64,
+    retries: std::sync::atomic::AtomicU64,
+    handshakes: std::sync::atomic::AtomicU64,
+}
+
+/// What a [`QuicTransport`]'s accepting side did with connection attempts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IncomingStats {
+    /// Refused from their first packet: over their source's rate
+    /// ([`QuicConfig::handshakes_per_source`]).
+    pub refused_rate: u64,
+    /// Refused from their first packet: as many handshakes running as
+    /// allowed ([`QuicConfig::max_pending_handshakes`]).
+    pub refused_busy: u64,
+    /// Refused from their first packet: the node serves no protocol.
+    pub refused_serving_nothing: u64,
+    /// Sent a stateless Retry to validate their address.
+    pub retries: u64,
+    /// Handshakes started.
+    pub handshakes: u64,
 }
 
 struct Serving {
@@ -615,6 +660,7 @@ impl QuicTransport {
                 protocols,
                 admission,
             }),
+            incoming: IncomingCounters::default(),
         });
         let (tx, rx) = mpsc::channel(shared.config.accept_backlog.max(1));
         let acceptor = tokio::spawn(accept_loop(shared.clone(), tx));
@@ -623,6 +669,19 @@ impl QuicTransport {
             incoming: AsyncMutex::new(rx),
             acceptor,
         })
+    }
+
+    /// What the accepting side did with connection attempts so far.
+    pub fn incoming_stats(&self) -> IncomingStats {
+        let c = &self.shared.incoming;
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        IncomingStats {
+            refused_rate: n(&c.refused_rate),
+            refused_busy: n(&c.refused_busy),
+            refused_serving_nothing: n(&c.refused_serving_nothing),
+            retries: n(&c.retries),
+            handshakes: n(&c.handshakes),
+        }
     }
 
     /// The bound socket address.
@@ -695,19 +754,65 @@ impl Drop for QuicTransport {
     }
 }
 
+/// The source an attempt is limited as: its IPv4 address, or the /64 of its
+/// IPv6 address (one LAN host holds a whole /64).
+fn source_of(addr: SocketAddr) -> std::net::IpAddr {
+    match addr.ip().to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// How many sources the per-source handshake rate remembers.
+const MAX_SOURCES: usize = 4096;
+
 async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<QuicConnection>) {
-    let pending = Arc::new(Semaphore::new(shared.config.max_pending_handshakes.max(1)));
+    let max = shared.config.max_pending_handshakes.max(1);
+    let pending = Arc::new(Semaphore::new(max));
+    let mut per_source =
+        mesh_core::limits::KeyedLimiter::new(shared.config.handshakes_per_source, MAX_SOURCES);
+    let started = std::time::Instant::now();
+    let count = |c: &std::sync::atomic::AtomicU64| {
+        c.fetch_add(1, Ordering::Relaxed);
+    };
+    // Every check here works from the first packet alone, before any
+    // cryptography: a flood costs a packet parse and a refusal per attempt.
     while let Some(incoming) = shared.endpoint.accept().await {
         if shared.serving().0.is_empty() {
-            // Serving nothing (a worker with no protocol of its own):
-            // refused before any handshake work.
+            // Serving nothing (a worker with no protocol of its own).
+            count(&shared.incoming.refused_serving_nothing);
+            incoming.refuse();
+            continue;
+        }
+        let running = max - pending.available_permits();
+        if running >= shared.config.retry_above
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            // Under load, a source proves it receives at its address
+            // before it costs a handshake or touches a rate.
+            count(&shared.incoming.retries);
+            let _ = incoming.retry();
+            continue;
+        }
+        // Monotonic: a wall-clock jump neither refills nor drains a bucket.
+        let now = mesh_core::clock::Timestamp::from_millis(
+            u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        );
+        if !per_source.try_take(&source_of(incoming.remote_address()), now) {
+            count(&shared.incoming.refused_rate);
             incoming.refuse();
             continue;
         }
         let Ok(permit) = pending.clone().try_acquire_owned() else {
+            count(&shared.incoming.refused_busy);
             incoming.refuse();
             continue;
         };
+        count(&shared.incoming.handshakes);
         let (shared, tx) = (shared.clone(), tx.clone());
         tokio::spawn(async move {
             let timeout = shared.config.handshake_timeout;

@@ -400,3 +400,66 @@ fn restart_keys_are_stable_per_node_and_differ_between_nodes() {
     assert_ne!(tag(&reset_a), tag(&reset_b));
     assert_ne!(cid_a, cid_b);
 }
+
+/// A source over its handshake rate is refused from its first packet (no
+/// handshake runs); another source on the same host is not affected.
+#[tokio::test]
+async fn a_source_over_its_handshake_rate_is_refused_before_any_handshake() {
+    within(async {
+        let mut config = QuicConfig::default();
+        config.handshakes_per_source = mesh_core::limits::Rate::per_second(0.001, 3);
+        let server = bind(1, config);
+        let flooder = bind(2, QuicConfig::default());
+        let mut accepted = Vec::new();
+        let mut refused = 0;
+        for _ in 0..8 {
+            let addr = server.addr();
+            let attempt = flooder.connect(server.local_node(), &addr, Protocol::MESH);
+            let accepting =
+                async { tokio::time::timeout(Duration::from_millis(500), server.accept()).await };
+            let (c, s) = tokio::join!(attempt, accepting);
+            match c {
+                Ok(c) => accepted.push((c, s.unwrap().unwrap())),
+                Err(_) => refused += 1,
+            }
+        }
+        assert_eq!(accepted.len(), 3, "the burst, then nothing");
+        assert_eq!(refused, 5);
+        let stats = server.incoming_stats();
+        assert_eq!(stats.handshakes, 3);
+        assert_eq!(stats.refused_rate, 5);
+        // Another source (127.0.0.2: another host, as far as the limit
+        // knows) still gets in.
+        let other = QuicTransport::bind(
+            key(3),
+            SocketAddr::from(([127, 0, 0, 2], 0)),
+            Arc::new(AdmitAll),
+            QuicConfig::default(),
+        )
+        .unwrap();
+        let (c, s) = connected(&other, &server).await;
+        c.send(b"hi".to_vec()).await.unwrap();
+        assert_eq!(s.recv().await.unwrap(), b"hi");
+        assert_eq!(server.incoming_stats().handshakes, 4);
+    })
+    .await;
+}
+
+/// Under load (here: `retry_above` 0, so always), an address not yet
+/// validated is sent a stateless Retry first; a real client answers it and
+/// connects, and only then does its handshake start.
+#[tokio::test]
+async fn under_load_an_unvalidated_address_is_retried_and_a_real_client_gets_in() {
+    within(async {
+        let mut config = QuicConfig::default();
+        config.retry_above = 0;
+        let server = bind(1, config);
+        let client = bind(2, QuicConfig::default());
+        let (c, s) = connected(&client, &server).await;
+        c.send(b"validated".to_vec()).await.unwrap();
+        assert_eq!(s.recv().await.unwrap(), b"validated");
+        let stats = server.incoming_stats();
+        assert_eq!((stats.retries, stats.handshakes), (1, 1), "{stats:?}");
+    })
+    .await;
+}
