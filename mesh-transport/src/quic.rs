@@ -923,11 +923,21 @@ impl Transport for QuicTransport {
         let (crypto, pin) = shared.tls.client(peer, protocol)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         // The accepting side opens exactly one stream: the message stream.
-        client.transport_config(Arc::new(
-            shared
-                .config
-                .transport(shared.on_battery.load(Ordering::Relaxed), 1)?,
-        ));
+        let mut transport = shared
+            .config
+            .transport(shared.on_battery.load(Ordering::Relaxed), 1)?;
+        if !protocol.carries_streams() {
+            // A message protocol (pairing, the device session) carries one
+            // small message now and then, a heartbeat a second: the peer is
+            // asked (QUIC ACK frequency) to acknowledge each at once, in the
+            // pass that received it, instead of arming a delayed-ACK timer
+            // and waking again for every message. Stream protocols keep
+            // QUIC's usual every-other-packet acknowledgements.
+            let mut acks = quinn::AckFrequencyConfig::default();
+            acks.ack_eliciting_threshold(VarInt::from_u32(0));
+            transport.ack_frequency_config(Some(acks));
+        }
+        client.transport_config(Arc::new(transport));
         let connecting = shared
             .endpoint
             .connect_with(client, *socket, SERVER_NAME)
