@@ -214,9 +214,8 @@ pub(crate) struct State {
     /// Actions being decided now (approve, reject, void): a transition
     /// claims its action first, so two concurrent approvals run it once.
     pub(super) claimed: Mutex<std::collections::HashSet<String>>,
-    /// Token rotations waiting for the device's acknowledgement, with the
-    /// session they were sent on.
-    rotations: Mutex<HashMap<NodeId, (u64, oneshot::Sender<()>)>>,
+    /// Token rotations waiting for the device's acknowledgement.
+    rotations: Mutex<HashMap<NodeId, Rotation>>,
     /// Serialises policy changes (commit, then install).
     pub(super) policy_changes: Mutex<()>,
     /// Rates of new pairing requests (made at the first request).
@@ -227,6 +226,15 @@ pub(crate) struct State {
     /// Actions waiting for approval, per device (bounded by
     /// `PeerLimits::proposed_actions`; counted from storage at start).
     pub(super) proposed: Mutex<HashMap<NodeId, usize>>,
+}
+
+/// A token rotation waiting for the device to acknowledge it.
+struct Rotation {
+    /// The session the new token was sent on.
+    session: u64,
+    /// `SessionMessage::stored_digest` of the new token.
+    digest: [u8; 32],
+    acked: oneshot::Sender<()>,
 }
 
 /// The token buckets of new pairing requests.
@@ -774,12 +782,16 @@ async fn deliver(
                 json!({ "device": node.to_string(), "kind": event.kind, "data": data }),
             );
         }
-        Payload::Session(SessionMessage::TokenStored) => {
+        Payload::Session(SessionMessage::TokenStored { digest }) => {
+            // Only the acknowledgement of this rotation's token, on the
+            // session it was sent on, completes it.
             let mut rotations = lock(&inner.primary.rotations);
-            if rotations.get(&node).is_some_and(|(s, _)| *s == session_id)
-                && let Some((_, tx)) = rotations.remove(&node)
+            if rotations
+                .get(&node)
+                .is_some_and(|r| r.session == session_id && r.digest == digest)
+                && let Some(r) = rotations.remove(&node)
             {
-                let _ = tx.send(());
+                let _ = r.acked.send(());
             }
         }
         _ => {}
@@ -1165,7 +1177,14 @@ impl Primary {
                     "a rotation of {device}'s token is already waiting for the device"
                 )));
             }
-            rotations.insert(*device, (session.id, tx));
+            rotations.insert(
+                *device,
+                Rotation {
+                    session: session.id,
+                    digest: SessionMessage::stored_digest(token.as_bytes()),
+                    acked: tx,
+                },
+            );
         }
         let msg = Payload::Session(SessionMessage::TokenRotated {
             token: *token.as_bytes(),

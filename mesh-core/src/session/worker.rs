@@ -104,8 +104,8 @@ pub struct WorkerSession {
     heartbeat_every: Duration,
     out: VecDeque<WorkerOutput>,
     ended: Option<SessionEnd>,
-    /// A rotated token waiting to be stored (at most one).
-    storing: bool,
+    /// The digest of a rotated token waiting to be stored (at most one).
+    storing: Option<[u8; 32]>,
 }
 
 impl WorkerSession {
@@ -129,7 +129,7 @@ impl WorkerSession {
             heartbeat_every: heartbeat_every.max(Duration::from_millis(1)),
             out,
             ended: None,
-            storing: false,
+            storing: None,
         }
     }
 
@@ -215,8 +215,10 @@ impl WorkerSession {
                 }
                 // One rotation at a time; the primary waits for the
                 // acknowledgement before it starts another.
-                Payload::Session(SessionMessage::TokenRotated { token }) if !self.storing => {
-                    self.storing = true;
+                Payload::Session(SessionMessage::TokenRotated { token })
+                    if self.storing.is_none() =>
+                {
+                    self.storing = Some(SessionMessage::stored_digest(&token));
                     self.out
                         .push_back(WorkerOutput::StoreToken(RotatedToken(Zeroizing::new(
                             token,
@@ -235,17 +237,16 @@ impl WorkerSession {
         }
     }
 
-    /// The driver stored the rotated token (`Ok`) or could not (`Err`):
+    /// The driver stored the rotated token (`true`) or could not (`false`):
     /// only a stored token is acknowledged; an unstored one is not, so the
     /// primary keeps the old token valid and its rotation times out.
     pub fn handle_token_stored(&mut self, stored: bool) {
-        if !self.storing {
+        let Some(digest) = self.storing.take() else {
             return;
-        }
-        self.storing = false;
+        };
         if stored && self.is_open() {
             self.out.push_back(WorkerOutput::Send(Payload::Session(
-                SessionMessage::TokenStored,
+                SessionMessage::TokenStored { digest },
             )));
         }
     }

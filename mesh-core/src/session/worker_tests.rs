@@ -196,7 +196,9 @@ fn a_rotated_token_is_acknowledged_only_once_stored() {
     s.handle_token_stored(true);
     assert_eq!(
         drain(&mut s),
-        vec![WorkerOutput::Send(session(SessionMessage::TokenStored))]
+        vec![WorkerOutput::Send(session(SessionMessage::TokenStored {
+            digest: SessionMessage::stored_digest(&[6; 32])
+        }))]
     );
     // A stray report changes nothing.
     s.handle_token_stored(true);

@@ -491,8 +491,26 @@ pub enum SessionMessage {
         reason: String,
     },
     /// Device → primary: the rotated token is stored durably; the primary
-    /// may now make it the only one.
-    TokenStored,
+    /// may now make it the only one. `digest` names which token
+    /// ([`SessionMessage::stored_digest`]), so an acknowledgement of an
+    /// earlier rotation that timed out can never confirm a later one.
+    TokenStored {
+        /// [`SessionMessage::stored_digest`] of the token stored.
+        digest: [u8; 32],
+    },
+}
+
+impl SessionMessage {
+    /// What a device's `TokenStored` carries for `token`: a SHA-256 under a
+    /// tag of its own (not the registry's stored hash, and not the token).
+    pub fn stored_digest(token: &[u8; 32]) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        Sha256::new()
+            .chain_update(b"mesh-sdk/token-stored/v1")
+            .chain_update(token)
+            .finalize()
+            .into()
+    }
 }
 
 impl std::fmt::Debug for SessionMessage {
@@ -505,7 +523,7 @@ impl std::fmt::Debug for SessionMessage {
                 f.write_str("TokenRotated { token: <redacted> }")
             }
             SessionMessage::Bye { reason } => write!(f, "Bye {{ reason: {reason:?} }}"),
-            SessionMessage::TokenStored => f.write_str("TokenStored"),
+            SessionMessage::TokenStored { .. } => f.write_str("TokenStored { digest: .. }"),
         }
     }
 }

@@ -679,7 +679,9 @@ async fn a_worker_retries_transient_ends_and_survives_an_uncommitted_rotation() 
                     .await;
                     loop {
                         let p = payload_of(&conn.recv().await.unwrap());
-                        if matches!(p, Payload::Session(SessionMessage::TokenStored)) {
+                        if let Payload::Session(SessionMessage::TokenStored { digest }) = p {
+                            // It names the token it stored.
+                            assert_eq!(digest, SessionMessage::stored_digest(&new_token));
                             break;
                         }
                     }
@@ -1307,4 +1309,74 @@ async fn next_line(seen: &mut tokio::sync::mpsc::Receiver<String>) -> String {
         .await
         .expect("a line within 10 s")
         .expect("the fake peer still running")
+}
+
+/// Defect 6 (two-phase rotation), hardened: a device's acknowledgement
+/// names the token it stored, so the late acknowledgement of a rotation
+/// that timed out cannot confirm a later rotation whose token the device
+/// never stored (which would lock it out: the primary would commit a token
+/// the device does not have).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_token_acknowledgement_confirms_no_later_rotation() {
+    let p = primary_with(|c| c.command_timeout(Duration::from_millis(400)));
+    let dev = raw_device(&p).await;
+    let conn = dev.session(&p).await;
+    let device = dev.key.node_id();
+    let primary_id = p.node.node_id();
+    let registry =
+        mesh_core::registry::Registry::new(p.store.clone(), mesh_core::events::EventBus::new());
+    let gate = mesh_core::registry::scopes::PRESENCE_WRITE;
+    // The next rotation's token, as the device sees it.
+    async fn rotated(conn: &dyn Connection) -> [u8; 32] {
+        loop {
+            match recv(conn).await {
+                Some(Payload::Session(SessionMessage::TokenRotated { token })) => return token,
+                Some(_) => continue,
+                None => panic!("no rotation came"),
+            }
+        }
+    }
+    // Rotation 1: the device is too slow; it times out, the old token stays.
+    let (first, a) = tokio::join!(p.node.rotate_token(&device), rotated(conn.as_ref()));
+    assert!(matches!(first, Err(NodeError::Timeout(_))), "{first:?}");
+    registry.check(&device, &dev.token, gate).unwrap();
+    // Rotation 2: the device now acknowledges rotation 1's token, late.
+    let stale = async {
+        let b = rotated(conn.as_ref()).await;
+        dev.send(
+            conn.as_ref(),
+            primary_id,
+            Payload::Session(SessionMessage::TokenStored {
+                digest: SessionMessage::stored_digest(&a),
+            }),
+        )
+        .await;
+        b
+    };
+    let (second, b) = tokio::join!(p.node.rotate_token(&device), stale);
+    assert_ne!(a, b);
+    assert!(
+        matches!(second, Err(NodeError::Timeout(_))),
+        "a stale acknowledgement confirmed a rotation: {second:?}"
+    );
+    // Neither new token was committed; the device's own still opens.
+    registry.check(&device, &dev.token, gate).unwrap();
+    assert!(registry.check(&device, &b, gate).is_err());
+    // Rotation 3, acknowledged with its own token: committed.
+    let right = async {
+        let c = rotated(conn.as_ref()).await;
+        dev.send(
+            conn.as_ref(),
+            primary_id,
+            Payload::Session(SessionMessage::TokenStored {
+                digest: SessionMessage::stored_digest(&c),
+            }),
+        )
+        .await;
+        c
+    };
+    let (third, c) = tokio::join!(p.node.rotate_token(&device), right);
+    third.unwrap();
+    registry.check(&device, &c, gate).unwrap();
+    assert!(registry.check(&device, &dev.token, gate).is_err());
 }
