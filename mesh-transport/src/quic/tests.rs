@@ -406,8 +406,10 @@ fn restart_keys_are_stable_per_node_and_differ_between_nodes() {
 #[tokio::test]
 async fn a_source_over_its_handshake_rate_is_refused_before_any_handshake() {
     within(async {
-        let mut config = QuicConfig::default();
-        config.handshakes_per_source = mesh_core::limits::Rate::per_second(0.001, 3);
+        let config = QuicConfig {
+            handshakes_per_source: mesh_core::limits::Rate::per_second(0.001, 3),
+            ..QuicConfig::default()
+        };
         let server = bind(1, config);
         let flooder = bind(2, QuicConfig::default());
         let mut accepted = Vec::new();
@@ -451,8 +453,10 @@ async fn a_source_over_its_handshake_rate_is_refused_before_any_handshake() {
 #[tokio::test]
 async fn under_load_an_unvalidated_address_is_retried_and_a_real_client_gets_in() {
     within(async {
-        let mut config = QuicConfig::default();
-        config.retry_above = 0;
+        let config = QuicConfig {
+            retry_above: 0,
+            ..QuicConfig::default()
+        };
         let server = bind(1, config);
         let client = bind(2, QuicConfig::default());
         let (c, s) = connected(&client, &server).await;
