@@ -28,18 +28,31 @@ fn device_class(request: &CommandRequest<'_>) -> DeviceClass {
 
 /// The power context of a request: the device class, and its latest
 /// heartbeat (battery, charging, low-power mode, thermal state, CPU).
+///
+/// What a device leaves unsaid counts against it, not for it: a phone or
+/// tablet is on battery unless it reports charging (with no heartbeat yet
+/// too), and a device that reports a battery level is on battery unless it
+/// reports charging. So a device cannot slip past the battery rules by
+/// leaving `charging` out.
 fn power_state(request: &CommandRequest<'_>) -> PowerState {
-    let class = Some(device_class(request));
+    let class = device_class(request);
+    let mobile = matches!(class, DeviceClass::Ios | DeviceClass::Android);
     let Some(m) = request.metrics else {
         return PowerState {
-            device_class: class,
+            device_class: Some(class),
+            on_battery: mobile.then_some(true),
             ..PowerState::default()
         };
     };
+    let charging = m.charging == Some(true);
+    let on_battery = if mobile || m.battery_percent.is_some() {
+        Some(!charging)
+    } else {
+        m.charging.map(|_| false)
+    };
     PowerState {
-        device_class: class,
-        // On battery: it has one and is not charging.
-        on_battery: m.charging.map(|c| !c && m.battery_percent.is_some()),
+        device_class: Some(class),
+        on_battery,
         battery_percent: m.battery_percent,
         low_power_mode: m.low_power_mode,
         thermal: m.thermal.map(|t| match t {
@@ -188,5 +201,66 @@ mod tests {
             p.decide(&req("notes.write", now, None)).0,
             Verdict::Deny { .. }
         ));
+    }
+
+    #[test]
+    fn what_a_device_leaves_unsaid_counts_against_it() {
+        let p = RuntimePolicy::new();
+        let now = Timestamp::from_millis(1_750_000_000_000);
+        p.install(&node(), r#"{"allowed_commands": ["jobs.*"]}"#)
+            .unwrap();
+        let code = |platform: wire::Platform, m: Option<&HealthMetrics>, large: bool| {
+            let usage = wire::CommandUsage {
+                job_size: Some(if large {
+                    wire::JobSize::Large
+                } else {
+                    wire::JobSize::Small
+                }),
+                ..wire::CommandUsage::default()
+            };
+            let r = req("jobs.run", now, m).platform(platform).usage(usage);
+            match p.decide(&r).0 {
+                Verdict::Allow => "allow".to_owned(),
+                Verdict::Deny { code, .. } | Verdict::NeedsApproval { code, .. } => code,
+                Verdict::Defer { code, .. } => code,
+            }
+        };
+        // A phone at 3 % that does not say whether it charges: on battery.
+        let low = HealthMetrics {
+            battery_percent: Some(3.0),
+            ..HealthMetrics::default()
+        };
+        assert_eq!(
+            code(wire::Platform::Android, Some(&low), false),
+            "power_battery_low"
+        );
+        assert_eq!(
+            code(wire::Platform::Ios, Some(&low), false),
+            "power_battery_low"
+        );
+        // Saying it charges lifts the battery rule.
+        let charging = HealthMetrics {
+            charging: Some(true),
+            ..low.clone()
+        };
+        assert_eq!(
+            code(wire::Platform::Android, Some(&charging), false),
+            "allow"
+        );
+        // A laptop (a desktop reporting a battery) at 30 %, charging unsaid:
+        // small jobs only.
+        let laptop = HealthMetrics {
+            battery_percent: Some(30.0),
+            ..HealthMetrics::default()
+        };
+        assert_eq!(
+            code(wire::Platform::Desktop, Some(&laptop), true),
+            "power_small_jobs_only"
+        );
+        assert_eq!(code(wire::Platform::Desktop, Some(&laptop), false), "allow");
+        // A desktop with no battery, and a phone with no heartbeat yet (its
+        // level unknown: nothing to stop it on), run.
+        assert_eq!(code(wire::Platform::Desktop, None, true), "allow");
+        assert_eq!(code(wire::Platform::Ios, None, false), "allow");
     }
 }
