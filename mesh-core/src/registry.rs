@@ -258,6 +258,12 @@ pub struct TrustConfig {
     pub step: f64,
     /// From this level a paired device is `trusted`. Default 0.7.
     pub trusted_from: f64,
+    /// Trust rises at most once per this long, however many commands
+    /// succeed in it (each is still counted in `successes`): trust is
+    /// earned over time in use, not farmed with a burst of cheap commands.
+    /// Default 10 minutes (so the defaults make a device trusted after
+    /// eight successes spread over at least 70 minutes).
+    pub min_interval: std::time::Duration,
 }
 
 impl Default for TrustConfig {
@@ -266,6 +272,7 @@ impl Default for TrustConfig {
             initial: 0.3,
             step: 0.05,
             trusted_from: 0.7,
+            min_interval: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -279,6 +286,12 @@ impl TrustConfig {
         } else {
             step.clamp(0.0, 1.0)
         };
+        self
+    }
+
+    /// Sets the shortest time between two rises of a device's trust.
+    pub fn min_interval(mut self, interval: std::time::Duration) -> Self {
+        self.min_interval = interval;
         self
     }
 
@@ -465,6 +478,7 @@ impl Registry {
                 .map(|s| Scope::from_static(s))
                 .collect(),
             successes: 0,
+            trust_raised_at: None,
             created_at: now,
             paired_at: Some(now),
             last_seen: Some(now),
@@ -636,8 +650,15 @@ impl Registry {
         let trust = self.trust.clone();
         let device = self.update_with(node, now, |d| {
             d.successes += 1;
-            d.trust_level = (d.trust_level + trust.step).min(1.0);
             d.last_seen = Some(now);
+            let due = d
+                .trust_raised_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= trust.min_interval);
+            if !due {
+                return None;
+            }
+            d.trust_level = (d.trust_level + trust.step).min(1.0);
+            d.trust_raised_at = Some(now);
             let promote =
                 d.status == DeviceStatus::Paired && d.trust_level + 1e-9 >= trust.trusted_from;
             promote.then(|| {
@@ -855,23 +876,35 @@ mod tests {
     }
 
     #[test]
-    fn trust_grows_with_use_until_trusted() {
+    fn trust_grows_with_use_over_time_until_trusted() {
         let (reg, _) = setup();
         let (node, _) = pair(&reg, 1);
         let mut d = reg.get(&node).unwrap().unwrap();
         assert_eq!(d.trust_level, 0.3);
-        for _ in 0..7 {
-            assert_eq!(d.status, DeviceStatus::Paired);
-            d = reg.record_success(&node, T).unwrap();
+        let minutes = |m: u64| T + std::time::Duration::from_secs(60 * m);
+        // A burst of successes in one minute raises trust once.
+        for s in 0..50 {
+            d = reg
+                .record_success(&node, minutes(0) + std::time::Duration::from_millis(s))
+                .unwrap();
         }
-        // 0.3 + 8 steps of 0.05 reaches 0.7.
-        d = reg.record_success(&node, T).unwrap();
+        assert_eq!((d.successes, d.trust_level), (50, 0.35));
+        // Then once per 10 minutes of use: 0.3 + 8 steps of 0.05 is 0.7.
+        for i in 1..7 {
+            d = reg.record_success(&node, minutes(10 * i)).unwrap();
+            assert_eq!(d.status, DeviceStatus::Paired);
+            // Within the interval: counted, not raised.
+            let level = d.trust_level;
+            d = reg.record_success(&node, minutes(10 * i + 9)).unwrap();
+            assert_eq!(d.trust_level, level);
+        }
+        d = reg.record_success(&node, minutes(70)).unwrap();
         assert_eq!(d.status, DeviceStatus::Trusted);
-        for _ in 0..20 {
-            d = reg.record_success(&node, T).unwrap();
+        for i in 8..30 {
+            d = reg.record_success(&node, minutes(10 * i)).unwrap();
         }
         assert_eq!(d.trust_level, 1.0);
-        assert_eq!(d.successes, 28);
+        assert_eq!(d.successes, 50 + 12 + 1 + 22);
     }
 
     #[test]

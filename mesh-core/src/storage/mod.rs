@@ -633,6 +633,7 @@ macro_rules! storage_conformance_tests {
                     token_hash: [0xab; 32],
                     scopes: vec!["events:write".into()],
                     successes: 3,
+                    trust_raised_at: Some(t),
                     created_at: t,
                     paired_at: Some(t),
                     last_seen: None,

@@ -119,6 +119,11 @@ pub struct DeviceRecord {
     pub scopes: Vec<Scope>,
     /// Successful uses, for trust progression.
     pub successes: u64,
+    /// When trust last rose (it rises at most once per
+    /// `TrustConfig::min_interval`, so a burst of cheap successes cannot
+    /// farm it).
+    #[serde(default)]
+    pub trust_raised_at: Option<Timestamp>,
     /// When the record was created.
     pub created_at: Timestamp,
     /// When pairing completed.

@@ -784,7 +784,15 @@ async fn trust_progresses_with_successes_and_scopes_guard_their_entry_points() {
     use mesh_core::ledger::record_types;
     use mesh_core::registry::{TrustConfig, scopes};
     use mesh_core::storage::records::{DeviceRecord, DeviceStatus};
-    let p = primary_with(|c| c.trust(TrustConfig::default().step(0.2).trusted_from(0.7)));
+    // No interval between rises here (the registry's unit test covers it).
+    let p = primary_with(|c| {
+        c.trust(
+            TrustConfig::default()
+                .step(0.2)
+                .trusted_from(0.7)
+                .min_interval(Duration::ZERO),
+        )
+    });
     let (w, _) = worker("climber");
     pair(&p, &w, false).await;
     let dev = w.node_id();
