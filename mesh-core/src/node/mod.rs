@@ -174,8 +174,10 @@ impl PeerLimits {
 /// How much pairing traffic a primary takes: anyone on the network may ask
 /// to pair, so every request is bounded before it costs a stored row.
 ///
-/// A request is refused (closed at once, `pairing.refused` with a `reason`,
-/// counted in [`NodeStats::pairing_refused`]) when the global or the source
+/// A request is refused (closed at once, counted in
+/// [`NodeStats::pairing_refused`], and published as `pairing.refused` with a
+/// `reason` at most once a second, with the number `suppressed` since the
+/// last) when the global or the source
 /// address's rate is exceeded (`rate_limited`), or when as many requests as
 /// allowed are already waiting (`too_many_pending`) in all or from that
 /// address. A key has at most one live request: a new one from the same key

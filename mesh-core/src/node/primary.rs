@@ -218,6 +218,8 @@ pub(crate) struct State {
     rotations: Mutex<HashMap<NodeId, Rotation>>,
     /// Serialises policy changes (commit, then install).
     pub(super) policy_changes: Mutex<()>,
+    /// Throttles the `pairing.refused` events.
+    refusal_events: Mutex<RefusalEvents>,
     /// Rates of new pairing requests (made at the first request).
     pairing_rates: Mutex<Option<PairingRates>>,
     /// Each device's message rate (kept across its sessions; only paired
@@ -403,13 +405,48 @@ fn pairing_admission(
     None
 }
 
+/// Refusals of unauthenticated pairing traffic are counted each, but
+/// published at most once per this long (with how many were not): a flood
+/// of refused requests must not flood the event bus, and every subscriber
+/// with it.
+const REFUSAL_EVENT_EVERY: Duration = Duration::from_secs(1);
+
+/// When a `pairing.refused` event may go out next, and how many refusals
+/// since the last one were not published.
+#[derive(Debug, Default)]
+struct RefusalEvents {
+    next_at: Option<crate::clock::Timestamp>,
+    suppressed: u64,
+}
+
+impl RefusalEvents {
+    /// Whether to publish one now; if so, how many went unpublished before.
+    fn admit(&mut self, now: crate::clock::Timestamp) -> Option<u64> {
+        if self.next_at.is_some_and(|at| now < at) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.next_at = Some(now.saturating_add(REFUSAL_EVENT_EVERY));
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
 fn refuse_pairing(inner: &PrimaryRt, conn: &dyn Connection, reason: &str, error: Option<String>) {
     inner.stats.pairing_refused.fetch_add(1, Ordering::Relaxed);
-    inner.events.publish(
-        kinds::PAIRING_REFUSED,
-        inner.now(),
-        json!({ "node": conn.remote_node().to_string(), "reason": reason, "error": error }),
-    );
+    let now = inner.now();
+    let publish = lock(&inner.primary.refusal_events).admit(now);
+    if let Some(suppressed) = publish {
+        inner.events.publish(
+            kinds::PAIRING_REFUSED,
+            now,
+            json!({
+                "node": conn.remote_node().to_string(),
+                "reason": reason,
+                "error": error,
+                "suppressed": suppressed,
+            }),
+        );
+    }
     conn.close();
 }
 
@@ -1241,7 +1278,20 @@ impl Primary {
 
 #[cfg(test)]
 mod source_tests {
-    use super::source_key;
+    use super::{RefusalEvents, source_key};
+
+    #[test]
+    fn refusal_events_go_out_once_a_second_with_the_count_left_out() {
+        let t = crate::clock::Timestamp::from_millis;
+        let mut e = RefusalEvents::default();
+        assert_eq!(e.admit(t(1_000)), Some(0));
+        for ms in 1_001..2_000 {
+            assert_eq!(e.admit(t(ms)), None);
+        }
+        assert_eq!(e.admit(t(2_000)), Some(999));
+        assert_eq!(e.admit(t(2_500)), None);
+        assert_eq!(e.admit(t(9_000)), Some(1));
+    }
 
     #[test]
     fn ipv6_sources_are_limited_per_64_and_ipv4_per_address() {
