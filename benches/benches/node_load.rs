@@ -221,6 +221,7 @@ fn main() {
         let mut config = QuicConfig::default();
         config.handshakes_per_source = mesh_core::limits::Rate::per_second(100_000.0, 100_000);
         let transport = quic_with(&key, &store, config);
+        let ptransport = transport.clone();
         // Every worker pairs from 127.0.0.1, one after another.
         let config = NodeConfig::new(Role::Primary, "primary", "primary")
             .heartbeat_interval(Duration::from_secs(1))
@@ -234,11 +235,11 @@ fn main() {
             .record_timings(true)
             .start_primary()
             .unwrap();
-        (node, addr)
+        (node, addr, ptransport)
     });
     let primary_handle = primary_rt.handle().clone();
     rt.block_on(async move {
-        let (primary, addr) = primary;
+        let (primary, addr, ptransport) = primary;
         // Pairing, approved at once: the round trip without the human.
         let mut requests = primary.subscribe("pairing.request_received", 4096).unwrap();
         let mut pairing_ms = Vec::new();
@@ -252,7 +253,10 @@ fn main() {
             let w = Node::builder(key, store, transport, config).metrics(Arc::new(Metrics)).start_worker().unwrap();
             let mut connected = w.subscribe("session.connected", 4).unwrap();
             let start = Instant::now();
-            let ticket = w.request_pairing(primary.node_id(), addr.clone()).await.unwrap();
+            let ticket = match w.request_pairing(primary.node_id(), addr.clone()).await {
+                Ok(t) => t,
+                Err(e) => panic!("pairing worker {i}: {e}; primary's endpoint so far: {:?}", ptransport.incoming_stats()),
+            };
             loop {
                 if let Some(Received::Event(_)) = requests.recv().await {
                     break;

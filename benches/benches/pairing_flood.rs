@@ -305,11 +305,12 @@ fn main() {
 
         println!("## pairing flood: {attackers} attacker hosts (127.0.0.2-{}, unpaired keys, {loops} loops each) vs {workers} workers heartbeating at 1 Hz (QUIC, SQLite primary on one runtime thread)", 1 + attackers);
         println!(
-            "flood: {attempts} pairing attempts in {:.1} s = {:.0}/s; at the primary's QUIC endpoint from their first packet: {} refused over their source's rate, {} refused busy, {} sent a Retry; {} handshakes; {connected} connections with a request; refused by pairing limits before storing anything: {refused}; pairing rows stored: {rows_during} during, {rows_after} after",
+            "flood: {attempts} pairing attempts in {:.1} s = {:.0}/s; at the primary's QUIC endpoint from their first packet: {} refused over their source's rate, {} refused busy, {} refused as unvalidated after a Retry, {} Retries sent; {} handshakes; {connected} connections with a request; refused by pairing limits before storing anything: {refused}; pairing rows stored: {rows_during} during, {rows_after} after",
             flood_elapsed.as_secs_f64(),
             attempts as f64 / flood_elapsed.as_secs_f64(),
             incoming.refused_rate - incoming_before.refused_rate,
             incoming.refused_busy - incoming_before.refused_busy,
+            incoming.refused_unvalidated - incoming_before.refused_unvalidated,
             incoming.retries - incoming_before.retries,
             incoming.handshakes - incoming_before.handshakes,
         );

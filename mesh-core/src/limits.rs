@@ -97,6 +97,8 @@ pub struct KeyedLimiter<K> {
     rate: Rate,
     max_keys: usize,
     buckets: HashMap<K, TokenBucket>,
+    /// When full: make room (drop the fullest bucket) instead of refusing.
+    evicting: bool,
 }
 
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
@@ -106,6 +108,20 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             rate,
             max_keys: max_keys.max(1),
             buckets: HashMap::new(),
+            evicting: false,
+        }
+    }
+
+    /// Like [`KeyedLimiter::new`], but a full table makes room for a new
+    /// key by dropping the bucket with the most tokens left (the one that
+    /// has lost the least) instead of refusing the key. For a limit that
+    /// must stay available to newcomers (who may connect at all), where
+    /// another bound holds the total: a flood of keys then loosens the
+    /// limit a little, but locks nobody out.
+    pub fn evicting(rate: Rate, max_keys: usize) -> Self {
+        KeyedLimiter {
+            evicting: true,
+            ..Self::new(rate, max_keys)
         }
     }
 
@@ -117,7 +133,17 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         if self.buckets.len() >= self.max_keys {
             self.buckets.retain(|_, b| !b.is_full(now));
             if self.buckets.len() >= self.max_keys {
-                return false;
+                if !self.evicting {
+                    return false;
+                }
+                let fullest = self
+                    .buckets
+                    .iter()
+                    .max_by(|a, b| a.1.tokens.total_cmp(&b.1.tokens))
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = fullest {
+                    self.buckets.remove(&k);
+                }
             }
         }
         let mut bucket = TokenBucket::new(self.rate, now);
@@ -199,5 +225,20 @@ mod tests {
         assert!(l.len() <= 3);
         l.forget(&"d");
         assert!(!l.buckets.contains_key(&"d"));
+    }
+
+    #[test]
+    fn an_evicting_table_makes_room_by_dropping_the_fullest_bucket() {
+        let mut l = KeyedLimiter::evicting(Rate::per_second(0.001, 3), 2);
+        // a is drained, b has lost one token.
+        for _ in 0..3 {
+            assert!(l.try_take(&"a", T0));
+        }
+        assert!(l.try_take(&"b", T0));
+        // A newcomer gets in; b (the fullest) made room, a stays drained.
+        assert!(l.try_take(&"c", T0));
+        assert_eq!(l.len(), 2);
+        assert!(l.buckets.contains_key(&"a") && !l.buckets.contains_key(&"b"));
+        assert!(!l.try_take(&"a", T0));
     }
 }

@@ -151,18 +151,24 @@ pub struct QuicConfig {
     /// Handshakes run at once on the accepting side; further attempts are
     /// refused until one finishes. Default 256.
     pub max_pending_handshakes: usize,
-    /// New connection attempts accepted from one source (an IPv4 address,
-    /// or an IPv6 /64), decided from the first packet before any
-    /// cryptography: over it, the attempt is refused with a stateless
-    /// `CONNECTION_REFUSED`. Default 20/s, burst 200 (a LAN host connects
-    /// a handful of times; a flood from one host costs the node a packet
-    /// parse per attempt). At most 4,096 sources are remembered.
+    /// New connection attempts accepted from one source address, counted
+    /// only once the address is validated (see `retry_above`) and decided
+    /// from the attempt's packet before any cryptography: over it, the
+    /// attempt is refused with a stateless `CONNECTION_REFUSED`. Default
+    /// 20/s, burst 200 (a LAN host connects a handful of times; a flood
+    /// from one host costs the node a packet parse and a refusal per
+    /// attempt). 4,096 sources are remembered; past that the fullest
+    /// bucket makes room, so nobody is locked out.
     pub handshakes_per_source: mesh_core::limits::Rate,
-    /// With this many handshakes running or more, an attempt from an
-    /// address not yet validated is first sent a stateless Retry (QUIC's
-    /// address validation): a spoofed source never comes back, so it can
-    /// neither hold a handshake slot nor use up another host's rate.
-    /// Default 32.
+    /// With this many handshakes running or more (clamped below
+    /// `max_pending_handshakes`), an attempt from an address not yet
+    /// validated is first sent a stateless Retry (QUIC's address
+    /// validation): a spoofed source never comes back, so it can neither
+    /// hold a handshake slot nor spend another host's rate. Default 0:
+    /// always, at the cost of one round trip per new connection (well
+    /// under a millisecond on a LAN). Above 0, unvalidated attempts below
+    /// the threshold go ahead uncharged; so do attempts from IPv6
+    /// link-local addresses, which quinn 0.11's Retry cannot validate.
     pub retry_above: usize,
     /// Admitted connections waiting for [`Transport::accept`]. Default 64.
     pub accept_backlog: usize,
@@ -197,7 +203,7 @@ impl Default for QuicConfig {
             max_message: MAX_MESSAGE,
             max_pending_handshakes: 256,
             handshakes_per_source: mesh_core::limits::Rate::per_second(20.0, 200),
-            retry_above: 32,
+            retry_above: 0,
             accept_backlog: 64,
             max_streams: 100,
             stream_receive_window: 4 * 1024 * 1024,
@@ -532,6 +538,7 @@ struct IncomingCounters {
     refused_rate: std::sync::atomic::AtomicU64,
     refused_busy: std::sync::atomic::AtomicU64,
     refused_serving_nothing: std::sync::atomic::AtomicU64,
+    refused_unvalidated: std::sync::atomic::AtomicU64,
     retries: std::sync::atomic::AtomicU64,
     handshakes: std::sync::atomic::AtomicU64,
 }
@@ -548,6 +555,9 @@ pub struct IncomingStats {
     pub refused_busy: u64,
     /// Refused from their first packet: the node serves no protocol.
     pub refused_serving_nothing: u64,
+    /// Refused: back from a Retry without a token that validates the
+    /// address.
+    pub refused_unvalidated: u64,
     /// Sent a stateless Retry to validate their address.
     pub retries: u64,
     /// Handshakes started.
@@ -679,6 +689,7 @@ impl QuicTransport {
             refused_rate: n(&c.refused_rate),
             refused_busy: n(&c.refused_busy),
             refused_serving_nothing: n(&c.refused_serving_nothing),
+            refused_unvalidated: n(&c.refused_unvalidated),
             retries: n(&c.retries),
             handshakes: n(&c.handshakes),
         }
@@ -754,15 +765,22 @@ impl Drop for QuicTransport {
     }
 }
 
-/// The source an attempt is limited as: its IPv4 address, or the /64 of its
-/// IPv6 address (one LAN host holds a whole /64).
+/// The source an attempt is limited as: its address (IPv4, or full IPv6:
+/// every host on a link shares its /64, so a per-/64 key would let one host
+/// spend the rate of all of them).
 fn source_of(addr: SocketAddr) -> std::net::IpAddr {
-    match addr.ip().to_canonical() {
-        std::net::IpAddr::V6(v6) => {
-            let s = v6.segments();
-            std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-        v4 => v4,
+    addr.ip().to_canonical()
+}
+
+/// Whether a Retry can validate `addr`. quinn 0.11 encodes a Retry token's
+/// address without its IPv6 scope id but compares it with one, so a token
+/// sent to a link-local address (`fe80::…%iface`) never validates and the
+/// client is refused. Such attempts are not retried: they go ahead
+/// uncharged, like any unvalidated attempt, bounded by the handshake cap.
+fn retry_works(addr: SocketAddr) -> bool {
+    match addr {
+        SocketAddr::V6(a) => a.scope_id() == 0,
+        SocketAddr::V4(_) => true,
     }
 }
 
@@ -771,15 +789,21 @@ const MAX_SOURCES: usize = 4096;
 
 async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<QuicConnection>) {
     let max = shared.config.max_pending_handshakes.max(1);
+    // A threshold at or above the cap would never be reached.
+    let retry_above = shared.config.retry_above.min(max - 1);
     let pending = Arc::new(Semaphore::new(max));
+    // Evicting when full: a flood of (validated) sources loosens the limit
+    // for a moment but never locks a newcomer out; the handshake cap and
+    // the protocols' own limits hold the total.
     let mut per_source =
-        mesh_core::limits::KeyedLimiter::new(shared.config.handshakes_per_source, MAX_SOURCES);
+        mesh_core::limits::KeyedLimiter::evicting(shared.config.handshakes_per_source, MAX_SOURCES);
     let started = std::time::Instant::now();
     let count = |c: &std::sync::atomic::AtomicU64| {
         c.fetch_add(1, Ordering::Relaxed);
     };
     // Every check here works from the first packet alone, before any
-    // cryptography: a flood costs a packet parse and a refusal per attempt.
+    // cryptography: a flood costs a packet parse and a stateless answer
+    // per attempt.
     while let Some(incoming) = shared.endpoint.accept().await {
         if shared.serving().0.is_empty() {
             // Serving nothing (a worker with no protocol of its own).
@@ -788,23 +812,20 @@ async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<QuicConnection>) {
             continue;
         }
         let running = max - pending.available_permits();
-        if running >= shared.config.retry_above
-            && !incoming.remote_address_validated()
-            && incoming.may_retry()
-        {
-            // Under load, a source proves it receives at its address
-            // before it costs a handshake or touches a rate.
-            count(&shared.incoming.retries);
-            let _ = incoming.retry();
-            continue;
-        }
-        // Monotonic: a wall-clock jump neither refills nor drains a bucket.
-        let now = mesh_core::clock::Timestamp::from_millis(
-            u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        );
-        if !per_source.try_take(&source_of(incoming.remote_address()), now) {
-            count(&shared.incoming.refused_rate);
-            incoming.refuse();
+        let validated = incoming.remote_address_validated();
+        if !validated && running >= retry_above && retry_works(incoming.remote_address()) {
+            if incoming.may_retry() {
+                // The source proves it receives at its address before it
+                // costs a handshake or touches a rate (by default, always:
+                // a LAN round trip is well under a millisecond).
+                count(&shared.incoming.retries);
+                let _ = incoming.retry();
+            } else {
+                // Came back from a Retry without a valid token: not the
+                // address it claims (or a token too old).
+                count(&shared.incoming.refused_unvalidated);
+                incoming.refuse();
+            }
             continue;
         }
         let Ok(permit) = pending.clone().try_acquire_owned() else {
@@ -812,6 +833,18 @@ async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<QuicConnection>) {
             incoming.refuse();
             continue;
         };
+        // Only a validated address is charged: a spoofed packet cannot
+        // spend another host's rate and lock it out.
+        // Monotonic: a wall-clock jump neither refills nor drains a bucket.
+        let now = mesh_core::clock::Timestamp::from_millis(
+            u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        );
+        if validated && !per_source.try_take(&source_of(incoming.remote_address()), now) {
+            drop(permit);
+            count(&shared.incoming.refused_rate);
+            incoming.refuse();
+            continue;
+        }
         count(&shared.incoming.handshakes);
         let (shared, tx) = (shared.clone(), tx.clone());
         tokio::spawn(async move {

@@ -1021,11 +1021,16 @@ pub(super) fn close_now(inner: &PrimaryRt) {
     }
 }
 
-pub(super) async fn close_all(inner: &PrimaryRt, reason: ByeReason) {
+pub(super) async fn close_all(inner: &Arc<PrimaryRt>, reason: ByeReason) {
     cancel_all_commands(inner);
+    // Every goodbye at once, within one deadline: a thousand dead links
+    // cost the same few seconds as one.
+    let mut byes = tokio::task::JoinSet::new();
     for s in inner.sessions.drain() {
-        bye(inner, s.conn.as_ref(), s.peer, &reason).await;
+        let (rt, reason) = (inner.clone(), reason.clone());
+        byes.spawn(async move { bye(&rt, s.conn.as_ref(), s.peer, &reason).await });
     }
+    let _ = tokio::time::timeout(Duration::from_secs(3), byes.join_all()).await;
     let waiting: Vec<Waiter> = lock(&inner.primary.pairings)
         .drain()
         .map(|(_, w)| w)

@@ -461,10 +461,20 @@ async fn run_session(inner: &Arc<WorkerRt>, link: &PrimaryLinkRecord) -> Ended {
         inner.config.heartbeat_interval,
     );
     let session_id = inner.session_id();
+    // However this ends (returned, or the task aborted), the session leaves
+    // the table, its connection closes and its calls fail.
+    let _ended = SessionCleanup {
+        inner,
+        primary,
+        id: session_id,
+        conn: conn.clone(),
+    };
     // Until the welcome, this connection's own replay state; then the
-    // primary's.
+    // primary's. A receive is armed only once the outputs of the last
+    // message are carried out, so the message after the welcome is checked
+    // against the primary's guard.
     let mut guard = Arc::new(pre_auth_guard());
-    let mut incoming = Box::pin(next_message(inner, &conn, &guard));
+    let mut incoming = None;
     let mut stop = std::pin::pin!(stopping(inner));
     let mut stop_seen = false;
     loop {
@@ -494,6 +504,10 @@ async fn run_session(inner: &Arc<WorkerRt>, link: &PrimaryLinkRecord) -> Ended {
                     session.handle_token_stored(stored);
                 }
                 WorkerOutput::Close { send_bye } => {
+                    // Out of the table first: nothing else (a heartbeat sent
+                    // by hand, an event, a command's result) goes out on
+                    // this session after the goodbye.
+                    SessionCleanup::leave(inner, primary, session_id);
                     if send_bye {
                         let reason = match session.ended() {
                             Some(SessionEnd::Bye(r)) => r.clone(),
@@ -519,13 +533,15 @@ async fn run_session(inner: &Arc<WorkerRt>, link: &PrimaryLinkRecord) -> Ended {
             .poll_timeout()
             .map(|at| at.saturating_duration_since(mono(start)))
             .unwrap_or(Duration::from_secs(3600));
+        let receiving =
+            incoming.get_or_insert_with(|| Box::pin(next_message(inner, &conn, &guard)));
         tokio::select! {
-            received = &mut incoming => {
+            received = receiving => {
+                incoming = None;
                 match received {
                     Ok(payload) => session.handle_message(payload, mono(start)),
                     Err(e) => session.handle_lost(&e.to_string()),
                 }
-                incoming = Box::pin(next_message(inner, &conn, &guard));
             }
             () = tokio::time::sleep(wait) => session.handle_timeout(mono(start)),
             () = &mut stop, if !stop_seen => {
@@ -534,14 +550,6 @@ async fn run_session(inner: &Arc<WorkerRt>, link: &PrimaryLinkRecord) -> Ended {
             }
         }
     }
-    if inner.sessions.remove_if(&primary, session_id).is_some() {
-        let mut current = lock(&inner.worker.primary);
-        if *current == Some(primary) {
-            *current = None;
-        }
-    }
-    conn.close();
-    inner.calls.fail_session(primary, session_id);
     match session.ended() {
         Some(SessionEnd::Bye(reason)) => Ended::Bye(reason.clone()),
         Some(SessionEnd::Lost { connected, error }) => Ended::Lost {
@@ -552,6 +560,37 @@ async fn run_session(inner: &Arc<WorkerRt>, link: &PrimaryLinkRecord) -> Ended {
             connected: false,
             error: "the session ended without a reason".into(),
         },
+    }
+}
+
+/// Ends a session's traces when the session ends, however it ends (its
+/// driver returning, or its task aborted): out of the table, its
+/// connection closed, its pending calls failed (`connection_lost`).
+struct SessionCleanup<'a> {
+    inner: &'a WorkerRt,
+    primary: NodeId,
+    id: u64,
+    conn: Arc<dyn Connection>,
+}
+
+impl SessionCleanup<'_> {
+    /// Takes session `id` with `primary` out of the table (if it is still
+    /// the one there).
+    fn leave(inner: &WorkerRt, primary: NodeId, id: u64) {
+        if inner.sessions.remove_if(&primary, id).is_some() {
+            let mut current = lock(&inner.worker.primary);
+            if *current == Some(primary) {
+                *current = None;
+            }
+        }
+    }
+}
+
+impl Drop for SessionCleanup<'_> {
+    fn drop(&mut self) {
+        Self::leave(self.inner, self.primary, self.id);
+        self.conn.close();
+        self.inner.calls.fail_session(self.primary, self.id);
     }
 }
 

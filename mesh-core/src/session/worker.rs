@@ -28,6 +28,7 @@ pub const PRIMARY_EVENT_KINDS: &[&str] = &[crate::events::kinds::ACTION_UPDATED]
 
 /// How a worker's session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SessionEnd {
     /// The primary said goodbye (or refused the hello) with this reason,
     /// or this side ended it (`Shutdown`).
@@ -61,6 +62,7 @@ impl fmt::Debug for RotatedToken {
 
 /// What the driver is told to do.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum WorkerOutput {
     /// Send this to the primary.
     Send(Payload),
@@ -263,9 +265,12 @@ impl WorkerSession {
         );
     }
 
-    /// This side ends the session (the worker stops): goodbye, then close.
+    /// This side ends the session (the worker stops): goodbye if the session
+    /// is open (before the welcome there is no session to leave, and a
+    /// primary would read a goodbye in place of the hello's follow-up as a
+    /// broken protocol), then close.
     pub fn end(&mut self) {
-        let send_bye = !self.is_closed();
+        let send_bye = self.is_open();
         self.close(SessionEnd::Bye(ByeReason::Shutdown), send_bye);
     }
 

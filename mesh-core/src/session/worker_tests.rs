@@ -232,6 +232,17 @@ fn the_end_is_the_primarys_bye_a_lost_connection_or_this_side_stopping() {
     s.handle_lost("closed");
     assert!(drain(&mut s).is_empty());
     assert_eq!(s.ended(), Some(&SessionEnd::Bye(ByeReason::Shutdown)));
+    // Stopping before the welcome: no session to say goodbye to.
+    let mut s = WorkerSession::new(
+        t(0),
+        [9; 32],
+        Duration::from_secs(5),
+        Duration::from_secs(1),
+    );
+    drain(&mut s);
+    s.end();
+    assert_eq!(drain(&mut s), vec![WorkerOutput::Close { send_bye: false }]);
+    assert_eq!(s.ended(), Some(&SessionEnd::Bye(ByeReason::Shutdown)));
     // An unknown reason from a newer primary arrives as such and is retried.
     let mut s = open();
     s.handle_message(bye("moved_to_mars"), t(600));

@@ -467,3 +467,53 @@ async fn under_load_an_unvalidated_address_is_retried_and_a_real_client_gets_in(
     })
     .await;
 }
+
+/// Only a validated address is charged to its source's rate: below
+/// `retry_above`, where no Retry proves the address, attempts go ahead
+/// uncharged (a spoofed packet must not spend another host's rate); with
+/// the default (always Retry), the same source is held to its rate.
+#[tokio::test]
+async fn only_validated_addresses_are_charged_to_their_source() {
+    within(async {
+        let tight = mesh_core::limits::Rate::per_second(0.001, 1);
+        let lax = bind(
+            1,
+            QuicConfig {
+                handshakes_per_source: tight,
+                retry_above: 1000,
+                ..QuicConfig::default()
+            },
+        );
+        let client = bind(2, QuicConfig::default());
+        for _ in 0..3 {
+            let (c, s) = connected(&client, &lax).await;
+            c.close();
+            s.close();
+        }
+        let stats = lax.incoming_stats();
+        assert_eq!(
+            (stats.retries, stats.refused_rate, stats.handshakes),
+            (0, 0, 3)
+        );
+
+        let strict = bind(
+            3,
+            QuicConfig {
+                handshakes_per_source: tight,
+                ..QuicConfig::default()
+            },
+        );
+        let (_c, _s) = connected(&client, &strict).await;
+        let addr = strict.addr();
+        assert!(
+            client
+                .connect(strict.local_node(), &addr, Protocol::MESH)
+                .await
+                .is_err()
+        );
+        let stats = strict.incoming_stats();
+        assert_eq!((stats.handshakes, stats.refused_rate), (1, 1), "{stats:?}");
+        assert!(stats.retries >= 2);
+    })
+    .await;
+}
