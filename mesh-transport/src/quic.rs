@@ -125,6 +125,9 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [
 ];
 /// How long a closing connection waits for the peer to take queued messages.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long a closing connection then waits for the peer's application to
+/// read them and close (see `QuicConnection::close_gracefully`).
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Length of the 4-byte message length prefix.
 const LEN_PREFIX: usize = 4;
 
@@ -1083,7 +1086,12 @@ impl QuicConnection {
     }
 
     /// Finishes the stream so queued messages still arrive, then closes the
-    /// connection once the peer has them (or after a grace period).
+    /// connection once the peer has them (or after a grace period) and has
+    /// had a moment to read them: a QUIC peer discards what its application
+    /// has not read yet when the connection closes, so closing as soon as
+    /// the peer's stack acknowledged our last message (a goodbye, typically)
+    /// could still lose it. The peer's application closes when it reads the
+    /// end of our stream; if it does not within `CLOSE_LINGER`, we close.
     fn close_gracefully(&self) {
         if self.closed.swap(true, Ordering::Relaxed) {
             return;
@@ -1098,6 +1106,7 @@ impl QuicConnection {
                         send.stopped()
                     };
                     let _ = tokio::time::timeout(CLOSE_GRACE, stopped).await;
+                    let _ = tokio::time::timeout(CLOSE_LINGER, conn.closed()).await;
                     conn.close(VarInt::from(CLOSED), b"closed");
                 });
             }
