@@ -450,6 +450,7 @@ impl SignedLedger {
         }
         let ticket = st.next_ticket;
         st.next_ticket += 1;
+        let start_len = mark.len;
         let pending = self.view.store.submit(writes);
         let (end_len, end_checkpoints) = (st.len(), st.v.checkpoints.len());
         st.inflight.push_back(InFlight {
@@ -479,8 +480,23 @@ impl SignedLedger {
                     st.inflight.pop_front();
                 }
             }
-            Err(_) => {
-                if let Some(pos) = st.inflight.iter().position(|f| f.ticket == ticket) {
+            Err(e) => {
+                // Failed because the record it chained on is missing: the
+                // batch that wrote that record failed, whether or not its
+                // own thread has woken to say so. The state goes back to
+                // before that batch now; otherwise this batch, built again
+                // at once, would chain on the failed records once more.
+                let chained_on = self
+                    .chain_broken(e, start_len)
+                    .then(|| {
+                        st.inflight
+                            .iter()
+                            .position(|f| f.mark.len < start_len && start_len <= f.end_len)
+                    })
+                    .flatten();
+                let cut =
+                    chained_on.or_else(|| st.inflight.iter().position(|f| f.ticket == ticket));
+                if let Some(pos) = cut {
                     let mut dropped = st.inflight.split_off(pos);
                     if let Some(failed) = dropped.pop_front() {
                         failed.mark.restore(&mut st);
