@@ -62,6 +62,8 @@
 //!   implementations live in `mesh-transport`.
 //! * [`events`]: the event bus (glob subscriptions, bounded buffers, lag
 //!   markers; publishers never block).
+//! * [`mesh`]: the decentralised mesh of nodes; so far its join tokens
+//!   (text, the issuer's hashed record, the issuer's decision).
 //!
 //! Design rationale lives in the repository's `ARCHITECTURE.md`.
 //!
@@ -82,6 +84,7 @@ pub mod health;
 pub mod identity;
 pub mod ledger;
 pub mod limits;
+pub mod mesh;
 pub mod node;
 pub mod pairing;
 pub mod registry;

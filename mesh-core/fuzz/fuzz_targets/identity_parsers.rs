@@ -1,9 +1,11 @@
-//! Arbitrary input into the node id, fingerprint, key file and sealed box parsers.
+//! Arbitrary input into the node id, fingerprint, key file, sealed box and
+//! join token parsers.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use mesh_core::crypto::{SealedBox, open};
 use mesh_core::identity::{Fingerprint, NodeId, NodeKey};
+use mesh_core::mesh::token::JoinToken;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data)
@@ -16,6 +18,12 @@ fuzz_target!(|data: &[u8]| {
         && let Ok(fp) = text.parse::<Fingerprint>()
     {
         assert_eq!(fp.to_string().parse::<Fingerprint>().ok(), Some(fp));
+    }
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(token) = JoinToken::parse(text)
+    {
+        // A token that parses encodes to text that parses to the same token.
+        assert_eq!(JoinToken::parse(&token.encode()).ok(), Some(token));
     }
     let _ = NodeKey::from_pem(data);
     if let Ok(sealed) = SealedBox::from_bytes(data) {

@@ -696,7 +696,7 @@ macro_rules! storage_conformance_tests {
                 let peer = PeerRecord::new(node(4), "desk");
                 s.save(&peer).unwrap();
                 assert_eq!(s.load::<PeerRecord>(&peer.key()).unwrap(), Some(peer));
-                let token = JoinTokenRecord { token_hash: "aa".into(), issuer: node(1), created_at: t, expires_at: t, used: false };
+                let token = JoinTokenRecord { id: "0011223344556677".into(), secret_hash: [7; 32], issuer: node(1), created_at: t, expires_at: t, used_by: Some(node(2)), used_at: Some(t), revoked_at: None };
                 s.save(&token).unwrap();
                 assert_eq!(s.load::<JoinTokenRecord>(&token.key()).unwrap(), Some(token));
                 let action = ActionRecord {

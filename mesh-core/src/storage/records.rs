@@ -360,25 +360,34 @@ impl Record for PeerRecord {
     }
 }
 
-/// A join token issued by this node (stored hashed).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A join token its issuer handed out (R-MESH1), keyed by the token's id
+/// (`mesh::token`): the secret's digest, never the secret, and what became
+/// of it. Single-use: `used_by` is set by the one redemption.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinTokenRecord {
-    /// SHA-256 of the token (hex); the key.
-    pub token_hash: String,
-    /// Issuer.
+    /// The token's id (16 hex characters of the secret's digest); the key.
+    pub id: String,
+    /// SHA-256 of the secret under its own tag (`JoinSecret::digest`).
+    #[serde(with = "hex_array")]
+    pub secret_hash: [u8; 32],
+    /// Issuer (this node).
     pub issuer: NodeId,
     /// Created.
     pub created_at: Timestamp,
     /// Expires.
     pub expires_at: Timestamp,
-    /// Used (single use).
-    pub used: bool,
+    /// The node that joined with it.
+    pub used_by: Option<NodeId>,
+    /// When it was used.
+    pub used_at: Option<Timestamp>,
+    /// When its issuer revoked it.
+    pub revoked_at: Option<Timestamp>,
 }
 
 impl Record for JoinTokenRecord {
     const TABLE: Table = Table::JoinTokens;
     fn key(&self) -> String {
-        self.token_hash.clone()
+        self.id.clone()
     }
 }
 
