@@ -82,6 +82,13 @@ impl fmt::Display for Timestamp {
     }
 }
 
+/// Time on a monotonic clock since `start`, as a [`Timestamp`]: for
+/// deadlines and rate buckets that a wall-clock jump must neither fire nor
+/// delay, refill nor drain.
+pub fn monotonic_since(start: std::time::Instant) -> Timestamp {
+    Timestamp::from_millis(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
 /// A source of the current time. The runtime reads it; state machines do not.
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// The current wall-clock time.

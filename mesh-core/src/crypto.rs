@@ -154,6 +154,19 @@ impl SealedBox {
     }
 }
 
+/// SHA-256 of `data` under `tag` (domain separation): every hash the SDK
+/// derives from a secret or an id (fingerprints, stored token hashes,
+/// rotation acknowledgements, join-token secrets and checksums) goes
+/// through here, each with a tag of its own.
+pub fn tagged_sha256(tag: &[u8], data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    Sha256::new()
+        .chain_update(tag)
+        .chain_update(data)
+        .finalize()
+        .into()
+}
+
 /// Seals `plaintext` so that only `recipient` can read it, binding `aad`.
 pub fn seal(recipient: &NodeId, aad: &[u8], plaintext: &[u8]) -> Result<SealedBox, CryptoError> {
     let (enc, mut sealer) = Sealer::new(recipient, b"seal")?;

@@ -42,7 +42,6 @@ use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use sha2::{Digest, Sha256};
 use x25519_dalek::StaticSecret;
 
 /// Length of a node id in bytes.
@@ -140,10 +139,7 @@ impl NodeId {
 
     /// The short, human-comparable fingerprint of this id.
     pub fn fingerprint(&self) -> Fingerprint {
-        let digest = Sha256::new()
-            .chain_update(b"mesh-sdk/fingerprint/v1")
-            .chain_update(self.0)
-            .finalize();
+        let digest = crate::crypto::tagged_sha256(b"mesh-sdk/fingerprint/v1", &self.0);
         let mut out = [0u8; FINGERPRINT_LEN];
         out.copy_from_slice(&digest[..FINGERPRINT_LEN]);
         Fingerprint(out)

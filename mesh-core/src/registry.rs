@@ -16,7 +16,6 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
@@ -165,11 +164,7 @@ impl DeviceToken {
 }
 
 fn hash_token(token: &[u8]) -> [u8; 32] {
-    Sha256::new()
-        .chain_update(b"mesh-sdk/device-token/v1")
-        .chain_update(token)
-        .finalize()
-        .into()
+    crate::crypto::tagged_sha256(b"mesh-sdk/device-token/v1", token)
 }
 
 impl fmt::Debug for DeviceToken {

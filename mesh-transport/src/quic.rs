@@ -573,6 +573,16 @@ struct Serving {
 }
 
 impl Shared {
+    /// Whether no protocol is served (checked for every connection attempt:
+    /// no copy of the list).
+    fn serves_nothing(&self) -> bool {
+        self.serving
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .protocols
+            .is_empty()
+    }
+
     fn serving(&self) -> (Vec<Protocol>, Arc<dyn Admission>) {
         let s = self.serving.lock().unwrap_or_else(PoisonError::into_inner);
         (s.protocols.clone(), s.admission.clone())
@@ -808,7 +818,7 @@ async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<QuicConnection>) {
     // cryptography: a flood costs a packet parse and a stateless answer
     // per attempt.
     while let Some(incoming) = shared.endpoint.accept().await {
-        if shared.serving().0.is_empty() {
+        if shared.serves_nothing() {
             // Serving nothing (a worker with no protocol of its own).
             count(&shared.incoming.refused_serving_nothing);
             incoming.refuse();
@@ -838,10 +848,7 @@ async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<QuicConnection>) {
         };
         // Only a validated address is charged: a spoofed packet cannot
         // spend another host's rate and lock it out.
-        // Monotonic: a wall-clock jump neither refills nor drains a bucket.
-        let now = mesh_core::clock::Timestamp::from_millis(
-            u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        );
+        let now = mesh_core::clock::monotonic_since(started);
         if validated && !per_source.try_take(&source_of(incoming.remote_address()), now) {
             drop(permit);
             count(&shared.incoming.refused_rate);

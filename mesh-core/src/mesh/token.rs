@@ -22,11 +22,11 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::clock::Timestamp;
+use crate::crypto::tagged_sha256;
 use crate::identity::{NODE_ID_LEN, NodeId};
 use crate::storage::records::JoinTokenRecord;
 
@@ -69,13 +69,7 @@ impl JoinSecret {
 
     /// What the issuer stores instead of the secret.
     pub fn digest(&self) -> SecretDigest {
-        SecretDigest(
-            Sha256::new()
-                .chain_update(DIGEST_TAG)
-                .chain_update(self.0)
-                .finalize()
-                .into(),
-        )
+        SecretDigest(tagged_sha256(DIGEST_TAG, &self.0))
     }
 }
 
@@ -332,10 +326,7 @@ impl std::str::FromStr for JoinToken {
 }
 
 fn checksum(content: &[u8]) -> [u8; CHECKSUM_LEN] {
-    let h = Sha256::new()
-        .chain_update(CHECKSUM_TAG)
-        .chain_update(content)
-        .finalize();
+    let h = tagged_sha256(CHECKSUM_TAG, content);
     [h[0], h[1], h[2], h[3]]
 }
 

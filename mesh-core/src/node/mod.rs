@@ -813,8 +813,9 @@ impl NodeBuilder {
                 "start_primary needs a configuration with Role::Primary".into(),
             ));
         }
-        let node = self.start()?;
-        Ok(node.as_primary().expect("started as a primary"))
+        self.start()?
+            .as_primary()
+            .ok_or_else(|| NodeError::Unavailable("the node did not start as a primary".into()))
     }
 
     /// Starts a worker (see [`NodeBuilder::start_primary`]).
@@ -824,8 +825,9 @@ impl NodeBuilder {
                 "start_worker needs a configuration with Role::Worker".into(),
             ));
         }
-        let node = self.start()?;
-        Ok(node.as_worker().expect("started as a worker"))
+        self.start()?
+            .as_worker()
+            .ok_or_else(|| NodeError::Unavailable("the node did not start as a worker".into()))
     }
 }
 
@@ -969,12 +971,6 @@ pub(crate) struct Core {
 enum RoleRt {
     Primary(Arc<primary::PrimaryRt>),
     Worker(Arc<worker::WorkerRt>),
-}
-
-/// Time for a session machine's timers: monotonic from `start`, so a
-/// wall-clock jump neither fires nor delays a deadline or a heartbeat.
-fn mono(start: std::time::Instant) -> Timestamp {
-    Timestamp::from_millis(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -11,7 +11,8 @@ use zeroize::Zeroizing;
 
 use super::link::{SessionRef, pre_auth_guard};
 use super::protocols::ProtocolHandler;
-use super::{Core, Node, NodeError, lock, mono};
+use super::{Core, Node, NodeError, lock};
+use crate::clock::monotonic_since;
 use crate::events::kinds;
 use crate::health::{HealthConfig, HealthMonitor};
 use crate::identity::NodeId;
@@ -601,10 +602,10 @@ pub(super) async fn mesh_session(inner: &Arc<PrimaryRt>, conn: Arc<dyn Connectio
     // The hello deadline runs on a monotonic clock (a wall-clock jump
     // neither ends nor prolongs it).
     let start = Instant::now();
-    let mut session = DeviceSession::new(mono(start), inner.config.command_timeout);
+    let mut session = DeviceSession::new(monotonic_since(start), inner.config.command_timeout);
     let wait = session
         .poll_timeout()
-        .map(|at| at.saturating_duration_since(mono(start)))
+        .map(|at| at.saturating_duration_since(monotonic_since(start)))
         .unwrap_or_default();
     let first = tokio::time::timeout(
         wait,
@@ -615,7 +616,7 @@ pub(super) async fn mesh_session(inner: &Arc<PrimaryRt>, conn: Arc<dyn Connectio
     .await;
     let mut device = None;
     let token = match first {
-        Ok(Ok(payload)) => session.handle_hello(payload, mono(start), |token| {
+        Ok(Ok(payload)) => session.handle_hello(payload, monotonic_since(start), |token| {
             device = Some(
                 inner
                     .registry
@@ -629,7 +630,7 @@ pub(super) async fn mesh_session(inner: &Arc<PrimaryRt>, conn: Arc<dyn Connectio
             None
         }
         Err(_) => {
-            session.handle_timeout(mono(start));
+            session.handle_timeout(monotonic_since(start));
             None
         }
     };

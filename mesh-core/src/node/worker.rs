@@ -12,7 +12,8 @@ use tokio::sync::oneshot;
 use super::backoff::Backoff;
 use super::link::{SessionRef, pre_auth_guard};
 use super::primary::{invalid_args, run_handler};
-use super::{Core, MetricsSource, Node, NodeError, lock, mono};
+use super::{Core, MetricsSource, Node, NodeError, lock};
+use crate::clock::monotonic_since;
 use crate::identity::NodeId;
 use crate::pairing::{DeviceInfo, DevicePairing, DeviceStep, PairingError};
 use crate::session::{ByeReason, RotatedToken, SessionEnd, WorkerOutput, WorkerSession};
@@ -160,12 +161,8 @@ pub(super) async fn stop(inner: &WorkerRt) {
         task.abort();
         let _ = task.await;
     }
-    if let Some(session) = lock(&inner.worker.primary)
-        .take()
-        .and_then(|p| inner.sessions.remove(&p))
-    {
-        session.conn.close();
-    }
+    // The session's own `SessionCleanup` took it out of the table when the
+    // supervisor ended (returned or aborted), so nothing is left to close.
 }
 
 /// [`stop`] without the goodbye: for a node dropped without `shutdown`.
@@ -455,7 +452,7 @@ async fn run_session(inner: &Arc<WorkerRt>, link: &PrimaryLinkRecord) -> Ended {
     };
     let start = std::time::Instant::now();
     let mut session = WorkerSession::new(
-        mono(start),
+        monotonic_since(start),
         link.token,
         inner.config.command_timeout,
         inner.config.heartbeat_interval,
@@ -531,7 +528,7 @@ async fn run_session(inner: &Arc<WorkerRt>, link: &PrimaryLinkRecord) -> Ended {
         }
         let wait = session
             .poll_timeout()
-            .map(|at| at.saturating_duration_since(mono(start)))
+            .map(|at| at.saturating_duration_since(monotonic_since(start)))
             .unwrap_or(Duration::from_secs(3600));
         let receiving =
             incoming.get_or_insert_with(|| Box::pin(next_message(inner, &conn, &guard)));
@@ -539,11 +536,11 @@ async fn run_session(inner: &Arc<WorkerRt>, link: &PrimaryLinkRecord) -> Ended {
             received = receiving => {
                 incoming = None;
                 match received {
-                    Ok(payload) => session.handle_message(payload, mono(start)),
+                    Ok(payload) => session.handle_message(payload, monotonic_since(start)),
                     Err(e) => session.handle_lost(&e.to_string()),
                 }
             }
-            () = tokio::time::sleep(wait) => session.handle_timeout(mono(start)),
+            () = tokio::time::sleep(wait) => session.handle_timeout(monotonic_since(start)),
             () = &mut stop, if !stop_seen => {
                 stop_seen = true;
                 session.end();

@@ -40,9 +40,9 @@ fn event(kind: &str) -> Payload {
     })
 }
 
-/// Says hello at 0 (welcome within 5 s, heartbeat every second), is
-/// welcomed at 100 and sends its first heartbeat at once.
-fn open() -> WorkerSession {
+/// A session that said hello at 0 (welcome within 5 s, heartbeat every
+/// second) and waits for the welcome.
+fn hello() -> WorkerSession {
     let mut s = WorkerSession::new(
         t(0),
         [9; 32],
@@ -55,6 +55,12 @@ fn open() -> WorkerSession {
             token: [9; 32]
         }))]
     );
+    s
+}
+
+/// [`hello`], welcomed at 100: it sends its first heartbeat at once.
+fn open() -> WorkerSession {
+    let mut s = hello();
     assert!(!s.is_open());
     assert_eq!(s.poll_timeout(), Some(t(5000)));
     s.handle_message(session(SessionMessage::Welcome), t(100));
@@ -68,13 +74,7 @@ fn open() -> WorkerSession {
 
 #[test]
 fn no_welcome_by_the_deadline_ends_the_session_as_lost_before_it_opened() {
-    let mut s = WorkerSession::new(
-        t(0),
-        [9; 32],
-        Duration::from_secs(5),
-        Duration::from_secs(1),
-    );
-    drain(&mut s);
+    let mut s = hello();
     s.handle_timeout(t(4999));
     assert!(drain(&mut s).is_empty());
     s.handle_timeout(t(5000));
@@ -94,13 +94,7 @@ fn no_welcome_by_the_deadline_ends_the_session_as_lost_before_it_opened() {
 
 #[test]
 fn a_refused_hello_ends_with_the_primarys_reason() {
-    let mut s = WorkerSession::new(
-        t(0),
-        [9; 32],
-        Duration::from_secs(5),
-        Duration::from_secs(1),
-    );
-    drain(&mut s);
+    let mut s = hello();
     s.handle_message(bye("revoked"), t(10));
     assert_eq!(drain(&mut s), vec![WorkerOutput::Close { send_bye: false }]);
     assert_eq!(s.ended(), Some(&SessionEnd::Bye(ByeReason::Revoked)));
@@ -109,13 +103,7 @@ fn a_refused_hello_ends_with_the_primarys_reason() {
 
 #[test]
 fn anything_but_a_welcome_first_is_a_broken_primary_and_is_retried() {
-    let mut s = WorkerSession::new(
-        t(0),
-        [9; 32],
-        Duration::from_secs(5),
-        Duration::from_secs(1),
-    );
-    drain(&mut s);
+    let mut s = hello();
     s.handle_message(command(), t(10));
     assert_eq!(drain(&mut s), vec![WorkerOutput::Close { send_bye: false }]);
     match s.ended() {
@@ -233,13 +221,7 @@ fn the_end_is_the_primarys_bye_a_lost_connection_or_this_side_stopping() {
     assert!(drain(&mut s).is_empty());
     assert_eq!(s.ended(), Some(&SessionEnd::Bye(ByeReason::Shutdown)));
     // Stopping before the welcome: no session to say goodbye to.
-    let mut s = WorkerSession::new(
-        t(0),
-        [9; 32],
-        Duration::from_secs(5),
-        Duration::from_secs(1),
-    );
-    drain(&mut s);
+    let mut s = hello();
     s.end();
     assert_eq!(drain(&mut s), vec![WorkerOutput::Close { send_bye: false }]);
     assert_eq!(s.ended(), Some(&SessionEnd::Bye(ByeReason::Shutdown)));

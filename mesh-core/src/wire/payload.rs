@@ -504,12 +504,7 @@ impl SessionMessage {
     /// What a device's `TokenStored` carries for `token`: a SHA-256 under a
     /// tag of its own (not the registry's stored hash, and not the token).
     pub fn stored_digest(token: &[u8; 32]) -> [u8; 32] {
-        use sha2::{Digest, Sha256};
-        Sha256::new()
-            .chain_update(b"mesh-sdk/token-stored/v1")
-            .chain_update(token)
-            .finalize()
-            .into()
+        crate::crypto::tagged_sha256(b"mesh-sdk/token-stored/v1", token)
     }
 }
 

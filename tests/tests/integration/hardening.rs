@@ -1319,6 +1319,18 @@ async fn next_line(seen: &mut tokio::sync::mpsc::Receiver<String>) -> String {
         .expect("the fake peer still running")
 }
 
+/// A raw device's `TokenStored` naming `token`.
+async fn acknowledge(
+    dev: &RawDevice,
+    conn: &dyn Connection,
+    primary: mesh_core::identity::NodeId,
+    token: [u8; 32],
+) {
+    let digest = SessionMessage::stored_digest(&token);
+    let ack = Payload::Session(SessionMessage::TokenStored { digest });
+    dev.send(conn, primary, ack).await;
+}
+
 /// Defect 6 (two-phase rotation), hardened: a device's acknowledgement
 /// names the token it stored, so the late acknowledgement of a rotation
 /// that timed out cannot confirm a later rotation whose token the device
@@ -1351,14 +1363,7 @@ async fn a_stale_token_acknowledgement_confirms_no_later_rotation() {
     // Rotation 2: the device now acknowledges rotation 1's token, late.
     let stale = async {
         let b = rotated(conn.as_ref()).await;
-        dev.send(
-            conn.as_ref(),
-            primary_id,
-            Payload::Session(SessionMessage::TokenStored {
-                digest: SessionMessage::stored_digest(&a),
-            }),
-        )
-        .await;
+        acknowledge(&dev, conn.as_ref(), primary_id, a).await;
         b
     };
     let (second, b) = tokio::join!(p.node.rotate_token(&device), stale);
@@ -1373,14 +1378,7 @@ async fn a_stale_token_acknowledgement_confirms_no_later_rotation() {
     // Rotation 3, acknowledged with its own token: committed.
     let right = async {
         let c = rotated(conn.as_ref()).await;
-        dev.send(
-            conn.as_ref(),
-            primary_id,
-            Payload::Session(SessionMessage::TokenStored {
-                digest: SessionMessage::stored_digest(&c),
-            }),
-        )
-        .await;
+        acknowledge(&dev, conn.as_ref(), primary_id, c).await;
         c
     };
     let (third, c) = tokio::join!(p.node.rotate_token(&device), right);
