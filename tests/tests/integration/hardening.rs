@@ -872,6 +872,32 @@ async fn trust_progresses_with_successes_and_scopes_guard_their_entry_points() {
     );
 }
 
+/// Review finding, over QUIC: trust is not farmed. With the default
+/// progression (a rise at most every 10 minutes), a burst of successful
+/// commands is counted but raises the device's trust once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_successes_raises_trust_once() {
+    use mesh_core::storage::records::{DeviceRecord, DeviceStatus};
+    let p = primary();
+    let (w, _) = worker("farmer");
+    pair(&p, &w, false).await;
+    for i in 0..10 {
+        w.send_command("notes.write", json!({ "text": i }))
+            .await
+            .unwrap();
+    }
+    let d: DeviceRecord = p.store.load(&w.node_id().to_string()).unwrap().unwrap();
+    assert_eq!(d.successes, 10);
+    assert_eq!(
+        (d.trust_level * 100.0).round() as u32,
+        35,
+        "0.30 + one step"
+    );
+    assert_eq!(d.status, DeviceStatus::Paired);
+    w.shutdown().await;
+    p.node.shutdown().await;
+}
+
 /// Defect 3: one paired device sending denied commands as fast as it can,
 /// against a primary on SQLite, makes no other device look offline, and
 /// every decision it got an answer for is durable in the ledger — written

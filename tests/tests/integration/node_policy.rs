@@ -545,6 +545,55 @@ async fn power_rules_fire_from_the_platform_and_the_latest_heartbeat() {
     ));
 }
 
+/// Review finding, over QUIC: what a device leaves unsaid counts against
+/// it. An Android phone at 3 % that does not report whether it is charging
+/// is refused by the battery rule; the same phone saying it charges runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_that_leaves_charging_unsaid_is_judged_on_battery() {
+    let p = start_primary(
+        Arc::new(MemoryStorage::new()),
+        Arc::new(NodeKey::generate()),
+        0,
+    )
+    .unwrap();
+    let low = HealthMetrics {
+        battery_percent: Some(3.0),
+        ..HealthMetrics::default()
+    };
+    let unsaid = start_worker_as(Arc::new(Fixed(low.clone())), Platform::Android, "unsaid");
+    let charging = start_worker_as(
+        Arc::new(Fixed(HealthMetrics {
+            charging: Some(true),
+            ..low
+        })),
+        Platform::Android,
+        "charging",
+    );
+    let mut online = p.node.subscribe("device.online", 8).unwrap();
+    for w in [&unsaid, &charging] {
+        pair(&p, w).await;
+        p.node
+            .set_policy(&w.node_id(), r#"{"allowed_commands": ["notes.*"]}"#)
+            .unwrap();
+    }
+    for _ in 0..2 {
+        next(&mut online, "device.online", WAIT).await;
+    }
+    let (c, m) = code(
+        unsaid
+            .send_command("notes.write", json!({"text": "x"}))
+            .await,
+    );
+    assert_eq!(c, "power_battery_low", "{m}");
+    assert_eq!(
+        charging
+            .send_command("notes.write", json!({"text": "x"}))
+            .await
+            .unwrap(),
+        json!({"stored": "x"})
+    );
+}
+
 fn body(r: &mesh_ledger::LedgerRecord) -> Value {
     match &r.body {
         Body::Json(j) => serde_json::from_str(j.as_str()).unwrap(),
