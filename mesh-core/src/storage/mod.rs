@@ -14,7 +14,11 @@
 //! use mesh_core::identity::NodeKey;
 //!
 //! let store = MemoryStorage::new();
-//! let peer = PeerRecord::new(NodeKey::generate().node_id(), "laptop");
+//! use mesh_core::mesh::member::MemberId;
+//! use mesh_core::clock::Timestamp;
+//!
+//! let id = MemberId::new(&NodeKey::generate(), 1, "laptop", vec![])?;
+//! let peer = PeerRecord::new(id, Timestamp::from_millis(1));
 //! store.save(&peer)?;
 //! let back: Option<PeerRecord> = store.load(&peer.node.to_string())?;
 //! assert_eq!(back, Some(peer));
@@ -64,13 +68,15 @@ pub enum Table {
     /// Audit ledger records (mesh-ledger), keyed by author and sequence.
     LedgerRecords,
     /// This node's own state: a worker's link to its primary and its
-    /// token fallback during a rotation.
+    /// token fallback during a rotation; its standing in the mesh.
     NodeState,
+    /// Nodes blocked from the mesh.
+    Blocklist,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 12] = [
+    pub const ALL: [Table; 13] = [
         Table::Devices,
         Table::PairingRequests,
         Table::DiscoveredNodes,
@@ -83,6 +89,7 @@ impl Table {
         Table::DeviceIds,
         Table::LedgerRecords,
         Table::NodeState,
+        Table::Blocklist,
     ];
 
     /// The table's name (also its SQL name).
@@ -100,6 +107,7 @@ impl Table {
             Table::DeviceIds => "device_ids",
             Table::LedgerRecords => "ledger_records",
             Table::NodeState => "node_state",
+            Table::Blocklist => "mesh_blocklist",
         }
     }
 }
@@ -693,9 +701,16 @@ macro_rules! storage_conformance_tests {
                 let caps = CapabilitiesRecord { node: node(1), capabilities: vec!["network:localhost".into()], updated_at: t };
                 s.save(&caps).unwrap();
                 assert_eq!(s.load::<CapabilitiesRecord>(&caps.key()).unwrap(), Some(caps));
-                let peer = PeerRecord::new(node(4), "desk");
+                let member = $crate::mesh::member::MemberId::new(
+                    &$crate::identity::NodeKey::from_secret_bytes(&[4; 32]), 3, "desk",
+                    vec![$crate::transport::PeerAddr::Memory("m".into())],
+                ).unwrap();
+                let peer = PeerRecord::new(member, t);
                 s.save(&peer).unwrap();
                 assert_eq!(s.load::<PeerRecord>(&peer.key()).unwrap(), Some(peer));
+                let block = BlockRecord { node: node(5), by: node(1), reason: "spam".into(), at: t };
+                s.save(&block).unwrap();
+                assert_eq!(s.load::<BlockRecord>(&block.key()).unwrap(), Some(block));
                 let token = JoinTokenRecord { id: "0011223344556677".into(), secret_hash: [7; 32], issuer: node(1), created_at: t, expires_at: t, used_by: Some(node(2)), used_at: Some(t), revoked_at: None };
                 s.save(&token).unwrap();
                 assert_eq!(s.load::<JoinTokenRecord>(&token.key()).unwrap(), Some(token));
@@ -722,16 +737,16 @@ macro_rules! storage_conformance_tests {
                 let s = store();
                 let n = node(7);
                 let json = format!(
-                    r#"{{"node": "{n}", "name": "hand-written", "addresses": [], "active": true, "joined_at": null, "last_seen": null}}"#
+                    r#"{{"node": "{n}", "by": "{n}", "reason": "hand-written", "at": 5}}"#
                 );
-                s.apply(&[put(Table::Peers, &n.to_string(), &json)]).unwrap();
-                let peer: PeerRecord = s.load(&n.to_string()).unwrap().unwrap();
-                assert_eq!(peer.name, "hand-written");
+                s.apply(&[put(Table::Blocklist, &n.to_string(), &json)]).unwrap();
+                let block: BlockRecord = s.load(&n.to_string()).unwrap().unwrap();
+                assert_eq!(block.reason, "hand-written");
                 // Saved again, it is stored in the binary format.
-                s.save(&peer).unwrap();
-                let body = s.get(Table::Peers, &n.to_string()).unwrap().unwrap();
+                s.save(&block).unwrap();
+                let body = s.get(Table::Blocklist, &n.to_string()).unwrap().unwrap();
                 assert_eq!(body[0], $crate::storage::FORMAT_POSTCARD);
-                assert_eq!(s.load::<PeerRecord>(&n.to_string()).unwrap(), Some(peer));
+                assert_eq!(s.load::<BlockRecord>(&n.to_string()).unwrap(), Some(block));
             }
 
             #[test]

@@ -322,33 +322,64 @@ impl Record for CapabilitiesRecord {
     }
 }
 
-/// A mesh member (R-MESH1).
+/// A member's status as this node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerStatus {
+    /// Answering probes.
+    Active,
+    /// A probe failed; not yet declared down (it may still refute).
+    Suspect,
+    /// Declared down, left, or blocked.
+    Inactive,
+}
+
+impl PeerStatus {
+    /// `active`, `suspect` or `inactive` (the CLI's and the events' word).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerStatus::Active => "active",
+            PeerStatus::Suspect => "suspect",
+            PeerStatus::Inactive => "inactive",
+        }
+    }
+}
+
+/// A mesh member (R-MESH1), as this node last knew it. Inactive members
+/// are removed after the mesh's horizon (24 h by default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerRecord {
-    /// The peer.
+    /// The member.
     pub node: NodeId,
     /// Its name.
     pub name: String,
     /// Its addresses.
-    pub addresses: Vec<String>,
-    /// Active (false: inactive).
-    pub active: bool,
-    /// Joined.
-    pub joined_at: Option<Timestamp>,
-    /// Last seen.
-    pub last_seen: Option<Timestamp>,
+    pub addresses: Vec<crate::transport::PeerAddr>,
+    /// Its status.
+    pub status: PeerStatus,
+    /// When this node first learned of it.
+    pub joined_at: Timestamp,
+    /// When this node last heard from or of it.
+    pub last_seen: Timestamp,
+    /// Its SWIM incarnation, as last seen.
+    pub incarnation: u16,
+    /// Its signed identity (name, addresses and epoch), which a restarted
+    /// node rejoins with.
+    pub identity: crate::mesh::member::MemberId,
 }
 
 impl PeerRecord {
-    /// An active peer with no addresses yet.
-    pub fn new(node: NodeId, name: &str) -> Self {
+    /// An active member first seen at `now`.
+    pub fn new(identity: crate::mesh::member::MemberId, now: Timestamp) -> Self {
         PeerRecord {
-            node,
-            name: name.to_owned(),
-            addresses: vec![],
-            active: true,
-            joined_at: None,
-            last_seen: None,
+            node: identity.node(),
+            name: identity.name().to_owned(),
+            addresses: identity.addrs().to_vec(),
+            status: PeerStatus::Active,
+            joined_at: now,
+            last_seen: now,
+            incarnation: 0,
+            identity,
         }
     }
 }
@@ -357,6 +388,51 @@ impl Record for PeerRecord {
     const TABLE: Table = Table::Peers;
     fn key(&self) -> String {
         self.node.to_string()
+    }
+}
+
+/// A node blocked from the mesh: who blocked it, when and why. Every
+/// member keeps the list it learned; the ledger keeps the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRecord {
+    /// The blocked node; the key.
+    pub node: NodeId,
+    /// The member that blocked it.
+    pub by: NodeId,
+    /// Why, as the blocker said (at most 256 bytes).
+    pub reason: String,
+    /// When the blocker blocked it.
+    pub at: Timestamp,
+}
+
+impl Record for BlockRecord {
+    const TABLE: Table = Table::Blocklist;
+    fn key(&self) -> String {
+        self.node.to_string()
+    }
+}
+
+/// This node's own standing in the mesh: its identity's epoch and name,
+/// and the certificate it was let in with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshSelfRecord {
+    /// The epoch of its current identity.
+    pub epoch: u64,
+    /// Its name in the mesh.
+    pub name: String,
+    /// Its certificate of membership.
+    pub cert: crate::mesh::member::MemberCert,
+}
+
+impl MeshSelfRecord {
+    /// The key in [`Table::NodeState`].
+    pub const KEY: &'static str = "mesh.self";
+}
+
+impl Record for MeshSelfRecord {
+    const TABLE: Table = Table::NodeState;
+    fn key(&self) -> String {
+        Self::KEY.to_owned()
     }
 }
 

@@ -13,11 +13,11 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use super::{Pending, Storage, StorageError, Table, Visitor, Write};
 
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Migrations, in order; migration `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>] =
-    &[migrate_v1, migrate_v2, migrate_v3, migrate_v4];
+    &[migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5];
 
 fn create_table(tx: &rusqlite::Transaction<'_>, name: &str) -> rusqlite::Result<()> {
     tx.execute_batch(&format!(
@@ -85,6 +85,15 @@ fn migrate_v4(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
         "INSERT INTO node_state (key, body) SELECT key, body FROM peers WHERE key = 'primary';
          DELETE FROM peers WHERE key = 'primary';",
     )
+}
+
+/// v5: the mesh's blocklist. Member rows change shape (status,
+/// incarnation, the signed identity); no build before v5 wrote any (the
+/// table held only the worker's link, moved out in v4), so any left are
+/// placeholders and are dropped.
+fn migrate_v5(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    create_table(tx, "mesh_blocklist")?;
+    tx.execute_batch("DELETE FROM peers;")
 }
 
 /// The embedded default storage.
