@@ -10,7 +10,7 @@
 //! (`node::mesh`) drives it over real transports; the simulation in the
 //! tests drives a thousand of them in one thread on a virtual clock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +74,10 @@ pub struct MeshConfig {
     pub max_members: usize,
     /// Members told at once when joining or restarting.
     pub announce_to: usize,
+    /// How often a member exchanges members with a random one (peer
+    /// exchange: SWIM's announce, answered with a feed of members), so
+    /// that every member comes to know every other and partitions heal.
+    pub exchange_every: Duration,
     /// SWIM's settings.
     pub swim: foca::Config,
     /// Where checked identities are remembered (a simulation shares one
@@ -116,6 +120,7 @@ impl MeshConfig {
             gc_after: Duration::from_secs(24 * 3600),
             max_members: 4096,
             announce_to: 8,
+            exchange_every: Duration::from_secs(2),
             swim,
             identities: IdentityCache::default(),
         }
@@ -399,10 +404,10 @@ pub struct Mesh {
     rt: foca::AccumulatingRuntime<MemberId>,
     me: MemberId,
     cert: MemberCert,
-    members: HashMap<NodeId, PeerRecord>,
-    persisted_seen: HashMap<NodeId, Timestamp>,
-    blocked: HashMap<NodeId, BlockRecord>,
-    scores: HashMap<NodeId, PeerScore>,
+    members: BTreeMap<NodeId, PeerRecord>,
+    persisted_seen: BTreeMap<NodeId, Timestamp>,
+    blocked: BTreeMap<NodeId, BlockRecord>,
+    scores: BTreeMap<NodeId, PeerScore>,
     frame_limits: KeyedLimiter<NodeId>,
     origin_limits: KeyedLimiter<NodeId>,
     seen: SeenCache,
@@ -410,6 +415,7 @@ pub struct Mesh {
     rng: StdRng,
     out: VecDeque<MeshOutput>,
     left: bool,
+    last_exchange: Timestamp,
     stats: MeshStats,
 }
 
@@ -428,6 +434,7 @@ impl Mesh {
     /// A member named `name` at `addrs`, with identity epoch `epoch`, let in
     /// by `cert` (`None`: this node starts a mesh of its own and certifies
     /// itself). `seed` makes every random choice reproducible.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         key: Arc<NodeKey>,
         config: MeshConfig,
@@ -462,12 +469,13 @@ impl Mesh {
             rt: foca::AccumulatingRuntime::new(),
             me,
             cert,
-            members: HashMap::new(),
-            persisted_seen: HashMap::new(),
-            blocked: HashMap::new(),
-            scores: HashMap::new(),
+            members: BTreeMap::new(),
+            persisted_seen: BTreeMap::new(),
+            blocked: BTreeMap::new(),
+            scores: BTreeMap::new(),
             out: VecDeque::new(),
             left: false,
+            last_exchange: now,
             stats: MeshStats::default(),
         };
         mesh.store_self();
@@ -562,12 +570,9 @@ impl Mesh {
         if self.members.len() >= self.config.max_members {
             return false;
         }
-        let sponsor_known = cert.sponsor == self.me.node()
-            || self
-                .members
-                .get(&cert.sponsor)
-                .is_some_and(|_| !self.blocked.contains_key(&cert.sponsor));
-        sponsor_known
+        cert.sponsor == self.me.node()
+            || (self.members.contains_key(&cert.sponsor)
+                && !self.blocked.contains_key(&cert.sponsor))
     }
 
     /// Whether a connection from `node` is to be refused at once (blocked,
@@ -597,7 +602,7 @@ impl Mesh {
         {
             return Err(MeshError::Full);
         }
-        self.learn(joiner, PeerStatus::Active, now);
+        self.learn(joiner, Some(PeerStatus::Active), now);
         self.drive(now, |swim, rt| {
             swim.apply_many(
                 std::iter::once(foca::Member::alive(joiner.clone())),
@@ -655,7 +660,7 @@ impl Mesh {
             if self.blocked.contains_key(&m.id.node()) {
                 continue;
             }
-            self.learn(&m.id, m.status, now);
+            self.learn(&m.id, Some(m.status), now);
             if m.id.node() == sponsor || m.status != PeerStatus::Inactive {
                 fresh.push(m.id);
             }
@@ -1014,15 +1019,17 @@ impl Mesh {
                 if self.blocked.contains_key(&id.node()) {
                     self.bury(&id, now);
                 } else {
-                    self.learn(&id, PeerStatus::Active, now);
+                    self.learn(&id, Some(PeerStatus::Active), now);
                 }
             }
             N::MemberDown(id) => self.set_status(id.node(), PeerStatus::Inactive, now),
             N::Rename(_, new) => {
+                // A newer identity of the same node; its liveness comes
+                // with MemberUp/MemberDown (or the status scan).
                 if self.blocked.contains_key(&new.node()) {
                     self.bury(&new, now);
                 } else {
-                    self.learn(&new, PeerStatus::Active, now);
+                    self.learn(&new, None, now);
                 }
             }
             N::Defunct => {
@@ -1051,14 +1058,16 @@ impl Mesh {
         });
     }
 
-    /// Adds or updates a member from its identity, with `status`.
-    fn learn(&mut self, id: &MemberId, status: PeerStatus, now: Timestamp) {
+    /// Adds or updates a member from its identity, with `status` (`None`:
+    /// as it was; active if new).
+    fn learn(&mut self, id: &MemberId, status: Option<PeerStatus>, now: Timestamp) {
         let node = id.node();
         match self.members.get_mut(&node) {
             None => {
                 if self.members.len() >= self.config.max_members {
                     return;
                 }
+                let status = status.unwrap_or(PeerStatus::Active);
                 let mut record = PeerRecord::new(id.clone(), now);
                 record.status = status;
                 self.members.insert(node, record.clone());
@@ -1096,7 +1105,9 @@ impl Mesh {
                     let r = record.clone();
                     self.out.push_back(MeshOutput::Store(MeshStore::Member(r)));
                 }
-                self.set_status(node, status, now);
+                if let Some(status) = status {
+                    self.set_status(node, status, now);
+                }
             }
         }
     }
@@ -1364,6 +1375,20 @@ impl Mesh {
             self.persisted_seen.remove(&node);
             self.out
                 .push_back(MeshOutput::Store(MeshStore::Forget(node)));
+        }
+        // Peer exchange.
+        if now.saturating_duration_since(self.last_exchange) >= self.config.exchange_every {
+            self.last_exchange = now;
+            let me = self.me.node();
+            let target = self
+                .members
+                .values()
+                .filter(|m| m.status != PeerStatus::Inactive && m.node != me)
+                .map(|m| m.identity.clone())
+                .choose(&mut self.rng);
+            if let Some(id) = target {
+                self.drive(now, |swim, rt| swim.announce(id, rt));
+            }
         }
         // Lazy push: tell one member what this one holds.
         let recent = self.store.recent(MAX_KEYS_PER_FRAME, now);

@@ -31,3 +31,6 @@ use crate::transport::Protocol;
 pub const MEMBERSHIP: Protocol = Protocol::new("mesh-sdk/members/1");
 /// Joining through a token.
 pub const JOIN: Protocol = Protocol::new("mesh-sdk/join/1");
+pub mod sim;
+#[cfg(test)]
+mod sim_tests;

@@ -64,6 +64,7 @@ mod sqlite_only {
             s.with_writer(move |conn| {
             conn.execute_batch(
                 "DROP TABLE device_ids; DROP TABLE ledger_records; DROP TABLE node_state;
+                 DROP TABLE mesh_blocklist;
                  PRAGMA user_version = 1;",
             )
             .unwrap();
