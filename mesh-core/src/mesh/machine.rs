@@ -945,8 +945,9 @@ impl Mesh {
     /// Leaves the mesh: every member sees `peer.left` (reason `left`).
     pub fn leave(&mut self, now: Timestamp) -> Result<(), MeshError> {
         self.originate(LEAVE_TOPIC, Vec::new(), now)?;
-        self.drive(now, |swim, rt| swim.leave_cluster(rt));
+        // Left before foca reports itself defunct, so it does not renew.
         self.left = true;
+        self.drive(now, |swim, rt| swim.leave_cluster(rt));
         Ok(())
     }
 
@@ -1014,6 +1015,7 @@ impl Mesh {
 
     fn notified(&mut self, n: foca::OwnedNotification<MemberId>, now: Timestamp) {
         use foca::OwnedNotification as N;
+
         match n {
             N::MemberUp(id) => {
                 if self.blocked.contains_key(&id.node()) {
@@ -1314,7 +1316,7 @@ impl Mesh {
 
     fn tick(&mut self, now: Timestamp) {
         // Statuses foca decided without a notification (suspicion).
-        let states: Vec<(NodeId, MemberId, PeerStatus, u16)> = self
+        let states: Vec<(NodeId, u64, PeerStatus, u16)> = self
             .swim
             .iter_membership_state()
             .map(|m| {
@@ -1323,21 +1325,23 @@ impl Mesh {
                     foca::State::Suspect => PeerStatus::Suspect,
                     foca::State::Down => PeerStatus::Inactive,
                 };
-                (m.id().node(), m.id().clone(), status, m.incarnation())
+                (m.id().node(), m.id().epoch(), status, m.incarnation())
             })
             .collect();
-        for (node, id, status, incarnation) in states {
+        for (node, epoch, status, incarnation) in states {
             if self.blocked.contains_key(&node) {
                 continue;
             }
             let Some(record) = self.members.get_mut(&node) else {
                 continue;
             };
-            if record.identity.epoch() > id.epoch() {
+            if record.identity.epoch() > epoch {
                 continue;
             }
             record.incarnation = incarnation;
-            self.set_status(node, status, now);
+            if record.status != status {
+                self.set_status(node, status, now);
+            }
         }
         // Scores decay.
         for s in self.scores.values_mut() {

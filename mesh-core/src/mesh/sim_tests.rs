@@ -210,9 +210,28 @@ fn rename_and_block_reach_every_member() {
     sim.run_for(Duration::from_secs(2));
     assert!(sim.nodes.iter().all(|n| !n.mesh.is_blocked(&nine)));
 
-    // Leaving is not asserted here yet: see the note on issue 15 (a few
-    // members see the leaver active again); the runtime work on leave
-    // fixes and tests it.
+    let six = sim.id(6);
+    let now = sim.now;
+    sim.nodes[6].mesh.leave(now).unwrap();
+    sim.flush(6);
+    // At once (100 ms of virtual time), and for good.
+    for wait in [100, 30_000] {
+        sim.run_for(Duration::from_millis(wait));
+        for (i, node) in sim.nodes.iter().enumerate() {
+            if i != 6 {
+                assert_eq!(
+                    node.mesh.member(&six).unwrap().status,
+                    PeerStatus::Inactive,
+                    "member {i}"
+                );
+            }
+        }
+    }
+    // The unblocked node came back, under a newer identity.
+    let back = sim.nodes[0].mesh.member(&nine).unwrap();
+    assert_eq!(back.status, PeerStatus::Active);
+    assert_eq!(back.identity.epoch(), sim.nodes[9].mesh.me().epoch());
+    assert!(sim.nodes[9].mesh.me().epoch() > sim.nodes[1].mesh.me().epoch());
 }
 
 #[test]
