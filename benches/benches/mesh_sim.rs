@@ -27,14 +27,23 @@ fn agree(sim: &mut Sim, limit: Duration) -> Option<Duration> {
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let sizes: &[usize] = if full { &[100, 300, 1000] } else { &[50] };
-    println!("| members | joined, agreed after | rounds (goal ≤ log2 N + 4) | worst reach at 5 % loss | frames / member / s at 1 broadcast/s | ratio to N={} | agreed after 10 % crash | real time |", sizes[0]);
+    println!(
+        "| members | joined, agreed after | rounds (goal ≤ log2 N + 4) | worst reach at 5 % loss | frames / member / s at 1 broadcast/s | ratio to N={} | agreed after 10 % crash | real time |",
+        sizes[0]
+    );
     println!("|---|---|---|---|---|---|---|---|");
     let mut base = None;
     for &n in sizes {
         let t0 = Instant::now();
         let gap = if n > 300 { 50 } else { 20 };
-        let mut sim = Sim::joined(n, 42, MeshConfig::for_size(n as u32), Duration::from_millis(gap));
-        let joined = agree(&mut sim, Duration::from_secs(300)).expect("members agree after joining");
+        let mut sim = Sim::joined(
+            n,
+            42,
+            MeshConfig::for_size(n as u32),
+            Duration::from_millis(gap),
+        );
+        let joined =
+            agree(&mut sim, Duration::from_secs(300)).expect("members agree after joining");
 
         let key = sim.broadcast(0, "b", vec![0; 64]);
         sim.run_for(Duration::from_secs(3));
@@ -71,7 +80,10 @@ fn main() {
             "| {n} | {:.1} s | {rounds} (≤ {:.1}) | {worst}/{n} | {per_member:.1} | {ratio:.2}× | {} | {:.1} s |",
             joined.as_secs_f64(),
             (n as f64).log2() + 4.0,
-            crashed.map_or("not within 30 s".into(), |d| format!("{:.1} s", d.as_secs_f64())),
+            crashed.map_or("not within 30 s".into(), |d| format!(
+                "{:.1} s",
+                d.as_secs_f64()
+            )),
             t0.elapsed().as_secs_f64()
         );
     }

@@ -312,12 +312,24 @@ fn an_origin_over_its_rate_is_cut_off_at_every_member() {
 
 #[test]
 fn diag_scale() {
-    let Some(n) = std::env::var("SIM_N").ok().and_then(|v| v.parse::<usize>().ok()) else {
+    let Some(n) = std::env::var("SIM_N")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    else {
         return;
     };
     let t0 = std::time::Instant::now();
-    let mut sim = Sim::joined(n, 7, MeshConfig::for_size(n as u32), Duration::from_millis(20));
+    let mut sim = Sim::joined(
+        n,
+        7,
+        MeshConfig::for_size(n as u32),
+        Duration::from_millis(20),
+    );
     eprintln!("joined in {:?}", t0.elapsed());
     let settled = time_to_agree(&mut sim, Duration::from_secs(120));
-    eprintln!("agreement after {settled:?}; {}; real {:?}", statuses(&sim), t0.elapsed());
+    eprintln!(
+        "agreement after {settled:?}; {}; real {:?}",
+        statuses(&sim),
+        t0.elapsed()
+    );
 }
