@@ -72,7 +72,10 @@ impl Protocol {
     /// read them. Pairing and the device session carry messages only, so
     /// no peer can make a node buffer stream data that nothing reads.
     pub fn carries_streams(self) -> bool {
-        self != Protocol::PAIRING && self != Protocol::MESH
+        self != Protocol::PAIRING
+            && self != Protocol::MESH
+            && self != crate::mesh::MEMBERSHIP
+            && self != crate::mesh::JOIN
     }
 
     /// The one of `known` whose ALPN is `alpn`.

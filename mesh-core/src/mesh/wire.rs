@@ -85,6 +85,92 @@ impl MeshFrame {
     }
 }
 
+/// The largest join request, in bytes (a secret and one identity).
+pub const MAX_JOIN_REQUEST_LEN: usize = 4096;
+/// The longest refusal code or message in a [`JoinAnswer`].
+const MAX_REFUSAL_LEN: usize = 512;
+
+/// What a joiner sends on a join connection ([`JOIN`](super::JOIN)): the
+/// token's secret, proved inside the channel that authenticated both keys,
+/// and its own signed identity.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The token's 128-bit secret.
+    pub secret: [u8; 16],
+    /// The joiner's identity (its node id is the connection's peer).
+    pub member: MemberId,
+}
+
+impl std::fmt::Debug for JoinRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinRequest")
+            .field("member", &self.member)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for JoinRequest {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.secret);
+    }
+}
+
+/// The issuer's answer to a [`JoinRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinAnswer {
+    /// Let in: the certificate, the members, the blocklist.
+    Granted(super::machine::JoinGrant),
+    /// Refused: `code` is one of the join error kinds (`token_invalid`,
+    /// `token_expired`, `token_used`, `token_revoked`, `join_refused`).
+    Refused {
+        /// The error kind.
+        code: String,
+        /// A sentence.
+        message: String,
+    },
+}
+
+impl JoinRequest {
+    /// The request's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Parses a request, refusing oversized ones and trailing bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, FrameError> {
+        if bytes.len() > MAX_JOIN_REQUEST_LEN {
+            return Err(FrameError::TooLarge(bytes.len()));
+        }
+        match postcard::take_from_bytes(bytes) {
+            Ok((r, [])) => Ok(r),
+            Ok(_) => Err(FrameError::Malformed("trailing bytes".into())),
+            Err(e) => Err(FrameError::Malformed(e.to_string())),
+        }
+    }
+}
+
+impl JoinAnswer {
+    /// The answer's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Parses an answer, refusing trailing bytes and overlong refusals.
+    pub fn decode(bytes: &[u8]) -> Result<Self, FrameError> {
+        let answer: JoinAnswer = match postcard::take_from_bytes(bytes) {
+            Ok((a, [])) => a,
+            Ok(_) => return Err(FrameError::Malformed("trailing bytes".into())),
+            Err(e) => return Err(FrameError::Malformed(e.to_string())),
+        };
+        if let JoinAnswer::Refused { code, message } = &answer
+            && (code.len() > 64 || message.len() > MAX_REFUSAL_LEN)
+        {
+            return Err(FrameError::Malformed("overlong refusal".into()));
+        }
+        Ok(answer)
+    }
+}
+
 /// Why foca's codec refused a packet.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

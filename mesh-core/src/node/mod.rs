@@ -41,6 +41,7 @@ mod backoff;
 #[cfg(feature = "sqlite")]
 mod data_dir;
 mod link;
+mod mesh;
 mod primary;
 mod protocols;
 mod worker;
@@ -69,6 +70,10 @@ pub use actions::states as action_states;
 pub use backoff::Backoff;
 #[cfg(feature = "sqlite")]
 pub use data_dir::{DB_FILE, DataDir, KEY_FILE};
+pub use mesh::{
+    IssuedToken, MeshErrorKind, MeshSettings, MeshView, TokenStatus, TopicSubscription,
+    mesh_records,
+};
 pub use primary::{DeviceView, Primary};
 pub use protocols::{ProtocolError, ProtocolHandler};
 pub use worker::{PairingTicket, Worker};
@@ -575,6 +580,14 @@ pub enum NodeError {
     /// The node key could not be loaded or created.
     #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
+    /// A mesh operation failed (see [`MeshErrorKind`] for the kinds).
+    #[error("{kind}: {message}")]
+    Mesh {
+        /// What kind of failure.
+        kind: MeshErrorKind,
+        /// What went wrong.
+        message: String,
+    },
     /// The data directory could not be created or secured.
     #[error("cannot use data directory {path}: {source}", path = .path.display())]
     DataDir {
@@ -663,6 +676,7 @@ pub struct NodeBuilder {
     protocols: Vec<(Protocol, Arc<dyn protocols::ProtocolHandler>)>,
     record_timings: bool,
     data_dir: Option<std::path::PathBuf>,
+    mesh: Option<MeshSettings>,
 }
 
 impl fmt::Debug for NodeBuilder {
@@ -743,6 +757,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Takes part in the mesh of nodes with `settings`: the node serves the
+    /// membership and join protocols, restores its member table from
+    /// storage, and offers [`Node::mesh_token`], [`Node::join_mesh`] and the
+    /// other `mesh_*` operations.
+    pub fn mesh(mut self, settings: MeshSettings) -> Self {
+        self.mesh = Some(settings);
+        self
+    }
+
     /// Keeps the primary's per-heartbeat processing times (for benchmarks
     /// and diagnostics; see [`Node::stats`]).
     pub fn record_timings(mut self, on: bool) -> Self {
@@ -776,7 +799,7 @@ impl NodeBuilder {
             data_dir: self.data_dir,
             ledger: self.ledger,
         });
-        let (role, built_in) = match core.config.role {
+        let (role, mut built_in) = match core.config.role {
             Role::Primary => {
                 let rt = primary::PrimaryRt::new(core.clone(), self.policy);
                 let built_in = primary::protocols(&rt);
@@ -787,6 +810,14 @@ impl NodeBuilder {
                 Vec::new(),
             ),
         };
+        let mesh = match self.mesh {
+            Some(settings) => {
+                let rt = mesh::build(&core, settings)?;
+                built_in.extend(mesh::protocols(&rt));
+                Some(rt)
+            }
+            None => None,
+        };
         let protocols = protocols::Protocols::new(built_in, self.protocols)?;
         let node = Node {
             owner: Arc::new(Owner {
@@ -795,6 +826,7 @@ impl NodeBuilder {
             }),
             core,
             role,
+            mesh,
         };
         match &node.role {
             RoleRt::Primary(rt) => primary::start(rt)?,
@@ -1087,6 +1119,8 @@ impl Core {
 pub struct Node {
     core: Arc<Core>,
     role: RoleRt,
+    /// The mesh runtime, if the node takes part in the mesh.
+    mesh: Option<Arc<mesh::MeshRt>>,
     /// Held only by handles (the node's own tasks hold the runtimes).
     #[allow(dead_code)]
     owner: Arc<Owner>,
@@ -1157,6 +1191,7 @@ impl Node {
             protocols: Vec::new(),
             record_timings: false,
             data_dir: None,
+            mesh: None,
         }
     }
 

@@ -71,7 +71,11 @@ impl Protocols {
             served.insert(protocol, handler);
         }
         for (protocol, handler) in registered {
-            if protocol == Protocol::PAIRING || protocol == Protocol::MESH {
+            if protocol == Protocol::PAIRING
+                || protocol == Protocol::MESH
+                || protocol == crate::mesh::MEMBERSHIP
+                || protocol == crate::mesh::JOIN
+            {
                 return Err(ProtocolError::BuiltIn(protocol));
             }
             if served.insert(protocol, handler).is_some() {
@@ -86,7 +90,8 @@ impl Protocols {
         self.served.keys().copied().collect()
     }
 
-    /// Whether any protocol beyond the SDK's own is served.
+    /// Whether any protocol beyond the device protocols is served (those
+    /// need [`Transport::serve`](crate::transport::Transport::serve)).
     pub(super) fn any_registered(&self) -> bool {
         self.served
             .keys()
