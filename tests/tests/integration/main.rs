@@ -7,6 +7,7 @@ mod discovery_netns;
 mod foundation;
 mod hardening;
 mod ledger_crash;
+mod mesh_runtime;
 mod node_e2e;
 mod node_policy;
 mod storage_crash;
