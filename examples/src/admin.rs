@@ -12,7 +12,10 @@
 //! `devices.unpair|devices.revoke|devices.rotate {device}`,
 //! `policy.set {device, document}`, `policy.show {device}`, `actions.list`,
 //! `actions.approve {id}`, `actions.reject {id, reason?}`,
-//! `events.follow {pattern?}`, `ledger.verify`. A `device` is a node id, a
+//! `events.follow {pattern?}`, `ledger.verify`; the mesh: `mesh.token
+//! {ttl_ms?}`, `mesh.join {token}`, `mesh.tokens`, `mesh.tokens.revoke {id}`,
+//! `mesh.peers`, `mesh.rename {name}`, `mesh.leave`, `mesh.block {node_id,
+//! reason?}`, `mesh.unblock {node_id}`, `mesh.broadcast {topic, body}`. A `device` is a node id, a
 //! hardware/app id or a device name.
 
 use std::io::{BufRead, BufReader, Write as _};
@@ -62,6 +65,9 @@ fn err(kind: &str, message: impl Into<String>) -> AdminError {
 }
 
 fn node_error(e: NodeError) -> AdminError {
+    if let NodeError::Mesh { kind, message } = &e {
+        return err(kind.code(), message.clone());
+    }
     let kind = match &e {
         NodeError::Pairing(_) => "pairing",
         NodeError::Policy(_) => "invalid_policy",
@@ -257,6 +263,108 @@ pub async fn dispatch(
             Ok(json!({ "id": a.id, "state": a.state }))
         }
         "ledger.verify" => ledger().map_err(|m| err("storage", m)),
+        c if c.starts_with("mesh.") => mesh_command(node, c, args).await,
+        other => Err(err("usage", format!("unknown command {other:?}"))),
+    }
+}
+
+fn node_id_arg(args: &Value) -> Result<NodeId, AdminError> {
+    let text = text(args, "node_id")?;
+    text.parse::<NodeId>()
+        .map_err(|e| err("invalid_node_id", format!("{text:?}: {e}")))
+}
+
+fn ms(t: Option<mesh_core::clock::Timestamp>) -> Value {
+    t.map_or(Value::Null, |t| json!(t.as_millis()))
+}
+
+/// The mesh commands (`meshctl mesh …`).
+async fn mesh_command(node: &Primary, cmd: &str, args: &Value) -> Result<Value, AdminError> {
+    match cmd {
+        "mesh.token" => {
+            let ttl = args
+                .get("ttl_ms")
+                .and_then(Value::as_u64)
+                .map(std::time::Duration::from_millis);
+            let t = node.mesh_token(ttl).await.map_err(node_error)?;
+            Ok(json!({
+                "token": t.token.as_str(),
+                "id": t.id,
+                "issuer": t.issuer.to_string(),
+                "expires_at_ms": t.expires_at.as_millis(),
+            }))
+        }
+        "mesh.join" => {
+            let peers = node
+                .join_mesh(&text(args, "token")?)
+                .await
+                .map_err(node_error)?;
+            Ok(json!({ "joined": true, "peers": peers }))
+        }
+        "mesh.tokens" => {
+            let now = mesh_core::clock::Clock::now(&mesh_core::clock::SystemClock);
+            let tokens = node.mesh_tokens().await.map_err(node_error)?;
+            Ok(json!({ "tokens": tokens.iter().map(|t| json!({
+                "id": t.id,
+                "issuer": t.issuer.to_string(),
+                "status": mesh_core::node::TokenStatus::of(t, now).as_str(),
+                "created_at_ms": t.created_at.as_millis(),
+                "expires_at_ms": t.expires_at.as_millis(),
+                "used_by": t.used_by.map(|n| n.to_string()),
+                "used_at_ms": ms(t.used_at),
+                "revoked_at_ms": ms(t.revoked_at),
+            })).collect::<Vec<_>>() }))
+        }
+        "mesh.tokens.revoke" => {
+            let t = node
+                .revoke_mesh_token(&text(args, "id")?)
+                .await
+                .map_err(node_error)?;
+            Ok(json!({ "revoked": t.id, "revoked_at_ms": ms(t.revoked_at) }))
+        }
+        "mesh.peers" => {
+            let view = node.mesh_peers().await.map_err(node_error)?;
+            Ok(json!({
+                "self": { "node_id": view.node.to_string(), "name": view.name },
+                "peers": view.peers.iter().map(|p| json!({
+                    "node_id": p.node.to_string(),
+                    "name": p.name,
+                    "addresses": p.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "status": p.status.as_str(),
+                    "last_seen_ms": p.last_seen.as_millis(),
+                    "joined_at_ms": p.joined_at.as_millis(),
+                })).collect::<Vec<_>>(),
+            }))
+        }
+        "mesh.rename" => {
+            let name = text(args, "name")?;
+            node.mesh_rename(&name).await.map_err(node_error)?;
+            Ok(json!({ "renamed": true, "name": name }))
+        }
+        "mesh.leave" => {
+            node.mesh_leave().await.map_err(node_error)?;
+            Ok(json!({ "left": true }))
+        }
+        "mesh.block" => {
+            let target = node_id_arg(args)?;
+            let reason = args.get("reason").and_then(Value::as_str).unwrap_or("");
+            node.mesh_block(target, reason).await.map_err(node_error)?;
+            Ok(json!({ "blocked": target.to_string(), "reason": reason }))
+        }
+        "mesh.unblock" => {
+            let target = node_id_arg(args)?;
+            node.mesh_unblock(target).await.map_err(node_error)?;
+            Ok(json!({ "unblocked": target.to_string() }))
+        }
+        "mesh.broadcast" => {
+            let topic = text(args, "topic")?;
+            let body = text(args, "body")?;
+            let key = node
+                .mesh_broadcast(&topic, body.into_bytes())
+                .await
+                .map_err(node_error)?;
+            Ok(json!({ "origin": key.origin.to_string(), "id": key.id.to_string() }))
+        }
         other => Err(err("usage", format!("unknown command {other:?}"))),
     }
 }

@@ -65,6 +65,9 @@ enum Command {
     /// Approval-gated actions on a running primary.
     #[command(subcommand)]
     Actions(ActionsCmd),
+    /// The mesh of nodes, on a running primary (always JSON).
+    #[command(subcommand)]
+    Mesh(MeshCmd),
     /// A running primary's events.
     Events {
         /// Keep printing events as they come (until interrupted).
@@ -127,6 +130,110 @@ enum PairingCmd {
         #[command(flatten)]
         target: Target,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum MeshCmd {
+    /// Issue a join token. Prints {"token", "id", "issuer", "expires_at_ms"}.
+    Token {
+        /// How long it is valid: 24h, 30m, 90s, 2d, 500ms (default 24h).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Join the mesh through a token. Prints {"joined": true, "peers": N}.
+    Join {
+        /// The token (mj1.…).
+        token: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Tokens this node issued (never their secrets); `tokens revoke ID`.
+    Tokens {
+        #[command(subcommand)]
+        action: Option<TokensCmd>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// This node and the members it knows.
+    Peers {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Take a new name in the mesh.
+    Rename {
+        /// The name (1 to 64 bytes).
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Leave the mesh (members see peer.left at once).
+    Leave {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Block a node from the whole mesh.
+    Block {
+        /// Its node id.
+        node_id: String,
+        /// Why (recorded in the ledger).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Lift a block.
+    Unblock {
+        /// Its node id.
+        node_id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Broadcast a text on a topic to every member.
+    Broadcast {
+        /// The topic.
+        topic: String,
+        /// The text.
+        body: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokensCmd {
+    /// Revoke a token by its id.
+    Revoke {
+        /// The token's id (from `mesh tokens`).
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// A lifetime: a number and a unit (ms, s, m, h, d), in milliseconds.
+fn parse_ttl(text: &str) -> Result<u64, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?} is not a lifetime like 24h, 30m, 90s"))?;
+    let scale = match unit {
+        "ms" => 1,
+        "s" | "" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("unknown unit {unit:?} (ms, s, m, h, d)")),
+    };
+    match n.checked_mul(scale) {
+        Some(0) => Err("a lifetime must be more than zero".into()),
+        Some(ms) if ms <= 365 * 86_400_000 => Ok(ms),
+        _ => Err("a lifetime is at most 365 days".into()),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -561,9 +668,64 @@ fn run_admin(target: &Target, cmd: &str, args: serde_json::Value) -> ExitCode {
     }
 }
 
+/// Runs an admin command whose answer is always JSON.
+fn run_admin_json(target: &Target, cmd: &str, args: serde_json::Value) -> ExitCode {
+    let target = Target {
+        json: true,
+        ..target.clone()
+    };
+    run_admin(&target, cmd, args)
+}
+
+fn mesh_command(command: &MeshCmd) -> ExitCode {
+    match command {
+        MeshCmd::Token { ttl, target } => {
+            run_admin_json(target, "mesh.token", json!({ "ttl_ms": ttl }))
+        }
+        MeshCmd::Join { token, target } => {
+            run_admin_json(target, "mesh.join", json!({ "token": token }))
+        }
+        MeshCmd::Tokens {
+            action: None,
+            target,
+        } => run_admin_json(target, "mesh.tokens", json!({})),
+        MeshCmd::Tokens {
+            action: Some(TokensCmd::Revoke { id, target }),
+            ..
+        } => run_admin_json(target, "mesh.tokens.revoke", json!({ "id": id })),
+        MeshCmd::Peers { target } => run_admin_json(target, "mesh.peers", json!({})),
+        MeshCmd::Rename { name, target } => {
+            run_admin_json(target, "mesh.rename", json!({ "name": name }))
+        }
+        MeshCmd::Leave { target } => run_admin_json(target, "mesh.leave", json!({})),
+        MeshCmd::Block {
+            node_id,
+            reason,
+            target,
+        } => run_admin_json(
+            target,
+            "mesh.block",
+            json!({ "node_id": node_id, "reason": reason }),
+        ),
+        MeshCmd::Unblock { node_id, target } => {
+            run_admin_json(target, "mesh.unblock", json!({ "node_id": node_id }))
+        }
+        MeshCmd::Broadcast {
+            topic,
+            body,
+            target,
+        } => run_admin_json(
+            target,
+            "mesh.broadcast",
+            json!({ "topic": topic, "body": body }),
+        ),
+    }
+}
+
 /// The admin commands, if `command` is one.
 fn admin_command(command: &Command) -> Option<ExitCode> {
     Some(match command {
+        Command::Mesh(m) => mesh_command(m),
         Command::Pairing(PairingCmd::List { target }) => {
             run_admin(target, "pairing.list", json!({}))
         }
@@ -699,6 +861,7 @@ fn run(cli: Cli) -> Result<serde_json::Value, Failure> {
         Command::Health(HealthCmd::Score { report }) => health_score(&report),
         // Answered over the admin socket (see `admin_command`).
         Command::Pairing(_)
+        | Command::Mesh(_)
         | Command::Devices(_)
         | Command::Actions(_)
         | Command::Events { .. }

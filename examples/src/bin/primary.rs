@@ -2,13 +2,15 @@
 //!
 //! ```text
 //! primary [--data-dir DIR] [--listen ADDR] [--mdns on|off] [--interface all|loopback|NAME]
-//!         [--name NAME] [--json]
+//!         [--name NAME] [--json] [--advertise ADDR]... [--join TOKEN]
 //! ```
 //!
 //! Keeps its identity, devices, policies, actions and audit ledger in the
 //! data directory (SQLite), listens for QUIC, optionally advertises itself
 //! over mDNS, serves `meshctl` on `DIR/admin.sock` (mode 0600) and prints
-//! its events. Ctrl-C stops it cleanly.
+//! its events. It is a member of the mesh of nodes (`meshctl mesh …`);
+//! `--join TOKEN` joins a mesh at start (a node that joined before rejoins
+//! from its stored member table by itself). Ctrl-C stops it cleanly.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,11 +45,18 @@ struct Args {
     /// Print events as JSON lines.
     #[arg(long)]
     json: bool,
+    /// Where other mesh members reach this node (repeatable, at most 4;
+    /// default: the listen address, loopback if it is 0.0.0.0).
+    #[arg(long)]
+    advertise: Vec<std::net::SocketAddr>,
+    /// Join the mesh through this token at start.
+    #[arg(long)]
+    join: Option<String>,
 }
 
 async fn run(args: Args) -> Result<(), String> {
     let config = NodeConfig::new(Role::Primary, &args.name, "primary");
-    let parts = setup::primary(&args.data_dir, args.listen, config)?;
+    let parts = setup::primary(&args.data_dir, args.listen, &args.advertise, config)?;
     let node = parts.node.clone();
     let socket = admin::socket_path(&args.data_dir);
     let check = setup::ledger_check(parts.store.clone(), parts.key.node_id());
@@ -87,6 +96,16 @@ async fn run(args: Args) -> Result<(), String> {
         parts.addr
     );
     let events = node.subscribe("*", 1024).map_err(|e| e.to_string())?;
+    if let Some(token) = &args.join {
+        match node.join_mesh(token).await {
+            Ok(peers) => println!("joined the mesh: {peers} members known"),
+            Err(e) => {
+                node.shutdown().await;
+                let _ = std::fs::remove_file(&socket);
+                return Err(format!("cannot join the mesh: {e}"));
+            }
+        }
+    }
     setup::print_events(events, args.json).await;
     println!("shutting down");
     node.shutdown().await;
