@@ -334,6 +334,12 @@ async fn mesh_command(node: &Primary, cmd: &str, args: &Value) -> Result<Value, 
                     "last_seen_ms": p.last_seen.as_millis(),
                     "joined_at_ms": p.joined_at.as_millis(),
                 })).collect::<Vec<_>>(),
+                "blocked": view.blocked.iter().map(|b| json!({
+                    "node_id": b.node.to_string(),
+                    "by": b.by.to_string(),
+                    "reason": b.reason,
+                    "at_ms": b.at.as_millis(),
+                })).collect::<Vec<_>>(),
             }))
         }
         "mesh.rename" => {

@@ -4,87 +4,15 @@
 //! primary and a restart that loses nothing acknowledged.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::io::{BufRead, BufReader};
+mod common;
+
+use common::{Running, eventually, meshctl, p};
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-/// A running binary whose stdout lines arrive on a channel.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn start(bin: &str, args: &[&str]) -> Running {
-        let mut child = Command::new(bin)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Running { child, lines }
-    }
-
-    /// The first line containing `needle`, within 20 s.
-    fn wait_for(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .expect(needle);
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no line with {needle:?}"));
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-
-    /// The 6-digit code a worker prints.
-    fn pairing_code(&self) -> String {
-        let line = self.wait_for("pairing code:");
-        line.rsplit(' ').next().unwrap().to_owned()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn meshctl(args: &[&str]) -> (i32, Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        serde_json::from_str(text.trim()).unwrap_or(Value::Null),
-    )
-}
 
 /// `meshctl pairing approve CODE`, once the request is pending: the worker
 /// prints its code as soon as the request is sent, a moment before the
@@ -96,26 +24,6 @@ fn approve(code: &str, d: &[&str; 2]) -> (i32, Value) {
         if answer["error"]["kind"] != "not_found" || Instant::now() > deadline {
             return (rc, answer);
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// Polls `meshctl` until `check` holds (bounded).
-fn eventually(args: &[&str], check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (code, v) = meshctl(args);
-        if code == 0 && check(&v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{args:?} never satisfied; last answer {v}"
-        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

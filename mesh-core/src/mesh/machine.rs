@@ -195,6 +195,14 @@ pub enum MeshEvent {
         /// Its name.
         name: String,
     },
+    /// A suspected member answered again (refuted the suspicion, or came
+    /// back before it was declared down).
+    Alive {
+        /// The member.
+        node: NodeId,
+        /// Its name.
+        name: String,
+    },
     /// A member changed its name.
     Renamed {
         /// The member.
@@ -1134,6 +1142,7 @@ impl Mesh {
                 name,
                 rejoined: true,
             }),
+            (PeerStatus::Suspect, PeerStatus::Active) => Some(MeshEvent::Alive { node, name }),
             (_, PeerStatus::Suspect) => Some(MeshEvent::Suspect { node, name }),
             (_, PeerStatus::Inactive) => Some(MeshEvent::Left {
                 node,

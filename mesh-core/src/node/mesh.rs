@@ -370,6 +370,9 @@ enum Cmd {
     },
 }
 
+/// An incoming membership connection and its number.
+type Incoming = (u64, Arc<dyn Connection>);
+
 /// One batch for the store writer: writes, with a ledger record if any.
 struct StoreJob {
     writes: Vec<Write>,
@@ -387,7 +390,7 @@ pub(crate) struct MeshRt {
     /// The certificate dialers show (changes when this node joins).
     cert: Mutex<MemberCert>,
     /// Incoming membership connections, by member.
-    incoming: Mutex<HashMap<NodeId, Vec<(u64, Arc<dyn Connection>)>>>,
+    incoming: Mutex<HashMap<NodeId, Vec<Incoming>>>,
     next_conn: AtomicU64,
     unverified: Arc<Semaphore>,
     joins: Arc<Semaphore>,
@@ -697,6 +700,10 @@ impl Actor {
             }
             MeshEvent::Suspect { node, name } => (
                 "peer.suspect",
+                json!({ "node": node.to_string(), "name": name }),
+            ),
+            MeshEvent::Alive { node, name } => (
+                "peer.alive",
                 json!({ "node": node.to_string(), "name": name }),
             ),
             MeshEvent::Renamed { node, old, new } => (
