@@ -93,15 +93,17 @@ fn slowest(
     since: u64,
     extra: impl Fn(&Value) -> bool + Copy,
 ) -> u64 {
-    members
+    let mut times: Vec<u64> = members
         .iter()
         .enumerate()
         .filter(|(i, _)| !except.contains(i))
         .map(|(_, m)| {
             event_at(m, kinds, node, Duration::from_secs(30), extra).saturating_sub(since)
         })
-        .max()
-        .unwrap()
+        .collect();
+    times.sort_unstable();
+    println!("{kinds:?}: {times:?} ms");
+    times.last().copied().unwrap()
 }
 
 fn statuses(dir: &Path, node: &str) -> Option<String> {

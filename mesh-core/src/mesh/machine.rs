@@ -10,7 +10,7 @@
 //! (`node::mesh`) drives it over real transports; the simulation in the
 //! tests drives a thousand of them in one thread on a virtual clock.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -423,6 +423,8 @@ pub struct Mesh {
     rng: StdRng,
     out: VecDeque<MeshOutput>,
     left: bool,
+    /// Members whose goodbye was taken (until they come back).
+    said_left: BTreeSet<NodeId>,
     last_exchange: Timestamp,
     stats: MeshStats,
 }
@@ -483,6 +485,7 @@ impl Mesh {
             scores: BTreeMap::new(),
             out: VecDeque::new(),
             left: false,
+            said_left: BTreeSet::new(),
             last_exchange: now,
             stats: MeshStats::default(),
         };
@@ -1131,6 +1134,9 @@ impl Mesh {
         }
         let before = record.status;
         record.status = status;
+        if status == PeerStatus::Active {
+            self.said_left.remove(&node);
+        }
         if status != PeerStatus::Inactive {
             record.last_seen = now;
         }
@@ -1285,7 +1291,11 @@ impl Mesh {
             LEAVE_TOPIC if origin != self.me.node() => {
                 if let Some(record) = self.members.get_mut(&origin) {
                     let id = record.identity.clone();
-                    if record.status != PeerStatus::Inactive {
+                    // Its goodbye may come after SWIM declared it down (foca
+                    // gossips the leave too): then `peer.left` is said again,
+                    // once, with the reason it gave.
+                    let first_word = self.said_left.insert(origin);
+                    if record.status != PeerStatus::Inactive || first_word {
                         record.status = PeerStatus::Inactive;
                         record.last_seen = now;
                         let r = record.clone();
@@ -1386,6 +1396,7 @@ impl Mesh {
         for node in gone {
             self.members.remove(&node);
             self.persisted_seen.remove(&node);
+            self.said_left.remove(&node);
             self.out
                 .push_back(MeshOutput::Store(MeshStore::Forget(node)));
         }

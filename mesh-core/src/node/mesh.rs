@@ -836,25 +836,30 @@ impl Writer {
             if down_until.is_some_and(|t| tokio::time::Instant::now() < t) {
                 continue;
             }
-            if conn.is_none() {
-                match self.dial().await {
-                    Some(c) => {
-                        down_until = None;
-                        conn = Some(c);
-                    }
-                    None => {
-                        let redial = self
-                            .rt
-                            .upgrade()
-                            .map_or(Duration::from_secs(1), |rt| rt.settings.redial_after);
-                        down_until = Some(tokio::time::Instant::now() + redial);
-                        continue;
+            // A connection the peer closed (it restarted, or dropped an
+            // older connection of ours) fails the send: dial again once and
+            // resend, so the frame is not lost to a stale connection.
+            for _attempt in 0..2 {
+                if conn.is_none() {
+                    match self.dial().await {
+                        Some(c) => {
+                            down_until = None;
+                            conn = Some(c);
+                        }
+                        None => {
+                            let redial = self
+                                .rt
+                                .upgrade()
+                                .map_or(Duration::from_secs(1), |rt| rt.settings.redial_after);
+                            down_until = Some(tokio::time::Instant::now() + redial);
+                            break;
+                        }
                     }
                 }
-            }
-            if let Some(c) = &conn
-                && c.send(frame).await.is_err()
-            {
+                let Some(c) = &conn else { break };
+                if c.send(frame.clone()).await.is_ok() {
+                    break;
+                }
                 c.close();
                 conn = None;
             }
