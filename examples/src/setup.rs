@@ -11,7 +11,6 @@ use mesh_core::node::{
     CommandHandler, DataDir, FnHandler, MeshSettings, MetricsSource, NodeConfig, Primary, Worker,
 };
 use mesh_core::storage::Storage;
-use mesh_core::transport::PeerAddr;
 use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
 use mesh_policy::runtime::RuntimePolicy;
 use mesh_transport::quic::{QuicConfig, QuicTransport};
@@ -46,27 +45,8 @@ fn quic(dir: &DataDir, listen: SocketAddr) -> Result<Arc<QuicTransport>, String>
         .map_err(|e| e.to_string())
 }
 
-/// Where other members reach a node listening on `bound`: `advertise` if
-/// given, else the bound address (loopback when bound to every interface:
-/// pass `--advertise` to be reachable from the LAN).
-pub fn mesh_addresses(bound: SocketAddr, advertise: &[SocketAddr]) -> Vec<PeerAddr> {
-    if !advertise.is_empty() {
-        return advertise
-            .iter()
-            .take(4)
-            .map(|a| PeerAddr::Socket(*a))
-            .collect();
-    }
-    let ip = match bound.ip() {
-        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
-        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
-        ip => ip,
-    };
-    vec![PeerAddr::Socket(SocketAddr::new(ip, bound.port()))]
-}
-
 /// Starts a primary from `dir`, listening on `listen`, a member of the mesh
-/// reachable at `advertise` (see [`mesh_addresses`]).
+/// reachable at `advertise` (see [`MeshSettings::reachable_at`]).
 pub fn primary(
     dir: &Path,
     listen: SocketAddr,
@@ -88,7 +68,7 @@ pub fn primary(
         .policy(Arc::new(RuntimePolicy::new()))
         // What workers may ask for, if their policy allows: `echo` returns its arguments.
         .handler("echo", echo)
-        .mesh(MeshSettings::new(mesh_addresses(addr, advertise)))
+        .mesh(MeshSettings::reachable_at(addr, advertise))
         .start_primary()
         .map_err(|e| e.to_string())?;
     Ok(Parts {

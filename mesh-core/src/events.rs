@@ -66,10 +66,26 @@ pub mod kinds {
     /// A worker published an event to its primary (`device`, `kind`,
     /// `data`; needs `events:write`).
     pub const DEVICE_EVENT: &str = "device.event";
-    /// A peer joined the mesh.
+    /// A peer joined: a paired device opened its session with the
+    /// primary (`"scope": "device"`), or a member joined the mesh of nodes
+    /// (`"scope": "mesh"`, with `name` and `rejoined`).
     pub const PEER_JOINED: &str = "peer.joined";
-    /// A peer left the mesh.
+    /// A peer left: a device's session closed (`"scope": "device"`), or a
+    /// mesh member left, failed or was blocked (`"scope": "mesh"`, with
+    /// `name` and `reason`: `left`, `failed`, `blocked`).
     pub const PEER_LEFT: &str = "peer.left";
+    /// A mesh member is suspected of having failed.
+    pub const PEER_SUSPECT: &str = "peer.suspect";
+    /// A suspected mesh member answered again.
+    pub const PEER_ALIVE: &str = "peer.alive";
+    /// A mesh member changed its name (`old`, `new`).
+    pub const PEER_RENAMED: &str = "peer.renamed";
+    /// A node was blocked from the mesh (`by`, `reason`).
+    pub const PEER_BLOCKLISTED: &str = "peer.blocklisted";
+    /// A node was unblocked (`by`).
+    pub const PEER_UNBLOCKED: &str = "peer.unblocked";
+    /// A mesh peer's score fell below the line; its connections closed.
+    pub const PEER_DISCONNECTED: &str = "peer.disconnected";
     /// An action changed state.
     pub const ACTION_UPDATED: &str = "action.updated";
     /// A policy refused a command.

@@ -1,6 +1,6 @@
 //! One error enum for every call, with variants an app can act on.
 
-use mesh_core::node::NodeError;
+use mesh_core::node::{MeshErrorKind, NodeError};
 use mesh_core::registry::RegistryError;
 
 /// What went wrong. Each variant carries `detail`, a message for people;
@@ -75,6 +75,16 @@ pub enum MeshError {
         /// What was looked for.
         detail: String,
     },
+    /// Joining the mesh was refused, or a mesh operation failed: `code`
+    /// is `token_invalid`, `token_expired`, `token_used`, `token_revoked`,
+    /// `issuer_unreachable` or `join_refused`.
+    #[error("mesh ({code}): {detail}")]
+    Join {
+        /// The error kind.
+        code: String,
+        /// Explanation.
+        detail: String,
+    },
     /// An app callback failed unexpectedly.
     #[error("callback failed: {detail}")]
     Callback {
@@ -119,6 +129,17 @@ impl From<NodeError> for MeshError {
             };
         }
         match e {
+            NodeError::Mesh { kind, message } => match kind {
+                MeshErrorKind::NotFound => MeshError::NotFound { detail: message },
+                MeshErrorKind::InvalidArgument => MeshError::InvalidInput { detail: message },
+                MeshErrorKind::Left | MeshErrorKind::Disabled => {
+                    MeshError::Unavailable { detail: message }
+                }
+                _ => MeshError::Join {
+                    code: kind.code().into(),
+                    detail: message,
+                },
+            },
             NodeError::Command { code, message } => MeshError::CommandFailed {
                 code,
                 detail: message,

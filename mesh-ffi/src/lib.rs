@@ -3,7 +3,8 @@
 //! A thin wrapper over the node runtime (`mesh_core::node`): [`MeshNode`]
 //! is a primary or a worker started from a data directory (identity and
 //! SQLite), listening on QUIC, optionally discovering over mDNS, with the
-//! signed ledger and mesh-policy on a primary. Conversions, one flat error
+//! signed ledger and mesh-policy on a primary, and a member of the mesh of
+//! nodes (join tokens, members, broadcasts: `mesh.rs`). Conversions, one flat error
 //! enum ([`MeshError`]), a tokio runtime per node and the bridges for
 //! foreign command handlers and event listeners are all that live here.
 //!
@@ -12,10 +13,12 @@
 #![warn(missing_docs)]
 
 mod error;
+mod mesh;
 mod node;
 mod types;
 
 pub use error::MeshError;
+pub use mesh::{MeshMessage, MeshPeer, MeshPeers, MeshToken, MeshTokenInfo, TopicListener};
 pub use node::{
     CommandHandler, EventListener, EventSubscription, MeshNode, PairingTicket, default_options,
 };

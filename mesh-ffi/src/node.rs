@@ -9,7 +9,7 @@ use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::events::{EventBus, Received};
 use mesh_core::identity::NodeId;
 use mesh_core::node::{
-    CommandHandler as CoreHandler, DataDir, MetricsSource, Node, NodeConfig,
+    CommandHandler as CoreHandler, DataDir, MeshSettings, MetricsSource, Node, NodeConfig,
     PairingTicket as CoreTicket, Primary, Worker,
 };
 use mesh_core::transport::PeerAddr;
@@ -168,11 +168,13 @@ pub fn default_options(role: NodeRole, data_dir: String) -> NodeOptions {
         heartbeat_interval_ms: u64::try_from(defaults.heartbeat_interval.as_millis())
             .unwrap_or(5_000),
         command_timeout_ms: u64::try_from(defaults.command_timeout.as_millis()).unwrap_or(10_000),
+        mesh: role == NodeRole::Primary,
+        advertise_addrs: Vec::new(),
     }
 }
 
 impl MeshNode {
-    fn node(&self) -> Result<Node, MeshError> {
+    pub(crate) fn node(&self) -> Result<Node, MeshError> {
         lock(&self.running)
             .as_ref()
             .map(|r| r.node.clone())
@@ -194,7 +196,7 @@ impl MeshNode {
     }
 
     /// Runs `op` on the node's runtime and waits for it.
-    async fn run<T, F>(&self, op: impl FnOnce(Node) -> F) -> Result<T, MeshError>
+    pub(crate) async fn run<T, F>(&self, op: impl FnOnce(Node) -> F) -> Result<T, MeshError>
     where
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, MeshError>> + Send + 'static,
@@ -300,6 +302,18 @@ impl MeshNode {
                     detail: e.to_string(),
                 })?;
             }
+        }
+        if self.options.mesh {
+            let advertise = self
+                .options
+                .advertise_addrs
+                .iter()
+                .map(|a| {
+                    a.parse::<SocketAddr>()
+                        .map_err(|e| MeshError::invalid(format!("advertise address {a:?}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            builder = builder.mesh(MeshSettings::reachable_at(addr, &advertise));
         }
         let node = builder.start()?;
         Ok(Running {
@@ -448,42 +462,27 @@ impl MeshNode {
         listener: Arc<dyn EventListener>,
     ) -> Result<Arc<EventSubscription>, MeshError> {
         let mut sub = self.node()?.subscribe(&pattern, 1024)?;
-        let (stop, mut stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("mesh-events".into())
-            .spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
-                    return;
+        listener_thread("mesh-events", move |mut stopped| async move {
+            loop {
+                let event = tokio::select! {
+                    _ = &mut stopped => return,
+                    r = sub.recv() => match r {
+                        Some(Received::Event(e)) => MeshEvent {
+                            kind: e.kind.clone(),
+                            at_ms: e.at.as_millis(),
+                            data_json: e.data.to_string(),
+                        },
+                        Some(Received::Lagged { missed }) => MeshEvent {
+                            kind: "events.lagged".into(),
+                            at_ms: SystemClock.now().as_millis(),
+                            data_json: serde_json::json!({ "missed": missed }).to_string(),
+                        },
+                        None => return,
+                    },
                 };
-                rt.block_on(async move {
-                    loop {
-                        let event = tokio::select! {
-                            _ = &mut stopped => return,
-                            r = sub.recv() => match r {
-                                Some(Received::Event(e)) => MeshEvent {
-                                    kind: e.kind.clone(),
-                                    at_ms: e.at.as_millis(),
-                                    data_json: e.data.to_string(),
-                                },
-                                Some(Received::Lagged { missed }) => MeshEvent {
-                                    kind: "events.lagged".into(),
-                                    at_ms: SystemClock.now().as_millis(),
-                                    data_json: serde_json::json!({ "missed": missed }).to_string(),
-                                },
-                                None => return,
-                            },
-                        };
-                        listener.on_event(event);
-                    }
-                });
-            })
-            .map_err(|e| MeshError::Internal {
-                detail: format!("cannot start the event thread: {e}"),
-            })?;
-        Ok(Arc::new(EventSubscription {
-            stop: Mutex::new(Some(stop)),
-            thread: Mutex::new(Some(thread)),
-        }))
+                listener.on_event(event);
+            }
+        })
     }
 
     /// Nodes found by discovery so far, plus any found within `timeout_ms`.
@@ -788,6 +787,36 @@ impl PairingTicket {
             })??;
         Ok(())
     }
+}
+
+/// Runs `body` on a thread of its own (with a runtime of its own, so a
+/// slow listener holds up nothing of the node's) until it returns or the
+/// subscription it gives is cancelled: `body` gets the receiver that
+/// fires then.
+pub(crate) fn listener_thread<F, Fut>(
+    name: &str,
+    body: F,
+) -> Result<Arc<EventSubscription>, MeshError>
+where
+    F: FnOnce(oneshot::Receiver<()>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (stop, stopped) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+                return;
+            };
+            rt.block_on(body(stopped));
+        })
+        .map_err(|e| MeshError::Internal {
+            detail: format!("cannot start the listener thread: {e}"),
+        })?;
+    Ok(Arc::new(EventSubscription {
+        stop: Mutex::new(Some(stop)),
+        thread: Mutex::new(Some(thread)),
+    }))
 }
 
 /// Stops event delivery when closed or dropped.

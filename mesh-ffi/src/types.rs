@@ -81,6 +81,11 @@ pub struct NodeOptions {
     pub heartbeat_interval_ms: u64,
     /// How long a command waits for its result, milliseconds.
     pub command_timeout_ms: u64,
+    /// Take part in the mesh of nodes (default: primaries yes, workers no).
+    pub mesh: bool,
+    /// Where other mesh members reach this node (`IP:PORT`, at most 4);
+    /// empty: the listen address (loopback if it is `0.0.0.0`).
+    pub advertise_addrs: Vec<String>,
 }
 
 /// A phone's or a computer's state, as the app knows it. Every field is

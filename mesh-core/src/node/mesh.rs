@@ -36,6 +36,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use super::protocols::ProtocolHandler;
 use super::{Core, NodeError, lock};
 use crate::clock::Timestamp;
+use crate::events::kinds;
 use crate::identity::NodeId;
 use crate::ledger::{Entry, record_types};
 use crate::limits::{Rate, TokenBucket};
@@ -110,6 +111,28 @@ impl MeshSettings {
             join_rate: Rate::per_second(10.0, 20),
             peer_queue: 256,
         }
+    }
+
+    /// Defaults for a node whose transport is bound to `bound`, reachable
+    /// at `advertise` if given (at most 4 are kept), else at `bound` itself
+    /// (loopback when bound to every interface: a node meant to be reached
+    /// from the LAN names its addresses).
+    pub fn reachable_at(bound: SocketAddr, advertise: &[SocketAddr]) -> Self {
+        if !advertise.is_empty() {
+            return MeshSettings::new(
+                advertise
+                    .iter()
+                    .take(4)
+                    .map(|a| PeerAddr::Socket(*a))
+                    .collect(),
+            );
+        }
+        let ip = match bound.ip() {
+            std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+            ip => ip,
+        };
+        MeshSettings::new(vec![PeerAddr::Socket(SocketAddr::new(ip, bound.port()))])
     }
 
     /// Sets the protocol's settings.
@@ -687,27 +710,27 @@ impl Actor {
                 name,
                 rejoined,
             } => (
-                record_types::PEER_JOINED,
+                kinds::PEER_JOINED,
                 json!({ "node": node.to_string(), "name": name, "rejoined": rejoined }),
             ),
             MeshEvent::Left { node, name, reason } => {
                 // Its queue goes; a new one is made if it comes back.
                 self.links.remove(node);
                 (
-                    "peer.left",
+                    kinds::PEER_LEFT,
                     json!({ "node": node.to_string(), "name": name, "reason": reason }),
                 )
             }
             MeshEvent::Suspect { node, name } => (
-                "peer.suspect",
+                kinds::PEER_SUSPECT,
                 json!({ "node": node.to_string(), "name": name }),
             ),
             MeshEvent::Alive { node, name } => (
-                "peer.alive",
+                kinds::PEER_ALIVE,
                 json!({ "node": node.to_string(), "name": name }),
             ),
             MeshEvent::Renamed { node, old, new } => (
-                "peer.renamed",
+                kinds::PEER_RENAMED,
                 json!({ "node": node.to_string(), "old": old, "new": new }),
             ),
             MeshEvent::Blocklisted { node, by, reason } => {
@@ -715,7 +738,7 @@ impl Actor {
                 rt.close_incoming(node);
                 self.refresh_refused(rt, *node);
                 (
-                    record_types::PEER_BLOCKLISTED,
+                    kinds::PEER_BLOCKLISTED,
                     json!({ "node": node.to_string(), "by": by.to_string(), "reason": reason }),
                 )
             }
@@ -731,13 +754,15 @@ impl Actor {
                         at: now,
                     })
                     .await;
-                ("peer.unblocked", body)
+                (kinds::PEER_UNBLOCKED, body)
             }
             MeshEvent::Disconnected { node, score } => (
-                "peer.disconnected",
+                kinds::PEER_DISCONNECTED,
                 json!({ "node": node.to_string(), "score": score }),
             ),
         };
+        let mut data = data;
+        data["scope"] = json!("mesh");
         self.core.events.publish(kind, now, data);
     }
 
@@ -1474,6 +1499,25 @@ mod tests {
         assert!(!topic_matches("chat/*", "news"));
         assert!(topic_matches("chat", "chat"));
         assert!(!topic_matches("chat", "chat/general"));
+    }
+
+    #[test]
+    fn addresses_to_advertise() {
+        let any: SocketAddr = "0.0.0.0:4433".parse().unwrap();
+        assert_eq!(
+            MeshSettings::reachable_at(any, &[]).addresses,
+            vec![PeerAddr::Socket("127.0.0.1:4433".parse().unwrap())]
+        );
+        let lan: SocketAddr = "192.168.1.7:4433".parse().unwrap();
+        assert_eq!(
+            MeshSettings::reachable_at(any, &[lan]).addresses,
+            vec![PeerAddr::Socket(lan)]
+        );
+        let v6: SocketAddr = "[::]:9".parse().unwrap();
+        assert_eq!(
+            MeshSettings::reachable_at(v6, &[]).addresses,
+            vec![PeerAddr::Socket("[::1]:9".parse().unwrap())]
+        );
     }
 
     #[test]

@@ -686,7 +686,7 @@ pub(super) async fn mesh_session(inner: &Arc<PrimaryRt>, conn: Arc<dyn Connectio
     inner.events.publish(
         kinds::PEER_JOINED,
         inner.now(),
-        json!({ "node": node.to_string() }),
+        json!({ "node": node.to_string(), "scope": "device" }),
     );
     serve(inner, conn.as_ref(), node, id, &token, &mut session).await;
     // Revoked or unpaired while the session started: its bucket (made
@@ -700,7 +700,7 @@ pub(super) async fn mesh_session(inner: &Arc<PrimaryRt>, conn: Arc<dyn Connectio
     inner.events.publish(
         kinds::PEER_LEFT,
         inner.now(),
-        json!({ "node": node.to_string() }),
+        json!({ "node": node.to_string(), "scope": "device" }),
     );
 }
 

@@ -77,6 +77,7 @@ suspend fun eventually(what: String, cond: () -> Boolean) {
 
 fun main() {
     runBlocking { scenario() }
+    runBlocking { meshScenario() }
     println("$passed passed, $failed failed")
     exitProcess(if (failed == 0) 0 else 1)
 }
@@ -173,4 +174,69 @@ suspend fun scenario() {
     check("stopped cleanly", !primary.status().running && !worker.status().running)
     worker.close()
     primary.close()
+}
+
+class Inbox : TopicListener {
+    val messages = CopyOnWriteArrayList<MeshMessage>()
+    override fun onMessage(message: MeshMessage) {
+        messages.add(message)
+    }
+}
+
+suspend fun until(what: String, cond: suspend () -> Boolean) {
+    try {
+        withTimeout(10_000) { while (!cond()) delay(50) }
+        check(what, true)
+    } catch (e: Exception) {
+        check(what, false) { "did not happen within 10 s" }
+    }
+}
+
+// The mesh of nodes: tokens, joining, members, a broadcast to a Kotlin
+// listener, typed join errors.
+suspend fun meshScenario() {
+    val tmp = Files.createTempDirectory("mesh-kotlin-mesh").toString()
+    val a = MeshNode(options(NodeRole.PRIMARY, "$tmp/a", "kt-a"))
+    val b = MeshNode(options(NodeRole.PRIMARY, "$tmp/b", "kt-b"))
+    val c = MeshNode(options(NodeRole.PRIMARY, "$tmp/c", "kt-c"))
+    for (n in listOf(a, b, c)) n.start()
+    val token = a.meshToken(null)
+    check("a token is mj1. text of at most 256 characters", token.token.startsWith("mj1.") && token.token.length <= 256)
+    check("the token names its issuer", token.issuer == a.nodeId())
+    try {
+        b.joinMesh("mj1.garbage")
+        check("a malformed token is refused", false)
+    } catch (e: MeshException.Join) {
+        check("a malformed token is Join(token_invalid)", e.code == "token_invalid") { e.code }
+    }
+    check("nothing joined", b.meshPeers().peers.isEmpty())
+    check("joining through a's token gives its member list", b.joinMesh(token.token) == 1u)
+    try {
+        c.joinMesh(token.token)
+        check("a used token is refused", false)
+    } catch (e: MeshException.Join) {
+        check("a used token is Join(token_used)", e.code == "token_used") { e.code }
+    }
+    check("c joins through b's token", c.joinMesh(b.meshToken(60_000uL).token) >= 2u)
+    until("all three see each other active") {
+        listOf(a, b, c).all { n -> n.meshPeers().peers.count { it.status == "active" } == 2 }
+    }
+    val view = a.meshPeers()
+    check("the peers are named", view.peers.map { it.name }.toSet() == setOf("kt-b", "kt-c")) { view.toString() }
+    val inbox = Inbox()
+    val sub = b.subscribeTopic("chat/*", inbox)
+    val id = c.broadcast("chat/general", "hello from kotlin".toByteArray())
+    until("the broadcast reaches the Kotlin listener") { inbox.messages.size >= 1 }
+    val got = inbox.messages.firstOrNull()
+    check(
+        "the broadcast arrives whole, from its origin",
+        got != null && String(got.body) == "hello from kotlin" && got.origin == c.nodeId() && got.id == id,
+    ) { got.toString() }
+    delay(300)
+    check("each broadcast arrives once", inbox.messages.size == 1) { inbox.messages.size.toString() }
+    sub.close()
+    for (n in listOf(a, b, c)) {
+        n.stop()
+        n.close()
+    }
 }

@@ -195,3 +195,91 @@ async def scenario():
         await worker.stop()
         await primary.stop()
         assert not (await primary.status()).running
+
+
+class Inbox(m.TopicListener):
+    """Keeps every broadcast; wakes waiters."""
+
+    def __init__(self):
+        self.messages = []
+        self.cond = threading.Condition()
+
+    def on_message(self, message):
+        with self.cond:
+            self.messages.append(message)
+            self.cond.notify_all()
+
+    def wait_for(self, n):
+        with self.cond:
+            ok = self.cond.wait_for(lambda: len(self.messages) >= n, WAIT_S)
+        assert ok, f"{len(self.messages)} of {n} broadcasts within {WAIT_S} s"
+
+
+def test_mesh_tokens_join_peers_and_broadcasts():
+    asyncio.run(mesh_scenario())
+
+
+async def mesh_scenario():
+    with tempfile.TemporaryDirectory() as tmp:
+        a = m.MeshNode(options(m.NodeRole.PRIMARY, f"{tmp}/a", "py-a"))
+        b = m.MeshNode(options(m.NodeRole.PRIMARY, f"{tmp}/b", "py-b"))
+        c = m.MeshNode(options(m.NodeRole.PRIMARY, f"{tmp}/c", "py-c"))
+        for n in (a, b, c):
+            n.start()
+        token = await a.mesh_token(None)
+        assert token.token.startswith("mj1.") and len(token.token) <= 256
+        assert token.issuer == a.node_id()
+
+        # Bad tokens: typed errors with the CLI's codes; nothing joined.
+        with pytest.raises(m.MeshError.Join) as bad:
+            await b.join_mesh("mj1.not-a-token")
+        assert bad.value.code == "token_invalid"
+        assert (await b.mesh_peers()).peers == []
+
+        assert await b.join_mesh(token.token) == 1
+        with pytest.raises(m.MeshError.Join) as used:
+            await c.join_mesh(token.token)
+        assert used.value.code == "token_used"
+        assert [t.status for t in await a.mesh_tokens()] == ["used"]
+        second = await b.mesh_token(60_000)
+        assert await c.join_mesh(second.token) >= 2
+
+        async def everyone_active():
+            for n in (a, b, c):
+                view = await n.mesh_peers()
+                if sum(p.status == "active" for p in view.peers) != 2:
+                    return False
+            return True
+
+        deadline = time.monotonic() + WAIT_S
+        while not await everyone_active():
+            assert time.monotonic() < deadline, "the three never saw each other active"
+            await asyncio.sleep(0.05)
+        view = await a.mesh_peers()
+        assert view.node_id == a.node_id() and view.name == "py-a"
+        assert {p.name for p in view.peers} == {"py-b", "py-c"}
+
+        # A broadcast reaches each other member's listener once.
+        inboxes = [Inbox(), Inbox()]
+        subs = [a.subscribe_topic("chat/*", inboxes[0]), b.subscribe_topic("chat/*", inboxes[1])]
+        msg_id = await c.broadcast("chat/general", b"hello from python")
+        for inbox in inboxes:
+            inbox.wait_for(1)
+            got = inbox.messages[0]
+            assert got.body == b"hello from python"
+            assert got.origin == c.node_id() and got.id == msg_id
+            assert got.topic == "chat/general"
+        await asyncio.sleep(0.3)
+        assert [len(i.messages) for i in inboxes] == [1, 1]
+        with pytest.raises(m.MeshError.InvalidInput):
+            await c.broadcast("$mesh/block", b"forged")
+        for s in subs:
+            s.cancel()
+
+        await c.mesh_rename("py-c2")
+        deadline = time.monotonic() + WAIT_S
+        while "py-c2" not in {p.name for p in (await a.mesh_peers()).peers}:
+            assert time.monotonic() < deadline, "the rename never reached a"
+            await asyncio.sleep(0.05)
+        for n in (a, b, c):
+            await n.stop()
