@@ -331,3 +331,196 @@ async fn bad_tokens_get_their_kind_and_change_nothing() {
     j.node.shutdown().await;
     other.node.shutdown().await;
 }
+
+/// A raw endpoint of a hostile node: its own key, no runtime.
+fn raw_endpoint(key: &Arc<NodeKey>) -> QuicTransport {
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let admission = Arc::new(RegistryAdmission::new(store));
+    QuicTransport::bind(
+        key.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        admission,
+        QuicConfig::default(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_peers_are_refused_and_cut_off_while_members_carry_on() {
+    use mesh_core::mesh::gossip::GossipMessage;
+    use mesh_core::mesh::member::{MemberCert, MemberId};
+    use mesh_core::mesh::wire::{JoinAnswer, JoinRequest, MeshFrame};
+    use mesh_core::mesh::{JOIN, MEMBERSHIP};
+    use mesh_core::transport::Transport;
+
+    let a = member("target");
+    let b = member("bystander");
+    let t = a.node.mesh_token(None).await.unwrap();
+    b.node.join_mesh(&t.token).await.unwrap();
+    until(&a.node, "b active", |v| active(v) == 1).await;
+    let mut a_events = a.node.subscribe("peer.*", 256).unwrap();
+    let to_a = PeerAddr::Socket(a.addr);
+
+    // 1. Not a member: garbage first, a self-certified hello, silence.
+    let stranger_key = Arc::new(NodeKey::generate());
+    let stranger = raw_endpoint(&stranger_key);
+    let conn = stranger
+        .connect(a.node.node_id(), &to_a, MEMBERSHIP)
+        .await
+        .unwrap();
+    conn.send(vec![0xff; 64]).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), conn.recv())
+            .await
+            .unwrap()
+            .is_err()
+    );
+    let conn = stranger
+        .connect(a.node.node_id(), &to_a, MEMBERSHIP)
+        .await
+        .unwrap();
+    let own = MemberCert::issue(
+        &stranger_key,
+        stranger_key.node_id(),
+        mesh_core::clock::Clock::now(&mesh_core::clock::SystemClock),
+    );
+    conn.send(MeshFrame::Hello { cert: own }.encode())
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), conn.recv())
+            .await
+            .unwrap()
+            .is_err()
+    );
+    let silent = stranger
+        .connect(a.node.node_id(), &to_a, MEMBERSHIP)
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), silent.recv())
+            .await
+            .unwrap()
+            .is_err(),
+        "a connection without a hello is closed after the hello timeout"
+    );
+    // A certificate for another node (b), which the stranger signed itself.
+    let conn = stranger
+        .connect(a.node.node_id(), &to_a, MEMBERSHIP)
+        .await
+        .unwrap();
+    let stolen = MemberCert::issue(
+        &stranger_key,
+        b.node.node_id(),
+        mesh_core::clock::Clock::now(&mesh_core::clock::SystemClock),
+    );
+    conn.send(MeshFrame::Hello { cert: stolen }.encode())
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), conn.recv())
+            .await
+            .unwrap()
+            .is_err()
+    );
+    assert_eq!(
+        a.node.mesh_peers().await.unwrap().peers.len(),
+        1,
+        "a stranger got in"
+    );
+
+    // 2. A member that turns hostile: it joins with a real token, then
+    //    sends forged broadcasts, a SWIM packet in another's name, an
+    //    oversized frame and a flood.
+    let evil_key = Arc::new(NodeKey::generate());
+    let evil = raw_endpoint(&evil_key);
+    let t = a.node.mesh_token(None).await.unwrap();
+    let token = mesh_core::mesh::token::JoinToken::parse(&t.token).unwrap();
+    let me = MemberId::new(
+        &evil_key,
+        1,
+        "evil",
+        vec![PeerAddr::Socket(evil.local_addr())],
+    )
+    .unwrap();
+    let join = evil.connect(a.node.node_id(), &to_a, JOIN).await.unwrap();
+    join.send(
+        JoinRequest {
+            secret: *token.secret().expose(),
+            member: me,
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
+    let JoinAnswer::Granted(grant) = JoinAnswer::decode(&join.recv().await.unwrap()).unwrap()
+    else {
+        panic!("the hostile member's token was refused");
+    };
+    join.close();
+    let conn = evil
+        .connect(a.node.node_id(), &to_a, MEMBERSHIP)
+        .await
+        .unwrap();
+    conn.send(MeshFrame::Hello { cert: grant.cert }.encode())
+        .await
+        .unwrap();
+    let now = mesh_core::clock::Clock::now(&mesh_core::clock::SystemClock);
+    let mut forged =
+        GossipMessage::sign(&evil_key, 7, "chat/general", b"real".to_vec(), now, 8).unwrap();
+    forged.body = b"forged".to_vec();
+    let mut sub_b = b.node.mesh_subscribe("*", 64).unwrap();
+    let mut sub_a = a.node.mesh_subscribe("*", 64).unwrap();
+    let mut sent = 0;
+    for _ in 0..3 {
+        if conn
+            .send(MeshFrame::Gossip(forged.clone()).encode())
+            .await
+            .is_ok()
+        {
+            sent += 1;
+        }
+    }
+    let _ = conn.send(vec![0u8; 200 * 1024]).await;
+    for _ in 0..2_000 {
+        if conn.send(vec![0x07; 32]).await.is_err() {
+            break;
+        }
+    }
+    assert!(sent >= 1);
+    let cut = peer_event(&mut a_events, "peer.disconnected").await;
+    assert_eq!(cut["node"], evil_key.node_id().to_string());
+    // Forged bodies reached no application.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(sub_a.try_recv().is_none() && sub_b.try_recv().is_none());
+    // It is refused from now on; the honest member carries on.
+    let again = evil.connect(a.node.node_id(), &to_a, MEMBERSHIP).await;
+    match again {
+        Err(_) => {}
+        Ok(c) => {
+            let _ = c
+                .send(
+                    MeshFrame::Hello {
+                        cert: MemberCert::issue(&evil_key, evil_key.node_id(), now),
+                    }
+                    .encode(),
+                )
+                .await;
+            assert!(
+                tokio::time::timeout(Duration::from_secs(5), c.recv())
+                    .await
+                    .unwrap()
+                    .is_err()
+            );
+        }
+    }
+    let key = b
+        .node
+        .mesh_broadcast("chat/general", b"still here".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(topic_once(&mut sub_a).await.key, key);
+    for m in [a, b] {
+        m.node.shutdown().await;
+    }
+}
