@@ -140,8 +140,8 @@ fn a_partition_of_30_percent_heals_by_itself() {
 }
 
 #[test]
-fn no_false_deaths_at_one_percent_loss() {
-    let n = 50;
+fn no_false_deaths_at_one_percent_loss_over_a_virtual_hour() {
+    let n = 30;
     let mut sim = Sim::joined(
         n,
         13,
@@ -150,10 +150,10 @@ fn no_false_deaths_at_one_percent_loss() {
     );
     assert!(time_to_agree(&mut sim, Duration::from_secs(60)).is_some());
     sim.loss = 0.01;
-    sim.run_for(Duration::from_secs(300));
+    sim.run_for(Duration::from_secs(3600));
     let deaths: usize = sim.nodes.iter().map(|n| n.deaths_seen.len()).sum();
     eprintln!(
-        "1 % loss, 5 virtual minutes: {deaths} false deaths; {}",
+        "1 % loss, one virtual hour: {deaths} false deaths; {}",
         statuses(&sim)
     );
     assert_eq!(deaths, 0);
@@ -308,28 +308,4 @@ fn an_origin_over_its_rate_is_cut_off_at_every_member() {
         assert!((40..=51).contains(&taken), "member {i} took {taken}");
         assert!(node.mesh.stats().origin_rate_dropped >= 29, "member {i}");
     }
-}
-
-#[test]
-fn diag_scale() {
-    let Some(n) = std::env::var("SIM_N")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    else {
-        return;
-    };
-    let t0 = std::time::Instant::now();
-    let mut sim = Sim::joined(
-        n,
-        7,
-        MeshConfig::for_size(n as u32),
-        Duration::from_millis(20),
-    );
-    eprintln!("joined in {:?}", t0.elapsed());
-    let settled = time_to_agree(&mut sim, Duration::from_secs(120));
-    eprintln!(
-        "agreement after {settled:?}; {}; real {:?}",
-        statuses(&sim),
-        t0.elapsed()
-    );
 }
