@@ -2,8 +2,11 @@
 //! audit ledger, mesh-policy) and three workers in one process, talking over
 //! real QUIC on 127.0.0.1 (no mDNS). It pairs them with their codes, sets a
 //! restrictive, a trusted and an approval-gated policy, runs allowed, denied
-//! and approval-gated commands, unpairs one worker and shows it is refused,
-//! verifies the ledger and prints a summary.
+//! and approval-gated commands, unpairs one worker and shows it is refused;
+//! then two more primaries join it in a mesh of nodes through join tokens
+//! (a broadcast, a rename, a block and a leave reach the others, and a
+//! member gains no power over the first primary's devices); it verifies the
+//! ledger and prints a summary.
 //!
 //! Exits 0 only if every step did what it should.
 //!
@@ -20,8 +23,10 @@ use mesh_core::events::{Received, Subscription};
 use mesh_core::identity::NodeKey;
 use mesh_core::ledger::Ledger;
 use mesh_core::node::{
-    FnHandler, Node, NodeConfig, NodeError, RegistryAdmission, Role, Worker, action_states,
+    FnHandler, MeshSettings, Node, NodeConfig, NodeError, Primary, RegistryAdmission, Role, Worker,
+    action_states,
 };
+use mesh_core::storage::records::PeerStatus;
 use mesh_core::storage::{MemoryStorage, SqliteStorage, Storage};
 use mesh_core::wire::{HealthMetrics, Platform};
 use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
@@ -143,6 +148,7 @@ async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
     );
     let transport = quic(&key, &store)?;
     let addr = transport.addr();
+    let bound = transport.local_addr();
     let config = NodeConfig::new(Role::Primary, "demo-primary", "demo-primary")
         .heartbeat_interval(Duration::from_millis(200));
     let primary = Node::builder(key.clone(), store.clone(), transport, config)
@@ -164,6 +170,7 @@ async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
                 Ok(json!({ "deployed": a["version"] }))
             })),
         )
+        .mesh(MeshSettings::reachable_at(bound, &[]))
         .start_primary()
         .map_err(|e| e.to_string())?;
     println!(
@@ -384,7 +391,9 @@ async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
         format!("{left} devices"),
     );
 
-    println!("\n8. audit ledger");
+    mesh_step(&primary, steps).await?;
+
+    println!("\n9. audit ledger");
     let checkpoint = ledger
         .checkpoint(mesh_core::clock::Clock::now(&mesh_core::clock::SystemClock))
         .map_err(|e| e.to_string())?;
@@ -405,6 +414,170 @@ async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
     }
     primary.shutdown().await;
     Ok(())
+}
+
+/// Another primary, a mesh member (memory storage, its own ledger).
+fn mesh_primary(name: &str) -> Result<Primary, String> {
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let key = Arc::new(NodeKey::generate());
+    let transport = quic(&key, &store)?;
+    let bound = transport.local_addr();
+    let ledger = SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default())
+        .map_err(|e| e.to_string())?;
+    Node::builder(
+        key,
+        store,
+        transport,
+        NodeConfig::new(Role::Primary, name, name),
+    )
+    .ledger(Arc::new(ledger))
+    .mesh(MeshSettings::reachable_at(bound, &[]))
+    .start_primary()
+    .map_err(|e| e.to_string())
+}
+
+async fn all_active(nodes: &[&Primary], n: usize) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        let mut ok = true;
+        for node in nodes {
+            let view = node.mesh_peers().await.map_err(|e| e.to_string());
+            ok &= view.is_ok_and(|v| {
+                v.peers
+                    .iter()
+                    .filter(|p| p.status == PeerStatus::Active)
+                    .count()
+                    == n
+            });
+        }
+        if ok {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Two more primaries join `primary` in a mesh through join tokens.
+async fn mesh_step(primary: &Primary, steps: &mut Steps) -> Result<(), String> {
+    println!("\n8. a mesh of primaries (join tokens, gossip, blocklist)");
+    let studio = mesh_primary("studio")?;
+    let attic = mesh_primary("attic")?;
+    let mut events = primary
+        .subscribe("peer.*", 256)
+        .map_err(|e| e.to_string())?;
+    let token = primary.mesh_token(None).await.map_err(|e| e.to_string())?;
+    println!(
+        "   token from demo-primary ({} characters)",
+        token.token.len()
+    );
+    let joined = studio.join_mesh(&token.token).await;
+    steps.check(
+        "studio joins through demo-primary's token",
+        joined.is_ok(),
+        format!("{joined:?} members known"),
+    );
+    let reused = attic.join_mesh(&token.token).await;
+    steps.check(
+        "the used token is refused to attic",
+        matches!(&reused, Err(NodeError::Mesh { kind, .. }) if kind.code() == "token_used"),
+        show_mesh(&reused),
+    );
+    let second = studio.mesh_token(None).await.map_err(|e| e.to_string())?;
+    let joined = attic.join_mesh(&second.token).await;
+    steps.check(
+        "attic joins through studio's token",
+        joined.is_ok(),
+        format!("{joined:?} members known"),
+    );
+    steps.check(
+        "all three see each other active",
+        all_active(&[primary, &studio, &attic], 2).await,
+        "SWIM membership over QUIC",
+    );
+    let mut inbox = primary
+        .mesh_subscribe("chat/*", 16)
+        .map_err(|e| e.to_string())?;
+    let sent = attic
+        .mesh_broadcast("chat/general", b"hello from the attic".to_vec())
+        .await
+        .map_err(|e| e.to_string())?;
+    let got = tokio::time::timeout(WAIT, inbox.recv())
+        .await
+        .ok()
+        .flatten();
+    steps.check(
+        "attic's broadcast reaches demo-primary, signed by attic",
+        got.as_ref()
+            .is_some_and(|d| d.key == sent && d.key.origin == attic.node_id()),
+        got.map_or("nothing".into(), |d| {
+            String::from_utf8_lossy(&d.body).into_owned()
+        }),
+    );
+    studio
+        .mesh_rename("studio-2")
+        .await
+        .map_err(|e| e.to_string())?;
+    let renamed = next(&mut events, "peer.renamed").await;
+    steps.check(
+        "studio's rename reaches demo-primary",
+        renamed.as_ref().is_some_and(|e| e["new"] == "studio-2"),
+        renamed.map_or("no event".into(), |e| e.to_string()),
+    );
+    // Membership gives no power over another primary's devices.
+    let devices = primary.devices().map_err(|e| e.to_string())?;
+    if let Some(device) = devices.first() {
+        let r = studio.command(&device.record.node, "ping", json!({})).await;
+        steps.check(
+            "a mesh member cannot command demo-primary's devices",
+            matches!(r, Err(NodeError::NotConnected(_))),
+            show(&r),
+        );
+    }
+    primary
+        .mesh_block(attic.node_id(), "demo")
+        .await
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + WAIT;
+    let mut blocked_at_studio = Vec::new();
+    while Instant::now() < deadline {
+        let view = studio.mesh_peers().await.map_err(|e| e.to_string())?;
+        blocked_at_studio = view.blocked;
+        if !blocked_at_studio.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    steps.check(
+        "demo-primary's block of attic reaches studio, with who blocked it",
+        blocked_at_studio
+            .iter()
+            .any(|b| b.node == attic.node_id() && b.by == primary.node_id()),
+        format!("{} blocked at studio", blocked_at_studio.len()),
+    );
+    studio.mesh_leave().await.map_err(|e| e.to_string())?;
+    let left = loop {
+        match next(&mut events, "peer.left").await {
+            Some(e) if e["node"] == studio.node_id().to_string() => break Some(e),
+            Some(_) => continue,
+            None => break None,
+        }
+    };
+    steps.check(
+        "studio's leave reaches demo-primary at once",
+        left.as_ref().is_some_and(|e| e["reason"] == "left"),
+        left.map_or("no event".into(), |e| e.to_string()),
+    );
+    studio.shutdown().await;
+    attic.shutdown().await;
+    Ok(())
+}
+
+fn show_mesh(r: &Result<usize, NodeError>) -> String {
+    match r {
+        Ok(n) => format!("joined, {n} members"),
+        Err(e) => format!("refused: {e}"),
+    }
 }
 
 fn main() -> ExitCode {
