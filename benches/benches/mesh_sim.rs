@@ -5,7 +5,8 @@
 //! at one broadcast per second mesh-wide, as a ratio to the smallest N (it
 //! must not grow with N); agreement time after 10 % of members crash.
 //! `cargo bench -p mesh-benches --bench mesh_sim` runs 100, 300 and 1,000
-//! members; under `cargo test --benches` it runs 50.
+//! members (`MESH_SIM_SIZES=300,1000` picks sizes); under `cargo test
+//! --benches` it runs 50.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::time::{Duration, Instant};
@@ -26,7 +27,15 @@ fn agree(sim: &mut Sim, limit: Duration) -> Option<Duration> {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let sizes: &[usize] = if full { &[100, 300, 1000] } else { &[50] };
+    // MESH_SIM_SIZES=300,1000 runs just those.
+    let chosen: Option<Vec<usize>> = std::env::var("MESH_SIM_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect());
+    let sizes: &[usize] = match &chosen {
+        Some(c) if !c.is_empty() => c,
+        _ if full => &[100, 300, 1000],
+        _ => &[50],
+    };
     println!(
         "| members | joined, agreed after | rounds (goal ≤ log2 N + 4) | worst reach at 5 % loss | frames / member / s at 1 broadcast/s | ratio to N={} | agreed after 10 % crash | real time |",
         sizes[0]

@@ -99,8 +99,10 @@ impl MeshConfig {
             f64::from(size.get()).log10().max(1.0) * 2.0 * swim.probe_period.as_secs_f64(),
         );
         swim.max_packet_size = NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN);
+        // foca gossips only while it has updates to spread, so a short
+        // period costs nothing when the mesh is quiet.
         swim.periodic_gossip = Some(foca::PeriodicParams {
-            frequency: Duration::from_millis(500),
+            frequency: Duration::from_millis(200),
             num_members: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),
         });
         swim.periodic_announce = Some(foca::PeriodicParams {
