@@ -507,13 +507,16 @@ fn mesh_name(name: &str) -> String {
 
 /// The membership and join protocols, as handlers.
 pub(super) fn protocols(rt: &Arc<MeshRt>) -> Vec<(Protocol, Arc<dyn ProtocolHandler>)> {
-    vec![
-        (
-            MEMBERSHIP,
-            Arc::new(MembershipService(Arc::downgrade(rt))) as Arc<dyn ProtocolHandler>,
-        ),
-        (JOIN, Arc::new(JoinService(Arc::downgrade(rt)))),
-    ]
+    [MEMBERSHIP, JOIN]
+        .into_iter()
+        .map(|protocol| {
+            let service = MeshService {
+                rt: Arc::downgrade(rt),
+                protocol,
+            };
+            (protocol, Arc::new(service) as Arc<dyn ProtocolHandler>)
+        })
+        .collect()
 }
 
 fn start_store_writer(core: &Arc<Core>, mut rx: mpsc::Receiver<StoreJob>) -> Result<(), NodeError> {
@@ -1124,47 +1127,29 @@ fn refusal(code: &str, message: &str) -> Vec<u8> {
     .encode()
 }
 
-/// Serves [`MEMBERSHIP`].
-struct MembershipService(Weak<MeshRt>);
+/// Serves [`MEMBERSHIP`] or [`JOIN`]: both admit any key the mesh does
+/// not refuse; what a connection may do is decided when it speaks.
+struct MeshService {
+    rt: Weak<MeshRt>,
+    protocol: Protocol,
+}
 
-impl std::fmt::Debug for MembershipService {
+impl std::fmt::Debug for MeshService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("MembershipService")
+        write!(f, "MeshService({})", self.protocol)
     }
 }
 
 #[async_trait]
-impl ProtocolHandler for MembershipService {
+impl ProtocolHandler for MeshService {
     fn admit(&self, peer: &NodeId) -> bool {
-        self.0.upgrade().is_some_and(|rt| !rt.refuses(peer))
+        self.rt.upgrade().is_some_and(|rt| !rt.refuses(peer))
     }
 
     async fn serve(&self, conn: Arc<dyn Connection>) {
-        match self.0.upgrade() {
+        match self.rt.upgrade() {
+            Some(rt) if self.protocol == JOIN => rt.serve_join(conn).await,
             Some(rt) => rt.serve_membership(conn).await,
-            None => conn.close(),
-        }
-    }
-}
-
-/// Serves [`JOIN`].
-struct JoinService(Weak<MeshRt>);
-
-impl std::fmt::Debug for JoinService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("JoinService")
-    }
-}
-
-#[async_trait]
-impl ProtocolHandler for JoinService {
-    fn admit(&self, peer: &NodeId) -> bool {
-        self.0.upgrade().is_some_and(|rt| !rt.refuses(peer))
-    }
-
-    async fn serve(&self, conn: Arc<dyn Connection>) {
-        match self.0.upgrade() {
-            Some(rt) => rt.serve_join(conn).await,
             None => conn.close(),
         }
     }
