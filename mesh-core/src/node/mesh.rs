@@ -19,8 +19,10 @@
 //! each subscriber's queue (deliveries over it are dropped and counted).
 //! A membership connection must show a certificate within
 //! [`MeshSettings::hello_timeout`]; at most [`MeshSettings::max_unverified`]
-//! connections wait for theirs at once, and a node blocked or refused for
-//! its score is refused during the handshake.
+//! connections of nodes not in the member table wait for theirs at once
+//! (members skip the cap, so strangers cannot crowd them out), joins are
+//! rate-limited per source address and in all, and a node blocked or
+//! refused for its score is refused during the handshake.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
@@ -39,7 +41,7 @@ use crate::clock::Timestamp;
 use crate::events::kinds;
 use crate::identity::NodeId;
 use crate::ledger::{Entry, record_types};
-use crate::limits::{Rate, TokenBucket};
+use crate::limits::{KeyedLimiter, Rate, TokenBucket};
 use crate::mesh::gossip::MessageKey;
 use crate::mesh::member::{MemberCert, MemberId};
 use crate::mesh::token::{self, JoinRefusal, JoinSecret, JoinToken};
@@ -91,6 +93,9 @@ pub struct MeshSettings {
     /// Join attempts this node answers (as issuer), from everyone.
     /// Default 10/s, burst 20.
     pub join_rate: Rate,
+    /// Join attempts answered from one source address (checked first, so
+    /// one address cannot spend everyone's). Default 1/s, burst 5.
+    pub join_rate_per_address: Rate,
     /// Frames queued to one member before new ones are dropped. Default 256.
     pub peer_queue: usize,
 }
@@ -109,6 +114,7 @@ impl MeshSettings {
             idle_close: Duration::from_secs(60),
             join_timeout: Duration::from_secs(10),
             join_rate: Rate::per_second(10.0, 20),
+            join_rate_per_address: Rate::per_second(1.0, 5),
             peer_queue: 256,
         }
     }
@@ -416,8 +422,13 @@ pub(crate) struct MeshRt {
     incoming: Mutex<HashMap<NodeId, Vec<Incoming>>>,
     next_conn: AtomicU64,
     unverified: Arc<Semaphore>,
+    /// Members in the table: their connections skip the cap on
+    /// connections waiting for a certificate (strangers cannot fill it
+    /// for them; QUIC authenticated the node id).
+    known: RwLock<HashSet<NodeId>>,
     joins: Arc<Semaphore>,
     join_rate: Mutex<TokenBucket>,
+    join_rate_per_address: Mutex<KeyedLimiter<std::net::IpAddr>>,
     /// Token redemptions one at a time (a token is single-use).
     redeeming: tokio::sync::Mutex<()>,
     subscribers: Mutex<Vec<TopicSub>>,
@@ -474,6 +485,11 @@ pub(super) fn build(core: &Arc<Core>, settings: MeshSettings) -> Result<Arc<Mesh
         unverified: Arc::new(Semaphore::new(settings.max_unverified.max(1))),
         joins: Arc::new(Semaphore::new(16)),
         join_rate: Mutex::new(TokenBucket::new(settings.join_rate, now)),
+        join_rate_per_address: Mutex::new(KeyedLimiter::evicting(
+            settings.join_rate_per_address,
+            1024,
+        )),
+        known: RwLock::new(mesh.members().map(|m| m.node).collect()),
         redeeming: tokio::sync::Mutex::new(()),
         subscribers: Mutex::new(Vec::new()),
         frames_dropped: AtomicU64::new(0),
@@ -782,13 +798,23 @@ impl Actor {
     async fn store(&mut self, rt: &Arc<MeshRt>, s: MeshStore) {
         let now = self.core.now();
         let job = match s {
-            MeshStore::Member(r) => r.put().ok().map(|w| StoreJob {
-                writes: vec![w],
-                entry: None,
-                at: now,
-            }),
+            MeshStore::Member(r) => {
+                rt.known
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(r.node);
+                r.put().ok().map(|w| StoreJob {
+                    writes: vec![w],
+                    entry: None,
+                    at: now,
+                })
+            }
             MeshStore::Forget(node) => {
                 self.links.remove(&node);
+                rt.known
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&node);
                 Some(StoreJob {
                     writes: vec![PeerRecord::delete(&node.to_string())],
                     entry: None,
@@ -957,9 +983,21 @@ impl MeshRt {
     /// frames into the actor.
     async fn serve_membership(self: Arc<Self>, conn: Arc<dyn Connection>) {
         let from = conn.remote_node();
-        let Ok(permit) = self.unverified.clone().try_acquire_owned() else {
-            conn.close();
-            return;
+        let member = self
+            .known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&from);
+        let permit = if member {
+            None
+        } else {
+            match self.unverified.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    conn.close();
+                    return;
+                }
+            }
         };
         let first = tokio::time::timeout(self.settings.hello_timeout, conn.recv()).await;
         let cert = match first {
@@ -1023,7 +1061,12 @@ impl MeshRt {
             conn.close();
             return;
         };
-        if !lock(&self.join_rate).try_take(self.core.now()) {
+        let now = self.core.now();
+        let per_address = match conn.remote_addr() {
+            Some(PeerAddr::Socket(a)) => lock(&self.join_rate_per_address).try_take(&a.ip(), now),
+            _ => true,
+        };
+        if !per_address || !lock(&self.join_rate).try_take(now) {
             let _ = conn
                 .send(refusal(
                     "join_refused",

@@ -33,6 +33,15 @@ fn member(name: &str) -> Member {
 }
 
 fn member_with(name: &str, store: Arc<dyn Storage>, key: Arc<NodeKey>) -> Member {
+    member_adjusted(name, store, key, |s| s)
+}
+
+fn member_adjusted(
+    name: &str,
+    store: Arc<dyn Storage>,
+    key: Arc<NodeKey>,
+    adjust: impl FnOnce(MeshSettings) -> MeshSettings,
+) -> Member {
     let admission = Arc::new(RegistryAdmission::new(store.clone()));
     let local = "127.0.0.1:0".parse().unwrap();
     let quic = Arc::new(
@@ -41,7 +50,7 @@ fn member_with(name: &str, store: Arc<dyn Storage>, key: Arc<NodeKey>) -> Member
     let ledger =
         Arc::new(SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default()).unwrap());
     let addr = quic.local_addr();
-    let settings = MeshSettings::new(vec![PeerAddr::Socket(addr)]);
+    let settings = adjust(MeshSettings::new(vec![PeerAddr::Socket(addr)]));
     let node = Node::builder(
         key,
         store.clone(),
@@ -491,6 +500,92 @@ async fn hostile_peers_are_refused_and_cut_off_while_members_carry_on() {
         .await
         .unwrap();
     assert_eq!(topic_once(&mut sub_a).await.key, key);
+    for m in [a, b] {
+        m.node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_crowd_out_members_or_spend_everyones_joins() {
+    use mesh_core::mesh::MEMBERSHIP;
+    use mesh_core::mesh::member::MemberId;
+    use mesh_core::mesh::wire::{JoinAnswer, JoinRequest};
+    use mesh_core::transport::Transport;
+
+    let a = member_adjusted(
+        "crowded",
+        Arc::new(MemoryStorage::new()),
+        Arc::new(NodeKey::generate()),
+        |mut s| {
+            s.max_unverified = 2;
+            s
+        },
+    );
+    let b = member("member");
+    let to_a = PeerAddr::Socket(a.addr);
+    // A stranger keeps every unverified slot of a taken with silent
+    // connections, the whole time.
+    let stranger = Arc::new(raw_endpoint(&Arc::new(NodeKey::generate())));
+    let target = a.node.node_id();
+    let (s2, addr) = (stranger.clone(), to_a.clone());
+    let crowd = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            if let Ok(c) = s2.connect(target, &addr, MEMBERSHIP).await {
+                held.push(c);
+            }
+            if held.len() > 8 {
+                held.remove(0);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = a.node.mesh_token(None).await.unwrap();
+    b.node.join_mesh(&t.token).await.unwrap();
+    until(&a.node, "b active at a", |v| active(v) == 1).await;
+    until(&b.node, "a active at b", |v| active(v) == 1).await;
+    let mut inbox = a.node.mesh_subscribe("*", 16).unwrap();
+    let key = b
+        .node
+        .mesh_broadcast("chat/general", b"through the crowd".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(topic_once(&mut inbox).await.key, key);
+    crowd.abort();
+
+    // Join attempts from one address: a burst of 5 answered, then refused
+    // before any secret is looked at.
+    let guesser_key = Arc::new(NodeKey::generate());
+    let guesser = raw_endpoint(&guesser_key);
+    let mut codes = Vec::new();
+    for i in 0..7u8 {
+        let c = guesser
+            .connect(a.node.node_id(), &to_a, mesh_core::mesh::JOIN)
+            .await
+            .unwrap();
+        let req = JoinRequest {
+            secret: [i; 16],
+            member: MemberId::new(&guesser_key, 1, "guesser", vec![]).unwrap(),
+        };
+        let _ = c.send(req.encode()).await;
+        match c.recv().await.map(|b| JoinAnswer::decode(&b)) {
+            Ok(Ok(JoinAnswer::Refused { code, message })) => codes.push((code, message)),
+            other => panic!("unexpected answer {other:?}"),
+        }
+        c.close();
+    }
+    // 127.0.0.1 already spent one attempt on b's join: 4 of a burst of 5.
+    assert!(
+        codes[..4].iter().all(|(c, _)| c == "token_invalid"),
+        "{codes:?}"
+    );
+    assert!(
+        codes[4..]
+            .iter()
+            .all(|(c, m)| c == "join_refused" && m.contains("too many")),
+        "{codes:?}"
+    );
     for m in [a, b] {
         m.node.shutdown().await;
     }
