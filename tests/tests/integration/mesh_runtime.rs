@@ -590,3 +590,44 @@ async fn strangers_cannot_crowd_out_members_or_spend_everyones_joins() {
         m.node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_may_join_the_mesh_too() {
+    let a = member("primary-a");
+    let key = Arc::new(NodeKey::generate());
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let admission = Arc::new(RegistryAdmission::new(store.clone()));
+    let quic = Arc::new(
+        QuicTransport::bind(
+            key.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            admission,
+            QuicConfig::default(),
+        )
+        .unwrap(),
+    );
+    let settings = MeshSettings::reachable_at(quic.local_addr(), &[]);
+    let worker = Node::builder(
+        key,
+        store,
+        quic,
+        NodeConfig::new(Role::Worker, "phone", "hw-phone"),
+    )
+    .mesh(settings)
+    .start_worker()
+    .unwrap();
+    let t = a.node.mesh_token(None).await.unwrap();
+    assert_eq!(worker.join_mesh(&t.token).await.unwrap(), 1);
+    until(&a.node, "the worker active at a", |v| active(v) == 1).await;
+    until(&worker, "a active at the worker", |v| active(v) == 1).await;
+    let mut inbox = worker.mesh_subscribe("*", 8).unwrap();
+    let key = a.node.mesh_broadcast("news", b"hi".to_vec()).await.unwrap();
+    assert_eq!(topic_once(&mut inbox).await.key, key);
+    // Without the mesh, a node says so.
+    let plain = crate::node_e2e::primary();
+    let e = plain.node.mesh_peers().await.unwrap_err();
+    assert_eq!(kind(&e), Some(MeshErrorKind::Disabled));
+    plain.node.shutdown().await;
+    worker.shutdown().await;
+    a.node.shutdown().await;
+}
