@@ -61,9 +61,31 @@ fn identity_errors_are_json_with_exit_2() {
     assert_eq!(code, 2);
     assert_eq!(err["error"]["kind"], "invalid_node_id");
 
-    // Unknown subcommand: clap's usage error, also exit 2.
-    let (code, _) = meshctl(&["frobnicate"]);
-    assert_eq!(code, 2);
+    // Unknown subcommand, bad option values: usage errors, JSON, exit 2.
+    let (code, err) = meshctl(&["frobnicate"]);
+    assert_eq!(
+        (code, err["error"]["kind"].as_str()),
+        (2, Some("usage")),
+        "{err}"
+    );
+    let (code, err) = meshctl(&["mesh", "token", "--ttl", "0s"]);
+    assert_eq!(
+        (code, err["error"]["kind"].as_str()),
+        (2, Some("usage")),
+        "{err}"
+    );
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than zero")
+    );
+    let (code, err) = meshctl(&["mesh", "join"]);
+    assert_eq!(
+        (code, err["error"]["kind"].as_str()),
+        (2, Some("usage")),
+        "{err}"
+    );
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {

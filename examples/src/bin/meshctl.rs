@@ -1,7 +1,8 @@
 //! `meshctl`: the admin command line of the mesh SDK.
 //!
-//! Output is JSON on stdout. Exit codes: 0 success; 2 bad usage or invalid
-//! input, with `{"error": {"kind": "...", "message": "..."}}` on stdout.
+//! Output is JSON on stdout. Exit codes: 0 success; 2 bad usage (kind
+//! `usage`) or invalid input, with `{"error": {"kind": "...", "message":
+//! "..."}}` on stdout.
 //!
 //! Error kinds: `io` (a file cannot be read); identity: `not_found`,
 //! `insecure_permissions`, `truncated`, `wrong_kind`, `malformed`,
@@ -893,7 +894,27 @@ fn run(cli: Cli) -> Result<serde_json::Value, Failure> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors are JSON like every other error (exit 2); help and
+    // version print as usual.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let message = e.to_string();
+            let first =
+                if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    "a subcommand is missing (see --help)"
+                } else {
+                    message.lines().next().unwrap_or("bad usage")
+                };
+            println!(
+                "{}",
+                json!({ "error": { "kind": "usage", "message": first.trim_start_matches("error: ") } })
+            );
+            eprint!("{message}");
+            return ExitCode::from(2);
+        }
+    };
     if let Some(code) = admin_command(&cli.command) {
         return code;
     }
