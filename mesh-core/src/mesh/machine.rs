@@ -271,8 +271,13 @@ pub enum MeshStore {
     Forget(NodeId),
     /// A node blocked.
     Block(BlockRecord),
-    /// A node unblocked.
-    Unblock(NodeId),
+    /// A node unblocked, by a member.
+    Unblock {
+        /// The node.
+        node: NodeId,
+        /// The member that lifted the block.
+        by: NodeId,
+    },
     /// This node's own standing.
     Myself(MeshSelfRecord),
 }
@@ -600,6 +605,17 @@ impl Mesh {
     /// or its score is below the line).
     pub fn refuses(&self, node: &NodeId) -> bool {
         self.blocked.contains_key(node) || self.scores.get(node).is_some_and(PeerScore::refused)
+    }
+
+    /// Every node refused now: the blocked, and those under the score line
+    /// (at most the blocklist and the scores: both bounded).
+    pub fn refused(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.blocked.keys().copied().chain(
+            self.scores
+                .iter()
+                .filter(|(n, s)| s.refused() && !self.blocked.contains_key(n))
+                .map(|(n, _)| *n),
+        )
     }
 
     // ---- joining -------------------------------------------------------
@@ -1290,8 +1306,10 @@ impl Mesh {
                         self.set_status(notice.target, PeerStatus::Inactive, now);
                     }
                 } else if self.blocked.remove(&notice.target).is_some() {
-                    self.out
-                        .push_back(MeshOutput::Store(MeshStore::Unblock(notice.target)));
+                    self.out.push_back(MeshOutput::Store(MeshStore::Unblock {
+                        node: notice.target,
+                        by: origin,
+                    }));
                     self.out.push_back(MeshOutput::Event(MeshEvent::Unblocked {
                         node: notice.target,
                         by: origin,

@@ -613,7 +613,11 @@ impl Actor {
                             break;
                         }
                         if let Some(Reverse((_, _, TimerSlot(t)))) = self.timers.pop() {
+                            let tick = t == MeshTimer::Tick;
                             self.mesh.handle_timer(t, now);
+                            if tick {
+                                self.sync_refused();
+                            }
                         }
                     }
                 }
@@ -702,6 +706,10 @@ impl Actor {
         if to == self.mesh.me().node() {
             return;
         }
+        if !self.links.contains_key(&to) && self.links.len() >= rt.settings.config.max_members {
+            rt.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let link = self.links.entry(to).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(rt.settings.peer_queue.max(1));
             let addrs = Arc::new(Mutex::new(addrs.clone()));
@@ -763,17 +771,10 @@ impl Actor {
             }
             MeshEvent::Unblocked { node, by } => {
                 self.refresh_refused(rt, *node);
-                let body = json!({ "node": node.to_string(), "by": by.to_string() });
-                let entry = Entry::json(mesh_records::PEER_UNBLOCKED, *by, &body);
-                let _ = self
-                    .store
-                    .send(StoreJob {
-                        writes: vec![BlockRecord::delete(&node.to_string())],
-                        entry: Some(entry),
-                        at: now,
-                    })
-                    .await;
-                (kinds::PEER_UNBLOCKED, body)
+                (
+                    kinds::PEER_UNBLOCKED,
+                    json!({ "node": node.to_string(), "by": by.to_string() }),
+                )
             }
             MeshEvent::Disconnected { node, score } => (
                 kinds::PEER_DISCONNECTED,
@@ -783,6 +784,15 @@ impl Actor {
         let mut data = data;
         data["scope"] = json!("mesh");
         self.core.events.publish(kind, now, data);
+    }
+
+    /// Rebuilds the set the handshake reads from the mesh (on each tick:
+    /// a score that decayed back above the line is let in again).
+    fn sync_refused(&self) {
+        if let Some(rt) = self.rt.upgrade() {
+            let now: HashSet<NodeId> = self.mesh.refused().collect();
+            *rt.refused.write().unwrap_or_else(|e| e.into_inner()) = now;
+        }
     }
 
     fn refresh_refused(&self, rt: &Arc<MeshRt>, node: NodeId) {
@@ -835,8 +845,14 @@ impl Actor {
                     at: now,
                 })
             }
-            // Written with its ledger record, at the `Unblocked` event.
-            MeshStore::Unblock(_) => None,
+            MeshStore::Unblock { node, by } => {
+                let body = json!({ "node": node.to_string(), "by": by.to_string() });
+                Some(StoreJob {
+                    writes: vec![BlockRecord::delete(&node.to_string())],
+                    entry: Some(Entry::json(mesh_records::PEER_UNBLOCKED, by, &body)),
+                    at: now,
+                })
+            }
             MeshStore::Myself(me) => {
                 *lock(&rt.cert) = me.cert.clone();
                 me.put().ok().map(|w| StoreJob {
