@@ -11,12 +11,12 @@
 //! tests drives a thousand of them in one thread on a virtual clock.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
-use rand::seq::IteratorRandom;
+use rand::seq::{IndexedRandom, IteratorRandom};
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +41,10 @@ const BLOCK_TOPIC: &str = "$mesh/block";
 const LEAVE_TOPIC: &str = "$mesh/leave";
 /// The longest block reason, in bytes.
 pub const MAX_REASON_LEN: usize = 256;
+/// How often last-seen times are stored and old members collected.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
+/// How long a member that went inactive is asked back, one each tick.
+const RECALL_LOST_FOR: Duration = Duration::from_secs(60);
 
 /// How a mesh behaves. The defaults suit a LAN of up to a few hundred
 /// members.
@@ -90,15 +94,30 @@ impl MeshConfig {
     pub fn for_size(expected_members: u32) -> Self {
         let size = NonZeroU32::new(expected_members.max(2)).unwrap_or(NonZeroU32::MIN);
         let mut swim = foca::Config::new_lan(size);
-        // memberlist's LAN suspicion is 4 × log10(N) probe periods; half of
-        // it keeps agreement after a crash within 10 s at 1,000 members.
-        // Refutation still has time: a suspicion reaches the suspect
-        // within a few 500 ms gossip rounds (no false deaths at 1 % loss
-        // over a virtual hour: `mesh::sim_tests`).
-        swim.suspect_to_down_after = Duration::from_secs_f64(
-            f64::from(size.get()).log10().max(1.0) * 2.0 * swim.probe_period.as_secs_f64(),
-        );
-        swim.max_packet_size = NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN);
+        // A crashed member is first noticed when someone probes it: with
+        // each member probing one other per period, the last of 100
+        // crashed members of 1,000 is probed after about 8 periods (95 %),
+        // so foca's 1 s period would put agreement after a 10 % crash at
+        // about 10 s. 600 ms (acks within 300 ms, plenty on a LAN) keeps it
+        // near 6 s, for about one more frame per member per second.
+        swim.probe_period = Duration::from_millis(600);
+        swim.probe_rtt = Duration::from_millis(300);
+        // memberlist's LAN suspicion is 4 × log10(N) one-second periods;
+        // half of it keeps the time to `inactive` short. Refutation still
+        // has time: a suspicion reaches the suspect within a few 200 ms
+        // gossip rounds (no false deaths at 1 % loss over a virtual hour:
+        // `mesh::sim_tests`, and the `mesh_sim` bench at 1,000 members).
+        swim.suspect_to_down_after =
+            Duration::from_secs_f64(f64::from(size.get()).log10().max(1.0) * 2.0);
+        // Each update is passed on 6 × log10(N + 1) times (memberlist: 4):
+        // after 100 of 1,000 members crash at once, 4 left a few members
+        // unaware of a crash for seconds after all the others knew.
+        let max_tx = (f64::from(size.get()).log10() * 6.0).clamp(1.0, 255.0) as u8;
+        swim.max_transmissions = NonZeroU8::new(max_tx).unwrap_or(NonZeroU8::MIN);
+        // Frames may hold 96 KiB; 16 KiB packets carry about a hundred
+        // member updates, so that a healed partition (every member on
+        // each side renewing its identity) is known everywhere in seconds.
+        swim.max_packet_size = NonZeroUsize::new(16 * 1024).unwrap_or(NonZeroUsize::MIN);
         // foca gossips only while it has updates to spread, so a short
         // period costs nothing when the mesh is quiet.
         swim.periodic_gossip = Some(foca::PeriodicParams {
@@ -441,6 +460,12 @@ pub struct Mesh {
     /// Members whose goodbye was taken (until they come back).
     said_left: BTreeSet<NodeId>,
     last_exchange: Timestamp,
+    last_housekeeping: Timestamp,
+    /// foca's table as the last tick saw it (node, epoch, status,
+    /// incarnation), in foca's order.
+    swim_seen: Vec<(NodeId, u64, PeerStatus, u16)>,
+    /// Members foca holds suspect: since when, at which incarnation.
+    suspected: BTreeMap<NodeId, (Timestamp, u16)>,
     stats: MeshStats,
 }
 
@@ -502,6 +527,9 @@ impl Mesh {
             left: false,
             said_left: BTreeSet::new(),
             last_exchange: now,
+            last_housekeeping: now,
+            swim_seen: Vec::new(),
+            suspected: BTreeMap::new(),
             stats: MeshStats::default(),
         };
         mesh.store_self();
@@ -586,12 +614,18 @@ impl Mesh {
         if score.refused() {
             return false;
         }
-        if cert.member != from || cert.verify().is_err() {
+        if cert.member != from {
             self.score_mut(from, now).bad_signature();
             return false;
         }
+        // A member this node knows needs no sponsor: its certificate is
+        // not checked again (a signature check per connection otherwise).
         if self.members.contains_key(&from) {
             return true;
+        }
+        if cert.verify().is_err() {
+            self.score_mut(from, now).bad_signature();
+            return false;
         }
         if self.members.len() >= self.config.max_members {
             return false;
@@ -972,8 +1006,10 @@ impl Mesh {
             .members
             .values()
             .filter(|m| m.status == PeerStatus::Active)
+            .sample(&mut self.rng, self.config.announce_to)
+            .into_iter()
             .map(|m| m.identity.clone())
-            .sample(&mut self.rng, self.config.announce_to);
+            .collect();
         for t in targets {
             self.drive(now, |swim, rt| swim.announce(t, rt));
         }
@@ -1271,7 +1307,10 @@ impl Mesh {
                     && self.scores.get(&m.node).is_none_or(PeerScore::relay_to)
             })
             .map(|m| m.node)
-            .sample(&mut self.rng, self.config.fanout);
+            .collect::<Vec<_>>()
+            .sample(&mut self.rng, self.config.fanout)
+            .copied()
+            .collect();
         let frame = MeshFrame::Gossip(msg);
         for to in targets {
             self.send(to, &frame);
@@ -1362,20 +1401,96 @@ impl Mesh {
     }
 
     fn tick(&mut self, now: Timestamp) {
-        // Statuses foca decided without a notification (suspicion).
-        let states: Vec<(NodeId, u64, PeerStatus, u16)> = self
-            .swim
-            .iter_membership_state()
-            .map(|m| {
-                let status = match m.state() {
-                    foca::State::Alive => PeerStatus::Active,
-                    foca::State::Suspect => PeerStatus::Suspect,
-                    foca::State::Down => PeerStatus::Inactive,
-                };
-                (m.id().node(), m.id().epoch(), status, m.incarnation())
+        self.sync_statuses(now);
+        if now.saturating_duration_since(self.last_housekeeping) >= HOUSEKEEPING_EVERY {
+            self.last_housekeeping = now;
+            self.housekeeping(now);
+        }
+        // Peer exchange.
+        if now.saturating_duration_since(self.last_exchange) >= self.config.exchange_every {
+            self.last_exchange = now;
+            let me = self.me.node();
+            let live: Vec<&PeerRecord> = self
+                .members
+                .values()
+                .filter(|m| m.status != PeerStatus::Inactive && m.node != me)
+                .collect();
+            let target = live.choose(&mut self.rng).map(|m| m.identity.clone());
+            if let Some(id) = target {
+                self.drive(now, |swim, rt| swim.announce(id, rt));
+            }
+        }
+        // Members lost in the last minute (not blocked, not gone by their
+        // own word): one is asked back each tick. A partition that heals,
+        // or a member that restarts, is then heard from within seconds,
+        // where foca's own announce to down members picks among all of
+        // them, however long dead.
+        let lost: Vec<&PeerRecord> = self
+            .members
+            .values()
+            .filter(|m| {
+                m.status == PeerStatus::Inactive
+                    && now.saturating_duration_since(m.last_seen) <= RECALL_LOST_FOR
+                    && !self.blocked.contains_key(&m.node)
+                    && !self.said_left.contains(&m.node)
             })
             .collect();
-        for (node, epoch, status, incarnation) in states {
+        if let Some(id) = lost.choose(&mut self.rng).map(|m| m.identity.clone()) {
+            self.drive(now, |swim, rt| swim.announce(id, rt));
+        }
+        // Lazy push: tell one member what this one holds.
+        let recent = self.store.recent(MAX_KEYS_PER_FRAME, now);
+        if !recent.is_empty() {
+            let me = self.me.node();
+            let active: Vec<NodeId> = self
+                .members
+                .values()
+                .filter(|m| m.status == PeerStatus::Active && m.node != me)
+                .map(|m| m.node)
+                .collect();
+            let target = active.choose(&mut self.rng).copied();
+            if let Some(to) = target {
+                self.send(to, &MeshFrame::IHave(recent));
+            }
+        }
+    }
+
+    /// Takes the statuses foca decided without a notification (suspicion,
+    /// refutation). foca's table is compared with the one seen at the last
+    /// tick, in foca's order, so only the members that changed are looked
+    /// up (foca reorders its table rarely: then every member is).
+    fn sync_statuses(&mut self, now: Timestamp) {
+        let mut changed: Vec<(NodeId, u64, PeerStatus, u16)> = Vec::new();
+        let mut len = 0;
+        for (i, m) in self.swim.iter_membership_state().enumerate() {
+            let status = match m.state() {
+                foca::State::Alive => PeerStatus::Active,
+                foca::State::Suspect => PeerStatus::Suspect,
+                foca::State::Down => PeerStatus::Inactive,
+            };
+            let state = (m.id().node(), m.id().epoch(), status, m.incarnation());
+            len = i + 1;
+            match self.swim_seen.get_mut(i) {
+                Some(seen) if *seen == state => {}
+                Some(seen) => {
+                    *seen = state;
+                    changed.push(state);
+                }
+                None => {
+                    self.swim_seen.push(state);
+                    changed.push(state);
+                }
+            }
+        }
+        self.swim_seen.truncate(len);
+        for &(node, _, status, incarnation) in &changed {
+            if status == PeerStatus::Suspect {
+                self.suspected.entry(node).or_insert((now, incarnation));
+            } else {
+                self.suspected.remove(&node);
+            }
+        }
+        for (node, epoch, status, incarnation) in changed {
             if self.blocked.contains_key(&node) {
                 continue;
             }
@@ -1390,13 +1505,57 @@ impl Mesh {
                 self.set_status(node, status, now);
             }
         }
-        // Scores decay.
+    }
+
+    /// Suspicions foca forgot to end. foca drops its pending timers when
+    /// this member's own identity changes (after being declared down, as
+    /// when a partition heals), so a member suspected just before stays
+    /// `suspect` for good. Past the suspicion timeout (and a probe period
+    /// more), such a suspicion ends as foca would have ended it: down, at
+    /// the incarnation suspected. If the member is in fact alive, it is
+    /// heard from again (foca announces to down members) and comes back.
+    fn expire_suspicions(&mut self, now: Timestamp) {
+        let after = self.config.swim.suspect_to_down_after + self.config.swim.probe_period;
+        let expired: Vec<(NodeId, u16)> = self
+            .suspected
+            .iter()
+            .filter(|(_, (since, _))| now.saturating_duration_since(*since) >= after)
+            .map(|(n, (_, inc))| (*n, *inc))
+            .collect();
+        for (node, incarnation) in expired {
+            self.suspected.remove(&node);
+            let Some(member) = self
+                .swim
+                .iter_membership_state()
+                .find(|m| m.id().node() == node)
+            else {
+                continue;
+            };
+            if member.state() != foca::State::Suspect || member.incarnation() != incarnation {
+                continue;
+            }
+            let down = foca::Member::new(member.id().clone(), incarnation, foca::State::Down);
+            self.drive(now, |swim, rt| {
+                swim.apply_many(std::iter::once(down), false, rt)
+            });
+        }
+    }
+
+    /// Every few seconds: statuses all compared again, last-seen times
+    /// stored now and then, and inactive members past the horizon
+    /// collected.
+    fn housekeeping(&mut self, now: Timestamp) {
+        // The next tick looks every member up again, so a record changed
+        // here without foca's table changing is put right within seconds.
+        self.swim_seen.clear();
+        self.expire_suspicions(now);
+        // Scores decay (a tenth every ten seconds), and the neutral ones of
+        // nodes that are not members go.
         for s in self.scores.values_mut() {
             s.decay(now);
         }
         self.scores
             .retain(|n, s| s.score != 0.0 || self.members.contains_key(n));
-        // Last-seen times, stored now and then.
         let stale: Vec<PeerRecord> = self
             .members
             .values()
@@ -1411,7 +1570,6 @@ impl Mesh {
             self.persisted_seen.insert(r.node, r.last_seen);
             self.out.push_back(MeshOutput::Store(MeshStore::Member(r)));
         }
-        // Inactive members past the horizon go.
         let gone: Vec<NodeId> = self
             .members
             .values()
@@ -1427,34 +1585,6 @@ impl Mesh {
             self.said_left.remove(&node);
             self.out
                 .push_back(MeshOutput::Store(MeshStore::Forget(node)));
-        }
-        // Peer exchange.
-        if now.saturating_duration_since(self.last_exchange) >= self.config.exchange_every {
-            self.last_exchange = now;
-            let me = self.me.node();
-            let target = self
-                .members
-                .values()
-                .filter(|m| m.status != PeerStatus::Inactive && m.node != me)
-                .map(|m| m.identity.clone())
-                .choose(&mut self.rng);
-            if let Some(id) = target {
-                self.drive(now, |swim, rt| swim.announce(id, rt));
-            }
-        }
-        // Lazy push: tell one member what this one holds.
-        let recent = self.store.recent(MAX_KEYS_PER_FRAME, now);
-        if !recent.is_empty() {
-            let me = self.me.node();
-            let target = self
-                .members
-                .values()
-                .filter(|m| m.status == PeerStatus::Active && m.node != me)
-                .map(|m| m.node)
-                .choose(&mut self.rng);
-            if let Some(to) = target {
-                self.send(to, &MeshFrame::IHave(recent));
-            }
         }
     }
 }

@@ -12,10 +12,11 @@ use rand::{RngExt, SeedableRng};
 
 use super::gossip::MessageKey;
 use super::machine::{Mesh, MeshConfig, MeshOutput, MeshTimer};
+use super::member::MemberId;
 use super::wire::IdentityCache;
 use crate::clock::Timestamp;
 use crate::identity::{NodeId, NodeKey};
-use crate::storage::records::PeerStatus;
+use crate::storage::records::{PeerRecord, PeerStatus};
 use crate::transport::PeerAddr;
 
 enum Event {
@@ -167,6 +168,65 @@ impl Sim {
                 sim.flush(i);
             }
             sim.run_for(join_gap);
+        }
+        sim
+    }
+
+    /// `n` members that already know each other, as when each restarts
+    /// from a stored member table: no join storm, so large meshes are
+    /// quick to set up. Each member starts with the others `suspect` and
+    /// takes them for `active` once foca has them alive (its first tick).
+    pub fn formed(n: usize, seed: u64, mut config: MeshConfig) -> Sim {
+        config.identities = IdentityCache::default();
+        let start = Timestamp::from_millis(1_700_000_000_000);
+        let mut sim = Sim {
+            nodes: Vec::with_capacity(n),
+            index: HashMap::new(),
+            queue: BinaryHeap::new(),
+            seq: 0,
+            now: start,
+            rng: StdRng::seed_from_u64(seed),
+            loss: 0.0,
+            latency_ms: (1, 5),
+            admitted: HashSet::new(),
+            config,
+        };
+        for i in 0..n {
+            let key = Arc::new(NodeKey::from_secret_bytes(&seed_bytes(seed, i)));
+            let node = key.node_id();
+            let mesh = Mesh::new(
+                key,
+                sim.config.clone(),
+                &format!("m{i}"),
+                vec![PeerAddr::Memory(format!("m{i}"))],
+                start.as_millis(),
+                None,
+                seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                sim.now,
+            )
+            .unwrap_or_else(|e| panic!("member {i}: {e}"));
+            sim.index.insert(node, i);
+            sim.nodes.push(SimNode {
+                mesh,
+                alive: true,
+                side: 0,
+                life: 0,
+                sent: 0,
+                delivered: HashMap::new(),
+                double_deliveries: 0,
+                deaths_seen: Vec::new(),
+            });
+        }
+        let ids: Vec<MemberId> = sim.nodes.iter().map(|m| m.mesh.me().clone()).collect();
+        for i in 0..n {
+            let records = ids
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, id)| PeerRecord::new(id.clone(), start))
+                .collect();
+            sim.nodes[i].mesh.restore(records, Vec::new(), start);
+            sim.flush(i);
         }
         sim
     }
