@@ -3,12 +3,15 @@
 //! after joining; rounds (hops) until a broadcast reaches everyone, against
 //! log2(N) + 4; the worst reach at 5 % loss; frames per member per second
 //! at one broadcast per second mesh-wide, as a ratio to the smallest N (it
-//! must not grow with N); agreement time after 10 % of members crash.
+//! must not grow with N); agreement time after a 30 % partition heals and
+//! after 10 % of members crash; false deaths over a spell of 1 % loss.
 //! `cargo bench -p mesh-benches --bench mesh_sim` runs 100, 300 and 1,000
-//! members (`MESH_SIM_SIZES=300,1000` picks sizes); under `cargo test
-//! --benches` it runs 50.
+//! members (`MESH_SIM_SIZES=300,1000` picks sizes, `MESH_SIM_SEED` another
+//! history, `MESH_SIM_LOSS_SECS=3600` a virtual hour of loss: 120 s by
+//! default); under `cargo test --benches` it runs 50, with 10 s of loss.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use mesh_core::mesh::MeshConfig;
@@ -27,26 +30,28 @@ fn agree(sim: &mut Sim, limit: Duration) -> Option<Duration> {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
+    let env = |name: &str| std::env::var(name).ok();
     // MESH_SIM_SIZES=300,1000 runs just those.
-    let chosen: Option<Vec<usize>> = std::env::var("MESH_SIM_SIZES")
-        .ok()
-        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect());
+    let chosen: Option<Vec<usize>> =
+        env("MESH_SIM_SIZES").map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect());
     let sizes: &[usize] = match &chosen {
         Some(c) if !c.is_empty() => c,
         _ if full => &[100, 300, 1000],
         _ => &[50],
     };
-    println!(
-        "| members | joined, agreed after | rounds (goal ≤ log2 N + 4) | worst reach at 5 % loss | frames / member / s at 1 broadcast/s | ratio to N={} | agreed after 10 % crash | real time |",
-        sizes[0]
-    );
-    println!("|---|---|---|---|---|---|---|---|");
-    let mut base = None;
     // MESH_SIM_SEED=7 runs another deterministic history.
-    let seed: u64 = std::env::var("MESH_SIM_SEED")
-        .ok()
+    let seed: u64 = env("MESH_SIM_SEED")
         .and_then(|s| s.parse().ok())
         .unwrap_or(42);
+    let loss_secs: u64 = env("MESH_SIM_LOSS_SECS")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if full { 120 } else { 10 });
+    println!(
+        "| members | joined, agreed after | rounds (goal ≤ log2 N + 4) | worst reach at 5 % loss | frames / member / s at 1 broadcast/s | ratio to N={} | agreed after 30 % partition healed | agreed after 10 % crash | false deaths, {loss_secs} s at 1 % loss | real time |",
+        sizes[0]
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut base = None;
     for &n in sizes {
         let t0 = Instant::now();
         let gap = if n > 300 { 50 } else { 20 };
@@ -58,14 +63,7 @@ fn main() {
         );
         let joined =
             agree(&mut sim, Duration::from_secs(300)).expect("members agree after joining");
-        eprintln!("joined: {:.1}s real", t0.elapsed().as_secs_f64());
-        if std::env::var("MESH_SIM_IDLE").is_ok() {
-            sim.loss = 0.01;
-            let t = Instant::now();
-            sim.run_for(Duration::from_secs(60));
-            eprintln!("idle 60 virt s at 1% loss: {:.1}s real", t.elapsed().as_secs_f64());
-            sim.loss = 0.0;
-        }
+        eprintln!("{n}: joined after {:.0} s real", t0.elapsed().as_secs_f64());
 
         let key = sim.broadcast(0, "b", vec![0; 64]);
         sim.run_for(Duration::from_secs(3));
@@ -83,7 +81,9 @@ fn main() {
         sim.loss = 0.0;
         assert!(worst as f64 >= 0.999 * n as f64);
 
-        // Cost: one broadcast a second, from a different member each time.
+        // Cost: one broadcast a second, from a different member each time,
+        // once the suspicions of the lossy spell above have settled.
+        sim.run_for(Duration::from_secs(10));
         let before: u64 = sim.nodes.iter().map(|m| m.sent).sum();
         let secs = 20;
         for s in 0..secs {
@@ -94,19 +94,53 @@ fn main() {
         let per_member = (after - before) as f64 / n as f64 / secs as f64;
         let ratio = per_member / *base.get_or_insert(per_member);
 
+        // 30 % cut off for 30 s, then the network whole again.
+        for i in 0..n * 3 / 10 {
+            sim.nodes[i].side = 1;
+        }
+        sim.run_for(Duration::from_secs(30));
+        assert!(!sim.agree_on_live_set(), "each side sees the other down");
+        for node in &mut sim.nodes {
+            node.side = 0;
+        }
+        let healed = agree(&mut sim, Duration::from_secs(60));
+        eprintln!("{n}: healed after {:.0} s real", t0.elapsed().as_secs_f64());
+
         for i in (3..n).step_by(10) {
             sim.crash(i);
         }
         let crashed = agree(&mut sim, Duration::from_secs(30));
+
+        // A spell of 1 % loss: no live member declared dead.
+        for m in &mut sim.nodes {
+            m.deaths_seen.clear();
+        }
+        sim.loss = 0.01;
+        sim.run_for(Duration::from_secs(loss_secs));
+        sim.loss = 0.0;
+        let live: HashSet<_> = (0..n)
+            .filter(|i| sim.nodes[*i].alive)
+            .map(|i| sim.id(i))
+            .collect();
+        let false_deaths = sim
+            .nodes
+            .iter()
+            .flat_map(|m| m.deaths_seen.iter())
+            .filter(|d| live.contains(d))
+            .count();
+        let within = |d: Option<Duration>, limit: u64| {
+            d.map_or(format!("not within {limit} s"), |d| {
+                format!("{:.1} s", d.as_secs_f64())
+            })
+        };
         println!(
-            "| {n} | {:.1} s | {rounds} (≤ {:.1}) | {worst}/{n} | {per_member:.1} | {ratio:.2}× | {} | {:.1} s |",
+            "| {n} | {:.1} s | {rounds} (≤ {:.1}) | {worst}/{n} | {per_member:.1} | {ratio:.2}× | {} | {} | {false_deaths} | {:.0} s |",
             joined.as_secs_f64(),
             (n as f64).log2() + 4.0,
-            crashed.map_or("not within 30 s".into(), |d| format!(
-                "{:.1} s",
-                d.as_secs_f64()
-            )),
+            within(healed, 60),
+            within(crashed, 30),
             t0.elapsed().as_secs_f64()
         );
+        assert_eq!(false_deaths, 0, "no false deaths at 1 % loss");
     }
 }

@@ -90,6 +90,7 @@ pub mod pairing;
 pub mod registry;
 pub mod session;
 pub mod storage;
+pub mod sync;
 pub mod transport;
 pub mod wire;
 
