@@ -72,11 +72,15 @@ pub enum Table {
     NodeState,
     /// Nodes blocked from the mesh.
     Blocklist,
+    /// Replicated namespaces' standing changes, keyed `NAMESPACE:KEY`.
+    ReplicatedEntries,
+    /// Replicated namespaces' version vectors, keyed by namespace.
+    ReplicaCoverage,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 13] = [
+    pub const ALL: [Table; 15] = [
         Table::Devices,
         Table::PairingRequests,
         Table::DiscoveredNodes,
@@ -90,6 +94,8 @@ impl Table {
         Table::LedgerRecords,
         Table::NodeState,
         Table::Blocklist,
+        Table::ReplicatedEntries,
+        Table::ReplicaCoverage,
     ];
 
     /// The table's name (also its SQL name).
@@ -108,6 +114,8 @@ impl Table {
             Table::LedgerRecords => "ledger_records",
             Table::NodeState => "node_state",
             Table::Blocklist => "mesh_blocklist",
+            Table::ReplicatedEntries => "replicated_entries",
+            Table::ReplicaCoverage => "replica_coverage",
         }
     }
 }
@@ -402,7 +410,7 @@ fn encode<R: Serialize>(r: &R) -> Result<Vec<u8>, StorageError> {
         .map_err(|e| StorageError::Backend(format!("encoding a record: {e}")))
 }
 
-fn decode<R: Record>(key: &str, body: &[u8]) -> Result<R, StorageError> {
+pub(crate) fn decode<R: Record>(key: &str, body: &[u8]) -> Result<R, StorageError> {
     let corrupt = |reason: String| StorageError::Corrupt {
         table: R::TABLE,
         key: key.to_owned(),

@@ -13,11 +13,12 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use super::{Pending, Storage, StorageError, Table, Visitor, Write};
 
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Migrations, in order; migration `i` moves the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>] =
-    &[migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5];
+const MIGRATIONS: &[fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>] = &[
+    migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5, migrate_v6,
+];
 
 fn create_table(tx: &rusqlite::Transaction<'_>, name: &str) -> rusqlite::Result<()> {
     tx.execute_batch(&format!(
@@ -94,6 +95,13 @@ fn migrate_v4(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
 fn migrate_v5(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     create_table(tx, "mesh_blocklist")?;
     tx.execute_batch("DELETE FROM peers;")
+}
+
+/// v6: replicated namespaces (`mesh-core::sync`): standing changes and
+/// version vectors.
+fn migrate_v6(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    create_table(tx, "replicated_entries")?;
+    create_table(tx, "replica_coverage")
 }
 
 /// The embedded default storage.

@@ -64,7 +64,8 @@ mod sqlite_only {
             s.with_writer(move |conn| {
             conn.execute_batch(
                 "DROP TABLE device_ids; DROP TABLE ledger_records; DROP TABLE node_state;
-                 DROP TABLE mesh_blocklist;
+                 DROP TABLE mesh_blocklist; DROP TABLE replicated_entries;
+                 DROP TABLE replica_coverage;
                  PRAGMA user_version = 1;",
             )
             .unwrap();

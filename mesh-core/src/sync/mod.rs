@@ -5,6 +5,7 @@
 
 pub mod hlc;
 pub mod replica;
+pub mod store;
 
 pub use hlc::{DEFAULT_MAX_SKEW, FromTheFuture, Hlc, HlcClock};
 pub use replica::{
