@@ -94,6 +94,11 @@ pub mod kinds {
     pub const DISCOVERY_FOUND: &str = "discovery.found";
     /// Discovery saw a node withdraw its advertisement.
     pub const DISCOVERY_LOST: &str = "discovery.lost";
+    /// A peer's sync frame or changes were refused (`node`, `reason`,
+    /// `count`): malformed, forged, from the future, over a limit.
+    pub const SYNC_REFUSED: &str = "sync.refused";
+    /// Replicated changes could not be stored (`error`).
+    pub const SYNC_STORE_FAILED: &str = "sync.store_failed";
 }
 
 /// One event.

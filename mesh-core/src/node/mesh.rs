@@ -35,6 +35,7 @@ use async_trait::async_trait;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use super::outlink::{FirstFrame, LinkTiming, OutLink};
 use super::protocols::ProtocolHandler;
 use super::{Core, NodeError, lock};
 use crate::clock::Timestamp;
@@ -50,7 +51,9 @@ use crate::mesh::{
     Delivery, JOIN, JoinGrant, MEMBERSHIP, Mesh, MeshConfig, MeshError, MeshEvent, MeshOutput,
     MeshStore, MeshTimer,
 };
-use crate::storage::records::{BlockRecord, JoinTokenRecord, MeshSelfRecord, PeerRecord};
+use crate::storage::records::{
+    BlockRecord, JoinTokenRecord, MeshSelfRecord, PeerRecord, PeerStatus,
+};
 use crate::storage::{Record, StorageExt, Write};
 use crate::transport::{Connection, PeerAddr, Protocol, TransportError};
 
@@ -98,9 +101,20 @@ pub struct MeshSettings {
     pub join_rate_per_address: Rate,
     /// Frames queued to one member before new ones are dropped. Default 256.
     pub peer_queue: usize,
+    /// How replicated state is synced with the members.
+    pub sync: super::sync::SyncSettings,
 }
 
 impl MeshSettings {
+    /// The timings of the links to members.
+    pub(crate) fn link_timing(&self) -> LinkTiming {
+        LinkTiming {
+            dial_timeout: self.dial_timeout,
+            redial_after: self.redial_after,
+            idle_close: self.idle_close,
+        }
+    }
+
     /// Defaults, with this node reachable at `addresses`.
     pub fn new(addresses: Vec<PeerAddr>) -> Self {
         MeshSettings {
@@ -116,6 +130,7 @@ impl MeshSettings {
             join_rate: Rate::per_second(10.0, 20),
             join_rate_per_address: Rate::per_second(1.0, 5),
             peer_queue: 256,
+            sync: super::sync::SyncSettings::default(),
         }
     }
 
@@ -426,6 +441,8 @@ pub(crate) struct MeshRt {
     /// connections waiting for a certificate (strangers cannot fill it
     /// for them; QUIC authenticated the node id).
     known: RwLock<HashSet<NodeId>>,
+    /// Members not inactive, with their addresses (whom sync talks to).
+    reachable: RwLock<BTreeMap<NodeId, Vec<PeerAddr>>>,
     joins: Arc<Semaphore>,
     join_rate: Mutex<TokenBucket>,
     join_rate_per_address: Mutex<KeyedLimiter<std::net::IpAddr>>,
@@ -490,6 +507,12 @@ pub(super) fn build(core: &Arc<Core>, settings: MeshSettings) -> Result<Arc<Mesh
             1024,
         )),
         known: RwLock::new(mesh.members().map(|m| m.node).collect()),
+        reachable: RwLock::new(
+            mesh.members()
+                .filter(|m| m.status != PeerStatus::Inactive)
+                .map(|m| (m.node, m.addresses.clone()))
+                .collect(),
+        ),
         redeeming: tokio::sync::Mutex::new(()),
         subscribers: Mutex::new(Vec::new()),
         frames_dropped: AtomicU64::new(0),
@@ -559,19 +582,13 @@ fn start_store_writer(core: &Arc<Core>, mut rx: mpsc::Receiver<StoreJob>) -> Res
     Ok(())
 }
 
-/// A member's outgoing queue, drained by its writer task.
-struct Link {
-    tx: mpsc::Sender<Vec<u8>>,
-    addrs: Arc<Mutex<Vec<PeerAddr>>>,
-}
-
 struct Actor {
     rt: Weak<MeshRt>,
     core: Arc<Core>,
     mesh: Mesh,
     timers: BinaryHeap<Reverse<(Timestamp, u64, TimerSlot)>>,
     timer_seq: u64,
-    links: BTreeMap<NodeId, Link>,
+    links: BTreeMap<NodeId, OutLink>,
     store: mpsc::Sender<StoreJob>,
 }
 
@@ -711,20 +728,26 @@ impl Actor {
             return;
         }
         let link = self.links.entry(to).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(rt.settings.peer_queue.max(1));
-            let addrs = Arc::new(Mutex::new(addrs.clone()));
-            let writer = Writer {
-                rt: Arc::downgrade(rt),
-                peer: to,
-                addrs: addrs.clone(),
-            };
-            self.core.spawn(writer.run(rx));
-            Link { tx, addrs }
+            // Its first frame on each new connection is `Hello` with this
+            // node's certificate (as it is then).
+            let weak = Arc::downgrade(rt);
+            let hello: FirstFrame = Box::new(move || {
+                let rt = weak.upgrade()?;
+                let cert = lock(&rt.cert).clone();
+                Some(MeshFrame::Hello { cert }.encode())
+            });
+            OutLink::start(
+                &self.core,
+                to,
+                MEMBERSHIP,
+                addrs.clone(),
+                rt.settings.link_timing(),
+                Some(hello),
+                rt.settings.peer_queue,
+            )
         });
-        if !addrs.is_empty() {
-            *lock(&link.addrs) = addrs;
-        }
-        if link.tx.try_send(frame).is_err() {
+        link.set_addrs(addrs);
+        if !link.send(frame) {
             rt.frames_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -813,6 +836,14 @@ impl Actor {
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(r.node);
+                {
+                    let mut reachable = rt.reachable.write().unwrap_or_else(|e| e.into_inner());
+                    if r.status == PeerStatus::Inactive {
+                        reachable.remove(&r.node);
+                    } else {
+                        reachable.insert(r.node, r.addresses.clone());
+                    }
+                }
                 r.put().ok().map(|w| StoreJob {
                     writes: vec![w],
                     entry: None,
@@ -822,6 +853,10 @@ impl Actor {
             MeshStore::Forget(node) => {
                 self.links.remove(&node);
                 rt.known
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&node);
+                rt.reachable
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&node);
@@ -875,91 +910,39 @@ async fn sleep_or_forever(wait: Option<Duration>) {
     }
 }
 
-/// Sends one member's frames, dialling it (pinned to its node id) when
-/// there is no connection; its first frame on a new connection is
-/// `Hello` with this node's certificate.
-struct Writer {
-    rt: Weak<MeshRt>,
-    peer: NodeId,
-    addrs: Arc<Mutex<Vec<PeerAddr>>>,
-}
-
-impl Writer {
-    async fn run(self, mut rx: mpsc::Receiver<Vec<u8>>) {
-        let mut conn: Option<Box<dyn Connection>> = None;
-        let mut down_until: Option<tokio::time::Instant> = None;
-        loop {
-            let idle = match self.rt.upgrade() {
-                Some(rt) => rt.settings.idle_close,
-                None => return,
-            };
-            let frame = match tokio::time::timeout(idle, rx.recv()).await {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(_) => {
-                    if let Some(c) = conn.take() {
-                        c.close();
-                    }
-                    continue;
-                }
-            };
-            if down_until.is_some_and(|t| tokio::time::Instant::now() < t) {
-                continue;
-            }
-            // A connection the peer closed (it restarted, or dropped an
-            // older connection of ours) fails the send: dial again once and
-            // resend, so the frame is not lost to a stale connection.
-            for _attempt in 0..2 {
-                if conn.is_none() {
-                    match self.dial().await {
-                        Some(c) => {
-                            down_until = None;
-                            conn = Some(c);
-                        }
-                        None => {
-                            let redial = self
-                                .rt
-                                .upgrade()
-                                .map_or(Duration::from_secs(1), |rt| rt.settings.redial_after);
-                            down_until = Some(tokio::time::Instant::now() + redial);
-                            break;
-                        }
-                    }
-                }
-                let Some(c) = &conn else { break };
-                if c.send(frame.clone()).await.is_ok() {
-                    break;
-                }
-                c.close();
-                conn = None;
-            }
-        }
-        if let Some(c) = conn {
-            c.close();
-        }
-    }
-
-    async fn dial(&self) -> Option<Box<dyn Connection>> {
-        let rt = self.rt.upgrade()?;
-        let addrs = lock(&self.addrs).clone();
-        let hello = MeshFrame::Hello {
-            cert: lock(&rt.cert).clone(),
-        }
-        .encode();
-        for addr in addrs {
-            let dial = rt.core.connect(self.peer, &addr, MEMBERSHIP);
-            if let Ok(Ok(c)) = tokio::time::timeout(rt.settings.dial_timeout, dial).await {
-                if c.send(hello.clone()).await.is_ok() {
-                    return Some(c);
-                }
-                c.close();
-            }
-        }
-        None
-    }
-}
-
 impl MeshRt {
+    /// Whether `node` is a member in the table and not refused.
+    pub(super) fn is_member(&self, node: &NodeId) -> bool {
+        !self.refuses(node)
+            && self
+                .known
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(node)
+    }
+
+    /// Every member in the table.
+    pub(super) fn members(&self) -> HashSet<NodeId> {
+        self.known.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Members not inactive and not refused, with their addresses.
+    pub(super) fn reachable(&self) -> BTreeMap<NodeId, Vec<PeerAddr>> {
+        let refused = self.refused.read().unwrap_or_else(|e| e.into_inner());
+        self.reachable
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(n, _)| !refused.contains(*n))
+            .map(|(n, a)| (*n, a.clone()))
+            .collect()
+    }
+
+    /// The timings of links to members.
+    pub(super) fn link_timing(&self) -> LinkTiming {
+        self.settings.link_timing()
+    }
+
     fn deliver(&self, d: Delivery) {
         let mut subs = lock(&self.subscribers);
         subs.retain(|s| !s.tx.is_closed());

@@ -42,8 +42,10 @@ mod backoff;
 mod data_dir;
 mod link;
 mod mesh;
+mod outlink;
 mod primary;
 mod protocols;
+mod sync;
 mod worker;
 
 use std::collections::HashMap;
@@ -76,6 +78,10 @@ pub use mesh::{
 };
 pub use primary::{DeviceView, Primary};
 pub use protocols::{ProtocolError, ProtocolHandler};
+pub use sync::{
+    CONFIG_NAMESPACE, ChangeSubscription, ConfigEntry, Replicated, ReplicatedChange,
+    ReplicatedEntry, SyncErrorKind, SyncPeerStatus, SyncSettings, TABLE_PREFIX,
+};
 pub use worker::{PairingTicket, Worker};
 
 /// Whether the node is the primary or a worker.
@@ -588,6 +594,14 @@ pub enum NodeError {
         /// What went wrong.
         message: String,
     },
+    /// A replicated-state operation failed (see [`SyncErrorKind`]).
+    #[error("{kind}: {message}")]
+    Sync {
+        /// What kind of failure.
+        kind: SyncErrorKind,
+        /// What went wrong.
+        message: String,
+    },
     /// The data directory could not be created or secured.
     #[error("cannot use data directory {path}: {source}", path = .path.display())]
     DataDir {
@@ -810,13 +824,16 @@ impl NodeBuilder {
                 Vec::new(),
             ),
         };
-        let mesh = match self.mesh {
+        let (mesh, sync) = match self.mesh {
             Some(settings) => {
+                let sync_settings = settings.sync.clone();
                 let rt = mesh::build(&core, settings)?;
                 built_in.extend(mesh::protocols(&rt));
-                Some(rt)
+                let sync = sync::build(&core, &rt, sync_settings)?;
+                built_in.push(sync::protocol(&sync));
+                (Some(rt), Some(sync))
             }
-            None => None,
+            None => (None, None),
         };
         let protocols = protocols::Protocols::new(built_in, self.protocols)?;
         let node = Node {
@@ -827,6 +844,7 @@ impl NodeBuilder {
             core,
             role,
             mesh,
+            sync,
         };
         match &node.role {
             RoleRt::Primary(rt) => primary::start(rt)?,
@@ -1121,6 +1139,8 @@ pub struct Node {
     role: RoleRt,
     /// The mesh runtime, if the node takes part in the mesh.
     mesh: Option<Arc<mesh::MeshRt>>,
+    /// Replicated state, synced with the mesh's members.
+    sync: Option<Arc<sync::SyncRt>>,
     /// Held only by handles (the node's own tasks hold the runtimes).
     #[allow(dead_code)]
     owner: Arc<Owner>,

@@ -112,6 +112,16 @@ impl HlcClock {
         self.last()
     }
 
+    /// Takes in a stamp this node stored before a restart (no skew check:
+    /// it was accepted when it was written), so that stamps stay monotonic
+    /// across restarts even if the wall clock went back.
+    pub fn restore(&mut self, seen: &Hlc) {
+        if (seen.ms, seen.counter) > (self.last_ms, self.last_counter) {
+            self.last_ms = seen.ms;
+            self.last_counter = seen.counter;
+        }
+    }
+
     /// Checks `remote` against the skew allowed at `wall` (changes nothing).
     pub fn check(&self, remote: &Hlc, wall: Timestamp) -> Result<(), FromTheFuture> {
         let limit = wall

@@ -6,12 +6,14 @@
 pub mod hlc;
 pub mod replica;
 pub mod store;
+pub mod wire;
 
 pub use hlc::{DEFAULT_MAX_SKEW, FromTheFuture, Hlc, HlcClock};
 pub use replica::{
     Applied, Change, Delta, MAX_KEY_LEN, MAX_VALUE_LEN, Refusal, Replica, ReplicaLimits,
     VersionVector,
 };
+pub use wire::{SYNC, SyncFrame, SyncFrameError};
 
 #[cfg(test)]
 mod tests;

@@ -12,3 +12,4 @@ mod node_e2e;
 mod node_policy;
 mod storage_crash;
 mod support;
+mod sync_runtime;

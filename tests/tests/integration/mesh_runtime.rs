@@ -17,14 +17,14 @@ use mesh_transport::quic::{QuicConfig, QuicTransport};
 
 use crate::support::next;
 
-struct Member {
-    node: Primary,
-    ledger: Arc<SignedLedger>,
-    store: Arc<dyn Storage>,
-    addr: std::net::SocketAddr,
+pub(crate) struct Member {
+    pub(crate) node: Primary,
+    pub(crate) ledger: Arc<SignedLedger>,
+    pub(crate) store: Arc<dyn Storage>,
+    pub(crate) addr: std::net::SocketAddr,
 }
 
-fn member(name: &str) -> Member {
+pub(crate) fn member(name: &str) -> Member {
     member_with(
         name,
         Arc::new(MemoryStorage::new()),
@@ -32,11 +32,11 @@ fn member(name: &str) -> Member {
     )
 }
 
-fn member_with(name: &str, store: Arc<dyn Storage>, key: Arc<NodeKey>) -> Member {
+pub(crate) fn member_with(name: &str, store: Arc<dyn Storage>, key: Arc<NodeKey>) -> Member {
     member_adjusted(name, store, key, |s| s)
 }
 
-fn member_adjusted(
+pub(crate) fn member_adjusted(
     name: &str,
     store: Arc<dyn Storage>,
     key: Arc<NodeKey>,
@@ -77,7 +77,11 @@ fn kind(e: &NodeError) -> Option<MeshErrorKind> {
 }
 
 /// Waits (bounded) until `check` holds for `node`'s view.
-async fn until(node: &Node, what: &str, check: impl Fn(&mesh_core::node::MeshView) -> bool) {
+pub(crate) async fn until(
+    node: &Node,
+    what: &str,
+    check: impl Fn(&mesh_core::node::MeshView) -> bool,
+) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let view = node.mesh_peers().await.unwrap();
@@ -92,7 +96,7 @@ async fn until(node: &Node, what: &str, check: impl Fn(&mesh_core::node::MeshVie
     }
 }
 
-fn active(view: &mesh_core::node::MeshView) -> usize {
+pub(crate) fn active(view: &mesh_core::node::MeshView) -> usize {
     view.peers
         .iter()
         .filter(|p| p.status == PeerStatus::Active)
@@ -342,7 +346,7 @@ async fn bad_tokens_get_their_kind_and_change_nothing() {
 }
 
 /// A raw endpoint of a hostile node: its own key, no runtime.
-fn raw_endpoint(key: &Arc<NodeKey>) -> QuicTransport {
+pub(crate) fn raw_endpoint(key: &Arc<NodeKey>) -> QuicTransport {
     let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
     let admission = Arc::new(RegistryAdmission::new(store));
     QuicTransport::bind(
@@ -354,12 +358,54 @@ fn raw_endpoint(key: &Arc<NodeKey>) -> QuicTransport {
     .unwrap()
 }
 
+/// A node without a runtime that joins `a`'s mesh with a real token (to
+/// turn hostile): its key, its endpoint, its grant.
+pub(crate) async fn raw_member(
+    a: &Member,
+) -> (Arc<NodeKey>, QuicTransport, mesh_core::mesh::JoinGrant) {
+    use mesh_core::mesh::JOIN;
+    use mesh_core::mesh::member::MemberId;
+    use mesh_core::mesh::wire::{JoinAnswer, JoinRequest};
+    use mesh_core::transport::Transport;
+
+    let key = Arc::new(NodeKey::generate());
+    let endpoint = raw_endpoint(&key);
+    let t = a.node.mesh_token(None).await.unwrap();
+    let token = mesh_core::mesh::token::JoinToken::parse(&t.token).unwrap();
+    let me = MemberId::new(
+        &key,
+        1,
+        "evil",
+        vec![PeerAddr::Socket(endpoint.local_addr())],
+    )
+    .unwrap();
+    let join = endpoint
+        .connect(a.node.node_id(), &PeerAddr::Socket(a.addr), JOIN)
+        .await
+        .unwrap();
+    join.send(
+        JoinRequest {
+            secret: *token.secret().expose(),
+            member: me,
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
+    let JoinAnswer::Granted(grant) = JoinAnswer::decode(&join.recv().await.unwrap()).unwrap()
+    else {
+        panic!("the hostile member's token was refused");
+    };
+    join.close();
+    (key, endpoint, grant)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_peers_are_refused_and_cut_off_while_members_carry_on() {
+    use mesh_core::mesh::MEMBERSHIP;
     use mesh_core::mesh::gossip::GossipMessage;
-    use mesh_core::mesh::member::{MemberCert, MemberId};
-    use mesh_core::mesh::wire::{JoinAnswer, JoinRequest, MeshFrame};
-    use mesh_core::mesh::{JOIN, MEMBERSHIP};
+    use mesh_core::mesh::member::MemberCert;
+    use mesh_core::mesh::wire::MeshFrame;
     use mesh_core::transport::Transport;
 
     let a = member("target");
@@ -412,32 +458,7 @@ async fn hostile_peers_are_refused_and_cut_off_while_members_carry_on() {
     // 2. A member that turns hostile: it joins with a real token, then
     //    sends forged broadcasts, a SWIM packet in another's name, an
     //    oversized frame and a flood.
-    let evil_key = Arc::new(NodeKey::generate());
-    let evil = raw_endpoint(&evil_key);
-    let t = a.node.mesh_token(None).await.unwrap();
-    let token = mesh_core::mesh::token::JoinToken::parse(&t.token).unwrap();
-    let me = MemberId::new(
-        &evil_key,
-        1,
-        "evil",
-        vec![PeerAddr::Socket(evil.local_addr())],
-    )
-    .unwrap();
-    let join = evil.connect(a.node.node_id(), &to_a, JOIN).await.unwrap();
-    join.send(
-        JoinRequest {
-            secret: *token.secret().expose(),
-            member: me,
-        }
-        .encode(),
-    )
-    .await
-    .unwrap();
-    let JoinAnswer::Granted(grant) = JoinAnswer::decode(&join.recv().await.unwrap()).unwrap()
-    else {
-        panic!("the hostile member's token was refused");
-    };
-    join.close();
+    let (evil_key, evil, grant) = raw_member(&a).await;
     let conn = evil
         .connect(a.node.node_id(), &to_a, MEMBERSHIP)
         .await

@@ -1,0 +1,156 @@
+//! Outgoing message links to other nodes (mesh members, sync peers): a
+//! bounded queue per peer, drained by a writer task that dials the peer
+//! pinned to its node id when it has no connection, optionally sends a
+//! first frame on each new connection (the membership protocol's hello),
+//! redials once when the peer closed the connection, and closes it when
+//! idle.
+//!
+//! Frames over the queue's bound are dropped (the caller counts them):
+//! the protocols over these links repair losses themselves (SWIM, lazy
+//! push, anti-entropy).
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::{Core, lock};
+use crate::identity::NodeId;
+use crate::transport::{Connection, PeerAddr, Protocol};
+
+/// Timings of a link.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LinkTiming {
+    /// How long dialling one address may take.
+    pub(crate) dial_timeout: Duration,
+    /// After a failed dial, frames are dropped for this long.
+    pub(crate) redial_after: Duration,
+    /// A connection with nothing to send for this long is closed.
+    pub(crate) idle_close: Duration,
+}
+
+/// Makes the first frame of each new connection (none: no first frame).
+pub(crate) type FirstFrame = Box<dyn Fn() -> Option<Vec<u8>> + Send + Sync>;
+
+/// One peer's queue; dropping it ends the writer.
+#[derive(Debug)]
+pub(crate) struct OutLink {
+    tx: mpsc::Sender<Vec<u8>>,
+    addrs: Arc<Mutex<Vec<PeerAddr>>>,
+}
+
+impl OutLink {
+    /// Starts a writer for `peer` on `protocol`, reached at `addrs`, with a
+    /// queue of `queue` frames.
+    pub(crate) fn start(
+        core: &Arc<Core>,
+        peer: NodeId,
+        protocol: Protocol,
+        addrs: Vec<PeerAddr>,
+        timing: LinkTiming,
+        first: Option<FirstFrame>,
+        queue: usize,
+    ) -> OutLink {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let addrs = Arc::new(Mutex::new(addrs));
+        let writer = Writer {
+            core: Arc::downgrade(core),
+            peer,
+            protocol,
+            addrs: addrs.clone(),
+            timing,
+            first,
+        };
+        core.spawn(writer.run(rx));
+        OutLink { tx, addrs }
+    }
+
+    /// Queues `frame`; false if the queue is full (the frame is dropped).
+    pub(crate) fn send(&self, frame: Vec<u8>) -> bool {
+        self.tx.try_send(frame).is_ok()
+    }
+
+    /// Where the peer is reached from now on (ignored if empty).
+    pub(crate) fn set_addrs(&self, addrs: Vec<PeerAddr>) {
+        if !addrs.is_empty() {
+            *lock(&self.addrs) = addrs;
+        }
+    }
+}
+
+struct Writer {
+    core: Weak<Core>,
+    peer: NodeId,
+    protocol: Protocol,
+    addrs: Arc<Mutex<Vec<PeerAddr>>>,
+    timing: LinkTiming,
+    first: Option<FirstFrame>,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<Vec<u8>>) {
+        let mut conn: Option<Box<dyn Connection>> = None;
+        let mut down_until: Option<tokio::time::Instant> = None;
+        loop {
+            let frame = match tokio::time::timeout(self.timing.idle_close, rx.recv()).await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => {
+                    if let Some(c) = conn.take() {
+                        c.close();
+                    }
+                    continue;
+                }
+            };
+            if down_until.is_some_and(|t| tokio::time::Instant::now() < t) {
+                continue;
+            }
+            // A connection the peer closed (it restarted, or dropped an
+            // older connection of ours) fails the send: dial again once and
+            // resend, so the frame is not lost to a stale connection.
+            for _attempt in 0..2 {
+                if conn.is_none() {
+                    match self.dial().await {
+                        Some(c) => {
+                            down_until = None;
+                            conn = Some(c);
+                        }
+                        None => {
+                            down_until =
+                                Some(tokio::time::Instant::now() + self.timing.redial_after);
+                            break;
+                        }
+                    }
+                }
+                let Some(c) = &conn else { break };
+                if c.send(frame.clone()).await.is_ok() {
+                    break;
+                }
+                c.close();
+                conn = None;
+            }
+        }
+        if let Some(c) = conn {
+            c.close();
+        }
+    }
+
+    async fn dial(&self) -> Option<Box<dyn Connection>> {
+        let core = self.core.upgrade()?;
+        let addrs = lock(&self.addrs).clone();
+        let first = match &self.first {
+            Some(make) => Some(make()?),
+            None => None,
+        };
+        for addr in addrs {
+            let dial = core.connect(self.peer, &addr, self.protocol);
+            if let Ok(Ok(c)) = tokio::time::timeout(self.timing.dial_timeout, dial).await {
+                match &first {
+                    Some(f) if c.send(f.clone()).await.is_err() => c.close(),
+                    _ => return Some(c),
+                }
+            }
+        }
+        None
+    }
+}

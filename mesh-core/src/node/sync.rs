@@ -1,0 +1,1418 @@
+//! The runtime of replicated state: drives the sans-IO [`Replica`]s of a
+//! node's namespaces over the sync protocol ([`SYNC`]) with the members of
+//! its mesh, and keeps them in storage.
+//!
+//! ```text
+//!  Replicated::put/delete ─┐
+//!  sync readers (frames) ──┼─▶ actor (owns replicas, HLC) ──submit──▶ storage writer (group commit)
+//!  anti-entropy timer ─────┘        ▲                                    │
+//!                                   └──── committed ◀── commit waiter ◀──┘
+//!                                   │ (then: reply to the writer, push to members,
+//!                                   ▼  tell subscribers)
+//!                             per-member links (bounded queues, dial pinned to the node id)
+//! ```
+//!
+//! A local write is stamped and applied in memory, its change and the
+//! namespace's version vector go to storage in one batch, and only once
+//! that batch is durable does the caller get its answer and do members
+//! get the change (so no member ever holds a change its origin could lose
+//! in a crash and then reuse the sequence number of). Changes from
+//! members are stored the same way before subscribers hear of them.
+//!
+//! Changes are pushed by their origin to every reachable member as they
+//! commit; anything a member missed (it was down, a queue was full) is
+//! found by anti-entropy: every [`SyncSettings::interval`] the node sends
+//! its version vectors to one member in turn, at start to every member,
+//! and when a member joins or comes back; the member answers with what the
+//! vectors lack, and with its own vectors when it lacks something itself.
+//!
+//! What a member can make this node hold is bounded: namespaces
+//! ([`SyncSettings::max_namespaces`]), and per namespace keys, value size,
+//! origins and out-of-order gaps ([`ReplicaLimits`]); frames are bounded in
+//! size and count, and rate-limited per connection. A push may carry only
+//! its sender's own changes; a change stamped more than the allowed skew
+//! ahead of this node's clock is refused (it is offered again later, when
+//! it is no longer in the future).
+//!
+//! Trust: changes are not signed by their origin. A member is a node let
+//! in with a join token and authenticated on every connection; a member
+//! that turns hostile can forge changes in a delta, and is answered with
+//! the blocklist (a blocked node's connections are refused).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+
+use super::mesh::MeshRt;
+use super::outlink::{LinkTiming, OutLink};
+use super::protocols::ProtocolHandler;
+use super::{Core, NodeError, lock};
+use crate::clock::Timestamp;
+use crate::events::{Received, kinds};
+use crate::identity::NodeId;
+use crate::limits::{Rate, TokenBucket};
+use crate::storage::{Storage, StorageError, Table};
+use crate::sync::store::{self as sync_store, valid_namespace};
+use crate::sync::wire::MAX_FRAME_CHANGES;
+use crate::sync::{
+    Change, DEFAULT_MAX_SKEW, Hlc, HlcClock, Refusal, Replica, ReplicaLimits, SYNC, SyncFrame,
+    VersionVector,
+};
+use crate::transport::{Connection, PeerAddr};
+
+/// The namespace of the configuration ([`Node::config_set`](super::Node::config_set)):
+/// JSON values.
+pub const CONFIG_NAMESPACE: &str = "config";
+/// The prefix of the namespaces of app tables ([`Node::table_insert`](super::Node::table_insert)).
+pub const TABLE_PREFIX: &str = "table.";
+
+/// How a node replicates state with the members of its mesh
+/// ([`MeshSettings::sync`](super::MeshSettings::sync)).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SyncSettings {
+    /// Every `interval` the node sends its version vectors to one member
+    /// in turn (anti-entropy). Default 1 s.
+    pub interval: Duration,
+    /// Bounds of each namespace.
+    pub limits: ReplicaLimits,
+    /// Namespaces held at most (created by this node or by members).
+    /// Default 64.
+    pub max_namespaces: usize,
+    /// How far ahead of this node's clock a change's stamp may be.
+    /// Default 60 s.
+    pub max_skew: Duration,
+    /// Frames queued to one member before new ones are dropped (repaired
+    /// by anti-entropy). Default 1,024.
+    pub peer_queue: usize,
+    /// Frames taken from one connection. Default 200/s, burst 400.
+    pub frame_rate: Rate,
+    /// Tombstones are collected this often. Default 60 s.
+    pub collect_every: Duration,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        SyncSettings {
+            interval: Duration::from_secs(1),
+            limits: ReplicaLimits::default(),
+            max_namespaces: 64,
+            max_skew: DEFAULT_MAX_SKEW,
+            peer_queue: 1024,
+            frame_rate: Rate::per_second(200.0, 400),
+            collect_every: Duration::from_secs(60),
+        }
+    }
+}
+
+impl SyncSettings {
+    /// With anti-entropy every `interval`.
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// With these bounds per namespace.
+    pub fn limits(mut self, limits: ReplicaLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// With at most `n` namespaces.
+    pub fn max_namespaces(mut self, n: usize) -> Self {
+        self.max_namespaces = n.max(1);
+        self
+    }
+
+    /// With this allowed clock skew.
+    pub fn max_skew(mut self, skew: Duration) -> Self {
+        self.max_skew = skew;
+        self
+    }
+}
+
+/// Kinds of replicated-state failures ([`NodeError::Sync`]); the codes
+/// are what the CLI prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SyncErrorKind {
+    /// The node takes no part in a mesh, so it replicates nothing.
+    Disabled,
+    /// A bad namespace, key or value.
+    InvalidArgument,
+    /// A value over the size limit.
+    ValueTooLarge,
+    /// No such key (or row).
+    NotFound,
+    /// A row inserted that exists.
+    Exists,
+    /// A namespace, or the number of namespaces, at its limit.
+    Full,
+    /// The store failed, or the node is stopping.
+    Unavailable,
+}
+
+impl SyncErrorKind {
+    /// The stable code.
+    pub fn code(self) -> &'static str {
+        match self {
+            SyncErrorKind::Disabled => "sync_disabled",
+            SyncErrorKind::InvalidArgument => "invalid_argument",
+            SyncErrorKind::ValueTooLarge => "value_too_large",
+            SyncErrorKind::NotFound => "not_found",
+            SyncErrorKind::Exists => "exists",
+            SyncErrorKind::Full => "full",
+            SyncErrorKind::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl std::fmt::Display for SyncErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+fn fail(kind: SyncErrorKind, message: impl Into<String>) -> NodeError {
+    NodeError::Sync {
+        kind,
+        message: message.into(),
+    }
+}
+
+fn refusal_error(r: Refusal) -> NodeError {
+    let kind = match &r {
+        Refusal::ValueTooLarge { .. } => SyncErrorKind::ValueTooLarge,
+        Refusal::Full { .. } => SyncErrorKind::Full,
+        _ => SyncErrorKind::InvalidArgument,
+    };
+    fail(kind, r.to_string())
+}
+
+/// A value and its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplicatedEntry {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: Vec<u8>,
+    /// The stamp of the write that stands (its node is the writer).
+    pub version: Hlc,
+}
+
+/// A change that now stands, as subscribers hear of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplicatedChange {
+    /// Its namespace.
+    pub namespace: String,
+    /// The key.
+    pub key: String,
+    /// The new value; none if the key was deleted.
+    pub value: Option<Vec<u8>>,
+    /// Its stamp.
+    pub version: Hlc,
+    /// Whether this node made it.
+    pub local: bool,
+}
+
+/// Changes of one namespace as they commit ([`Replicated::subscribe`]).
+#[derive(Debug)]
+pub struct ChangeSubscription {
+    rx: mpsc::Receiver<ReplicatedChange>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl ChangeSubscription {
+    /// The next change; none once the node stopped.
+    pub async fn recv(&mut self) -> Option<ReplicatedChange> {
+        self.rx.recv().await
+    }
+
+    /// A change if one is waiting.
+    pub fn try_recv(&mut self) -> Option<ReplicatedChange> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Changes dropped because this subscription's buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// How sync stands with one member ([`Node::sync_status`](super::Node::sync_status)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SyncPeerStatus {
+    /// The member.
+    pub node: NodeId,
+    /// When it last sent this node its vectors or changes.
+    pub last_sync: Option<Timestamp>,
+    /// Changes this node holds that the member's last vectors lack.
+    pub pending: usize,
+}
+
+/// The most change subscriptions at once.
+const MAX_SUBSCRIPTIONS: usize = 256;
+/// The actor's inbox.
+const INBOX: usize = 4096;
+/// Batches submitted to storage and not yet committed, at most.
+const MAX_IN_FLIGHT: usize = 8192;
+/// Bytes of changes in one push frame.
+const PUSH_BYTES: usize = 512 * 1024;
+/// Sync connections kept from one member at once.
+const CONNECTIONS_PER_MEMBER: usize = 2;
+
+struct Sub {
+    namespace: String,
+    tx: mpsc::Sender<ReplicatedChange>,
+    dropped: Arc<AtomicU64>,
+}
+
+enum Cmd {
+    Write {
+        namespace: String,
+        key: String,
+        value: Option<Vec<u8>>,
+        /// `Some(true)`: only if the key is live (update, delete);
+        /// `Some(false)`: only if it is not (insert).
+        live: Option<bool>,
+        reply: oneshot::Sender<Result<Option<Change>, NodeError>>,
+    },
+    Get {
+        namespace: String,
+        key: String,
+        reply: oneshot::Sender<Option<Change>>,
+    },
+    Scan {
+        namespace: String,
+        prefix: String,
+        reply: oneshot::Sender<Vec<Change>>,
+    },
+    Frame {
+        from: NodeId,
+        bytes: Vec<u8>,
+    },
+    Status {
+        reply: oneshot::Sender<Vec<SyncPeerStatus>>,
+    },
+    Now {
+        reply: oneshot::Sender<usize>,
+    },
+    /// A member joined or came back: catch up with it now.
+    Reconnected(NodeId),
+}
+
+/// A batch in storage's hands, and what to do once it committed.
+struct Job {
+    pending: crate::storage::Pending,
+    namespace: String,
+    changes: Vec<Change>,
+    local: bool,
+    reply: Option<oneshot::Sender<Result<Option<Change>, NodeError>>>,
+}
+
+/// A batch that committed (or failed).
+struct Committed {
+    namespace: String,
+    changes: Vec<Change>,
+    local: bool,
+    ok: bool,
+}
+
+/// The sync side of a running node.
+pub(crate) struct SyncRt {
+    core: Arc<Core>,
+    mesh: Arc<MeshRt>,
+    settings: SyncSettings,
+    inbox: mpsc::Sender<Cmd>,
+    subscribers: Mutex<Vec<Sub>>,
+    /// Incoming sync connections, by member.
+    incoming: Mutex<HashMap<NodeId, Vec<(u64, Arc<dyn Connection>)>>>,
+    next_conn: AtomicU64,
+    frames_dropped: AtomicU64,
+}
+
+impl std::fmt::Debug for SyncRt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncRt")
+            .field("node", &self.core.key.node_id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads every stored namespace.
+fn load_replicas(
+    store: &dyn Storage,
+    me: NodeId,
+    limits: &ReplicaLimits,
+    clock: &mut HlcClock,
+) -> Result<BTreeMap<String, Replica>, StorageError> {
+    let mut names = Vec::new();
+    store.scan(Table::ReplicaCoverage, &mut |key, _| {
+        names.push(key.to_owned());
+        Ok(())
+    })?;
+    let mut out = BTreeMap::new();
+    for ns in names.into_iter().filter(|n| valid_namespace(n)) {
+        let (entries, covered) = sync_store::load(store, &ns)?;
+        // Stamps stay monotonic across a restart, whatever the clock did.
+        for c in entries.iter().filter(|c| c.origin() == me) {
+            clock.restore(&c.hlc);
+        }
+        out.insert(
+            ns.clone(),
+            Replica::restore(me, limits.clone(), entries, covered),
+        );
+    }
+    Ok(out)
+}
+
+/// Builds the sync runtime over the mesh runtime, from what is stored.
+pub(super) fn build(
+    core: &Arc<Core>,
+    mesh: &Arc<MeshRt>,
+    settings: SyncSettings,
+) -> Result<Arc<SyncRt>, NodeError> {
+    let me = core.key.node_id();
+    let mut clock = HlcClock::new(me, settings.max_skew);
+    let replicas = load_replicas(core.store.as_ref(), me, &settings.limits, &mut clock)?;
+    let (inbox, rx) = mpsc::channel(INBOX);
+    let rt = Arc::new(SyncRt {
+        core: core.clone(),
+        mesh: mesh.clone(),
+        settings,
+        inbox,
+        subscribers: Mutex::new(Vec::new()),
+        incoming: Mutex::new(HashMap::new()),
+        next_conn: AtomicU64::new(1),
+        frames_dropped: AtomicU64::new(0),
+    });
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<Committed>();
+    start_commit_waiter(jobs_rx, done_tx)?;
+    // Members that join or come back are caught up with at once.
+    let mut peer_events = core
+        .events
+        .subscribe("peer.*", 256)
+        .map_err(|e| NodeError::Unavailable(format!("sync: {e}")))?;
+    let events_inbox = rt.inbox.clone();
+    core.spawn(async move {
+        while let Some(r) = peer_events.recv().await {
+            let Received::Event(e) = r else { continue };
+            if (e.kind != kinds::PEER_JOINED && e.kind != kinds::PEER_ALIVE)
+                || e.data["scope"] != "mesh"
+            {
+                continue;
+            }
+            if let Some(node) = e.data["node"].as_str().and_then(|n| n.parse().ok())
+                && events_inbox.send(Cmd::Reconnected(node)).await.is_err()
+            {
+                return;
+            }
+        }
+    });
+    let actor = Actor {
+        rt: Arc::downgrade(&rt),
+        core: core.clone(),
+        clock,
+        replicas,
+        peers: BTreeMap::new(),
+        next_peer: 0,
+        jobs: jobs_tx,
+        in_flight: 0,
+        last_collect: core.now(),
+        outgoing: BTreeMap::new(),
+    };
+    core.spawn(actor.run(rx, done_rx));
+    Ok(rt)
+}
+
+/// Waits for each batch to commit, in order, on a thread of its own (a
+/// wait is a disk flush), and hands the outcome back to the actor.
+fn start_commit_waiter(
+    jobs: std::sync::mpsc::Receiver<Job>,
+    done: mpsc::UnboundedSender<Committed>,
+) -> Result<(), NodeError> {
+    std::thread::Builder::new()
+        .name("sync-commit".into())
+        .spawn(move || {
+            while let Ok(job) = jobs.recv() {
+                let outcome = job.pending.wait();
+                let ok = outcome.is_ok();
+                if let Some(reply) = job.reply {
+                    let answer = match outcome {
+                        Ok(()) => Ok(job.changes.first().cloned()),
+                        Err(e) => Err(NodeError::Storage(e)),
+                    };
+                    let _ = reply.send(answer);
+                }
+                let committed = Committed {
+                    namespace: job.namespace,
+                    changes: job.changes,
+                    local: job.local,
+                    ok,
+                };
+                if done.send(committed).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| NodeError::Unavailable(format!("cannot start the sync commit waiter: {e}")))?;
+    Ok(())
+}
+
+/// What this node knows of one member's sync.
+struct Peer {
+    link: OutLink,
+    /// Its vectors, as it last sent them.
+    vectors: BTreeMap<String, VersionVector>,
+    last_sync: Option<Timestamp>,
+}
+
+struct Actor {
+    rt: Weak<SyncRt>,
+    core: Arc<Core>,
+    clock: HlcClock,
+    replicas: BTreeMap<String, Replica>,
+    peers: BTreeMap<NodeId, Peer>,
+    /// Round-robin position of anti-entropy.
+    next_peer: usize,
+    jobs: std::sync::mpsc::Sender<Job>,
+    in_flight: usize,
+    last_collect: Timestamp,
+    /// Local changes committed and not yet pushed, per namespace.
+    outgoing: BTreeMap<String, Vec<Change>>,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Cmd>,
+        mut done: mpsc::UnboundedReceiver<Committed>,
+    ) {
+        let Some(interval) = self.rt.upgrade().map(|rt| rt.settings.interval) else {
+            return;
+        };
+        // At start, catch up with every member (this node may have been
+        // down while they wrote).
+        self.digest_all();
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                c = done.recv() => match c {
+                    Some(c) => {
+                        self.committed(c);
+                        // Everything committed with it goes out together.
+                        while let Ok(c) = done.try_recv() {
+                            self.committed(c);
+                        }
+                        self.flush_pushes();
+                    }
+                    None => return,
+                },
+                cmd = rx.recv(), if self.in_flight < MAX_IN_FLIGHT => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => return,
+                },
+                _ = tick.tick() => self.tick(),
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Write {
+                namespace,
+                key,
+                value,
+                live,
+                reply,
+            } => self.write(namespace, key, value, live, reply),
+            Cmd::Get {
+                namespace,
+                key,
+                reply,
+            } => {
+                let found = self
+                    .replicas
+                    .get(&namespace)
+                    .and_then(|r| r.entry(&key))
+                    .filter(|c| !c.is_tombstone())
+                    .cloned();
+                let _ = reply.send(found);
+            }
+            Cmd::Scan {
+                namespace,
+                prefix,
+                reply,
+            } => {
+                let found = self
+                    .replicas
+                    .get(&namespace)
+                    .map(|r| r.scan(&prefix).cloned().collect())
+                    .unwrap_or_default();
+                let _ = reply.send(found);
+            }
+            Cmd::Frame { from, bytes } => self.frame(from, &bytes),
+            Cmd::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Cmd::Now { reply } => {
+                let _ = reply.send(self.digest_all());
+            }
+            Cmd::Reconnected(node) => {
+                if let Some(addrs) = self.reachable().remove(&node) {
+                    self.send_digest(node, addrs, true);
+                }
+            }
+        }
+    }
+
+    fn write(
+        &mut self,
+        namespace: String,
+        key: String,
+        value: Option<Vec<u8>>,
+        live: Option<bool>,
+        reply: oneshot::Sender<Result<Option<Change>, NodeError>>,
+    ) {
+        let now = self.core.now();
+        if !self.ensure(&namespace) {
+            let _ = reply.send(Err(fail(
+                SyncErrorKind::Full,
+                "this node holds as many namespaces as allowed",
+            )));
+            return;
+        }
+        let Some(replica) = self.replicas.get_mut(&namespace) else {
+            return;
+        };
+        let is_live = replica.get(&key).is_some();
+        match live {
+            Some(true) if !is_live => {
+                let _ = reply.send(if value.is_none() {
+                    Ok(None)
+                } else {
+                    Err(fail(SyncErrorKind::NotFound, format!("no key {key:?}")))
+                });
+                return;
+            }
+            Some(false) if is_live => {
+                let _ = reply.send(Err(fail(SyncErrorKind::Exists, format!("{key:?} exists"))));
+                return;
+            }
+            _ => {}
+        }
+        let change = match replica.write(&key, value, &mut self.clock, now) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = reply.send(Err(refusal_error(e)));
+                return;
+            }
+        };
+        self.submit(namespace, vec![change], &[], true, Some(reply));
+    }
+
+    /// Hands `changes` (and the keys `collected`) of `namespace` to storage
+    /// with the namespace's vector, in one batch.
+    fn submit(
+        &mut self,
+        namespace: String,
+        changes: Vec<Change>,
+        collected: &[String],
+        local: bool,
+        reply: Option<oneshot::Sender<Result<Option<Change>, NodeError>>>,
+    ) {
+        let Some(replica) = self.replicas.get(&namespace) else {
+            return;
+        };
+        let writes =
+            match sync_store::writes(&namespace, &changes, collected, Some(replica.covered())) {
+                Ok(w) => w,
+                Err(e) => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(NodeError::Storage(e)));
+                    }
+                    return;
+                }
+            };
+        let pending = self.core.store.submit(writes);
+        self.in_flight += 1;
+        let job = Job {
+            pending,
+            namespace,
+            changes,
+            local,
+            reply,
+        };
+        if self.jobs.send(job).is_err() {
+            self.in_flight -= 1;
+        }
+    }
+
+    /// A batch committed: members get local changes, subscribers every one.
+    fn committed(&mut self, c: Committed) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let Some(rt) = self.rt.upgrade() else { return };
+        if !c.ok {
+            self.core.events.publish(
+                kinds::SYNC_STORE_FAILED,
+                self.core.now(),
+                json!({ "namespace": c.namespace, "changes": c.changes.len() }),
+            );
+            return;
+        }
+        if c.changes.is_empty() {
+            return;
+        }
+        rt.notify(&c.namespace, &c.changes, c.local);
+        if c.local {
+            self.outgoing
+                .entry(c.namespace)
+                .or_default()
+                .extend(c.changes);
+        }
+    }
+
+    /// Pushes the local changes committed since the last flush to every
+    /// reachable member, in frames within the limits.
+    fn flush_pushes(&mut self) {
+        if self.outgoing.is_empty() {
+            return;
+        }
+        let outgoing = std::mem::take(&mut self.outgoing);
+        let reachable = self.reachable();
+        if reachable.is_empty() {
+            return;
+        }
+        for (namespace, changes) in outgoing {
+            let mut frames = Vec::new();
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            for c in changes {
+                if !batch.is_empty()
+                    && (bytes + c.wire_len() > PUSH_BYTES || batch.len() >= MAX_FRAME_CHANGES)
+                {
+                    frames.push(std::mem::take(&mut batch));
+                    bytes = 0;
+                }
+                bytes += c.wire_len();
+                batch.push(c);
+            }
+            frames.push(batch);
+            for changes in frames {
+                let frame = SyncFrame::Push {
+                    namespace: namespace.clone(),
+                    changes,
+                }
+                .encode();
+                for (node, addrs) in &reachable {
+                    self.send(*node, addrs.clone(), frame.clone());
+                }
+            }
+        }
+    }
+
+    /// Anti-entropy: vectors to the next member in turn; now and then,
+    /// tombstones collected.
+    fn tick(&mut self) {
+        let reachable = self.reachable();
+        self.peers.retain(|node, _| reachable.contains_key(node));
+        if !reachable.is_empty() {
+            let i = self.next_peer % reachable.len();
+            self.next_peer = self.next_peer.wrapping_add(1);
+            if let Some((node, addrs)) = reachable.into_iter().nth(i) {
+                self.send_digest(node, addrs, true);
+            }
+        }
+        let Some(rt) = self.rt.upgrade() else { return };
+        let now = self.core.now();
+        if now.saturating_duration_since(self.last_collect) >= rt.settings.collect_every {
+            self.last_collect = now;
+            let members: Vec<NodeId> = rt.mesh.members().into_iter().collect();
+            let names: Vec<String> = self.replicas.keys().cloned().collect();
+            for ns in names {
+                let Some(r) = self.replicas.get_mut(&ns) else {
+                    continue;
+                };
+                let gone = r.collect(&members, now);
+                if !gone.is_empty() {
+                    self.submit(ns, Vec::new(), &gone, false, None);
+                }
+            }
+        }
+    }
+
+    /// Vectors to every reachable member; how many.
+    fn digest_all(&mut self) -> usize {
+        let reachable = self.reachable();
+        let n = reachable.len();
+        for (node, addrs) in reachable {
+            self.send_digest(node, addrs, true);
+        }
+        n
+    }
+
+    fn send_digest(&mut self, node: NodeId, addrs: Vec<PeerAddr>, reply: bool) {
+        let vectors = self
+            .replicas
+            .iter()
+            .map(|(ns, r)| (ns.clone(), r.covered().clone()))
+            .collect();
+        let frame = SyncFrame::Digest { vectors, reply }.encode();
+        self.send(node, addrs, frame);
+    }
+
+    /// Members to sync with: in the table, not inactive, not refused.
+    fn reachable(&self) -> BTreeMap<NodeId, Vec<PeerAddr>> {
+        self.rt
+            .upgrade()
+            .map(|rt| rt.mesh.reachable())
+            .unwrap_or_default()
+    }
+
+    fn send(&mut self, node: NodeId, addrs: Vec<PeerAddr>, frame: Vec<u8>) {
+        let Some(rt) = self.rt.upgrade() else { return };
+        let Some(peer) = self.peer(node, addrs) else {
+            return;
+        };
+        if !peer.link.send(frame) {
+            rt.frames_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// What this node keeps of member `node` (its link made if new).
+    fn peer(&mut self, node: NodeId, addrs: Vec<PeerAddr>) -> Option<&mut Peer> {
+        let rt = self.rt.upgrade()?;
+        let peer = self.peers.entry(node).or_insert_with(|| Peer {
+            link: OutLink::start(
+                &self.core,
+                node,
+                SYNC,
+                addrs.clone(),
+                rt.link_timing(),
+                None,
+                rt.settings.peer_queue,
+            ),
+            vectors: BTreeMap::new(),
+            last_sync: None,
+        });
+        peer.link.set_addrs(addrs);
+        Some(peer)
+    }
+
+    /// Whether the replica of `ns` exists, made if new and under the
+    /// limit.
+    fn ensure(&mut self, ns: &str) -> bool {
+        if self.replicas.contains_key(ns) {
+            return true;
+        }
+        let Some(rt) = self.rt.upgrade() else {
+            return false;
+        };
+        if !valid_namespace(ns) || self.replicas.len() >= rt.settings.max_namespaces {
+            return false;
+        }
+        let me = self.core.key.node_id();
+        self.replicas
+            .insert(ns.to_owned(), Replica::new(me, rt.settings.limits.clone()));
+        true
+    }
+
+    fn refused(&self, from: NodeId, reason: &str, count: usize) {
+        self.core.events.publish(
+            kinds::SYNC_REFUSED,
+            self.core.now(),
+            json!({ "node": from.to_string(), "reason": reason, "count": count }),
+        );
+    }
+
+    fn frame(&mut self, from: NodeId, bytes: &[u8]) {
+        let frame = match SyncFrame::decode(bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                self.refused(from, &e.to_string(), 1);
+                return;
+            }
+        };
+        let now = self.core.now();
+        match frame {
+            SyncFrame::Push { namespace, changes } => {
+                if changes.iter().any(|c| c.origin() != from) {
+                    self.refused(
+                        from,
+                        "a push may carry only its sender's own changes",
+                        changes.len(),
+                    );
+                    return;
+                }
+                let top = changes.iter().map(|c| c.seq).max().unwrap_or(0);
+                if self.apply(from, namespace.clone(), changes, None) {
+                    // A gap before these (a push was lost): ask for it now.
+                    let behind = self
+                        .replicas
+                        .get(&namespace)
+                        .is_some_and(|r| r.covered().get(&from).copied().unwrap_or(0) < top);
+                    if behind && let Some(addrs) = self.reachable().remove(&from) {
+                        self.send_digest(from, addrs, false);
+                    }
+                }
+            }
+            SyncFrame::Digest { vectors, reply } => {
+                let Some(addrs) = self.reachable().remove(&from) else {
+                    return;
+                };
+                let mut theirs_ahead = false;
+                let mut named = std::collections::BTreeSet::new();
+                let mut deltas = Vec::new();
+                let mut seen = Vec::new();
+                for (ns, v) in vectors {
+                    named.insert(ns.clone());
+                    if !self.ensure(&ns) {
+                        continue;
+                    }
+                    let Some(r) = self.replicas.get_mut(&ns) else {
+                        continue;
+                    };
+                    theirs_ahead |= v
+                        .iter()
+                        .any(|(o, n)| *n > r.covered().get(o).copied().unwrap_or(0));
+                    r.note_peer(from, v.clone());
+                    let delta = r.delta_for(&v);
+                    if !delta.changes.is_empty() || !delta.covers.is_empty() {
+                        deltas.push((ns.clone(), delta));
+                    }
+                    seen.push((ns, v));
+                }
+                // Namespaces the member did not name: it holds nothing of them.
+                for (ns, r) in &self.replicas {
+                    if !named.contains(ns) && !r.is_empty() {
+                        deltas.push((ns.clone(), r.delta_for(&VersionVector::new())));
+                    }
+                }
+                for (namespace, delta) in deltas {
+                    let frame = SyncFrame::Delta { namespace, delta }.encode();
+                    self.send(from, addrs.clone(), frame);
+                }
+                if reply && theirs_ahead {
+                    self.send_digest(from, addrs.clone(), false);
+                }
+                if let Some(p) = self.peer(from, addrs) {
+                    p.vectors.extend(seen);
+                    p.last_sync = Some(now);
+                }
+            }
+            SyncFrame::Delta { namespace, delta } => {
+                let Some(addrs) = self.reachable().remove(&from) else {
+                    return;
+                };
+                let more = delta.more;
+                self.apply(from, namespace, delta.changes, Some(delta.covers));
+                if let Some(p) = self.peer(from, addrs.clone()) {
+                    p.last_sync = Some(now);
+                }
+                if more {
+                    self.send_digest(from, addrs, false);
+                }
+            }
+        }
+    }
+
+    /// Applies a member's changes and stores what stands; whether the
+    /// namespace exists (or could be made).
+    fn apply(
+        &mut self,
+        from: NodeId,
+        namespace: String,
+        changes: Vec<Change>,
+        covers: Option<VersionVector>,
+    ) -> bool {
+        let now = self.core.now();
+        if !self.ensure(&namespace) {
+            self.refused(from, "too many namespaces", changes.len());
+            return false;
+        }
+        let Some(r) = self.replicas.get_mut(&namespace) else {
+            return false;
+        };
+        let applied = r.apply(changes, covers.as_ref(), &mut self.clock, now);
+        if let Some((_, why)) = applied.refused.first() {
+            self.refused(from, &why.to_string(), applied.refused.len());
+        }
+        if !applied.changed.is_empty() || applied.covered_moved {
+            self.submit(namespace, applied.changed, &[], false, None);
+        }
+        true
+    }
+
+    fn status(&self) -> Vec<SyncPeerStatus> {
+        let empty = VersionVector::new();
+        self.reachable()
+            .into_keys()
+            .map(|node| {
+                let peer = self.peers.get(&node);
+                let pending = self
+                    .replicas
+                    .iter()
+                    .map(|(ns, r)| {
+                        let theirs = peer.and_then(|p| p.vectors.get(ns)).unwrap_or(&empty);
+                        r.pending_for(theirs)
+                    })
+                    .sum();
+                SyncPeerStatus {
+                    node,
+                    last_sync: peer.and_then(|p| p.last_sync),
+                    pending,
+                }
+            })
+            .collect()
+    }
+}
+
+impl SyncRt {
+    fn link_timing(&self) -> LinkTiming {
+        self.mesh.link_timing()
+    }
+
+    fn notify(&self, namespace: &str, changes: &[Change], local: bool) {
+        let mut subs = lock(&self.subscribers);
+        subs.retain(|s| !s.tx.is_closed());
+        for s in subs.iter().filter(|s| s.namespace == namespace) {
+            for c in changes {
+                let change = ReplicatedChange {
+                    namespace: namespace.to_owned(),
+                    key: c.key.clone(),
+                    value: c.value.clone(),
+                    version: c.hlc,
+                    local,
+                };
+                if s.tx.try_send(change).is_err() {
+                    s.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.inbox
+            .send(make(tx))
+            .await
+            .map_err(|_| fail(SyncErrorKind::Unavailable, "the node has stopped"))?;
+        rx.await
+            .map_err(|_| fail(SyncErrorKind::Unavailable, "the node has stopped"))
+    }
+
+    /// Serves one sync connection: its frames into the actor, at most the
+    /// settings' rate.
+    async fn serve(self: Arc<Self>, conn: Arc<dyn Connection>) {
+        let from = conn.remote_node();
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut incoming = lock(&self.incoming);
+            let list = incoming.entry(from).or_default();
+            list.push((id, conn.clone()));
+            while list.len() > CONNECTIONS_PER_MEMBER {
+                let (_, old) = list.remove(0);
+                old.close();
+            }
+        }
+        let mut bucket = TokenBucket::new(self.settings.frame_rate, self.core.now());
+        while let Ok(bytes) = conn.recv().await {
+            if !self.mesh.is_member(&from) {
+                break;
+            }
+            if !bucket.try_take(self.core.now()) {
+                self.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if self.inbox.send(Cmd::Frame { from, bytes }).await.is_err() {
+                break;
+            }
+        }
+        conn.close();
+        let mut incoming = lock(&self.incoming);
+        if let Some(list) = incoming.get_mut(&from) {
+            list.retain(|(i, _)| *i != id);
+            if list.is_empty() {
+                incoming.remove(&from);
+            }
+        }
+    }
+}
+
+/// Serves [`SYNC`] to members of the mesh (not blocked, not refused).
+pub(super) struct SyncService {
+    rt: Weak<SyncRt>,
+}
+
+impl std::fmt::Debug for SyncService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncService")
+    }
+}
+
+#[async_trait]
+impl ProtocolHandler for SyncService {
+    fn admit(&self, peer: &NodeId) -> bool {
+        self.rt.upgrade().is_some_and(|rt| rt.mesh.is_member(peer))
+    }
+
+    async fn serve(&self, conn: Arc<dyn Connection>) {
+        match self.rt.upgrade() {
+            Some(rt) => rt.serve(conn).await,
+            None => conn.close(),
+        }
+    }
+}
+
+/// The sync protocol, as a handler.
+pub(super) fn protocol(rt: &Arc<SyncRt>) -> (crate::transport::Protocol, Arc<dyn ProtocolHandler>) {
+    (
+        SYNC,
+        Arc::new(SyncService {
+            rt: Arc::downgrade(rt),
+        }),
+    )
+}
+
+/// One replicated namespace of a node ([`Node::replicated`](super::Node::replicated)):
+/// a last-writer-wins map shared with every member of the mesh.
+#[derive(Clone)]
+pub struct Replicated {
+    rt: Arc<SyncRt>,
+    namespace: String,
+}
+
+impl std::fmt::Debug for Replicated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicated")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+fn entry(c: Change) -> Option<ReplicatedEntry> {
+    Some(ReplicatedEntry {
+        key: c.key,
+        value: c.value?,
+        version: c.hlc,
+    })
+}
+
+impl Replicated {
+    /// Its name.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    async fn write(
+        &self,
+        key: &str,
+        value: Option<Vec<u8>>,
+        live: Option<bool>,
+    ) -> Result<Option<Change>, NodeError> {
+        if self.namespace == CONFIG_NAMESPACE
+            && let Some(v) = &value
+            && serde_json::from_slice::<serde_json::Value>(v).is_err()
+        {
+            return Err(fail(
+                SyncErrorKind::InvalidArgument,
+                "the config namespace holds JSON values",
+            ));
+        }
+        self.rt
+            .ask(|reply| Cmd::Write {
+                namespace: self.namespace.clone(),
+                key: key.to_owned(),
+                value,
+                live,
+                reply,
+            })
+            .await?
+    }
+
+    /// Sets `key` to `value`; returns its version once the write is
+    /// durable here (members get it then, and by anti-entropy if they
+    /// miss it).
+    pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<Hlc, NodeError> {
+        let c = self.write(key, Some(value), None).await?;
+        c.map(|c| c.hlc)
+            .ok_or_else(|| fail(SyncErrorKind::Unavailable, "the write was lost"))
+    }
+
+    /// Deletes `key` (a tombstone, replicated like a write); the
+    /// tombstone's version, or none if the key was not there.
+    pub async fn delete(&self, key: &str) -> Result<Option<Hlc>, NodeError> {
+        Ok(self.write(key, None, Some(true)).await?.map(|c| c.hlc))
+    }
+
+    /// Sets `key` only if it holds no value; [`SyncErrorKind::Exists`]
+    /// otherwise (as seen here: a member may insert it at the same time,
+    /// and the later write wins).
+    pub async fn insert(&self, key: &str, value: Vec<u8>) -> Result<Hlc, NodeError> {
+        let c = self.write(key, Some(value), Some(false)).await?;
+        c.map(|c| c.hlc)
+            .ok_or_else(|| fail(SyncErrorKind::Unavailable, "the write was lost"))
+    }
+
+    /// Sets `key` only if it holds a value; [`SyncErrorKind::NotFound`]
+    /// otherwise.
+    pub async fn update(&self, key: &str, value: Vec<u8>) -> Result<Hlc, NodeError> {
+        let c = self.write(key, Some(value), Some(true)).await?;
+        c.map(|c| c.hlc)
+            .ok_or_else(|| fail(SyncErrorKind::Unavailable, "the write was lost"))
+    }
+
+    /// The value of `key` and its version, if it holds one.
+    pub async fn get(&self, key: &str) -> Result<Option<ReplicatedEntry>, NodeError> {
+        let c = self
+            .rt
+            .ask(|reply| Cmd::Get {
+                namespace: self.namespace.clone(),
+                key: key.to_owned(),
+                reply,
+            })
+            .await?;
+        Ok(c.and_then(entry))
+    }
+
+    /// Every key starting with `prefix` that holds a value, in key order.
+    pub async fn scan(&self, prefix: &str) -> Result<Vec<ReplicatedEntry>, NodeError> {
+        let found = self
+            .rt
+            .ask(|reply| Cmd::Scan {
+                namespace: self.namespace.clone(),
+                prefix: prefix.to_owned(),
+                reply,
+            })
+            .await?;
+        Ok(found.into_iter().filter_map(entry).collect())
+    }
+
+    /// Changes of this namespace as they commit here, local and from
+    /// members; at most `capacity` wait (more are dropped and counted).
+    pub fn subscribe(&self, capacity: usize) -> Result<ChangeSubscription, NodeError> {
+        if capacity == 0 {
+            return Err(fail(
+                SyncErrorKind::InvalidArgument,
+                "a subscription needs room for at least one change",
+            ));
+        }
+        let mut subs = lock(&self.rt.subscribers);
+        subs.retain(|s| !s.tx.is_closed());
+        if subs.len() >= MAX_SUBSCRIPTIONS {
+            return Err(fail(
+                SyncErrorKind::Full,
+                format!("at most {MAX_SUBSCRIPTIONS} change subscriptions"),
+            ));
+        }
+        let (tx, rx) = mpsc::channel(capacity);
+        let dropped = Arc::new(AtomicU64::new(0));
+        subs.push(Sub {
+            namespace: self.namespace.clone(),
+            tx,
+            dropped: dropped.clone(),
+        });
+        Ok(ChangeSubscription { rx, dropped })
+    }
+}
+
+/// A configuration entry ([`Node::config_get`](super::Node::config_get)).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ConfigEntry {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: serde_json::Value,
+    /// Its version.
+    pub version: Hlc,
+}
+
+fn config_entry(e: ReplicatedEntry) -> Result<ConfigEntry, NodeError> {
+    let value = serde_json::from_slice(&e.value).map_err(|err| {
+        fail(
+            SyncErrorKind::InvalidArgument,
+            format!("config key {:?} holds no JSON: {err}", e.key),
+        )
+    })?;
+    Ok(ConfigEntry {
+        key: e.key,
+        value,
+        version: e.version,
+    })
+}
+
+fn json_bytes(value: &serde_json::Value) -> Vec<u8> {
+    // A Value always serializes.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+impl super::Node {
+    fn sync_rt(&self) -> Result<&Arc<SyncRt>, NodeError> {
+        self.sync.as_ref().ok_or_else(|| {
+            fail(
+                SyncErrorKind::Disabled,
+                "this node was built without the mesh (NodeBuilder::mesh), so it replicates nothing",
+            )
+        })
+    }
+
+    /// The replicated namespace `namespace` (1 to 64 of `a-z 0-9 - _ .`),
+    /// shared with every member of the mesh.
+    pub fn replicated(&self, namespace: &str) -> Result<Replicated, NodeError> {
+        let rt = self.sync_rt()?;
+        if !valid_namespace(namespace) {
+            return Err(fail(
+                SyncErrorKind::InvalidArgument,
+                format!("{namespace:?} is not a namespace name (1 to 64 of a-z 0-9 - _ .)"),
+            ));
+        }
+        Ok(Replicated {
+            rt: rt.clone(),
+            namespace: namespace.to_owned(),
+        })
+    }
+
+    /// Sets configuration key `key` to the JSON `value`, replicated to
+    /// every member.
+    pub async fn config_set(
+        &self,
+        key: &str,
+        value: serde_json::Value,
+    ) -> Result<ConfigEntry, NodeError> {
+        let version = self
+            .replicated(CONFIG_NAMESPACE)?
+            .put(key, json_bytes(&value))
+            .await?;
+        Ok(ConfigEntry {
+            key: key.to_owned(),
+            value,
+            version,
+        })
+    }
+
+    /// Configuration key `key`; [`SyncErrorKind::NotFound`] if unset.
+    pub async fn config_get(&self, key: &str) -> Result<ConfigEntry, NodeError> {
+        match self.replicated(CONFIG_NAMESPACE)?.get(key).await? {
+            Some(e) => config_entry(e),
+            None => Err(fail(
+                SyncErrorKind::NotFound,
+                format!("no config key {key:?}"),
+            )),
+        }
+    }
+
+    /// Configuration keys starting with `prefix`, sorted by key.
+    pub async fn config_list(&self, prefix: &str) -> Result<Vec<ConfigEntry>, NodeError> {
+        self.replicated(CONFIG_NAMESPACE)?
+            .scan(prefix)
+            .await?
+            .into_iter()
+            .map(config_entry)
+            .collect()
+    }
+
+    /// Deletes configuration key `key`; [`SyncErrorKind::NotFound`] if
+    /// unset.
+    pub async fn config_delete(&self, key: &str) -> Result<Hlc, NodeError> {
+        self.replicated(CONFIG_NAMESPACE)?
+            .delete(key)
+            .await?
+            .ok_or_else(|| fail(SyncErrorKind::NotFound, format!("no config key {key:?}")))
+    }
+
+    fn table(&self, table: &str) -> Result<Replicated, NodeError> {
+        self.replicated(&format!("{TABLE_PREFIX}{table}"))
+    }
+
+    /// Inserts row `id` of app table `table` (a JSON object), replicated
+    /// to every member; [`SyncErrorKind::Exists`] if it is there.
+    pub async fn table_insert(
+        &self,
+        table: &str,
+        id: &str,
+        row: serde_json::Value,
+    ) -> Result<Hlc, NodeError> {
+        let bytes = row_bytes(&row)?;
+        self.table(table)?.insert(id, bytes).await
+    }
+
+    /// Replaces row `id`; [`SyncErrorKind::NotFound`] if it is not there.
+    pub async fn table_update(
+        &self,
+        table: &str,
+        id: &str,
+        row: serde_json::Value,
+    ) -> Result<Hlc, NodeError> {
+        let bytes = row_bytes(&row)?;
+        self.table(table)?.update(id, bytes).await
+    }
+
+    /// Deletes row `id`; [`SyncErrorKind::NotFound`] if it is not there.
+    pub async fn table_delete(&self, table: &str, id: &str) -> Result<Hlc, NodeError> {
+        self.table(table)?
+            .delete(id)
+            .await?
+            .ok_or_else(|| fail(SyncErrorKind::NotFound, format!("no row {id:?} in {table}")))
+    }
+
+    /// The rows of `table`, by id.
+    pub async fn table_rows(
+        &self,
+        table: &str,
+    ) -> Result<Vec<(String, serde_json::Value)>, NodeError> {
+        self.table(table)?
+            .scan("")
+            .await?
+            .into_iter()
+            .map(|e| {
+                let row = serde_json::from_slice(&e.value).map_err(|err| {
+                    fail(
+                        SyncErrorKind::InvalidArgument,
+                        format!("row {:?} holds no JSON: {err}", e.key),
+                    )
+                })?;
+                Ok((e.key, row))
+            })
+            .collect()
+    }
+
+    /// How sync stands with each reachable member.
+    pub async fn sync_status(&self) -> Result<Vec<SyncPeerStatus>, NodeError> {
+        self.sync_rt()?.ask(|reply| Cmd::Status { reply }).await
+    }
+
+    /// Sends this node's vectors to every reachable member now (sync runs
+    /// by itself; this is for the impatient); how many members.
+    pub async fn sync_now(&self) -> Result<usize, NodeError> {
+        self.sync_rt()?.ask(|reply| Cmd::Now { reply }).await
+    }
+
+    /// Sync frames dropped: queues to members full, or over a member's
+    /// frame rate.
+    pub fn sync_frames_dropped(&self) -> u64 {
+        self.sync
+            .as_ref()
+            .map_or(0, |rt| rt.frames_dropped.load(Ordering::Relaxed))
+    }
+}
+
+fn row_bytes(row: &serde_json::Value) -> Result<Vec<u8>, NodeError> {
+    if !row.is_object() {
+        return Err(fail(
+            SyncErrorKind::InvalidArgument,
+            "a table row is a JSON object",
+        ));
+    }
+    Ok(json_bytes(row))
+}
