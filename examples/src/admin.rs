@@ -15,7 +15,10 @@
 //! `events.follow {pattern?}`, `ledger.verify`; the mesh: `mesh.token
 //! {ttl_ms?}`, `mesh.join {token}`, `mesh.tokens`, `mesh.tokens.revoke {id}`,
 //! `mesh.peers`, `mesh.rename {name}`, `mesh.leave`, `mesh.block {node_id,
-//! reason?}`, `mesh.unblock {node_id}`, `mesh.broadcast {topic, body}`. A `device` is a node id, a
+//! reason?}`, `mesh.unblock {node_id}`, `mesh.broadcast {topic, body}`;
+//! replicated state: `config.set {key, value}`, `config.get {key}`,
+//! `config.list {prefix?}`, `config.delete {key}`, `sync.status`,
+//! `sync.now`. A `device` is a node id, a
 //! hardware/app id or a device name.
 
 use std::io::{BufRead, BufReader, Write as _};
@@ -66,6 +69,9 @@ fn err(kind: &str, message: impl Into<String>) -> AdminError {
 
 fn node_error(e: NodeError) -> AdminError {
     if let NodeError::Mesh { kind, message } = &e {
+        return err(kind.code(), message.clone());
+    }
+    if let NodeError::Sync { kind, message } = &e {
         return err(kind.code(), message.clone());
     }
     let kind = match &e {
@@ -264,6 +270,9 @@ pub async fn dispatch(
         }
         "ledger.verify" => ledger().map_err(|m| err("storage", m)),
         c if c.starts_with("mesh.") => mesh_command(node, c, args).await,
+        c if c.starts_with("config.") || c.starts_with("sync.") => {
+            sync_command(node, c, args).await
+        }
         other => Err(err("usage", format!("unknown command {other:?}"))),
     }
 }
@@ -276,6 +285,65 @@ fn node_id_arg(args: &Value) -> Result<NodeId, AdminError> {
 
 fn ms(t: Option<mesh_core::clock::Timestamp>) -> Value {
     t.map_or(Value::Null, |t| json!(t.as_millis()))
+}
+
+fn config_json(e: &mesh_core::node::ConfigEntry) -> Value {
+    json!({
+        "key": e.key,
+        "value": e.value,
+        "version": { "hlc": e.version.to_string(), "node": e.version.node.to_string() },
+    })
+}
+
+/// Replicated configuration and sync (`meshctl config …`, `meshctl sync …`).
+async fn sync_command(node: &Primary, cmd: &str, args: &Value) -> Result<Value, AdminError> {
+    match cmd {
+        "config.set" => {
+            let value = args
+                .get("value")
+                .cloned()
+                .ok_or_else(|| err("usage", "missing \"value\""))?;
+            let e = node
+                .config_set(&text(args, "key")?, value)
+                .await
+                .map_err(node_error)?;
+            Ok(config_json(&e))
+        }
+        "config.get" => {
+            let e = node
+                .config_get(&text(args, "key")?)
+                .await
+                .map_err(node_error)?;
+            Ok(config_json(&e))
+        }
+        "config.list" => {
+            let prefix = args.get("prefix").and_then(Value::as_str).unwrap_or("");
+            let entries = node.config_list(prefix).await.map_err(node_error)?;
+            Ok(json!({ "entries": entries.iter().map(config_json).collect::<Vec<_>>() }))
+        }
+        "config.delete" => {
+            let key = text(args, "key")?;
+            let version = node.config_delete(&key).await.map_err(node_error)?;
+            Ok(json!({
+                "key": key,
+                "deleted": true,
+                "version": { "hlc": version.to_string(), "node": version.node.to_string() },
+            }))
+        }
+        "sync.status" => {
+            let peers = node.sync_status().await.map_err(node_error)?;
+            Ok(json!({ "peers": peers.iter().map(|p| json!({
+                "node_id": p.node.to_string(),
+                "last_sync_ms": ms(p.last_sync),
+                "pending": p.pending,
+            })).collect::<Vec<_>>() }))
+        }
+        "sync.now" => {
+            let peers = node.sync_now().await.map_err(node_error)?;
+            Ok(json!({ "started": true, "peers": peers }))
+        }
+        other => Err(err("usage", format!("unknown command {other:?}"))),
+    }
 }
 
 /// The mesh commands (`meshctl mesh …`).

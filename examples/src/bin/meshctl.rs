@@ -69,6 +69,13 @@ enum Command {
     /// The mesh of nodes, on a running primary (always JSON).
     #[command(subcommand)]
     Mesh(MeshCmd),
+    /// Replicated configuration of a running primary, shared with its mesh
+    /// (always JSON).
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Replicated state's sync with the mesh's members (always JSON).
+    #[command(subcommand)]
+    Sync(SyncCmd),
     /// A running primary's events.
     Events {
         /// Keep printing events as they come (until interrupted).
@@ -128,6 +135,56 @@ enum PairingCmd {
         /// Why (shown on the device).
         #[arg(long)]
         reason: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Set KEY to a JSON value. Prints {"key", "value", "version": {"hlc", "node"}}.
+    Set {
+        /// The key.
+        key: String,
+        /// The value, as JSON (`42`, `"text"`, `{"a": 1}`).
+        value: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show KEY (error kind not_found if unset).
+    Get {
+        /// The key.
+        key: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Every key, sorted. Prints {"entries": [{"key", "value", "version"}]}.
+    List {
+        /// Only keys starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Delete KEY (error kind not_found if unset).
+    Delete {
+        /// The key.
+        key: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SyncCmd {
+    /// Per member: when it last synced, changes it lacks. Prints
+    /// {"peers": [{"node_id", "last_sync_ms", "pending"}]}.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Sync with every member now (it also runs by itself).
+    Now {
         #[command(flatten)]
         target: Target,
     },
@@ -723,10 +780,42 @@ fn mesh_command(command: &MeshCmd) -> ExitCode {
     }
 }
 
+fn config_command(command: &ConfigCmd) -> ExitCode {
+    match command {
+        ConfigCmd::Set { key, value, target } => {
+            let value: serde_json::Value = match serde_json::from_str(value) {
+                Ok(v) => v,
+                Err(e) => {
+                    println!(
+                        "{}",
+                        json!({ "error": { "kind": "invalid_json", "message": format!("VALUE_JSON is not JSON: {e}") } })
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            run_admin_json(target, "config.set", json!({ "key": key, "value": value }))
+        }
+        ConfigCmd::Get { key, target } => {
+            run_admin_json(target, "config.get", json!({ "key": key }))
+        }
+        ConfigCmd::List { prefix, target } => {
+            run_admin_json(target, "config.list", json!({ "prefix": prefix }))
+        }
+        ConfigCmd::Delete { key, target } => {
+            run_admin_json(target, "config.delete", json!({ "key": key }))
+        }
+    }
+}
+
 /// The admin commands, if `command` is one.
 fn admin_command(command: &Command) -> Option<ExitCode> {
     Some(match command {
         Command::Mesh(m) => mesh_command(m),
+        Command::Config(c) => config_command(c),
+        Command::Sync(SyncCmd::Status { target }) => {
+            run_admin_json(target, "sync.status", json!({}))
+        }
+        Command::Sync(SyncCmd::Now { target }) => run_admin_json(target, "sync.now", json!({})),
         Command::Pairing(PairingCmd::List { target }) => {
             run_admin(target, "pairing.list", json!({}))
         }
@@ -863,6 +952,8 @@ fn run(cli: Cli) -> Result<serde_json::Value, Failure> {
         // Answered over the admin socket (see `admin_command`).
         Command::Pairing(_)
         | Command::Mesh(_)
+        | Command::Config(_)
+        | Command::Sync(_)
         | Command::Devices(_)
         | Command::Actions(_)
         | Command::Events { .. }

@@ -9,6 +9,7 @@
 //! the protocols over these links repair losses themselves (SWIM, lazy
 //! push, anti-entropy).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -37,6 +38,9 @@ pub(crate) type FirstFrame = Box<dyn Fn() -> Option<Vec<u8>> + Send + Sync>;
 pub(crate) struct OutLink {
     tx: mpsc::Sender<Vec<u8>>,
     addrs: Arc<Mutex<Vec<PeerAddr>>>,
+    /// Set when the addresses change: the writer drops its connection (to
+    /// where the peer was) and dials again.
+    moved: Arc<AtomicBool>,
 }
 
 impl OutLink {
@@ -53,16 +57,18 @@ impl OutLink {
     ) -> OutLink {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let addrs = Arc::new(Mutex::new(addrs));
+        let moved = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             core: Arc::downgrade(core),
             peer,
             protocol,
             addrs: addrs.clone(),
+            moved: moved.clone(),
             timing,
             first,
         };
         core.spawn(writer.run(rx));
-        OutLink { tx, addrs }
+        OutLink { tx, addrs, moved }
     }
 
     /// Queues `frame`; false if the queue is full (the frame is dropped).
@@ -72,8 +78,13 @@ impl OutLink {
 
     /// Where the peer is reached from now on (ignored if empty).
     pub(crate) fn set_addrs(&self, addrs: Vec<PeerAddr>) {
-        if !addrs.is_empty() {
-            *lock(&self.addrs) = addrs;
+        if addrs.is_empty() {
+            return;
+        }
+        let mut current = lock(&self.addrs);
+        if *current != addrs {
+            *current = addrs;
+            self.moved.store(true, Ordering::Release);
         }
     }
 }
@@ -83,6 +94,7 @@ struct Writer {
     peer: NodeId,
     protocol: Protocol,
     addrs: Arc<Mutex<Vec<PeerAddr>>>,
+    moved: Arc<AtomicBool>,
     timing: LinkTiming,
     first: Option<FirstFrame>,
 }
@@ -102,6 +114,14 @@ impl Writer {
                     continue;
                 }
             };
+            if self.moved.swap(false, Ordering::AcqRel) {
+                // The peer moved (it restarted elsewhere): a connection to
+                // where it was may look open for a long while.
+                if let Some(c) = conn.take() {
+                    c.close();
+                }
+                down_until = None;
+            }
             if down_until.is_some_and(|t| tokio::time::Instant::now() < t) {
                 continue;
             }

@@ -297,6 +297,10 @@ enum Cmd {
     },
     Frame {
         from: NodeId,
+        /// Where its connection came from (answers go there first: a
+        /// member that restarted elsewhere is reached before the mesh
+        /// hears of its new address).
+        addr: Option<PeerAddr>,
         bytes: Vec<u8>,
     },
     Status {
@@ -429,6 +433,7 @@ pub(super) fn build(
         in_flight: 0,
         last_collect: core.now(),
         outgoing: BTreeMap::new(),
+        last_reachable: BTreeMap::new(),
     };
     core.spawn(actor.run(rx, done_rx));
     Ok(rt)
@@ -474,6 +479,10 @@ struct Peer {
     /// Its vectors, as it last sent them.
     vectors: BTreeMap<String, VersionVector>,
     last_sync: Option<Timestamp>,
+    /// Where its last frame came from.
+    seen: Option<PeerAddr>,
+    /// The addresses its link has.
+    link_addrs: Vec<PeerAddr>,
 }
 
 struct Actor {
@@ -489,6 +498,8 @@ struct Actor {
     last_collect: Timestamp,
     /// Local changes committed and not yet pushed, per namespace.
     outgoing: BTreeMap<String, Vec<Change>>,
+    /// The reachable members at the last tick.
+    last_reachable: BTreeMap<NodeId, Vec<PeerAddr>>,
 }
 
 impl Actor {
@@ -561,7 +572,7 @@ impl Actor {
                     .unwrap_or_default();
                 let _ = reply.send(found);
             }
-            Cmd::Frame { from, bytes } => self.frame(from, &bytes),
+            Cmd::Frame { from, addr, bytes } => self.frame(from, addr, &bytes),
             Cmd::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -726,6 +737,17 @@ impl Actor {
     fn tick(&mut self) {
         let reachable = self.reachable();
         self.peers.retain(|node, _| reachable.contains_key(node));
+        // Members new to the table, back from inactive, or at new
+        // addresses (restarted elsewhere) are caught up with at once.
+        let changed: Vec<(NodeId, Vec<PeerAddr>)> = reachable
+            .iter()
+            .filter(|(n, a)| self.last_reachable.get(*n) != Some(*a))
+            .map(|(n, a)| (*n, a.clone()))
+            .collect();
+        self.last_reachable.clone_from(&reachable);
+        for (node, addrs) in changed {
+            self.send_digest(node, addrs, true);
+        }
         if !reachable.is_empty() {
             let i = self.next_peer % reachable.len();
             self.next_peer = self.next_peer.wrapping_add(1);
@@ -754,6 +776,7 @@ impl Actor {
     /// Vectors to every reachable member; how many.
     fn digest_all(&mut self) -> usize {
         let reachable = self.reachable();
+        self.last_reachable.clone_from(&reachable);
         let n = reachable.len();
         for (node, addrs) in reachable {
             self.send_digest(node, addrs, true);
@@ -781,7 +804,7 @@ impl Actor {
 
     fn send(&mut self, node: NodeId, addrs: Vec<PeerAddr>, frame: Vec<u8>) {
         let Some(rt) = self.rt.upgrade() else { return };
-        let Some(peer) = self.peer(node, addrs) else {
+        let Some(peer) = self.peer(node, addrs, None) else {
             return;
         };
         if !peer.link.send(frame) {
@@ -789,8 +812,14 @@ impl Actor {
         }
     }
 
-    /// What this node keeps of member `node` (its link made if new).
-    fn peer(&mut self, node: NodeId, addrs: Vec<PeerAddr>) -> Option<&mut Peer> {
+    /// What this node keeps of member `node` (its link made if new),
+    /// reached at `addrs` (the mesh's table) and where it was last `seen`.
+    fn peer(
+        &mut self,
+        node: NodeId,
+        addrs: Vec<PeerAddr>,
+        seen: Option<PeerAddr>,
+    ) -> Option<&mut Peer> {
         let rt = self.rt.upgrade()?;
         let peer = self.peers.entry(node).or_insert_with(|| Peer {
             link: OutLink::start(
@@ -804,8 +833,25 @@ impl Actor {
             ),
             vectors: BTreeMap::new(),
             last_sync: None,
+            seen: None,
+            link_addrs: Vec::new(),
         });
-        peer.link.set_addrs(addrs);
+        if seen.is_some() {
+            peer.seen = seen;
+        }
+        // Where it was seen last comes first while the table lacks it (it
+        // restarted elsewhere and the mesh has not heard yet).
+        let mut merged = Vec::with_capacity(addrs.len() + 1);
+        if let Some(s) = &peer.seen
+            && !addrs.contains(s)
+        {
+            merged.push(s.clone());
+        }
+        merged.extend(addrs);
+        if !merged.is_empty() && merged != peer.link_addrs {
+            peer.link.set_addrs(merged.clone());
+            peer.link_addrs = merged;
+        }
         Some(peer)
     }
 
@@ -835,7 +881,20 @@ impl Actor {
         );
     }
 
-    fn frame(&mut self, from: NodeId, bytes: &[u8]) {
+    /// Where to answer `from`, whose frame came from `seen` (remembered
+    /// for its link, which tries it first while the mesh's table does not
+    /// hold it): the table's addresses, if any.
+    fn answer_addrs(&mut self, from: NodeId, seen: Option<PeerAddr>) -> Vec<PeerAddr> {
+        let table = self.reachable().remove(&from).unwrap_or_default();
+        if let Some(seen) = seen
+            && let Some(p) = self.peer(from, table.clone(), Some(seen))
+        {
+            return p.link_addrs.clone();
+        }
+        table
+    }
+
+    fn frame(&mut self, from: NodeId, seen: Option<PeerAddr>, bytes: &[u8]) {
         let frame = match SyncFrame::decode(bytes) {
             Ok(f) => f,
             Err(e) => {
@@ -861,19 +920,21 @@ impl Actor {
                         .replicas
                         .get(&namespace)
                         .is_some_and(|r| r.covered().get(&from).copied().unwrap_or(0) < top);
-                    if behind && let Some(addrs) = self.reachable().remove(&from) {
+                    if behind {
+                        let addrs = self.answer_addrs(from, seen);
                         self.send_digest(from, addrs, false);
                     }
                 }
             }
             SyncFrame::Digest { vectors, reply } => {
-                let Some(addrs) = self.reachable().remove(&from) else {
+                let addrs = self.answer_addrs(from, seen);
+                if addrs.is_empty() {
                     return;
-                };
+                }
                 let mut theirs_ahead = false;
                 let mut named = std::collections::BTreeSet::new();
                 let mut deltas = Vec::new();
-                let mut seen = Vec::new();
+                let mut seen_vectors = Vec::new();
                 for (ns, v) in vectors {
                     named.insert(ns.clone());
                     if !self.ensure(&ns) {
@@ -890,7 +951,7 @@ impl Actor {
                     if !delta.changes.is_empty() || !delta.covers.is_empty() {
                         deltas.push((ns.clone(), delta));
                     }
-                    seen.push((ns, v));
+                    seen_vectors.push((ns, v));
                 }
                 // Namespaces the member did not name: it holds nothing of them.
                 for (ns, r) in &self.replicas {
@@ -905,18 +966,16 @@ impl Actor {
                 if reply && theirs_ahead {
                     self.send_digest(from, addrs.clone(), false);
                 }
-                if let Some(p) = self.peer(from, addrs) {
-                    p.vectors.extend(seen);
+                if let Some(p) = self.peer(from, addrs, None) {
+                    p.vectors.extend(seen_vectors);
                     p.last_sync = Some(now);
                 }
             }
             SyncFrame::Delta { namespace, delta } => {
-                let Some(addrs) = self.reachable().remove(&from) else {
-                    return;
-                };
+                let addrs = self.answer_addrs(from, seen);
                 let more = delta.more;
                 self.apply(from, namespace, delta.changes, Some(delta.covers));
-                if let Some(p) = self.peer(from, addrs.clone()) {
+                if let Some(p) = self.peer(from, addrs.clone(), None) {
                     p.last_sync = Some(now);
                 }
                 if more {
@@ -1034,7 +1093,13 @@ impl SyncRt {
                 self.frames_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if self.inbox.send(Cmd::Frame { from, bytes }).await.is_err() {
+            let addr = conn.remote_addr();
+            if self
+                .inbox
+                .send(Cmd::Frame { from, addr, bytes })
+                .await
+                .is_err()
+            {
                 break;
             }
         }
