@@ -78,6 +78,7 @@
 
 pub mod clock;
 pub mod crypto;
+pub mod delivery;
 pub mod discovery;
 pub mod events;
 pub mod health;

@@ -1,6 +1,6 @@
 //! One error enum for every call, with variants an app can act on.
 
-use mesh_core::node::{MeshErrorKind, NodeError};
+use mesh_core::node::{MeshErrorKind, NodeError, SyncErrorKind};
 use mesh_core::registry::RegistryError;
 
 /// What went wrong. Each variant carries `detail`, a message for people;
@@ -85,6 +85,16 @@ pub enum MeshError {
         /// Explanation.
         detail: String,
     },
+    /// A replicated write was refused: `code` is `exists` (a row inserted
+    /// that is there) or `full` (a namespace, or the number of namespaces,
+    /// at its limit).
+    #[error("replicated state ({code}): {detail}")]
+    Replica {
+        /// The error kind.
+        code: String,
+        /// Explanation.
+        detail: String,
+    },
     /// An app callback failed unexpectedly.
     #[error("callback failed: {detail}")]
     Callback {
@@ -136,6 +146,19 @@ impl From<NodeError> for MeshError {
                     MeshError::Unavailable { detail: message }
                 }
                 _ => MeshError::Join {
+                    code: kind.code().into(),
+                    detail: message,
+                },
+            },
+            NodeError::Sync { kind, message } => match kind {
+                SyncErrorKind::NotFound => MeshError::NotFound { detail: message },
+                SyncErrorKind::InvalidArgument | SyncErrorKind::ValueTooLarge => {
+                    MeshError::InvalidInput { detail: message }
+                }
+                SyncErrorKind::Disabled | SyncErrorKind::Unavailable => {
+                    MeshError::Unavailable { detail: message }
+                }
+                _ => MeshError::Replica {
                     code: kind.code().into(),
                     detail: message,
                 },

@@ -15,12 +15,16 @@
 mod error;
 mod mesh;
 mod node;
+mod sync;
 mod types;
 
 pub use error::MeshError;
 pub use mesh::{MeshMessage, MeshPeer, MeshPeers, MeshToken, MeshTokenInfo, TopicListener};
 pub use node::{
     CommandHandler, EventListener, EventSubscription, MeshNode, PairingTicket, default_options,
+};
+pub use sync::{
+    ConfigEntry, ReplicaChange, ReplicaListener, ReplicaVersion, ReplicatedValue, SyncPeer,
 };
 pub use types::{
     Action, Device, DevicePlatform, DiscoveredNode, MeshEvent, Metrics, NodeOptions, NodeRole,

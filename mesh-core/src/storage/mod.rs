@@ -76,11 +76,21 @@ pub enum Table {
     ReplicatedEntries,
     /// Replicated namespaces' version vectors, keyed by namespace.
     ReplicaCoverage,
+    /// Letters this node sent and not yet acknowledged, keyed by letter id.
+    DeliveryOutbox,
+    /// Letters received and not yet handed to the application, keyed
+    /// `SENDER:SEQ`.
+    DeliveryInbox,
+    /// Per sender (and per recipient): the sequence numbers seen, and the
+    /// next to send.
+    DeliverySeq,
+    /// Letters held as a relay for members, keyed `RECIPIENT:LETTER_ID`.
+    DeliveryRelay,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 15] = [
+    pub const ALL: [Table; 19] = [
         Table::Devices,
         Table::PairingRequests,
         Table::DiscoveredNodes,
@@ -96,6 +106,10 @@ impl Table {
         Table::Blocklist,
         Table::ReplicatedEntries,
         Table::ReplicaCoverage,
+        Table::DeliveryOutbox,
+        Table::DeliveryInbox,
+        Table::DeliverySeq,
+        Table::DeliveryRelay,
     ];
 
     /// The table's name (also its SQL name).
@@ -116,6 +130,10 @@ impl Table {
             Table::Blocklist => "mesh_blocklist",
             Table::ReplicatedEntries => "replicated_entries",
             Table::ReplicaCoverage => "replica_coverage",
+            Table::DeliveryOutbox => "delivery_outbox",
+            Table::DeliveryInbox => "delivery_inbox",
+            Table::DeliverySeq => "delivery_seq",
+            Table::DeliveryRelay => "delivery_relay",
         }
     }
 }

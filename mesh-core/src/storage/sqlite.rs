@@ -13,11 +13,11 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use super::{Pending, Storage, StorageError, Table, Visitor, Write};
 
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Migrations, in order; migration `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>] = &[
-    migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5, migrate_v6,
+    migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5, migrate_v6, migrate_v7,
 ];
 
 fn create_table(tx: &rusqlite::Transaction<'_>, name: &str) -> rusqlite::Result<()> {
@@ -102,6 +102,20 @@ fn migrate_v5(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
 fn migrate_v6(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     create_table(tx, "replicated_entries")?;
     create_table(tx, "replica_coverage")
+}
+
+/// v7: reliable delivery (`mesh-core::delivery`): outbox, inbox, sequence
+/// numbers, letters held as a relay.
+fn migrate_v7(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    for t in [
+        "delivery_outbox",
+        "delivery_inbox",
+        "delivery_seq",
+        "delivery_relay",
+    ] {
+        create_table(tx, t)?;
+    }
+    Ok(())
 }
 
 /// The embedded default storage.

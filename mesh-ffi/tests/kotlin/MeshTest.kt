@@ -183,6 +183,13 @@ class Inbox : TopicListener {
     }
 }
 
+class Changes : ReplicaListener {
+    val items = CopyOnWriteArrayList<ReplicaChange>()
+    override fun onChange(change: ReplicaChange) {
+        items.add(change)
+    }
+}
+
 suspend fun until(what: String, cond: suspend () -> Boolean) {
     try {
         withTimeout(10_000) { while (!cond()) delay(50) }
@@ -235,6 +242,32 @@ suspend fun meshScenario() {
     delay(300)
     check("each broadcast arrives once", inbox.messages.size == 1) { inbox.messages.size.toString() }
     sub.close()
+
+    // Replicated state: a put reaches the other members' get and a Kotlin
+    // listener; a delete likewise; typed errors.
+    val changes = Changes()
+    val replicaSub = b.subscribeReplicated("notes", changes)
+    val version = a.replicatedPut("notes", "todo/1", "buy milk".toByteArray())
+    check("the put's version names its writer", version.node == a.nodeId() && version.hlc.contains("."))
+    until("the change reaches the Kotlin listener") { changes.items.size >= 1 }
+    val change = changes.items.firstOrNull()
+    check(
+        "the change arrives whole, as a member's",
+        change != null && change.key == "todo/1" && String(change.value!!) == "buy milk" && !change.local && change.version == version,
+    ) { change.toString() }
+    until("c gets the value") { c.replicatedGet("notes", "todo/1")?.value?.let { String(it) } == "buy milk" }
+    check("c deletes it", c.replicatedDelete("notes", "todo/1"))
+    until("the delete reaches b") { b.replicatedGet("notes", "todo/1") == null }
+    until("the listener hears the delete") { changes.items.size >= 2 && changes.items[1].value == null }
+    replicaSub.close()
+    val entry = b.meshConfigSet("theme", "{\"dark\": true}")
+    check("config set answers the value", entry.valueJson == "{\"dark\":true}") { entry.valueJson }
+    until("the config reaches a") { a.meshConfigList("").any { it.key == "theme" } }
+    expect<MeshException.NotFound>("an unset config key is NotFound") { a.meshConfigGet("nope") }
+    expect<MeshException.InvalidInput>("a bad namespace is InvalidInput") {
+        a.replicatedPut("Bad:Name", "k", "v".toByteArray())
+    }
+    check("sync status lists the other members", a.syncStatus().map { it.nodeId }.toSet() == setOf(b.nodeId(), c.nodeId()))
     for (n in listOf(a, b, c)) {
         n.stop()
         n.close()

@@ -215,6 +215,24 @@ class Inbox(m.TopicListener):
         assert ok, f"{len(self.messages)} of {n} broadcasts within {WAIT_S} s"
 
 
+class Changes(m.ReplicaListener):
+    """Keeps every replicated change; wakes waiters."""
+
+    def __init__(self):
+        self.items = []
+        self.cond = threading.Condition()
+
+    def on_change(self, change):
+        with self.cond:
+            self.items.append(change)
+            self.cond.notify_all()
+
+    def wait_for(self, n):
+        with self.cond:
+            ok = self.cond.wait_for(lambda: len(self.items) >= n, WAIT_S)
+        assert ok, f"{n} changes expected within {WAIT_S} s; got {len(self.items)}"
+
+
 def test_mesh_tokens_join_peers_and_broadcasts():
     asyncio.run(mesh_scenario())
 
@@ -281,5 +299,45 @@ async def mesh_scenario():
         while "py-c2" not in {p.name for p in (await a.mesh_peers()).peers}:
             assert time.monotonic() < deadline, "the rename never reached a"
             await asyncio.sleep(0.05)
+
+        # Replicated state: a put on one member reaches the others' get and
+        # listeners; a delete likewise; typed errors for bad input.
+        changes = Changes()
+        sub = b.subscribe_replicated("notes", changes)
+        version = await a.replicated_put("notes", "todo/1", b"buy milk")
+        assert version.node == a.node_id() and "." in version.hlc
+        changes.wait_for(1)
+        got = changes.items[0]
+        assert (got.namespace, got.key, got.value, got.local) == ("notes", "todo/1", b"buy milk", False)
+        assert got.version == version
+        deadline = time.monotonic() + WAIT_S
+        while (await c.replicated_get("notes", "todo/1")) is None:
+            assert time.monotonic() < deadline, "the put never reached c"
+            await asyncio.sleep(0.05)
+        value = await c.replicated_get("notes", "todo/1")
+        assert value.value == b"buy milk" and value.version == version
+        assert [v.key for v in await c.replicated_scan("notes", "todo/")] == ["todo/1"]
+        assert await c.replicated_delete("notes", "todo/1") is True
+        assert await c.replicated_delete("notes", "todo/1") is False
+        changes.wait_for(2)
+        assert changes.items[1].value is None and changes.items[1].key == "todo/1"
+        assert await b.replicated_get("notes", "todo/1") is None
+        sub.cancel()
+        entry = await b.mesh_config_set("theme", '{"dark": true}')
+        assert json.loads(entry.value_json) == {"dark": True}
+        deadline = time.monotonic() + WAIT_S
+        while not any(e.key == "theme" for e in await a.mesh_config_list("")):
+            assert time.monotonic() < deadline, "the config never reached a"
+            await asyncio.sleep(0.05)
+        assert json.loads((await a.mesh_config_get("theme")).value_json) == {"dark": True}
+        with pytest.raises(m.MeshError.NotFound):
+            await a.mesh_config_get("nope")
+        with pytest.raises(m.MeshError.InvalidInput):
+            await a.mesh_config_set("theme", "{not json")
+        with pytest.raises(m.MeshError.InvalidInput):
+            await a.replicated_put("Bad:Name", "k", b"v")
+        with pytest.raises(m.MeshError.InvalidInput):
+            await a.replicated_put("notes", "big", bytes(70 * 1024))
+        assert {p.node_id for p in await a.sync_status()} == {b.node_id(), c.node_id()}
         for n in (a, b, c):
             await n.stop()
