@@ -114,6 +114,11 @@ impl Outbox {
         self.entries.contains_key(id)
     }
 
+    /// The recipient of waiting letter `id`.
+    pub fn recipient(&self, id: &LetterId) -> Option<NodeId> {
+        self.entries.get(id).map(|e| e.letter.to)
+    }
+
     /// The earliest time a letter is due.
     pub fn next_due(&self) -> Option<Timestamp> {
         self.entries.values().map(|e| e.next_at).min()

@@ -103,6 +103,8 @@ pub struct MeshSettings {
     pub peer_queue: usize,
     /// How replicated state is synced with the members.
     pub sync: super::sync::SyncSettings,
+    /// How messages are delivered to members, and held for them.
+    pub delivery: super::delivery::DeliverySettings,
 }
 
 impl MeshSettings {
@@ -131,6 +133,7 @@ impl MeshSettings {
             join_rate_per_address: Rate::per_second(1.0, 5),
             peer_queue: 256,
             sync: super::sync::SyncSettings::default(),
+            delivery: super::delivery::DeliverySettings::default(),
         }
     }
 

@@ -38,8 +38,10 @@
 
 mod actions;
 mod backoff;
+mod commit;
 #[cfg(feature = "sqlite")]
 mod data_dir;
+mod delivery;
 mod link;
 mod mesh;
 mod outlink;
@@ -72,6 +74,7 @@ pub use actions::states as action_states;
 pub use backoff::Backoff;
 #[cfg(feature = "sqlite")]
 pub use data_dir::{DB_FILE, DataDir, KEY_FILE};
+pub use delivery::{DeliverySettings, DeliveryStatus, ReliableMessage, delivery_events};
 pub use mesh::{
     IssuedToken, MeshErrorKind, MeshSettings, MeshView, TokenStatus, TopicSubscription,
     mesh_records,
@@ -824,16 +827,19 @@ impl NodeBuilder {
                 Vec::new(),
             ),
         };
-        let (mesh, sync) = match self.mesh {
+        let (mesh, sync, delivery) = match self.mesh {
             Some(settings) => {
                 let sync_settings = settings.sync.clone();
+                let delivery_settings = settings.delivery.clone();
                 let rt = mesh::build(&core, settings)?;
                 built_in.extend(mesh::protocols(&rt));
                 let sync = sync::build(&core, &rt, sync_settings)?;
                 built_in.push(sync::protocol(&sync));
-                (Some(rt), Some(sync))
+                let delivery = delivery::build(&core, &rt, delivery_settings)?;
+                built_in.push(delivery::protocol(&delivery));
+                (Some(rt), Some(sync), Some(delivery))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         let protocols = protocols::Protocols::new(built_in, self.protocols)?;
         let node = Node {
@@ -845,6 +851,7 @@ impl NodeBuilder {
             role,
             mesh,
             sync,
+            delivery,
         };
         match &node.role {
             RoleRt::Primary(rt) => primary::start(rt)?,
@@ -1141,6 +1148,8 @@ pub struct Node {
     mesh: Option<Arc<mesh::MeshRt>>,
     /// Replicated state, synced with the mesh's members.
     sync: Option<Arc<sync::SyncRt>>,
+    /// Reliable delivery to the mesh's members.
+    delivery: Option<Arc<delivery::DeliveryRt>>,
     /// Held only by handles (the node's own tasks hold the runtimes).
     #[allow(dead_code)]
     owner: Arc<Owner>,

@@ -9,7 +9,8 @@
 //! the protocols over these links repair losses themselves (SWIM, lazy
 //! push, anti-entropy).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use tokio::sync::mpsc;
 
 use super::{Core, lock};
 use crate::identity::NodeId;
+use crate::limits::{Rate, TokenBucket};
 use crate::transport::{Connection, PeerAddr, Protocol};
 
 /// Timings of a link.
@@ -172,5 +174,67 @@ impl Writer {
             }
         }
         None
+    }
+}
+
+/// Incoming connections of one protocol, at most a few per peer (a new
+/// one closes the oldest), whose frames are forwarded to an actor at most
+/// at a rate per connection.
+#[derive(Debug, Default)]
+pub(crate) struct Incoming {
+    conns: Mutex<HashMap<NodeId, Vec<(u64, Arc<dyn Connection>)>>>,
+    next: AtomicU64,
+}
+
+impl Incoming {
+    /// Serves `conn` until it ends, or its peer stops being `admitted`:
+    /// each frame within `rate` goes to `forward` (which says whether the
+    /// actor still runs); frames over it are counted in `dropped`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn serve<F, Fut>(
+        &self,
+        core: &Core,
+        conn: Arc<dyn Connection>,
+        per_peer: usize,
+        rate: Rate,
+        admitted: impl Fn(&NodeId) -> bool,
+        dropped: &AtomicU64,
+        mut forward: F,
+    ) where
+        F: FnMut(NodeId, Option<PeerAddr>, Vec<u8>) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let from = conn.remote_node();
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut conns = lock(&self.conns);
+            let list = conns.entry(from).or_default();
+            list.push((id, conn.clone()));
+            while list.len() > per_peer.max(1) {
+                let (_, old) = list.remove(0);
+                old.close();
+            }
+        }
+        let mut bucket = TokenBucket::new(rate, core.now());
+        while let Ok(bytes) = conn.recv().await {
+            if !admitted(&from) {
+                break;
+            }
+            if !bucket.try_take(core.now()) {
+                dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if !forward(from, conn.remote_addr(), bytes).await {
+                break;
+            }
+        }
+        conn.close();
+        let mut conns = lock(&self.conns);
+        if let Some(list) = conns.get_mut(&from) {
+            list.retain(|(i, _)| *i != id);
+            if list.is_empty() {
+                conns.remove(&from);
+            }
+        }
     }
 }

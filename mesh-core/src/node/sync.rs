@@ -39,7 +39,7 @@
 //! that turns hostile can forge changes in a delta, and is answered with
 //! the blocklist (a blocked node's connections are refused).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -48,14 +48,15 @@ use async_trait::async_trait;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+use super::commit::{Committer, Outcome};
 use super::mesh::MeshRt;
-use super::outlink::{LinkTiming, OutLink};
+use super::outlink::{Incoming, LinkTiming, OutLink};
 use super::protocols::ProtocolHandler;
 use super::{Core, NodeError, lock};
 use crate::clock::Timestamp;
 use crate::events::{Received, kinds};
 use crate::identity::NodeId;
-use crate::limits::{Rate, TokenBucket};
+use crate::limits::Rate;
 use crate::storage::{Storage, StorageError, Table};
 use crate::sync::store::{self as sync_store, valid_namespace};
 use crate::sync::wire::MAX_FRAME_CHANGES;
@@ -313,21 +314,12 @@ enum Cmd {
     Reconnected(NodeId),
 }
 
-/// A batch in storage's hands, and what to do once it committed.
-struct Job {
-    pending: crate::storage::Pending,
-    namespace: String,
-    changes: Vec<Change>,
-    local: bool,
-    reply: Option<oneshot::Sender<Result<Option<Change>, NodeError>>>,
-}
-
-/// A batch that committed (or failed).
+/// What to do once a batch committed.
 struct Committed {
     namespace: String,
     changes: Vec<Change>,
     local: bool,
-    ok: bool,
+    reply: Option<oneshot::Sender<Result<Option<Change>, NodeError>>>,
 }
 
 /// The sync side of a running node.
@@ -337,9 +329,8 @@ pub(crate) struct SyncRt {
     settings: SyncSettings,
     inbox: mpsc::Sender<Cmd>,
     subscribers: Mutex<Vec<Sub>>,
-    /// Incoming sync connections, by member.
-    incoming: Mutex<HashMap<NodeId, Vec<(u64, Arc<dyn Connection>)>>>,
-    next_conn: AtomicU64,
+    /// Incoming sync connections.
+    incoming: Incoming,
     frames_dropped: AtomicU64,
 }
 
@@ -394,13 +385,10 @@ pub(super) fn build(
         settings,
         inbox,
         subscribers: Mutex::new(Vec::new()),
-        incoming: Mutex::new(HashMap::new()),
-        next_conn: AtomicU64::new(1),
+        incoming: Incoming::default(),
         frames_dropped: AtomicU64::new(0),
     });
-    let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
-    let (done_tx, done_rx) = mpsc::unbounded_channel::<Committed>();
-    start_commit_waiter(jobs_rx, done_tx)?;
+    let (committer, done_rx) = Committer::start("sync-commit")?;
     // Members that join or come back are caught up with at once.
     let mut peer_events = core
         .events
@@ -429,7 +417,7 @@ pub(super) fn build(
         replicas,
         peers: BTreeMap::new(),
         next_peer: 0,
-        jobs: jobs_tx,
+        committer,
         in_flight: 0,
         last_collect: core.now(),
         outgoing: BTreeMap::new(),
@@ -437,40 +425,6 @@ pub(super) fn build(
     };
     core.spawn(actor.run(rx, done_rx));
     Ok(rt)
-}
-
-/// Waits for each batch to commit, in order, on a thread of its own (a
-/// wait is a disk flush), and hands the outcome back to the actor.
-fn start_commit_waiter(
-    jobs: std::sync::mpsc::Receiver<Job>,
-    done: mpsc::UnboundedSender<Committed>,
-) -> Result<(), NodeError> {
-    std::thread::Builder::new()
-        .name("sync-commit".into())
-        .spawn(move || {
-            while let Ok(job) = jobs.recv() {
-                let outcome = job.pending.wait();
-                let ok = outcome.is_ok();
-                if let Some(reply) = job.reply {
-                    let answer = match outcome {
-                        Ok(()) => Ok(job.changes.first().cloned()),
-                        Err(e) => Err(NodeError::Storage(e)),
-                    };
-                    let _ = reply.send(answer);
-                }
-                let committed = Committed {
-                    namespace: job.namespace,
-                    changes: job.changes,
-                    local: job.local,
-                    ok,
-                };
-                if done.send(committed).is_err() {
-                    return;
-                }
-            }
-        })
-        .map_err(|e| NodeError::Unavailable(format!("cannot start the sync commit waiter: {e}")))?;
-    Ok(())
 }
 
 /// What this node knows of one member's sync.
@@ -493,7 +447,7 @@ struct Actor {
     peers: BTreeMap<NodeId, Peer>,
     /// Round-robin position of anti-entropy.
     next_peer: usize,
-    jobs: std::sync::mpsc::Sender<Job>,
+    committer: Committer<Committed>,
     in_flight: usize,
     last_collect: Timestamp,
     /// Local changes committed and not yet pushed, per namespace.
@@ -506,7 +460,7 @@ impl Actor {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Cmd>,
-        mut done: mpsc::UnboundedReceiver<Committed>,
+        mut done: mpsc::UnboundedReceiver<Outcome<Committed>>,
     ) {
         let Some(interval) = self.rt.upgrade().map(|rt| rt.settings.interval) else {
             return;
@@ -657,23 +611,29 @@ impl Actor {
             };
         let pending = self.core.store.submit(writes);
         self.in_flight += 1;
-        let job = Job {
-            pending,
+        let then = Committed {
             namespace,
             changes,
             local,
             reply,
         };
-        if self.jobs.send(job).is_err() {
+        if !self.committer.wait(pending, then) {
             self.in_flight -= 1;
         }
     }
 
     /// A batch committed: members get local changes, subscribers every one.
-    fn committed(&mut self, c: Committed) {
+    fn committed(&mut self, (c, outcome): Outcome<Committed>) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(reply) = c.reply {
+            let answer = match &outcome {
+                Ok(()) => Ok(c.changes.first().cloned()),
+                Err(e) => Err(NodeError::Storage(e.clone())),
+            };
+            let _ = reply.send(answer);
+        }
         let Some(rt) = self.rt.upgrade() else { return };
-        if !c.ok {
+        if outcome.is_err() {
             self.core.events.publish(
                 kinds::SYNC_STORE_FAILED,
                 self.core.now(),
@@ -1073,44 +1033,21 @@ impl SyncRt {
     /// Serves one sync connection: its frames into the actor, at most the
     /// settings' rate.
     async fn serve(self: Arc<Self>, conn: Arc<dyn Connection>) {
-        let from = conn.remote_node();
-        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut incoming = lock(&self.incoming);
-            let list = incoming.entry(from).or_default();
-            list.push((id, conn.clone()));
-            while list.len() > CONNECTIONS_PER_MEMBER {
-                let (_, old) = list.remove(0);
-                old.close();
-            }
-        }
-        let mut bucket = TokenBucket::new(self.settings.frame_rate, self.core.now());
-        while let Ok(bytes) = conn.recv().await {
-            if !self.mesh.is_member(&from) {
-                break;
-            }
-            if !bucket.try_take(self.core.now()) {
-                self.frames_dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let addr = conn.remote_addr();
-            if self
-                .inbox
-                .send(Cmd::Frame { from, addr, bytes })
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        conn.close();
-        let mut incoming = lock(&self.incoming);
-        if let Some(list) = incoming.get_mut(&from) {
-            list.retain(|(i, _)| *i != id);
-            if list.is_empty() {
-                incoming.remove(&from);
-            }
-        }
+        let rt = self.clone();
+        self.incoming
+            .serve(
+                &self.core,
+                conn,
+                CONNECTIONS_PER_MEMBER,
+                self.settings.frame_rate,
+                |n| self.mesh.is_member(n),
+                &self.frames_dropped,
+                |from, addr, bytes| {
+                    let inbox = rt.inbox.clone();
+                    async move { inbox.send(Cmd::Frame { from, addr, bytes }).await.is_ok() }
+                },
+            )
+            .await;
     }
 }
 

@@ -491,11 +491,19 @@ impl Transport for MemoryTransport {
         addr: &PeerAddr,
         protocol: Protocol,
     ) -> Result<Box<dyn Connection>, TransportError> {
-        let PeerAddr::Memory(name) = addr else {
-            return Err(TransportError::AddressNotSupported(addr.clone()));
-        };
         let (mine, theirs, incoming) = {
             let mut net = self.network.lock();
+            // A socket address names the endpoint registered under its text
+            // form, if there is one (code that speaks only socket
+            // addresses, such as join tokens, runs in memory too).
+            let name = match addr {
+                PeerAddr::Memory(name) => name.clone(),
+                PeerAddr::Socket(sa) if net.endpoints.contains_key(&sa.to_string()) => {
+                    sa.to_string()
+                }
+                _ => return Err(TransportError::AddressNotSupported(addr.clone())),
+            };
+            let name = &name;
             let unreachable = || TransportError::Unreachable { addr: addr.clone() };
             let remote = net.endpoints.get(name).ok_or_else(unreachable)?;
             let remote_node = remote.node;
