@@ -18,7 +18,8 @@
 //! reason?}`, `mesh.unblock {node_id}`, `mesh.broadcast {topic, body}`;
 //! replicated state: `config.set {key, value}`, `config.get {key}`,
 //! `config.list {prefix?}`, `config.delete {key}`, `sync.status`,
-//! `sync.now`. A `device` is a node id, a
+//! `sync.now`; reliable messages: `deliver.send {node_id, text, wait?,
+//! timeout_ms?}`, `deliver.receive {max?, wait_ms?}`, `deliver.status`. A `device` is a node id, a
 //! hardware/app id or a device name.
 
 use std::io::{BufRead, BufReader, Write as _};
@@ -273,6 +274,7 @@ pub async fn dispatch(
         c if c.starts_with("config.") || c.starts_with("sync.") => {
             sync_command(node, c, args).await
         }
+        c if c.starts_with("deliver.") => deliver_command(node, c, args).await,
         other => Err(err("usage", format!("unknown command {other:?}"))),
     }
 }
@@ -341,6 +343,60 @@ async fn sync_command(node: &Primary, cmd: &str, args: &Value) -> Result<Value, 
         "sync.now" => {
             let peers = node.sync_now().await.map_err(node_error)?;
             Ok(json!({ "started": true, "peers": peers }))
+        }
+        other => Err(err("usage", format!("unknown command {other:?}"))),
+    }
+}
+
+/// Reliable messages (`meshctl deliver …`).
+async fn deliver_command(node: &Primary, cmd: &str, args: &Value) -> Result<Value, AdminError> {
+    use std::time::Duration;
+    match cmd {
+        "deliver.send" => {
+            let to = node_id_arg(args)?;
+            let text = text(args, "text")?;
+            if args.get("wait").and_then(Value::as_bool) == Some(false) {
+                let id = node
+                    .post_reliable(to, text.into_bytes())
+                    .await
+                    .map_err(node_error)?;
+                return Ok(json!({ "id": id.to_hex(), "acknowledged": false }));
+            }
+            let wait = Duration::from_millis(
+                args.get("timeout_ms")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(30_000),
+            );
+            match tokio::time::timeout(wait, node.send_reliable(to, text.into_bytes())).await {
+                Ok(Ok(id)) => Ok(json!({ "id": id.to_hex(), "acknowledged": true })),
+                Ok(Err(e)) => Err(node_error(e)),
+                Err(_) => Err(err(
+                    "timeout",
+                    "not acknowledged in time; the message stays in the outbox and is delivered later",
+                )),
+            }
+        }
+        "deliver.receive" => {
+            let max = args.get("max").and_then(Value::as_u64).unwrap_or(100);
+            let wait = args.get("wait_ms").and_then(Value::as_u64).unwrap_or(0);
+            let messages = node
+                .receive_reliable(
+                    usize::try_from(max).unwrap_or(usize::MAX),
+                    Duration::from_millis(wait.max(1)),
+                )
+                .await
+                .map_err(node_error)?;
+            Ok(json!({ "messages": messages.iter().map(|m| json!({
+                "id": m.id.to_hex(),
+                "from": m.from.to_string(),
+                "seq": m.seq,
+                "text": String::from_utf8_lossy(&m.payload),
+                "received_at_ms": m.received_at.as_millis(),
+            })).collect::<Vec<_>>() }))
+        }
+        "deliver.status" => {
+            let s = node.delivery_status().await.map_err(node_error)?;
+            Ok(json!({ "outbox": s.outbox, "inbox": s.inbox, "relayed": s.relayed }))
         }
         other => Err(err("usage", format!("unknown command {other:?}"))),
     }

@@ -76,6 +76,9 @@ enum Command {
     /// Replicated state's sync with the mesh's members (always JSON).
     #[command(subcommand)]
     Sync(SyncCmd),
+    /// Reliable messages to mesh members (always JSON).
+    #[command(subcommand)]
+    Deliver(DeliverCmd),
     /// A running primary's events.
     Events {
         /// Keep printing events as they come (until interrupted).
@@ -170,6 +173,44 @@ enum ConfigCmd {
     Delete {
         /// The key.
         key: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeliverCmd {
+    /// Send TEXT to member NODE_ID. Prints {"id", "acknowledged"}; waits
+    /// for the acknowledgement unless --no-wait (error kind timeout after
+    /// --timeout; delivery goes on).
+    Send {
+        /// The recipient.
+        node_id: String,
+        /// The message.
+        text: String,
+        /// Return once the message is durable in the outbox.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the acknowledgement: 30s, 2m (default 30s).
+        #[arg(long, value_parser = parse_ttl, default_value = "30s")]
+        timeout: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Take messages from the inbox (each is handed over once). Prints
+    /// {"messages": [{"id", "from", "seq", "text", "received_at_ms"}]}.
+    Receive {
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        max: usize,
+        /// Wait this long for one if none is there: 500ms, 5s (default 0s).
+        #[arg(long, value_parser = parse_ttl, default_value = "0s")]
+        wait: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Letters in flight. Prints {"outbox", "inbox", "relayed"}.
+    Status {
         #[command(flatten)]
         target: Target,
     },
@@ -812,6 +853,25 @@ fn admin_command(command: &Command) -> Option<ExitCode> {
     Some(match command {
         Command::Mesh(m) => mesh_command(m),
         Command::Config(c) => config_command(c),
+        Command::Deliver(DeliverCmd::Send {
+            node_id,
+            text,
+            no_wait,
+            timeout,
+            target,
+        }) => run_admin_json(
+            target,
+            "deliver.send",
+            json!({ "node_id": node_id, "text": text, "wait": !no_wait, "timeout_ms": timeout }),
+        ),
+        Command::Deliver(DeliverCmd::Receive { max, wait, target }) => run_admin_json(
+            target,
+            "deliver.receive",
+            json!({ "max": max, "wait_ms": wait }),
+        ),
+        Command::Deliver(DeliverCmd::Status { target }) => {
+            run_admin_json(target, "deliver.status", json!({}))
+        }
         Command::Sync(SyncCmd::Status { target }) => {
             run_admin_json(target, "sync.status", json!({}))
         }
@@ -954,6 +1014,7 @@ fn run(cli: Cli) -> Result<serde_json::Value, Failure> {
         | Command::Mesh(_)
         | Command::Config(_)
         | Command::Sync(_)
+        | Command::Deliver(_)
         | Command::Devices(_)
         | Command::Actions(_)
         | Command::Events { .. }

@@ -178,3 +178,92 @@ async fn a_member_reached_only_through_a_relay_gets_a_message_once_after_being_o
         m.node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relays_tampering_is_detected_by_the_recipient() {
+    use mesh_core::delivery::{Contents, DELIVER, DeliveryFrame, Letter};
+    use mesh_core::transport::Transport;
+
+    use crate::mesh_runtime::{member_with, raw_member};
+    use crate::support::next;
+
+    let a_key = Arc::new(NodeKey::generate());
+    let a = member_with("sender", Arc::new(MemoryStorage::new()), a_key.clone());
+    let c = crate::mesh_runtime::member("recipient");
+    let t = a.node.mesh_token(None).await.unwrap();
+    c.node.join_mesh(&t.token).await.unwrap();
+    until(&c.node, "a active", |v| {
+        v.peers.iter().any(|p| p.status == PeerStatus::Active)
+    })
+    .await;
+    // A hostile member carries a letter of a's to c, altered.
+    let (_evil_key, evil, _) = raw_member(&c).await;
+    let mut refused = c.node.subscribe("delivery.refused", 16).unwrap();
+    let letter = Letter::seal(
+        &a_key,
+        &c.node.node_id(),
+        1,
+        Contents::Message(b"pay 10".to_vec()),
+        u64::MAX,
+    )
+    .unwrap();
+    let conn = evil
+        .connect(c.node.node_id(), &PeerAddr::Socket(c.addr), DELIVER)
+        .await
+        .unwrap();
+    let mut altered = letter.clone();
+    let last = altered.sealed.len() - 20;
+    altered.sealed[last] ^= 0x01;
+    conn.send(DeliveryFrame::Deliver(altered).encode())
+        .await
+        .unwrap();
+    let e = next(&mut refused, "delivery.refused", Duration::from_secs(10)).await;
+    assert!(
+        e.data["reason"].as_str().unwrap().contains("does not open"),
+        "{e:?}"
+    );
+    // A letter whose header was changed (another recipient's seal moved
+    // under c's name) is refused too.
+    let mut moved = Letter::seal(
+        &a_key,
+        &a.node.node_id(),
+        1,
+        Contents::Message(b"pay 1000".to_vec()),
+        u64::MAX,
+    )
+    .unwrap();
+    moved.to = c.node.node_id();
+    conn.send(DeliveryFrame::Deliver(moved).encode())
+        .await
+        .unwrap();
+    next(&mut refused, "delivery.refused", Duration::from_secs(10)).await;
+    let nothing = c
+        .node
+        .receive_reliable(10, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(nothing.is_empty(), "{nothing:?}");
+    // The letter as sealed is taken, once, and acknowledged to the relay.
+    conn.send(DeliveryFrame::Deliver(letter.clone()).encode())
+        .await
+        .unwrap();
+    let got = c
+        .node
+        .receive_reliable(10, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, b"pay 10");
+    conn.send(DeliveryFrame::Deliver(letter).encode())
+        .await
+        .unwrap();
+    let again = c
+        .node
+        .receive_reliable(10, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert!(again.is_empty());
+    for m in [a, c] {
+        m.node.shutdown().await;
+    }
+}
