@@ -167,3 +167,76 @@ fn delivery_frames_round_trip_and_bad_ones_are_refused() {
         Err(DeliveryFrameError::TooLarge(_))
     ));
 }
+
+/// The seeds of the `sync_frames` fuzz target: one valid frame of each
+/// kind. `WRITE_FUZZ_SEEDS=1 cargo test -p mesh-core --lib sync_fuzz_seeds`
+/// writes them again after a format change.
+#[test]
+fn sync_fuzz_seeds_decode() {
+    use crate::sync::{Change, Delta, Hlc, SyncFrame};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/sync_frames");
+    let (a, c) = (key(2), key(1));
+    let change = Change {
+        key: "k".into(),
+        value: Some(b"v".to_vec()),
+        hlc: Hlc {
+            ms: 1_700_000_000_000,
+            counter: 0,
+            node: a.node_id(),
+        },
+        seq: 1,
+    };
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "push",
+            SyncFrame::Push {
+                namespace: "config".into(),
+                changes: vec![change.clone()],
+            }
+            .encode(),
+        ),
+        (
+            "digest",
+            SyncFrame::Digest {
+                vectors: vec![("config".into(), [(a.node_id(), 1)].into_iter().collect())],
+                reply: true,
+            }
+            .encode(),
+        ),
+        (
+            "delta",
+            SyncFrame::Delta {
+                namespace: "config".into(),
+                delta: Delta {
+                    changes: vec![change],
+                    covers: [(a.node_id(), 1)].into_iter().collect(),
+                    more: false,
+                },
+            }
+            .encode(),
+        ),
+        (
+            "deliver",
+            DeliveryFrame::Deliver(letter(&a, &c.node_id(), 1)).encode(),
+        ),
+        (
+            "ack",
+            DeliveryFrame::Ack(vec![LetterId::of(&a.node_id(), &c.node_id(), 1)]).encode(),
+        ),
+    ];
+    if std::env::var_os("WRITE_FUZZ_SEEDS").is_some() {
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, bytes) in &seeds {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+    }
+    for (name, _) in &seeds {
+        let bytes = std::fs::read(dir.join(name)).unwrap_or_else(|_| {
+            panic!("seed {name} missing: WRITE_FUZZ_SEEDS=1 cargo test -p mesh-core --lib sync_fuzz_seeds")
+        });
+        assert!(
+            SyncFrame::decode(&bytes).is_ok() || DeliveryFrame::decode(&bytes).is_ok(),
+            "seed {name} no longer decodes: WRITE_FUZZ_SEEDS=1 cargo test -p mesh-core --lib sync_fuzz_seeds"
+        );
+    }
+}
