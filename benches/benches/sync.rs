@@ -36,10 +36,15 @@ fn node(dir: &std::path::Path) -> Node {
     let net = MemoryNetwork::new(1);
     let admission = Arc::new(RegistryAdmission::new(store.clone()));
     let t = Arc::new(net.endpoint(key.node_id(), "bench", admission).unwrap());
-    Node::builder(key, store, t, NodeConfig::new(Role::Primary, "bench", "bench"))
-        .mesh(MeshSettings::new(vec![PeerAddr::Memory("bench".into())]))
-        .start()
-        .unwrap()
+    Node::builder(
+        key,
+        store,
+        t,
+        NodeConfig::new(Role::Primary, "bench", "bench"),
+    )
+    .mesh(MeshSettings::new(vec![PeerAddr::Memory("bench".into())]))
+    .start()
+    .unwrap()
 }
 
 /// `total` puts of 100-byte values by `writers` tasks at once; puts/s.
@@ -66,7 +71,13 @@ async fn durable_writes(writers: usize, total: usize) -> f64 {
     n.shutdown().await;
     drop(n);
     let back = node_reopen(dir.path());
-    let stored = back.replicated("bench").unwrap().scan("").await.unwrap().len();
+    let stored = back
+        .replicated("bench")
+        .unwrap()
+        .scan("")
+        .await
+        .unwrap()
+        .len();
     assert_eq!(stored, per * writers);
     back.shutdown().await;
     rate
@@ -88,8 +99,13 @@ fn bytes_on_the_wire(keys: usize, missed: usize) {
     let mut changes: Vec<Change> = Vec::new();
     for i in 0..keys {
         changes.push(
-            src.write(&format!("key/{i:08}"), Some(vec![9; 100]), &mut clock, at(i as u64))
-                .unwrap(),
+            src.write(
+                &format!("key/{i:08}"),
+                Some(vec![9; 100]),
+                &mut clock,
+                at(i as u64),
+            )
+            .unwrap(),
         );
     }
     let one = SyncFrame::Push {
@@ -132,7 +148,12 @@ fn bytes_on_the_wire(keys: usize, missed: usize) {
         }
         .encode();
         catchup += digest.len() + frame.len();
-        let _ = dst.apply(delta.changes, Some(&delta.covers), &mut bclock, at(keys as u64));
+        let _ = dst.apply(
+            delta.changes,
+            Some(&delta.covers),
+            &mut bclock,
+            at(keys as u64),
+        );
         if !delta.more {
             break;
         }
@@ -174,7 +195,12 @@ fn converge(n: usize, per: usize, seed: u64) -> (usize, usize) {
         .collect();
     let mut reps: Vec<(Replica, HlcClock)> = keys
         .iter()
-        .map(|k| (Replica::new(*k, ReplicaLimits::default()), HlcClock::new(*k, DEFAULT_MAX_SKEW)))
+        .map(|k| {
+            (
+                Replica::new(*k, ReplicaLimits::default()),
+                HlcClock::new(*k, DEFAULT_MAX_SKEW),
+            )
+        })
         .collect();
     let half = n / 2;
     let side = |i: usize| i < half;
@@ -188,9 +214,15 @@ fn converge(n: usize, per: usize, seed: u64) -> (usize, usize) {
     // While apart: writes pushed to every member of the writer's side.
     for i in 0..n {
         for k in 0..per {
-            let key = if k % 4 == 0 { format!("shared/{k}") } else { format!("n{i}/{k}") };
+            let key = if k % 4 == 0 {
+                format!("shared/{k}")
+            } else {
+                format!("n{i}/{k}")
+            };
             let (r, c) = &mut reps[i];
-            let ch = r.write(&key, Some(vec![i as u8; 32]), c, at((i * per + k) as u64)).unwrap();
+            let ch = r
+                .write(&key, Some(vec![i as u8; 32]), c, at((i * per + k) as u64))
+                .unwrap();
             for j in 0..n {
                 if j != i && side(j) == side(i) {
                     let (r, c) = &mut reps[j];
@@ -203,7 +235,9 @@ fn converge(n: usize, per: usize, seed: u64) -> (usize, usize) {
     let mut bytes = 0usize;
     let same = |reps: &[(Replica, HlcClock)]| {
         let first: Vec<&Change> = reps[0].0.entries().collect();
-        reps[1..].iter().all(|(r, _)| r.entries().collect::<Vec<_>>() == first)
+        reps[1..]
+            .iter()
+            .all(|(r, _)| r.entries().collect::<Vec<_>>() == first)
     };
     let mut rounds = 0;
     while !same(&reps) {
@@ -217,10 +251,22 @@ fn converge(n: usize, per: usize, seed: u64) -> (usize, usize) {
             // i → j: digest; j answers with a delta (and its own digest if
             // i holds more); i answers that with a delta.
             let vi = reps[i].0.covered().clone();
-            bytes += SyncFrame::Digest { vectors: vec![("ns".into(), vi.clone())], reply: true }.encode().len();
+            bytes += SyncFrame::Digest {
+                vectors: vec![("ns".into(), vi.clone())],
+                reply: true,
+            }
+            .encode()
+            .len();
             let d = reps[j].0.delta_for(&vi);
-            bytes += SyncFrame::Delta { namespace: "ns".into(), delta: d.clone() }.encode().len();
-            let ahead = vi.iter().any(|(o, s)| *s > reps[j].0.covered().get(o).copied().unwrap_or(0));
+            bytes += SyncFrame::Delta {
+                namespace: "ns".into(),
+                delta: d.clone(),
+            }
+            .encode()
+            .len();
+            let ahead = vi
+                .iter()
+                .any(|(o, s)| *s > reps[j].0.covered().get(o).copied().unwrap_or(0));
             {
                 let (r, c) = &mut reps[i];
                 let _ = r.apply(d.changes, Some(&d.covers), c, now);
@@ -228,7 +274,12 @@ fn converge(n: usize, per: usize, seed: u64) -> (usize, usize) {
             if ahead {
                 let vj = reps[j].0.covered().clone();
                 let back = reps[i].0.delta_for(&vj);
-                bytes += SyncFrame::Delta { namespace: "ns".into(), delta: back.clone() }.encode().len();
+                bytes += SyncFrame::Delta {
+                    namespace: "ns".into(),
+                    delta: back.clone(),
+                }
+                .encode()
+                .len();
                 let (r, c) = &mut reps[j];
                 let _ = r.apply(back.changes, Some(&back.covers), c, now);
             }
@@ -251,7 +302,10 @@ fn main() {
     println!("| writers | puts | puts/s |\n|---|---|---|");
     println!("| 256 at once (group commit) | {total} | {grouped:.0} |");
     println!("| 1 at a time (a flush each) | {one_total} | {single:.0} |");
-    println!("\ngroup commit: {:.1}x the puts/s of one at a time\n", grouped / single);
+    println!(
+        "\ngroup commit: {:.1}x the puts/s of one at a time\n",
+        grouped / single
+    );
 
     println!("## Bytes on the wire\n\n| what | bytes | against | ratio |\n|---|---|---|---|");
     if full {
@@ -261,7 +315,9 @@ fn main() {
     }
 
     println!("\n## Convergence after a partition heals (anti-entropy only, 1 s rounds)\n");
-    println!("| members | writes while apart | rounds (s) to identical state | log2 N | ratio | bytes exchanged |\n|---|---|---|---|---|---|");
+    println!(
+        "| members | writes while apart | rounds (s) to identical state | log2 N | ratio | bytes exchanged |\n|---|---|---|---|---|---|"
+    );
     let sizes: &[usize] = if full { &[10, 100] } else { &[10] };
     for &n in sizes {
         let t0 = Instant::now();

@@ -12,7 +12,7 @@
 //! `devices.unpair|devices.revoke|devices.rotate {device}`,
 //! `policy.set {device, document}`, `policy.show {device}`, `actions.list`,
 //! `actions.approve {id}`, `actions.reject {id, reason?}`,
-//! `events.follow {pattern?}`, `ledger.verify`; the mesh: `mesh.token
+//! `events.follow {pattern?}`, `ledger.verify`, `ledger.replicas`; the mesh: `mesh.token
 //! {ttl_ms?}`, `mesh.join {token}`, `mesh.tokens`, `mesh.tokens.revoke {id}`,
 //! `mesh.peers`, `mesh.rename {name}`, `mesh.leave`, `mesh.block {node_id,
 //! reason?}`, `mesh.unblock {node_id}`, `mesh.broadcast {topic, body}`;
@@ -270,6 +270,22 @@ pub async fn dispatch(
             Ok(json!({ "id": a.id, "state": a.state }))
         }
         "ledger.verify" => ledger().map_err(|m| err("storage", m)),
+        "ledger.replicas" => {
+            let held = node.ledger_replicas().await.map_err(node_error)?;
+            let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+            let cp = |c: &mesh_core::ledger::CheckpointRef| json!({ "size": c.size, "root": hex(&c.root) });
+            Ok(json!({ "ledgers": held.iter().map(|h| json!({
+                "author": h.author.to_string(),
+                "own": h.own,
+                "records": h.records,
+                "checkpoint": h.checkpoint.as_ref().map(cp),
+                "fork": h.fork.as_ref().map(|f| json!({
+                    "reason": f.reason,
+                    "first": cp(&f.first),
+                    "second": cp(&f.second),
+                })),
+            })).collect::<Vec<_>>() }))
+        }
         c if c.starts_with("mesh.") => mesh_command(node, c, args).await,
         c if c.starts_with("config.") || c.starts_with("sync.") => {
             sync_command(node, c, args).await

@@ -11,7 +11,7 @@ use mesh_core::node::{
     CommandHandler, DataDir, FnHandler, MeshSettings, MetricsSource, NodeConfig, Primary, Worker,
 };
 use mesh_core::storage::Storage;
-use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
+use mesh_ledger::{LedgerConfig, LedgerHub, SignedLedger, verify_ledger};
 use mesh_policy::runtime::RuntimePolicy;
 use mesh_transport::quic::{QuicConfig, QuicTransport};
 use serde_json::json;
@@ -62,9 +62,11 @@ pub fn primary(
     let transport = quic(&dir, listen)?;
     let addr = transport.local_addr();
     let echo: Arc<dyn CommandHandler> = Arc::new(FnHandler(|a: &serde_json::Value| Ok(a.clone())));
+    let hub = Arc::new(LedgerHub::open(store.clone(), ledger.clone()).map_err(|e| e.to_string())?);
     let node = dir
         .builder(transport, config)
         .ledger(ledger.clone())
+        .ledger_sync(hub)
         .policy(Arc::new(RuntimePolicy::new()))
         // What workers may ask for, if their policy allows: `echo` returns its arguments.
         .handler("echo", echo)

@@ -147,6 +147,17 @@ fn five_primaries_converge_on_one_config_after_two_are_killed_and_restarted() {
     assert_eq!(entries[4]["value"], "overwritten by m2");
     assert_eq!(entries[6]["value"], "from m1");
 
+    // Ledgers: m0 holds a replica of every other member's.
+    let v = eventually(&["ledger", "replicas", "--data-dir", p(&dirs[0])], |v| {
+        v["ledgers"].as_array().is_some_and(|l| l.len() == N)
+    });
+    let ledgers = v["ledgers"].as_array().unwrap();
+    assert_eq!(
+        ledgers.iter().filter(|l| l["own"] == true).count(),
+        1,
+        "{v}"
+    );
+    assert!(ledgers.iter().all(|l| l["fork"].is_null()), "{v}");
     // Status: every member listed with nothing pending, once synced.
     let (rc, v) = meshctl(&["sync", "now", "--data-dir", p(&dirs[0])]);
     assert_eq!(rc, 0, "{v}");

@@ -186,3 +186,97 @@ pub trait Ledger: Send + Sync + fmt::Debug + 'static {
     /// covered by one; returns whether it did. Call it from a timer.
     fn tick(&self, now: Timestamp) -> Result<bool, LedgerError>;
 }
+
+/// A checkpoint named in a fork report: how many records, which root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointRef {
+    /// Records it covers.
+    pub size: u64,
+    /// Their Merkle root.
+    pub root: [u8; 32],
+}
+
+/// Evidence that an author signed two histories that cannot both be true.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForkReport {
+    /// The author.
+    pub author: NodeId,
+    /// One signed checkpoint.
+    pub first: CheckpointRef,
+    /// Another, inconsistent with the first.
+    pub second: CheckpointRef,
+    /// Why they conflict.
+    pub reason: String,
+}
+
+/// One ledger a node holds: its own, or a verified replica of another's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LedgerHolding {
+    /// Whose ledger.
+    pub author: NodeId,
+    /// Whether it is this node's own.
+    pub own: bool,
+    /// Records held.
+    pub records: u64,
+    /// The latest checkpoint held.
+    pub checkpoint: Option<CheckpointRef>,
+    /// A fork found while replicating it.
+    pub fork: Option<ForkReport>,
+}
+
+impl LedgerHolding {
+    /// A holding.
+    pub fn new(
+        author: NodeId,
+        own: bool,
+        records: u64,
+        checkpoint: Option<CheckpointRef>,
+        fork: Option<ForkReport>,
+    ) -> Self {
+        LedgerHolding {
+            author,
+            own,
+            records,
+            checkpoint,
+            fork,
+        }
+    }
+}
+
+/// Why replicating a ledger failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LedgerSyncError {
+    /// The author signed conflicting histories (kept as evidence).
+    #[error("fork in {}'s ledger: {}", .0.author, .0.reason)]
+    Fork(Box<ForkReport>),
+    /// The answer does not verify, or is malformed; nothing was stored.
+    #[error("invalid replication data: {0}")]
+    Invalid(String),
+    /// No more ledgers may be held.
+    #[error("this node holds as many ledgers as it may")]
+    Full,
+    /// Storage.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// Replication of ledgers between nodes (R-LED5–6): implemented by
+/// mesh-ledger's hub, driven by the runtime over the ledger protocol. The
+/// messages are opaque bytes here; their format is the implementation's.
+/// Every method may read or write storage: call them off the async
+/// threads.
+pub trait LedgerSync: Send + Sync + fmt::Debug + 'static {
+    /// Answers an encoded request about a ledger this node holds (its own
+    /// or a replica).
+    fn serve(&self, request: &[u8]) -> Result<Vec<u8>, LedgerSyncError>;
+    /// The encoded request for what this node lacks of `author`'s ledger
+    /// (a replica is opened if there is none).
+    fn request(&self, author: &NodeId) -> Result<Vec<u8>, LedgerSyncError>;
+    /// Verifies an encoded answer about `author`'s ledger and stores what
+    /// it brings; the number of records added.
+    fn apply(&self, author: &NodeId, answer: &[u8]) -> Result<u64, LedgerSyncError>;
+    /// The ledgers held.
+    fn holdings(&self) -> Vec<LedgerHolding>;
+}

@@ -40,6 +40,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod hub;
 mod ledger;
 pub mod merkle;
 pub mod record;
@@ -49,6 +50,7 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
+pub use hub::{LedgerHub, MAX_REPLICAS};
 pub use ledger::{
     ConsistencyProof, ForkEvidence, InclusionProof, LedgerConfig, LedgerView, ProofCheckError,
     Replica, ReplicationError, SignedLedger, verify_checkpoint_consistency, verify_leaf_inclusion,

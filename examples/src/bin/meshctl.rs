@@ -425,6 +425,14 @@ enum LedgerCmd {
         #[arg(long)]
         author: Option<String>,
     },
+    /// The ledgers a running primary holds: its own and its replicas of
+    /// members', with size, latest checkpoint and any fork evidence. Prints
+    /// {"ledgers": [{"author", "own", "records", "checkpoint": {"size",
+    /// "root"}, "fork": {"reason", "first", "second"} | null}]}.
+    Replicas {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Print records. Prints {"author": ID, "records": [...]}.
     Show {
         /// The SQLite database.
@@ -853,6 +861,9 @@ fn admin_command(command: &Command) -> Option<ExitCode> {
     Some(match command {
         Command::Mesh(m) => mesh_command(m),
         Command::Config(c) => config_command(c),
+        Command::Ledger(LedgerCmd::Replicas { target }) => {
+            run_admin_json(target, "ledger.replicas", json!({}))
+        }
         Command::Deliver(DeliverCmd::Send {
             node_id,
             text,
@@ -1009,6 +1020,10 @@ fn run(cli: Cli) -> Result<serde_json::Value, Failure> {
             author,
         }) => ledger_show(&db, from, limit, author.as_deref()),
         Command::Health(HealthCmd::Score { report }) => health_score(&report),
+        Command::Ledger(LedgerCmd::Replicas { .. }) => Err((
+            "usage",
+            "this command talks to a running primary".into(),
+        )),
         // Answered over the admin socket (see `admin_command`).
         Command::Pairing(_)
         | Command::Mesh(_)

@@ -42,6 +42,7 @@ mod commit;
 #[cfg(feature = "sqlite")]
 mod data_dir;
 mod delivery;
+mod ledger_sync;
 mod link;
 mod mesh;
 mod outlink;
@@ -75,6 +76,7 @@ pub use backoff::Backoff;
 #[cfg(feature = "sqlite")]
 pub use data_dir::{DB_FILE, DataDir, KEY_FILE};
 pub use delivery::{DeliverySettings, DeliveryStatus, ReliableMessage, delivery_events};
+pub use ledger_sync::{LEDGER_SYNC, LEDGER_SYNC_INTERVAL, ledger_events};
 pub use mesh::{
     IssuedToken, MeshErrorKind, MeshSettings, MeshView, TokenStatus, TopicSubscription,
     mesh_records,
@@ -694,6 +696,7 @@ pub struct NodeBuilder {
     record_timings: bool,
     data_dir: Option<std::path::PathBuf>,
     mesh: Option<MeshSettings>,
+    ledger_sync: Option<Arc<dyn crate::ledger::LedgerSync>>,
 }
 
 impl fmt::Debug for NodeBuilder {
@@ -783,6 +786,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Replicates ledgers with the mesh's members through `sync`
+    /// (mesh-ledger's `LedgerHub`): members' ledgers are pulled in the
+    /// background and this node's are served. Needs [`NodeBuilder::mesh`].
+    pub fn ledger_sync(mut self, sync: Arc<dyn crate::ledger::LedgerSync>) -> Self {
+        self.ledger_sync = Some(sync);
+        self
+    }
+
     /// Keeps the primary's per-heartbeat processing times (for benchmarks
     /// and diagnostics; see [`Node::stats`]).
     pub fn record_timings(mut self, on: bool) -> Self {
@@ -841,6 +852,14 @@ impl NodeBuilder {
             }
             None => (None, None, None),
         };
+        let ledger_sync = match (&mesh, self.ledger_sync) {
+            (Some(mesh), Some(ls)) => {
+                let rt = ledger_sync::build(&core, mesh, ls);
+                built_in.push(ledger_sync::protocol(&rt));
+                Some(rt)
+            }
+            _ => None,
+        };
         let protocols = protocols::Protocols::new(built_in, self.protocols)?;
         let node = Node {
             owner: Arc::new(Owner {
@@ -852,6 +871,7 @@ impl NodeBuilder {
             mesh,
             sync,
             delivery,
+            ledger_sync,
         };
         match &node.role {
             RoleRt::Primary(rt) => primary::start(rt)?,
@@ -1150,6 +1170,8 @@ pub struct Node {
     sync: Option<Arc<sync::SyncRt>>,
     /// Reliable delivery to the mesh's members.
     delivery: Option<Arc<delivery::DeliveryRt>>,
+    /// Ledger replication with the mesh's members.
+    ledger_sync: Option<Arc<ledger_sync::LedgerSyncRt>>,
     /// Held only by handles (the node's own tasks hold the runtimes).
     #[allow(dead_code)]
     owner: Arc<Owner>,
@@ -1221,6 +1243,7 @@ impl Node {
             record_timings: false,
             data_dir: None,
             mesh: None,
+            ledger_sync: None,
         }
     }
 

@@ -57,7 +57,7 @@ use crate::clock::Timestamp;
 use crate::events::{Received, kinds};
 use crate::identity::NodeId;
 use crate::limits::Rate;
-use crate::storage::{Storage, StorageError, Table};
+use crate::storage::{Storage, StorageError, Table, Write};
 use crate::sync::store::{self as sync_store, valid_namespace};
 use crate::sync::wire::MAX_FRAME_CHANGES;
 use crate::sync::{
@@ -265,6 +265,8 @@ const MAX_SUBSCRIPTIONS: usize = 256;
 const INBOX: usize = 4096;
 /// Batches submitted to storage and not yet committed, at most.
 const MAX_IN_FLIGHT: usize = 8192;
+/// Commands taken into one storage batch at most.
+const BATCH_COMMANDS: usize = 1024;
 /// Bytes of changes in one push frame.
 const PUSH_BYTES: usize = 512 * 1024;
 /// Sync connections kept from one member at once.
@@ -419,6 +421,8 @@ pub(super) fn build(
         next_peer: 0,
         committer,
         in_flight: 0,
+        batch: Vec::new(),
+        batch_after: Vec::new(),
         last_collect: core.now(),
         outgoing: BTreeMap::new(),
         last_reachable: BTreeMap::new(),
@@ -447,8 +451,12 @@ struct Actor {
     peers: BTreeMap<NodeId, Peer>,
     /// Round-robin position of anti-entropy.
     next_peer: usize,
-    committer: Committer<Committed>,
+    committer: Committer<Vec<Committed>>,
     in_flight: usize,
+    /// Writes submitted since the last flush, and what to do once they
+    /// are durable.
+    batch: Vec<Write>,
+    batch_after: Vec<Committed>,
     last_collect: Timestamp,
     /// Local changes committed and not yet pushed, per namespace.
     outgoing: BTreeMap<String, Vec<Change>>,
@@ -460,7 +468,7 @@ impl Actor {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Cmd>,
-        mut done: mpsc::UnboundedReceiver<Outcome<Committed>>,
+        mut done: mpsc::UnboundedReceiver<Outcome<Vec<Committed>>>,
     ) {
         let Some(interval) = self.rt.upgrade().map(|rt| rt.settings.interval) else {
             return;
@@ -484,11 +492,21 @@ impl Actor {
                     None => return,
                 },
                 cmd = rx.recv(), if self.in_flight < MAX_IN_FLIGHT => match cmd {
-                    Some(cmd) => self.command(cmd),
+                    Some(cmd) => {
+                        self.command(cmd);
+                        // What queued meanwhile goes into the same batch.
+                        for _ in 0..BATCH_COMMANDS {
+                            match rx.try_recv() {
+                                Ok(cmd) => self.command(cmd),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => return,
                 },
                 _ = tick.tick() => self.tick(),
             }
+            self.flush();
         }
     }
 
@@ -596,35 +614,57 @@ impl Actor {
         local: bool,
         reply: Option<oneshot::Sender<Result<Option<Change>, NodeError>>>,
     ) {
-        let Some(replica) = self.replicas.get(&namespace) else {
-            return;
-        };
-        let writes =
-            match sync_store::writes(&namespace, &changes, collected, Some(replica.covered())) {
-                Ok(w) => w,
-                Err(e) => {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err(NodeError::Storage(e)));
-                    }
-                    return;
+        match sync_store::writes(&namespace, &changes, collected, None) {
+            Ok(w) => self.batch.extend(w),
+            Err(e) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(NodeError::Storage(e)));
                 }
-            };
-        let pending = self.core.store.submit(writes);
-        self.in_flight += 1;
-        let then = Committed {
+                return;
+            }
+        }
+        self.batch_after.push(Committed {
             namespace,
             changes,
             local,
             reply,
-        };
-        if !self.committer.wait(pending, then) {
+        });
+    }
+
+    /// Hands everything submitted since the last flush to storage as one
+    /// batch, with the vector of each namespace it touches (so many puts
+    /// arriving together cost one transaction entry, not one each).
+    fn flush(&mut self) {
+        if self.batch_after.is_empty() {
+            return;
+        }
+        let mut writes = std::mem::take(&mut self.batch);
+        let after = std::mem::take(&mut self.batch_after);
+        let touched: std::collections::BTreeSet<&str> =
+            after.iter().map(|c| c.namespace.as_str()).collect();
+        for ns in touched {
+            if let Some(r) = self.replicas.get(ns)
+                && let Ok(w) = sync_store::writes(ns, &[], &[], Some(r.covered()))
+            {
+                writes.extend(w);
+            }
+        }
+        let pending = self.core.store.submit(writes);
+        self.in_flight += 1;
+        if !self.committer.wait(pending, after) {
             self.in_flight -= 1;
         }
     }
 
     /// A batch committed: members get local changes, subscribers every one.
-    fn committed(&mut self, (c, outcome): Outcome<Committed>) {
+    fn committed(&mut self, (batch, outcome): Outcome<Vec<Committed>>) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        for c in batch {
+            self.committed_one(c, &outcome);
+        }
+    }
+
+    fn committed_one(&mut self, c: Committed, outcome: &Result<(), StorageError>) {
         if let Some(reply) = c.reply {
             let answer = match &outcome {
                 Ok(()) => Ok(c.changes.first().cloned()),

@@ -8,6 +8,7 @@ mod discovery_netns;
 mod foundation;
 mod hardening;
 mod ledger_crash;
+mod ledger_sync;
 mod mesh_runtime;
 mod node_e2e;
 mod node_policy;

@@ -1,0 +1,241 @@
+//! Ledger replication in the runtime (R-LED5–6): members pull each other's
+//! ledgers over the ledger protocol ([`LEDGER_SYNC`]) in the background,
+//! one member in turn every [`LEDGER_SYNC_INTERVAL`], and at once when a
+//! member is new or back; what comes is verified by the [`LedgerSync`]
+//! implementation (mesh-ledger's hub) before it is stored. A fork raises
+//! `ledger.fork` with its evidence.
+//!
+//! Serving: a member asks for records of a ledger this node holds (its
+//! own or a replica); at most 20 requests per
+//! connection, each answered off the async threads.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+
+use super::mesh::MeshRt;
+use super::protocols::ProtocolHandler;
+use super::{Core, NodeError};
+use crate::identity::NodeId;
+use crate::ledger::{LedgerHolding, LedgerSync, LedgerSyncError};
+use crate::limits::{Rate, TokenBucket};
+use crate::transport::{Connection, PeerAddr, Protocol};
+
+/// The ledger protocol's ALPN.
+pub const LEDGER_SYNC: Protocol = Protocol::new("mesh-sdk/ledger/1");
+/// How often a member's ledger is pulled (one member in turn).
+pub const LEDGER_SYNC_INTERVAL: Duration = Duration::from_secs(2);
+/// Requests answered per connection and second.
+const REQUESTS_PER_SECOND: f64 = 20.0;
+/// The largest request.
+const MAX_REQUEST_LEN: usize = 64 * 1024;
+/// Answers taken in one pull (each up to a checkpoint).
+const ROUNDS_PER_PULL: usize = 64;
+
+/// Event kinds of ledger replication.
+pub mod ledger_events {
+    /// A member signed two histories (`author`, `reason`, `first`,
+    /// `second`: each `{size, root}`).
+    pub const FORK: &str = "ledger.fork";
+}
+
+/// The ledger-replication side of a running node.
+pub(crate) struct LedgerSyncRt {
+    core: Arc<Core>,
+    mesh: Arc<MeshRt>,
+    sync: Arc<dyn LedgerSync>,
+}
+
+impl std::fmt::Debug for LedgerSyncRt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LedgerSyncRt")
+    }
+}
+
+/// Starts replication over the mesh.
+pub(super) fn build(
+    core: &Arc<Core>,
+    mesh: &Arc<MeshRt>,
+    sync: Arc<dyn LedgerSync>,
+) -> Arc<LedgerSyncRt> {
+    let rt = Arc::new(LedgerSyncRt {
+        core: core.clone(),
+        mesh: mesh.clone(),
+        sync,
+    });
+    core.spawn(puller(Arc::downgrade(&rt)));
+    rt
+}
+
+/// Runs `f` off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, LedgerSyncError> + Send + 'static,
+) -> Result<T, LedgerSyncError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| LedgerSyncError::Invalid(format!("the task failed: {e}")))?
+}
+
+async fn puller(rt: Weak<LedgerSyncRt>) {
+    let mut tick = tokio::time::interval(LEDGER_SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut turn = 0usize;
+    let mut last: BTreeMap<NodeId, Vec<PeerAddr>> = BTreeMap::new();
+    let mut forks_told: HashSet<(NodeId, u64, u64)> = HashSet::new();
+    loop {
+        tick.tick().await;
+        let Some(rt) = rt.upgrade() else { return };
+        let reachable = rt.mesh.reachable();
+        // New or moved members at once, and one more in turn.
+        let mut due: Vec<(NodeId, Vec<PeerAddr>)> = reachable
+            .iter()
+            .filter(|(n, a)| last.get(*n) != Some(*a))
+            .map(|(n, a)| (*n, a.clone()))
+            .collect();
+        if !reachable.is_empty() {
+            let i = turn % reachable.len();
+            turn = turn.wrapping_add(1);
+            if let Some((n, a)) = reachable.iter().nth(i)
+                && !due.iter().any(|(d, _)| d == n)
+            {
+                due.push((*n, a.clone()));
+            }
+        }
+        last = reachable;
+        for (node, addrs) in due {
+            if let Err(LedgerSyncError::Fork(report)) = rt.pull(node, &addrs).await {
+                let key = (report.author, report.first.size, report.second.size);
+                if forks_told.insert(key) {
+                    rt.core.events.publish(
+                        ledger_events::FORK,
+                        rt.core.now(),
+                        json!({
+                            "author": report.author.to_string(),
+                            "reason": report.reason,
+                            "first": { "size": report.first.size, "root": hex(&report.first.root) },
+                            "second": { "size": report.second.size, "root": hex(&report.second.root) },
+                        }),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl LedgerSyncRt {
+    /// Pulls `author`'s own ledger from it, answer after answer, until it
+    /// has nothing more.
+    async fn pull(&self, author: NodeId, addrs: &[PeerAddr]) -> Result<u64, LedgerSyncError> {
+        let mut conn = None;
+        for addr in addrs {
+            let dial = self.core.connect(author, addr, LEDGER_SYNC);
+            if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), dial).await {
+                conn = Some(c);
+                break;
+            }
+        }
+        let Some(conn) = conn else { return Ok(0) };
+        let mut added = 0;
+        for _ in 0..ROUNDS_PER_PULL {
+            let sync = self.sync.clone();
+            let request = blocking(move || sync.request(&author)).await?;
+            if conn.send(request).await.is_err() {
+                break;
+            }
+            let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(10), conn.recv()).await
+            else {
+                break;
+            };
+            let sync = self.sync.clone();
+            let n = blocking(move || sync.apply(&author, &answer)).await?;
+            added += n;
+            if n == 0 {
+                break;
+            }
+        }
+        conn.close();
+        Ok(added)
+    }
+
+    async fn serve(self: Arc<Self>, conn: Arc<dyn Connection>) {
+        let mut bucket = TokenBucket::new(
+            Rate::per_second(REQUESTS_PER_SECOND, REQUESTS_PER_SECOND as u32),
+            self.core.now(),
+        );
+        while let Ok(request) = conn.recv().await {
+            if !self.mesh.is_member(&conn.remote_node())
+                || request.len() > MAX_REQUEST_LEN
+                || !bucket.try_take(self.core.now())
+            {
+                break;
+            }
+            let sync = self.sync.clone();
+            match blocking(move || sync.serve(&request)).await {
+                Ok(answer) => {
+                    if conn.send(answer).await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        conn.close();
+    }
+}
+
+struct LedgerService {
+    rt: Weak<LedgerSyncRt>,
+}
+
+impl std::fmt::Debug for LedgerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LedgerService")
+    }
+}
+
+#[async_trait]
+impl ProtocolHandler for LedgerService {
+    fn admit(&self, peer: &NodeId) -> bool {
+        self.rt.upgrade().is_some_and(|rt| rt.mesh.is_member(peer))
+    }
+
+    async fn serve(&self, conn: Arc<dyn Connection>) {
+        match self.rt.upgrade() {
+            Some(rt) => rt.serve(conn).await,
+            None => conn.close(),
+        }
+    }
+}
+
+/// The ledger protocol, as a handler.
+pub(super) fn protocol(rt: &Arc<LedgerSyncRt>) -> (Protocol, Arc<dyn ProtocolHandler>) {
+    (
+        LEDGER_SYNC,
+        Arc::new(LedgerService {
+            rt: Arc::downgrade(rt),
+        }),
+    )
+}
+
+impl super::Node {
+    /// The ledgers this node holds (its own and the replicas of members'),
+    /// with size, latest checkpoint and any fork evidence.
+    pub async fn ledger_replicas(&self) -> Result<Vec<LedgerHolding>, NodeError> {
+        let Some(rt) = &self.ledger_sync else {
+            return Err(NodeError::Unavailable(
+                "this node replicates no ledgers (NodeBuilder::ledger_sync and a mesh)".into(),
+            ));
+        };
+        let sync = rt.sync.clone();
+        tokio::task::spawn_blocking(move || sync.holdings())
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("the task failed: {e}")))
+    }
+}

@@ -1,0 +1,156 @@
+//! Ledger replication through the runtime, over QUIC on 127.0.0.1:
+//! members hold verified replicas of each other's ledgers, and a member
+//! that signs a second history is caught with the evidence.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::clock::{Clock, SystemClock};
+use mesh_core::identity::NodeKey;
+use mesh_core::ledger::{Entry, Ledger, LedgerHolding};
+use mesh_core::node::{MeshSettings, Node, NodeConfig, Primary, RegistryAdmission, Role};
+use mesh_core::storage::records::PeerStatus;
+use mesh_core::storage::{MemoryStorage, Storage};
+use mesh_core::transport::PeerAddr;
+use mesh_ledger::{LedgerConfig, LedgerHub, SignedLedger};
+use mesh_transport::quic::{QuicConfig, QuicTransport};
+
+use crate::mesh_runtime::until;
+use crate::support::next;
+
+struct Member {
+    node: Primary,
+    ledger: Arc<SignedLedger>,
+}
+
+/// A primary whose ledger checkpoints every 100 ms, replicating ledgers
+/// with its mesh.
+fn member(name: &str, store: Arc<dyn Storage>, key: Arc<NodeKey>) -> Member {
+    let admission = Arc::new(RegistryAdmission::new(store.clone()));
+    let quic = Arc::new(
+        QuicTransport::bind(
+            key.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            admission,
+            QuicConfig::default(),
+        )
+        .unwrap(),
+    );
+    let ledger = Arc::new(
+        SignedLedger::open(
+            store.clone(),
+            key.clone(),
+            LedgerConfig::default().checkpoint_interval_ms(100),
+        )
+        .unwrap(),
+    );
+    let hub = Arc::new(LedgerHub::open(store.clone(), ledger.clone()).unwrap());
+    let addr = quic.local_addr();
+    let node = Node::builder(key, store, quic, NodeConfig::new(Role::Primary, name, name))
+        .ledger(ledger.clone())
+        .ledger_sync(hub)
+        .mesh(MeshSettings::new(vec![PeerAddr::Socket(addr)]))
+        .start_primary()
+        .unwrap();
+    Member { node, ledger }
+}
+
+fn append(ledger: &SignedLedger, n: usize, what: &str) {
+    let author = ledger.author();
+    for i in 0..n {
+        ledger
+            .append(
+                vec![Entry::json(
+                    "app.note",
+                    author,
+                    &serde_json::json!({ "what": what, "i": i }),
+                )],
+                Vec::new(),
+                SystemClock.now(),
+            )
+            .unwrap();
+    }
+}
+
+fn held<'a>(
+    holdings: &'a [LedgerHolding],
+    author: &mesh_core::identity::NodeId,
+) -> Option<&'a LedgerHolding> {
+    holdings.iter().find(|h| h.author == *author && !h.own)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_replicate_each_others_ledgers_and_a_fork_is_caught_with_its_evidence() {
+    let a = member(
+        "a",
+        Arc::new(MemoryStorage::new()),
+        Arc::new(NodeKey::generate()),
+    );
+    let b = member(
+        "b",
+        Arc::new(MemoryStorage::new()),
+        Arc::new(NodeKey::generate()),
+    );
+    let t = a.node.mesh_token(None).await.unwrap();
+    b.node.join_mesh(&t.token).await.unwrap();
+    until(&a.node, "b active", |v| {
+        v.peers.iter().any(|p| p.status == PeerStatus::Active)
+    })
+    .await;
+    append(&a.ledger, 30, "a's history");
+
+    // b comes to hold a's ledger as a checkpointed, verified replica.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let own = a.node.ledger_replicas().await.unwrap();
+        let mine = own.iter().find(|h| h.own).unwrap().clone();
+        let theirs = b.node.ledger_replicas().await.unwrap();
+        if let (Some(cp), Some(r)) = (&mine.checkpoint, held(&theirs, &a.node.node_id()))
+            && r.checkpoint.as_ref() == Some(cp)
+            && r.records == mine.records
+            && cp.size >= 30
+        {
+            assert!(r.fork.is_none());
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never held a's ledger: {theirs:?} vs {mine:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // c joins, is replicated, then signs a second history with the same key.
+    let c_key = Arc::new(NodeKey::generate());
+    let c = member("c", Arc::new(MemoryStorage::new()), c_key.clone());
+    let t = b.node.mesh_token(None).await.unwrap();
+    c.node.join_mesh(&t.token).await.unwrap();
+    append(&c.ledger, 10, "the first history");
+    let c_id = c_key.node_id();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while held(&b.node.ledger_replicas().await.unwrap(), &c_id).is_none_or(|h| h.records < 10) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never held c's ledger"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut forks = b.node.subscribe("ledger.fork", 8).unwrap();
+    c.node.shutdown().await;
+    drop(c);
+    let c2 = member("c", Arc::new(MemoryStorage::new()), c_key);
+    append(&c2.ledger, 40, "a second history");
+    let t = a.node.mesh_token(None).await.unwrap();
+    c2.node.join_mesh(&t.token).await.unwrap();
+    let e = next(&mut forks, "ledger.fork", Duration::from_secs(20)).await;
+    assert_eq!(e.data["author"], c_id.to_string());
+    assert!(e.data["first"]["root"] != e.data["second"]["root"], "{e:?}");
+    let fork = held(&b.node.ledger_replicas().await.unwrap(), &c_id)
+        .and_then(|h| h.fork.clone())
+        .expect("the evidence is kept with the replica");
+    assert_eq!(fork.author, c_id);
+    for m in [a, b] {
+        m.node.shutdown().await;
+    }
+    c2.node.shutdown().await;
+}
