@@ -106,7 +106,9 @@ impl MemoryNetwork {
         self.net.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers an endpoint for `node` under `name`.
+    /// Registers an endpoint for `node` under `name`. A name that is a
+    /// socket address's text (`127.0.0.1:7001`) also answers connects to
+    /// that socket address (in memory: nothing is sent anywhere).
     pub fn endpoint(
         &self,
         node: NodeId,
