@@ -5,8 +5,10 @@
 //! and approval-gated commands, unpairs one worker and shows it is refused;
 //! then two more primaries join it in a mesh of nodes through join tokens
 //! (a broadcast, a rename, a block and a leave reach the others, and a
-//! member gains no power over the first primary's devices); it verifies the
-//! ledger and prints a summary.
+//! member gains no power over the first primary's devices), share replicated
+//! configuration and a table (a key written on two at once ends the same on
+//! all), send a reliable message, and hold replicas of each other's ledgers;
+//! it verifies the ledger and prints a summary.
 //!
 //! Exits 0 only if every step did what it should.
 //!
@@ -29,7 +31,7 @@ use mesh_core::node::{
 use mesh_core::storage::records::PeerStatus;
 use mesh_core::storage::{MemoryStorage, SqliteStorage, Storage};
 use mesh_core::wire::{HealthMetrics, Platform};
-use mesh_ledger::{LedgerConfig, SignedLedger, verify_ledger};
+use mesh_ledger::{LedgerConfig, LedgerHub, SignedLedger, verify_ledger};
 use mesh_policy::runtime::RuntimePolicy;
 use mesh_transport::quic::{QuicConfig, QuicTransport};
 use serde_json::{Value, json};
@@ -151,8 +153,10 @@ async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
     let bound = transport.local_addr();
     let config = NodeConfig::new(Role::Primary, "demo-primary", "demo-primary")
         .heartbeat_interval(Duration::from_millis(200));
+    let hub = Arc::new(LedgerHub::open(store.clone(), ledger.clone()).map_err(|e| e.to_string())?);
     let primary = Node::builder(key.clone(), store.clone(), transport, config)
         .ledger(ledger.clone())
+        .ledger_sync(hub)
         .policy(Arc::new(RuntimePolicy::new()))
         .handler(
             "notes.write",
@@ -393,7 +397,7 @@ async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
 
     mesh_step(&primary, steps).await?;
 
-    println!("\n9. audit ledger");
+    println!("\n10. audit ledger");
     let checkpoint = ledger
         .checkpoint(mesh_core::clock::Clock::now(&mesh_core::clock::SystemClock))
         .map_err(|e| e.to_string())?;
@@ -424,13 +428,16 @@ fn mesh_primary(name: &str) -> Result<Primary, String> {
     let bound = transport.local_addr();
     let ledger = SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default())
         .map_err(|e| e.to_string())?;
+    let ledger = Arc::new(ledger);
+    let hub = LedgerHub::open(store.clone(), ledger.clone()).map_err(|e| e.to_string())?;
     Node::builder(
         key,
         store,
         transport,
         NodeConfig::new(Role::Primary, name, name),
     )
-    .ledger(Arc::new(ledger))
+    .ledger(ledger)
+    .ledger_sync(Arc::new(hub))
     .mesh(MeshSettings::reachable_at(bound, &[]))
     .start_primary()
     .map_err(|e| e.to_string())
@@ -524,6 +531,7 @@ async fn mesh_step(primary: &Primary, steps: &mut Steps) -> Result<(), String> {
         renamed.as_ref().is_some_and(|e| e["new"] == "studio-2"),
         renamed.map_or("no event".into(), |e| e.to_string()),
     );
+    replicated_step(primary, &studio, &attic, steps).await?;
     // Membership gives no power over another primary's devices.
     let devices = primary.devices().map_err(|e| e.to_string())?;
     if let Some(device) = devices.first() {
@@ -570,6 +578,118 @@ async fn mesh_step(primary: &Primary, steps: &mut Steps) -> Result<(), String> {
     );
     studio.shutdown().await;
     attic.shutdown().await;
+    Ok(())
+}
+
+/// Polls `check` (bounded by WAIT).
+async fn within<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Replicated configuration, tables, reliable messages and ledgers among
+/// the three primaries.
+async fn replicated_step(
+    primary: &Primary,
+    studio: &Primary,
+    attic: &Primary,
+    steps: &mut Steps,
+) -> Result<(), String> {
+    println!("\n9. replicated state, reliable messages, ledger replicas");
+    let set = primary
+        .config_set("site.name", json!("demo-lab"))
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "   config site.name = \"demo-lab\" at version {}",
+        set.version
+    );
+    steps.check(
+        "a config key set on demo-primary reaches studio and attic",
+        within(|| async {
+            studio
+                .config_get("site.name")
+                .await
+                .is_ok_and(|e| e.version == set.version)
+                && attic
+                    .config_get("site.name")
+                    .await
+                    .is_ok_and(|e| e.version == set.version)
+        })
+        .await,
+        "pushed as it committed",
+    );
+    let (x, y) = tokio::join!(
+        studio.config_set("mode", json!("studio's")),
+        attic.config_set("mode", json!("attic's"))
+    );
+    let winner = match (x, y) {
+        (Ok(x), Ok(y)) => {
+            if x.version > y.version {
+                x.value
+            } else {
+                y.value
+            }
+        }
+        (x, y) => return Err(format!("config set failed: {x:?} {y:?}")),
+    };
+    steps.check(
+        "a key written on two members at once ends the same on all three",
+        within(|| async {
+            let mut same = true;
+            for n in [primary, studio, attic] {
+                same &= n.config_get("mode").await.is_ok_and(|e| e.value == winner);
+            }
+            same
+        })
+        .await,
+        format!("last writer wins: {winner}"),
+    );
+    primary
+        .table_insert("rooms", "r1", json!({"name": "kitchen", "floor": 0}))
+        .await
+        .map_err(|e| e.to_string())?;
+    steps.check(
+        "a table row inserted on demo-primary reaches attic",
+        within(|| async { attic.table_rows("rooms").await.is_ok_and(|r| r.len() == 1) }).await,
+        "table.rooms",
+    );
+    let sent = tokio::time::timeout(
+        WAIT,
+        attic.send_reliable(primary.node_id(), b"hello, reliably".to_vec()),
+    )
+    .await;
+    let got = primary
+        .receive_reliable(10, WAIT)
+        .await
+        .map_err(|e| e.to_string())?;
+    steps.check(
+        "attic's reliable message is acknowledged and taken once by demo-primary",
+        matches!(sent, Ok(Ok(_))) && got.len() == 1 && got[0].payload == b"hello, reliably",
+        format!("{} message(s)", got.len()),
+    );
+    steps.check(
+        "demo-primary holds replicas of studio's and attic's ledgers",
+        within(|| async {
+            primary.ledger_replicas().await.is_ok_and(|l| {
+                [studio.node_id(), attic.node_id()]
+                    .iter()
+                    .all(|n| l.iter().any(|h| h.author == *n && !h.own))
+            })
+        })
+        .await,
+        "pulled over mesh-sdk/ledger/1",
+    );
     Ok(())
 }
 
