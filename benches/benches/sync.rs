@@ -231,9 +231,8 @@ fn converge(n: usize, per: usize, seed: u64) -> (usize, usize) {
             let ch = r
                 .write(&key, Some(vec![i as u8; 32]), c, at((i * per + k) as u64))
                 .unwrap();
-            for j in 0..n {
+            for (j, (r, c)) in reps.iter_mut().enumerate() {
                 if j != i && side(j) == side(i) {
-                    let (r, c) = &mut reps[j];
                     let _ = r.apply(vec![ch.clone()], None, c, at((n * per) as u64));
                 }
             }

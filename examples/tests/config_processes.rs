@@ -99,8 +99,8 @@ fn five_primaries_converge_on_one_config_after_two_are_killed_and_restarted() {
         runs[i].kill();
     }
     // The other side writes while they are down, some keys the same.
-    for i in 0..3 {
-        set(&dirs[i], &format!("only.m{i}"), &i.to_string());
+    for (i, dir) in dirs.iter().enumerate().take(3) {
+        set(dir, &format!("only.m{i}"), &i.to_string());
     }
     set(&dirs[1], "shared", "\"from m1\"");
     set(&dirs[2], "only.m3", "\"overwritten by m2\"");

@@ -109,10 +109,12 @@ fn the_outbox_retries_with_growing_jittered_waits_and_uses_relays_when_direct_fa
 #[test]
 fn a_relay_holds_within_its_limits_and_drops_at_expiry() {
     let (a, c, d) = (key(1), key(3), key(4));
-    let mut limits = RelayLimits::default();
-    limits.letters_per_recipient = 2;
-    limits.letters = 3;
-    limits.max_hold = Duration::from_secs(60);
+    let limits = RelayLimits {
+        letters_per_recipient: 2,
+        letters: 3,
+        max_hold: Duration::from_secs(60),
+        ..RelayLimits::default()
+    };
     let mut relay = RelayStore::new(limits);
     assert_eq!(relay.accept(letter(&a, &c.node_id(), 1), at(0)), Ok(true));
     assert_eq!(relay.accept(letter(&a, &c.node_id(), 1), at(0)), Ok(false));

@@ -177,12 +177,15 @@ impl Writer {
     }
 }
 
+/// A connection and its number.
+type Numbered = (u64, Arc<dyn Connection>);
+
 /// Incoming connections of one protocol, at most a few per peer (a new
 /// one closes the oldest), whose frames are forwarded to an actor at most
 /// at a rate per connection.
 #[derive(Debug, Default)]
 pub(crate) struct Incoming {
-    conns: Mutex<HashMap<NodeId, Vec<(u64, Arc<dyn Connection>)>>>,
+    conns: Mutex<HashMap<NodeId, Vec<Numbered>>>,
     next: AtomicU64,
 }
 
