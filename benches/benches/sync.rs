@@ -146,6 +146,7 @@ fn bytes_on_the_wire(keys: usize, missed: usize) {
         let digest = SyncFrame::Digest {
             vectors: vec![("config".into(), dst.covered().clone())],
             reply: true,
+            all: true,
         }
         .encode();
         let delta = src.delta_for(dst.covered());
@@ -261,6 +262,7 @@ fn converge(n: usize, per: usize, seed: u64) -> (usize, usize) {
             bytes += SyncFrame::Digest {
                 vectors: vec![("ns".into(), vi.clone())],
                 reply: true,
+                all: true,
             }
             .encode()
             .len();

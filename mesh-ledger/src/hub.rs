@@ -26,12 +26,14 @@ use crate::verify::ledger_authors;
 /// Replicas one node keeps at most.
 pub const MAX_REPLICAS: usize = 1024;
 
-/// A fork's evidence as stored (the two checkpoints and why).
+/// A fork's evidence as stored: the two signed checkpoints (anyone can
+/// verify both signatures) and why they conflict. The first fork found is
+/// kept.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredFork {
     author: NodeId,
-    first: (u64, [u8; 32]),
-    second: (u64, [u8; 32]),
+    first: Checkpoint,
+    second: Checkpoint,
     reason: String,
 }
 
@@ -46,14 +48,8 @@ impl StoredFork {
     fn report(&self) -> ForkReport {
         ForkReport {
             author: self.author,
-            first: CheckpointRef {
-                size: self.first.0,
-                root: self.first.1,
-            },
-            second: CheckpointRef {
-                size: self.second.0,
-                root: self.second.1,
-            },
+            first: checkpoint_ref(&self.first),
+            second: checkpoint_ref(&self.second),
             reason: self.reason.clone(),
         }
     }
@@ -175,10 +171,17 @@ impl LedgerSync for LedgerHub {
                 } = *evidence;
                 let stored = StoredFork {
                     author: *author,
-                    first: (first.size, first.root),
-                    second: (second.size, second.root),
+                    first,
+                    second,
                     reason,
                 };
+                let key = stored.key();
+                match self.store.load::<StoredFork>(&key) {
+                    // The first evidence found stays.
+                    Ok(Some(kept)) => return Err(LedgerSyncError::Fork(Box::new(kept.report()))),
+                    Ok(None) => {}
+                    Err(e) => return Err(LedgerSyncError::Ledger(e.into())),
+                }
                 self.store
                     .save(&stored)
                     .map_err(|e| LedgerSyncError::Ledger(e.into()))?;

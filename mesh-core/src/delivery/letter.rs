@@ -125,6 +125,7 @@ impl fmt::Debug for Contents {
 #[derive(Serialize, Deserialize)]
 struct Inside {
     seq: u64,
+    floor: u64,
     contents: Contents,
     #[serde(with = "serde_bytes")]
     sig: Vec<u8>,
@@ -135,6 +136,11 @@ struct Inside {
 pub struct Opened {
     /// The sender's sequence number for this recipient (from 1).
     pub seq: u64,
+    /// The sender's lowest number for this recipient still waiting for an
+    /// acknowledgement when it sealed this one: numbers below it were
+    /// acknowledged or given up (expired), so the recipient may count them
+    /// as taken.
+    pub floor: u64,
     /// What it holds.
     pub contents: Contents,
 }
@@ -179,21 +185,24 @@ fn aad(id: &LetterId, from: &NodeId, to: &NodeId, expires_at_ms: u64) -> Vec<u8>
     a
 }
 
-fn signed_bytes(header: &[u8], seq: u64, contents: &Contents) -> Vec<u8> {
+fn signed_bytes(header: &[u8], seq: u64, floor: u64, contents: &Contents) -> Vec<u8> {
     let mut m = Vec::with_capacity(header.len() + 64);
     m.extend_from_slice(SIG_TAG);
     m.extend_from_slice(header);
     m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(&floor.to_be_bytes());
     m.extend_from_slice(&postcard::to_allocvec(contents).unwrap_or_default());
     m
 }
 
 impl Letter {
-    /// Seals `contents` from `key`'s node to `to` as its letter `seq`.
+    /// Seals `contents` from `key`'s node to `to` as its letter `seq`
+    /// (`floor`: see [`Opened::floor`]; at most `seq`).
     pub fn seal(
         key: &NodeKey,
         to: &NodeId,
         seq: u64,
+        floor: u64,
         contents: Contents,
         expires_at_ms: u64,
     ) -> Result<Letter, LetterError> {
@@ -202,15 +211,16 @@ impl Letter {
         {
             return Err(LetterError::TooLarge(p.len()));
         }
-        if seq == 0 {
+        if seq == 0 || floor > seq {
             return Err(LetterError::BadSeq);
         }
         let from = key.node_id();
         let id = LetterId::of(&from, to, seq);
         let header = aad(&id, &from, to, expires_at_ms);
-        let sig = key.sign(&signed_bytes(&header, seq, &contents));
+        let sig = key.sign(&signed_bytes(&header, seq, floor, &contents));
         let inside = Inside {
             seq,
+            floor,
             contents,
             sig: sig.to_vec(),
         };
@@ -246,9 +256,12 @@ impl Letter {
             .try_into()
             .map_err(|_| LetterError::BadSignature)?;
         self.from
-            .verify(&signed_bytes(&header, inside.seq, &inside.contents), &sig)
+            .verify(
+                &signed_bytes(&header, inside.seq, inside.floor, &inside.contents),
+                &sig,
+            )
             .map_err(|_| LetterError::BadSignature)?;
-        if inside.seq == 0 {
+        if inside.seq == 0 || inside.floor > inside.seq {
             return Err(LetterError::BadSeq);
         }
         if LetterId::of(&self.from, &self.to, inside.seq) != self.id {
@@ -256,6 +269,7 @@ impl Letter {
         }
         Ok(Opened {
             seq: inside.seq,
+            floor: inside.floor,
             contents: inside.contents,
         })
     }
@@ -279,6 +293,7 @@ mod tests {
             &alice,
             &bob.node_id(),
             7,
+            5,
             Contents::Message(b"hello bob".to_vec()),
             99,
         )
@@ -286,8 +301,8 @@ mod tests {
         assert_eq!(letter.id, LetterId::of(&alice.node_id(), &bob.node_id(), 7));
         let opened = letter.open(&bob).unwrap();
         assert_eq!(
-            (opened.seq, opened.contents),
-            (7, Contents::Message(b"hello bob".to_vec()))
+            (opened.seq, opened.floor, opened.contents),
+            (7, 5, Contents::Message(b"hello bob".to_vec()))
         );
         // The plaintext is nowhere in what a relay holds.
         let wire = postcard::to_allocvec(&letter).unwrap();
@@ -313,6 +328,7 @@ mod tests {
             &carol,
             &bob.node_id(),
             7,
+            7,
             Contents::Message(b"x".to_vec()),
             99,
         )
@@ -326,6 +342,7 @@ mod tests {
             Letter::seal(
                 &alice,
                 &bob.node_id(),
+                1,
                 1,
                 Contents::Message(vec![0; MAX_PAYLOAD_LEN + 1]),
                 9

@@ -132,6 +132,19 @@ impl SeenWindow {
         }
     }
 
+    /// Counts every number below `floor` as taken (the sender holds none
+    /// of them any more).
+    pub fn advance(&mut self, floor: u64) {
+        let below = floor.saturating_sub(1);
+        if below > self.upto {
+            self.upto = below;
+            self.above.retain(|s| *s > below);
+            while self.above.remove(&(self.upto + 1)) {
+                self.upto += 1;
+            }
+        }
+    }
+
     /// Records `seq` as taken (after [`SeenWindow::check`] said new).
     pub fn take(&mut self, seq: u64) {
         if seq == self.upto + 1 {

@@ -114,6 +114,14 @@ impl Outbox {
         self.entries.contains_key(id)
     }
 
+    /// The relays waiting letter `id` was handed to.
+    pub fn entries_relayed_to(&self, id: &LetterId) -> Vec<NodeId> {
+        self.entries
+            .get(id)
+            .map(|e| e.relayed_to.clone())
+            .unwrap_or_default()
+    }
+
     /// The recipient of waiting letter `id`.
     pub fn recipient(&self, id: &LetterId) -> Option<NodeId> {
         self.entries.get(id).map(|e| e.letter.to)
@@ -197,8 +205,13 @@ impl Outbox {
     /// Relay `by` holds letter `id`: a receipt is done; a message waits
     /// for its recipient's receipt, tried directly less often.
     pub fn stored(&mut self, id: &LetterId, by: NodeId, now: Timestamp) -> Option<OutboxEntry> {
-        let receipt = self.entries.get(id)?.receipt;
-        if receipt {
+        let e = self.entries.get(id)?;
+        // Only a relay it was handed to (ids are predictable: anyone else
+        // saying so could end a receipt or keep real relays unused).
+        if !e.relayed_to.contains(&by) {
+            return None;
+        }
+        if e.receipt {
             return self.entries.remove(id);
         }
         let max = self.config.max;

@@ -21,6 +21,8 @@ pub struct RelayLimits {
     pub letters: usize,
     /// Bytes in all. Default 256 MiB.
     pub bytes: usize,
+    /// Letters from one sender, for all its recipients. Default 2,000.
+    pub letters_per_sender: usize,
     /// The longest a letter is held, whatever its expiry. Default 7 days.
     pub max_hold: Duration,
 }
@@ -32,6 +34,7 @@ impl Default for RelayLimits {
             bytes_per_recipient: 16 << 20,
             letters: 10_000,
             bytes: 256 << 20,
+            letters_per_sender: 2000,
             max_hold: Duration::from_secs(7 * 24 * 3600),
         }
     }
@@ -61,6 +64,7 @@ pub struct RelayStore {
     limits: RelayLimits,
     by_to: BTreeMap<NodeId, BTreeMap<LetterId, Held>>,
     bytes_by_to: BTreeMap<NodeId, usize>,
+    by_from: BTreeMap<NodeId, usize>,
     letters: usize,
     bytes: usize,
 }
@@ -92,7 +96,9 @@ impl RelayStore {
         let size = letter.size();
         let held_for_to = self.by_to.get(&to).map_or(0, BTreeMap::len);
         let bytes_for_to = self.bytes_by_to.get(&to).copied().unwrap_or(0);
+        let from_sender = self.by_from.get(&letter.from).copied().unwrap_or(0);
         if held_for_to >= self.limits.letters_per_recipient
+            || from_sender >= self.limits.letters_per_sender
             || bytes_for_to + size > self.limits.bytes_per_recipient
             || self.letters >= self.limits.letters
             || self.bytes + size > self.limits.bytes
@@ -101,11 +107,13 @@ impl RelayStore {
         }
         let hold_ms = u64::try_from(self.limits.max_hold.as_millis()).unwrap_or(u64::MAX);
         let until_ms = letter.expires_at_ms.min(now_ms.saturating_add(hold_ms));
+        let from = letter.from;
         self.by_to
             .entry(to)
             .or_default()
             .insert(letter.id, Held { letter, until_ms });
         *self.bytes_by_to.entry(to).or_default() += size;
+        *self.by_from.entry(from).or_default() += 1;
         self.letters += 1;
         self.bytes += size;
         Ok(true)
@@ -143,6 +151,12 @@ impl RelayStore {
             return false;
         };
         let size = h.letter.size();
+        if let Some(n) = self.by_from.get_mut(&h.letter.from) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_from.remove(&h.letter.from);
+            }
+        }
         if m.is_empty() {
             self.by_to.remove(to);
             self.bytes_by_to.remove(to);

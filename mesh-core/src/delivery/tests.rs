@@ -17,6 +17,7 @@ fn letter(from: &NodeKey, to: &NodeId, seq: u64) -> Letter {
         from,
         to,
         seq,
+        1,
         Contents::Message(vec![1, 2, 3]),
         at(3_600_000).as_millis(),
     )
@@ -43,6 +44,17 @@ fn the_seen_window_takes_each_number_once_in_any_order() {
     assert_eq!(w.check(1), Seen::New);
     w.take(1);
     assert_eq!((w.upto, w.above.len()), (MAX_SEEN_AHEAD as u64 + 1, 0));
+    // A gap the sender gave up (the letter expired) does not wedge the
+    // window: its floor moves it on.
+    let mut w = SeenWindow::default();
+    for seq in 2..(2 + MAX_SEEN_AHEAD as u64) {
+        w.take(seq);
+    }
+    let next = MAX_SEEN_AHEAD as u64 + 2;
+    assert_eq!(w.check(next + 1), Seen::Later);
+    w.advance(2);
+    assert_eq!((w.upto, w.above.len()), (next - 1, 0));
+    assert_eq!(w.check(next + 1), Seen::New);
 }
 
 #[test]
@@ -79,8 +91,21 @@ fn the_outbox_retries_with_growing_jittered_waits_and_uses_relays_when_direct_fa
             "wait {n}: {w:?} vs {exp:?}"
         );
     }
-    // A relay holding it slows direct tries; the recipient's ack ends it.
-    assert!(out.stored(&l.id, relays[0], last).is_none());
+    // Only a relay it was handed to can say it holds it; that slows
+    // direct tries; the recipient's ack ends it.
+    let before = out.next_due().unwrap();
+    assert!(out.stored(&l.id, key(9).node_id(), last).is_none());
+    assert_eq!(
+        out.next_due().unwrap(),
+        before,
+        "a stranger's Stored changed nothing"
+    );
+    let holder = relays
+        .iter()
+        .find(|r| out.entries_relayed_to(&l.id).contains(r))
+        .copied()
+        .unwrap();
+    assert!(out.stored(&l.id, holder, last).is_none());
     assert!(out.next_due().unwrap() >= last.saturating_add(Duration::from_secs(30)));
     assert!(out.acked(&l.id).is_some());
     assert!(out.is_empty());
@@ -89,6 +114,7 @@ fn the_outbox_retries_with_growing_jittered_waits_and_uses_relays_when_direct_fa
     let r = Letter::seal(
         &a,
         &c.node_id(),
+        2,
         2,
         Contents::Receipt(l.id),
         at(60_000).as_millis(),
@@ -202,6 +228,7 @@ fn sync_fuzz_seeds_decode() {
             SyncFrame::Digest {
                 vectors: vec![("config".into(), [(a.node_id(), 1)].into_iter().collect())],
                 reply: true,
+                all: true,
             }
             .encode(),
         ),

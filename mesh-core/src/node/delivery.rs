@@ -79,9 +79,9 @@ pub struct DeliverySettings {
     pub relay: RelayLimits,
     /// How long a letter lives (relays drop it after). Default 24 h.
     pub ttl: Duration,
-    /// Messages waiting in the inbox for the application, at most; letters
-    /// over it are not acknowledged (their senders try again). Default
-    /// 10,000.
+    /// Messages waiting in the inbox for the application, at most (and an
+    /// eighth of it from one sender); letters over it are not acknowledged
+    /// (their senders try again). Default 10,000.
     pub inbox_limit: usize,
     /// Letters waiting in the outbox, at most. Default 10,000.
     pub outbox_limit: usize,
@@ -147,6 +147,8 @@ pub struct DeliveryStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct OutboxRecord {
     letter: Letter,
+    /// Its number for its recipient.
+    seq: u64,
     receipt: bool,
 }
 
@@ -245,21 +247,28 @@ enum After {
         acked: Option<oneshot::Sender<()>>,
     },
     /// A letter taken (or a duplicate): acknowledge it to `forwarder`; a
-    /// receipt (already stored) goes back if it came through a relay.
+    /// receipt (already stored) goes back if it came through a relay. If
+    /// the batch failed, the sender's seen window goes back to what it was.
     Received {
         forwarder: NodeId,
         id: LetterId,
         message: Option<InboxRecord>,
         receipt: Option<Letter>,
+        rollback: (NodeId, SeenWindow),
     },
-    /// A letter held as a relay: say so to `forwarder`.
-    Relayed { forwarder: NodeId, id: LetterId },
+    /// A letter held as a relay: say so to `forwarder` (or, if the batch
+    /// failed, forget it).
+    Relayed {
+        forwarder: NodeId,
+        to: NodeId,
+        id: LetterId,
+    },
     /// Bookkeeping only.
     Nothing,
 }
 
 const INBOX: usize = 4096;
-const MAX_IN_FLIGHT: usize = 4096;
+const MAX_IN_FLIGHT: usize = 1024;
 const TICK: Duration = Duration::from_millis(200);
 /// A relay offers a held letter to its recipient at most this often.
 const OFFER_EVERY: Duration = Duration::from_secs(2);
@@ -302,6 +311,9 @@ struct Actor {
     /// Letters taken whose batch is not yet durable (not acknowledged
     /// again until it is).
     uncommitted: std::collections::HashSet<LetterId>,
+    /// (recipient, number) of each letter in the outbox: the lowest per
+    /// recipient is the floor sealed into new letters.
+    outstanding: BTreeMap<(NodeId, u64), LetterId>,
 }
 
 /// Builds the delivery runtime from what is stored.
@@ -313,7 +325,9 @@ pub(super) fn build(
     let store = core.store.clone();
     let now = core.now();
     let mut outbox = Outbox::new(settings.retry.clone(), rand::random());
+    let mut outstanding = BTreeMap::new();
     for r in store.load_all::<OutboxRecord>()? {
+        outstanding.insert((r.letter.to, r.seq), r.letter.id);
         outbox.add(r.letter, r.receipt, now);
     }
     let mut relay = RelayStore::new(settings.relay.clone());
@@ -362,6 +376,7 @@ pub(super) fn build(
         committer,
         in_flight: 0,
         uncommitted: std::collections::HashSet::new(),
+        outstanding,
     };
     core.spawn(actor.run(rx, done));
     Ok(rt)
@@ -441,12 +456,19 @@ impl Actor {
             .map_or(Duration::from_secs(86_400), |(_, s)| s.ttl);
         let seq = self.next_seq.get(&to).copied().unwrap_or(1);
         let expires = self.core.now().saturating_add(ttl).as_millis();
-        let letter = Letter::seal(&self.core.key, &to, seq, contents, expires)
+        let floor = self
+            .outstanding
+            .range((to, 0)..=(to, u64::MAX))
+            .next()
+            .map_or(seq, |((_, s), _)| *s);
+        let letter = Letter::seal(&self.core.key, &to, seq, floor, contents, expires)
             .map_err(|e| fail(&e.to_string()))?;
         self.next_seq.insert(to, seq + 1);
+        self.outstanding.insert((to, seq), letter.id);
         let writes = vec![
             OutboxRecord {
                 letter: letter.clone(),
+                seq,
                 receipt,
             }
             .put()?,
@@ -492,11 +514,29 @@ impl Actor {
         self.in_flight = self.in_flight.saturating_sub(1);
         if let Err(e) = outcome {
             match after {
-                After::Posted { posted, .. } => {
+                After::Posted { posted, letter, .. } => {
+                    let mut ignored = Vec::new();
+                    self.left_outbox(&letter, &mut ignored);
                     let _ = posted.send(Err(NodeError::Storage(e)));
                 }
-                After::Received { id, .. } => {
+                After::Received {
+                    id,
+                    rollback: (from, window),
+                    receipt,
+                    ..
+                } => {
                     self.uncommitted.remove(&id);
+                    self.seen.insert(from, window);
+                    if let Some(r) = receipt {
+                        // Its number stays unused: the floor of later
+                        // letters moves the recipient past it.
+                        let mut ignored = Vec::new();
+                        self.left_outbox(&r, &mut ignored);
+                    }
+                }
+                After::Relayed { to, id, .. } => {
+                    self.uncommitted.remove(&id);
+                    self.relay.remove(&to, &id);
                 }
                 _ => {}
             }
@@ -522,6 +562,7 @@ impl Actor {
                 id,
                 message,
                 receipt,
+                ..
             } => {
                 self.uncommitted.remove(&id);
                 self.send_frame(forwarder, None, DeliveryFrame::Ack(vec![id]));
@@ -534,7 +575,8 @@ impl Actor {
                     self.hand_over();
                 }
             }
-            After::Relayed { forwarder, id } => {
+            After::Relayed { forwarder, id, .. } => {
+                self.uncommitted.remove(&id);
                 self.send_frame(forwarder, None, DeliveryFrame::Stored(vec![id]));
                 // Its recipient may be reachable now.
                 self.offer_held(now);
@@ -620,12 +662,12 @@ impl Actor {
             let mut writes = Vec::new();
             for e in expired {
                 self.waiters.remove(&e.letter.id);
+                self.left_outbox(&e.letter, &mut writes);
                 self.core.events.publish(
                     delivery_events::EXPIRED,
                     now,
                     json!({ "id": e.letter.id.to_hex(), "to": e.letter.to.to_string() }),
                 );
-                writes.push(OutboxRecord::delete(&e.letter.id.to_hex()));
             }
             self.commit(writes, After::Nothing);
         }
@@ -727,7 +769,7 @@ impl Actor {
                 let mut writes = Vec::new();
                 for id in ids {
                     if let Some(e) = self.outbox.stored(&id, from, now) {
-                        writes.push(OutboxRecord::delete(&e.letter.id.to_hex()));
+                        self.left_outbox(&e.letter, &mut writes);
                     }
                 }
                 if !writes.is_empty() {
@@ -746,11 +788,25 @@ impl Actor {
             return;
         }
         if let Some(e) = self.outbox.acked(&id) {
-            writes.push(OutboxRecord::delete(&e.letter.id.to_hex()));
+            self.left_outbox(&e.letter, writes);
         }
         for w in self.waiters.remove(&id).unwrap_or_default() {
             let _ = w.send(());
         }
+    }
+
+    /// `letter` left the outbox (acknowledged, held by a relay as a
+    /// receipt, or expired).
+    fn left_outbox(&mut self, letter: &Letter, writes: &mut Vec<Write>) {
+        let key = self
+            .outstanding
+            .range((letter.to, 0)..=(letter.to, u64::MAX))
+            .find(|(_, id)| **id == letter.id)
+            .map(|(k, _)| *k);
+        if let Some(k) = key {
+            self.outstanding.remove(&k);
+        }
+        writes.push(OutboxRecord::delete(&letter.id.to_hex()));
     }
 
     fn deliver(&mut self, forwarder: NodeId, letter: Letter, now: Timestamp) {
@@ -758,8 +814,7 @@ impl Actor {
             return;
         };
         let me = self.core.key.node_id();
-        let members = rt.mesh.members();
-        if !members.contains(&letter.from) {
+        if letter.from != me && !rt.mesh.is_member(&letter.from) {
             return self.refused(forwarder, "a letter from a node not in the mesh");
         }
         if letter.to != me {
@@ -768,15 +823,23 @@ impl Actor {
             if letter.from != forwarder {
                 return self.refused(forwarder, "a relay takes only its sender's own letters");
             }
-            if !members.contains(&letter.to) {
+            if !rt.mesh.is_member(&letter.to) {
                 return self.refused(forwarder, "a letter for a node not in the mesh");
             }
-            let id = letter.id;
+            let (id, to) = (letter.id, letter.to);
             match self.relay.accept(letter.clone(), now) {
                 Ok(true) => match (RelayRecord { letter }).put() {
-                    Ok(w) => self.commit(vec![w], After::Relayed { forwarder, id }),
-                    Err(e) => self.refused(forwarder, &e.to_string()),
+                    Ok(w) => {
+                        self.uncommitted.insert(id);
+                        self.commit(vec![w], After::Relayed { forwarder, to, id });
+                    }
+                    Err(e) => {
+                        self.relay.remove(&to, &id);
+                        self.refused(forwarder, &e.to_string());
+                    }
                 },
+                // Held already: said once it is durable.
+                Ok(false) if self.uncommitted.contains(&id) => {}
                 Ok(false) => self.send_frame(forwarder, None, DeliveryFrame::Stored(vec![id])),
                 Err(e) => self.refused(forwarder, &e.to_string()),
             }
@@ -788,7 +851,10 @@ impl Actor {
         };
         let id = letter.id;
         let from = letter.from;
-        let mut window = self.seen.get(&from).cloned().unwrap_or_default();
+        let previous = self.seen.get(&from).cloned().unwrap_or_default();
+        let mut window = previous.clone();
+        // Numbers below the sender's floor were acknowledged or given up.
+        window.advance(opened.floor);
         match window.check(opened.seq) {
             Seen::Later => {}
             Seen::Duplicate => {
@@ -802,8 +868,13 @@ impl Actor {
                 }
             }
             Seen::New => {
+                let from_sender = self
+                    .pending
+                    .range(format!("{from}:")..format!("{from};"))
+                    .count();
                 if matches!(opened.contents, Contents::Message(_))
-                    && self.pending.len() >= settings.inbox_limit
+                    && (self.pending.len() >= settings.inbox_limit
+                        || from_sender >= (settings.inbox_limit / 8).max(16))
                 {
                     // Not taken: the sender tries again later.
                     return;
@@ -852,6 +923,7 @@ impl Actor {
                         id,
                         message,
                         receipt,
+                        rollback: (from, previous),
                     },
                 );
             }

@@ -34,6 +34,12 @@ const REQUESTS_PER_SECOND: f64 = 20.0;
 const MAX_REQUEST_LEN: usize = 64 * 1024;
 /// Answers taken in one pull (each up to a checkpoint).
 const ROUNDS_PER_PULL: usize = 64;
+/// How long one answer may take.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests served at once, from all members.
+const SERVING: usize = 8;
+/// Forks remembered as told (then told again once).
+const MAX_FORKS_TOLD: usize = 1024;
 
 /// Event kinds of ledger replication.
 pub mod ledger_events {
@@ -47,6 +53,7 @@ pub(crate) struct LedgerSyncRt {
     core: Arc<Core>,
     mesh: Arc<MeshRt>,
     sync: Arc<dyn LedgerSync>,
+    serving: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for LedgerSyncRt {
@@ -65,6 +72,7 @@ pub(super) fn build(
         core: core.clone(),
         mesh: mesh.clone(),
         sync,
+        serving: Arc::new(tokio::sync::Semaphore::new(SERVING)),
     });
     core.spawn(puller(Arc::downgrade(&rt)));
     rt
@@ -108,6 +116,9 @@ async fn puller(rt: Weak<LedgerSyncRt>) {
         for (node, addrs) in due {
             if let Err(LedgerSyncError::Fork(report)) = rt.pull(node, &addrs).await {
                 let key = (report.author, report.first.size, report.second.size);
+                if forks_told.len() >= MAX_FORKS_TOLD {
+                    forks_told.clear();
+                }
                 if forks_told.insert(key) {
                     rt.core.events.publish(
                         ledger_events::FORK,
@@ -149,8 +160,7 @@ impl LedgerSyncRt {
             if conn.send(request).await.is_err() {
                 break;
             }
-            let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(10), conn.recv()).await
-            else {
+            let Ok(Ok(answer)) = tokio::time::timeout(ANSWER_TIMEOUT, conn.recv()).await else {
                 break;
             };
             let sync = self.sync.clone();
@@ -165,6 +175,11 @@ impl LedgerSyncRt {
     }
 
     async fn serve(self: Arc<Self>, conn: Arc<dyn Connection>) {
+        // Bounded work for everyone's requests together.
+        let Ok(_permit) = self.serving.clone().try_acquire_owned() else {
+            conn.close();
+            return;
+        };
         let mut bucket = TokenBucket::new(
             Rate::per_second(REQUESTS_PER_SECOND, REQUESTS_PER_SECOND as u32),
             self.core.now(),

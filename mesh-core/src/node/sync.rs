@@ -262,9 +262,11 @@ pub struct SyncPeerStatus {
 /// The most change subscriptions at once.
 const MAX_SUBSCRIPTIONS: usize = 256;
 /// The actor's inbox.
-const INBOX: usize = 4096;
+const INBOX: usize = 512;
 /// Batches submitted to storage and not yet committed, at most.
-const MAX_IN_FLIGHT: usize = 8192;
+const MAX_IN_FLIGHT: usize = 1024;
+/// Bytes of vectors in one digest frame.
+const DIGEST_BYTES: usize = 256 * 1024;
 /// Commands taken into one storage batch at most.
 const BATCH_COMMANDS: usize = 1024;
 /// Bytes of changes in one push frame.
@@ -314,6 +316,11 @@ enum Cmd {
     },
     /// A member joined or came back: catch up with it now.
     Reconnected(NodeId),
+    /// A namespace read back from storage after a failed batch.
+    Reloaded {
+        namespace: String,
+        replica: Box<Replica>,
+    },
 }
 
 /// What to do once a batch committed.
@@ -380,6 +387,10 @@ pub(super) fn build(
     let me = core.key.node_id();
     let mut clock = HlcClock::new(me, settings.max_skew);
     let replicas = load_replicas(core.store.as_ref(), me, &settings.limits, &mut clock)?;
+    let durable_own = replicas
+        .iter()
+        .map(|(ns, r)| (ns.clone(), r.last_own_seq()))
+        .collect();
     let (inbox, rx) = mpsc::channel(INBOX);
     let rt = Arc::new(SyncRt {
         core: core.clone(),
@@ -426,6 +437,7 @@ pub(super) fn build(
         last_collect: core.now(),
         outgoing: BTreeMap::new(),
         last_reachable: BTreeMap::new(),
+        durable_own,
     };
     core.spawn(actor.run(rx, done_rx));
     Ok(rt)
@@ -462,6 +474,9 @@ struct Actor {
     outgoing: BTreeMap<String, Vec<Change>>,
     /// The reachable members at the last tick.
     last_reachable: BTreeMap<NodeId, Vec<PeerAddr>>,
+    /// Per namespace, this node's highest change number on disk: digests
+    /// are answered up to it only.
+    durable_own: BTreeMap<String, u64>,
 }
 
 impl Actor {
@@ -551,6 +566,11 @@ impl Actor {
             Cmd::Now { reply } => {
                 let _ = reply.send(self.digest_all());
             }
+            Cmd::Reloaded { namespace, replica } => {
+                self.durable_own
+                    .insert(namespace.clone(), replica.last_own_seq());
+                self.replicas.insert(namespace, *replica);
+            }
             Cmd::Reconnected(node) => {
                 if let Some(addrs) = self.reachable().remove(&node) {
                     self.send_digest(node, addrs, true);
@@ -568,7 +588,7 @@ impl Actor {
         reply: oneshot::Sender<Result<Option<Change>, NodeError>>,
     ) {
         let now = self.core.now();
-        if !self.ensure(&namespace) {
+        if !self.ensure(&namespace, false) {
             let _ = reply.send(Err(fail(
                 SyncErrorKind::Full,
                 "this node holds as many namespaces as allowed",
@@ -679,10 +699,18 @@ impl Actor {
                 self.core.now(),
                 json!({ "namespace": c.namespace, "changes": c.changes.len() }),
             );
+            // What is in memory is no longer what is on disk.
+            self.reload(c.namespace);
             return;
         }
         if c.changes.is_empty() {
             return;
+        }
+        if c.local
+            && let Some(top) = c.changes.iter().map(|c| c.seq).max()
+        {
+            let d = self.durable_own.entry(c.namespace.clone()).or_default();
+            *d = (*d).max(top);
         }
         rt.notify(&c.namespace, &c.changes, c.local);
         if c.local {
@@ -691,6 +719,32 @@ impl Actor {
                 .or_default()
                 .extend(c.changes);
         }
+    }
+
+    /// Reads namespace `ns` back from storage (off the async threads) after
+    /// a batch of it failed; the actor takes it in as `Cmd::Reloaded`.
+    fn reload(&mut self, ns: String) {
+        let Some(rt) = self.rt.upgrade() else { return };
+        let store = self.core.store.clone();
+        let me = self.core.key.node_id();
+        let limits = rt.settings.limits.clone();
+        let inbox = rt.inbox.clone();
+        self.core.spawn(async move {
+            let name = ns.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                sync_store::load(store.as_ref(), &name)
+                    .map(|(entries, covered)| Replica::restore(me, limits, entries, covered))
+            })
+            .await;
+            if let Ok(Ok(replica)) = loaded {
+                let _ = inbox
+                    .send(Cmd::Reloaded {
+                        namespace: ns,
+                        replica: Box::new(replica),
+                    })
+                    .await;
+            }
+        });
     }
 
     /// Pushes the local changes committed since the last flush to every
@@ -784,14 +838,32 @@ impl Actor {
         n
     }
 
+    /// Sends this node's vectors to `node`, in frames of at most
+    /// [`DIGEST_BYTES`] (the last says they were all).
     fn send_digest(&mut self, node: NodeId, addrs: Vec<PeerAddr>, reply: bool) {
-        let vectors = self
-            .replicas
-            .iter()
-            .map(|(ns, r)| (ns.clone(), r.covered().clone()))
-            .collect();
-        let frame = SyncFrame::Digest { vectors, reply }.encode();
-        self.send(node, addrs, frame);
+        let mut frames = Vec::new();
+        let mut vectors = Vec::new();
+        let mut bytes = 0;
+        for (ns, r) in &self.replicas {
+            let size = ns.len() + 48 * r.covered().len() + 8;
+            if !vectors.is_empty() && bytes + size > DIGEST_BYTES {
+                frames.push(std::mem::take(&mut vectors));
+                bytes = 0;
+            }
+            bytes += size;
+            vectors.push((ns.clone(), r.covered().clone()));
+        }
+        frames.push(vectors);
+        let last = frames.len() - 1;
+        for (i, vectors) in frames.into_iter().enumerate() {
+            let frame = SyncFrame::Digest {
+                vectors,
+                reply,
+                all: i == last,
+            }
+            .encode();
+            self.send(node, addrs.clone(), frame);
+        }
     }
 
     /// Members to sync with: in the table, not inactive, not refused.
@@ -856,15 +928,18 @@ impl Actor {
     }
 
     /// Whether the replica of `ns` exists, made if new and under the
-    /// limit.
-    fn ensure(&mut self, ns: &str) -> bool {
+    /// limit; namespaces members bring (`remote`) may take at most three
+    /// quarters of it, so members cannot use up this node's own.
+    fn ensure(&mut self, ns: &str, remote: bool) -> bool {
         if self.replicas.contains_key(ns) {
             return true;
         }
         let Some(rt) = self.rt.upgrade() else {
             return false;
         };
-        if !valid_namespace(ns) || self.replicas.len() >= rt.settings.max_namespaces {
+        let max = rt.settings.max_namespaces;
+        let limit = if remote { max - max / 4 } else { max };
+        if !valid_namespace(ns) || self.replicas.len() >= limit {
             return false;
         }
         let me = self.core.key.node_id();
@@ -926,7 +1001,11 @@ impl Actor {
                     }
                 }
             }
-            SyncFrame::Digest { vectors, reply } => {
+            SyncFrame::Digest {
+                vectors,
+                reply,
+                all,
+            } => {
                 let addrs = self.answer_addrs(from, seen);
                 if addrs.is_empty() {
                     return;
@@ -937,26 +1016,33 @@ impl Actor {
                 let mut seen_vectors = Vec::new();
                 for (ns, v) in vectors {
                     named.insert(ns.clone());
-                    if !self.ensure(&ns) {
-                        continue;
-                    }
+                    // A digest makes no namespace here: if the member holds
+                    // one this node lacks, this node's own digest (which
+                    // then does not name it) brings it as a delta.
+                    let upto = self.durable_own.get(&ns).copied().unwrap_or(0);
                     let Some(r) = self.replicas.get_mut(&ns) else {
+                        theirs_ahead |= v.values().any(|n| *n > 0);
                         continue;
                     };
                     theirs_ahead |= v
                         .iter()
                         .any(|(o, n)| *n > r.covered().get(o).copied().unwrap_or(0));
                     r.note_peer(from, v.clone());
-                    let delta = r.delta_for(&v);
+                    let delta = r.delta_for_upto(&v, upto);
                     if !delta.changes.is_empty() || !delta.covers.is_empty() {
                         deltas.push((ns.clone(), delta));
                     }
                     seen_vectors.push((ns, v));
                 }
-                // Namespaces the member did not name: it holds nothing of them.
-                for (ns, r) in &self.replicas {
-                    if !named.contains(ns) && !r.is_empty() {
-                        deltas.push((ns.clone(), r.delta_for(&VersionVector::new())));
+                // Namespaces a complete digest did not name: the member
+                // holds nothing of them.
+                if all {
+                    for (ns, r) in &self.replicas {
+                        if !named.contains(ns) && !r.is_empty() {
+                            let upto = self.durable_own.get(ns).copied().unwrap_or(0);
+                            deltas
+                                .push((ns.clone(), r.delta_for_upto(&VersionVector::new(), upto)));
+                        }
                     }
                 }
                 for (namespace, delta) in deltas {
@@ -974,19 +1060,31 @@ impl Actor {
             SyncFrame::Delta { namespace, delta } => {
                 let addrs = self.answer_addrs(from, seen);
                 let more = delta.more;
-                self.apply(from, namespace, delta.changes, Some(delta.covers));
+                let progress =
+                    self.apply(from, namespace.clone(), delta.changes, Some(delta.covers));
                 if let Some(p) = self.peer(from, addrs.clone(), None) {
                     p.last_sync = Some(now);
                 }
-                if more {
-                    self.send_digest(from, addrs, false);
+                // The rest of this namespace, only if this part moved it
+                // (changes refused here would come back the same forever).
+                if more
+                    && progress
+                    && let Some(r) = self.replicas.get(&namespace)
+                {
+                    let frame = SyncFrame::Digest {
+                        vectors: vec![(namespace, r.covered().clone())],
+                        reply: false,
+                        all: false,
+                    }
+                    .encode();
+                    self.send(from, addrs, frame);
                 }
             }
         }
     }
 
-    /// Applies a member's changes and stores what stands; whether the
-    /// namespace exists (or could be made).
+    /// Applies a member's changes and stores what stands; whether
+    /// anything moved (a change stands, or the vector advanced).
     fn apply(
         &mut self,
         from: NodeId,
@@ -995,7 +1093,7 @@ impl Actor {
         covers: Option<VersionVector>,
     ) -> bool {
         let now = self.core.now();
-        if !self.ensure(&namespace) {
+        if !self.ensure(&namespace, true) {
             self.refused(from, "too many namespaces", changes.len());
             return false;
         }
@@ -1006,10 +1104,11 @@ impl Actor {
         if let Some((_, why)) = applied.refused.first() {
             self.refused(from, &why.to_string(), applied.refused.len());
         }
-        if !applied.changed.is_empty() || applied.covered_moved {
+        let progress = !applied.changed.is_empty() || applied.covered_moved;
+        if progress {
             self.submit(namespace, applied.changed, &[], false, None);
         }
-        true
+        progress
     }
 
     fn status(&self) -> Vec<SyncPeerStatus> {

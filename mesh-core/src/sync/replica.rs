@@ -37,6 +37,9 @@ use crate::identity::NodeId;
 pub const MAX_KEY_LEN: usize = 512;
 /// The largest value, in bytes.
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
+/// The largest sequence number taken from a peer (2^48: a million writes a
+/// second for eight years), so that no arithmetic on it can overflow.
+pub const MAX_SEQ: u64 = 1 << 48;
 
 /// One write.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +264,11 @@ impl Replica {
         self.entries.is_empty()
     }
 
+    /// The number of this node's latest change in this namespace (0: none).
+    pub fn last_own_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
+    }
+
     /// This replica's version vector (what it sends as its digest).
     pub fn covered(&self) -> &VersionVector {
         &self.covered
@@ -337,7 +345,8 @@ impl Replica {
         }
         if let Some(covers) = covers {
             for (origin, &n) in covers {
-                if held_back.contains(origin) {
+                // Numbers past MAX_SEQ are no one's (and would overflow).
+                if held_back.contains(origin) || n > MAX_SEQ {
                     continue;
                 }
                 out.covered_moved |= self.cover(*origin, n);
@@ -349,23 +358,47 @@ impl Replica {
     /// The changes a peer whose vector is `theirs` lacks, within the
     /// delta budget.
     pub fn delta_for(&self, theirs: &VersionVector) -> Delta {
+        self.delta_for_upto(theirs, u64::MAX)
+    }
+
+    /// Like [`Replica::delta_for`], leaving out this node's own changes
+    /// numbered above `own_upto` (those not yet durable: a crash could
+    /// lose them and their numbers would be used again).
+    pub fn delta_for_upto(&self, theirs: &VersionVector, own_upto: u64) -> Delta {
         let mut changes = Vec::new();
         let mut covers = VersionVector::new();
         let mut bytes = 0usize;
         let mut more = false;
-        let origins: BTreeSet<NodeId> = self
-            .covered
-            .keys()
-            .copied()
-            .chain(self.by_origin.keys().map(|(o, _)| *o))
-            .collect();
+        // Every origin: those covered, and those with changes held (found
+        // by skipping from one origin's range to the next).
+        let mut origins: BTreeSet<NodeId> = self.covered.keys().copied().collect();
+        let mut cursor = self.by_origin.keys().next().map(|(o, _)| *o);
+        while let Some(o) = cursor {
+            origins.insert(o);
+            cursor = self
+                .by_origin
+                .range((
+                    std::ops::Bound::Excluded((o, u64::MAX)),
+                    std::ops::Bound::Unbounded,
+                ))
+                .next()
+                .map(|((next, _), _)| *next);
+        }
         'origins: for origin in origins {
             let from = theirs.get(&origin).copied().unwrap_or(0);
-            let mine = self.covered.get(&origin).copied().unwrap_or(0);
+            let upto = if origin == self.me {
+                own_upto
+            } else {
+                u64::MAX
+            };
+            let mine = self.covered.get(&origin).copied().unwrap_or(0).min(upto);
             let mut last = from;
+            if from >= upto {
+                continue;
+            }
             for ((_, seq), key) in self
                 .by_origin
-                .range((origin, from.saturating_add(1))..=(origin, u64::MAX))
+                .range((origin, from.saturating_add(1))..=(origin, upto))
             {
                 let Some(c) = self.entries.get(key) else {
                     continue;
@@ -458,10 +491,20 @@ impl Replica {
     /// Whether `c` wins here (Ok(false): it lost or was there already).
     fn take(&mut self, c: &Change, clock: &mut HlcClock, wall: Timestamp) -> Result<bool, Refusal> {
         self.check_shape(&c.key, c.value.as_deref())?;
-        if c.seq == 0 {
+        if c.seq == 0 || c.seq > MAX_SEQ {
             return Err(Refusal::BadSeq);
         }
         clock.check(&c.hlc, wall)?;
+        // A new origin only within the limit, even for a change that then
+        // loses (its number would still be remembered as a gap).
+        if !self.covered.contains_key(&c.origin())
+            && !self.gaps.contains_key(&c.origin())
+            && self.covered.len() + self.gaps.len() >= self.limits.max_origins
+        {
+            return Err(Refusal::Full {
+                max: self.limits.max_origins,
+            });
+        }
         let current = self.entries.get(&c.key);
         if current.is_some_and(|cur| !c.beats(cur)) {
             let _ = clock.observe(&c.hlc, wall);
@@ -477,14 +520,6 @@ impl Replica {
                     max: self.limits.max_entries,
                 });
             }
-        }
-        if !self.covered.contains_key(&c.origin())
-            && !self.gaps.contains_key(&c.origin())
-            && self.covered.len() + self.gaps.len() >= self.limits.max_origins
-        {
-            return Err(Refusal::Full {
-                max: self.limits.max_origins,
-            });
         }
         let _ = clock.observe(&c.hlc, wall);
         Ok(true)

@@ -454,3 +454,60 @@ fn a_replica_that_lost_its_state_continues_its_sequence() {
     assert_eq!(c.seq, 6, "no sequence number is used twice");
     assert!(c.hlc > b.replica.entry("k4").unwrap().hlc);
 }
+
+#[test]
+fn forged_numbers_and_fake_origins_are_bounded() {
+    let me = node(1);
+    let mut r = Replica::new(
+        me,
+        ReplicaLimits {
+            max_origins: 4,
+            ..ReplicaLimits::default()
+        },
+    );
+    let mut clock = HlcClock::new(me, DEFAULT_MAX_SKEW);
+    let w = Timestamp::from_millis(START);
+    let mk = |origin: NodeId, seq: u64, key: &str| Change {
+        key: key.into(),
+        value: Some(b"v".to_vec()),
+        hlc: Hlc {
+            ms: START,
+            counter: 0,
+            node: origin,
+        },
+        seq,
+    };
+    // A number no origin reaches, even in this node's own name: refused,
+    // nothing moves (no overflow of the next number).
+    let a = r.apply(vec![mk(me, u64::MAX, "k")], None, &mut clock, w);
+    assert_eq!(a.refused.len(), 1);
+    assert_eq!(r.last_own_seq(), 0);
+    let covers: VersionVector = [(node(2), u64::MAX), (me, replica::MAX_SEQ + 1)]
+        .into_iter()
+        .collect();
+    let a = r.apply(Vec::new(), Some(&covers), &mut clock, w);
+    assert!(!a.covered_moved && r.covered().is_empty());
+    // Losing changes from ever new origins stop at the origin limit.
+    r.write(
+        "k",
+        Some(b"newest".to_vec()),
+        &mut clock,
+        Timestamp::from_millis(START + 10),
+    )
+    .unwrap();
+    let fakes: Vec<Change> = (10..40).map(|i| mk(node(i), 5, "k")).collect();
+    let a = r.apply(fakes, None, &mut clock, w);
+    assert!(r.covered().len() <= 4, "{:?}", r.covered());
+    assert!(!a.refused.is_empty());
+    // Own changes above what is durable are not served.
+    r.write(
+        "k2",
+        Some(b"x".to_vec()),
+        &mut clock,
+        Timestamp::from_millis(START + 20),
+    )
+    .unwrap();
+    let d = r.delta_for_upto(&VersionVector::new(), 1);
+    assert!(d.changes.iter().all(|c| c.origin() != me || c.seq <= 1));
+    assert_eq!(d.covers.get(&me), Some(&1));
+}

@@ -8,10 +8,12 @@
 //!
 //! - [`SyncFrame::Push`]: changes the sender just made (its own, never
 //!   relayed: a push whose changes name another origin is refused).
-//! - [`SyncFrame::Digest`]: the sender's version vector per namespace.
-//!   The receiver answers with a [`SyncFrame::Delta`] for every namespace
-//!   in which it holds what the vector lacks, and (when `reply` is set and
-//!   the vector holds what the receiver lacks) with its own digest.
+//! - [`SyncFrame::Digest`]: the sender's version vector per namespace
+//!   (split over frames when large; the last says `all`). The receiver
+//!   answers with a [`SyncFrame::Delta`] for every namespace in which it
+//!   holds what the vector lacks (and, after the last frame, for those the
+//!   sender did not name), and (when `reply` is set and the vector holds
+//!   what the receiver lacks) with its own digest.
 //! - [`SyncFrame::Delta`]: the changes a digest showed missing, with the
 //!   vector they let the receiver claim; `more` asks for another round.
 
@@ -50,6 +52,10 @@ pub enum SyncFrame {
         /// this one shows that the sender holds changes the receiver
         /// lacks (so both catch up in one exchange).
         reply: bool,
+        /// Whether these are all the sender's namespaces (the last frame
+        /// of a digest split over several): namespaces it does not name,
+        /// it holds nothing of.
+        all: bool,
     },
     /// What a digest showed the receiver lacks.
     Delta {
@@ -173,6 +179,7 @@ mod tests {
             SyncFrame::Digest {
                 vectors: vec![("config".into(), [(node, 3)].into_iter().collect())],
                 reply: true,
+                all: true,
             },
             SyncFrame::Delta {
                 namespace: "config".into(),
@@ -222,6 +229,7 @@ mod tests {
                 .map(|i| (format!("n{i}"), VersionVector::new()))
                 .collect(),
             reply: false,
+            all: true,
         }
         .encode();
         assert_eq!(

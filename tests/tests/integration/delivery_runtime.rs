@@ -113,6 +113,24 @@ async fn a_member_reached_only_through_a_relay_gets_a_message_once_after_being_o
         .await;
     }
     let (a_id, c_id) = (a.node.node_id(), c.key.node_id());
+    // Bad input: typed errors, nothing in the outbox.
+    let stranger = NodeKey::generate().node_id();
+    let e = a
+        .node
+        .post_reliable(stranger, b"x".to_vec())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, mesh_core::node::NodeError::NotConnected(n) if n == stranger),
+        "{e}"
+    );
+    let e = a
+        .node
+        .post_reliable(c_id, vec![0; mesh_core::delivery::MAX_PAYLOAD_LEN + 1])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, mesh_core::node::NodeError::Protocol(_)), "{e}");
+    assert_eq!(a.node.delivery_status().await.unwrap().outbox, 0);
     // A reaches C only through B; C goes offline.
     net.partition(a_id, c_id);
     let (c_store, c_key, c_name) = (c.store.clone(), c.key.clone(), c.name.clone());
@@ -203,6 +221,7 @@ async fn a_relays_tampering_is_detected_by_the_recipient() {
         &a_key,
         &c.node.node_id(),
         1,
+        1,
         Contents::Message(b"pay 10".to_vec()),
         u64::MAX,
     )
@@ -227,6 +246,7 @@ async fn a_relays_tampering_is_detected_by_the_recipient() {
     let mut moved = Letter::seal(
         &a_key,
         &a.node.node_id(),
+        1,
         1,
         Contents::Message(b"pay 1000".to_vec()),
         u64::MAX,

@@ -330,6 +330,7 @@ async fn a_hostile_members_sync_frames_are_refused_and_change_nothing() {
     let digest = SyncFrame::Digest {
         vectors: vec![("config".into(), VersionVector::new())],
         reply: false,
+        all: true,
     };
     conn.send(digest.encode()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
