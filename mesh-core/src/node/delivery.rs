@@ -83,6 +83,8 @@ pub struct DeliverySettings {
     /// eighth of it from one sender); letters over it are not acknowledged
     /// (their senders try again). Default 10,000.
     pub inbox_limit: usize,
+    /// Bytes of messages waiting in the inbox, at most. Default 64 MiB.
+    pub inbox_bytes: usize,
     /// Letters waiting in the outbox, at most. Default 10,000.
     pub outbox_limit: usize,
     /// Frames taken from one connection. Default 200/s, burst 400.
@@ -98,6 +100,7 @@ impl Default for DeliverySettings {
             relay: RelayLimits::default(),
             ttl: Duration::from_secs(24 * 3600),
             inbox_limit: 10_000,
+            inbox_bytes: 64 << 20,
             outbox_limit: 10_000,
             frame_rate: Rate::per_second(200.0, 400),
             peer_queue: 1024,
@@ -267,8 +270,10 @@ enum After {
     Nothing,
 }
 
-const INBOX: usize = 4096;
+const INBOX: usize = 512;
 const MAX_IN_FLIGHT: usize = 1024;
+/// Members whose last address is remembered.
+const MAX_SEEN_AT: usize = 4096;
 const TICK: Duration = Duration::from_millis(200);
 /// A relay offers a held letter to its recipient at most this often.
 const OFFER_EVERY: Duration = Duration::from_secs(2);
@@ -314,6 +319,10 @@ struct Actor {
     /// (recipient, number) of each letter in the outbox: the lowest per
     /// recipient is the floor sealed into new letters.
     outstanding: BTreeMap<(NodeId, u64), LetterId>,
+    /// Where each member's last frame came from.
+    seen_at: HashMap<NodeId, PeerAddr>,
+    /// Bytes of the messages waiting in the inbox.
+    pending_bytes: usize,
 }
 
 /// Builds the delivery runtime from what is stored.
@@ -346,11 +355,12 @@ pub(super) fn build(
             }
         }
     }
-    let pending = store
+    let pending: BTreeMap<String, InboxRecord> = store
         .load_all::<InboxRecord>()?
         .into_iter()
         .map(|r| (r.key(), r))
         .collect();
+    let pending_bytes = pending.values().map(|r| r.payload.len()).sum();
     let (committer, done) = Committer::start("delivery-commit")?;
     let (inbox, rx) = mpsc::channel(INBOX);
     let rt = Arc::new(DeliveryRt {
@@ -377,6 +387,8 @@ pub(super) fn build(
         in_flight: 0,
         uncommitted: std::collections::HashSet::new(),
         outstanding,
+        seen_at: HashMap::new(),
+        pending_bytes,
     };
     core.spawn(actor.run(rx, done));
     Ok(rt)
@@ -571,6 +583,7 @@ impl Actor {
                     self.send_due();
                 }
                 if let Some(m) = message {
+                    self.pending_bytes += m.payload.len();
                     self.pending.insert(m.key(), m);
                     self.hand_over();
                 }
@@ -611,7 +624,9 @@ impl Actor {
                 .collect();
             if reply.send(messages).is_ok() {
                 for k in keys {
-                    self.pending.remove(&k);
+                    if let Some(m) = self.pending.remove(&k) {
+                        self.pending_bytes = self.pending_bytes.saturating_sub(m.payload.len());
+                    }
                     handed.push(InboxRecord::delete(&k));
                 }
             }
@@ -706,7 +721,13 @@ impl Actor {
         };
         let addrs = match addrs {
             Some(a) => a,
-            None => rt.mesh.reachable().remove(&to).unwrap_or_default(),
+            None => rt
+                .mesh
+                .reachable()
+                .remove(&to)
+                .filter(|a| !a.is_empty())
+                .or_else(|| self.seen_at.get(&to).map(|a| vec![a.clone()]))
+                .unwrap_or_default(),
         };
         let link = self.links.entry(to).or_insert_with(|| {
             OutLink::start(
@@ -738,15 +759,13 @@ impl Actor {
             Ok(f) => f,
             Err(e) => return self.refused(from, &e.to_string()),
         };
-        // Answers go where the frame came from if the table has nothing.
-        if let Some(a) = addr
-            && let Some(link) = self.links.get(&from)
-            && self
-                .rt
-                .upgrade()
-                .is_some_and(|rt| !rt.mesh.reachable().contains_key(&from))
-        {
-            link.set_addrs(vec![a]);
+        // Answers go where the frame came from if the table has nothing
+        // (a member that just restarted elsewhere, not yet known there).
+        if let Some(a) = addr {
+            if self.seen_at.len() >= MAX_SEEN_AT && !self.seen_at.contains_key(&from) {
+                self.seen_at.clear();
+            }
+            self.seen_at.insert(from, a);
         }
         let now = self.core.now();
         match frame {
@@ -872,8 +891,13 @@ impl Actor {
                     .pending
                     .range(format!("{from}:")..format!("{from};"))
                     .count();
+                let size = match &opened.contents {
+                    Contents::Message(p) => p.len(),
+                    Contents::Receipt(_) => 0,
+                };
                 if matches!(opened.contents, Contents::Message(_))
                     && (self.pending.len() >= settings.inbox_limit
+                        || self.pending_bytes + size > settings.inbox_bytes
                         || from_sender >= (settings.inbox_limit / 8).max(16))
                 {
                     // Not taken: the sender tries again later.
@@ -1058,7 +1082,9 @@ impl super::Node {
     /// Takes up to `max` reliable messages from this node's inbox, waiting
     /// up to `wait` for one if none is there: each message is handed over
     /// once, in order per sender, and leaves the inbox as it is handed
-    /// over (a call that timed out takes nothing).
+    /// over (a call that timed out takes nothing). Await it to the end: a
+    /// call dropped by the caller (say, the losing branch of a `select!`)
+    /// just as messages reach it loses them.
     pub async fn receive_reliable(
         &self,
         max: usize,
