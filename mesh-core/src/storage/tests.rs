@@ -65,7 +65,9 @@ mod sqlite_only {
             conn.execute_batch(
                 "DROP TABLE device_ids; DROP TABLE ledger_records; DROP TABLE node_state;
                  DROP TABLE mesh_blocklist; DROP TABLE replicated_entries;
-                 DROP TABLE replica_coverage;
+                 DROP TABLE replica_coverage; DROP TABLE delivery_outbox;
+                 DROP TABLE delivery_inbox; DROP TABLE delivery_seq;
+                 DROP TABLE delivery_relay;
                  PRAGMA user_version = 1;",
             )
             .unwrap();
