@@ -46,7 +46,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::commit::{Committer, Outcome};
 use super::mesh::MeshRt;
-use super::outlink::{Incoming, OutLink};
+use super::outlink::{Incoming, MemberService, MembersOnly, OutLink};
 use super::protocols::ProtocolHandler;
 use super::{Core, NodeError};
 use crate::clock::Timestamp;
@@ -968,8 +968,15 @@ impl DeliveryRt {
             .map_err(|_| fail("the node has stopped"))?;
         rx.await.map_err(|_| fail("the node has stopped"))
     }
+}
 
-    async fn serve(self: Arc<Self>, conn: Arc<dyn Connection>) {
+#[async_trait]
+impl MembersOnly for DeliveryRt {
+    fn admits(&self, peer: &NodeId) -> bool {
+        self.mesh.is_member(peer)
+    }
+
+    async fn serve_member(self: Arc<Self>, conn: Arc<dyn Connection>) {
         let rt = self.clone();
         self.incoming
             .serve(
@@ -988,41 +995,11 @@ impl DeliveryRt {
     }
 }
 
-/// Serves [`DELIVER`] to members of the mesh.
-struct DeliveryService {
-    rt: Weak<DeliveryRt>,
-}
-
-impl std::fmt::Debug for DeliveryService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DeliveryService")
-    }
-}
-
-#[async_trait]
-impl ProtocolHandler for DeliveryService {
-    fn admit(&self, peer: &NodeId) -> bool {
-        self.rt.upgrade().is_some_and(|rt| rt.mesh.is_member(peer))
-    }
-
-    async fn serve(&self, conn: Arc<dyn Connection>) {
-        match self.rt.upgrade() {
-            Some(rt) => rt.serve(conn).await,
-            None => conn.close(),
-        }
-    }
-}
-
-/// The delivery protocol, as a handler.
+/// The delivery protocol, as a handler (members only).
 pub(super) fn protocol(
     rt: &Arc<DeliveryRt>,
 ) -> (crate::transport::Protocol, Arc<dyn ProtocolHandler>) {
-    (
-        DELIVER,
-        Arc::new(DeliveryService {
-            rt: Arc::downgrade(rt),
-        }),
-    )
+    MemberService::handler(rt, DELIVER, "DeliveryService")
 }
 
 impl super::Node {

@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::mesh::MeshRt;
+use super::outlink::{MemberService, MembersOnly};
 use super::protocols::ProtocolHandler;
 use super::{Core, NodeError};
 use crate::identity::NodeId;
@@ -173,8 +174,15 @@ impl LedgerSyncRt {
         conn.close();
         Ok(added)
     }
+}
 
-    async fn serve(self: Arc<Self>, conn: Arc<dyn Connection>) {
+#[async_trait]
+impl MembersOnly for LedgerSyncRt {
+    fn admits(&self, peer: &NodeId) -> bool {
+        self.mesh.is_member(peer)
+    }
+
+    async fn serve_member(self: Arc<Self>, conn: Arc<dyn Connection>) {
         // Bounded work for everyone's requests together.
         let Ok(_permit) = self.serving.clone().try_acquire_owned() else {
             conn.close();
@@ -205,38 +213,9 @@ impl LedgerSyncRt {
     }
 }
 
-struct LedgerService {
-    rt: Weak<LedgerSyncRt>,
-}
-
-impl std::fmt::Debug for LedgerService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LedgerService")
-    }
-}
-
-#[async_trait]
-impl ProtocolHandler for LedgerService {
-    fn admit(&self, peer: &NodeId) -> bool {
-        self.rt.upgrade().is_some_and(|rt| rt.mesh.is_member(peer))
-    }
-
-    async fn serve(&self, conn: Arc<dyn Connection>) {
-        match self.rt.upgrade() {
-            Some(rt) => rt.serve(conn).await,
-            None => conn.close(),
-        }
-    }
-}
-
-/// The ledger protocol, as a handler.
+/// The ledger protocol, as a handler (members only).
 pub(super) fn protocol(rt: &Arc<LedgerSyncRt>) -> (Protocol, Arc<dyn ProtocolHandler>) {
-    (
-        LEDGER_SYNC,
-        Arc::new(LedgerService {
-            rt: Arc::downgrade(rt),
-        }),
-    )
+    MemberService::handler(rt, LEDGER_SYNC, "LedgerService")
 }
 
 impl super::Node {

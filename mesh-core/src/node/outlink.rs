@@ -241,3 +241,57 @@ impl Incoming {
         }
     }
 }
+
+/// A runtime that serves one protocol to mesh members only
+/// ([`MemberService`]).
+#[async_trait::async_trait]
+pub(crate) trait MembersOnly: Send + Sync + 'static {
+    /// Whether `peer` may connect (a member, not blocked).
+    fn admits(&self, peer: &NodeId) -> bool;
+    /// Serves one admitted connection until it ends.
+    async fn serve_member(self: Arc<Self>, conn: Arc<dyn Connection>);
+}
+
+/// The protocol handler of a [`MembersOnly`] runtime: admits what it
+/// admits, serves with it while it runs.
+pub(crate) struct MemberService<T> {
+    rt: Weak<T>,
+    name: &'static str,
+}
+
+impl<T> std::fmt::Debug for MemberService<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl<T: MembersOnly> MemberService<T> {
+    /// `protocol` served by `rt`, as a handler.
+    pub(crate) fn handler(
+        rt: &Arc<T>,
+        protocol: Protocol,
+        name: &'static str,
+    ) -> (Protocol, Arc<dyn super::protocols::ProtocolHandler>) {
+        (
+            protocol,
+            Arc::new(MemberService {
+                rt: Arc::downgrade(rt),
+                name,
+            }),
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl<T: MembersOnly> super::protocols::ProtocolHandler for MemberService<T> {
+    fn admit(&self, peer: &NodeId) -> bool {
+        self.rt.upgrade().is_some_and(|rt| rt.admits(peer))
+    }
+
+    async fn serve(&self, conn: Arc<dyn Connection>) {
+        match self.rt.upgrade() {
+            Some(rt) => rt.serve_member(conn).await,
+            None => conn.close(),
+        }
+    }
+}

@@ -50,7 +50,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::commit::{Committer, Outcome};
 use super::mesh::MeshRt;
-use super::outlink::{Incoming, LinkTiming, OutLink};
+use super::outlink::{Incoming, LinkTiming, MemberService, MembersOnly, OutLink};
 use super::protocols::ProtocolHandler;
 use super::{Core, NodeError, lock};
 use crate::clock::Timestamp;
@@ -1168,10 +1168,17 @@ impl SyncRt {
         rx.await
             .map_err(|_| fail(SyncErrorKind::Unavailable, "the node has stopped"))
     }
+}
+
+#[async_trait]
+impl MembersOnly for SyncRt {
+    fn admits(&self, peer: &NodeId) -> bool {
+        self.mesh.is_member(peer)
+    }
 
     /// Serves one sync connection: its frames into the actor, at most the
     /// settings' rate.
-    async fn serve(self: Arc<Self>, conn: Arc<dyn Connection>) {
+    async fn serve_member(self: Arc<Self>, conn: Arc<dyn Connection>) {
         let rt = self.clone();
         self.incoming
             .serve(
@@ -1190,39 +1197,9 @@ impl SyncRt {
     }
 }
 
-/// Serves [`SYNC`] to members of the mesh (not blocked, not refused).
-pub(super) struct SyncService {
-    rt: Weak<SyncRt>,
-}
-
-impl std::fmt::Debug for SyncService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SyncService")
-    }
-}
-
-#[async_trait]
-impl ProtocolHandler for SyncService {
-    fn admit(&self, peer: &NodeId) -> bool {
-        self.rt.upgrade().is_some_and(|rt| rt.mesh.is_member(peer))
-    }
-
-    async fn serve(&self, conn: Arc<dyn Connection>) {
-        match self.rt.upgrade() {
-            Some(rt) => rt.serve(conn).await,
-            None => conn.close(),
-        }
-    }
-}
-
-/// The sync protocol, as a handler.
+/// The sync protocol, as a handler (members only).
 pub(super) fn protocol(rt: &Arc<SyncRt>) -> (crate::transport::Protocol, Arc<dyn ProtocolHandler>) {
-    (
-        SYNC,
-        Arc::new(SyncService {
-            rt: Arc::downgrade(rt),
-        }),
-    )
+    MemberService::handler(rt, SYNC, "SyncService")
 }
 
 /// One replicated namespace of a node ([`Node::replicated`](super::Node::replicated)):
@@ -1285,9 +1262,7 @@ impl Replicated {
     /// durable here (members get it then, and by anti-entropy if they
     /// miss it).
     pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<Hlc, NodeError> {
-        let c = self.write(key, Some(value), None).await?;
-        c.map(|c| c.hlc)
-            .ok_or_else(|| fail(SyncErrorKind::Unavailable, "the write was lost"))
+        self.set(key, value, None).await
     }
 
     /// Deletes `key` (a tombstone, replicated like a write); the
@@ -1300,15 +1275,17 @@ impl Replicated {
     /// otherwise (as seen here: a member may insert it at the same time,
     /// and the later write wins).
     pub async fn insert(&self, key: &str, value: Vec<u8>) -> Result<Hlc, NodeError> {
-        let c = self.write(key, Some(value), Some(false)).await?;
-        c.map(|c| c.hlc)
-            .ok_or_else(|| fail(SyncErrorKind::Unavailable, "the write was lost"))
+        self.set(key, value, Some(false)).await
     }
 
     /// Sets `key` only if it holds a value; [`SyncErrorKind::NotFound`]
     /// otherwise.
     pub async fn update(&self, key: &str, value: Vec<u8>) -> Result<Hlc, NodeError> {
-        let c = self.write(key, Some(value), Some(true)).await?;
+        self.set(key, value, Some(true)).await
+    }
+
+    async fn set(&self, key: &str, value: Vec<u8>, live: Option<bool>) -> Result<Hlc, NodeError> {
+        let c = self.write(key, Some(value), live).await?;
         c.map(|c| c.hlc)
             .ok_or_else(|| fail(SyncErrorKind::Unavailable, "the write was lost"))
     }
