@@ -39,6 +39,9 @@ pub mod scopes {
     pub const PRESENCE_WRITE: &str = "presence:write";
     /// Run commands on the primary.
     pub const COMMANDS_RUN: &str = "commands:run";
+    /// Sync every replicated namespace with the primary (one namespace:
+    /// `sync:NAMESPACE`).
+    pub const SYNC_ALL: &str = "sync:*";
     /// What a newly paired device gets.
     pub const DEFAULT: &[&str] = &[EVENTS_WRITE, PRESENCE_WRITE, ACTIONS_READ, COMMANDS_RUN];
 }

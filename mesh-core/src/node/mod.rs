@@ -697,6 +697,7 @@ pub struct NodeBuilder {
     data_dir: Option<std::path::PathBuf>,
     mesh: Option<MeshSettings>,
     ledger_sync: Option<Arc<dyn crate::ledger::LedgerSync>>,
+    sync: SyncSettings,
 }
 
 impl fmt::Debug for NodeBuilder {
@@ -786,6 +787,13 @@ impl NodeBuilder {
         self
     }
 
+    /// How replicated state syncs with the node's devices or primary when
+    /// it takes part in no mesh (in a mesh, [`MeshSettings::sync`] says).
+    pub fn sync(mut self, settings: SyncSettings) -> Self {
+        self.sync = settings;
+        self
+    }
+
     /// Replicates ledgers with the mesh's members through `sync`
     /// (mesh-ledger's `LedgerHub`): members' ledgers are pulled in the
     /// background and this node's are served. Needs [`NodeBuilder::mesh`].
@@ -826,6 +834,7 @@ impl NodeBuilder {
             tasks: Mutex::new(Vec::new()),
             data_dir: self.data_dir,
             ledger: self.ledger,
+            sync: std::sync::OnceLock::new(),
         });
         let (role, mut built_in) = match core.config.role {
             Role::Primary => {
@@ -838,20 +847,37 @@ impl NodeBuilder {
                 Vec::new(),
             ),
         };
-        let (mesh, sync, delivery) = match self.mesh {
+        // Replicated state runs on every node: with its devices (a
+        // primary) or its primary (a worker) over their sessions, and with
+        // the mesh's members if it takes part in a mesh.
+        let side = match &role {
+            RoleRt::Primary(rt) => {
+                let prt = rt.clone();
+                sync::SessionSide::Devices(Arc::new(move |device: &NodeId, ns: &str| {
+                    prt.device_may_sync(device, ns)
+                }))
+            }
+            RoleRt::Worker(_) => sync::SessionSide::Primary,
+        };
+        let sync_settings = self
+            .mesh
+            .as_ref()
+            .map_or_else(|| self.sync.clone(), |m| m.sync.clone());
+        let (mesh, delivery, sync) = match self.mesh {
             Some(settings) => {
-                let sync_settings = settings.sync.clone();
                 let delivery_settings = settings.delivery.clone();
                 let rt = mesh::build(&core, settings)?;
                 built_in.extend(mesh::protocols(&rt));
-                let sync = sync::build(&core, &rt, sync_settings)?;
+                let sync = sync::build(&core, Some(&rt), side, sync_settings)?;
                 built_in.push(sync::protocol(&sync));
                 let delivery = delivery::build(&core, &rt, delivery_settings)?;
                 built_in.push(delivery::protocol(&delivery));
-                (Some(rt), Some(sync), Some(delivery))
+                (Some(rt), Some(delivery), sync)
             }
-            None => (None, None, None),
+            None => (None, None, sync::build(&core, None, side, sync_settings)?),
         };
+        let _ = core.sync.set(Arc::downgrade(&sync));
+        let sync = Some(sync);
         let ledger_sync = match (&mesh, self.ledger_sync) {
             (Some(mesh), Some(ls)) => {
                 let rt = ledger_sync::build(&core, mesh, ls);
@@ -1041,6 +1067,9 @@ pub(crate) struct Core {
     /// The audit ledger (also held by the primary's registry), ticked by
     /// the primary.
     ledger: Option<Arc<dyn Ledger>>,
+    /// Replicated state (set once at start): device sessions hand it their
+    /// sync frames, a worker's heartbeats read its figures.
+    sync: std::sync::OnceLock<std::sync::Weak<sync::SyncRt>>,
 }
 
 /// The role's runtime.
@@ -1057,6 +1086,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Core {
     fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// The sync runtime, while the node runs.
+    fn sync_rt(&self) -> Option<Arc<sync::SyncRt>> {
+        self.sync.get().and_then(std::sync::Weak::upgrade)
     }
 
     /// Connects through the first transport that supports `addr`.
@@ -1244,6 +1278,7 @@ impl Node {
             data_dir: None,
             mesh: None,
             ledger_sync: None,
+            sync: SyncSettings::default(),
         }
     }
 

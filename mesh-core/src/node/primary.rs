@@ -63,6 +63,15 @@ impl std::ops::Deref for PrimaryRt {
 }
 
 impl PrimaryRt {
+    /// Whether paired device `device` (not revoked) may sync replicated
+    /// namespace `ns`: it holds `sync:NS` or `sync:*`.
+    pub(super) fn device_may_sync(&self, device: &NodeId, ns: &str) -> bool {
+        self.registry.get(device).ok().flatten().is_some_and(|d| {
+            d.revoked_at.is_none()
+                && (d.has_scope(scopes::SYNC_ALL) || d.has_scope(&format!("sync:{ns}")))
+        })
+    }
+
     pub(super) fn new(core: Arc<Core>, policy: Arc<dyn super::CommandPolicy>) -> Arc<Self> {
         let mut registry = Registry::with_trust(
             core.store.clone(),
@@ -820,6 +829,11 @@ async fn deliver(
                 json!({ "device": node.to_string(), "kind": event.kind, "data": data }),
             );
         }
+        Payload::ReplicaSync(bytes) => {
+            if let Some(sync) = inner.sync_rt() {
+                sync.session_frame(node, bytes);
+            }
+        }
         Payload::Session(SessionMessage::TokenStored { digest }) => {
             // Only the acknowledgement of this rotation's token, on the
             // session it was sent on, completes it.
@@ -1189,6 +1203,16 @@ impl Primary {
         end_session(inner, device, ByeReason::Unpaired).await;
         super::actions::void_actions(inner, device, "unpaired").await?;
         Ok(())
+    }
+
+    /// The metrics `device` reported in its latest heartbeat (battery,
+    /// CPU, replicated changes its primary lacks (`messages_pending`) and
+    /// for how long (`sync_lag_ms`), …), if one came since this node
+    /// started.
+    pub fn device_metrics(&self, device: &NodeId) -> Option<crate::wire::HealthMetrics> {
+        lock(&self.rt.primary.power)
+            .get(device)
+            .and_then(|p| p.metrics.clone())
     }
 
     /// Replaces a device's scopes (recorded in the ledger). A session

@@ -267,6 +267,25 @@ const INBOX: usize = 512;
 const MAX_IN_FLIGHT: usize = 1024;
 /// Bytes of vectors in one digest frame.
 const DIGEST_BYTES: usize = 256 * 1024;
+/// Changes cut into frames within the push limits.
+fn chunks(changes: Vec<Change>) -> Vec<Vec<Change>> {
+    let mut frames = Vec::new();
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for c in changes {
+        if !batch.is_empty()
+            && (bytes + c.wire_len() > PUSH_BYTES || batch.len() >= MAX_FRAME_CHANGES)
+        {
+            frames.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += c.wire_len();
+        batch.push(c);
+    }
+    frames.push(batch);
+    frames
+}
+
 /// Commands taken into one storage batch at most.
 const BATCH_COMMANDS: usize = 1024;
 /// Bytes of changes in one push frame.
@@ -316,6 +335,11 @@ enum Cmd {
     },
     /// A member joined or came back: catch up with it now.
     Reconnected(NodeId),
+    /// A frame over the device session with `from`.
+    SessionFrame {
+        from: NodeId,
+        bytes: Vec<u8>,
+    },
     /// A namespace read back from storage after a failed batch.
     Reloaded {
         namespace: String,
@@ -331,10 +355,24 @@ struct Committed {
     reply: Option<oneshot::Sender<Result<Option<Change>, NodeError>>>,
 }
 
+/// Whom a node syncs with over its device sessions (besides mesh members).
+pub(crate) enum SessionSide {
+    /// A primary: its paired devices with an open session, each the
+    /// namespaces the gate allows it (its `sync:NS` / `sync:*` scopes).
+    Devices(Arc<dyn Fn(&NodeId, &str) -> bool + Send + Sync>),
+    /// A worker: its primary, while the session is open.
+    Primary,
+}
+
 /// The sync side of a running node.
 pub(crate) struct SyncRt {
     core: Arc<Core>,
-    mesh: Arc<MeshRt>,
+    mesh: Option<Arc<MeshRt>>,
+    side: SessionSide,
+    /// A worker's changes its primary lacks, and for how long (ms) it has
+    /// lacked some: what its heartbeats report.
+    gauge_pending: AtomicU64,
+    gauge_lag_ms: AtomicU64,
     settings: SyncSettings,
     inbox: mpsc::Sender<Cmd>,
     subscribers: Mutex<Vec<Sub>>,
@@ -378,10 +416,12 @@ fn load_replicas(
     Ok(out)
 }
 
-/// Builds the sync runtime over the mesh runtime, from what is stored.
+/// Builds the sync runtime from what is stored: with the mesh's members
+/// (if the node is in a mesh) and over its device sessions (`side`).
 pub(super) fn build(
     core: &Arc<Core>,
-    mesh: &Arc<MeshRt>,
+    mesh: Option<&Arc<MeshRt>>,
+    side: SessionSide,
     settings: SyncSettings,
 ) -> Result<Arc<SyncRt>, NodeError> {
     let me = core.key.node_id();
@@ -394,7 +434,10 @@ pub(super) fn build(
     let (inbox, rx) = mpsc::channel(INBOX);
     let rt = Arc::new(SyncRt {
         core: core.clone(),
-        mesh: mesh.clone(),
+        mesh: mesh.cloned(),
+        side,
+        gauge_pending: AtomicU64::new(0),
+        gauge_lag_ms: AtomicU64::new(0),
         settings,
         inbox,
         subscribers: Mutex::new(Vec::new()),
@@ -438,14 +481,53 @@ pub(super) fn build(
         outgoing: BTreeMap::new(),
         last_reachable: BTreeMap::new(),
         durable_own,
+        forward: BTreeMap::new(),
+        last_sessions: std::collections::HashSet::new(),
+        pending_since: None,
     };
     core.spawn(actor.run(rx, done_rx));
     Ok(rt)
 }
 
 /// What this node knows of one member's sync.
+/// How frames reach a peer: a link of their own to a mesh member, or the
+/// device session (a primary's device, a worker's primary).
+enum PeerLink {
+    Out(OutLink),
+    Session(mpsc::Sender<Vec<u8>>),
+}
+
+impl PeerLink {
+    fn send(&self, frame: Vec<u8>) -> bool {
+        match self {
+            PeerLink::Out(l) => l.send(frame),
+            PeerLink::Session(tx) => tx.try_send(frame).is_ok(),
+        }
+    }
+}
+
+/// Writes frames to `peer` over its device session while one is open
+/// (frames while none is are dropped: anti-entropy repairs them).
+fn session_link(core: &Arc<Core>, peer: NodeId, queue: usize) -> mpsc::Sender<Vec<u8>> {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(queue.max(1));
+    let weak = Arc::downgrade(core);
+    core.spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            let Some(core) = weak.upgrade() else { return };
+            if let Some(session) = core.sessions.get(&peer) {
+                let payload = crate::wire::Payload::ReplicaSync(frame);
+                let _ = core
+                    .link
+                    .send(session.conn.as_ref(), peer, payload, core.now())
+                    .await;
+            }
+        }
+    });
+    tx
+}
+
 struct Peer {
-    link: OutLink,
+    link: PeerLink,
     /// Its vectors, as it last sent them.
     vectors: BTreeMap<String, VersionVector>,
     last_sync: Option<Timestamp>,
@@ -477,6 +559,12 @@ struct Actor {
     /// Per namespace, this node's highest change number on disk: digests
     /// are answered up to it only.
     durable_own: BTreeMap<String, u64>,
+    /// Changes of others committed and not yet passed on to devices.
+    forward: BTreeMap<String, Vec<Change>>,
+    /// Peers with a device session at the last tick.
+    last_sessions: std::collections::HashSet<NodeId>,
+    /// Since when a worker's primary has lacked some of its changes.
+    pending_since: Option<Timestamp>,
 }
 
 impl Actor {
@@ -559,7 +647,8 @@ impl Actor {
                     .unwrap_or_default();
                 let _ = reply.send(found);
             }
-            Cmd::Frame { from, addr, bytes } => self.frame(from, addr, &bytes),
+            Cmd::Frame { from, addr, bytes } => self.frame(from, addr, &bytes, false),
+            Cmd::SessionFrame { from, bytes } => self.frame(from, None, &bytes, true),
             Cmd::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -718,6 +807,13 @@ impl Actor {
                 .entry(c.namespace)
                 .or_default()
                 .extend(c.changes);
+        } else if matches!(rt.side, SessionSide::Devices(_)) {
+            // A primary passes members' and devices' changes on to its
+            // devices (they hear of them from nobody else).
+            self.forward
+                .entry(c.namespace)
+                .or_default()
+                .extend(c.changes);
         }
     }
 
@@ -748,49 +844,113 @@ impl Actor {
     }
 
     /// Pushes the local changes committed since the last flush to every
-    /// reachable member, in frames within the limits.
+    /// reachable member and session peer (devices: the namespaces they may
+    /// sync), and passes other changes on to devices, in frames within the
+    /// limits.
     fn flush_pushes(&mut self) {
-        if self.outgoing.is_empty() {
+        if self.outgoing.is_empty() && self.forward.is_empty() {
             return;
         }
+        let Some(rt) = self.rt.upgrade() else { return };
         let outgoing = std::mem::take(&mut self.outgoing);
+        let forward = std::mem::take(&mut self.forward);
         let reachable = self.reachable();
-        if reachable.is_empty() {
-            return;
-        }
+        let sessions: Vec<NodeId> = rt
+            .session_peers()
+            .into_iter()
+            .filter(|n| !reachable.contains_key(n))
+            .collect();
+        let mut targets: Vec<(NodeId, Vec<PeerAddr>)> = reachable.into_iter().collect();
+        targets.extend(sessions.iter().map(|n| (*n, Vec::new())));
         for (namespace, changes) in outgoing {
-            let mut frames = Vec::new();
-            let mut batch = Vec::new();
-            let mut bytes = 0;
-            for c in changes {
-                if !batch.is_empty()
-                    && (bytes + c.wire_len() > PUSH_BYTES || batch.len() >= MAX_FRAME_CHANGES)
-                {
-                    frames.push(std::mem::take(&mut batch));
-                    bytes = 0;
-                }
-                bytes += c.wire_len();
-                batch.push(c);
-            }
-            frames.push(batch);
-            for changes in frames {
+            for changes in chunks(changes) {
                 let frame = SyncFrame::Push {
                     namespace: namespace.clone(),
                     changes,
                 }
                 .encode();
-                for (node, addrs) in &reachable {
-                    self.send(*node, addrs.clone(), frame.clone());
+                for (node, addrs) in &targets {
+                    if rt.allows(node, &namespace, addrs.is_empty()) {
+                        self.send(*node, addrs.clone(), frame.clone());
+                    }
                 }
             }
         }
+        for (namespace, changes) in forward {
+            for changes in chunks(changes) {
+                let frame = SyncFrame::Delta {
+                    namespace: namespace.clone(),
+                    delta: crate::sync::Delta {
+                        changes,
+                        covers: VersionVector::new(),
+                        more: false,
+                    },
+                }
+                .encode();
+                for node in &sessions {
+                    if rt.allows(node, &namespace, true) {
+                        self.send(*node, Vec::new(), frame.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// A worker's figures for its heartbeats: the changes its primary's
+    /// last vectors lack, and since when it has lacked some.
+    fn update_gauges(&mut self, sessions: &[NodeId]) {
+        let Some(rt) = self.rt.upgrade() else { return };
+        if !matches!(rt.side, SessionSide::Primary) {
+            return;
+        }
+        let empty = VersionVector::new();
+        let pending: usize = match sessions.first().and_then(|p| self.peers.get(p)) {
+            Some(peer) => self
+                .replicas
+                .iter()
+                .map(|(ns, r)| r.pending_for(peer.vectors.get(ns).unwrap_or(&empty)))
+                .sum(),
+            // No session: everything of its own is pending.
+            None => self.replicas.values().map(|r| r.pending_for(&empty)).sum(),
+        };
+        let now = self.core.now();
+        let lag_ms = if pending == 0 {
+            self.pending_since = None;
+            0
+        } else {
+            let since = *self.pending_since.get_or_insert(now);
+            u64::try_from(now.saturating_duration_since(since).as_millis()).unwrap_or(u64::MAX)
+        };
+        rt.gauge_pending.store(pending as u64, Ordering::Relaxed);
+        rt.gauge_lag_ms.store(lag_ms, Ordering::Relaxed);
     }
 
     /// Anti-entropy: vectors to the next member in turn; now and then,
     /// tombstones collected.
     fn tick(&mut self) {
         let reachable = self.reachable();
-        self.peers.retain(|node, _| reachable.contains_key(node));
+        let sessions: Vec<NodeId> = self
+            .rt
+            .upgrade()
+            .map(|rt| rt.session_peers())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| !reachable.contains_key(n))
+            .collect();
+        self.peers
+            .retain(|node, _| reachable.contains_key(node) || sessions.contains(node));
+        // Peers of a device session that just opened are caught up with
+        // at once, then in turn with the members.
+        let opened: Vec<NodeId> = sessions
+            .iter()
+            .filter(|n| !self.last_sessions.contains(n))
+            .copied()
+            .collect();
+        self.last_sessions = sessions.iter().copied().collect();
+        for node in opened {
+            self.send_digest(node, Vec::new(), true);
+        }
+        self.update_gauges(&sessions);
         // Members new to the table, back from inactive, or at new
         // addresses (restarted elsewhere) are caught up with at once.
         let changed: Vec<(NodeId, Vec<PeerAddr>)> = reachable
@@ -802,18 +962,20 @@ impl Actor {
         for (node, addrs) in changed {
             self.send_digest(node, addrs, true);
         }
-        if !reachable.is_empty() {
-            let i = self.next_peer % reachable.len();
+        let mut turn: Vec<(NodeId, Vec<PeerAddr>)> = reachable.into_iter().collect();
+        turn.extend(sessions.into_iter().map(|n| (n, Vec::new())));
+        if !turn.is_empty() {
+            let i = self.next_peer % turn.len();
             self.next_peer = self.next_peer.wrapping_add(1);
-            if let Some((node, addrs)) = reachable.into_iter().nth(i) {
-                self.send_digest(node, addrs, true);
-            }
+            let (node, addrs) = turn.swap_remove(i);
+            self.send_digest(node, addrs, true);
         }
         let Some(rt) = self.rt.upgrade() else { return };
         let now = self.core.now();
         if now.saturating_duration_since(self.last_collect) >= rt.settings.collect_every {
             self.last_collect = now;
-            let members: Vec<NodeId> = rt.mesh.members().into_iter().collect();
+            let mut members = rt.members();
+            members.extend(rt.session_peers());
             let names: Vec<String> = self.replicas.keys().cloned().collect();
             for ns in names {
                 let Some(r) = self.replicas.get_mut(&ns) else {
@@ -841,10 +1003,15 @@ impl Actor {
     /// Sends this node's vectors to `node`, in frames of at most
     /// [`DIGEST_BYTES`] (the last says they were all).
     fn send_digest(&mut self, node: NodeId, addrs: Vec<PeerAddr>, reply: bool) {
+        let Some(rt) = self.rt.upgrade() else { return };
+        let via_session = addrs.is_empty();
         let mut frames = Vec::new();
         let mut vectors = Vec::new();
         let mut bytes = 0;
         for (ns, r) in &self.replicas {
+            if !rt.allows(&node, ns, via_session) {
+                continue;
+            }
             let size = ns.len() + 48 * r.covered().len() + 8;
             if !vectors.is_empty() && bytes + size > DIGEST_BYTES {
                 frames.push(std::mem::take(&mut vectors));
@@ -870,7 +1037,7 @@ impl Actor {
     fn reachable(&self) -> BTreeMap<NodeId, Vec<PeerAddr>> {
         self.rt
             .upgrade()
-            .map(|rt| rt.mesh.reachable())
+            .map(|rt| rt.members_reachable())
             .unwrap_or_default()
     }
 
@@ -884,8 +1051,9 @@ impl Actor {
         }
     }
 
-    /// What this node keeps of member `node` (its link made if new),
-    /// reached at `addrs` (the mesh's table) and where it was last `seen`.
+    /// What this node keeps of peer `node` (its link made if new): a mesh
+    /// member reached at `addrs` (the mesh's table) and where it was last
+    /// `seen`, or, with neither, a peer of a device session.
     fn peer(
         &mut self,
         node: NodeId,
@@ -893,16 +1061,29 @@ impl Actor {
         seen: Option<PeerAddr>,
     ) -> Option<&mut Peer> {
         let rt = self.rt.upgrade()?;
+        let session = addrs.is_empty() && seen.is_none();
+        let stale = self
+            .peers
+            .get(&node)
+            .is_some_and(|p| matches!(p.link, PeerLink::Session(_)) != session);
+        if stale {
+            self.peers.remove(&node);
+        }
+        let core = self.core.clone();
         let peer = self.peers.entry(node).or_insert_with(|| Peer {
-            link: OutLink::start(
-                &self.core,
-                node,
-                SYNC,
-                addrs.clone(),
-                rt.link_timing(),
-                None,
-                rt.settings.peer_queue,
-            ),
+            link: if session {
+                PeerLink::Session(session_link(&core, node, rt.settings.peer_queue))
+            } else {
+                PeerLink::Out(OutLink::start(
+                    &core,
+                    node,
+                    SYNC,
+                    addrs.clone(),
+                    rt.link_timing(),
+                    None,
+                    rt.settings.peer_queue,
+                ))
+            },
             vectors: BTreeMap::new(),
             last_sync: None,
             seen: None,
@@ -920,8 +1101,11 @@ impl Actor {
             merged.push(s.clone());
         }
         merged.extend(addrs);
-        if !merged.is_empty() && merged != peer.link_addrs {
-            peer.link.set_addrs(merged.clone());
+        if let PeerLink::Out(link) = &peer.link
+            && !merged.is_empty()
+            && merged != peer.link_addrs
+        {
+            link.set_addrs(merged.clone());
             peer.link_addrs = merged;
         }
         Some(peer)
@@ -969,7 +1153,7 @@ impl Actor {
         table
     }
 
-    fn frame(&mut self, from: NodeId, seen: Option<PeerAddr>, bytes: &[u8]) {
+    fn frame(&mut self, from: NodeId, seen: Option<PeerAddr>, bytes: &[u8], via_session: bool) {
         let frame = match SyncFrame::decode(bytes) {
             Ok(f) => f,
             Err(e) => {
@@ -978,6 +1162,25 @@ impl Actor {
             }
         };
         let now = self.core.now();
+        let Some(rt) = self.rt.upgrade() else { return };
+        // Over a device session, only the namespaces the device may sync.
+        let allowed = |ns: &str| rt.allows(&from, ns, via_session);
+        match &frame {
+            SyncFrame::Push { namespace, .. } | SyncFrame::Delta { namespace, .. }
+                if !allowed(namespace) =>
+            {
+                self.refused(from, &format!("no scope to sync {namespace:?}"), 1);
+                return;
+            }
+            _ => {}
+        }
+        let answer = |actor: &mut Self| {
+            if via_session {
+                Vec::new()
+            } else {
+                actor.answer_addrs(from, seen.clone())
+            }
+        };
         match frame {
             SyncFrame::Push { namespace, changes } => {
                 if changes.iter().any(|c| c.origin() != from) {
@@ -996,7 +1199,7 @@ impl Actor {
                         .get(&namespace)
                         .is_some_and(|r| r.covered().get(&from).copied().unwrap_or(0) < top);
                     if behind {
-                        let addrs = self.answer_addrs(from, seen);
+                        let addrs = answer(self);
                         self.send_digest(from, addrs, false);
                     }
                 }
@@ -1006,15 +1209,15 @@ impl Actor {
                 reply,
                 all,
             } => {
-                let addrs = self.answer_addrs(from, seen);
-                if addrs.is_empty() {
+                let addrs = answer(self);
+                if addrs.is_empty() && !via_session {
                     return;
                 }
                 let mut theirs_ahead = false;
                 let mut named = std::collections::BTreeSet::new();
                 let mut deltas = Vec::new();
                 let mut seen_vectors = Vec::new();
-                for (ns, v) in vectors {
+                for (ns, v) in vectors.into_iter().filter(|(ns, _)| allowed(ns)) {
                     named.insert(ns.clone());
                     // A digest makes no namespace here: if the member holds
                     // one this node lacks, this node's own digest (which
@@ -1038,7 +1241,7 @@ impl Actor {
                 // holds nothing of them.
                 if all {
                     for (ns, r) in &self.replicas {
-                        if !named.contains(ns) && !r.is_empty() {
+                        if !named.contains(ns) && !r.is_empty() && allowed(ns) {
                             let upto = self.durable_own.get(ns).copied().unwrap_or(0);
                             deltas
                                 .push((ns.clone(), r.delta_for_upto(&VersionVector::new(), upto)));
@@ -1058,7 +1261,7 @@ impl Actor {
                 }
             }
             SyncFrame::Delta { namespace, delta } => {
-                let addrs = self.answer_addrs(from, seen);
+                let addrs = answer(self);
                 let more = delta.more;
                 let progress =
                     self.apply(from, namespace.clone(), delta.changes, Some(delta.covers));
@@ -1113,8 +1316,16 @@ impl Actor {
 
     fn status(&self) -> Vec<SyncPeerStatus> {
         let empty = VersionVector::new();
-        self.reachable()
-            .into_keys()
+        let mut nodes: Vec<NodeId> = self.reachable().into_keys().collect();
+        if let Some(rt) = self.rt.upgrade() {
+            for n in rt.session_peers() {
+                if !nodes.contains(&n) {
+                    nodes.push(n);
+                }
+            }
+        }
+        nodes
+            .into_iter()
             .map(|node| {
                 let peer = self.peers.get(&node);
                 let pending = self
@@ -1137,7 +1348,72 @@ impl Actor {
 
 impl SyncRt {
     fn link_timing(&self) -> LinkTiming {
-        self.mesh.link_timing()
+        self.mesh.as_ref().map_or(
+            LinkTiming {
+                dial_timeout: Duration::from_secs(3),
+                redial_after: Duration::from_secs(1),
+                idle_close: Duration::from_secs(60),
+            },
+            |m| m.link_timing(),
+        )
+    }
+
+    /// Mesh members to sync with, with their addresses.
+    fn members_reachable(&self) -> BTreeMap<NodeId, Vec<PeerAddr>> {
+        self.mesh
+            .as_ref()
+            .map(|m| m.reachable())
+            .unwrap_or_default()
+    }
+
+    /// Every member in the mesh's table (for collecting tombstones).
+    fn members(&self) -> Vec<NodeId> {
+        self.mesh
+            .as_ref()
+            .map(|m| m.members().into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Peers with an open device session: a primary's devices, a worker's
+    /// primary.
+    fn session_peers(&self) -> Vec<NodeId> {
+        self.core
+            .sessions
+            .list()
+            .into_iter()
+            .map(|s| s.peer)
+            .collect()
+    }
+
+    /// Whether `node` may sync `ns` (over a session: a device only the
+    /// namespaces its scopes allow; a worker takes its primary's).
+    fn allows(&self, node: &NodeId, ns: &str, via_session: bool) -> bool {
+        match (&self.side, via_session) {
+            (SessionSide::Devices(gate), true) => gate(node, ns),
+            _ => true,
+        }
+    }
+
+    /// A sync frame that came over the device session with `from` (the
+    /// session machine authenticated it and checked the token); dropped if
+    /// the actor is busy (anti-entropy repairs it).
+    pub(super) fn session_frame(&self, from: NodeId, bytes: Vec<u8>) {
+        if self
+            .inbox
+            .try_send(Cmd::SessionFrame { from, bytes })
+            .is_err()
+        {
+            self.frames_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// What a worker's heartbeat reports: (ms its primary has lacked some
+    /// of its changes, how many).
+    pub(super) fn gauges(&self) -> (u64, u64) {
+        (
+            self.gauge_lag_ms.load(Ordering::Relaxed),
+            self.gauge_pending.load(Ordering::Relaxed),
+        )
     }
 
     fn notify(&self, namespace: &str, changes: &[Change], local: bool) {
@@ -1173,7 +1449,7 @@ impl SyncRt {
 #[async_trait]
 impl MembersOnly for SyncRt {
     fn admits(&self, peer: &NodeId) -> bool {
-        self.mesh.is_member(peer)
+        self.mesh.as_ref().is_some_and(|m| m.is_member(peer))
     }
 
     /// Serves one sync connection: its frames into the actor, at most the
@@ -1186,7 +1462,7 @@ impl MembersOnly for SyncRt {
                 conn,
                 CONNECTIONS_PER_MEMBER,
                 self.settings.frame_rate,
-                |n| self.mesh.is_member(n),
+                |n| self.admits(n),
                 &self.frames_dropped,
                 |from, addr, bytes| {
                     let inbox = rt.inbox.clone();

@@ -200,7 +200,14 @@ async fn send_heartbeat(
     primary: NodeId,
 ) -> Result<(), NodeError> {
     let seq = inner.worker.heartbeat_seq.fetch_add(1, Ordering::Relaxed) + 1;
-    let metrics = inner.metrics.sample();
+    let mut metrics = inner.metrics.sample();
+    // What the app does not report itself: the replicated changes the
+    // primary lacks, and for how long it has lacked some.
+    if let Some(sync) = inner.sync_rt() {
+        let (lag_ms, pending) = sync.gauges();
+        metrics.sync_lag_ms.get_or_insert(lag_ms as f64);
+        metrics.messages_pending.get_or_insert(pending);
+    }
     follow_power(inner, &metrics);
     let hb = Payload::Heartbeat(Heartbeat { seq, metrics });
     // Counted before it leaves (the primary may react before this task
@@ -669,6 +676,11 @@ async fn deliver(
         }
         Payload::CommandResult(r) => {
             inner.calls.complete(primary, r.command_id, r.outcome);
+        }
+        Payload::ReplicaSync(bytes) => {
+            if let Some(sync) = inner.sync_rt() {
+                sync.session_frame(primary, bytes);
+            }
         }
         // Only kinds a primary may publish here reach this far.
         Payload::Event(event) => {

@@ -226,7 +226,7 @@ impl WorkerSession {
                             token,
                         ))));
                 }
-                Payload::Command(_) | Payload::CommandResult(_) => {
+                Payload::Command(_) | Payload::CommandResult(_) | Payload::ReplicaSync(_) => {
                     self.out.push_back(WorkerOutput::Deliver(payload));
                 }
                 Payload::Event(ref event) if PRIMARY_EVENT_KINDS.contains(&event.kind.as_str()) => {

@@ -465,6 +465,10 @@ pub enum Payload {
     Sealed(SealedBox),
     /// Opening and closing a paired session between a device and its primary.
     Session(SessionMessage),
+    /// Replicated state between a device and its primary: one encoded
+    /// [`SyncFrame`](crate::sync::SyncFrame), decoded (with its limits)
+    /// by the receiver's sync runtime.
+    ReplicaSync(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// The first and last words of a paired session (over an already
@@ -542,6 +546,7 @@ impl Payload {
             Payload::Custom(_) => "custom",
             Payload::Sealed(_) => "sealed",
             Payload::Session(_) => "session",
+            Payload::ReplicaSync(_) => "replica_sync",
         }
     }
 }

@@ -103,6 +103,7 @@ fn one_of_each() -> Vec<Payload> {
             ciphertext: vec![5; 40],
         }),
         Payload::Session(SessionMessage::Hello { token: [6; 32] }),
+        Payload::ReplicaSync(vec![7; 12]),
     ];
     for p in &all {
         match p {
@@ -120,7 +121,8 @@ fn one_of_each() -> Vec<Payload> {
             | Payload::ConfigUpdate(_)
             | Payload::Custom(_)
             | Payload::Sealed(_)
-            | Payload::Session(_) => {}
+            | Payload::Session(_)
+            | Payload::ReplicaSync(_) => {}
         }
     }
     all
@@ -144,7 +146,7 @@ fn round_trip(payload: Payload) -> SignedEnvelope {
 fn every_payload_kind_round_trips() {
     let all = one_of_each();
     let kinds: std::collections::HashSet<_> = all.iter().map(Payload::kind).collect();
-    assert_eq!(kinds.len(), 15);
+    assert_eq!(kinds.len(), 16);
     for p in all {
         round_trip(p);
     }

@@ -363,3 +363,150 @@ async fn a_hostile_members_sync_frames_are_refused_and_change_nothing() {
         m.node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_syncs_the_namespaces_its_scopes_allow_with_its_primary() {
+    use mesh_core::registry::scopes;
+
+    use crate::node_e2e::{pair, primary, worker};
+
+    let p = primary();
+    let (w, _store) = worker("tablet");
+    pair(&p, &w, false).await;
+    let device = w.node_id();
+    // The device may sync `notes`, nothing else.
+    p.node
+        .set_scopes(
+            &device,
+            &[
+                scopes::PRESENCE_WRITE,
+                scopes::EVENTS_WRITE,
+                scopes::COMMANDS_RUN,
+                "sync:notes",
+            ],
+        )
+        .unwrap();
+    let mut refused = p.node.subscribe("sync.refused", 16).unwrap();
+
+    // Both ways, in the namespace it may sync.
+    let from_device = w.replicated("notes").unwrap();
+    let at_primary = p.node.replicated("notes").unwrap();
+    let v = from_device.put("todo/1", b"milk".to_vec()).await.unwrap();
+    eventually("the primary has the device's note", || async {
+        at_primary
+            .get("todo/1")
+            .await
+            .unwrap()
+            .is_some_and(|e| e.version == v && e.value == b"milk")
+    })
+    .await;
+    let v = at_primary.put("todo/2", b"eggs".to_vec()).await.unwrap();
+    eventually("the device has the primary's note", || async {
+        from_device
+            .get("todo/2")
+            .await
+            .unwrap()
+            .is_some_and(|e| e.version == v)
+    })
+    .await;
+
+    // Not in a namespace it may not sync: refused at the primary, and the
+    // primary's own keys there do not reach it.
+    w.replicated("secrets")
+        .unwrap()
+        .put("k", b"from the device".to_vec())
+        .await
+        .unwrap();
+    let e = next(&mut refused, "sync.refused", Duration::from_secs(10)).await;
+    assert_eq!(e.data["node"], device.to_string());
+    p.node
+        .replicated("secrets")
+        .unwrap()
+        .put("p", b"from the primary".to_vec())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        p.node
+            .replicated("secrets")
+            .unwrap()
+            .get("k")
+            .await
+            .unwrap()
+            .is_none(),
+        "a namespace without scope reached the primary"
+    );
+    assert!(
+        w.replicated("secrets")
+            .unwrap()
+            .get("p")
+            .await
+            .unwrap()
+            .is_none(),
+        "a namespace without scope reached the device"
+    );
+
+    // Heartbeats carry the real figures: the one change the primary cannot
+    // take stays pending on the device, and for longer and longer.
+    w.send_heartbeat().await.unwrap();
+    let mut first = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        w.send_heartbeat().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Some(m) = p.node.device_metrics(&device)
+            && m.messages_pending == Some(1)
+            && m.sync_lag_ms.is_some_and(|l| l > 0.0)
+        {
+            match first {
+                None => first = m.sync_lag_ms,
+                Some(f) if m.sync_lag_ms > Some(f) => break,
+                _ => {}
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "heartbeats never showed the pending change: {:?}",
+            p.node.device_metrics(&device)
+        );
+    }
+    // With that namespace allowed, it goes through and nothing is pending.
+    p.node
+        .set_scopes(
+            &device,
+            &[
+                scopes::PRESENCE_WRITE,
+                scopes::EVENTS_WRITE,
+                scopes::COMMANDS_RUN,
+                scopes::SYNC_ALL,
+            ],
+        )
+        .unwrap();
+    eventually("the device's secret arrives once allowed", || async {
+        p.node
+            .replicated("secrets")
+            .unwrap()
+            .get("k")
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    eventually("nothing pending in the heartbeat", || async {
+        let _ = w.send_heartbeat().await;
+        p.node
+            .device_metrics(&device)
+            .is_some_and(|m| m.messages_pending == Some(0) && m.sync_lag_ms == Some(0.0))
+    })
+    .await;
+    assert!(
+        p.node
+            .sync_status()
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.node == device)
+    );
+    w.shutdown().await;
+    p.node.shutdown().await;
+}
