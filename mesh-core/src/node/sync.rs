@@ -142,7 +142,8 @@ impl SyncSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SyncErrorKind {
-    /// The node takes no part in a mesh, so it replicates nothing.
+    /// The node's sync runtime is not running (every node runs one; kept
+    /// for nodes built without it in the future).
     Disabled,
     /// A bad namespace, key or value.
     InvalidArgument,
@@ -1656,7 +1657,7 @@ impl super::Node {
         self.sync.as_ref().ok_or_else(|| {
             fail(
                 SyncErrorKind::Disabled,
-                "this node was built without the mesh (NodeBuilder::mesh), so it replicates nothing",
+                "this node's sync runtime is not running",
             )
         })
     }
