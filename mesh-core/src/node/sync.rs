@@ -356,11 +356,14 @@ struct Committed {
     reply: Option<oneshot::Sender<Result<Option<Change>, NodeError>>>,
 }
 
+/// Whether a device may sync a namespace.
+pub(crate) type DeviceGate = Arc<dyn Fn(&NodeId, &str) -> bool + Send + Sync>;
+
 /// Whom a node syncs with over its device sessions (besides mesh members).
 pub(crate) enum SessionSide {
     /// A primary: its paired devices with an open session, each the
     /// namespaces the gate allows it (its `sync:NS` / `sync:*` scopes).
-    Devices(Arc<dyn Fn(&NodeId, &str) -> bool + Send + Sync>),
+    Devices(DeviceGate),
     /// A worker: its primary, while the session is open.
     Primary,
 }
