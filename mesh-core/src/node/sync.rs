@@ -287,6 +287,9 @@ fn chunks(changes: Vec<Change>) -> Vec<Vec<Change>> {
     frames
 }
 
+/// A device session's peer is sent this node's vectors at most this often
+/// (and when the session opens).
+const SESSION_DIGEST_EVERY: Duration = Duration::from_secs(30);
 /// Commands taken into one storage batch at most.
 const BATCH_COMMANDS: usize = 1024;
 /// Bytes of changes in one push frame.
@@ -487,6 +490,8 @@ pub(super) fn build(
         durable_own,
         forward: BTreeMap::new(),
         last_sessions: std::collections::HashSet::new(),
+        session_digested: BTreeMap::new(),
+        acks: BTreeMap::new(),
         pending_since: None,
     };
     core.spawn(actor.run(rx, done_rx));
@@ -567,6 +572,11 @@ struct Actor {
     forward: BTreeMap<String, Vec<Change>>,
     /// Peers with a device session at the last tick.
     last_sessions: std::collections::HashSet<NodeId>,
+    /// When each session peer was last sent this node's vectors.
+    session_digested: BTreeMap<NodeId, Timestamp>,
+    /// Peers whose changes this node took since the last tick, and in
+    /// which namespaces (bounded by the peers and namespaces).
+    acks: BTreeMap<NodeId, std::collections::BTreeSet<String>>,
     /// Since when a worker's primary has lacked some of its changes.
     pending_since: Option<Timestamp>,
 }
@@ -932,6 +942,7 @@ impl Actor {
     /// Anti-entropy: vectors to the next member in turn; now and then,
     /// tombstones collected.
     fn tick(&mut self) {
+        self.send_acks();
         let reachable = self.reachable();
         let sessions: Vec<NodeId> = self
             .rt
@@ -951,7 +962,9 @@ impl Actor {
             .copied()
             .collect();
         self.last_sessions = sessions.iter().copied().collect();
+        let now = self.core.now();
         for node in opened {
+            self.session_digested.insert(node, now);
             self.send_digest(node, Vec::new(), true);
         }
         self.update_gauges(&sessions);
@@ -966,12 +979,27 @@ impl Actor {
         for (node, addrs) in changed {
             self.send_digest(node, addrs, true);
         }
+        // Session peers take a turn at most every SESSION_DIGEST_EVERY (a
+        // primary may have a thousand devices; pushes carry what changes).
+        let now = self.core.now();
+        self.session_digested.retain(|n, _| sessions.contains(n));
+        let due: Vec<NodeId> = sessions
+            .into_iter()
+            .filter(|n| {
+                self.session_digested
+                    .get(n)
+                    .is_none_or(|t| now.saturating_duration_since(*t) >= SESSION_DIGEST_EVERY)
+            })
+            .collect();
         let mut turn: Vec<(NodeId, Vec<PeerAddr>)> = reachable.into_iter().collect();
-        turn.extend(sessions.into_iter().map(|n| (n, Vec::new())));
+        turn.extend(due.into_iter().map(|n| (n, Vec::new())));
         if !turn.is_empty() {
             let i = self.next_peer % turn.len();
             self.next_peer = self.next_peer.wrapping_add(1);
             let (node, addrs) = turn.swap_remove(i);
+            if addrs.is_empty() {
+                self.session_digested.insert(node, now);
+            }
             self.send_digest(node, addrs, true);
         }
         let Some(rt) = self.rt.upgrade() else { return };
@@ -997,9 +1025,22 @@ impl Actor {
     fn digest_all(&mut self) -> usize {
         let reachable = self.reachable();
         self.last_reachable.clone_from(&reachable);
-        let n = reachable.len();
+        let sessions: Vec<NodeId> = self
+            .rt
+            .upgrade()
+            .map(|rt| rt.session_peers())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| !reachable.contains_key(n))
+            .collect();
+        let n = reachable.len() + sessions.len();
         for (node, addrs) in reachable {
             self.send_digest(node, addrs, true);
+        }
+        let now = self.core.now();
+        for node in sessions {
+            self.session_digested.insert(node, now);
+            self.send_digest(node, Vec::new(), true);
         }
         n
     }
@@ -1313,9 +1354,36 @@ impl Actor {
         }
         let progress = !applied.changed.is_empty() || applied.covered_moved;
         if progress {
+            // The sender hears what this node now holds on the next tick
+            // (its pending count, a device's heartbeat figures).
+            self.acks.entry(from).or_default().insert(namespace.clone());
             self.submit(namespace, applied.changed, &[], false, None);
         }
         progress
+    }
+
+    /// Tells each peer whose changes this node took since the last tick
+    /// its vectors of those namespaces.
+    fn send_acks(&mut self) {
+        let acks = std::mem::take(&mut self.acks);
+        let reachable = self.reachable();
+        for (node, namespaces) in acks {
+            let vectors: Vec<(String, VersionVector)> = namespaces
+                .into_iter()
+                .filter_map(|ns| self.replicas.get(&ns).map(|r| (ns, r.covered().clone())))
+                .collect();
+            if vectors.is_empty() {
+                continue;
+            }
+            let frame = SyncFrame::Digest {
+                vectors,
+                reply: false,
+                all: false,
+            }
+            .encode();
+            let addrs = reachable.get(&node).cloned().unwrap_or_default();
+            self.send(node, addrs, frame);
+        }
     }
 
     fn status(&self) -> Vec<SyncPeerStatus> {
@@ -1790,8 +1858,9 @@ impl super::Node {
         self.sync_rt()?.ask(|reply| Cmd::Status { reply }).await
     }
 
-    /// Sends this node's vectors to every reachable member now (sync runs
-    /// by itself; this is for the impatient); how many members.
+    /// Sends this node's vectors to every reachable member and device
+    /// session peer now (sync runs by itself; this is for the impatient);
+    /// how many peers.
     pub async fn sync_now(&self) -> Result<usize, NodeError> {
         self.sync_rt()?.ask(|reply| Cmd::Now { reply }).await
     }

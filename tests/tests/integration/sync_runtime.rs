@@ -482,6 +482,9 @@ async fn a_device_syncs_the_namespaces_its_scopes_allow_with_its_primary() {
             ],
         )
         .unwrap();
+    // Sync runs by itself (a device session's vectors every 30 s, changes
+    // as they commit); a change refused before is asked for now.
+    assert_eq!(w.sync_now().await.unwrap(), 1);
     eventually("the device's secret arrives once allowed", || async {
         p.node
             .replicated("secrets")
