@@ -279,4 +279,10 @@ pub trait LedgerSync: Send + Sync + fmt::Debug + 'static {
     fn apply(&self, author: &NodeId, answer: &[u8]) -> Result<u64, LedgerSyncError>;
     /// The ledgers held.
     fn holdings(&self) -> Vec<LedgerHolding>;
+    /// Covers this node's records not yet under a signed checkpoint with
+    /// one now (a worker does before answering its primary, so what it
+    /// wrote while away goes across at once). The default does nothing.
+    fn checkpoint_own(&self) -> Result<(), LedgerSyncError> {
+        Ok(())
+    }
 }

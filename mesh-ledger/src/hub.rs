@@ -191,6 +191,12 @@ impl LedgerSync for LedgerHub {
         }
     }
 
+    fn checkpoint_own(&self) -> Result<(), LedgerSyncError> {
+        let now = mesh_core::clock::Clock::now(&mesh_core::clock::SystemClock);
+        self.own.checkpoint(now)?;
+        Ok(())
+    }
+
     fn holdings(&self) -> Vec<LedgerHolding> {
         let own = self.own.view();
         let mut out = vec![LedgerHolding::new(

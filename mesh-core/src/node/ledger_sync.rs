@@ -52,9 +52,12 @@ pub mod ledger_events {
 /// The ledger-replication side of a running node.
 pub(crate) struct LedgerSyncRt {
     core: Arc<Core>,
-    mesh: Arc<MeshRt>,
+    mesh: Option<Arc<MeshRt>>,
     sync: Arc<dyn LedgerSync>,
     serving: Arc<tokio::sync::Semaphore>,
+    /// A primary's pulls from devices: the answer each waits for.
+    answers:
+        std::sync::Mutex<std::collections::HashMap<NodeId, tokio::sync::oneshot::Sender<Vec<u8>>>>,
 }
 
 impl std::fmt::Debug for LedgerSyncRt {
@@ -63,19 +66,23 @@ impl std::fmt::Debug for LedgerSyncRt {
     }
 }
 
-/// Starts replication over the mesh.
+/// Starts replication: with the mesh's members if there is a mesh, and
+/// over device sessions.
 pub(super) fn build(
     core: &Arc<Core>,
-    mesh: &Arc<MeshRt>,
+    mesh: Option<&Arc<MeshRt>>,
     sync: Arc<dyn LedgerSync>,
 ) -> Arc<LedgerSyncRt> {
     let rt = Arc::new(LedgerSyncRt {
         core: core.clone(),
-        mesh: mesh.clone(),
+        mesh: mesh.cloned(),
         sync,
         serving: Arc::new(tokio::sync::Semaphore::new(SERVING)),
+        answers: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
-    core.spawn(puller(Arc::downgrade(&rt)));
+    if mesh.is_some() {
+        core.spawn(puller(Arc::downgrade(&rt)));
+    }
     rt
 }
 
@@ -97,7 +104,8 @@ async fn puller(rt: Weak<LedgerSyncRt>) {
     loop {
         tick.tick().await;
         let Some(rt) = rt.upgrade() else { return };
-        let reachable = rt.mesh.reachable();
+        let Some(mesh) = rt.mesh.clone() else { return };
+        let reachable = mesh.reachable();
         // New or moved members at once, and one more in turn.
         let mut due: Vec<(NodeId, Vec<PeerAddr>)> = reachable
             .iter()
@@ -121,16 +129,7 @@ async fn puller(rt: Weak<LedgerSyncRt>) {
                     forks_told.clear();
                 }
                 if forks_told.insert(key) {
-                    rt.core.events.publish(
-                        ledger_events::FORK,
-                        rt.core.now(),
-                        json!({
-                            "author": report.author.to_string(),
-                            "reason": report.reason,
-                            "first": { "size": report.first.size, "root": hex(&report.first.root) },
-                            "second": { "size": report.second.size, "root": hex(&report.second.root) },
-                        }),
-                    );
+                    rt.tell_fork(&report);
                 }
             }
         }
@@ -142,6 +141,108 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl LedgerSyncRt {
+    fn tell_fork(&self, report: &crate::ledger::ForkReport) {
+        self.core.events.publish(
+            ledger_events::FORK,
+            self.core.now(),
+            json!({
+                "author": report.author.to_string(),
+                "reason": report.reason,
+                "first": { "size": report.first.size, "root": hex(&report.first.root) },
+                "second": { "size": report.second.size, "root": hex(&report.second.root) },
+            }),
+        );
+    }
+
+    /// A primary: device `device`'s session opened; its ledger (entries it
+    /// made while away included) is pulled over the session.
+    pub(super) fn device_opened(self: &Arc<Self>, device: NodeId) {
+        let rt = self.clone();
+        self.core.spawn(async move {
+            if let Err(LedgerSyncError::Fork(report)) = rt.pull_device(device).await {
+                rt.tell_fork(&report);
+            }
+        });
+    }
+
+    async fn pull_device(&self, device: NodeId) -> Result<u64, LedgerSyncError> {
+        let mut added = 0;
+        for _ in 0..ROUNDS_PER_PULL {
+            let sync = self.sync.clone();
+            let request = blocking(move || sync.request(&device)).await?;
+            let Some(session) = self.core.sessions.get(&device) else {
+                break;
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.answers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(device, tx);
+            let payload = crate::wire::Payload::LedgerSync(request);
+            if self
+                .core
+                .link
+                .send(session.conn.as_ref(), device, payload, self.core.now())
+                .await
+                .is_err()
+            {
+                break;
+            }
+            let Ok(Ok(answer)) = tokio::time::timeout(ANSWER_TIMEOUT, rx).await else {
+                break;
+            };
+            let sync = self.sync.clone();
+            let n = blocking(move || sync.apply(&device, &answer)).await?;
+            added += n;
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(added)
+    }
+
+    /// A primary: device `from` answered a pull (ignored if none waits).
+    pub(super) fn session_answer(&self, from: NodeId, answer: Vec<u8>) {
+        let waiting = self
+            .answers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&from);
+        if let Some(tx) = waiting {
+            let _ = tx.send(answer);
+        }
+    }
+
+    /// A worker: its primary asks for its ledger; answered over the
+    /// session, one request at a time per the serving bound.
+    pub(super) fn session_request(self: &Arc<Self>, primary: NodeId, request: Vec<u8>) {
+        let Ok(permit) = self.serving.clone().try_acquire_owned() else {
+            return;
+        };
+        let rt = self.clone();
+        self.core.spawn(async move {
+            let _permit = permit;
+            if request.len() > MAX_REQUEST_LEN {
+                return;
+            }
+            let sync = rt.sync.clone();
+            let answer = blocking(move || {
+                sync.checkpoint_own()?;
+                sync.serve(&request)
+            })
+            .await;
+            let Ok(answer) = answer else { return };
+            if let Some(session) = rt.core.sessions.get(&primary) {
+                let payload = crate::wire::Payload::LedgerSync(answer);
+                let _ = rt
+                    .core
+                    .link
+                    .send(session.conn.as_ref(), primary, payload, rt.core.now())
+                    .await;
+            }
+        });
+    }
+
     /// Pulls `author`'s own ledger from it, answer after answer, until it
     /// has nothing more.
     async fn pull(&self, author: NodeId, addrs: &[PeerAddr]) -> Result<u64, LedgerSyncError> {
@@ -179,7 +280,7 @@ impl LedgerSyncRt {
 #[async_trait]
 impl MembersOnly for LedgerSyncRt {
     fn admits(&self, peer: &NodeId) -> bool {
-        self.mesh.is_member(peer)
+        self.mesh.as_ref().is_some_and(|m| m.is_member(peer))
     }
 
     async fn serve_member(self: Arc<Self>, conn: Arc<dyn Connection>) {
@@ -193,7 +294,7 @@ impl MembersOnly for LedgerSyncRt {
             self.core.now(),
         );
         while let Ok(request) = conn.recv().await {
-            if !self.mesh.is_member(&conn.remote_node())
+            if !self.admits(&conn.remote_node())
                 || request.len() > MAX_REQUEST_LEN
                 || !bucket.try_take(self.core.now())
             {

@@ -794,9 +794,11 @@ impl NodeBuilder {
         self
     }
 
-    /// Replicates ledgers with the mesh's members through `sync`
-    /// (mesh-ledger's `LedgerHub`): members' ledgers are pulled in the
-    /// background and this node's are served. Needs [`NodeBuilder::mesh`].
+    /// Replicates ledgers through `sync` (mesh-ledger's `LedgerHub`): with
+    /// the mesh's members (their ledgers pulled in the background, this
+    /// node's served), and between a primary and its devices (a primary
+    /// pulls each device's ledger over its session when it opens; a worker
+    /// answers with its own).
     pub fn ledger_sync(mut self, sync: Arc<dyn crate::ledger::LedgerSync>) -> Self {
         self.ledger_sync = Some(sync);
         self
@@ -835,6 +837,7 @@ impl NodeBuilder {
             data_dir: self.data_dir,
             ledger: self.ledger,
             sync: std::sync::OnceLock::new(),
+            ledger_sync: std::sync::OnceLock::new(),
         });
         let (role, mut built_in) = match core.config.role {
             Role::Primary => {
@@ -878,14 +881,16 @@ impl NodeBuilder {
         };
         let _ = core.sync.set(Arc::downgrade(&sync));
         let sync = Some(sync);
-        let ledger_sync = match (&mesh, self.ledger_sync) {
-            (Some(mesh), Some(ls)) => {
-                let rt = ledger_sync::build(&core, mesh, ls);
+        // Ledgers: with the mesh's members over their protocol, and with
+        // devices (a primary pulls its devices' ledgers) over the session.
+        let ledger_sync = self.ledger_sync.map(|ls| {
+            let rt = ledger_sync::build(&core, mesh.as_ref(), ls);
+            if mesh.is_some() {
                 built_in.push(ledger_sync::protocol(&rt));
-                Some(rt)
             }
-            _ => None,
-        };
+            let _ = core.ledger_sync.set(Arc::downgrade(&rt));
+            rt
+        });
         let protocols = protocols::Protocols::new(built_in, self.protocols)?;
         let node = Node {
             owner: Arc::new(Owner {
@@ -1070,6 +1075,8 @@ pub(crate) struct Core {
     /// Replicated state (set once at start): device sessions hand it their
     /// sync frames, a worker's heartbeats read its figures.
     sync: std::sync::OnceLock<std::sync::Weak<sync::SyncRt>>,
+    /// Ledger replication (set once at start, if the node has it).
+    ledger_sync: std::sync::OnceLock<std::sync::Weak<ledger_sync::LedgerSyncRt>>,
 }
 
 /// The role's runtime.
@@ -1091,6 +1098,11 @@ impl Core {
     /// The sync runtime, while the node runs.
     fn sync_rt(&self) -> Option<Arc<sync::SyncRt>> {
         self.sync.get().and_then(std::sync::Weak::upgrade)
+    }
+
+    /// Ledger replication, if the node has it.
+    fn ledger_sync_rt(&self) -> Option<Arc<ledger_sync::LedgerSyncRt>> {
+        self.ledger_sync.get().and_then(std::sync::Weak::upgrade)
     }
 
     /// Connects through the first transport that supports `addr`.

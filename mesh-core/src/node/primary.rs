@@ -667,6 +667,10 @@ pub(super) async fn mesh_session(inner: &Arc<PrimaryRt>, conn: Arc<dyn Connectio
                 if let Some(old) = old {
                     old.conn.close();
                 }
+                // What the device wrote in its ledger (while away too).
+                if let Some(ls) = inner.ledger_sync_rt() {
+                    ls.device_opened(node);
+                }
             }
             Output::Send(payload) => {
                 if inner
@@ -832,6 +836,11 @@ async fn deliver(
         Payload::ReplicaSync(bytes) => {
             if let Some(sync) = inner.sync_rt() {
                 sync.session_frame(node, bytes);
+            }
+        }
+        Payload::LedgerSync(answer) => {
+            if let Some(ls) = inner.ledger_sync_rt() {
+                ls.session_answer(node, answer);
             }
         }
         Payload::Session(SessionMessage::TokenStored { digest }) => {

@@ -1049,6 +1049,11 @@ impl Actor {
     /// [`DIGEST_BYTES`] (the last says they were all).
     fn send_digest(&mut self, node: NodeId, addrs: Vec<PeerAddr>, reply: bool) {
         let Some(rt) = self.rt.upgrade() else { return };
+        // Holding nothing, a node asks nobody unprompted: peers that hold
+        // something send their vectors, and it answers those (reply).
+        if self.replicas.is_empty() && reply {
+            return;
+        }
         let via_session = addrs.is_empty();
         let mut frames = Vec::new();
         let mut vectors = Vec::new();

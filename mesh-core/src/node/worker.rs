@@ -682,6 +682,11 @@ async fn deliver(
                 sync.session_frame(primary, bytes);
             }
         }
+        Payload::LedgerSync(request) => {
+            if let Some(ls) = inner.ledger_sync_rt() {
+                ls.session_request(primary, request);
+            }
+        }
         // Only kinds a primary may publish here reach this far.
         Payload::Event(event) => {
             if let Ok(data) = serde_json::from_str::<Value>(event.data.as_str()) {

@@ -226,7 +226,10 @@ impl WorkerSession {
                             token,
                         ))));
                 }
-                Payload::Command(_) | Payload::CommandResult(_) | Payload::ReplicaSync(_) => {
+                Payload::Command(_)
+                | Payload::CommandResult(_)
+                | Payload::ReplicaSync(_)
+                | Payload::LedgerSync(_) => {
                     self.out.push_back(WorkerOutput::Deliver(payload));
                 }
                 Payload::Event(ref event) if PRIMARY_EVENT_KINDS.contains(&event.kind.as_str()) => {

@@ -469,6 +469,10 @@ pub enum Payload {
     /// [`SyncFrame`](crate::sync::SyncFrame), decoded (with its limits)
     /// by the receiver's sync runtime.
     ReplicaSync(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Ledger replication between a device and its primary: the primary's
+    /// request for the device's ledger, or the device's answer (opaque to
+    /// the runtime; see [`LedgerSync`](crate::ledger::LedgerSync)).
+    LedgerSync(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// The first and last words of a paired session (over an already
@@ -547,6 +551,7 @@ impl Payload {
             Payload::Sealed(_) => "sealed",
             Payload::Session(_) => "session",
             Payload::ReplicaSync(_) => "replica_sync",
+            Payload::LedgerSync(_) => "ledger_sync",
         }
     }
 }

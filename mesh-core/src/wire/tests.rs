@@ -104,6 +104,7 @@ fn one_of_each() -> Vec<Payload> {
         }),
         Payload::Session(SessionMessage::Hello { token: [6; 32] }),
         Payload::ReplicaSync(vec![7; 12]),
+        Payload::LedgerSync(vec![8; 12]),
     ];
     for p in &all {
         match p {
@@ -122,7 +123,8 @@ fn one_of_each() -> Vec<Payload> {
             | Payload::Custom(_)
             | Payload::Sealed(_)
             | Payload::Session(_)
-            | Payload::ReplicaSync(_) => {}
+            | Payload::ReplicaSync(_)
+            | Payload::LedgerSync(_) => {}
         }
     }
     all
@@ -146,7 +148,7 @@ fn round_trip(payload: Payload) -> SignedEnvelope {
 fn every_payload_kind_round_trips() {
     let all = one_of_each();
     let kinds: std::collections::HashSet<_> = all.iter().map(Payload::kind).collect();
-    assert_eq!(kinds.len(), 16);
+    assert_eq!(kinds.len(), 17);
     for p in all {
         round_trip(p);
     }

@@ -154,3 +154,114 @@ async fn members_replicate_each_others_ledgers_and_a_fork_is_caught_with_its_evi
     }
     c2.node.shutdown().await;
 }
+
+/// A node of `role` on `bind`, with its ledger (checkpoints every 100 ms)
+/// replicated through a hub.
+fn ledger_node(
+    role: Role,
+    name: &str,
+    store: Arc<dyn Storage>,
+    key: Arc<NodeKey>,
+    bind: std::net::SocketAddr,
+) -> (Node, Arc<SignedLedger>, std::net::SocketAddr) {
+    use mesh_core::limits::Rate;
+    use mesh_core::node::PairingLimits;
+
+    let admission = Arc::new(RegistryAdmission::new(store.clone()));
+    // A port just given up may take a moment to be free again.
+    let mut tries = 0;
+    let quic = loop {
+        match QuicTransport::bind(key.clone(), bind, admission.clone(), QuicConfig::default()) {
+            Ok(q) => break Arc::new(q),
+            Err(e) if tries < 50 => {
+                tries += 1;
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("cannot bind {bind}: {e}"),
+        }
+    };
+    let addr = quic.local_addr();
+    let ledger = Arc::new(
+        SignedLedger::open(
+            store.clone(),
+            key.clone(),
+            LedgerConfig::default().checkpoint_interval_ms(100),
+        )
+        .unwrap(),
+    );
+    let hub = Arc::new(LedgerHub::open(store.clone(), ledger.clone()).unwrap());
+    let config = NodeConfig::new(role, name, &format!("hw-{name}"))
+        .heartbeat_interval(Duration::from_millis(100))
+        .reconnect(Duration::from_millis(50), Duration::from_millis(300))
+        .pairing_limits(PairingLimits::default().rates(
+            Rate::per_second(1000.0, 1000),
+            Rate::per_second(1000.0, 1000),
+        ));
+    let node = Node::builder(key, store, quic, config)
+        .ledger(ledger.clone())
+        .ledger_sync(hub)
+        .start()
+        .unwrap();
+    (node, ledger, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_ledger_entries_made_while_away_reach_its_primary_when_it_reconnects() {
+    let p_store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let p_key = Arc::new(NodeKey::generate());
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let (p, _, p_addr) = ledger_node(
+        Role::Primary,
+        "desk",
+        p_store.clone(),
+        p_key.clone(),
+        loopback,
+    );
+    let (w, w_ledger, _) = ledger_node(
+        Role::Worker,
+        "field-tablet",
+        Arc::new(MemoryStorage::new()),
+        Arc::new(NodeKey::generate()),
+        loopback,
+    );
+    let primary = crate::node_e2e::Primary {
+        node: p.as_primary().unwrap(),
+        store: p_store.clone(),
+        key: p_key.clone(),
+        addr: PeerAddr::Socket(p_addr),
+    };
+    let worker = w.as_worker().unwrap();
+    crate::node_e2e::pair(&primary, &worker, false).await;
+    append(&w_ledger, 3, "before");
+    let w_id = w.node_id();
+
+    // The primary goes away; the worker keeps writing.
+    drop(primary);
+    p.shutdown().await;
+    drop(p);
+    append(&w_ledger, 5, "while the primary was away");
+    let written = w_ledger.len();
+
+    // The primary comes back where it was; the worker reconnects, and
+    // its ledger (every entry, checkpointed) is the primary's replica.
+    let (p, _, _) = ledger_node(Role::Primary, "desk", p_store, p_key, p_addr);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let held = p.ledger_replicas().await.unwrap();
+        if let Some(r) = held.iter().find(|h| h.author == w_id && !h.own)
+            && r.records >= written
+        {
+            assert!(r.fork.is_none());
+            assert!(r.checkpoint.as_ref().is_some_and(|c| c.size >= 8));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker's ledger never reached the primary: {held:?} (worker wrote {written})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.shutdown().await;
+    p.shutdown().await;
+}
