@@ -78,7 +78,7 @@ async fn durable_writes(writers: usize, total: usize, appending: bool) -> f64 {
     // Every write is there after a restart of the store.
     n.shutdown().await;
     drop(n);
-    let back = node_reopen(dir.path());
+    let back = node(dir.path());
     let stored = back
         .replicated("bench")
         .unwrap()
@@ -89,10 +89,6 @@ async fn durable_writes(writers: usize, total: usize, appending: bool) -> f64 {
     assert_eq!(stored, per * writers);
     back.shutdown().await;
     rate
-}
-
-fn node_reopen(dir: &std::path::Path) -> Node {
-    node(dir)
 }
 
 fn at(ms: u64) -> Timestamp {

@@ -47,3 +47,15 @@ impl<T: Send + 'static> Committer<T> {
         self.jobs.send((pending, then)).is_ok()
     }
 }
+
+/// Sends an actor the command `make` builds around a reply channel and
+/// waits for the reply; `stopped` is the error when the actor is gone.
+pub(crate) async fn ask<C, T>(
+    inbox: &mpsc::Sender<C>,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> C,
+    stopped: impl Fn() -> NodeError,
+) -> Result<T, NodeError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    inbox.send(make(tx)).await.map_err(|_| stopped())?;
+    rx.await.map_err(|_| stopped())
+}

@@ -961,12 +961,7 @@ fn fail(message: &str) -> NodeError {
 
 impl DeliveryRt {
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, NodeError> {
-        let (tx, rx) = oneshot::channel();
-        self.inbox
-            .send(make(tx))
-            .await
-            .map_err(|_| fail("the node has stopped"))?;
-        rx.await.map_err(|_| fail("the node has stopped"))
+        super::commit::ask(&self.inbox, make, || fail("the node has stopped")).await
     }
 }
 

@@ -166,33 +166,45 @@ impl LedgerSyncRt {
     }
 
     async fn pull_device(&self, device: NodeId) -> Result<u64, LedgerSyncError> {
-        let mut added = 0;
-        for _ in 0..ROUNDS_PER_PULL {
-            let sync = self.sync.clone();
-            let request = blocking(move || sync.request(&device)).await?;
-            let Some(session) = self.core.sessions.get(&device) else {
-                break;
-            };
+        self.pull_rounds(device, |request| async move {
+            let session = self.core.sessions.get(&device)?;
             let (tx, rx) = tokio::sync::oneshot::channel();
             self.answers
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .insert(device, tx);
             let payload = crate::wire::Payload::LedgerSync(request);
-            if self
-                .core
+            self.core
                 .link
                 .send(session.conn.as_ref(), device, payload, self.core.now())
                 .await
-                .is_err()
-            {
-                break;
-            }
-            let Ok(Ok(answer)) = tokio::time::timeout(ANSWER_TIMEOUT, rx).await else {
+                .ok()?;
+            tokio::time::timeout(ANSWER_TIMEOUT, rx).await.ok()?.ok()
+        })
+        .await
+    }
+
+    /// Asks for `author`'s ledger through `exchange` (a request out, its
+    /// answer back, or none) and stores what comes, answer after answer,
+    /// until one brings nothing.
+    async fn pull_rounds<F, Fut>(
+        &self,
+        author: NodeId,
+        mut exchange: F,
+    ) -> Result<u64, LedgerSyncError>
+    where
+        F: FnMut(Vec<u8>) -> Fut,
+        Fut: std::future::Future<Output = Option<Vec<u8>>>,
+    {
+        let mut added = 0;
+        for _ in 0..ROUNDS_PER_PULL {
+            let sync = self.sync.clone();
+            let request = blocking(move || sync.request(&author)).await?;
+            let Some(answer) = exchange(request).await else {
                 break;
             };
             let sync = self.sync.clone();
-            let n = blocking(move || sync.apply(&device, &answer)).await?;
+            let n = blocking(move || sync.apply(&author, &answer)).await?;
             added += n;
             if n == 0 {
                 break;
@@ -255,25 +267,18 @@ impl LedgerSyncRt {
             }
         }
         let Some(conn) = conn else { return Ok(0) };
-        let mut added = 0;
-        for _ in 0..ROUNDS_PER_PULL {
-            let sync = self.sync.clone();
-            let request = blocking(move || sync.request(&author)).await?;
-            if conn.send(request).await.is_err() {
-                break;
-            }
-            let Ok(Ok(answer)) = tokio::time::timeout(ANSWER_TIMEOUT, conn.recv()).await else {
-                break;
-            };
-            let sync = self.sync.clone();
-            let n = blocking(move || sync.apply(&author, &answer)).await?;
-            added += n;
-            if n == 0 {
-                break;
-            }
-        }
+        let conn = &conn;
+        let added = self
+            .pull_rounds(author, |request| async move {
+                conn.send(request).await.ok()?;
+                tokio::time::timeout(ANSWER_TIMEOUT, conn.recv())
+                    .await
+                    .ok()?
+                    .ok()
+            })
+            .await;
         conn.close();
-        Ok(added)
+        added
     }
 }
 

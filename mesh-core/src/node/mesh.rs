@@ -972,13 +972,10 @@ impl MeshRt {
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, NodeError> {
-        let (tx, rx) = oneshot::channel();
-        self.inbox
-            .send(make(tx))
-            .await
-            .map_err(|_| NodeError::Unavailable("the mesh has stopped".into()))?;
-        rx.await
-            .map_err(|_| NodeError::Unavailable("the mesh has stopped".into()))
+        super::commit::ask(&self.inbox, make, || {
+            NodeError::Unavailable("the mesh has stopped".into())
+        })
+        .await
     }
 
     /// Serves one membership connection: its certificate first, then its

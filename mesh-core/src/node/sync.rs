@@ -268,6 +268,15 @@ const INBOX: usize = 512;
 const MAX_IN_FLIGHT: usize = 1024;
 /// Bytes of vectors in one digest frame.
 const DIGEST_BYTES: usize = 256 * 1024;
+/// A member's addresses: where it was seen last first, while the mesh's
+/// table lacks it (it restarted elsewhere and the mesh has not heard yet).
+fn seen_first(seen: Option<&PeerAddr>, table: Vec<PeerAddr>) -> Vec<PeerAddr> {
+    match seen {
+        Some(s) if !table.contains(s) => std::iter::once(s.clone()).chain(table).collect(),
+        _ => table,
+    }
+}
+
 /// Changes cut into frames within the push limits.
 fn chunks(changes: Vec<Change>) -> Vec<Vec<Change>> {
     let mut frames = Vec::new();
@@ -542,8 +551,6 @@ struct Peer {
     last_sync: Option<Timestamp>,
     /// Where its last frame came from.
     seen: Option<PeerAddr>,
-    /// The addresses its link has.
-    link_addrs: Vec<PeerAddr>,
 }
 
 struct Actor {
@@ -876,21 +883,28 @@ impl Actor {
             .collect();
         let mut targets: Vec<(NodeId, Vec<PeerAddr>)> = reachable.into_iter().collect();
         targets.extend(sessions.iter().map(|n| (*n, Vec::new())));
+        // A device's scopes are read once per namespace, not per frame.
         for (namespace, changes) in outgoing {
+            let to: Vec<&(NodeId, Vec<PeerAddr>)> = targets
+                .iter()
+                .filter(|(node, addrs)| rt.allows(node, &namespace, addrs.is_empty()))
+                .collect();
             for changes in chunks(changes) {
                 let frame = SyncFrame::Push {
                     namespace: namespace.clone(),
                     changes,
                 }
                 .encode();
-                for (node, addrs) in &targets {
-                    if rt.allows(node, &namespace, addrs.is_empty()) {
-                        self.send(*node, addrs.clone(), frame.clone());
-                    }
+                for (node, addrs) in &to {
+                    self.send(*node, addrs.clone(), frame.clone());
                 }
             }
         }
         for (namespace, changes) in forward {
+            let to: Vec<&NodeId> = sessions
+                .iter()
+                .filter(|node| rt.allows(node, &namespace, true))
+                .collect();
             for changes in chunks(changes) {
                 let frame = SyncFrame::Delta {
                     namespace: namespace.clone(),
@@ -901,10 +915,8 @@ impl Actor {
                     },
                 }
                 .encode();
-                for node in &sessions {
-                    if rt.allows(node, &namespace, true) {
-                        self.send(*node, Vec::new(), frame.clone());
-                    }
+                for node in &to {
+                    self.send(**node, Vec::new(), frame.clone());
                 }
             }
         }
@@ -1137,26 +1149,13 @@ impl Actor {
             vectors: BTreeMap::new(),
             last_sync: None,
             seen: None,
-            link_addrs: Vec::new(),
         });
         if seen.is_some() {
             peer.seen = seen;
         }
-        // Where it was seen last comes first while the table lacks it (it
-        // restarted elsewhere and the mesh has not heard yet).
-        let mut merged = Vec::with_capacity(addrs.len() + 1);
-        if let Some(s) = &peer.seen
-            && !addrs.contains(s)
-        {
-            merged.push(s.clone());
-        }
-        merged.extend(addrs);
-        if let PeerLink::Out(link) = &peer.link
-            && !merged.is_empty()
-            && merged != peer.link_addrs
-        {
-            link.set_addrs(merged.clone());
-            peer.link_addrs = merged;
+        if let PeerLink::Out(link) = &peer.link {
+            // (Ignored when empty; redials only when they changed.)
+            link.set_addrs(seen_first(peer.seen.as_ref(), addrs));
         }
         Some(peer)
     }
@@ -1198,7 +1197,7 @@ impl Actor {
         if let Some(seen) = seen
             && let Some(p) = self.peer(from, table.clone(), Some(seen))
         {
-            return p.link_addrs.clone();
+            return seen_first(p.seen.as_ref(), table);
         }
         table
     }
@@ -1513,13 +1512,10 @@ impl SyncRt {
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, NodeError> {
-        let (tx, rx) = oneshot::channel();
-        self.inbox
-            .send(make(tx))
-            .await
-            .map_err(|_| fail(SyncErrorKind::Unavailable, "the node has stopped"))?;
-        rx.await
-            .map_err(|_| fail(SyncErrorKind::Unavailable, "the node has stopped"))
+        super::commit::ask(&self.inbox, make, || {
+            fail(SyncErrorKind::Unavailable, "the node has stopped")
+        })
+        .await
     }
 }
 

@@ -26,33 +26,12 @@ struct Member {
 /// A primary whose ledger checkpoints every 100 ms, replicating ledgers
 /// with its mesh.
 fn member(name: &str, store: Arc<dyn Storage>, key: Arc<NodeKey>) -> Member {
-    let admission = Arc::new(RegistryAdmission::new(store.clone()));
-    let quic = Arc::new(
-        QuicTransport::bind(
-            key.clone(),
-            "127.0.0.1:0".parse().unwrap(),
-            admission,
-            QuicConfig::default(),
-        )
-        .unwrap(),
-    );
-    let ledger = Arc::new(
-        SignedLedger::open(
-            store.clone(),
-            key.clone(),
-            LedgerConfig::default().checkpoint_interval_ms(100),
-        )
-        .unwrap(),
-    );
-    let hub = Arc::new(LedgerHub::open(store.clone(), ledger.clone()).unwrap());
-    let addr = quic.local_addr();
-    let node = Node::builder(key, store, quic, NodeConfig::new(Role::Primary, name, name))
-        .ledger(ledger.clone())
-        .ledger_sync(hub)
-        .mesh(MeshSettings::new(vec![PeerAddr::Socket(addr)]))
-        .start_primary()
-        .unwrap();
-    Member { node, ledger }
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let (node, ledger, _) = ledger_node(Role::Primary, name, store, key, loopback, true);
+    Member {
+        node: node.as_primary().unwrap(),
+        ledger,
+    }
 }
 
 fn append(ledger: &SignedLedger, n: usize, what: &str) {
@@ -163,6 +142,7 @@ fn ledger_node(
     store: Arc<dyn Storage>,
     key: Arc<NodeKey>,
     bind: std::net::SocketAddr,
+    mesh: bool,
 ) -> (Node, Arc<SignedLedger>, std::net::SocketAddr) {
     use mesh_core::limits::Rate;
     use mesh_core::node::PairingLimits;
@@ -198,12 +178,13 @@ fn ledger_node(
             Rate::per_second(1000.0, 1000),
             Rate::per_second(1000.0, 1000),
         ));
-    let node = Node::builder(key, store, quic, config)
+    let mut builder = Node::builder(key, store, quic, config)
         .ledger(ledger.clone())
-        .ledger_sync(hub)
-        .start()
-        .unwrap();
-    (node, ledger, addr)
+        .ledger_sync(hub);
+    if mesh {
+        builder = builder.mesh(MeshSettings::new(vec![PeerAddr::Socket(addr)]));
+    }
+    (builder.start().unwrap(), ledger, addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,6 +198,7 @@ async fn a_workers_ledger_entries_made_while_away_reach_its_primary_when_it_reco
         p_store.clone(),
         p_key.clone(),
         loopback,
+        false,
     );
     let (w, w_ledger, _) = ledger_node(
         Role::Worker,
@@ -224,6 +206,7 @@ async fn a_workers_ledger_entries_made_while_away_reach_its_primary_when_it_reco
         Arc::new(MemoryStorage::new()),
         Arc::new(NodeKey::generate()),
         loopback,
+        false,
     );
     let primary = crate::node_e2e::Primary {
         node: p.as_primary().unwrap(),
@@ -245,7 +228,7 @@ async fn a_workers_ledger_entries_made_while_away_reach_its_primary_when_it_reco
 
     // The primary comes back where it was; the worker reconnects, and
     // its ledger (every entry, checkpointed) is the primary's replica.
-    let (p, _, _) = ledger_node(Role::Primary, "desk", p_store, p_key, p_addr);
+    let (p, _, _) = ledger_node(Role::Primary, "desk", p_store, p_key, p_addr, false);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let held = p.ledger_replicas().await.unwrap();
