@@ -432,6 +432,13 @@ fn load_replicas(
     Ok(out)
 }
 
+/// A namespace's rows of superseded changes are deleted once there are at
+/// least this many and a quarter as many as standing keys (so that the
+/// deletes share B-tree pages)...
+const COMPACT_MIN: usize = 1024;
+/// ...or at most this many (bounding what is remembered meanwhile).
+const COMPACT_MAX: usize = 65_536;
+
 /// Builds the sync runtime from what is stored: with the mesh's members
 /// (if the node is in a mesh) and over its device sessions (`side`).
 pub(super) fn build(
@@ -734,17 +741,18 @@ impl Actor {
         self.submit(namespace, vec![change], &[], true, Some(reply));
     }
 
-    /// Hands `changes` (and the keys `collected`) of `namespace` to storage
-    /// with the namespace's vector, in one batch.
+    /// Hands `changes` of `namespace` (and the deletion of the rows of the
+    /// changes `dropped`) to storage with the namespace's vector, in one
+    /// batch.
     fn submit(
         &mut self,
         namespace: String,
         changes: Vec<Change>,
-        collected: &[String],
+        dropped: &[(NodeId, u64)],
         local: bool,
         reply: Option<oneshot::Sender<Result<Option<Change>, NodeError>>>,
     ) {
-        match sync_store::writes(&namespace, &changes, collected, None) {
+        match sync_store::writes(&namespace, &changes, dropped, None) {
             Ok(w) => self.batch.extend(w),
             Err(e) => {
                 if let Some(reply) = reply {
@@ -773,9 +781,21 @@ impl Actor {
         let touched: std::collections::BTreeSet<&str> =
             after.iter().map(|c| c.namespace.as_str()).collect();
         for ns in touched {
-            if let Some(r) = self.replicas.get(ns)
-                && let Ok(w) = sync_store::writes(ns, &[], &[], Some(r.covered()))
+            let Some(r) = self.replicas.get_mut(ns) else {
+                continue;
+            };
+            // Rows of superseded changes go in bulk, once there are enough
+            // of them to share pages (see `sync::store`).
+            let garbage = r.dropped_len();
+            let mut dropped = if garbage >= COMPACT_MAX
+                || (garbage >= COMPACT_MIN && garbage >= r.len() / 4)
             {
+                r.take_dropped()
+            } else {
+                Vec::new()
+            };
+            dropped.sort_unstable();
+            if let Ok(w) = sync_store::writes(ns, &[], &dropped, Some(r.covered())) {
                 writes.extend(w);
             }
         }
@@ -1025,9 +1045,10 @@ impl Actor {
                 let Some(r) = self.replicas.get_mut(&ns) else {
                     continue;
                 };
-                let gone = r.collect(&members, now);
-                if !gone.is_empty() {
-                    self.submit(ns, Vec::new(), &gone, false, None);
+                if !r.collect(&members, now).is_empty() {
+                    let mut dropped = r.take_dropped();
+                    dropped.sort_unstable();
+                    self.submit(ns, Vec::new(), &dropped, false, None);
                 }
             }
         }

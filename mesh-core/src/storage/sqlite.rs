@@ -13,11 +13,12 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use super::{Pending, Storage, StorageError, Table, Visitor, Write};
 
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// Migrations, in order; migration `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>] = &[
     migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5, migrate_v6, migrate_v7,
+    migrate_v8,
 ];
 
 fn create_table(tx: &rusqlite::Transaction<'_>, name: &str) -> rusqlite::Result<()> {
@@ -114,6 +115,24 @@ fn migrate_v7(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
         "delivery_relay",
     ] {
         create_table(tx, t)?;
+    }
+    Ok(())
+}
+
+/// v8: replicated changes are a log keyed `NAMESPACE:ORIGIN:SEQ` (was
+/// `NAMESPACE:KEY`, one row per key): rows are re-keyed, bodies unchanged.
+fn migrate_v8(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    use crate::storage::Record;
+    let rows: Vec<(String, Vec<u8>)> = tx
+        .prepare("SELECT key, body FROM replicated_entries")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    tx.execute_batch("DELETE FROM replicated_entries;")?;
+    let mut insert = tx.prepare("INSERT INTO replicated_entries (key, body) VALUES (?1, ?2)")?;
+    for (key, body) in rows {
+        let change = super::decode::<crate::sync::store::StoredChange>(&key, &body)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        insert.execute(params![change.key(), body])?;
     }
     Ok(())
 }

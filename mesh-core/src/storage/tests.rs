@@ -41,6 +41,55 @@ mod sqlite_only {
     }
 
     #[test]
+    fn migrating_v7_to_v8_rekeys_replicated_changes_as_a_log() {
+        use crate::sync::store::{StoredChange, load, log_key};
+        use crate::sync::{Change, Hlc};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.db");
+        let me = crate::identity::NodeKey::from_secret_bytes(&[5; 32]).node_id();
+        let change = Change {
+            key: "a".into(),
+            value: Some(b"1".to_vec()),
+            hlc: Hlc {
+                ms: 1_700_000_000_000,
+                counter: 0,
+                node: me,
+            },
+            seq: 3,
+        };
+        {
+            let s = SqliteStorage::open(&path).unwrap();
+            let Ok(Write::Put { body, .. }) = StoredChange {
+                namespace: "config".into(),
+                change: change.clone(),
+            }
+            .put() else {
+                panic!("a put");
+            };
+            // A v7 row: keyed by namespace and key.
+            s.with_writer(move |conn| {
+                conn.execute(
+                    "INSERT INTO replicated_entries (key, body) VALUES ('config:a', ?1)",
+                    rusqlite::params![body],
+                )
+                .unwrap();
+                conn.execute_batch("PRAGMA user_version = 7;").unwrap();
+            })
+            .unwrap();
+        }
+        let s = SqliteStorage::open(&path).unwrap();
+        let keys: Vec<String> = s
+            .list(Table::ReplicatedEntries)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, vec![log_key("config", &me, 3)]);
+        let (changes, _) = load(&s, "config").unwrap();
+        assert_eq!(changes, vec![change]);
+    }
+
+    #[test]
     fn migrating_v1_to_v2_backfills_the_device_id_index() {
         use crate::storage::records::DeviceIdRecord;
         let dir = tempfile::tempdir().unwrap();

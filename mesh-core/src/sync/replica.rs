@@ -192,6 +192,10 @@ pub struct Replica {
     next_seq: u64,
     /// The vectors members last sent (for collecting tombstones).
     peers: BTreeMap<NodeId, VersionVector>,
+    /// Changes no longer standing (superseded, or tombstones collected)
+    /// since [`Replica::take_dropped`] last ran: their stored rows are
+    /// garbage.
+    dropped: Vec<(NodeId, u64)>,
 }
 
 impl Replica {
@@ -206,10 +210,13 @@ impl Replica {
             gaps: BTreeMap::new(),
             next_seq: 1,
             peers: BTreeMap::new(),
+            dropped: Vec::new(),
         }
     }
 
-    /// A replica restored from stored entries and vector.
+    /// A replica restored from stored changes (in any order, superseded
+    /// ones included: they are what [`Replica::take_dropped`] then
+    /// returns) and vector.
     pub fn restore(
         me: NodeId,
         limits: ReplicaLimits,
@@ -218,11 +225,31 @@ impl Replica {
     ) -> Self {
         let mut r = Replica::new(me, limits);
         for c in entries {
-            r.install(c);
+            if c.origin() == me && c.seq >= r.next_seq {
+                // Our own change, from before a loss of local state.
+                r.next_seq = c.seq + 1;
+            }
+            match r.entries.get(&c.key) {
+                Some(cur) if !c.beats(cur) => r.dropped.push((c.origin(), c.seq)),
+                _ => r.install(c),
+            }
         }
         r.next_seq = r.next_seq.max(covered.get(&me).map_or(1, |n| n + 1));
         r.covered = covered;
         r
+    }
+
+    /// The (origin, seq) of every change that stopped standing since the
+    /// last call (superseded, or a tombstone collected): storage may drop
+    /// their rows.
+    pub fn take_dropped(&mut self) -> Vec<(NodeId, u64)> {
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// How many changes stopped standing since [`Replica::take_dropped`]
+    /// last ran.
+    pub fn dropped_len(&self) -> usize {
+        self.dropped.len()
     }
 
     // ---- reading -------------------------------------------------------
@@ -466,6 +493,7 @@ impl Replica {
         for k in &gone {
             if let Some(c) = self.entries.remove(k) {
                 self.by_origin.remove(&(c.origin(), c.seq));
+                self.dropped.push((c.origin(), c.seq));
             }
         }
         gone
@@ -493,6 +521,14 @@ impl Replica {
         self.check_shape(&c.key, c.value.as_deref())?;
         if c.seq == 0 || c.seq > MAX_SEQ {
             return Err(Refusal::BadSeq);
+        }
+        if self.accounted(c.origin(), c.seq) {
+            // Already taken in (or vouched for by a delta's `covers`): a
+            // duplicate, or a superseded or collected change come late. A
+            // second, different change under the same number is a forgery
+            // and is not taken either (a change is stored under its origin
+            // and number).
+            return Ok(false);
         }
         clock.check(&c.hlc, wall)?;
         // A new origin only within the limit, even for a change that then
@@ -532,9 +568,16 @@ impl Replica {
         }
         if let Some(old) = self.entries.get(&c.key) {
             self.by_origin.remove(&(old.origin(), old.seq));
+            self.dropped.push((old.origin(), old.seq));
         }
         self.by_origin.insert((c.origin(), c.seq), c.key.clone());
         self.entries.insert(c.key.clone(), c);
+    }
+
+    /// Whether `origin`'s change `seq` is accounted for already.
+    fn accounted(&self, origin: NodeId, seq: u64) -> bool {
+        self.covered.get(&origin).is_some_and(|n| seq <= *n)
+            || self.gaps.get(&origin).is_some_and(|g| g.contains(&seq))
     }
 
     /// Records that `origin`'s change `seq` is accounted for.

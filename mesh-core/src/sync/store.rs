@@ -1,12 +1,23 @@
-//! Replicated namespaces in storage: one row per standing change (key
-//! `NAMESPACE:KEY`, so a namespace is one key range) and one row per
-//! namespace for its version vector. The changes a write or a sync
-//! produced and the vector they moved go in one batch, so a crash leaves
-//! either both or neither.
+//! Replicated namespaces in storage: a log of changes, one row per change
+//! under `NAMESPACE:ORIGIN:SEQ` (so a namespace is one key range, and a
+//! node's own writes, numbered in order, append at the end of its origin's
+//! range: a group of writes touches a few B-tree pages whatever keys it
+//! writes), and one row per namespace for its version vector. The changes
+//! a write or a sync produced and the vector they moved go in one batch,
+//! so a crash leaves either both or neither.
+//!
+//! A change that stops standing (superseded by a newer write of its key,
+//! or a tombstone collected) leaves a garbage row behind. Its deletion is
+//! deferred and done in bulk ([`writes`]' `dropped`), when there is enough
+//! of it that the deletes share pages; until then loading keeps the
+//! newest change of each key ([`crate::sync::Replica::restore`]) and hands
+//! the rest back as garbage, so a crash before the deletes loses nothing
+//! and leaves nothing standing that should not.
 
 use serde::{Deserialize, Serialize};
 
 use super::replica::{Change, VersionVector};
+use crate::identity::NodeId;
 use crate::storage::{Record, Storage, StorageError, Table, Write};
 
 /// The longest namespace name.
@@ -21,9 +32,11 @@ pub fn valid_namespace(ns: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
 }
 
-/// The storage key of `key` in `ns` (`:` cannot occur in a namespace).
-pub fn entry_key(ns: &str, key: &str) -> String {
-    format!("{ns}:{key}")
+/// The storage key of `origin`'s change `seq` in `ns` (`:` cannot occur
+/// in a namespace or a node id's text; the number is fixed-width hex, so
+/// key order is number order).
+pub fn log_key(ns: &str, origin: &NodeId, seq: u64) -> String {
+    format!("{ns}:{origin}:{seq:012x}")
 }
 
 /// One standing change of a namespace.
@@ -38,7 +51,7 @@ pub struct StoredChange {
 impl Record for StoredChange {
     const TABLE: Table = Table::ReplicatedEntries;
     fn key(&self) -> String {
-        entry_key(&self.namespace, &self.change.key)
+        log_key(&self.namespace, &self.change.origin(), self.change.seq)
     }
 }
 
@@ -58,16 +71,16 @@ impl Record for StoredCoverage {
     }
 }
 
-/// The writes recording that `changed` now stand in `ns`, that the keys
-/// `collected` were dropped (tombstones collected), and, if given, the
-/// vector `covered`.
+/// The writes recording that `changed` now stand in `ns`, that the
+/// changes `dropped` (origin, seq) no longer do, and, if given, the vector
+/// `covered`.
 pub fn writes(
     ns: &str,
     changed: &[Change],
-    collected: &[String],
+    dropped: &[(NodeId, u64)],
     covered: Option<&VersionVector>,
 ) -> Result<Vec<Write>, StorageError> {
-    let mut out = Vec::with_capacity(changed.len() + collected.len() + 1);
+    let mut out = Vec::with_capacity(changed.len() + dropped.len() + 1);
     for c in changed {
         out.push(
             StoredChange {
@@ -77,8 +90,8 @@ pub fn writes(
             .put()?,
         );
     }
-    for k in collected {
-        out.push(StoredChange::delete(&entry_key(ns, k)));
+    for (origin, seq) in dropped {
+        out.push(StoredChange::delete(&log_key(ns, origin, *seq)));
     }
     if let Some(covered) = covered {
         out.push(
@@ -92,7 +105,8 @@ pub fn writes(
     Ok(out)
 }
 
-/// Loads `ns`'s standing changes and vector.
+/// Loads `ns`'s stored changes (superseded ones not yet deleted
+/// included) and vector.
 pub fn load(storage: &dyn Storage, ns: &str) -> Result<(Vec<Change>, VersionVector), StorageError> {
     let start = format!("{ns}:");
     // ';' is the byte after ':': the range holds exactly the namespace.
@@ -163,7 +177,10 @@ mod tests {
             .apply(&writes("config2", &changed[..1], &[], None).unwrap())
             .unwrap();
         let (entries, covered) = load(&store, "config").unwrap();
-        let back = Replica::restore(me, ReplicaLimits::default(), entries, covered);
+        assert_eq!(entries.len(), 4, "the log keeps the superseded write of b");
+        let mut back = Replica::restore(me, ReplicaLimits::default(), entries, covered);
+        // The first write of b (seq 2) is garbage; the rest stand.
+        assert_eq!(back.take_dropped(), vec![(me, 2)]);
         assert_eq!(
             back.entries().collect::<Vec<_>>(),
             r.entries().collect::<Vec<_>>()

@@ -511,3 +511,48 @@ fn forged_numbers_and_fake_origins_are_bounded() {
     assert!(d.changes.iter().all(|c| c.origin() != me || c.seq <= 1));
     assert_eq!(d.covers.get(&me), Some(&1));
 }
+
+#[test]
+fn a_second_change_under_a_number_already_taken_is_not_taken() {
+    // Changes are stored under (origin, seq): a forged or buggy second
+    // change with the same number must not stand beside the first (it
+    // would overwrite its row on disk).
+    let mut a = Node::new(1, 0, DEFAULT_MAX_SKEW);
+    let mut b = Node::new(2, 0, DEFAULT_MAX_SKEW);
+    let wall = a.wall(START);
+    let first = a
+        .replica
+        .write("x", Some(b"1".to_vec()), &mut a.clock, wall)
+        .unwrap();
+    let out = b
+        .replica
+        .apply(vec![first.clone()], None, &mut b.clock, wall);
+    assert_eq!(out.changed.len(), 1);
+    let mut forged = first.clone();
+    forged.key = "y".into();
+    forged.hlc.ms += 10;
+    let out = b.replica.apply(vec![forged], None, &mut b.clock, wall);
+    assert!(out.changed.is_empty());
+    assert_eq!(out.stale, 1);
+    assert_eq!(b.replica.get("y"), None);
+    assert!(b.replica.take_dropped().is_empty());
+}
+
+#[test]
+fn superseded_and_collected_changes_are_handed_over_as_garbage() {
+    let mut a = Node::new(1, 0, DEFAULT_MAX_SKEW);
+    let wall = a.wall(START);
+    let me = node(1);
+    for v in [b"1", b"2", b"3"] {
+        a.replica
+            .write("k", Some(v.to_vec()), &mut a.clock, wall)
+            .unwrap();
+    }
+    assert_eq!(a.replica.take_dropped(), vec![(me, 1), (me, 2)]);
+    a.replica.write("k", None, &mut a.clock, wall).unwrap();
+    assert_eq!(a.replica.take_dropped(), vec![(me, 3)]);
+    // Alone, a tombstone is collected at once.
+    assert_eq!(a.replica.collect(&[me], wall), vec!["k".to_owned()]);
+    assert_eq!(a.replica.take_dropped(), vec![(me, 4)]);
+    assert_eq!(a.replica.dropped_len(), 0);
+}
