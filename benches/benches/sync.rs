@@ -47,11 +47,24 @@ fn node(dir: &std::path::Path) -> Node {
     .unwrap()
 }
 
+/// Which keys the writers write.
+#[derive(Clone, Copy, PartialEq)]
+enum Keys {
+    /// Ordered by time, as log-like data is.
+    Appending,
+    /// One key range per writer, new keys only.
+    Scattered,
+    /// 16 keys per writer, each rewritten over and over (every write but
+    /// the first of a key supersedes one: the garbage rows are deleted in
+    /// bulk as the run goes).
+    Overwriting,
+}
+
+/// Keys each writer rewrites in [`Keys::Overwriting`].
+const HOT_KEYS: usize = 16;
+
 /// `total` puts of 100-byte values by `writers` tasks at once; puts/s.
-/// Keys are scattered (one key range per writer: each group of writes
-/// touches many B-tree pages) or appending (ordered by time, as log-like
-/// data is: a group touches few pages).
-async fn durable_writes(writers: usize, total: usize, appending: bool) -> f64 {
+async fn durable_writes(writers: usize, total: usize, keys: Keys) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let n = node(dir.path());
     let ns = n.replicated("bench").unwrap();
@@ -62,10 +75,10 @@ async fn durable_writes(writers: usize, total: usize, appending: bool) -> f64 {
         let ns = ns.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..per {
-                let key = if appending {
-                    format!("{i:08}/w{w:03}")
-                } else {
-                    format!("w{w}/k{i}")
+                let key = match keys {
+                    Keys::Appending => format!("{i:08}/w{w:03}"),
+                    Keys::Scattered => format!("w{w}/k{i}"),
+                    Keys::Overwriting => format!("w{w}/k{}", i % HOT_KEYS),
                 };
                 ns.put(&key, vec![7; 100]).await.unwrap();
             }
@@ -86,7 +99,11 @@ async fn durable_writes(writers: usize, total: usize, appending: bool) -> f64 {
         .await
         .unwrap()
         .len();
-    assert_eq!(stored, per * writers);
+    let expected = match keys {
+        Keys::Overwriting => per.min(HOT_KEYS) * writers,
+        _ => per * writers,
+    };
+    assert_eq!(stored, expected);
     back.shutdown().await;
     rate
 }
@@ -302,17 +319,22 @@ fn main() {
         .build()
         .unwrap();
     let (total, one_total) = if full { (200_000, 2_000) } else { (2_000, 100) };
-    let appending = rt.block_on(durable_writes(256, total, true));
-    let scattered = rt.block_on(durable_writes(256, total, false));
-    let single = rt.block_on(durable_writes(1, one_total, true));
+    let appending = rt.block_on(durable_writes(256, total, Keys::Appending));
+    let scattered = rt.block_on(durable_writes(256, total, Keys::Scattered));
+    let overwriting = rt.block_on(durable_writes(256, total, Keys::Overwriting));
+    let single = rt.block_on(durable_writes(1, one_total, Keys::Appending));
     println!("| writers | keys | puts | puts/s |\n|---|---|---|---|");
     println!("| 256 at once (group commit) | appending | {total} | {appending:.0} |");
     println!("| 256 at once (group commit) | scattered | {total} | {scattered:.0} |");
+    println!(
+        "| 256 at once (group commit) | {HOT_KEYS} per writer, rewritten | {total} | {overwriting:.0} |"
+    );
     println!("| 1 at a time (a flush each) | appending | {one_total} | {single:.0} |");
     println!(
-        "\ngroup commit: {:.1}x (appending keys), {:.1}x (scattered keys) the puts/s of one at a time\n",
+        "\ngroup commit: {:.1}x (appending keys), {:.1}x (scattered keys), {:.1}x (rewritten keys) the puts/s of one at a time\n",
         appending / single,
-        scattered / single
+        scattered / single,
+        overwriting / single
     );
 
     println!("## Bytes on the wire\n\n| what | bytes | against | ratio |\n|---|---|---|---|");

@@ -27,7 +27,7 @@ pub struct Parts<N> {
     pub key: Arc<NodeKey>,
     /// Its storage.
     pub store: Arc<dyn Storage>,
-    /// Its ledger (primary only).
+    /// Its ledger.
     pub ledger: Option<Arc<SignedLedger>>,
     /// The QUIC address it listens on.
     pub addr: SocketAddr,
@@ -36,6 +36,18 @@ pub struct Parts<N> {
 /// Opens (or creates) the data directory `dir`.
 pub fn open_dir(dir: &Path) -> Result<DataDir, String> {
     DataDir::open(dir).map_err(|e| e.to_string())
+}
+
+/// The node's signed ledger in `dir`'s store, and the hub that replicates
+/// it (and holds the ledgers of others).
+fn ledger(dir: &DataDir) -> Result<(Arc<SignedLedger>, Arc<LedgerHub>), String> {
+    let (key, store) = (dir.key(), dir.store());
+    let ledger = Arc::new(
+        SignedLedger::open(store.clone(), key, LedgerConfig::default())
+            .map_err(|e| e.to_string())?,
+    );
+    let hub = Arc::new(LedgerHub::open(store, ledger.clone()).map_err(|e| e.to_string())?);
+    Ok((ledger, hub))
 }
 
 fn quic(dir: &DataDir, listen: SocketAddr) -> Result<Arc<QuicTransport>, String> {
@@ -55,14 +67,10 @@ pub fn primary(
 ) -> Result<Parts<Primary>, String> {
     let dir = open_dir(dir)?;
     let (key, store) = (dir.key(), dir.store());
-    let ledger = Arc::new(
-        SignedLedger::open(store.clone(), key.clone(), LedgerConfig::default())
-            .map_err(|e| e.to_string())?,
-    );
+    let (ledger, hub) = ledger(&dir)?;
     let transport = quic(&dir, listen)?;
     let addr = transport.local_addr();
     let echo: Arc<dyn CommandHandler> = Arc::new(FnHandler(|a: &serde_json::Value| Ok(a.clone())));
-    let hub = Arc::new(LedgerHub::open(store.clone(), ledger.clone()).map_err(|e| e.to_string())?);
     let node = dir
         .builder(transport, config)
         .ledger(ledger.clone())
@@ -92,9 +100,16 @@ pub fn worker(
     actions: Vec<(&str, Arc<dyn CommandHandler>)>,
 ) -> Result<Parts<Worker>, String> {
     let (key, store) = (dir.key(), dir.store());
+    let (ledger, hub) = ledger(dir)?;
     let transport = quic(dir, listen)?;
     let addr = transport.local_addr();
-    let mut builder = dir.builder(transport, config).metrics(metrics);
+    // The worker's own ledger (its registry changes and command
+    // decisions), pulled by its primary each time the session opens.
+    let mut builder = dir
+        .builder(transport, config)
+        .metrics(metrics)
+        .ledger(ledger.clone())
+        .ledger_sync(hub);
     for (name, handler) in actions {
         builder = builder.handler(name, handler);
     }
@@ -103,7 +118,7 @@ pub fn worker(
         node,
         key,
         store,
-        ledger: None,
+        ledger: Some(ledger),
         addr,
     })
 }

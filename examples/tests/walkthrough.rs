@@ -186,6 +186,24 @@ fn primary_worker_and_meshctl_pair_govern_and_survive_a_crash() {
     let (rc, report) = meshctl(&["ledger", "verify", "--db", p(&db)]);
     assert_eq!((rc, report["ok"].as_bool()), (0, Some(true)), "{report}");
     assert!(report["records"].as_u64().unwrap() >= acknowledged);
+    // The worker keeps a ledger of its own (what it runs for its
+    // primary): the primary holds a verified replica of it, pulled over
+    // the session.
+    let replicas = eventually(&["ledger", "replicas", d[0], d[1]], |v| {
+        v["ledgers"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x["author"] == devices[0]["node"]))
+    });
+    let theirs = replicas["ledgers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["author"] == devices[0]["node"])
+        .unwrap();
+    assert_eq!(
+        (&theirs["own"], &theirs["fork"]),
+        (&Value::Bool(false), &Value::Null)
+    );
 
     // Revocation through meshctl ends the worker's session.
     let (rc, revoked) = meshctl(&["devices", "revoke", "laptop", d[0], d[1]]);

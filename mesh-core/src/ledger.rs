@@ -36,6 +36,9 @@ pub mod record_types {
     pub const POLICY_SET: &str = "policy.set";
     /// A command was decided (allowed, denied, needs approval, deferred).
     pub const COMMAND_DECIDED: &str = "command.decided";
+    /// A device ran a command its primary sent it (recorded in the
+    /// device's own ledger, which its primary replicates).
+    pub const COMMAND_EXECUTED: &str = "command.executed";
     /// An action changed state.
     pub const ACTION_TRANSITION: &str = "action.transition";
     /// A peer joined the mesh.

@@ -234,7 +234,7 @@ enum Cmd {
     },
     Take {
         max: usize,
-        reply: oneshot::Sender<Vec<ReliableMessage>>,
+        reply: oneshot::Sender<Handover>,
     },
     Status {
         reply: oneshot::Sender<DeliveryStatus>,
@@ -296,6 +296,41 @@ impl std::fmt::Debug for DeliveryRt {
     }
 }
 
+/// Messages on their way to a `receive_reliable` call. They stay in the
+/// inbox (lent) until the call takes them ([`Handover::accept`]); if it is
+/// dropped first (a `select!` that took another branch, a cancelled task),
+/// the messages go back to the inbox to be handed over again.
+struct Handover {
+    messages: Vec<ReliableMessage>,
+    keys: Vec<String>,
+    settle: Option<mpsc::UnboundedSender<Settle>>,
+}
+
+/// What became of a [`Handover`].
+enum Settle {
+    /// The application has them: they leave the inbox.
+    Handed(Vec<String>),
+    /// Nobody took them: back into the inbox.
+    Returned(Vec<String>),
+}
+
+impl Handover {
+    fn accept(mut self) -> Vec<ReliableMessage> {
+        if let Some(settle) = self.settle.take() {
+            let _ = settle.send(Settle::Handed(std::mem::take(&mut self.keys)));
+        }
+        std::mem::take(&mut self.messages)
+    }
+}
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        if let Some(settle) = self.settle.take() {
+            let _ = settle.send(Settle::Returned(std::mem::take(&mut self.keys)));
+        }
+    }
+}
+
 struct Actor {
     rt: Weak<DeliveryRt>,
     core: Arc<Core>,
@@ -307,8 +342,13 @@ struct Actor {
     seen: HashMap<NodeId, SeenWindow>,
     /// Messages not yet handed to the application, by key.
     pending: BTreeMap<String, InboxRecord>,
+    /// Messages sent to a `receive_reliable` call that has not taken them
+    /// yet (still stored).
+    lent: BTreeMap<String, InboxRecord>,
     /// The application's calls waiting for messages.
-    takers: std::collections::VecDeque<(usize, oneshot::Sender<Vec<ReliableMessage>>)>,
+    takers: std::collections::VecDeque<(usize, oneshot::Sender<Handover>)>,
+    /// Where handovers report back.
+    settle: mpsc::UnboundedSender<Settle>,
     waiters: HashMap<LetterId, Vec<oneshot::Sender<()>>>,
     links: BTreeMap<NodeId, OutLink>,
     committer: Committer<After>,
@@ -363,6 +403,7 @@ pub(super) fn build(
     let pending_bytes = pending.values().map(|r| r.payload.len()).sum();
     let (committer, done) = Committer::start("delivery-commit")?;
     let (inbox, rx) = mpsc::channel(INBOX);
+    let (settle, settled) = mpsc::unbounded_channel();
     let rt = Arc::new(DeliveryRt {
         core: core.clone(),
         mesh: mesh.clone(),
@@ -380,7 +421,9 @@ pub(super) fn build(
         next_seq,
         seen,
         pending,
+        lent: BTreeMap::new(),
         takers: std::collections::VecDeque::new(),
+        settle,
         waiters: HashMap::new(),
         links: BTreeMap::new(),
         committer,
@@ -390,7 +433,7 @@ pub(super) fn build(
         seen_at: HashMap::new(),
         pending_bytes,
     };
-    core.spawn(actor.run(rx, done));
+    core.spawn(actor.run(rx, done, settled));
     Ok(rt)
 }
 
@@ -399,6 +442,7 @@ impl Actor {
         mut self,
         mut rx: mpsc::Receiver<Cmd>,
         mut done: mpsc::UnboundedReceiver<Outcome<After>>,
+        mut settled: mpsc::UnboundedReceiver<Settle>,
     ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -412,7 +456,35 @@ impl Actor {
                     Some(cmd) => self.command(cmd),
                     None => return,
                 },
+                Some(s) = settled.recv() => self.settled(s),
                 _ = tick.tick() => self.tick(),
+            }
+        }
+    }
+
+    /// A handover was taken (its messages leave the inbox) or dropped
+    /// (they go back, to be handed over again).
+    fn settled(&mut self, settle: Settle) {
+        match settle {
+            Settle::Handed(keys) => {
+                let mut gone = Vec::with_capacity(keys.len());
+                for k in keys {
+                    if let Some(m) = self.lent.remove(&k) {
+                        self.pending_bytes = self.pending_bytes.saturating_sub(m.payload.len());
+                        gone.push(InboxRecord::delete(&k));
+                    }
+                }
+                if !gone.is_empty() {
+                    self.commit(gone, After::Nothing);
+                }
+            }
+            Settle::Returned(keys) => {
+                for k in keys {
+                    if let Some(m) = self.lent.remove(&k) {
+                        self.pending.insert(k, m);
+                    }
+                }
+                self.hand_over();
             }
         }
     }
@@ -433,7 +505,7 @@ impl Actor {
             Cmd::Status { reply } => {
                 let _ = reply.send(DeliveryStatus {
                     outbox: self.outbox.len(),
-                    inbox: self.pending.len(),
+                    inbox: self.pending.len() + self.lent.len(),
                     relayed: self.relay.len(),
                 });
             }
@@ -602,7 +674,6 @@ impl Actor {
     /// message leaves the inbox once a call has it (a call that gave up
     /// leaves them waiting).
     fn hand_over(&mut self) {
-        let mut handed = Vec::new();
         while !self.pending.is_empty() {
             let Some((max, reply)) = self.takers.pop_front() else {
                 break;
@@ -622,19 +693,25 @@ impl Actor {
                     received_at: m.received_at,
                 })
                 .collect();
-            if reply.send(messages).is_ok() {
-                for k in keys {
-                    if let Some(m) = self.pending.remove(&k) {
-                        self.pending_bytes = self.pending_bytes.saturating_sub(m.payload.len());
+            let handover = Handover {
+                messages,
+                keys: keys.clone(),
+                settle: Some(self.settle.clone()),
+            };
+            match reply.send(handover) {
+                // Lent until the call takes them (or is dropped).
+                Ok(()) => {
+                    for k in keys {
+                        if let Some(m) = self.pending.remove(&k) {
+                            self.lent.insert(k, m);
+                        }
                     }
-                    handed.push(InboxRecord::delete(&k));
                 }
+                // The call is gone: they stay pending.
+                Err(mut back) => back.settle = None,
             }
         }
         self.takers.retain(|(_, r)| !r.is_closed());
-        if !handed.is_empty() {
-            self.commit(handed, After::Nothing);
-        }
     }
 
     fn tick(&mut self) {
@@ -896,7 +973,7 @@ impl Actor {
                     Contents::Receipt(_) => 0,
                 };
                 if matches!(opened.contents, Contents::Message(_))
-                    && (self.pending.len() >= settings.inbox_limit
+                    && (self.pending.len() + self.lent.len() >= settings.inbox_limit
                         || self.pending_bytes + size > settings.inbox_bytes
                         || from_sender >= (settings.inbox_limit / 8).max(16))
                 {
@@ -1053,10 +1130,14 @@ impl super::Node {
 
     /// Takes up to `max` reliable messages from this node's inbox, waiting
     /// up to `wait` for one if none is there: each message is handed over
-    /// once, in order per sender, and leaves the inbox as it is handed
-    /// over (a call that timed out takes nothing). Await it to the end: a
-    /// call dropped by the caller (say, the losing branch of a `select!`)
-    /// just as messages reach it loses them.
+    /// once, in order per sender, and leaves the inbox once this call has
+    /// returned it (a call that timed out takes nothing; a call dropped
+    /// before it returned, say the losing branch of a `select!`, takes
+    /// nothing either: its messages go to the next call). Messages leave
+    /// the stored inbox just after they are returned: if the node crashes
+    /// in that instant, they are handed over again after the restart, so
+    /// an application that must never see one twice keeps the last `seq`
+    /// it processed per sender.
     pub async fn receive_reliable(
         &self,
         max: usize,
@@ -1069,7 +1150,8 @@ impl super::Node {
             .await
             .map_err(|_| fail("the node has stopped"))?;
         match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(messages)) => Ok(messages),
+            // No await between taking them and returning them.
+            Ok(Ok(handover)) => Ok(handover.accept()),
             Ok(Err(_)) => Err(fail("the node has stopped")),
             Err(_) => Ok(Vec::new()),
         }

@@ -1,7 +1,9 @@
 //! Ledger replication in the runtime (R-LED5–6): members pull each other's
 //! ledgers over the ledger protocol ([`LEDGER_SYNC`]) in the background,
 //! one member in turn every [`LEDGER_SYNC_INTERVAL`], and at once when a
-//! member is new or back; what comes is verified by the [`LedgerSync`]
+//! member is new or back; a primary pulls each device's ledger over its
+//! session when the session opens and then one device in turn every
+//! interval; what comes is verified by the [`LedgerSync`]
 //! implementation (mesh-ledger's hub) before it is stored. A fork raises
 //! `ledger.fork` with its evidence.
 //!
@@ -19,7 +21,7 @@ use serde_json::json;
 use super::mesh::MeshRt;
 use super::outlink::{MemberService, MembersOnly};
 use super::protocols::ProtocolHandler;
-use super::{Core, NodeError};
+use super::{Core, NodeError, Role};
 use crate::identity::NodeId;
 use crate::ledger::{LedgerHolding, LedgerSync, LedgerSyncError};
 use crate::limits::{Rate, TokenBucket};
@@ -80,7 +82,7 @@ pub(super) fn build(
         serving: Arc::new(tokio::sync::Semaphore::new(SERVING)),
         answers: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
-    if mesh.is_some() {
+    if mesh.is_some() || core.config.role == Role::Primary {
         core.spawn(puller(Arc::downgrade(&rt)));
     }
     rt
@@ -98,32 +100,50 @@ async fn blocking<T: Send + 'static>(
 async fn puller(rt: Weak<LedgerSyncRt>) {
     let mut tick = tokio::time::interval(LEDGER_SYNC_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut turn = 0usize;
+    let (mut turn, mut device_turn) = (0usize, 0usize);
     let mut last: BTreeMap<NodeId, Vec<PeerAddr>> = BTreeMap::new();
     let mut forks_told: HashSet<(NodeId, u64, u64)> = HashSet::new();
     loop {
         tick.tick().await;
         let Some(rt) = rt.upgrade() else { return };
-        let Some(mesh) = rt.mesh.clone() else { return };
-        let reachable = mesh.reachable();
-        // New or moved members at once, and one more in turn.
-        let mut due: Vec<(NodeId, Vec<PeerAddr>)> = reachable
-            .iter()
-            .filter(|(n, a)| last.get(*n) != Some(*a))
-            .map(|(n, a)| (*n, a.clone()))
-            .collect();
-        if !reachable.is_empty() {
-            let i = turn % reachable.len();
-            turn = turn.wrapping_add(1);
-            if let Some((n, a)) = reachable.iter().nth(i)
-                && !due.iter().any(|(d, _)| d == n)
-            {
-                due.push((*n, a.clone()));
+        let mut due: Vec<(NodeId, Option<Vec<PeerAddr>>)> = Vec::new();
+        if let Some(mesh) = rt.mesh.clone() {
+            let reachable = mesh.reachable();
+            // New or moved members at once, and one more in turn.
+            due.extend(
+                reachable
+                    .iter()
+                    .filter(|(n, a)| last.get(*n) != Some(*a))
+                    .map(|(n, a)| (*n, Some(a.clone()))),
+            );
+            if !reachable.is_empty() {
+                let i = turn % reachable.len();
+                turn = turn.wrapping_add(1);
+                if let Some((n, a)) = reachable.iter().nth(i)
+                    && !due.iter().any(|(d, _)| d == n)
+                {
+                    due.push((*n, Some(a.clone())));
+                }
+            }
+            last = reachable;
+        }
+        // A primary: one device with a session in turn (besides the pull
+        // when its session opens), so what a device records while
+        // connected reaches the primary too.
+        if rt.core.config.role == Role::Primary {
+            let devices = rt.core.sessions.list();
+            if !devices.is_empty() {
+                let i = device_turn % devices.len();
+                device_turn = device_turn.wrapping_add(1);
+                due.push((devices[i].peer, None));
             }
         }
-        last = reachable;
         for (node, addrs) in due {
-            if let Err(LedgerSyncError::Fork(report)) = rt.pull(node, &addrs).await {
+            let pulled = match addrs {
+                Some(addrs) => rt.pull(node, &addrs).await,
+                None => rt.pull_device(node).await,
+            };
+            if let Err(LedgerSyncError::Fork(report)) = pulled {
                 let key = (report.author, report.first.size, report.second.size);
                 if forks_told.len() >= MAX_FORKS_TOLD {
                     forks_told.clear();

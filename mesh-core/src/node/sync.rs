@@ -787,13 +787,12 @@ impl Actor {
             // Rows of superseded changes go in bulk, once there are enough
             // of them to share pages (see `sync::store`).
             let garbage = r.dropped_len();
-            let mut dropped = if garbage >= COMPACT_MAX
-                || (garbage >= COMPACT_MIN && garbage >= r.len() / 4)
-            {
-                r.take_dropped()
-            } else {
-                Vec::new()
-            };
+            let mut dropped =
+                if garbage >= COMPACT_MAX || (garbage >= COMPACT_MIN && garbage >= r.len() / 4) {
+                    r.take_dropped()
+                } else {
+                    Vec::new()
+                };
             dropped.sort_unstable();
             if let Ok(w) = sync_store::writes(ns, &[], &dropped, Some(r.covered())) {
                 writes.extend(w);

@@ -660,6 +660,7 @@ async fn deliver(
             let (task_inner, task_conn) = (inner.clone(), conn.clone());
             inner.spawn(async move {
                 let outcome = handle_command(&task_inner, &cmd).await;
+                record_executed(&task_inner, primary, &cmd, &outcome).await;
                 task_inner
                     .worker
                     .commands_running
@@ -732,6 +733,44 @@ async fn store_rotated(inner: &WorkerRt, link: &PrimaryLinkRecord, token: Rotate
 }
 
 /// The primary's commands: `ping`, `config`, `run_action`.
+/// Records in the device's own ledger (if it has one) that it ran `cmd`
+/// for `primary`, and how it ended; the primary pulls that ledger over the
+/// session. A failure to record is published, not fatal: the command ran.
+async fn record_executed(
+    inner: &Arc<WorkerRt>,
+    primary: NodeId,
+    cmd: &Command,
+    outcome: &CommandOutcome,
+) {
+    let Some(ledger) = inner.core.ledger.clone() else {
+        return;
+    };
+    let body = json!({
+        "primary": primary.to_string(),
+        "command": cmd.name,
+        "command_id": cmd.command_id,
+        "outcome": match outcome {
+            CommandOutcome::Ok(_) => "ok",
+            CommandOutcome::Err { code, .. } => code.as_str(),
+        },
+    });
+    let now = inner.now();
+    let entry = crate::ledger::Entry::json(
+        crate::ledger::record_types::COMMAND_EXECUTED,
+        ledger.author(),
+        &body,
+    );
+    let appended =
+        tokio::task::spawn_blocking(move || ledger.append(vec![entry], vec![], now)).await;
+    if !matches!(appended, Ok(Ok(_))) {
+        inner.events.publish(
+            "ledger.append_failed",
+            inner.now(),
+            json!({ "record_type": crate::ledger::record_types::COMMAND_EXECUTED }),
+        );
+    }
+}
+
 async fn handle_command(inner: &WorkerRt, cmd: &Command) -> CommandOutcome {
     let args: Value = match serde_json::from_str(cmd.args.as_str()) {
         Ok(v) => v,

@@ -287,3 +287,66 @@ async fn a_relays_tampering_is_detected_by_the_recipient() {
         m.node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_call_dropped_before_it_returned_takes_nothing() {
+    let net = MemoryNetwork::new(12);
+    let a = in_memory(
+        &net,
+        7011,
+        Arc::new(MemoryStorage::new()),
+        Arc::new(NodeKey::generate()),
+    );
+    let b = in_memory(
+        &net,
+        7012,
+        Arc::new(MemoryStorage::new()),
+        Arc::new(NodeKey::generate()),
+    );
+    let t = a.node.mesh_token(None).await.unwrap();
+    b.node.join_mesh(&t.token).await.unwrap();
+    until(&a.node, "b active", |v| {
+        v.peers.iter().any(|p| p.status == PeerStatus::Active)
+    })
+    .await;
+    let b_id = b.key.node_id();
+    a.node
+        .send_reliable(b_id, b"hold on to this".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(b.node.delivery_status().await.unwrap().inbox, 1);
+
+    // A call polled once (it asks for messages), then dropped after the
+    // message was handed to it but before it returned: as a `select!`
+    // taking another branch does.
+    let mut call = Box::pin(b.node.receive_reliable(10, Duration::from_secs(10)));
+    std::future::poll_fn(|cx| {
+        assert!(call.as_mut().poll(cx).is_pending());
+        std::task::Poll::Ready(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(call);
+
+    // The message is still there, and the next call gets it, once.
+    let got = b
+        .node
+        .receive_reliable(10, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, b"hold on to this");
+    let again = b
+        .node
+        .receive_reliable(10, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    eventually("the inbox empties", || async {
+        b.node.delivery_status().await.unwrap().inbox == 0
+    })
+    .await;
+    for m in [a, b] {
+        m.node.shutdown().await;
+    }
+}

@@ -216,8 +216,32 @@ async fn a_workers_ledger_entries_made_while_away_reach_its_primary_when_it_reco
     };
     let worker = w.as_worker().unwrap();
     crate::node_e2e::pair(&primary, &worker, false).await;
-    append(&w_ledger, 3, "before");
     let w_id = w.node_id();
+
+    // While connected: a command the primary sends is recorded in the
+    // worker's own ledger (`command.executed`), and the primary, pulling
+    // its devices' ledgers in turn, holds that record within a few rounds.
+    let pong = p
+        .command(&w_id, "ping", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(pong, serde_json::json!({ "pong": true }));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let held = p.ledger_replicas().await.unwrap();
+        if held
+            .iter()
+            .any(|h| h.author == w_id && !h.own && h.records >= 1)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker's command record never reached the primary: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    append(&w_ledger, 3, "before");
 
     // The primary goes away; the worker keeps writing.
     drop(primary);
@@ -236,7 +260,7 @@ async fn a_workers_ledger_entries_made_while_away_reach_its_primary_when_it_reco
             && r.records >= written
         {
             assert!(r.fork.is_none());
-            assert!(r.checkpoint.as_ref().is_some_and(|c| c.size >= 8));
+            assert!(r.checkpoint.as_ref().is_some_and(|c| c.size >= 9));
             break;
         }
         assert!(
