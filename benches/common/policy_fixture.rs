@@ -91,6 +91,7 @@ fn device(d: usize, patterns: usize, rng: &mut Rng) -> DeviceFixture {
         require_vpn: false,
         allowed_hours_utc: hours.map(|(h, _, _)| mesh_policy::HoursSpec::One(h.to_owned())),
         disallow_on_battery,
+        max_file_bytes: None,
     };
 
     let mut cedar = String::new();

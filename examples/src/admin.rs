@@ -75,6 +75,9 @@ fn node_error(e: NodeError) -> AdminError {
     if let NodeError::Sync { kind, message } = &e {
         return err(kind.code(), message.clone());
     }
+    if let NodeError::Files { kind, message } = &e {
+        return err(kind.as_str(), message.clone());
+    }
     let kind = match &e {
         NodeError::Pairing(_) => "pairing",
         NodeError::Policy(_) => "invalid_policy",
@@ -214,6 +217,23 @@ pub async fn dispatch(
             .map_err(node_error)?;
             Ok(json!({ "device": device.to_string(), "done": cmd.trim_start_matches("devices.") }))
         }
+        "devices.scopes" => {
+            let device = resolve(node, &text(args, "device")?)?;
+            let scopes: Vec<String> = match args.get("scopes") {
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_owned))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| err("usage", "scopes are strings"))?,
+                _ => return Err(err("usage", "missing \"scopes\"")),
+            };
+            let refs: Vec<&str> = scopes.iter().map(String::as_str).collect();
+            let record = node.set_scopes(&device, &refs).map_err(node_error)?;
+            Ok(json!({
+                "device": device.to_string(),
+                "scopes": record.scopes.iter().map(|s| s.as_str().to_owned()).collect::<Vec<_>>(),
+            }))
+        }
         "policy.set" => {
             let device = resolve(node, &text(args, "device")?)?;
             let document = match args.get("document") {
@@ -291,6 +311,7 @@ pub async fn dispatch(
             sync_command(node, c, args).await
         }
         c if c.starts_with("deliver.") => deliver_command(node, c, args).await,
+        c if c.starts_with("files.") => files_command(node, c, args).await,
         other => Err(err("usage", format!("unknown command {other:?}"))),
     }
 }
@@ -359,6 +380,47 @@ async fn sync_command(node: &Primary, cmd: &str, args: &Value) -> Result<Value, 
         "sync.now" => {
             let peers = node.sync_now().await.map_err(node_error)?;
             Ok(json!({ "started": true, "peers": peers }))
+        }
+        other => Err(err("usage", format!("unknown command {other:?}"))),
+    }
+}
+
+/// A transfer as `meshctl files` prints it.
+pub fn transfer_json(t: &mesh_core::node::TransferInfo) -> Value {
+    json!({
+        "id": t.id.to_string(),
+        "hash": t.hash.to_string(),
+        "name": t.name,
+        "size": t.size,
+        "received": t.received,
+        "state": t.state.as_str(),
+        "peer": t.peer.to_string(),
+        "direction": t.direction.as_str(),
+        "error": t.error,
+    })
+}
+
+/// File transfers (`meshctl files …`).
+async fn files_command(node: &Primary, cmd: &str, args: &Value) -> Result<Value, AdminError> {
+    match cmd {
+        "files.send" => {
+            let path = text(args, "path")?;
+            let to = resolve(node, &text(args, "to")?)?;
+            let t = node.send_file(&path, to).await.map_err(node_error)?;
+            Ok(
+                json!({ "id": t.id.to_string(), "hash": t.hash.to_string(), "name": t.name, "size": t.size }),
+            )
+        }
+        "files.list" => {
+            let all = node.transfers().map_err(node_error)?;
+            Ok(json!({ "transfers": all.iter().map(transfer_json).collect::<Vec<_>>() }))
+        }
+        "files.cancel" => {
+            let id = text(args, "id")?
+                .parse()
+                .map_err(|_| err("invalid_argument", "not a transfer id"))?;
+            let t = node.cancel_transfer(id).await.map_err(node_error)?;
+            Ok(transfer_json(&t))
         }
         other => Err(err("usage", format!("unknown command {other:?}"))),
     }

@@ -81,6 +81,7 @@ pub mod crypto;
 pub mod delivery;
 pub mod discovery;
 pub mod events;
+pub mod files;
 pub mod health;
 pub mod identity;
 pub mod ledger;

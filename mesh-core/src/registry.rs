@@ -42,6 +42,9 @@ pub mod scopes {
     /// Sync every replicated namespace with the primary (one namespace:
     /// `sync:NAMESPACE`).
     pub const SYNC_ALL: &str = "sync:*";
+    /// Exchange files with the primary (sending to it, and being sent
+    /// files by it).
+    pub const FILES_WRITE: &str = "files:write";
     /// What a newly paired device gets.
     pub const DEFAULT: &[&str] = &[EVENTS_WRITE, PRESENCE_WRITE, ACTIONS_READ, COMMANDS_RUN];
 }

@@ -27,6 +27,8 @@ pub struct Context {
     pub work: WorkKind,
     /// How big the job is.
     pub job_size: JobSize,
+    /// Bytes of the file a `files.send` moves (0 for other commands).
+    pub file_bytes: u64,
 }
 
 impl Context {
@@ -129,7 +131,7 @@ pub enum JobSize {
 ///   "on_vpn": true,
 ///   "power": {"device_class": "laptop", "on_battery": true, "battery_percent": 35,
 ///             "low_power_mode": false, "thermal": "nominal", "cpu_percent": 20},
-///   "work": "coordinator", "job_size": "large"
+///   "work": "coordinator", "job_size": "large", "file_bytes": 1048576
 /// }
 /// ```
 ///
@@ -157,6 +159,8 @@ pub struct ContextDocument {
     pub work: Option<WorkKind>,
     /// Job size.
     pub job_size: Option<JobSize>,
+    /// Bytes of the file a `files.send` moves.
+    pub file_bytes: Option<u64>,
 }
 
 impl ContextDocument {
@@ -191,6 +195,7 @@ impl ContextDocument {
             power: self.power,
             work: self.work.unwrap_or_default(),
             job_size: self.job_size.unwrap_or_default(),
+            file_bytes: self.file_bytes.unwrap_or(0),
         })
     }
 }

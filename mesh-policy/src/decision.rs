@@ -83,6 +83,8 @@ reasons! {
     PowerSmallJobsOnly => "power_small_jobs_only",
     /// 8. More tokens than allowed per call.
     TokensExceeded => "tokens_exceeded",
+    /// 8b. A file larger than `max_file_bytes`.
+    FileTooLarge => "file_too_large",
     /// 9. Hourly cost budget would be exceeded.
     CostExceeded => "cost_exceeded",
     /// 10. Too many calls in flight.
@@ -124,6 +126,10 @@ pub(crate) enum Detail {
     Thermal(Thermal),
     Tokens {
         requested: u64,
+        max: u64,
+    },
+    FileSize {
+        bytes: u64,
         max: u64,
     },
     Cost {
@@ -214,6 +220,9 @@ impl Decision {
             }
             Detail::Tokens { requested, max } => {
                 format!("denied: {requested} tokens requested, max_tokens_per_call is {max}")
+            }
+            Detail::FileSize { bytes, max } => {
+                format!("denied: a file of {bytes} bytes, max_file_bytes is {max}")
             }
             Detail::Cost { spent, cost, max } => format!(
                 "denied: spent {spent} in the last hour plus estimated {cost} exceeds max_cost_per_hour {max}"

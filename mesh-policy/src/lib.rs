@@ -38,7 +38,7 @@
 //! (globs), `blocked_commands` (globs), `require_approval`,
 //! `max_tokens_per_call`, `max_cost_per_hour`, `max_concurrent_calls`,
 //! `require_vpn`, `allowed_hours_utc` (`"09:00-17:00"` or a list),
-//! `disallow_on_battery`. Absent limits mean no limit; absent lists allow
+//! `disallow_on_battery`, `max_file_bytes`. Absent limits mean no limit; absent lists allow
 //! nothing. A device with no policy, or a disabled one, is denied.
 //!
 //! * **Globs**: `*` matches any characters, dots included (`chat.*` matches
@@ -82,7 +82,8 @@
 //!    \[`power_battery_low`\] → deny, peer-direct work
 //!    \[`power_peer_work_on_battery`\] → deny, 15–40 % and a large job
 //!    \[`power_small_jobs_only`\] → deny (thresholds: [`PowerThresholds`])
-//! 8. tokens > `max_tokens_per_call` \[`tokens_exceeded`\] → deny
+//! 8. tokens > `max_tokens_per_call` \[`tokens_exceeded`\] → deny; a file
+//!    (`files.send`) larger than `max_file_bytes` \[`file_too_large`\] → deny
 //! 9. spend in the last hour + cost > `max_cost_per_hour` \[`cost_exceeded`\] → deny
 //! 10. calls in flight ≥ `max_concurrent_calls` \[`concurrency_exceeded`\] → deny
 //! 11. non-server with CPU > 85 % \[`cpu_busy`\] → defer (5 s)

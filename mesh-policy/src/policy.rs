@@ -62,6 +62,9 @@ pub struct PolicyDocument {
     /// Refuse while the device is on battery.
     #[serde(default)]
     pub disallow_on_battery: bool,
+    /// Largest file (bytes) the device may send or be sent (`files.send`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_file_bytes: Option<u64>,
 }
 
 fn default_true() -> bool {
@@ -290,6 +293,18 @@ impl Policy {
                 Reason::TokensExceeded,
                 Detail::Tokens {
                     requested: ctx.tokens,
+                    max,
+                },
+            );
+        }
+        // 8b. file size
+        if let Some(max) = doc.max_file_bytes
+            && ctx.file_bytes > max
+        {
+            return Decision::deny(
+                Reason::FileTooLarge,
+                Detail::FileSize {
+                    bytes: ctx.file_bytes,
                     max,
                 },
             );

@@ -25,6 +25,7 @@ pub fn new_device() -> PolicyDocument {
         require_vpn: false,
         allowed_hours_utc: None,
         disallow_on_battery: false,
+        max_file_bytes: None,
     }
 }
 
@@ -42,6 +43,7 @@ pub fn trusted() -> PolicyDocument {
         require_vpn: false,
         allowed_hours_utc: None,
         disallow_on_battery: false,
+        max_file_bytes: None,
     }
 }
 

@@ -94,6 +94,7 @@ impl CommandPolicy for RuntimePolicy {
         ctx.power = Some(power_state(request));
         ctx.cost = request.usage.cost.unwrap_or(0.0);
         ctx.tokens = request.usage.tokens.unwrap_or(0);
+        ctx.file_bytes = request.file_bytes.unwrap_or(0);
         ctx.job_size = match request.usage.job_size.unwrap_or_default() {
             wire::JobSize::Small => JobSize::Small,
             wire::JobSize::Large => JobSize::Large,

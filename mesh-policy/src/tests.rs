@@ -90,6 +90,7 @@ fn evaluation_order_is_exact() {
         }),
         work: WorkKind::PeerDirect,
         job_size: JobSize::Large,
+        file_bytes: 0,
     };
     let mut seen = vec![];
     let mut cmd = "ops.restart";
@@ -626,6 +627,7 @@ fn arb_context() -> impl Strategy<Value = Context> {
                 } else {
                     JobSize::Small
                 },
+                file_bytes: 0,
             },
         )
 }
@@ -679,4 +681,21 @@ proptest! {
             prop_assert!(two.resolve("x", &ctx).is_allowed());
         }
     }
+}
+
+#[test]
+fn a_file_over_max_file_bytes_is_denied() {
+    let p =
+        Policy::from_json(r#"{"allowed_commands": ["files.*"], "max_file_bytes": 1000}"#).unwrap();
+    let mut ctx = Context::at(0);
+    ctx.file_bytes = 1000;
+    assert_eq!(p.resolve("files.send", &ctx).reason(), Reason::Allowed);
+    ctx.file_bytes = 1001;
+    let d = p.resolve("files.send", &ctx);
+    assert_eq!(d.reason().code(), "file_too_large");
+    assert!(d.message().contains("1001"), "{}", d.message());
+    // No limit: any size.
+    let open = Policy::from_json(r#"{"allowed_commands": ["files.*"]}"#).unwrap();
+    ctx.file_bytes = u64::MAX;
+    assert_eq!(open.resolve("files.send", &ctx).reason(), Reason::Allowed);
 }

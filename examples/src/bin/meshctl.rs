@@ -79,6 +79,9 @@ enum Command {
     /// Reliable messages to mesh members (always JSON).
     #[command(subcommand)]
     Deliver(DeliverCmd),
+    /// Files between the primary and its devices.
+    #[command(subcommand)]
+    Files(FilesCmd),
     /// A running primary's events.
     Events {
         /// Keep printing events as they come (until interrupted).
@@ -211,6 +214,35 @@ enum DeliverCmd {
     },
     /// Letters in flight. Prints {"outbox", "inbox", "relayed"}.
     Status {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FilesCmd {
+    /// Send the file at PATH to a device (node id, device id or name).
+    /// Prints {"id", "hash", "name", "size"}; the transfer goes on in the
+    /// background (see `files list`).
+    Send {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The device.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Every transfer, in and out. Prints {"transfers": [{"id", "hash",
+    /// "name", "size", "received", "state", "peer", "direction"}]}.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Cancel transfer ID (both sides stop).
+    Cancel {
+        /// The transfer.
+        id: String,
         #[command(flatten)]
         target: Target,
     },
@@ -353,6 +385,17 @@ enum DevicesCmd {
     Revoke {
         /// Node id, hardware/app id or name.
         device: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Replace a device's scopes (e.g. add `files:write`, `sync:*`).
+    /// Prints {"device", "scopes"}.
+    Scopes {
+        /// Node id, hardware/app id or name.
+        device: String,
+        /// The scopes it holds from now on.
+        #[arg(required = true)]
+        scopes: Vec<String>,
         #[command(flatten)]
         target: Target,
     },
@@ -883,6 +926,29 @@ fn admin_command(command: &Command) -> Option<ExitCode> {
         Command::Deliver(DeliverCmd::Status { target }) => {
             run_admin_json(target, "deliver.status", json!({}))
         }
+        Command::Files(FilesCmd::Send { path, to, target }) => {
+            // The primary reads the file where it is: give it a full path.
+            match std::path::absolute(path) {
+                Ok(path) => run_admin_json(
+                    target,
+                    "files.send",
+                    json!({ "path": path.display().to_string(), "to": to }),
+                ),
+                Err(e) => {
+                    println!(
+                        "{}",
+                        json!({ "error": { "kind": "invalid_argument", "message": format!("{}: {e}", path.display()) } })
+                    );
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Files(FilesCmd::List { target }) => {
+            run_admin_json(target, "files.list", json!({}))
+        }
+        Command::Files(FilesCmd::Cancel { id, target }) => {
+            run_admin_json(target, "files.cancel", json!({ "id": id }))
+        }
         Command::Sync(SyncCmd::Status { target }) => {
             run_admin_json(target, "sync.status", json!({}))
         }
@@ -917,6 +983,15 @@ fn admin_command(command: &Command) -> Option<ExitCode> {
         Command::Devices(DevicesCmd::Revoke { device, target }) => {
             run_admin(target, "devices.revoke", json!({ "device": device }))
         }
+        Command::Devices(DevicesCmd::Scopes {
+            device,
+            scopes,
+            target,
+        }) => run_admin_json(
+            target,
+            "devices.scopes",
+            json!({ "device": device, "scopes": scopes }),
+        ),
         Command::Devices(DevicesCmd::Rotate {
             device,
             force,
@@ -1030,6 +1105,7 @@ fn run(cli: Cli) -> Result<serde_json::Value, Failure> {
         | Command::Config(_)
         | Command::Sync(_)
         | Command::Deliver(_)
+        | Command::Files(_)
         | Command::Devices(_)
         | Command::Actions(_)
         | Command::Events { .. }

@@ -64,6 +64,13 @@ struct Args {
     /// Arguments of --send (JSON).
     #[arg(long, default_value = "{}")]
     args: String,
+    /// Once paired, send this file to the primary (the device needs the
+    /// `files:write` scope and a policy allowing `files.send`); prints
+    /// `file ID: sending NAME (SIZE bytes, hash HASH)` and then
+    /// `file ID: done` or `file ID: failed: REASON`. The transfer resumes
+    /// by itself after a dropped connection or a restart of either side.
+    #[arg(long)]
+    send_file: Option<std::path::PathBuf>,
     /// Print events as JSON lines.
     #[arg(long)]
     json: bool,
@@ -212,6 +219,36 @@ async fn run(args: Args) -> Result<(), String> {
                 .map_err(|e| format!("pairing failed: {e}"))?;
             println!("paired");
         }
+    }
+    if let Some(path) = args.send_file.clone() {
+        let primary = node
+            .paired_primary()
+            .map_err(|e| e.to_string())?
+            .ok_or("not paired")?;
+        let sender = node.clone();
+        tokio::spawn(async move {
+            match sender.send_file(&path, primary).await {
+                Ok(t) => {
+                    println!(
+                        "file {}: sending {} ({} bytes, hash {})",
+                        t.id, t.name, t.size, t.hash
+                    );
+                    match sender.wait_transfer(t.id).await {
+                        Ok(t) if t.state == mesh_core::node::TransferState::Done => {
+                            println!("file {}: done", t.id)
+                        }
+                        Ok(t) => println!(
+                            "file {}: {}: {}",
+                            t.id,
+                            t.state.as_str(),
+                            t.error.unwrap_or_default()
+                        ),
+                        Err(e) => println!("file {}: error: {e}", t.id),
+                    }
+                }
+                Err(e) => println!("file: refused: {e}"),
+            }
+        });
     }
     setup::print_events(events, args.json).await;
     node.shutdown().await;

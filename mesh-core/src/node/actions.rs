@@ -158,7 +158,7 @@ pub(super) async fn on_worker_command(
         let recording = (inner.clone(), cmd.clone(), verdict.clone());
         let recorded = tokio::task::spawn_blocking(move || {
             let (inner, cmd, verdict) = recording;
-            record_decision(&inner, node, &cmd, &verdict)
+            record_decision(&inner, node, &cmd.name, &verdict)
         })
         .await;
         let failed = match recorded {
@@ -248,10 +248,10 @@ pub(super) async fn on_worker_command(
     }
 }
 
-fn record_decision(
+pub(super) fn record_decision(
     inner: &PrimaryRt,
     node: NodeId,
-    cmd: &Command,
+    command: &str,
     verdict: &Verdict,
 ) -> Result<(), NodeError> {
     let (code, message) = match verdict {
@@ -262,7 +262,7 @@ fn record_decision(
     };
     let body = json!({
         "device": node.to_string(),
-        "command": cmd.name,
+        "command": command,
         "decision": verdict.name(),
         "reason": code,
         "message": message,
@@ -283,7 +283,7 @@ fn record_decision(
             inner.now(),
             json!({
                 "device": node.to_string(),
-                "command": cmd.name,
+                "command": command,
                 "reason": code,
                 "message": message,
             }),

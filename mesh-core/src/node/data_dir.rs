@@ -85,6 +85,9 @@ impl DataDir {
     pub fn builder(&self, transport: Arc<dyn Transport>, config: NodeConfig) -> NodeBuilder {
         let mut builder = super::Node::builder(self.key(), self.store(), transport, config);
         builder.data_dir = Some(self.path.clone());
+        builder.files = Some(super::FilesSettings::new(
+            self.path.join(super::files::FILES_DIR),
+        ));
         builder
     }
 }

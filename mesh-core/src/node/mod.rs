@@ -42,6 +42,7 @@ mod commit;
 #[cfg(feature = "sqlite")]
 mod data_dir;
 mod delivery;
+mod files;
 mod ledger_sync;
 mod link;
 mod mesh;
@@ -76,12 +77,15 @@ pub use backoff::Backoff;
 #[cfg(feature = "sqlite")]
 pub use data_dir::{DB_FILE, DataDir, KEY_FILE};
 pub use delivery::{DeliverySettings, DeliveryStatus, ReliableMessage, delivery_events};
+pub use files::{
+    Direction, FILES_DIR, FilesErrorKind, FilesSettings, TransferInfo, TransferState, file_events,
+};
 pub use ledger_sync::{LEDGER_SYNC, LEDGER_SYNC_INTERVAL, ledger_events};
 pub use mesh::{
     IssuedToken, MeshErrorKind, MeshSettings, MeshView, TokenStatus, TopicSubscription,
     mesh_records,
 };
-pub use primary::{DeviceView, Primary};
+pub use primary::{DeviceView, FILES_SEND, Primary};
 pub use protocols::{ProtocolError, ProtocolHandler};
 pub use sync::{
     CONFIG_NAMESPACE, ChangeSubscription, ConfigEntry, Replicated, ReplicatedChange,
@@ -449,6 +453,8 @@ pub struct CommandRequest<'a> {
     pub metrics: Option<&'a HealthMetrics>,
     /// What the command declares it uses.
     pub usage: CommandUsage,
+    /// For `files.send`: the file's size in bytes.
+    pub file_bytes: Option<u64>,
 }
 
 impl<'a> CommandRequest<'a> {
@@ -462,7 +468,14 @@ impl<'a> CommandRequest<'a> {
             now,
             metrics: None,
             usage: CommandUsage::default(),
+            file_bytes: None,
         }
+    }
+
+    /// Sets the size of the file a `files.send` moves.
+    pub fn file_bytes(mut self, bytes: u64) -> Self {
+        self.file_bytes = Some(bytes);
+        self
     }
 
     /// Sets the device's platform.
@@ -607,6 +620,14 @@ pub enum NodeError {
         /// What went wrong.
         message: String,
     },
+    /// A file transfer refused or failed (see [`FilesErrorKind`]).
+    #[error("{kind}: {message}")]
+    Files {
+        /// Why, as a stable code.
+        kind: files::FilesErrorKind,
+        /// What happened.
+        message: String,
+    },
     /// The data directory could not be created or secured.
     #[error("cannot use data directory {path}: {source}", path = .path.display())]
     DataDir {
@@ -698,6 +719,7 @@ pub struct NodeBuilder {
     mesh: Option<MeshSettings>,
     ledger_sync: Option<Arc<dyn crate::ledger::LedgerSync>>,
     sync: SyncSettings,
+    files: Option<FilesSettings>,
 }
 
 impl fmt::Debug for NodeBuilder {
@@ -794,6 +816,14 @@ impl NodeBuilder {
         self
     }
 
+    /// File transfer between a primary and its devices ([`Node::send_file`]),
+    /// files landing in `settings.dir`. A node built from a [`DataDir`]
+    /// has it on by default, in `DATA_DIR/files`.
+    pub fn files(mut self, settings: FilesSettings) -> Self {
+        self.files = Some(settings);
+        self
+    }
+
     /// Replicates ledgers through `sync` (mesh-ledger's `LedgerHub`): with
     /// the mesh's members (their ledgers pulled in the background, this
     /// node's served), and between a primary and its devices (a primary
@@ -838,6 +868,7 @@ impl NodeBuilder {
             ledger: self.ledger,
             sync: std::sync::OnceLock::new(),
             ledger_sync: std::sync::OnceLock::new(),
+            files: std::sync::OnceLock::new(),
         });
         let (role, mut built_in) = match core.config.role {
             Role::Primary => {
@@ -891,6 +922,30 @@ impl NodeBuilder {
             let _ = core.ledger_sync.set(Arc::downgrade(&rt));
             rt
         });
+        // Files: a primary serves them to its devices; a worker dials.
+        let files = match self.files {
+            Some(settings) => {
+                let side = match &role {
+                    RoleRt::Primary(rt) => {
+                        let (a, g) = (rt.clone(), rt.clone());
+                        files::FilesSide::Primary {
+                            admit: Arc::new(move |peer: &NodeId| a.device_may_connect(peer)),
+                            gate: Arc::new(move |peer: &NodeId, size: u64| {
+                                g.files_gate(peer, size)
+                            }),
+                        }
+                    }
+                    RoleRt::Worker(_) => files::FilesSide::Worker,
+                };
+                let rt = files::build(&core, settings, side)?;
+                if core.config.role == Role::Primary {
+                    built_in.push(files::protocol(&rt));
+                }
+                let _ = core.files.set(Arc::downgrade(&rt));
+                Some(rt)
+            }
+            None => None,
+        };
         let protocols = protocols::Protocols::new(built_in, self.protocols)?;
         let node = Node {
             owner: Arc::new(Owner {
@@ -903,6 +958,7 @@ impl NodeBuilder {
             sync,
             delivery,
             ledger_sync,
+            files,
         };
         match &node.role {
             RoleRt::Primary(rt) => primary::start(rt)?,
@@ -1077,6 +1133,8 @@ pub(crate) struct Core {
     sync: std::sync::OnceLock<std::sync::Weak<sync::SyncRt>>,
     /// Ledger replication (set once at start, if the node has it).
     ledger_sync: std::sync::OnceLock<std::sync::Weak<ledger_sync::LedgerSyncRt>>,
+    /// File transfer (set once at start, if the node has it).
+    files: std::sync::OnceLock<std::sync::Weak<files::FilesRt>>,
 }
 
 /// The role's runtime.
@@ -1103,6 +1161,11 @@ impl Core {
     /// Ledger replication, if the node has it.
     fn ledger_sync_rt(&self) -> Option<Arc<ledger_sync::LedgerSyncRt>> {
         self.ledger_sync.get().and_then(std::sync::Weak::upgrade)
+    }
+
+    /// File transfer, if the node has it.
+    fn files_rt(&self) -> Option<Arc<files::FilesRt>> {
+        self.files.get().and_then(std::sync::Weak::upgrade)
     }
 
     /// Connects through the first transport that supports `addr`.
@@ -1218,6 +1281,8 @@ pub struct Node {
     delivery: Option<Arc<delivery::DeliveryRt>>,
     /// Ledger replication with the mesh's members.
     ledger_sync: Option<Arc<ledger_sync::LedgerSyncRt>>,
+    /// File transfer.
+    files: Option<Arc<files::FilesRt>>,
     /// Held only by handles (the node's own tasks hold the runtimes).
     #[allow(dead_code)]
     owner: Arc<Owner>,
@@ -1291,6 +1356,7 @@ impl Node {
             mesh: None,
             ledger_sync: None,
             sync: SyncSettings::default(),
+            files: None,
         }
     }
 

@@ -72,6 +72,59 @@ impl PrimaryRt {
         })
     }
 
+    /// Whether `device` may open a files connection (paired, unrevoked).
+    pub(super) fn device_may_connect(&self, device: &NodeId) -> bool {
+        super::protocols::paired(&self.registry, device)
+    }
+
+    /// Whether `device` may exchange a file of `size` bytes with this
+    /// primary: paired, unrevoked, holding `files:write`, and its policy
+    /// allows `files.send` for that size (the decision is recorded in the
+    /// ledger like any command's). Blocking.
+    pub(super) fn files_gate(
+        &self,
+        device: &NodeId,
+        size: u64,
+    ) -> Result<(), (super::FilesErrorKind, String)> {
+        use super::FilesErrorKind as K;
+        let record = match self.registry.get(device) {
+            Ok(Some(d)) if d.revoked_at.is_none() => d,
+            Ok(_) => return Err((K::Forbidden, format!("{device} is not a paired device"))),
+            Err(e) => return Err((K::Busy, e.to_string())),
+        };
+        if !record.has_scope(scopes::FILES_WRITE) {
+            return Err((
+                K::Forbidden,
+                format!("{device} lacks the {} scope", scopes::FILES_WRITE),
+            ));
+        }
+        let now = self.now();
+        let power = super::lock(&self.primary.power).get(device).cloned();
+        let request = super::CommandRequest::new(device, FILES_SEND, now)
+            .platform(
+                power
+                    .as_ref()
+                    .map_or(crate::wire::Platform::Desktop, |p| p.platform),
+            )
+            .metrics(power.as_ref().and_then(|p| p.metrics.as_ref()))
+            .file_bytes(size);
+        let (verdict, _permit) = self.policy.decide(&request);
+        if let Err(e) = super::actions::record_decision(self, *device, FILES_SEND, &verdict) {
+            return Err((K::Busy, e.to_string()));
+        }
+        match verdict {
+            super::Verdict::Allow => Ok(()),
+            super::Verdict::Deny { code, message } if code == "file_too_large" => {
+                Err((K::TooLarge, message))
+            }
+            super::Verdict::Deny { code, message }
+            | super::Verdict::NeedsApproval { code, message }
+            | super::Verdict::Defer { code, message, .. } => {
+                Err((K::Forbidden, format!("files.send: {code}: {message}")))
+            }
+        }
+    }
+
     pub(super) fn new(core: Arc<Core>, policy: Arc<dyn super::CommandPolicy>) -> Arc<Self> {
         let mut registry = Registry::with_trust(
             core.store.clone(),
@@ -152,6 +205,10 @@ impl ProtocolHandler for PairingService {
         }
     }
 }
+
+/// The command a file transfer between a primary and a device is decided
+/// as, under the device's policy.
+pub const FILES_SEND: &str = "files.send";
 
 /// Serves [`Protocol::MESH`], the device session.
 struct SessionService {

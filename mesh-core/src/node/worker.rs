@@ -786,6 +786,17 @@ async fn handle_command(inner: &WorkerRt, cmd: &Command) -> CommandOutcome {
     };
     match cmd.name.as_str() {
         "ping" => ok(json!({ "pong": true })),
+        // The primary has a file for this worker: dial it for files.
+        "files.connect" => match inner.core.files_rt() {
+            Some(files) => {
+                files.dial_back();
+                ok(json!({ "ok": true }))
+            }
+            None => CommandOutcome::Err {
+                code: "unavailable".into(),
+                message: "this worker does not take files".into(),
+            },
+        },
         "config" => {
             let (Some(key), Some(value)) =
                 (args.get("key").and_then(Value::as_str), args.get("value"))

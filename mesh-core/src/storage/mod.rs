@@ -72,7 +72,7 @@ pub enum Table {
     NodeState,
     /// Nodes blocked from the mesh.
     Blocklist,
-    /// Replicated namespaces' standing changes, keyed `NAMESPACE:KEY`.
+    /// Replicated namespaces' changes, a log keyed `NAMESPACE:ORIGIN:SEQ`.
     ReplicatedEntries,
     /// Replicated namespaces' version vectors, keyed by namespace.
     ReplicaCoverage,
@@ -86,11 +86,13 @@ pub enum Table {
     DeliverySeq,
     /// Letters held as a relay for members, keyed `RECIPIENT:LETTER_ID`.
     DeliveryRelay,
+    /// File transfers in and out, keyed by transfer id.
+    FileTransfers,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 19] = [
+    pub const ALL: [Table; 20] = [
         Table::Devices,
         Table::PairingRequests,
         Table::DiscoveredNodes,
@@ -110,6 +112,7 @@ impl Table {
         Table::DeliveryInbox,
         Table::DeliverySeq,
         Table::DeliveryRelay,
+        Table::FileTransfers,
     ];
 
     /// The table's name (also its SQL name).
@@ -134,6 +137,7 @@ impl Table {
             Table::DeliveryInbox => "delivery_inbox",
             Table::DeliverySeq => "delivery_seq",
             Table::DeliveryRelay => "delivery_relay",
+            Table::FileTransfers => "file_transfers",
         }
     }
 }

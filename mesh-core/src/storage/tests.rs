@@ -73,7 +73,8 @@ mod sqlite_only {
                     rusqlite::params![body],
                 )
                 .unwrap();
-                conn.execute_batch("PRAGMA user_version = 7;").unwrap();
+                conn.execute_batch("DROP TABLE file_transfers; PRAGMA user_version = 7;")
+                    .unwrap();
             })
             .unwrap();
         }
@@ -116,7 +117,7 @@ mod sqlite_only {
                  DROP TABLE mesh_blocklist; DROP TABLE replicated_entries;
                  DROP TABLE replica_coverage; DROP TABLE delivery_outbox;
                  DROP TABLE delivery_inbox; DROP TABLE delivery_seq;
-                 DROP TABLE delivery_relay;
+                 DROP TABLE delivery_relay; DROP TABLE file_transfers;
                  PRAGMA user_version = 1;",
             )
             .unwrap();

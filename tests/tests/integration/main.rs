@@ -5,6 +5,7 @@
 mod audit;
 mod delivery_runtime;
 mod discovery_netns;
+mod files_runtime;
 mod foundation;
 mod hardening;
 mod ledger_crash;

@@ -1,0 +1,1910 @@
+//! Files between a primary and its devices, in the runtime (R-XFER1,
+//! R-XFER3): content-addressed by BLAKE3, verified group by group as they
+//! arrive, resumable after a dropped connection or a kill -9 of either
+//! side without sending verified data again.
+//!
+//! Connections: protocol [`FILES`], which a primary serves to its paired,
+//! unrevoked devices holding the `files:write` scope. A worker dials its
+//! primary whenever it has a transfer with it (or the primary asks it to,
+//! with the `files.connect` command over the session); the side holding a
+//! file serves data streams, the receiving side opens them. Control
+//! messages ([`FileFrame`]) ride the connection's message channel.
+//!
+//! A transfer:
+//! 1. the sender hashes the file where it is (an outboard beside the
+//!    node's files directory, no copy), stores the transfer, and offers it
+//!    (`Offer`: id, root hash, size, name, whether zstd would pay);
+//! 2. the receiver checks the offer (name, size, the sender's scope and
+//!    policy: `files.send` like any command, `max_file_bytes`), stores it
+//!    and accepts; it then asks for the groups it lacks on a fresh stream
+//!    (up to 256 ranges per request), checks each 16 KiB group against
+//!    the root hash before writing it at its offset in a partial file, and
+//!    stores which groups it holds every 4 MiB (after an fsync);
+//! 3. when every group is there, the partial file is renamed into the
+//!    files directory under the offered name (a numbered suffix if taken)
+//!    and the receiver says `Done`.
+//!
+//! After a crash the receiver re-hashes only what it wrote after the last
+//! stored state (what verifies counts), and the sender offers again when
+//! the connection is back; the receiver answers with what it holds.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::protocols::ProtocolHandler;
+use super::{Core, NodeError, lock};
+use crate::clock::Timestamp;
+use crate::files::verify::{self, ReceiveError, Receiving, ServeError, Syncer};
+use crate::files::{
+    FILES, FileFrame, FileHash, GROUP_LEN, GroupSet, Offer, RangeRequest, TransferId, check_name,
+    groups_of, numbered, refusals,
+};
+use crate::identity::NodeId;
+use crate::storage::records::PrimaryLinkRecord;
+use crate::storage::{Record, StorageExt, Table};
+use crate::transport::{Connection, IncomingStream, RecvStream, SendStream, TransportError};
+
+/// Where a node keeps received files, under its data directory.
+pub const FILES_DIR: &str = "files";
+/// The most ranges asked for in one request.
+const RANGES_PER_REQUEST: usize = crate::files::wire::MAX_REQUEST_RANGES;
+/// Bytes per piece handed between a stream and the blocking side.
+const PIECE: usize = 64 * 1024;
+/// Pieces in flight between a stream and the blocking side.
+const PIECES: usize = 8;
+/// The receiver stores which groups it holds this often (bytes).
+const SAVE_EVERY: u64 = 4 << 20;
+/// Progress is told (event, and a frame to the sender) this often (bytes).
+const PROGRESS_EVERY: u64 = 1 << 20;
+/// Data streams served at once, all peers together.
+const SERVING: usize = 32;
+/// Groups that fail to verify before the transfer fails (the sender lies).
+const MAX_STRIKES: u32 = 3;
+/// How long a primary waits for a device to dial back.
+const DIAL_BACK: Duration = Duration::from_secs(10);
+
+/// Event kinds of file transfers.
+pub mod file_events {
+    /// A transfer moved: `{id, direction, peer, bytes, total}`.
+    pub const PROGRESS: &str = "transfer.progress";
+    /// A transfer finished: `{id, direction, peer, hash, name, size}`
+    /// (and `path` on the receiving side).
+    pub const DONE: &str = "transfer.done";
+    /// A transfer failed: `{id, direction, peer, reason}`.
+    pub const FAILED: &str = "transfer.failed";
+    /// A transfer was cancelled: `{id, direction, peer, reason}`.
+    pub const CANCELLED: &str = "transfer.cancelled";
+    /// A file is coming in: `{id, peer, name, size, hash}`.
+    pub const INCOMING: &str = "transfer.incoming";
+}
+
+/// Settings of file transfer.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct FilesSettings {
+    /// Where received files land (default: `DATA_DIR/files`); partial
+    /// files and outboards are kept in `.partial` and `.outboard` inside.
+    pub dir: PathBuf,
+    /// Incoming transfers running at once (default 16).
+    pub max_active: usize,
+    /// The largest file a worker takes from its primary (default 64 GiB);
+    /// on a primary each device's policy (`max_file_bytes`) decides.
+    pub max_file_bytes: u64,
+}
+
+impl FilesSettings {
+    /// Files in `dir`, defaults otherwise.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        FilesSettings {
+            dir: dir.into(),
+            max_active: 16,
+            max_file_bytes: 64 << 30,
+        }
+    }
+
+    /// Sets how many incoming transfers run at once.
+    pub fn max_active(mut self, n: usize) -> Self {
+        self.max_active = n.max(1);
+        self
+    }
+
+    /// Sets the largest file a worker takes.
+    pub fn max_file_bytes(mut self, n: u64) -> Self {
+        self.max_file_bytes = n;
+        self
+    }
+}
+
+/// Why a file operation was refused or failed ([`NodeError::Files`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FilesErrorKind {
+    /// No such file or transfer.
+    NotFound,
+    /// A bad argument (not a file, …).
+    InvalidArgument,
+    /// The file's name is not a plain, portable name.
+    BadName,
+    /// The peer may not take part (not paired, revoked, no `files:write`,
+    /// its policy does not allow `files.send`, not this worker's primary).
+    Forbidden,
+    /// Larger than the policy or settings allow.
+    TooLarge,
+    /// A worker that is not paired has nobody to send to.
+    NotPaired,
+    /// The transfer has ended already.
+    AlreadyEnded,
+    /// The receiver takes no more transfers now.
+    Busy,
+}
+
+impl FilesErrorKind {
+    /// The stable code: `not_found`, `invalid_argument`, `bad_name`,
+    /// `forbidden`, `too_large`, `not_paired`, `already_ended`, `busy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FilesErrorKind::NotFound => "not_found",
+            FilesErrorKind::InvalidArgument => "invalid_argument",
+            FilesErrorKind::BadName => refusals::BAD_NAME,
+            FilesErrorKind::Forbidden => refusals::FORBIDDEN,
+            FilesErrorKind::TooLarge => refusals::TOO_LARGE,
+            FilesErrorKind::NotPaired => "not_paired",
+            FilesErrorKind::AlreadyEnded => "already_ended",
+            FilesErrorKind::Busy => refusals::BUSY,
+        }
+    }
+}
+
+impl std::fmt::Display for FilesErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which way a transfer goes, seen from this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// To this node.
+    In,
+    /// From this node.
+    Out,
+}
+
+impl Direction {
+    /// `in` or `out`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::In => "in",
+            Direction::Out => "out",
+        }
+    }
+}
+
+/// Where a transfer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransferState {
+    /// Moving, or about to.
+    Active,
+    /// Waiting for the peer to be reachable again.
+    Paused,
+    /// Every byte is there and verified.
+    Done,
+    /// Stopped by an error (see its `error`).
+    Failed,
+    /// Stopped by either side.
+    Cancelled,
+}
+
+impl TransferState {
+    /// `active`, `paused`, `done`, `failed` or `cancelled`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferState::Active => "active",
+            TransferState::Paused => "paused",
+            TransferState::Done => "done",
+            TransferState::Failed => "failed",
+            TransferState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the transfer has ended (done, failed or cancelled).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TransferState::Done | TransferState::Failed | TransferState::Cancelled
+        )
+    }
+}
+
+/// A transfer as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TransferRecord {
+    id: TransferId,
+    direction: Direction,
+    peer: NodeId,
+    hash: FileHash,
+    /// The offered name; on the receiving side, once done, the final one.
+    name: String,
+    size: u64,
+    received: u64,
+    state: TransferState,
+    /// The file sent (out).
+    source: Option<PathBuf>,
+    /// The groups held verified (in).
+    have: GroupSet,
+    zstd: bool,
+    error: Option<String>,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+}
+
+impl Record for TransferRecord {
+    const TABLE: Table = Table::FileTransfers;
+    fn key(&self) -> String {
+        self.id.to_string()
+    }
+}
+
+/// A transfer, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TransferInfo {
+    /// Its id.
+    pub id: TransferId,
+    /// The file's BLAKE3 root hash.
+    pub hash: FileHash,
+    /// The file's name (on the receiving side once done: the name it got
+    /// in the files directory).
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Bytes the receiver holds verified.
+    pub received: u64,
+    /// Where it stands.
+    pub state: TransferState,
+    /// The other node.
+    pub peer: NodeId,
+    /// Which way.
+    pub direction: Direction,
+    /// Why it failed or was cancelled.
+    pub error: Option<String>,
+    /// Where the received file is, once done (receiving side).
+    pub path: Option<PathBuf>,
+}
+
+/// Decides whether a device may exchange a file of `size` bytes with this
+/// primary (paired, unrevoked, `files:write`, its policy allows
+/// `files.send`): `Err((code, message))` if not. Blocking (records the
+/// decision in the ledger).
+pub(super) type FilesGate =
+    Arc<dyn Fn(&NodeId, u64) -> Result<(), (FilesErrorKind, String)> + Send + Sync>;
+
+/// The role's side of file transfer.
+pub(super) enum FilesSide {
+    /// A primary: who may connect at all (paired, unrevoked: asked at the
+    /// handshake and every second while connected), and the gate each
+    /// file passes.
+    Primary {
+        admit: Arc<dyn Fn(&NodeId) -> bool + Send + Sync>,
+        gate: FilesGate,
+    },
+    /// A worker: only its primary.
+    Worker,
+}
+
+/// Control messages for a running transfer.
+#[derive(Debug)]
+enum Control {
+    Accepted(u64),
+    Refused(String, String),
+    Progress(u64),
+    Done,
+    Cancelled(String),
+    /// A connection to the peer is up (again).
+    Connected,
+}
+
+struct Live {
+    record: TransferRecord,
+    stop: Arc<AtomicBool>,
+    control: Option<mpsc::UnboundedSender<Control>>,
+    state: watch::Sender<TransferState>,
+}
+
+/// The file transfer runtime of a node.
+pub(super) struct FilesRt {
+    core: Arc<Core>,
+    settings: FilesSettings,
+    side: FilesSide,
+    transfers: Mutex<BTreeMap<TransferId, Live>>,
+    conns: Mutex<HashMap<NodeId, Arc<dyn Connection>>>,
+    connected: Notify,
+    strikes: Mutex<HashMap<NodeId, u32>>,
+    serving: Arc<tokio::sync::Semaphore>,
+}
+
+impl std::fmt::Debug for FilesRt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilesRt")
+            .field("dir", &self.settings.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn fail(message: impl Into<String>) -> NodeError {
+    NodeError::Unavailable(message.into())
+}
+
+fn files_error(kind: FilesErrorKind, message: impl Into<String>) -> NodeError {
+    NodeError::Files {
+        kind,
+        message: message.into(),
+    }
+}
+
+/// Runs `f` off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| fail(format!("a blocking task failed: {e}")))?
+}
+
+/// Builds the runtime: creates its directories, loads stored transfers and
+/// resumes those not ended.
+pub(super) fn build(
+    core: &Arc<Core>,
+    settings: FilesSettings,
+    side: FilesSide,
+) -> Result<Arc<FilesRt>, NodeError> {
+    for d in [
+        settings.dir.clone(),
+        settings.dir.join(".partial"),
+        settings.dir.join(".outboard"),
+    ] {
+        std::fs::create_dir_all(&d)
+            .map_err(|e| fail(format!("cannot create {}: {e}", d.display())))?;
+    }
+    let stored: Vec<TransferRecord> = core.store.load_all()?;
+    let rt = Arc::new(FilesRt {
+        core: core.clone(),
+        settings,
+        side,
+        transfers: Mutex::new(BTreeMap::new()),
+        conns: Mutex::new(HashMap::new()),
+        connected: Notify::new(),
+        strikes: Mutex::new(HashMap::new()),
+        serving: Arc::new(tokio::sync::Semaphore::new(SERVING)),
+    });
+    if matches!(rt.side, FilesSide::Primary { .. }) {
+        // A device revoked or unpaired loses its files connection at once,
+        // and its transfers fail.
+        let mut devices = core.events.subscribe("device.*", 64)?;
+        let weak = Arc::downgrade(&rt);
+        core.spawn(async move {
+            while let Some(got) = devices.recv().await {
+                let Some(rt) = weak.upgrade() else { return };
+                let gone: Vec<NodeId> = match got {
+                    crate::events::Received::Event(e)
+                        if e.kind == crate::events::kinds::DEVICE_REVOKED
+                            || e.kind == crate::events::kinds::DEVICE_UNPAIRED =>
+                    {
+                        e.data["node"]
+                            .as_str()
+                            .and_then(|n| n.parse().ok())
+                            .into_iter()
+                            .collect()
+                    }
+                    crate::events::Received::Event(_) => continue,
+                    // Missed some: check every connection.
+                    crate::events::Received::Lagged { .. } => {
+                        let peers: Vec<NodeId> = lock(&rt.conns).keys().copied().collect();
+                        let check = rt.clone();
+                        tokio::task::spawn_blocking(move || {
+                            peers.into_iter().filter(|p| !check.admits(p)).collect()
+                        })
+                        .await
+                        .unwrap_or_default()
+                    }
+                };
+                for peer in gone {
+                    rt.drop_peer(&peer).await;
+                }
+            }
+        });
+    }
+    for record in stored {
+        let resume = !record.state.is_final();
+        let direction = record.direction;
+        let id = record.id;
+        rt.insert(record);
+        if resume {
+            match direction {
+                Direction::In => rt.spawn_in(id),
+                Direction::Out => rt.spawn_out(id),
+            }
+        }
+    }
+    Ok(rt)
+}
+
+/// The protocol handler ([`FILES`]).
+pub(super) fn protocol(
+    rt: &Arc<FilesRt>,
+) -> (crate::transport::Protocol, Arc<dyn ProtocolHandler>) {
+    (FILES, Arc::new(FilesService(Arc::downgrade(rt))))
+}
+
+struct FilesService(Weak<FilesRt>);
+
+impl std::fmt::Debug for FilesService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FilesService")
+    }
+}
+
+#[async_trait::async_trait]
+impl ProtocolHandler for FilesService {
+    fn admit(&self, peer: &NodeId) -> bool {
+        self.0.upgrade().is_some_and(|rt| rt.admits(peer))
+    }
+
+    async fn serve(&self, conn: Arc<dyn Connection>) {
+        match self.0.upgrade() {
+            Some(rt) => rt.run_conn(conn).await,
+            None => conn.close(),
+        }
+    }
+}
+
+impl FilesRt {
+    fn now(&self) -> Timestamp {
+        self.core.now()
+    }
+
+    fn admits(&self, peer: &NodeId) -> bool {
+        match &self.side {
+            // The gate's full check (scope, policy, size) runs per file;
+            // here only who may connect at all.
+            FilesSide::Primary { admit, .. } => admit(peer),
+            // A worker serves nothing; its own connections are dialled.
+            FilesSide::Worker => false,
+        }
+    }
+
+    fn insert(&self, record: TransferRecord) {
+        let (state, _) = watch::channel(record.state);
+        lock(&self.transfers).insert(
+            record.id,
+            Live {
+                record,
+                stop: Arc::new(AtomicBool::new(false)),
+                control: None,
+                state,
+            },
+        );
+    }
+
+    fn record(&self, id: &TransferId) -> Option<TransferRecord> {
+        lock(&self.transfers).get(id).map(|l| l.record.clone())
+    }
+
+    fn info(&self, r: &TransferRecord) -> TransferInfo {
+        TransferInfo {
+            id: r.id,
+            hash: r.hash,
+            name: r.name.clone(),
+            size: r.size,
+            received: r.received,
+            state: r.state,
+            peer: r.peer,
+            direction: r.direction,
+            error: r.error.clone(),
+            path: (r.direction == Direction::In && r.state == TransferState::Done)
+                .then(|| self.settings.dir.join(&r.name)),
+        }
+    }
+
+    /// Changes transfer `id` with `f` and stores it (off the async
+    /// threads); tells watchers of its state.
+    async fn update(
+        &self,
+        id: TransferId,
+        f: impl FnOnce(&mut TransferRecord),
+    ) -> Result<TransferRecord, NodeError> {
+        let now = self.now();
+        let record = {
+            let mut all = lock(&self.transfers);
+            let live = all.get_mut(&id).ok_or_else(|| {
+                files_error(FilesErrorKind::NotFound, format!("no transfer {id}"))
+            })?;
+            f(&mut live.record);
+            live.record.updated_at = now;
+            live.state.send_replace(live.record.state);
+            live.record.clone()
+        };
+        let store = self.core.store.clone();
+        let stored = record.clone();
+        blocking(move || Ok(store.save(&stored)?)).await?;
+        Ok(record)
+    }
+
+    fn publish(&self, kind: &str, data: serde_json::Value) {
+        self.core.events.publish(kind, self.now(), data);
+    }
+
+    // ---- connections -----------------------------------------------------
+
+    fn conn(&self, peer: &NodeId) -> Option<Arc<dyn Connection>> {
+        lock(&self.conns).get(peer).cloned()
+    }
+
+    /// Serves one files connection until it ends: control messages and
+    /// data streams.
+    async fn run_conn(self: Arc<Self>, conn: Arc<dyn Connection>) {
+        let peer = conn.remote_node();
+        if let Some(old) = lock(&self.conns).insert(peer, conn.clone()) {
+            old.close();
+        }
+        self.connected.notify_waiters();
+        self.tell_peer(&peer, || Control::Connected);
+        loop {
+            tokio::select! {
+                msg = conn.recv() => match msg {
+                    Ok(bytes) => match FileFrame::decode(&bytes) {
+                        Ok(frame) => self.on_frame(&peer, &conn, frame).await,
+                        Err(_) => break,
+                    },
+                    Err(_) => break,
+                },
+                stream = conn.accept_stream() => match stream {
+                    Ok(IncomingStream::Bi(send, recv)) => {
+                        let rt = self.clone();
+                        self.core.spawn(async move { rt.serve_stream(peer, send, recv).await });
+                    }
+                    Ok(IncomingStream::Uni(mut recv)) => recv.stop(0),
+                    Err(_) => break,
+                },
+            }
+        }
+        conn.close();
+        let mut conns = lock(&self.conns);
+        if conns.get(&peer).is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+            conns.remove(&peer);
+        }
+    }
+
+    /// `peer` may no longer take part: its connection closes and its
+    /// transfers fail.
+    async fn drop_peer(self: &Arc<Self>, peer: &NodeId) {
+        if let Some(conn) = lock(&self.conns).remove(peer) {
+            conn.close();
+        }
+        let ids: Vec<TransferId> = lock(&self.transfers)
+            .values()
+            .filter(|l| l.record.peer == *peer && !l.record.state.is_final())
+            .map(|l| l.record.id)
+            .collect();
+        for id in ids {
+            self.end(
+                id,
+                TransferState::Failed,
+                Some("the device was revoked or unpaired".into()),
+            )
+            .await;
+        }
+    }
+
+    /// Sends `make()` to every running transfer with `peer`.
+    fn tell_peer(&self, peer: &NodeId, make: impl Fn() -> Control) {
+        for live in lock(&self.transfers).values() {
+            if live.record.peer == *peer
+                && let Some(c) = &live.control
+            {
+                let _ = c.send(make());
+            }
+        }
+    }
+
+    async fn send_frame(conn: &Arc<dyn Connection>, frame: &FileFrame) -> bool {
+        conn.send(frame.encode()).await.is_ok()
+    }
+
+    /// A worker: a connection to its primary (dialled if there is none).
+    async fn dial_primary(self: &Arc<Self>) -> Result<Arc<dyn Connection>, NodeError> {
+        let store = self.core.store.clone();
+        let link = blocking(move || Ok(store.load::<PrimaryLinkRecord>("primary")?))
+            .await?
+            .ok_or_else(|| files_error(FilesErrorKind::NotPaired, "this worker is not paired"))?;
+        if let Some(c) = self.conn(&link.primary) {
+            return Ok(c);
+        }
+        let mut last = None;
+        for transport in &self.core.transports {
+            match transport.connect(link.primary, &link.address, FILES).await {
+                Ok(conn) => {
+                    let conn: Arc<dyn Connection> = Arc::from(conn);
+                    let rt = self.clone();
+                    let serving = conn.clone();
+                    self.core.spawn(async move { rt.run_conn(serving).await });
+                    // Registered by run_conn; wait until it is.
+                    for _ in 0..100 {
+                        if self.conn(&link.primary).is_some() {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                    return Ok(conn);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(match last {
+            Some(TransportError::Refused(m)) => files_error(FilesErrorKind::Forbidden, m),
+            Some(e) => fail(format!("cannot reach the primary for files: {e}")),
+            None => fail("no transport"),
+        })
+    }
+
+    /// A connection to `peer`: an open one, or (a worker) dialled, or (a
+    /// primary) asked of the device over its session.
+    async fn connect(self: &Arc<Self>, peer: &NodeId) -> Result<Arc<dyn Connection>, NodeError> {
+        if let Some(c) = self.conn(peer) {
+            return Ok(c);
+        }
+        match self.side {
+            FilesSide::Worker => self.dial_primary().await,
+            FilesSide::Primary { .. } => {
+                let session = self
+                    .core
+                    .sessions
+                    .get(peer)
+                    .ok_or(NodeError::NotConnected(*peer))?;
+                let waiting = self.connected.notified();
+                tokio::pin!(waiting);
+                waiting.as_mut().enable();
+                self.core
+                    .call(&session, "files.connect", &json!({}), None)
+                    .await?;
+                let deadline = tokio::time::Instant::now() + DIAL_BACK;
+                loop {
+                    if let Some(c) = self.conn(peer) {
+                        return Ok(c);
+                    }
+                    if tokio::time::timeout_at(deadline, waiting.as_mut())
+                        .await
+                        .is_err()
+                    {
+                        return Err(NodeError::Timeout(DIAL_BACK));
+                    }
+                    waiting.set(self.connected.notified());
+                    waiting.as_mut().enable();
+                }
+            }
+        }
+    }
+
+    // ---- control messages ------------------------------------------------
+
+    async fn on_frame(
+        self: &Arc<Self>,
+        peer: &NodeId,
+        conn: &Arc<dyn Connection>,
+        frame: FileFrame,
+    ) {
+        let (id, control) = match frame {
+            FileFrame::Offer(offer) => {
+                self.on_offer(peer, conn, offer).await;
+                return;
+            }
+            FileFrame::Accept { id, received } => (id, Control::Accepted(received)),
+            FileFrame::Refuse { id, code, message } => (id, Control::Refused(code, message)),
+            FileFrame::Progress { id, received } => (id, Control::Progress(received)),
+            FileFrame::Done { id } => (id, Control::Done),
+            FileFrame::Cancel { id, reason } => (id, Control::Cancelled(reason)),
+        };
+        // A peer speaks only of its own transfers.
+        let all = lock(&self.transfers);
+        if let Some(live) = all.get(&id)
+            && live.record.peer == *peer
+        {
+            if let Some(c) = &live.control {
+                let _ = c.send(control);
+            } else if let Control::Cancelled(reason) = control {
+                // Not running (paused, or ended): still take a cancel.
+                drop(all);
+                let rt = self.clone();
+                self.core
+                    .spawn(async move { rt.end(id, TransferState::Cancelled, Some(reason)).await });
+            }
+        }
+    }
+
+    /// The receiving side of an offer.
+    async fn on_offer(self: &Arc<Self>, peer: &NodeId, conn: &Arc<dyn Connection>, offer: Offer) {
+        let refuse = |code: &str, message: String| FileFrame::Refuse {
+            id: offer.id,
+            code: code.to_owned(),
+            message,
+        };
+        if let Some(known) = self.record(&offer.id) {
+            let answer = if known.peer != *peer
+                || known.direction != Direction::In
+                || known.hash != offer.hash
+                || known.size != offer.size
+            {
+                refuse(refusals::FORBIDDEN, "not this transfer".into())
+            } else {
+                match known.state {
+                    TransferState::Done => FileFrame::Done { id: offer.id },
+                    TransferState::Failed | TransferState::Cancelled => FileFrame::Cancel {
+                        id: offer.id,
+                        reason: known.error.unwrap_or_else(|| "ended".into()),
+                    },
+                    TransferState::Active | TransferState::Paused => {
+                        self.spawn_in(offer.id);
+                        FileFrame::Accept {
+                            id: offer.id,
+                            received: known.received,
+                        }
+                    }
+                }
+            };
+            Self::send_frame(conn, &answer).await;
+            return;
+        }
+        if let Err((code, message)) = self.check_offer(peer, &offer).await {
+            Self::send_frame(conn, &refuse(&code, message)).await;
+            return;
+        }
+        let now = self.now();
+        let record = TransferRecord {
+            id: offer.id,
+            direction: Direction::In,
+            peer: *peer,
+            hash: offer.hash,
+            name: offer.name.clone(),
+            size: offer.size,
+            received: 0,
+            state: TransferState::Active,
+            source: None,
+            have: GroupSet::new(),
+            zstd: offer.zstd,
+            error: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let store = self.core.store.clone();
+        let stored = record.clone();
+        if blocking(move || Ok(store.save(&stored)?)).await.is_err() {
+            Self::send_frame(
+                conn,
+                &refuse(
+                    refusals::BUSY,
+                    "the receiver cannot store the transfer".into(),
+                ),
+            )
+            .await;
+            return;
+        }
+        self.insert(record);
+        self.publish(
+            file_events::INCOMING,
+            json!({
+                "id": offer.id.to_string(),
+                "peer": peer.to_string(),
+                "name": offer.name,
+                "size": offer.size,
+                "hash": offer.hash.to_string(),
+            }),
+        );
+        Self::send_frame(
+            conn,
+            &FileFrame::Accept {
+                id: offer.id,
+                received: 0,
+            },
+        )
+        .await;
+        self.spawn_in(offer.id);
+    }
+
+    /// Whether this node takes `offer` from `peer`.
+    async fn check_offer(&self, peer: &NodeId, offer: &Offer) -> Result<(), (String, String)> {
+        if let Err(e) = check_name(&offer.name) {
+            return Err((refusals::BAD_NAME.into(), e.to_string()));
+        }
+        let active = lock(&self.transfers)
+            .values()
+            .filter(|l| l.record.direction == Direction::In && !l.record.state.is_final())
+            .count();
+        if active >= self.settings.max_active {
+            return Err((
+                refusals::BUSY.into(),
+                format!("{active} transfers are coming in already"),
+            ));
+        }
+        match &self.side {
+            FilesSide::Primary { gate, .. } => {
+                let (gate, peer, size) = (gate.clone(), *peer, offer.size);
+                tokio::task::spawn_blocking(move || gate(&peer, size))
+                    .await
+                    .map_err(|e| (refusals::BUSY.to_owned(), e.to_string()))?
+                    .map_err(|(kind, message)| (kind.as_str().to_owned(), message))
+            }
+            FilesSide::Worker => {
+                if lock(&self.conns).get(peer).is_none() {
+                    return Err((
+                        refusals::FORBIDDEN.into(),
+                        "not this worker's primary".into(),
+                    ));
+                }
+                if offer.size > self.settings.max_file_bytes {
+                    return Err((
+                        refusals::TOO_LARGE.into(),
+                        format!(
+                            "{} bytes; this worker takes at most {}",
+                            offer.size, self.settings.max_file_bytes
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    // ---- receiving -------------------------------------------------------
+
+    /// Starts (or resumes) pulling transfer `id`, unless it runs already.
+    fn spawn_in(self: &Arc<Self>, id: TransferId) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut all = lock(&self.transfers);
+            let Some(live) = all.get_mut(&id) else { return };
+            if live.control.as_ref().is_some_and(|c| !c.is_closed()) {
+                return;
+            }
+            live.control = Some(tx);
+        }
+        let rt = self.clone();
+        self.core.spawn(async move {
+            let outcome = rt.pull(id, rx).await;
+            if let Some(live) = lock(&rt.transfers).get_mut(&id) {
+                live.control = None;
+            }
+            if let Err((state, reason)) = outcome {
+                rt.end(id, state, Some(reason)).await;
+            }
+        });
+    }
+
+    fn paths(&self, id: &TransferId) -> (PathBuf, PathBuf) {
+        let base = self.settings.dir.join(".partial");
+        (
+            base.join(format!("{id}.part")),
+            base.join(format!("{id}.obao")),
+        )
+    }
+
+    /// Pulls transfer `id` until it is whole (then done) or ends.
+    async fn pull(
+        self: &Arc<Self>,
+        id: TransferId,
+        mut control: mpsc::UnboundedReceiver<Control>,
+    ) -> Result<(), (TransferState, String)> {
+        let failed = |m: String| (TransferState::Failed, m);
+        let record = self.record(&id).ok_or_else(|| failed("gone".into()))?;
+        let (part, outboard) = self.paths(&id);
+        let (hash, size) = (record.hash, record.size);
+        let total = groups_of(size);
+        // What is on disk beyond what was stored (after a crash).
+        let known = record.have.clone();
+        let found = blocking(move || {
+            let rx = Receiving::open(&part, &outboard, hash, size)
+                .map_err(|e| fail(format!("cannot open the partial file: {e}")))?;
+            rx.recover(&known)
+                .map_err(|e| fail(format!("cannot read the partial file: {e}")))
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+        if found != record.have {
+            let received = received_bytes(&found, size);
+            let _ = self
+                .update(id, |r| {
+                    r.have = found.clone();
+                    r.received = received;
+                })
+                .await;
+        }
+        loop {
+            let record = self.record(&id).ok_or_else(|| failed("gone".into()))?;
+            if record.state.is_final() {
+                return Ok(());
+            }
+            if size == 0 || record.have.covers(total) {
+                return self.finish(id).await.map_err(failed);
+            }
+            let Some(conn) = self.conn(&record.peer) else {
+                let _ = self.update(id, |r| r.state = TransferState::Paused).await;
+                // Wait for the sender to come back (it offers again).
+                loop {
+                    match control.recv().await {
+                        Some(Control::Connected) => break,
+                        Some(Control::Cancelled(reason)) => {
+                            return Err((TransferState::Cancelled, reason));
+                        }
+                        Some(_) => {}
+                        None => return Ok(()),
+                    }
+                }
+                continue;
+            };
+            if record.state == TransferState::Paused {
+                let _ = self.update(id, |r| r.state = TransferState::Active).await;
+            }
+            let missing = record.have.missing(total, RANGES_PER_REQUEST);
+            match self.request(&conn, &record, missing, &mut control).await {
+                Ok(()) => {}
+                Err(Pulled::Cancelled(reason)) => return Err((TransferState::Cancelled, reason)),
+                Err(Pulled::Lied(group)) => {
+                    let strikes = {
+                        let mut s = lock(&self.strikes);
+                        let n = s.entry(record.peer).or_default();
+                        *n += 1;
+                        *n
+                    };
+                    self.publish(
+                        crate::events::kinds::POLICY_VIOLATION,
+                        json!({
+                            "device": record.peer.to_string(),
+                            "reason": "file_hash_mismatch",
+                            "message": format!("transfer {id}: group {group} does not match the file's hash"),
+                        }),
+                    );
+                    if strikes >= MAX_STRIKES {
+                        return Err(failed(format!(
+                            "the sender sent {strikes} groups that do not match the file's hash"
+                        )));
+                    }
+                }
+                Err(Pulled::Disk(e)) => return Err(failed(format!("writing the file: {e}"))),
+                Err(Pulled::Stream) => {
+                    // The connection dropped: wait for it unless it is back.
+                    if self
+                        .conn(&record.peer)
+                        .is_some_and(|c| Arc::ptr_eq(&c, &conn))
+                    {
+                        conn.close();
+                        let mut conns = lock(&self.conns);
+                        if conns
+                            .get(&record.peer)
+                            .is_some_and(|c| Arc::ptr_eq(c, &conn))
+                        {
+                            conns.remove(&record.peer);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One request for `missing` on a fresh stream of `conn`, and its
+    /// answer taken in.
+    async fn request(
+        self: &Arc<Self>,
+        conn: &Arc<dyn Connection>,
+        record: &TransferRecord,
+        missing: Vec<(u64, u64)>,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> Result<(), Pulled> {
+        let id = record.id;
+        let (mut send, mut recv) = conn.open_bi(0).await.map_err(|_| Pulled::Stream)?;
+        let request = RangeRequest {
+            id,
+            hash: record.hash,
+            groups: missing.clone(),
+            zstd: record.zstd,
+        };
+        send.write_all(&request.encode())
+            .await
+            .map_err(|_| Pulled::Stream)?;
+        let _ = send.finish().await;
+        // Bytes from the stream to the blocking decoder, a few pieces at a
+        // time (backpressure: the stream is not read faster than the disk
+        // takes it).
+        let (pieces_tx, pieces_rx) = mpsc::channel::<Vec<u8>>(PIECES);
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; PIECE];
+            loop {
+                match recv.read(&mut buf).await {
+                    Ok(Some(n)) => {
+                        if pieces_tx.send(buf[..n].to_vec()).await.is_err() {
+                            recv.stop(0);
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        });
+        let stop = lock(&self.transfers)
+            .get(&id)
+            .map(|l| l.stop.clone())
+            .unwrap_or_default();
+        let (part, outboard) = self.paths(&id);
+        let (hash, size, zstd) = (record.hash, record.size, record.zstd);
+        let mut have = record.have.clone();
+        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<(GroupSet, u64, bool)>();
+        let stop_flag = stop.clone();
+        let taking = tokio::task::spawn_blocking(move || -> Result<(), ReceiveError> {
+            let mut rx =
+                Receiving::open(&part, &outboard, hash, size).map_err(ReceiveError::Disk)?;
+            let input = Pieces::new(pieces_rx);
+            let mut received = received_bytes(&have, size);
+            let (mut since_save, mut since_progress) = (0u64, 0u64);
+            let mut on_group = |rx: &Syncer, g: u64, len: u64| -> bool {
+                have.insert(g);
+                received += len;
+                since_save += len;
+                since_progress += len;
+                if since_save >= SAVE_EVERY {
+                    since_save = 0;
+                    since_progress = 0;
+                    // Durable data and outboard before the state that
+                    // names them.
+                    if rx.sync().is_ok() {
+                        let _ = progress_tx.send((have.clone(), received, true));
+                    }
+                } else if since_progress >= PROGRESS_EVERY {
+                    since_progress = 0;
+                    let _ = progress_tx.send((have.clone(), received, false));
+                }
+                !stop_flag.load(Ordering::Relaxed)
+            };
+            let result = if zstd {
+                let decoder =
+                    zstd::stream::read::Decoder::new(input).map_err(ReceiveError::Disk)?;
+                take_with(&mut rx, &missing, decoder, &mut on_group)
+            } else {
+                take_with(&mut rx, &missing, input, &mut on_group)
+            };
+            let synced = rx.sync();
+            let _ = progress_tx.send((have.clone(), received, synced.is_ok()));
+            result
+        });
+        tokio::pin!(taking);
+        let outcome = loop {
+            tokio::select! {
+                done = &mut taking => break done,
+                Some((have, received, save)) = progress_rx.recv() => {
+                    self.progressed(id, have, received, save).await;
+                }
+                Some(c) = control.recv() => {
+                    // A new offer or connection while this request runs
+                    // changes nothing; a cancel stops it.
+                    if let Control::Cancelled(reason) = c {
+                        stop.store(true, Ordering::Relaxed);
+                        let _ = (&mut taking).await;
+                        reader.abort();
+                        return Err(Pulled::Cancelled(reason));
+                    }
+                }
+            }
+        };
+        while let Ok((have, received, save)) = progress_rx.try_recv() {
+            self.progressed(id, have, received, save).await;
+        }
+        reader.abort();
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(ReceiveError::Mismatch { group })) => Err(Pulled::Lied(group)),
+            Ok(Err(ReceiveError::Disk(e))) => Err(Pulled::Disk(e.to_string())),
+            Ok(Err(ReceiveError::Stopped)) => Err(Pulled::Cancelled("cancelled".into())),
+            Ok(Err(_)) => Err(Pulled::Stream),
+            Err(e) => Err(Pulled::Disk(e.to_string())),
+        }
+    }
+
+    /// The receiver moved: remember (stored if `save`), tell the sender and
+    /// the app.
+    async fn progressed(&self, id: TransferId, have: GroupSet, received: u64, save: bool) {
+        let record = if save {
+            self.update(id, |r| {
+                r.have = have;
+                r.received = received;
+            })
+            .await
+            .ok()
+        } else {
+            let mut all = lock(&self.transfers);
+            all.get_mut(&id).map(|l| {
+                l.record.received = received;
+                l.record.clone()
+            })
+        };
+        let Some(record) = record else { return };
+        if let Some(conn) = self.conn(&record.peer) {
+            let _ = conn
+                .send(FileFrame::Progress { id, received }.encode())
+                .await;
+        }
+        self.publish(
+            file_events::PROGRESS,
+            json!({
+                "id": id.to_string(),
+                "direction": "in",
+                "peer": record.peer.to_string(),
+                "bytes": received,
+                "total": record.size,
+            }),
+        );
+    }
+
+    /// Every group is there: the file moves into place under its name.
+    async fn finish(self: &Arc<Self>, id: TransferId) -> Result<(), String> {
+        let record = self.record(&id).ok_or("gone")?;
+        let (part, outboard) = self.paths(&id);
+        let dir = self.settings.dir.clone();
+        let (name, size, hash) = (record.name.clone(), record.size, record.hash);
+        let final_name = blocking(move || {
+            if size == 0 {
+                if hash != verify::empty_hash() {
+                    return Err(fail("an empty file does not have this hash"));
+                }
+                std::fs::File::create(&part).map_err(|e| fail(e.to_string()))?;
+            }
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&part)
+                .map_err(|e| fail(e.to_string()))?;
+            f.set_len(size).map_err(|e| fail(e.to_string()))?;
+            f.sync_all().map_err(|e| fail(e.to_string()))?;
+            let chosen = place(&dir, &name, &part).map_err(|e| fail(e.to_string()))?;
+            let _ = std::fs::remove_file(&outboard);
+            Ok(chosen)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let record = self
+            .update(id, |r| {
+                r.state = TransferState::Done;
+                r.name = final_name.clone();
+                r.received = size;
+                r.have = GroupSet::from_ranges([(0, groups_of(size))]);
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(conn) = self.conn(&record.peer) {
+            Self::send_frame(&conn, &FileFrame::Done { id }).await;
+        }
+        self.publish(
+            file_events::DONE,
+            json!({
+                "id": id.to_string(),
+                "direction": "in",
+                "peer": record.peer.to_string(),
+                "hash": record.hash.to_string(),
+                "name": final_name,
+                "size": size,
+                "path": self.settings.dir.join(&final_name).display().to_string(),
+            }),
+        );
+        Ok(())
+    }
+
+    /// Ends transfer `id` in `state` (failed or cancelled), tells the
+    /// peer and the app; a receiver drops its partial file.
+    async fn end(self: &Arc<Self>, id: TransferId, state: TransferState, reason: Option<String>) {
+        let Some(before) = self.record(&id) else {
+            return;
+        };
+        if before.state.is_final() {
+            return;
+        }
+        if let Some(live) = lock(&self.transfers).get(&id) {
+            live.stop.store(true, Ordering::Relaxed);
+        }
+        let Ok(record) = self
+            .update(id, |r| {
+                r.state = state;
+                r.error.clone_from(&reason);
+            })
+            .await
+        else {
+            return;
+        };
+        let reason = reason.unwrap_or_default();
+        if let Some(conn) = self.conn(&record.peer) {
+            Self::send_frame(
+                &conn,
+                &FileFrame::Cancel {
+                    id,
+                    reason: reason
+                        .chars()
+                        .take(crate::files::wire::MAX_REASON_LEN / 4)
+                        .collect(),
+                },
+            )
+            .await;
+        }
+        if record.direction == Direction::In {
+            let (part, outboard) = self.paths(&id);
+            let _ = blocking(move || {
+                let _ = std::fs::remove_file(part);
+                let _ = std::fs::remove_file(outboard);
+                Ok(())
+            })
+            .await;
+        }
+        let kind = if state == TransferState::Cancelled {
+            file_events::CANCELLED
+        } else {
+            file_events::FAILED
+        };
+        self.publish(
+            kind,
+            json!({
+                "id": id.to_string(),
+                "direction": record.direction.as_str(),
+                "peer": record.peer.to_string(),
+                "reason": reason,
+            }),
+        );
+    }
+
+    // ---- sending ---------------------------------------------------------
+
+    fn spawn_out(self: &Arc<Self>, id: TransferId) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut all = lock(&self.transfers);
+            let Some(live) = all.get_mut(&id) else { return };
+            if live.control.as_ref().is_some_and(|c| !c.is_closed()) {
+                return;
+            }
+            live.control = Some(tx);
+        }
+        let rt = self.clone();
+        self.core.spawn(async move {
+            let outcome = rt.push(id, rx).await;
+            if let Some(live) = lock(&rt.transfers).get_mut(&id) {
+                live.control = None;
+            }
+            if let Err((state, reason)) = outcome {
+                rt.end(id, state, Some(reason)).await;
+            }
+        });
+    }
+
+    /// Offers transfer `id` whenever a connection is up, until the
+    /// receiver says it is done or the transfer ends. Data streams are
+    /// served by the connection as the receiver asks.
+    async fn push(
+        self: &Arc<Self>,
+        id: TransferId,
+        mut control: mpsc::UnboundedReceiver<Control>,
+    ) -> Result<(), (TransferState, String)> {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let record = self
+                .record(&id)
+                .ok_or((TransferState::Failed, "gone".to_owned()))?;
+            if record.state.is_final() {
+                return Ok(());
+            }
+            let conn = match self.connect(&record.peer).await {
+                Ok(c) => c,
+                Err(NodeError::Files {
+                    kind: FilesErrorKind::Forbidden,
+                    message,
+                }) => {
+                    return Err((TransferState::Failed, message));
+                }
+                Err(_) => {
+                    if record.state != TransferState::Paused {
+                        let _ = self.update(id, |r| r.state = TransferState::Paused).await;
+                    }
+                    // Back when a connection comes (a worker redials on
+                    // its own backoff; a primary waits for the device).
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        c = control.recv() => match c {
+                            Some(Control::Cancelled(reason)) => {
+                                return Err((TransferState::Cancelled, reason));
+                            }
+                            None => return Ok(()),
+                            _ => {}
+                        },
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(250);
+            let offer = FileFrame::Offer(Offer {
+                id,
+                hash: record.hash,
+                size: record.size,
+                name: record.name.clone(),
+                zstd: record.zstd,
+            });
+            if !Self::send_frame(&conn, &offer).await {
+                continue;
+            }
+            // Until the receiver ends it, or the connection goes.
+            loop {
+                let closed = async {
+                    while self
+                        .conn(&record.peer)
+                        .is_some_and(|c| Arc::ptr_eq(&c, &conn))
+                    {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                };
+                let c = tokio::select! {
+                    c = control.recv() => c,
+                    () = closed => break,
+                };
+                match c {
+                    Some(Control::Accepted(received) | Control::Progress(received)) => {
+                        let state = self.record(&id).map(|r| r.state);
+                        let _ = self
+                            .update(id, |r| {
+                                r.received = received;
+                                if state == Some(TransferState::Paused) {
+                                    r.state = TransferState::Active;
+                                }
+                            })
+                            .await;
+                        self.publish(
+                            file_events::PROGRESS,
+                            json!({
+                                "id": id.to_string(),
+                                "direction": "out",
+                                "peer": record.peer.to_string(),
+                                "bytes": received,
+                                "total": record.size,
+                            }),
+                        );
+                    }
+                    Some(Control::Done) => {
+                        let size = record.size;
+                        let _ = self
+                            .update(id, |r| {
+                                r.state = TransferState::Done;
+                                r.received = size;
+                            })
+                            .await;
+                        self.publish(
+                            file_events::DONE,
+                            json!({
+                                "id": id.to_string(),
+                                "direction": "out",
+                                "peer": record.peer.to_string(),
+                                "hash": record.hash.to_string(),
+                                "name": record.name,
+                                "size": size,
+                            }),
+                        );
+                        let outboard = self.outboard_path(&id);
+                        let _ = blocking(move || {
+                            let _ = std::fs::remove_file(outboard);
+                            Ok(())
+                        })
+                        .await;
+                        return Ok(());
+                    }
+                    Some(Control::Refused(code, message)) => {
+                        return Err((
+                            TransferState::Failed,
+                            format!("refused ({code}): {message}"),
+                        ));
+                    }
+                    Some(Control::Cancelled(reason)) => {
+                        return Err((TransferState::Cancelled, reason));
+                    }
+                    Some(Control::Connected) => break,
+                    None => return Ok(()),
+                }
+            }
+        }
+    }
+
+    fn outboard_path(&self, id: &TransferId) -> PathBuf {
+        self.settings
+            .dir
+            .join(".outboard")
+            .join(format!("{id}.obao"))
+    }
+
+    /// Serves one data stream: the groups asked for, verified as read.
+    async fn serve_stream(
+        self: Arc<Self>,
+        peer: NodeId,
+        mut send: Box<dyn SendStream>,
+        mut recv: Box<dyn RecvStream>,
+    ) {
+        let Ok(_permit) = self.serving.clone().try_acquire_owned() else {
+            send.reset(1);
+            return;
+        };
+        let request = match read_request(recv.as_mut()).await {
+            Ok(r) => r,
+            Err(()) => {
+                send.reset(2);
+                return;
+            }
+        };
+        let Some(record) = self.record(&request.id) else {
+            send.reset(3);
+            return;
+        };
+        let Some(source) = record.source.clone() else {
+            send.reset(3);
+            return;
+        };
+        if record.peer != peer
+            || record.direction != Direction::Out
+            || record.hash != request.hash
+            || record.state.is_final()
+            || request.check_size(record.size).is_err()
+        {
+            send.reset(3);
+            return;
+        }
+        let outboard = self.outboard_path(&record.id);
+        let (hash, size, zstd) = (record.hash, record.size, request.zstd);
+        let groups = request.groups;
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PIECES);
+        let serving = tokio::task::spawn_blocking(move || -> Result<(), ServeError> {
+            let data = std::fs::File::open(&source).map_err(ServeError::Read)?;
+            let ob = std::fs::File::open(&outboard).map_err(ServeError::Read)?;
+            let out = Chunker::new(tx);
+            if zstd {
+                let mut enc =
+                    zstd::stream::write::Encoder::new(out, 1).map_err(ServeError::Write)?;
+                verify::serve(&data, ob, hash, size, &groups, &mut enc)?;
+                let mut out = enc.finish().map_err(ServeError::Write)?;
+                out.flush().map_err(ServeError::Write)
+            } else {
+                let mut out = out;
+                verify::serve(&data, ob, hash, size, &groups, &mut out)?;
+                out.flush().map_err(ServeError::Write)
+            }
+        });
+        let mut ok = true;
+        while let Some(piece) = rx.recv().await {
+            if send.write_all(&piece).await.is_err() {
+                ok = false;
+                break;
+            }
+        }
+        drop(rx);
+        match serving.await {
+            Ok(Ok(())) if ok => {
+                let _ = send.finish().await;
+            }
+            Ok(Err(ServeError::SourceChanged(m))) => {
+                send.reset(4);
+                self.end(
+                    record.id,
+                    TransferState::Failed,
+                    Some(format!("the file changed since it was offered ({m})")),
+                )
+                .await;
+            }
+            Ok(Err(ServeError::Read(e))) => {
+                send.reset(4);
+                self.end(
+                    record.id,
+                    TransferState::Failed,
+                    Some(format!("cannot read the file: {e}")),
+                )
+                .await;
+            }
+            _ => send.reset(5),
+        }
+    }
+
+    // ---- the API ---------------------------------------------------------
+
+    /// Offers the file at `path` to `to`.
+    pub(super) async fn send_file(
+        self: &Arc<Self>,
+        path: &Path,
+        to: NodeId,
+    ) -> Result<TransferInfo, NodeError> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                files_error(
+                    FilesErrorKind::BadName,
+                    format!("{} has no file name", path.display()),
+                )
+            })?
+            .to_owned();
+        check_name(&name).map_err(|e| files_error(FilesErrorKind::BadName, e.to_string()))?;
+        let probe = path.to_owned();
+        let meta = blocking(move || {
+            std::fs::metadata(&probe).map_err(|e| {
+                files_error(
+                    FilesErrorKind::NotFound,
+                    format!("{}: {e}", probe.display()),
+                )
+            })
+        })
+        .await?;
+        if !meta.is_file() {
+            return Err(files_error(
+                FilesErrorKind::InvalidArgument,
+                format!("{} is not a file", path.display()),
+            ));
+        }
+        match &self.side {
+            FilesSide::Primary { gate, .. } => {
+                let (gate, size) = (gate.clone(), meta.len());
+                tokio::task::spawn_blocking(move || gate(&to, size))
+                    .await
+                    .map_err(|e| fail(e.to_string()))?
+                    .map_err(|(kind, message)| files_error(kind, message))?;
+            }
+            FilesSide::Worker => {
+                let store = self.core.store.clone();
+                let link =
+                    blocking(move || Ok(store.load::<PrimaryLinkRecord>("primary")?)).await?;
+                if link.is_none_or(|l| l.primary != to) {
+                    return Err(files_error(
+                        FilesErrorKind::Forbidden,
+                        "a worker sends files to its primary only",
+                    ));
+                }
+            }
+        }
+        let source = std::path::absolute(path).map_err(|e| fail(e.to_string()))?;
+        // The same file to the same peer, still under way (say, asked for
+        // again after a restart): that transfer, not a second one.
+        let running = lock(&self.transfers)
+            .values()
+            .find(|l| {
+                let r = &l.record;
+                r.direction == Direction::Out
+                    && r.peer == to
+                    && !r.state.is_final()
+                    && r.size == meta.len()
+                    && r.source.as_deref() == Some(source.as_path())
+            })
+            .map(|l| l.record.clone());
+        if let Some(r) = running {
+            return Ok(self.info(&r));
+        }
+        let id = TransferId::random();
+        let outboard = self.outboard_path(&id);
+        let hashing = source.clone();
+        let (hash, size, zstd) = blocking(move || {
+            let (hash, size) = verify::hash_file(&hashing, &outboard).map_err(|e| {
+                files_error(
+                    FilesErrorKind::NotFound,
+                    format!("reading {}: {e}", hashing.display()),
+                )
+            })?;
+            Ok((hash, size, compresses(&hashing)))
+        })
+        .await?;
+        let now = self.now();
+        let record = TransferRecord {
+            id,
+            direction: Direction::Out,
+            peer: to,
+            hash,
+            name,
+            size,
+            received: 0,
+            state: TransferState::Active,
+            source: Some(source),
+            have: GroupSet::new(),
+            zstd,
+            error: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let store = self.core.store.clone();
+        let stored = record.clone();
+        blocking(move || Ok(store.save(&stored)?)).await?;
+        self.insert(record.clone());
+        self.spawn_out(id);
+        Ok(self.info(&record))
+    }
+
+    pub(super) fn list(&self) -> Vec<TransferInfo> {
+        let mut all: Vec<TransferRecord> = lock(&self.transfers)
+            .values()
+            .map(|l| l.record.clone())
+            .collect();
+        all.sort_by_key(|r| (r.created_at, r.id));
+        all.iter().map(|r| self.info(r)).collect()
+    }
+
+    pub(super) fn get(&self, id: &TransferId) -> Option<TransferInfo> {
+        self.record(id).map(|r| self.info(&r))
+    }
+
+    pub(super) async fn cancel(
+        self: &Arc<Self>,
+        id: TransferId,
+    ) -> Result<TransferInfo, NodeError> {
+        let record = self
+            .record(&id)
+            .ok_or_else(|| files_error(FilesErrorKind::NotFound, format!("no transfer {id}")))?;
+        if record.state.is_final() {
+            return Err(files_error(
+                FilesErrorKind::AlreadyEnded,
+                format!("transfer {id} is {}", record.state.as_str()),
+            ));
+        }
+        let running = lock(&self.transfers)
+            .get(&id)
+            .and_then(|l| l.control.clone());
+        self.end(id, TransferState::Cancelled, Some("cancelled here".into()))
+            .await;
+        if let Some(c) = running {
+            let _ = c.send(Control::Cancelled("cancelled here".into()));
+        }
+        self.get(&id).ok_or_else(|| fail("gone"))
+    }
+
+    pub(super) async fn wait(&self, id: TransferId) -> Result<TransferInfo, NodeError> {
+        let mut rx = lock(&self.transfers)
+            .get(&id)
+            .map(|l| l.state.subscribe())
+            .ok_or_else(|| files_error(FilesErrorKind::NotFound, format!("no transfer {id}")))?;
+        loop {
+            if rx.borrow_and_update().is_final() {
+                break;
+            }
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+        self.get(&id).ok_or_else(|| fail("gone"))
+    }
+
+    /// A worker, asked by its primary: dial it for files.
+    pub(super) fn dial_back(self: &Arc<Self>) {
+        if matches!(self.side, FilesSide::Worker) {
+            let rt = self.clone();
+            self.core.spawn(async move {
+                let _ = rt.dial_primary().await;
+            });
+        }
+    }
+}
+
+enum Pulled {
+    Cancelled(String),
+    Lied(u64),
+    Disk(String),
+    Stream,
+}
+
+fn take_with(
+    rx: &mut Receiving,
+    groups: &[(u64, u64)],
+    input: impl Read,
+    on_group: &mut impl FnMut(&Syncer, u64, u64) -> bool,
+) -> Result<(), ReceiveError> {
+    // `take` borrows the receiver mutably; the callback syncs the files
+    // now and then through a second handle to them.
+    let syncer = rx.syncer().map_err(ReceiveError::Disk)?;
+    rx.take(groups, input, |g, len| on_group(&syncer, g, len))
+}
+
+/// Bytes held by `have` in a file of `size` bytes.
+fn received_bytes(have: &GroupSet, size: u64) -> u64 {
+    let total = groups_of(size);
+    let mut n = have.count().min(total) * GROUP_LEN;
+    if have.contains(total - 1) {
+        n -= total * GROUP_LEN - size;
+    }
+    n.min(size)
+}
+
+/// Reads a range request from the start of a data stream.
+async fn read_request(recv: &mut dyn RecvStream) -> Result<RangeRequest, ()> {
+    let mut prefix = [0u8; 2];
+    read_exact(recv, &mut prefix).await?;
+    let n = RangeRequest::body_len(prefix).map_err(|_| ())?;
+    let mut body = vec![0u8; n];
+    read_exact(recv, &mut body).await?;
+    RangeRequest::decode(&body).map_err(|_| ())
+}
+
+async fn read_exact(recv: &mut dyn RecvStream, buf: &mut [u8]) -> Result<(), ()> {
+    let mut at = 0;
+    while at < buf.len() {
+        match tokio::time::timeout(Duration::from_secs(10), recv.read(&mut buf[at..])).await {
+            Ok(Ok(Some(n))) if n > 0 => at += n,
+            _ => return Err(()),
+        }
+    }
+    Ok(())
+}
+
+/// Moves `part` into `dir` as `name`, or `name (1)`, … if taken; returns
+/// the name used. A name is claimed by creating it (so two transfers never
+/// take the same one), then the partial file replaces the claim.
+fn place(dir: &Path, name: &str, part: &Path) -> io::Result<String> {
+    for n in 0..10_000u32 {
+        let candidate = numbered(name, n);
+        let path = dir.join(&candidate);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(_) => {
+                std::fs::rename(part, &path)?;
+                if let Ok(d) = std::fs::File::open(dir) {
+                    let _ = d.sync_all();
+                }
+                return Ok(candidate);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other(format!("no free name for {name:?}")))
+}
+
+/// Whether zstd pays for the file at `path`: a sample of its start
+/// compresses to under 90 %. Already compressed data (media, archives)
+/// does not, and is sent as it is.
+fn compresses(path: &Path) -> bool {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut sample = vec![0u8; 256 * 1024];
+    let mut n = 0;
+    while n < sample.len() {
+        match f.read(&mut sample[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    if n < 4096 {
+        return false;
+    }
+    zstd::bulk::compress(&sample[..n], 1).is_ok_and(|c| c.len() * 10 < n * 9)
+}
+
+/// A `Read` over pieces handed from an async stream reader (used on a
+/// blocking thread).
+struct Pieces {
+    rx: mpsc::Receiver<Vec<u8>>,
+    piece: Vec<u8>,
+    at: usize,
+}
+
+impl Pieces {
+    fn new(rx: mpsc::Receiver<Vec<u8>>) -> Self {
+        Pieces {
+            rx,
+            piece: Vec::new(),
+            at: 0,
+        }
+    }
+}
+
+impl Read for Pieces {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at >= self.piece.len() {
+            match self.rx.blocking_recv() {
+                Some(p) => {
+                    self.piece = p;
+                    self.at = 0;
+                }
+                // The stream ended (or failed).
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.piece.len() - self.at);
+        buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// A `Write` that hands pieces of [`PIECE`] bytes to an async writer.
+struct Chunker {
+    tx: mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl Chunker {
+    fn new(tx: mpsc::Sender<Vec<u8>>) -> Self {
+        Chunker {
+            tx,
+            buf: Vec::with_capacity(PIECE),
+        }
+    }
+}
+
+impl Write for Chunker {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= PIECE {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(PIECE));
+        self.tx
+            .blocking_send(piece)
+            .map_err(|_| io::Error::new(io::ErrorKind::ConnectionReset, "the stream is gone"))
+    }
+}
+
+impl super::Node {
+    fn files_rt(&self) -> Result<Arc<FilesRt>, NodeError> {
+        self.files
+            .clone()
+            .ok_or_else(|| fail("file transfer is not enabled on this node (NodeBuilder::files)"))
+    }
+
+    /// Sends the file at `path` to `to` (a worker: its primary; a primary:
+    /// a paired device holding `files:write` whose policy allows
+    /// `files.send`). Returns once the file is hashed and the transfer
+    /// stored; it then runs in the background, through dropped connections
+    /// and restarts of either side, until the receiver holds every byte
+    /// verified. Follow it with [`Node::wait_transfer`] or the
+    /// `transfer.*` events.
+    pub async fn send_file(
+        &self,
+        path: impl AsRef<Path>,
+        to: NodeId,
+    ) -> Result<TransferInfo, NodeError> {
+        self.files_rt()?.send_file(path.as_ref(), to).await
+    }
+
+    /// Every transfer this node knows of, in and out, oldest first.
+    pub fn transfers(&self) -> Result<Vec<TransferInfo>, NodeError> {
+        Ok(self.files_rt()?.list())
+    }
+
+    /// Transfer `id`.
+    pub fn transfer(&self, id: &TransferId) -> Result<Option<TransferInfo>, NodeError> {
+        Ok(self.files_rt()?.get(id))
+    }
+
+    /// Cancels transfer `id` (both sides stop; a receiver drops the
+    /// partial file).
+    pub async fn cancel_transfer(&self, id: TransferId) -> Result<TransferInfo, NodeError> {
+        self.files_rt()?.cancel(id).await
+    }
+
+    /// Waits until transfer `id` has ended (done, failed or cancelled).
+    pub async fn wait_transfer(&self, id: TransferId) -> Result<TransferInfo, NodeError> {
+        self.files_rt()?.wait(id).await
+    }
+
+    /// Where received files land.
+    pub fn files_dir(&self) -> Result<PathBuf, NodeError> {
+        Ok(self.files_rt()?.settings.dir.clone())
+    }
+}

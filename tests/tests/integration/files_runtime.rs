@@ -1,0 +1,388 @@
+//! Files between a primary and its devices through the runtime, over QUIC
+//! on 127.0.0.1: both ways, verified, under the device's scope and policy;
+//! names that try to escape refused; a transfer that survives a restart of
+//! the primary in the middle.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::files::{FILES, FileFrame, FileHash, Offer, TransferId};
+use mesh_core::identity::NodeKey;
+use mesh_core::node::{
+    Direction, FilesErrorKind, FilesSettings, Node, NodeConfig, NodeError, RegistryAdmission, Role,
+    TransferState, Worker,
+};
+use mesh_core::registry::scopes;
+use mesh_core::storage::{SqliteStorage, Storage};
+use mesh_core::transport::{PeerAddr, Transport};
+use mesh_policy::runtime::RuntimePolicy;
+use mesh_transport::quic::{QuicConfig, QuicTransport};
+use sha2::{Digest, Sha256};
+
+use crate::node_e2e::{Primary, pair};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Deterministic, poorly compressible bytes.
+fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn write(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+fn sha(path: &Path) -> Vec<u8> {
+    Sha256::digest(std::fs::read(path).unwrap()).to_vec()
+}
+
+fn bind(
+    key: &Arc<NodeKey>,
+    store: &Arc<dyn Storage>,
+    at: std::net::SocketAddr,
+) -> Arc<QuicTransport> {
+    let admission = Arc::new(RegistryAdmission::new(store.clone()));
+    // A port just given up may take a moment to be free again.
+    for _ in 0..50 {
+        if let Ok(q) =
+            QuicTransport::bind(key.clone(), at, admission.clone(), QuicConfig::default())
+        {
+            return Arc::new(q);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("cannot bind {at}");
+}
+
+struct Side {
+    dir: tempfile::TempDir,
+    key: Arc<NodeKey>,
+    store: Arc<dyn Storage>,
+}
+
+impl Side {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Storage> =
+            Arc::new(SqliteStorage::open(dir.path().join("mesh.db")).unwrap());
+        Side {
+            dir,
+            key: Arc::new(NodeKey::generate()),
+            store,
+        }
+    }
+
+    fn files(&self) -> PathBuf {
+        self.dir.path().join("files")
+    }
+}
+
+fn start_primary(side: &Side, at: std::net::SocketAddr) -> Primary {
+    let transport = bind(&side.key, &side.store, at);
+    let addr = PeerAddr::Socket(transport.local_addr());
+    let config = NodeConfig::new(Role::Primary, "desk", "desk-1")
+        .heartbeat_interval(Duration::from_millis(100))
+        .pairing_limits(mesh_core::node::PairingLimits::default().rates(
+            mesh_core::limits::Rate::per_second(1000.0, 1000),
+            mesh_core::limits::Rate::per_second(1000.0, 1000),
+        ));
+    let node = Node::builder(side.key.clone(), side.store.clone(), transport, config)
+        .policy(Arc::new(RuntimePolicy::new()))
+        .files(FilesSettings::new(side.files()))
+        .start_primary()
+        .unwrap();
+    Primary {
+        node,
+        store: side.store.clone(),
+        key: side.key.clone(),
+        addr,
+    }
+}
+
+fn start_worker(side: &Side, name: &str) -> (Worker, Arc<QuicTransport>) {
+    let transport = bind(&side.key, &side.store, "127.0.0.1:0".parse().unwrap());
+    let config = NodeConfig::new(Role::Worker, name, &format!("hw-{name}"))
+        .heartbeat_interval(Duration::from_millis(100))
+        .reconnect(Duration::from_millis(50), Duration::from_millis(300));
+    let node = Node::builder(
+        side.key.clone(),
+        side.store.clone(),
+        transport.clone(),
+        config,
+    )
+    .files(FilesSettings::new(side.files()))
+    .start_worker()
+    .unwrap();
+    (node, transport)
+}
+
+/// Gives `device` the files scope and a policy allowing `files.send` up to
+/// `max` bytes.
+fn allow_files(p: &Primary, device: &mesh_core::identity::NodeId, max: u64) {
+    let mut granted: Vec<&str> = scopes::DEFAULT.to_vec();
+    granted.push(scopes::FILES_WRITE);
+    p.node.set_scopes(device, &granted).unwrap();
+    p.node
+        .set_policy(
+            device,
+            &format!(r#"{{"allowed_commands": ["files.send"], "max_file_bytes": {max}}}"#),
+        )
+        .unwrap();
+}
+
+async fn done(node: &Node, id: TransferId) -> mesh_core::node::TransferInfo {
+    let info = tokio::time::timeout(WAIT, node.wait_transfer(id))
+        .await
+        .expect("the transfer ends in time")
+        .unwrap();
+    assert_eq!(info.state, TransferState::Done, "{info:?}");
+    info
+}
+
+/// The receiving side's record of `id`, once it has one.
+async fn incoming(node: &Node, id: TransferId) -> mesh_core::node::TransferInfo {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(t) = node.transfer(&id).unwrap() {
+            return t;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{id} never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_move_both_ways_verified_under_scope_and_policy() {
+    let (ps, ws) = (Side::new(), Side::new());
+    let p = start_primary(&ps, "127.0.0.1:0".parse().unwrap());
+    let (w, w_transport) = start_worker(&ws, "laptop");
+    pair(&p, &w, false).await;
+    let (p_id, w_id) = (p.node.node_id(), w.node_id());
+    let src = tempfile::tempdir().unwrap();
+
+    // Without the scope: the primary refuses the file.
+    let small = write(src.path(), "notes.txt", &bytes(40_000, 1));
+    let t = w.send_file(&small, p_id).await.unwrap();
+    let ended = tokio::time::timeout(WAIT, w.wait_transfer(t.id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.state, TransferState::Failed);
+    assert!(
+        ended
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("forbidden")),
+        "{ended:?}"
+    );
+    match p.node.send_file(&small, w_id).await {
+        Err(NodeError::Files {
+            kind: FilesErrorKind::Forbidden,
+            ..
+        }) => {}
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+
+    allow_files(&p, &w_id, 20_000_000);
+
+    // Worker → primary: 5 MiB, verified, under its name; the same name
+    // again gets a suffix.
+    let data = bytes(5 << 20, 2);
+    let big = write(src.path(), "video.mp4", &data);
+    let mut progress = p.node.subscribe("transfer.progress", 1024).unwrap();
+    let sent = w.send_file(&big, p_id).await.unwrap();
+    assert_eq!(sent.size, data.len() as u64);
+    assert_eq!(
+        sent.hash,
+        FileHash(*blake3_of(&data).as_bytes()),
+        "content-addressed by BLAKE3"
+    );
+    let out = done(&w, sent.id).await;
+    assert_eq!(out.direction, Direction::Out);
+    assert_eq!(out.received, data.len() as u64);
+    let got = incoming(&p.node, sent.id).await;
+    let got = if got.state == TransferState::Done {
+        got
+    } else {
+        done(&p.node, sent.id).await
+    };
+    assert_eq!(got.name, "video.mp4");
+    assert_eq!(got.direction, Direction::In);
+    assert_eq!(got.peer, w_id);
+    let landed = ps.files().join("video.mp4");
+    assert_eq!(got.path.as_deref(), Some(landed.as_path()));
+    assert_eq!(sha(&landed), sha(&big));
+    crate::support::next(&mut progress, "transfer.progress", Duration::from_secs(1)).await;
+    let again = w.send_file(&big, p_id).await.unwrap();
+    done(&w, again.id).await;
+    let second = done(&p.node, again.id).await;
+    assert_eq!(second.name, "video (1).mp4");
+    assert_eq!(sha(&ps.files().join("video (1).mp4")), sha(&big));
+
+    // Primary → worker (the worker dials back for it).
+    // A compressible file: sent with zstd (the sender's sample paid).
+    let text: Vec<u8> = (0..3 << 20)
+        .map(|i| b"the quick brown fox "[i % 20])
+        .collect();
+    let doc = write(src.path(), "report.txt", &text);
+    let down = p.node.send_file(&doc, w_id).await.unwrap();
+    done(&p.node, down.id).await;
+    let there = done(&w, down.id).await;
+    assert_eq!(there.direction, Direction::In);
+    assert_eq!(sha(&ws.files().join("report.txt")), sha(&doc));
+
+    // The policy's size limit, both ways.
+    let huge = write(src.path(), "huge.bin", &bytes(21_000_000, 4));
+    match p.node.send_file(&huge, w_id).await {
+        Err(NodeError::Files {
+            kind: FilesErrorKind::TooLarge,
+            ..
+        }) => {}
+        other => panic!("expected too_large, got {other:?}"),
+    }
+    let up = w.send_file(&huge, p_id).await.unwrap();
+    let refused = tokio::time::timeout(WAIT, w.wait_transfer(up.id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(refused.state, TransferState::Failed);
+    assert!(
+        refused
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("too_large")),
+        "{refused:?}"
+    );
+
+    // A hostile device (the worker's own key, by hand): names that climb
+    // out are refused and nothing is written outside the files directory.
+    let conn = w_transport
+        .connect(p_id, &p.addr, FILES)
+        .await
+        .expect("a paired device may connect");
+    for name in ["../escape.txt", "/etc/passwd", "..", "a\\b", "nul\0", "CON"] {
+        let offer = FileFrame::Offer(Offer {
+            id: TransferId::random(),
+            hash: FileHash([9; 32]),
+            size: 10,
+            name: name.into(),
+            zstd: false,
+        });
+        conn.send(offer.encode()).await.unwrap();
+        let answer = FileFrame::decode(&conn.recv().await.unwrap()).unwrap();
+        match answer {
+            FileFrame::Refuse { code, .. } => assert_eq!(code, "bad_name", "{name:?}"),
+            other => panic!("{name:?}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(!ps.dir.path().join("escape.txt").exists());
+    // Garbage on the connection ends it, and changes nothing.
+    conn.send(vec![0xff; 64]).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), conn.recv())
+            .await
+            .unwrap()
+            .is_err()
+    );
+    let names: Vec<String> = std::fs::read_dir(ps.files())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    let mut names = names;
+    names.sort();
+    assert_eq!(names, vec!["video (1).mp4", "video.mp4"]);
+
+    // Cancel: both sides stop.
+    let slow = write(src.path(), "slow.bin", &bytes(15_000_000, 5));
+    let c = w.send_file(&slow, p_id).await.unwrap();
+    let cancelled = w.cancel_transfer(c.id).await.unwrap();
+    assert_eq!(cancelled.state, TransferState::Cancelled);
+    match w.cancel_transfer(c.id).await {
+        Err(NodeError::Files {
+            kind: FilesErrorKind::AlreadyEnded,
+            ..
+        }) => {}
+        other => panic!("expected already_ended, got {other:?}"),
+    }
+    w.shutdown().await;
+    p.node.shutdown().await;
+}
+
+fn blake3_of(data: &[u8]) -> bao_tree::blake3::Hash {
+    bao_tree::blake3::hash(data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_finishes_by_itself_after_the_primary_restarts_mid_way() {
+    let (ps, ws) = (Side::new(), Side::new());
+    let p = start_primary(&ps, "127.0.0.1:0".parse().unwrap());
+    let PeerAddr::Socket(p_at) = p.addr.clone() else {
+        panic!("a socket address")
+    };
+    let (w, _) = start_worker(&ws, "camera");
+    pair(&p, &w, false).await;
+    let (p_id, w_id) = (p.node.node_id(), w.node_id());
+    allow_files(&p, &w_id, 1 << 30);
+    let src = tempfile::tempdir().unwrap();
+    let data = bytes(48 << 20, 7);
+    let file = write(src.path(), "footage.raw", &data);
+    let sent = w.send_file(&file, p_id).await.unwrap();
+
+    // Once a third has arrived, the primary goes away.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let seen = p.node.transfer(&sent.id).unwrap();
+        if seen.is_some_and(|t| t.received >= data.len() as u64 / 3) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    p.node.shutdown().await;
+    drop(p);
+    let before = SqliteStorage::open(ps.dir.path().join("mesh.db")).map(|_| ());
+    assert!(before.is_ok());
+
+    // Back on the same port, same store: the transfer resumes from what
+    // the primary holds, by itself.
+    let p = start_primary(&ps, p_at);
+    let mut progress = p.node.subscribe("transfer.progress", 4096).unwrap();
+    let got = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(t) = p.node.transfer(&sent.id).unwrap()
+                && t.state == TransferState::Done
+            {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the transfer finishes after the restart");
+    assert_eq!(sha(&ps.files().join(&got.name)), sha(&file));
+    // It resumed: the first progress after the restart was already well
+    // past the start.
+    let first =
+        crate::support::next(&mut progress, "transfer.progress", Duration::from_secs(1)).await;
+    let bytes_then = first.data["bytes"].as_u64().unwrap();
+    assert!(
+        bytes_then >= data.len() as u64 / 4,
+        "resumed from {bytes_then} of {}",
+        data.len()
+    );
+    done(&w, sent.id).await;
+    w.shutdown().await;
+    p.node.shutdown().await;
+}
