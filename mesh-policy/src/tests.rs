@@ -33,6 +33,7 @@ fn reason_codes_are_exactly_the_documented_ones() {
             "power_peer_work_on_battery",
             "power_small_jobs_only",
             "tokens_exceeded",
+            "file_too_large",
             "cost_exceeded",
             "concurrency_exceeded",
             "cpu_busy",
@@ -71,7 +72,7 @@ fn evaluation_order_is_exact() {
     let p_battery_ok = policy(
         r#"{"allowed_commands": ["chat.*"], "require_approval": true, "max_tokens_per_call": 100,
             "max_cost_per_hour": 1.0, "max_concurrent_calls": 1, "require_vpn": true,
-            "allowed_hours_utc": "09:00-17:00"}"#,
+            "allowed_hours_utc": "09:00-17:00", "max_file_bytes": 10}"#,
     );
     let mut ctx = Context {
         now_unix_ms: 20 * H,
@@ -90,7 +91,7 @@ fn evaluation_order_is_exact() {
         }),
         work: WorkKind::PeerDirect,
         job_size: JobSize::Large,
-        file_bytes: 0,
+        file_bytes: 20,
     };
     let mut seen = vec![];
     let mut cmd = "ops.restart";
@@ -119,6 +120,8 @@ fn evaluation_order_is_exact() {
     ctx.job_size = JobSize::Small;
     seen.push(reason(&p, cmd, &ctx)); // tokens
     ctx.tokens = 100;
+    seen.push(reason(&p, cmd, &ctx)); // file size
+    ctx.file_bytes = 10;
     seen.push(reason(&p, cmd, &ctx)); // cost
     ctx.cost = 0.5;
     seen.push(reason(&p, cmd, &ctx)); // concurrency
