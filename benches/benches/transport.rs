@@ -15,27 +15,15 @@
 //! compared. `cargo test --benches` runs a small version of each.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_core::identity::NodeKey;
 use mesh_core::transport::{AdmitAll, Connection, Protocol, Transport};
-use mesh_transport::quic::{QuicConfig, QuicTransport, raw};
+use mesh_transport::quic::{QuicTransport, raw};
 
-const MESSAGE: usize = 1 << 20;
-
-fn key(seed: u8) -> Arc<NodeKey> {
-    Arc::new(NodeKey::from_secret_bytes(&[seed; 32]))
-}
-
-fn localhost() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 0))
-}
-
-fn config() -> QuicConfig {
-    QuicConfig::default()
-}
+#[path = "../common/raw_quinn.rs"]
+mod raw_quinn;
+use raw_quinn::{MESSAGE, config, key, localhost, raw_pair, raw_transfer};
 
 fn transport(seed: u8) -> QuicTransport {
     QuicTransport::bind(key(seed), localhost(), Arc::new(AdmitAll), config()).unwrap()
@@ -54,38 +42,6 @@ async fn our_pair() -> (
         server.accept()
     );
     (server, client, c.unwrap(), s.unwrap())
-}
-
-struct RawPair {
-    _server: quinn::Endpoint,
-    _client: quinn::Endpoint,
-    client_conn: quinn::Connection,
-    server_conn: quinn::Connection,
-}
-
-async fn raw_pair() -> RawPair {
-    let server =
-        quinn::Endpoint::server(raw::server_config(key(1), &config()).unwrap(), localhost())
-            .unwrap();
-    let client = quinn::Endpoint::client(localhost()).unwrap();
-    let addr = server.local_addr().unwrap();
-    let cfg = raw::client_config(key(2), key(1).node_id(), Protocol::MESH, &config()).unwrap();
-    let (c, s) = tokio::join!(
-        async {
-            client
-                .connect_with(cfg, addr, raw::SERVER_NAME)
-                .unwrap()
-                .await
-                .unwrap()
-        },
-        async { server.accept().await.unwrap().await.unwrap() }
-    );
-    RawPair {
-        _server: server,
-        _client: client,
-        client_conn: c,
-        server_conn: s,
-    }
 }
 
 /// Seconds to move `total` bytes through our transport.
@@ -140,29 +96,6 @@ async fn our_stream_transfer(total: usize) -> f64 {
         send.write_all(&payload).await.unwrap();
     }
     send.finish().await.unwrap();
-    assert_eq!(receiver.await.unwrap(), total);
-    start.elapsed().as_secs_f64()
-}
-
-/// Seconds to move `total` bytes over one raw quinn stream.
-async fn raw_transfer(total: usize) -> f64 {
-    let pair = raw_pair().await;
-    let server_conn = pair.server_conn.clone();
-    let receiver = tokio::spawn(async move {
-        let (_send, mut recv) = server_conn.accept_bi().await.unwrap();
-        let mut got = 0;
-        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.unwrap() {
-            got += chunk.bytes.len();
-        }
-        got
-    });
-    let payload = vec![0xA5u8; MESSAGE];
-    let (mut send, _recv) = pair.client_conn.open_bi().await.unwrap();
-    let start = Instant::now();
-    for _ in 0..total / MESSAGE {
-        send.write_all(&payload).await.unwrap();
-    }
-    send.finish().unwrap();
     assert_eq!(receiver.await.unwrap(), total);
     start.elapsed().as_secs_f64()
 }

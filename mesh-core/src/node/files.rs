@@ -169,6 +169,26 @@ impl std::fmt::Display for FilesErrorKind {
     }
 }
 
+/// Counters of file transfer since the node started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FilesStats {
+    /// Bytes this node served on data streams (verified encoding: file
+    /// bytes and hash pairs, before compression).
+    pub bytes_served: u64,
+    /// Bytes of groups this node took in verified.
+    pub bytes_verified: u64,
+    /// Groups refused because they did not match the file's hash.
+    pub groups_rejected: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    served: std::sync::atomic::AtomicU64,
+    verified: std::sync::atomic::AtomicU64,
+    rejected: std::sync::atomic::AtomicU64,
+}
+
 /// Which way a transfer goes, seen from this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -331,6 +351,7 @@ pub(super) struct FilesRt {
     connected: Notify,
     strikes: Mutex<HashMap<NodeId, u32>>,
     serving: Arc<tokio::sync::Semaphore>,
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for FilesRt {
@@ -386,6 +407,7 @@ pub(super) fn build(
         connected: Notify::new(),
         strikes: Mutex::new(HashMap::new()),
         serving: Arc::new(tokio::sync::Semaphore::new(SERVING)),
+        counters: Arc::default(),
     });
     if matches!(rt.side, FilesSide::Primary { .. }) {
         // A device revoked or unpaired loses its files connection at once,
@@ -958,6 +980,7 @@ impl FilesRt {
                 Ok(()) => {}
                 Err(Pulled::Cancelled(reason)) => return Err((TransferState::Cancelled, reason)),
                 Err(Pulled::Lied(group)) => {
+                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
                     let strikes = {
                         let mut s = lock(&self.strikes);
                         let n = s.entry(record.peer).or_default();
@@ -1047,6 +1070,7 @@ impl FilesRt {
         let mut have = record.have.clone();
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<(GroupSet, u64, bool)>();
         let stop_flag = stop.clone();
+        let counters = self.counters.clone();
         let taking = tokio::task::spawn_blocking(move || -> Result<(), ReceiveError> {
             let mut rx =
                 Receiving::open(&part, &outboard, hash, size).map_err(ReceiveError::Disk)?;
@@ -1056,6 +1080,7 @@ impl FilesRt {
             let mut on_group = |rx: &Syncer, g: u64, len: u64| -> bool {
                 have.insert(g);
                 received += len;
+                counters.verified.fetch_add(len, Ordering::Relaxed);
                 since_save += len;
                 since_progress += len;
                 if since_save >= SAVE_EVERY {
@@ -1489,6 +1514,9 @@ impl FilesRt {
                 ok = false;
                 break;
             }
+            self.counters
+                .served
+                .fetch_add(piece.len() as u64, Ordering::Relaxed);
         }
         drop(rx);
         match serving.await {
@@ -1625,6 +1653,14 @@ impl FilesRt {
         self.insert(record.clone());
         self.spawn_out(id);
         Ok(self.info(&record))
+    }
+
+    pub(super) fn stats(&self) -> FilesStats {
+        FilesStats {
+            bytes_served: self.counters.served.load(Ordering::Relaxed),
+            bytes_verified: self.counters.verified.load(Ordering::Relaxed),
+            groups_rejected: self.counters.rejected.load(Ordering::Relaxed),
+        }
     }
 
     pub(super) fn list(&self) -> Vec<TransferInfo> {
@@ -1901,6 +1937,11 @@ impl super::Node {
     /// Waits until transfer `id` has ended (done, failed or cancelled).
     pub async fn wait_transfer(&self, id: TransferId) -> Result<TransferInfo, NodeError> {
         self.files_rt()?.wait(id).await
+    }
+
+    /// Counters of file transfer since the node started.
+    pub fn files_stats(&self) -> Result<FilesStats, NodeError> {
+        Ok(self.files_rt()?.stats())
     }
 
     /// Where received files land.
