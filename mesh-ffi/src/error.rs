@@ -1,6 +1,6 @@
 //! One error enum for every call, with variants an app can act on.
 
-use mesh_core::node::{MeshErrorKind, NodeError, SyncErrorKind};
+use mesh_core::node::{FilesErrorKind, MeshErrorKind, NodeError, SyncErrorKind};
 use mesh_core::registry::RegistryError;
 
 /// What went wrong. Each variant carries `detail`, a message for people;
@@ -95,6 +95,16 @@ pub enum MeshError {
         /// Explanation.
         detail: String,
     },
+    /// A file transfer was refused or failed: `code` is `bad_name`,
+    /// `forbidden` (no `files:write` scope, or the policy does not allow
+    /// `files.send`), `too_large`, `not_paired`, `already_ended` or `busy`.
+    #[error("file transfer ({code}): {detail}")]
+    File {
+        /// The error kind.
+        code: String,
+        /// Explanation.
+        detail: String,
+    },
     /// An app callback failed unexpectedly.
     #[error("callback failed: {detail}")]
     Callback {
@@ -160,6 +170,14 @@ impl From<NodeError> for MeshError {
                 }
                 _ => MeshError::Replica {
                     code: kind.code().into(),
+                    detail: message,
+                },
+            },
+            NodeError::Files { kind, message } => match kind {
+                FilesErrorKind::NotFound => MeshError::NotFound { detail: message },
+                FilesErrorKind::InvalidArgument => MeshError::InvalidInput { detail: message },
+                _ => MeshError::File {
+                    code: kind.as_str().into(),
                     detail: message,
                 },
             },

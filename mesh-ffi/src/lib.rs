@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 mod error;
+mod files;
 mod mesh;
 mod node;
 mod sync;

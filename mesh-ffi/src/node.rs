@@ -182,6 +182,11 @@ impl MeshNode {
     }
 
     /// The primary's handle, if the node runs as the primary.
+    pub(crate) fn primary_handle(&self) -> Result<Primary, MeshError> {
+        self.primary()
+    }
+
+    /// The primary's handle, if the node runs as the primary.
     fn primary(&self) -> Result<Primary, MeshError> {
         self.node()?.as_primary().ok_or_else(|| {
             MeshError::unavailable("this is a primary operation; the node is a worker")

@@ -94,7 +94,11 @@ pub enum ServeError {
 }
 
 /// Writes the verified encoding of `groups` of the file `data` (root
-/// `hash`, `size` bytes, outboard in `outboard`) to `out`.
+/// `hash`, `size` bytes, outboard in `outboard`) to `out`. If `checked`,
+/// every group read is hashed again and checked against the outboard (a
+/// file changed since it was hashed fails here); otherwise the receiver's
+/// check is the only one (the caller compares the file's size and
+/// modification time instead, which costs no hashing).
 pub fn serve(
     data: &File,
     outboard: File,
@@ -102,6 +106,7 @@ pub fn serve(
     size: u64,
     groups: &[(u64, u64)],
     out: impl Write,
+    checked: bool,
 ) -> Result<(), ServeError> {
     let ob = PreOrderOutboard {
         root: blake3::Hash::from(hash.0),
@@ -109,7 +114,12 @@ pub fn serve(
         data: outboard,
     };
     let ranges = chunk_ranges(groups);
-    bao_tree::io::sync::encode_ranges_validated(data, &ob, &ranges, out).map_err(|e| match e {
+    let encoded = if checked {
+        bao_tree::io::sync::encode_ranges_validated(data, &ob, &ranges, out)
+    } else {
+        bao_tree::io::sync::encode_ranges(data, &ob, &ranges, out)
+    };
+    encoded.map_err(|e| match e {
         EncodeError::ParentHashMismatch(_) | EncodeError::LeafHashMismatch(_) => {
             ServeError::SourceChanged(e.to_string())
         }
@@ -311,6 +321,7 @@ mod tests {
             size,
             groups,
             &mut out,
+            true,
         )
         .unwrap();
         out
@@ -422,9 +433,26 @@ mod tests {
             size,
             &[(0, 5)],
             io::sink(),
+            true,
         )
         .unwrap_err();
         assert!(matches!(e, ServeError::SourceChanged(_)), "{e}");
+        // Unchecked, the bad group goes out, and the receiver refuses it.
+        let mut bytes = Vec::new();
+        serve(
+            &File::open(&src).unwrap(),
+            File::open(&ob).unwrap(),
+            hash,
+            size,
+            &[(0, 5)],
+            &mut bytes,
+            false,
+        )
+        .unwrap();
+        let part = dir.path().join("part");
+        let mut rx = Receiving::open(&part, &dir.path().join("p.obao"), hash, size).unwrap();
+        let e = rx.take(&[(0, 5)], bytes.as_slice(), |_, _| true).unwrap_err();
+        assert!(matches!(e, ReceiveError::Mismatch { group: 3 }), "{e}");
     }
 
     #[test]

@@ -19,7 +19,7 @@
 //!    and accepts; it then asks for the groups it lacks on a fresh stream
 //!    (up to 256 ranges per request), checks each 16 KiB group against
 //!    the root hash before writing it at its offset in a partial file, and
-//!    stores which groups it holds every 4 MiB (after an fsync);
+//!    stores which groups it holds every 64 MiB (after an fsync);
 //! 3. when every group is there, the partial file is renamed into the
 //!    files directory under the offered name (a numbered suffix if taken)
 //!    and the receiver says `Done`.
@@ -61,7 +61,7 @@ const PIECE: usize = 64 * 1024;
 /// Pieces in flight between a stream and the blocking side.
 const PIECES: usize = 8;
 /// The receiver stores which groups it holds this often (bytes).
-const SAVE_EVERY: u64 = 4 << 20;
+const SAVE_EVERY: u64 = 64 << 20;
 /// Progress is told (event, and a frame to the sender) this often (bytes).
 const PROGRESS_EVERY: u64 = 1 << 20;
 /// Data streams served at once, all peers together.
@@ -260,6 +260,9 @@ pub(crate) struct TransferRecord {
     state: TransferState,
     /// The file sent (out).
     source: Option<PathBuf>,
+    /// Its modification time when it was hashed (ns since the epoch; 0 if
+    /// unknown): a file changed since is not served.
+    source_modified_ns: u64,
     /// The groups held verified (in).
     have: GroupSet,
     zstd: bool,
@@ -801,6 +804,7 @@ impl FilesRt {
             received: 0,
             state: TransferState::Active,
             source: None,
+            source_modified_ns: 0,
             have: GroupSet::new(),
             zstd: offer.zstd,
             error: None,
@@ -1382,16 +1386,19 @@ impl FilesRt {
                     () = closed => break,
                 };
                 match c {
-                    Some(Control::Accepted(received) | Control::Progress(received)) => {
-                        let state = self.record(&id).map(|r| r.state);
+                    Some(Control::Accepted(received)) => {
                         let _ = self
                             .update(id, |r| {
                                 r.received = received;
-                                if state == Some(TransferState::Paused) {
-                                    r.state = TransferState::Active;
-                                }
+                                r.state = TransferState::Active;
                             })
                             .await;
+                    }
+                    Some(Control::Progress(received)) => {
+                        // In memory: stored when the state changes.
+                        if let Some(l) = lock(&self.transfers).get_mut(&id) {
+                            l.record.received = received;
+                        }
                         self.publish(
                             file_events::PROGRESS,
                             json!({
@@ -1492,19 +1499,28 @@ impl FilesRt {
         let (hash, size, zstd) = (record.hash, record.size, request.zstd);
         let groups = request.groups;
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PIECES);
+        let modified = record.source_modified_ns;
         let serving = tokio::task::spawn_blocking(move || -> Result<(), ServeError> {
             let data = std::fs::File::open(&source).map_err(ServeError::Read)?;
+            // Changed since it was hashed (size or time): not served. The
+            // receiver checks every group anyway; this saves re-hashing here.
+            let len = data.metadata().map_err(ServeError::Read)?.len();
+            if len != size || modified_ns(&source) != modified {
+                return Err(ServeError::SourceChanged(
+                    "its size or modification time changed".into(),
+                ));
+            }
             let ob = std::fs::File::open(&outboard).map_err(ServeError::Read)?;
             let out = Chunker::new(tx);
             if zstd {
                 let mut enc =
                     zstd::stream::write::Encoder::new(out, 1).map_err(ServeError::Write)?;
-                verify::serve(&data, ob, hash, size, &groups, &mut enc)?;
+                verify::serve(&data, ob, hash, size, &groups, &mut enc, false)?;
                 let mut out = enc.finish().map_err(ServeError::Write)?;
                 out.flush().map_err(ServeError::Write)
             } else {
                 let mut out = out;
-                verify::serve(&data, ob, hash, size, &groups, &mut out)?;
+                verify::serve(&data, ob, hash, size, &groups, &mut out, false)?;
                 out.flush().map_err(ServeError::Write)
             }
         });
@@ -1620,14 +1636,15 @@ impl FilesRt {
         let id = TransferId::random();
         let outboard = self.outboard_path(&id);
         let hashing = source.clone();
-        let (hash, size, zstd) = blocking(move || {
+        let (hash, size, zstd, modified) = blocking(move || {
+            let modified = modified_ns(&hashing);
             let (hash, size) = verify::hash_file(&hashing, &outboard).map_err(|e| {
                 files_error(
                     FilesErrorKind::NotFound,
                     format!("reading {}: {e}", hashing.display()),
                 )
             })?;
-            Ok((hash, size, compresses(&hashing)))
+            Ok((hash, size, compresses(&hashing), modified))
         })
         .await?;
         let now = self.now();
@@ -1641,6 +1658,7 @@ impl FilesRt {
             received: 0,
             state: TransferState::Active,
             source: Some(source),
+            source_modified_ns: modified,
             have: GroupSet::new(),
             zstd,
             error: None,
@@ -1801,6 +1819,15 @@ fn place(dir: &Path, name: &str, part: &Path) -> io::Result<String> {
         }
     }
     Err(io::Error::other(format!("no free name for {name:?}")))
+}
+
+/// The modification time of `path`, ns since the epoch (0 if unknown).
+fn modified_ns(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Whether zstd pays for the file at `path`: a sample of its start

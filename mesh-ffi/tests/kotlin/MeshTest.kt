@@ -53,6 +53,24 @@ class Greet : CommandHandler {
     }
 }
 
+class Transfers : TransferListener {
+    val incoming = CopyOnWriteArrayList<FileTransfer>()
+    val finished = CopyOnWriteArrayList<FileTransfer>()
+    @Volatile var lastProgress = 0uL
+    override fun onIncoming(transfer: FileTransfer) {
+        incoming.add(transfer)
+    }
+    override fun onProgress(id: String, bytes: ULong, total: ULong) {
+        lastProgress = bytes
+    }
+    override fun onFinished(transfer: FileTransfer) {
+        finished.add(transfer)
+    }
+}
+
+fun sha256(bytes: ByteArray): String =
+    java.security.MessageDigest.getInstance("SHA-256").digest(bytes).joinToString("") { "%02x".format(it) }
+
 class Notes : CommandHandler {
     override fun handle(argsJson: String): String = "{\"stored\":true}"
 }
@@ -157,6 +175,32 @@ suspend fun scenario() {
     }
     val decision = primary.checkCommand(worker.nodeId(), "system.shutdown")
     check("checkCommand resolves the policy", decision.verdict == "deny" && decision.code == "command_not_allowed")
+
+    // Files: the primary sends one to the worker, checked by hash.
+    val data = ByteArray(2 * 1024 * 1024 + 5) { ((it * 31) % 253).toByte() }
+    val src = java.io.File("$tmp/song.bin").also { it.writeBytes(data) }
+    try {
+        primary.sendFile(src.path, worker.nodeId())
+        check("a device without files:write is refused", false)
+    } catch (e: MeshException.File) {
+        check("a device without files:write is File(forbidden)", e.code == "forbidden") { e.code }
+    }
+    primary.setScopes(worker.nodeId(), listOf("presence:write", "events:write", "commands:run", "files:write"))
+    primary.setPolicy(worker.nodeId(), "{\"allowed_commands\": [\"notes.*\", \"files.send\"]}")
+    val transfers = Transfers()
+    val filesSub = worker.subscribeTransfers(transfers)
+    val sent = primary.sendFile(src.path, worker.nodeId())
+    check("sendFile returns the transfer", sent.size == data.size.toULong() && sent.name == "song.bin" && sent.direction == "out")
+    eventually("the offer reaches the worker") { worker.transfers().any { it.id == sent.id } }
+    val got = worker.waitTransfer(sent.id)
+    check("the worker holds the file", got.state == "done" && got.direction == "in" && got.hash == sent.hash) { got.toString() }
+    val landed = java.io.File(got.path!!).readBytes()
+    check("the file's SHA-256 matches", sha256(landed) == sha256(data))
+    eventually("the listener saw it arrive and end") { transfers.finished.any { it.id == sent.id } }
+    check("the listener saw it coming", transfers.incoming.any { it.id == sent.id })
+    check("progress reached the size", transfers.lastProgress == data.size.toULong()) { transfers.lastProgress.toString() }
+    expect<MeshException.InvalidInput>("a malformed transfer id is InvalidInput") { worker.transfer("nope") }
+    filesSub.close()
 
     // Events reached the Kotlin listener; closing stops delivery.
     val kinds = events.kinds()

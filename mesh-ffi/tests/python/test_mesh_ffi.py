@@ -7,6 +7,7 @@ Run by mesh-ffi/test-bindings.sh (generated module and .so side by side).
 """
 
 import asyncio
+import hashlib
 import json
 import tempfile
 import threading
@@ -54,6 +55,35 @@ class Greet(m.CommandHandler):
 class Broken(m.CommandHandler):
     def handle(self, args_json):
         raise ValueError("a bug in the app's handler")
+
+
+class Transfers(m.TransferListener):
+    """Keeps transfers' progress and ends; wakes waiters."""
+
+    def __init__(self):
+        self.incoming, self.progress, self.finished = [], [], []
+        self.cond = threading.Condition()
+
+    def on_incoming(self, transfer):
+        with self.cond:
+            self.incoming.append(transfer)
+            self.cond.notify_all()
+
+    def on_progress(self, id, bytes, total):
+        with self.cond:
+            self.progress.append((id, bytes, total))
+            self.cond.notify_all()
+
+    def on_finished(self, transfer):
+        with self.cond:
+            self.finished.append(transfer)
+            self.cond.notify_all()
+
+    def wait_finished(self, id):
+        with self.cond:
+            ok = self.cond.wait_for(lambda: any(t.id == id for t in self.finished), WAIT_S)
+        assert ok, f"transfer {id} did not end within {WAIT_S} s"
+        return next(t for t in self.finished if t.id == id)
 
 
 class Notes(m.CommandHandler):
@@ -181,6 +211,35 @@ async def scenario():
         assert primary.check_command(worker.node_id(), "notes.read").verdict == "allow"
         with pytest.raises(m.MeshError.InvalidInput):
             await worker.send_command("notes.write", "{not json")
+
+        # Files: the worker sends one to the primary, checked by hash.
+        data = bytes((i * 7919) % 251 for i in range(3 * 1024 * 1024 + 17))
+        src = f"{tmp}/clip.bin"
+        with open(src, "wb") as f:
+            f.write(data)
+        with pytest.raises(m.MeshError.File) as forbidden:
+            await primary.send_file(src, worker.node_id())
+        assert forbidden.value.code == "forbidden"
+        primary.set_scopes(worker.node_id(), ["presence:write", "events:write", "commands:run", "files:write"])
+        primary.set_policy(worker.node_id(), '{"allowed_commands": ["notes.*", "files.send"]}')
+        incoming = Transfers()
+        files_sub = primary.subscribe_transfers(incoming)
+        sent = await worker.send_file(src, primary.node_id())
+        assert sent.size == len(data) and sent.name == "clip.bin" and sent.direction == "out"
+        done = incoming.wait_finished(sent.id)
+        assert done.state == "done" and done.direction == "in" and done.hash == sent.hash
+        with open(done.path, "rb") as f:
+            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+        assert [t.id for t in incoming.incoming] == [sent.id]
+        assert incoming.progress and incoming.progress[-1][2] == len(data)
+        assert (await worker.wait_transfer(sent.id)).state == "done"
+        assert primary.transfer(sent.id).name == "clip.bin"
+        with pytest.raises(m.MeshError.InvalidInput):
+            primary.transfer("not-an-id")
+        with pytest.raises(m.MeshError.File) as ended:
+            await worker.cancel_transfer(sent.id)
+        assert ended.value.code == "already_ended"
+        files_sub.cancel()
 
         # Events reached the Python listener; closing stops delivery.
         kinds = events.kinds()
