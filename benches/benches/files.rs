@@ -59,9 +59,12 @@ impl Side {
     fn transport(&self, at: std::net::SocketAddr) -> Arc<QuicTransport> {
         let admission = Arc::new(RegistryAdmission::new(self.store.clone()));
         for _ in 0..50 {
-            if let Ok(q) =
-                QuicTransport::bind(self.key.clone(), at, admission.clone(), QuicConfig::default())
-            {
+            if let Ok(q) = QuicTransport::bind(
+                self.key.clone(),
+                at,
+                admission.clone(),
+                QuicConfig::default(),
+            ) {
                 return Arc::new(q);
             }
             std::thread::sleep(Duration::from_millis(100));

@@ -80,4 +80,3 @@ pub async fn raw_transfer(total: usize) -> f64 {
     assert_eq!(receiver.await.unwrap(), total);
     start.elapsed().as_secs_f64()
 }
-

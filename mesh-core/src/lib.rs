@@ -86,6 +86,7 @@ pub mod health;
 pub mod identity;
 pub mod ledger;
 pub mod limits;
+pub mod media;
 pub mod mesh;
 pub mod node;
 pub mod pairing;

@@ -451,7 +451,9 @@ mod tests {
         .unwrap();
         let part = dir.path().join("part");
         let mut rx = Receiving::open(&part, &dir.path().join("p.obao"), hash, size).unwrap();
-        let e = rx.take(&[(0, 5)], bytes.as_slice(), |_, _| true).unwrap_err();
+        let e = rx
+            .take(&[(0, 5)], bytes.as_slice(), |_, _| true)
+            .unwrap_err();
         assert!(matches!(e, ReceiveError::Mismatch { group: 3 }), "{e}");
     }
 

@@ -78,7 +78,8 @@ pub use backoff::Backoff;
 pub use data_dir::{DB_FILE, DataDir, KEY_FILE};
 pub use delivery::{DeliverySettings, DeliveryStatus, ReliableMessage, delivery_events};
 pub use files::{
-    Direction, FILES_DIR, FilesErrorKind, FilesSettings, FilesStats, TransferInfo, TransferState, file_events,
+    Direction, FILES_DIR, FilesErrorKind, FilesSettings, FilesStats, TransferInfo, TransferState,
+    file_events,
 };
 pub use ledger_sync::{LEDGER_SYNC, LEDGER_SYNC_INTERVAL, ledger_events};
 pub use mesh::{
