@@ -61,6 +61,23 @@ const RESERVED: &[&str] = &[
     "CONIN$", "CONOUT$",
 ];
 
+/// Format characters that change how a name reads without showing
+/// (bidirectional overrides, zero-width characters, separators): a
+/// `report\u{202E}fdp.exe` would show as `reportexe.pdf`.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
+}
+
 /// Checks `name` and returns it unchanged if it is one plain, portable
 /// file name.
 pub fn check_name(name: &str) -> Result<&str, FileNameError> {
@@ -77,7 +94,7 @@ pub fn check_name(name: &str) -> Result<&str, FileNameError> {
         if c == '/' || c == '\\' || c == ':' {
             return Err(FileNameError::Separator(c));
         }
-        if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{FEFF}') {
+        if c.is_control() || invisible(c) {
             return Err(FileNameError::Control(u32::from(c)));
         }
         if matches!(c, '<' | '>' | '"' | '|' | '?' | '*') {
@@ -101,8 +118,9 @@ pub fn numbered(name: &str, n: u32) -> String {
     if n == 0 {
         return name.to_owned();
     }
+    // A long "extension" is part of the stem (the suffix must fit).
     let (stem, ext) = match name.rfind('.') {
-        Some(i) if i > 0 => name.split_at(i),
+        Some(i) if i > 0 && name.len() - i <= 32 => name.split_at(i),
         _ => (name, ""),
     };
     let suffix = format!(" ({n}){ext}");
@@ -150,6 +168,8 @@ mod tests {
             ("esc\u{1b}[31m", "control_character"),
             ("del\u{7f}", "control_character"),
             ("sep\u{2028}", "control_character"),
+            ("invoice\u{202E}fdp.exe", "control_character"),
+            ("zero\u{200B}width", "control_character"),
             ("CON", "reserved"),
             ("nul.txt", "reserved"),
             ("Com1.tar.gz", "reserved"),
@@ -185,5 +205,9 @@ mod tests {
         assert!(n.len() <= MAX_NAME_LEN, "{}", n.len());
         assert!(n.ends_with(" (12).bin"));
         assert!(check_name(&n).is_ok());
+        // A long extension: the suffix still fits.
+        let odd = format!("a.{}", "x".repeat(252));
+        let n = numbered(&odd, 7);
+        assert!(n.len() <= MAX_NAME_LEN && n.ends_with(" (7)"), "{n}");
     }
 }

@@ -181,10 +181,7 @@ impl MediaReceiver {
     pub fn poll(&mut self, now_ms: u64) -> Vec<Received> {
         let mut out = Vec::new();
         let sender_now = self.sender_now_us(now_ms);
-        loop {
-            let Some((&seq, held)) = self.held.first_key_value() else {
-                break;
-            };
+        while let Some((&seq, held)) = self.held.first_key_value() {
             if i128::from(held.deadline_us) < sender_now {
                 // Of no use any more: dropped, and whatever it waited for
                 // with it.

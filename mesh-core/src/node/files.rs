@@ -70,6 +70,57 @@ const SERVING: usize = 32;
 const MAX_STRIKES: u32 = 3;
 /// How long a primary waits for a device to dial back.
 const DIAL_BACK: Duration = Duration::from_secs(10);
+/// Data streams one peer may have served at once.
+const SERVING_PER_PEER: usize = 8;
+/// Incoming transfers not ended, per peer (the total is
+/// [`FilesSettings::max_active`]).
+const INCOMING_PER_PEER: usize = 8;
+/// Offers a peer may make per second (and at once).
+const OFFERS_PER_SECOND: f64 = 5.0;
+const OFFER_BURST: u32 = 20;
+const MAX_PEERS_TRACKED: usize = 4096;
+/// The largest file anyone may offer (1 PiB): keeps every size
+/// computation far from overflow.
+const MAX_SIZE: u64 = 1 << 50;
+/// Why a data stream was reset by its server.
+const RESET_BUSY: u32 = 1;
+const RESET_BAD_REQUEST: u32 = 2;
+const RESET_UNKNOWN: u32 = 3;
+const RESET_ENDED: u32 = 4;
+
+/// One of a peer's data streams being served (released when dropped).
+struct PeerSlot<'a> {
+    table: &'a Mutex<HashMap<NodeId, usize>>,
+    peer: NodeId,
+}
+
+impl<'a> PeerSlot<'a> {
+    fn take(table: &'a Mutex<HashMap<NodeId, usize>>, peer: NodeId, max: usize) -> Option<Self> {
+        let mut t = lock(table);
+        let n = t.entry(peer).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot { table, peer })
+    }
+}
+
+impl Drop for PeerSlot<'_> {
+    fn drop(&mut self) {
+        let mut t = lock(self.table);
+        if let Some(n) = t.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// How long a data stream may stall (nothing read or written) before it
+/// is given up.
+const STALL: Duration = Duration::from_secs(30);
 
 /// Event kinds of file transfers.
 pub mod file_events {
@@ -93,7 +144,9 @@ pub struct FilesSettings {
     /// Where received files land (default: `DATA_DIR/files`); partial
     /// files and outboards are kept in `.partial` and `.outboard` inside.
     pub dir: PathBuf,
-    /// Incoming transfers running at once (default 16).
+    /// Incoming transfers not ended (active or paused), from all peers
+    /// together (default 64; 8 per peer at most). An offer beyond is
+    /// refused `busy`, and its sender tries again later.
     pub max_active: usize,
     /// The largest file a worker takes from its primary (default 64 GiB);
     /// on a primary each device's policy (`max_file_bytes`) decides.
@@ -105,12 +158,12 @@ impl FilesSettings {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         FilesSettings {
             dir: dir.into(),
-            max_active: 16,
+            max_active: 64,
             max_file_bytes: 64 << 30,
         }
     }
 
-    /// Sets how many incoming transfers run at once.
+    /// Sets how many incoming transfers may be under way at once.
     pub fn max_active(mut self, n: usize) -> Self {
         self.max_active = n.max(1);
         self
@@ -267,6 +320,10 @@ pub(crate) struct TransferRecord {
     have: GroupSet,
     zstd: bool,
     error: Option<String>,
+    /// Receiving side: the name claimed in the files directory just
+    /// before the partial file was moved there (so a crash in between is
+    /// recognised).
+    placing: Option<String>,
     created_at: Timestamp,
     updated_at: Timestamp,
 }
@@ -315,8 +372,8 @@ pub(super) type FilesGate =
 /// The role's side of file transfer.
 pub(super) enum FilesSide {
     /// A primary: who may connect at all (paired, unrevoked: asked at the
-    /// handshake and every second while connected), and the gate each
-    /// file passes.
+    /// handshake; a revocation or unpairing closes the connection at once),
+    /// and the gate each file passes (on offer and on every resume).
     Primary {
         admit: Arc<dyn Fn(&NodeId) -> bool + Send + Sync>,
         gate: FilesGate,
@@ -341,6 +398,8 @@ struct Live {
     record: TransferRecord,
     stop: Arc<AtomicBool>,
     control: Option<mpsc::UnboundedSender<Control>>,
+    /// Which task holds `control`.
+    generation: u64,
     state: watch::Sender<TransferState>,
 }
 
@@ -352,9 +411,16 @@ pub(super) struct FilesRt {
     transfers: Mutex<BTreeMap<TransferId, Live>>,
     conns: Mutex<HashMap<NodeId, Arc<dyn Connection>>>,
     connected: Notify,
-    strikes: Mutex<HashMap<NodeId, u32>>,
     serving: Arc<tokio::sync::Semaphore>,
+    /// Data streams being served, per peer.
+    serving_per_peer: Mutex<HashMap<NodeId, usize>>,
     counters: Arc<Counters>,
+    /// Offers per peer (a token bucket each).
+    offers: Mutex<crate::limits::KeyedLimiter<NodeId>>,
+    persisting: tokio::sync::Mutex<()>,
+    /// Numbers the tasks driving transfers (a task ending clears only its
+    /// own channel).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for FilesRt {
@@ -408,9 +474,15 @@ pub(super) fn build(
         transfers: Mutex::new(BTreeMap::new()),
         conns: Mutex::new(HashMap::new()),
         connected: Notify::new(),
-        strikes: Mutex::new(HashMap::new()),
         serving: Arc::new(tokio::sync::Semaphore::new(SERVING)),
+        serving_per_peer: Mutex::new(HashMap::new()),
         counters: Arc::default(),
+        offers: Mutex::new(crate::limits::KeyedLimiter::evicting(
+            crate::limits::Rate::per_second(OFFERS_PER_SECOND, OFFER_BURST),
+            MAX_PEERS_TRACKED,
+        )),
+        persisting: tokio::sync::Mutex::new(()),
+        generation: std::sync::atomic::AtomicU64::new(0),
     });
     if matches!(rt.side, FilesSide::Primary { .. }) {
         // A device revoked or unpaired loses its files connection at once,
@@ -449,7 +521,16 @@ pub(super) fn build(
             }
         });
     }
-    for record in stored {
+    for mut record in stored {
+        if !record.state.is_final()
+            && let FilesSide::Primary { admit, .. } = &rt.side
+            && !admit(&record.peer)
+        {
+            // Revoked or unpaired while this node was down.
+            record.state = TransferState::Failed;
+            record.error = Some("the device is no longer paired".into());
+            core.store.save(&record)?;
+        }
         let resume = !record.state.is_final();
         let direction = record.direction;
         let id = record.id;
@@ -516,6 +597,7 @@ impl FilesRt {
                 record,
                 stop: Arc::new(AtomicBool::new(false)),
                 control: None,
+                generation: 0,
                 state,
             },
         );
@@ -548,12 +630,21 @@ impl FilesRt {
         id: TransferId,
         f: impl FnOnce(&mut TransferRecord),
     ) -> Result<TransferRecord, NodeError> {
+        // One change stored at a time, in the order they were made.
+        let _persisting = self.persisting.lock().await;
         let now = self.now();
         let record = {
             let mut all = lock(&self.transfers);
             let live = all.get_mut(&id).ok_or_else(|| {
                 files_error(FilesErrorKind::NotFound, format!("no transfer {id}"))
             })?;
+            if live.record.state.is_final() {
+                // An ended transfer stays ended.
+                return Err(files_error(
+                    FilesErrorKind::AlreadyEnded,
+                    format!("transfer {id} is {}", live.record.state.as_str()),
+                ));
+            }
             f(&mut live.record);
             live.record.updated_at = now;
             live.state.send_replace(live.record.state);
@@ -778,10 +869,22 @@ impl FilesRt {
                         reason: known.error.unwrap_or_else(|| "ended".into()),
                     },
                     TransferState::Active | TransferState::Paused => {
-                        self.spawn_in(offer.id);
-                        FileFrame::Accept {
-                            id: offer.id,
-                            received: known.received,
+                        // Resuming passes the gate again (the device's scope
+                        // or policy may have changed since).
+                        match self.gate_again(peer, known.size).await {
+                            Ok(()) => {
+                                self.spawn_in(offer.id);
+                                FileFrame::Accept {
+                                    id: offer.id,
+                                    received: known.received,
+                                }
+                            }
+                            Err((code, message)) => {
+                                let reason = format!("refused on resuming ({code}): {message}");
+                                self.end(offer.id, TransferState::Failed, Some(reason))
+                                    .await;
+                                refuse(&code, message)
+                            }
                         }
                     }
                 }
@@ -808,6 +911,7 @@ impl FilesRt {
             have: GroupSet::new(),
             zstd: offer.zstd,
             error: None,
+            placing: None,
             created_at: now,
             updated_at: now,
         };
@@ -846,19 +950,55 @@ impl FilesRt {
         self.spawn_in(offer.id);
     }
 
+    /// A primary: the gate for `peer` and a file of `size` bytes, again.
+    async fn gate_again(&self, peer: &NodeId, size: u64) -> Result<(), (String, String)> {
+        match &self.side {
+            FilesSide::Primary { gate, .. } => {
+                let (gate, peer) = (gate.clone(), *peer);
+                tokio::task::spawn_blocking(move || gate(&peer, size))
+                    .await
+                    .map_err(|e| (refusals::BUSY.to_owned(), e.to_string()))?
+                    .map_err(|(kind, message)| (kind.as_str().to_owned(), message))
+            }
+            FilesSide::Worker => Ok(()),
+        }
+    }
+
     /// Whether this node takes `offer` from `peer`.
     async fn check_offer(&self, peer: &NodeId, offer: &Offer) -> Result<(), (String, String)> {
+        if !lock(&self.offers).try_take(peer, self.now()) {
+            return Err((
+                refusals::BUSY.into(),
+                "too many offers; try again later".into(),
+            ));
+        }
         if let Err(e) = check_name(&offer.name) {
             return Err((refusals::BAD_NAME.into(), e.to_string()));
         }
-        let active = lock(&self.transfers)
-            .values()
-            .filter(|l| l.record.direction == Direction::In && !l.record.state.is_final())
-            .count();
-        if active >= self.settings.max_active {
+        if offer.size > MAX_SIZE {
+            return Err((
+                refusals::TOO_LARGE.into(),
+                format!("{} bytes is over any limit ({MAX_SIZE})", offer.size),
+            ));
+        }
+        let (mine, all) = {
+            let transfers = lock(&self.transfers);
+            let open = transfers
+                .values()
+                .filter(|l| l.record.direction == Direction::In && !l.record.state.is_final());
+            let (mut mine, mut all) = (0, 0);
+            for l in open {
+                all += 1;
+                if l.record.peer == *peer {
+                    mine += 1;
+                }
+            }
+            (mine, all)
+        };
+        if mine >= INCOMING_PER_PEER || all >= self.settings.max_active {
             return Err((
                 refusals::BUSY.into(),
-                format!("{active} transfers are coming in already"),
+                format!("{mine} transfers from this peer ({all} in all) are under way already"),
             ));
         }
         match &self.side {
@@ -895,6 +1035,7 @@ impl FilesRt {
     /// Starts (or resumes) pulling transfer `id`, unless it runs already.
     fn spawn_in(self: &Arc<Self>, id: TransferId) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         {
             let mut all = lock(&self.transfers);
             let Some(live) = all.get_mut(&id) else { return };
@@ -902,11 +1043,14 @@ impl FilesRt {
                 return;
             }
             live.control = Some(tx);
+            live.generation = generation;
         }
         let rt = self.clone();
         self.core.spawn(async move {
             let outcome = rt.pull(id, rx).await;
-            if let Some(live) = lock(&rt.transfers).get_mut(&id) {
+            if let Some(live) = lock(&rt.transfers).get_mut(&id)
+                && live.generation == generation
+            {
                 live.control = None;
             }
             if let Err((state, reason)) = outcome {
@@ -932,18 +1076,57 @@ impl FilesRt {
         let failed = |m: String| (TransferState::Failed, m);
         let record = self.record(&id).ok_or_else(|| failed("gone".into()))?;
         let (part, outboard) = self.paths(&id);
+        let mut strikes = 0u32;
+        let mut backoff = Duration::from_millis(100);
         let (hash, size) = (record.hash, record.size);
         let total = groups_of(size);
         // What is on disk beyond what was stored (after a crash).
         let known = record.have.clone();
+        let placing = record.placing.clone();
+        let dir = self.settings.dir.clone();
         let found = blocking(move || {
+            if !part.exists() {
+                if let Some(name) = placing
+                    && dir.join(&name).exists()
+                {
+                    // Moved into place just before a crash.
+                    return Ok(Err(name));
+                }
+                // Gone (or never made): nothing on disk is verified.
+                let _ = std::fs::remove_file(&outboard);
+                let rx = Receiving::open(&part, &outboard, hash, size)
+                    .map_err(|e| fail(format!("cannot open the partial file: {e}")))?;
+                drop(rx);
+                return Ok(Ok(GroupSet::new()));
+            }
             let rx = Receiving::open(&part, &outboard, hash, size)
                 .map_err(|e| fail(format!("cannot open the partial file: {e}")))?;
-            rx.recover(&known)
-                .map_err(|e| fail(format!("cannot read the partial file: {e}")))
+            let found = rx
+                .recover(&known)
+                .map_err(|e| fail(format!("cannot read the partial file: {e}")))?;
+            // Durable before the state that names it.
+            rx.sync()
+                .map_err(|e| fail(format!("cannot sync the partial file: {e}")))?;
+            Ok(Ok(found))
         })
         .await
         .map_err(|e| failed(e.to_string()))?;
+        let found = match found {
+            Ok(found) => found,
+            Err(name) => {
+                let record = self
+                    .update(id, |r| {
+                        r.state = TransferState::Done;
+                        r.name.clone_from(&name);
+                        r.received = size;
+                        r.have = GroupSet::from_ranges([(0, total)]);
+                    })
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                self.told_done(&record).await;
+                return Ok(());
+            }
+        };
         if found != record.have {
             let received = received_bytes(&found, size);
             let _ = self
@@ -959,7 +1142,10 @@ impl FilesRt {
                 return Ok(());
             }
             if size == 0 || record.have.covers(total) {
-                return self.finish(id).await.map_err(failed);
+                if self.finish(id).await.map_err(failed)? {
+                    return Ok(());
+                }
+                continue;
             }
             let Some(conn) = self.conn(&record.peer) else {
                 let _ = self.update(id, |r| r.state = TransferState::Paused).await;
@@ -985,12 +1171,7 @@ impl FilesRt {
                 Err(Pulled::Cancelled(reason)) => return Err((TransferState::Cancelled, reason)),
                 Err(Pulled::Lied(group)) => {
                     self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                    let strikes = {
-                        let mut s = lock(&self.strikes);
-                        let n = s.entry(record.peer).or_default();
-                        *n += 1;
-                        *n
-                    };
+                    strikes += 1;
                     self.publish(
                         crate::events::kinds::POLICY_VIOLATION,
                         json!({
@@ -1006,23 +1187,28 @@ impl FilesRt {
                     }
                 }
                 Err(Pulled::Disk(e)) => return Err(failed(format!("writing the file: {e}"))),
+                Err(Pulled::Refused(code)) => {
+                    // The sender does not know the transfer, or ended it.
+                    return Err(failed(format!(
+                        "the sender refused the data stream (code {code})"
+                    )));
+                }
                 Err(Pulled::Stream) => {
-                    // The connection dropped: wait for it unless it is back.
-                    if self
-                        .conn(&record.peer)
-                        .is_some_and(|c| Arc::ptr_eq(&c, &conn))
-                    {
-                        conn.close();
-                        let mut conns = lock(&self.conns);
-                        if conns
-                            .get(&record.peer)
-                            .is_some_and(|c| Arc::ptr_eq(c, &conn))
-                        {
-                            conns.remove(&record.peer);
-                        }
+                    // This stream failed (the sender busy, the connection
+                    // going): the connection is left to its own fate (other
+                    // transfers share it); ask again after a pause, or
+                    // wait for the peer if the connection is gone.
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        c = control.recv() => if let Some(Control::Cancelled(reason)) = c {
+                            return Err((TransferState::Cancelled, reason));
+                        },
                     }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
                 }
             }
+            backoff = Duration::from_millis(100);
         }
     }
 
@@ -1051,17 +1237,29 @@ impl FilesRt {
         // time (backpressure: the stream is not read faster than the disk
         // takes it).
         let (pieces_tx, pieces_rx) = mpsc::channel::<Vec<u8>>(PIECES);
+        // The reset code the sender ended the stream with, if it did.
+        let reset = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let reset_seen = reset.clone();
         let reader = tokio::spawn(async move {
             let mut buf = vec![0u8; PIECE];
             loop {
-                match recv.read(&mut buf).await {
-                    Ok(Some(n)) => {
+                match tokio::time::timeout(STALL, recv.read(&mut buf)).await {
+                    Ok(Ok(Some(n))) => {
                         if pieces_tx.send(buf[..n].to_vec()).await.is_err() {
                             recv.stop(0);
                             return;
                         }
                     }
-                    Ok(None) | Err(_) => return,
+                    Ok(Err(crate::transport::StreamError::Reset(code))) => {
+                        reset_seen.store(code, Ordering::Relaxed);
+                        return;
+                    }
+                    // A sender that stalls is given up on.
+                    Err(_) => {
+                        recv.stop(0);
+                        return;
+                    }
+                    Ok(Ok(None) | Err(_)) => return,
                 }
             }
         });
@@ -1102,8 +1300,11 @@ impl FilesRt {
                 !stop_flag.load(Ordering::Relaxed)
             };
             let result = if zstd {
-                let decoder =
+                let mut decoder =
                     zstd::stream::read::Decoder::new(input).map_err(ReceiveError::Disk)?;
+                // A sender cannot make this side hold a large window (level
+                // 1 needs 2^19 at most).
+                decoder.window_log_max(21).map_err(ReceiveError::Disk)?;
                 take_with(&mut rx, &missing, decoder, &mut on_group)
             } else {
                 take_with(&mut rx, &missing, input, &mut on_group)
@@ -1124,8 +1325,10 @@ impl FilesRt {
                     // changes nothing; a cancel stops it.
                     if let Control::Cancelled(reason) = c {
                         stop.store(true, Ordering::Relaxed);
-                        let _ = (&mut taking).await;
+                        // The reader first: its end ends the decoder's
+                        // input, so the blocking side returns.
                         reader.abort();
+                        let _ = (&mut taking).await;
                         return Err(Pulled::Cancelled(reason));
                     }
                 }
@@ -1140,7 +1343,12 @@ impl FilesRt {
             Ok(Err(ReceiveError::Mismatch { group })) => Err(Pulled::Lied(group)),
             Ok(Err(ReceiveError::Disk(e))) => Err(Pulled::Disk(e.to_string())),
             Ok(Err(ReceiveError::Stopped)) => Err(Pulled::Cancelled("cancelled".into())),
-            Ok(Err(_)) => Err(Pulled::Stream),
+            Ok(Err(_)) => match reset.load(Ordering::Relaxed) {
+                code @ (RESET_UNKNOWN | RESET_ENDED | RESET_BAD_REQUEST) => {
+                    Err(Pulled::Refused(code))
+                }
+                _ => Err(Pulled::Stream),
+            },
             Err(e) => Err(Pulled::Disk(e.to_string())),
         }
     }
@@ -1181,27 +1389,59 @@ impl FilesRt {
     }
 
     /// Every group is there: the file moves into place under its name.
-    async fn finish(self: &Arc<Self>, id: TransferId) -> Result<(), String> {
+    /// `Ok(false)`: the partial file was not whole after all; the transfer
+    /// goes on from nothing verified.
+    async fn finish(self: &Arc<Self>, id: TransferId) -> Result<bool, String> {
         let record = self.record(&id).ok_or("gone")?;
         let (part, outboard) = self.paths(&id);
         let dir = self.settings.dir.clone();
         let (name, size, hash) = (record.name.clone(), record.size, record.hash);
-        let final_name = blocking(move || {
+        // The partial file must be whole (it was verified group by group;
+        // a file cut short or gone since is fetched again, never padded).
+        let claimed = blocking(move || {
             if size == 0 {
                 if hash != verify::empty_hash() {
                     return Err(fail("an empty file does not have this hash"));
                 }
                 std::fs::File::create(&part).map_err(|e| fail(e.to_string()))?;
             }
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&part)
-                .map_err(|e| fail(e.to_string()))?;
-            f.set_len(size).map_err(|e| fail(e.to_string()))?;
+            let f = std::fs::File::open(&part).map_err(|e| fail(e.to_string()))?;
+            let len = f.metadata().map_err(|e| fail(e.to_string()))?.len();
+            if len != size {
+                return Ok(None);
+            }
             f.sync_all().map_err(|e| fail(e.to_string()))?;
-            let chosen = place(&dir, &name, &part).map_err(|e| fail(e.to_string()))?;
+            Ok(Some(claim(&dir, &name).map_err(|e| fail(e.to_string()))?))
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let Some(final_name) = claimed else {
+            // Start over: whatever is on disk is checked again.
+            self.update(id, |r| {
+                r.have = GroupSet::new();
+                r.received = 0;
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            return Ok(false);
+        };
+        // The name claimed is stored before the move: a crash in between is
+        // recognised on restart (the partial file gone, the name there).
+        self.update(id, |r| r.placing = Some(final_name.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (part, dir2, chosen) = (
+            self.paths(&id).0,
+            self.settings.dir.clone(),
+            final_name.clone(),
+        );
+        blocking(move || {
+            std::fs::rename(&part, dir2.join(&chosen)).map_err(|e| fail(e.to_string()))?;
+            if let Ok(d) = std::fs::File::open(&dir2) {
+                let _ = d.sync_all();
+            }
             let _ = std::fs::remove_file(&outboard);
-            Ok(chosen)
+            Ok(())
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -1214,22 +1454,27 @@ impl FilesRt {
             })
             .await
             .map_err(|e| e.to_string())?;
+        self.told_done(&record).await;
+        Ok(true)
+    }
+
+    /// The receiver holds the file: the sender and the app are told.
+    async fn told_done(&self, record: &TransferRecord) {
         if let Some(conn) = self.conn(&record.peer) {
-            Self::send_frame(&conn, &FileFrame::Done { id }).await;
+            Self::send_frame(&conn, &FileFrame::Done { id: record.id }).await;
         }
         self.publish(
             file_events::DONE,
             json!({
-                "id": id.to_string(),
+                "id": record.id.to_string(),
                 "direction": "in",
                 "peer": record.peer.to_string(),
                 "hash": record.hash.to_string(),
-                "name": final_name,
-                "size": size,
-                "path": self.settings.dir.join(&final_name).display().to_string(),
+                "name": record.name,
+                "size": record.size,
+                "path": self.settings.dir.join(&record.name).display().to_string(),
             }),
         );
-        Ok(())
     }
 
     /// Ends transfer `id` in `state` (failed or cancelled), tells the
@@ -1241,9 +1486,10 @@ impl FilesRt {
         if before.state.is_final() {
             return;
         }
-        if let Some(live) = lock(&self.transfers).get(&id) {
+        let running = lock(&self.transfers).get(&id).and_then(|live| {
             live.stop.store(true, Ordering::Relaxed);
-        }
+            live.control.clone()
+        });
         let Ok(record) = self
             .update(id, |r| {
                 r.state = state;
@@ -1254,6 +1500,10 @@ impl FilesRt {
             return;
         };
         let reason = reason.unwrap_or_default();
+        // The task driving it (parked or not) stops.
+        if let Some(c) = running {
+            let _ = c.send(Control::Cancelled(reason.clone()));
+        }
         if let Some(conn) = self.conn(&record.peer) {
             Self::send_frame(
                 &conn,
@@ -1267,15 +1517,19 @@ impl FilesRt {
             )
             .await;
         }
-        if record.direction == Direction::In {
+        let leftovers = if record.direction == Direction::In {
             let (part, outboard) = self.paths(&id);
-            let _ = blocking(move || {
-                let _ = std::fs::remove_file(part);
-                let _ = std::fs::remove_file(outboard);
-                Ok(())
-            })
-            .await;
-        }
+            vec![part, outboard]
+        } else {
+            vec![self.outboard_path(&id)]
+        };
+        let _ = blocking(move || {
+            for f in leftovers {
+                let _ = std::fs::remove_file(f);
+            }
+            Ok(())
+        })
+        .await;
         let kind = if state == TransferState::Cancelled {
             file_events::CANCELLED
         } else {
@@ -1296,6 +1550,7 @@ impl FilesRt {
 
     fn spawn_out(self: &Arc<Self>, id: TransferId) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         {
             let mut all = lock(&self.transfers);
             let Some(live) = all.get_mut(&id) else { return };
@@ -1303,11 +1558,14 @@ impl FilesRt {
                 return;
             }
             live.control = Some(tx);
+            live.generation = generation;
         }
         let rt = self.clone();
         self.core.spawn(async move {
             let outcome = rt.push(id, rx).await;
-            if let Some(live) = lock(&rt.transfers).get_mut(&id) {
+            if let Some(live) = lock(&rt.transfers).get_mut(&id)
+                && live.generation == generation
+            {
                 live.control = None;
             }
             if let Err((state, reason)) = outcome {
@@ -1369,6 +1627,7 @@ impl FilesRt {
                 zstd: record.zstd,
             });
             if !Self::send_frame(&conn, &offer).await {
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
             // Until the receiver ends it, or the connection goes.
@@ -1387,6 +1646,7 @@ impl FilesRt {
                 };
                 match c {
                     Some(Control::Accepted(received)) => {
+                        let received = received.min(record.size);
                         let _ = self
                             .update(id, |r| {
                                 r.received = received;
@@ -1395,9 +1655,16 @@ impl FilesRt {
                             .await;
                     }
                     Some(Control::Progress(received)) => {
-                        // In memory: stored when the state changes.
-                        if let Some(l) = lock(&self.transfers).get_mut(&id) {
-                            l.record.received = received;
+                        // In memory (stored when the state changes); only
+                        // forward, never past the size: a receiver's claim.
+                        let moved = lock(&self.transfers).get_mut(&id).is_some_and(|l| {
+                            let r = received.min(l.record.size);
+                            let moved = r > l.record.received;
+                            l.record.received = l.record.received.max(r);
+                            moved
+                        });
+                        if !moved {
+                            continue;
                         }
                         self.publish(
                             file_events::PROGRESS,
@@ -1437,6 +1704,17 @@ impl FilesRt {
                         .await;
                         return Ok(());
                     }
+                    Some(Control::Refused(code, _)) if code == refusals::BUSY => {
+                        // Not now: offered again later.
+                        let _ = self.update(id, |r| r.state = TransferState::Paused).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                            c = control.recv() => if let Some(Control::Cancelled(reason)) = c {
+                                return Err((TransferState::Cancelled, reason));
+                            },
+                        }
+                        break;
+                    }
                     Some(Control::Refused(code, message)) => {
                         return Err((
                             TransferState::Failed,
@@ -1467,34 +1745,63 @@ impl FilesRt {
         mut send: Box<dyn SendStream>,
         mut recv: Box<dyn RecvStream>,
     ) {
-        let Ok(_permit) = self.serving.clone().try_acquire_owned() else {
-            send.reset(1);
-            return;
-        };
-        let request = match read_request(recv.as_mut()).await {
-            Ok(r) => r,
-            Err(()) => {
-                send.reset(2);
+        // The request first, whole within 10 s; nothing is held meanwhile
+        // but this task.
+        let request = match tokio::time::timeout(
+            Duration::from_secs(10),
+            read_request(recv.as_mut()),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r,
+            _ => {
+                send.reset(RESET_BAD_REQUEST);
                 return;
             }
         };
         let Some(record) = self.record(&request.id) else {
-            send.reset(3);
+            send.reset(RESET_UNKNOWN);
             return;
         };
         let Some(source) = record.source.clone() else {
-            send.reset(3);
+            send.reset(RESET_UNKNOWN);
             return;
         };
         if record.peer != peer
             || record.direction != Direction::Out
             || record.hash != request.hash
-            || record.state.is_final()
             || request.check_size(record.size).is_err()
         {
-            send.reset(3);
+            send.reset(RESET_UNKNOWN);
             return;
         }
+        if record.state.is_final() {
+            // Ended here while the receiver was away: it hears so now.
+            send.reset(RESET_ENDED);
+            if let Some(conn) = self.conn(&peer) {
+                Self::send_frame(
+                    &conn,
+                    &FileFrame::Cancel {
+                        id: record.id,
+                        reason: record
+                            .error
+                            .clone()
+                            .unwrap_or_else(|| record.state.as_str().into()),
+                    },
+                )
+                .await;
+            }
+            return;
+        }
+        // Bounded per peer and in all.
+        let Some(_slot) = PeerSlot::take(&self.serving_per_peer, peer, SERVING_PER_PEER) else {
+            send.reset(RESET_BUSY);
+            return;
+        };
+        let Ok(_permit) = self.serving.clone().try_acquire_owned() else {
+            send.reset(RESET_BUSY);
+            return;
+        };
         let outboard = self.outboard_path(&record.id);
         let (hash, size, zstd) = (record.hash, record.size, request.zstd);
         let groups = request.groups;
@@ -1526,7 +1833,11 @@ impl FilesRt {
         });
         let mut ok = true;
         while let Some(piece) = rx.recv().await {
-            if send.write_all(&piece).await.is_err() {
+            // A receiver that stops reading is given up on.
+            if !matches!(
+                tokio::time::timeout(STALL, send.write_all(&piece)).await,
+                Ok(Ok(()))
+            ) {
                 ok = false;
                 break;
             }
@@ -1540,7 +1851,7 @@ impl FilesRt {
                 let _ = send.finish().await;
             }
             Ok(Err(ServeError::SourceChanged(m))) => {
-                send.reset(4);
+                send.reset(RESET_ENDED);
                 self.end(
                     record.id,
                     TransferState::Failed,
@@ -1549,7 +1860,7 @@ impl FilesRt {
                 .await;
             }
             Ok(Err(ServeError::Read(e))) => {
-                send.reset(4);
+                send.reset(RESET_ENDED);
                 self.end(
                     record.id,
                     TransferState::Failed,
@@ -1557,7 +1868,7 @@ impl FilesRt {
                 )
                 .await;
             }
-            _ => send.reset(5),
+            _ => send.reset(RESET_BUSY),
         }
     }
 
@@ -1617,8 +1928,11 @@ impl FilesRt {
             }
         }
         let source = std::path::absolute(path).map_err(|e| fail(e.to_string()))?;
-        // The same file to the same peer, still under way (say, asked for
-        // again after a restart): that transfer, not a second one.
+        let probed = source.clone();
+        let modified_now = blocking(move || Ok(modified_ns(&probed))).await?;
+        // The same file (path, size, modification time) to the same peer,
+        // still under way (say, asked for again after a restart): that
+        // transfer, not a second one.
         let running = lock(&self.transfers)
             .values()
             .find(|l| {
@@ -1627,6 +1941,7 @@ impl FilesRt {
                     && r.peer == to
                     && !r.state.is_final()
                     && r.size == meta.len()
+                    && r.source_modified_ns == modified_now
                     && r.source.as_deref() == Some(source.as_path())
             })
             .map(|l| l.record.clone());
@@ -1662,6 +1977,7 @@ impl FilesRt {
             have: GroupSet::new(),
             zstd,
             error: None,
+            placing: None,
             created_at: now,
             updated_at: now,
         };
@@ -1707,14 +2023,8 @@ impl FilesRt {
                 format!("transfer {id} is {}", record.state.as_str()),
             ));
         }
-        let running = lock(&self.transfers)
-            .get(&id)
-            .and_then(|l| l.control.clone());
         self.end(id, TransferState::Cancelled, Some("cancelled here".into()))
             .await;
-        if let Some(c) = running {
-            let _ = c.send(Control::Cancelled("cancelled here".into()));
-        }
         self.get(&id).ok_or_else(|| fail("gone"))
     }
 
@@ -1749,6 +2059,9 @@ enum Pulled {
     Cancelled(String),
     Lied(u64),
     Disk(String),
+    /// The sender reset the stream with this code: it does not serve the
+    /// transfer.
+    Refused(u32),
     Stream,
 }
 
@@ -1795,25 +2108,18 @@ async fn read_exact(recv: &mut dyn RecvStream, buf: &mut [u8]) -> Result<(), ()>
     Ok(())
 }
 
-/// Moves `part` into `dir` as `name`, or `name (1)`, … if taken; returns
-/// the name used. A name is claimed by creating it (so two transfers never
-/// take the same one), then the partial file replaces the claim.
-fn place(dir: &Path, name: &str, part: &Path) -> io::Result<String> {
-    for n in 0..10_000u32 {
+/// Claims a free name in `dir` for `name`: `name`, or `name (1)`, … if
+/// taken, by creating it (so two transfers never take the same one); the
+/// partial file then replaces the claim.
+fn claim(dir: &Path, name: &str) -> io::Result<String> {
+    for n in 0..1_000u32 {
         let candidate = numbered(name, n);
-        let path = dir.join(&candidate);
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&path)
+            .open(dir.join(&candidate))
         {
-            Ok(_) => {
-                std::fs::rename(part, &path)?;
-                if let Ok(d) = std::fs::File::open(dir) {
-                    let _ = d.sync_all();
-                }
-                return Ok(candidate);
-            }
+            Ok(_) => return Ok(candidate),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }

@@ -316,6 +316,36 @@ async fn files_move_both_ways_verified_under_scope_and_policy() {
         }) => {}
         other => panic!("expected already_ended, got {other:?}"),
     }
+
+    // Revoking the device mid-transfer: its transfers fail on both sides
+    // and it cannot reconnect for files.
+    let long = write(src.path(), "long.bin", &bytes(18_000_000, 6));
+    let r = w.send_file(&long, p_id).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while p
+        .node
+        .transfer(&r.id)
+        .unwrap()
+        .is_none_or(|t| t.received == 0)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    p.node.revoke(&w_id).await.unwrap();
+    let theirs = tokio::time::timeout(WAIT, p.node.wait_transfer(r.id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(theirs.state, TransferState::Failed, "{theirs:?}");
+    let mine = tokio::time::timeout(WAIT, w.wait_transfer(r.id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(mine.state, TransferState::Failed | TransferState::Cancelled),
+        "{mine:?}"
+    );
+    assert!(!ps.files().join("long.bin").exists());
     w.shutdown().await;
     p.node.shutdown().await;
 }
