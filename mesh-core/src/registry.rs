@@ -45,6 +45,8 @@ pub mod scopes {
     /// Exchange files with the primary (sending to it, and being sent
     /// files by it).
     pub const FILES_WRITE: &str = "files:write";
+    /// Exchange media streams with the primary.
+    pub const MEDIA_WRITE: &str = "media:write";
     /// What a newly paired device gets.
     pub const DEFAULT: &[&str] = &[EVENTS_WRITE, PRESENCE_WRITE, ACTIONS_READ, COMMANDS_RUN];
 }

@@ -1,6 +1,7 @@
 //! Arbitrary bytes as what a files peer sends: control messages, range
-//! requests, and data answers taken into a partial file. No input may
-//! panic; a message that parses re-encodes to bytes that parse to the same
+//! requests, data answers taken into a partial file, and media framing
+//! (open messages, group headers, frame records into a receiver). No input
+//! may panic; a message that parses re-encodes to bytes that parse to the same
 //! message; an answer that does not match the root hash never leaves a
 //! group counted as verified that does not verify.
 #![no_main]
@@ -10,6 +11,7 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use mesh_core::files::verify::{Receiving, hash_file};
 use mesh_core::files::{FileFrame, FileHash, GroupSet, RangeRequest, groups_of};
+use mesh_core::media::{FrameRecord, GroupHeader, MediaOpen, MediaReceiver, ReceiverSettings};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -49,7 +51,35 @@ fuzz_target!(|data: &[u8]| {
     }
     if data.len() >= 2 {
         let _ = RangeRequest::body_len([data[0], data[1]]);
+        let _ = GroupHeader::body_len([data[0], data[1]]);
     }
+    if let Ok(open) = MediaOpen::decode(data) {
+        assert_eq!(MediaOpen::decode(&open.encode()), Ok(open));
+    }
+    if let Ok(h) = GroupHeader::decode(data) {
+        let wire = h.encode();
+        assert_eq!(GroupHeader::decode(&wire[2..]), Ok(h));
+    }
+    // The bytes as a run of frame records into a receiver.
+    let mut receiver = MediaReceiver::new(ReceiverSettings::default());
+    let mut rest = data;
+    let mut now = 0u64;
+    while rest.len() >= 4 {
+        let Ok(n) = FrameRecord::rest_len([rest[0], rest[1], rest[2], rest[3]]) else {
+            break;
+        };
+        let Some(body) = rest.get(4..4 + n) else { break };
+        if let Ok(f) = FrameRecord::decode(body) {
+            let mut again = Vec::new();
+            f.encode_into(&mut again);
+            assert_eq!(FrameRecord::decode(&again[4..]).as_ref(), Ok(&f));
+            receiver.push(f, 0, 100, now);
+            let _ = receiver.poll(now);
+        }
+        now += 7;
+        rest = &rest[4 + n..];
+    }
+    let _ = receiver.finish(now + 1_000);
     // The bytes as the answer to a request for everything.
     let f = fixture();
     let total = groups_of(f.size);

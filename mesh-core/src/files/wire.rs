@@ -172,6 +172,20 @@ pub enum FileFrame {
         /// Why.
         reason: String,
     },
+    /// A media stream starts (its groups then come on uni streams).
+    MediaOpen(crate::media::MediaOpen),
+    /// A media stream ends (after its last group).
+    MediaClose {
+        /// The stream.
+        stream_id: crate::media::StreamId,
+    },
+    /// The receiver refuses a media stream.
+    MediaRefuse {
+        /// The stream.
+        stream_id: crate::media::StreamId,
+        /// Why.
+        message: String,
+    },
 }
 
 /// What a receiver asks for on a data stream: groups `[start, end)` of
@@ -234,9 +248,15 @@ impl FileFrame {
             {
                 Err(FileFrameError::Invalid("a refusal too long".into()))
             }
-            FileFrame::Cancel { reason, .. } if reason.len() > MAX_REASON_LEN => {
-                Err(FileFrameError::Invalid("a cancel reason too long".into()))
+            FileFrame::Cancel { reason, .. }
+            | FileFrame::MediaRefuse {
+                message: reason, ..
+            } if reason.len() > MAX_REASON_LEN => {
+                Err(FileFrameError::Invalid("a reason too long".into()))
             }
+            FileFrame::MediaOpen(open) => crate::media::MediaOpen::decode(&open.encode())
+                .map(|_| frame.clone())
+                .map_err(|e| FileFrameError::Invalid(e.to_string())),
             _ => Ok(frame),
         }
     }
@@ -349,6 +369,16 @@ mod tests {
             FileFrame::Cancel {
                 id: id(),
                 reason: "user".into(),
+            },
+            FileFrame::MediaOpen(crate::media::MediaOpen {
+                stream_id: 3,
+                kind: crate::media::MediaKind::Audio,
+                codec: "opus".into(),
+            }),
+            FileFrame::MediaClose { stream_id: 3 },
+            FileFrame::MediaRefuse {
+                stream_id: 3,
+                message: "no".into(),
             },
         ];
         for f in frames {

@@ -377,9 +377,21 @@ pub(super) enum FilesSide {
     Primary {
         admit: Arc<dyn Fn(&NodeId) -> bool + Send + Sync>,
         gate: FilesGate,
+        media: Arc<dyn Fn(&NodeId) -> bool + Send + Sync>,
     },
     /// A worker: only its primary.
     Worker,
+}
+
+impl FilesSide {
+    /// A primary's check of a device for media (paired, unrevoked,
+    /// `media:write`); blocking.
+    pub(super) fn media_check(&self) -> Option<&Arc<dyn Fn(&NodeId) -> bool + Send + Sync>> {
+        match self {
+            FilesSide::Primary { media, .. } => Some(media),
+            FilesSide::Worker => None,
+        }
+    }
 }
 
 /// Control messages for a running transfer.
@@ -418,6 +430,7 @@ pub(super) struct FilesRt {
     /// Offers per peer (a token bucket each).
     offers: Mutex<crate::limits::KeyedLimiter<NodeId>>,
     persisting: tokio::sync::Mutex<()>,
+    media: super::media::Media,
     /// Numbers the tasks driving transfers (a task ending clears only its
     /// own channel).
     generation: std::sync::atomic::AtomicU64,
@@ -482,6 +495,7 @@ pub(super) fn build(
             MAX_PEERS_TRACKED,
         )),
         persisting: tokio::sync::Mutex::new(()),
+        media: super::media::Media::default(),
         generation: std::sync::atomic::AtomicU64::new(0),
     });
     if matches!(rt.side, FilesSide::Primary { .. }) {
@@ -577,6 +591,50 @@ impl ProtocolHandler for FilesService {
 impl FilesRt {
     fn now(&self) -> Timestamp {
         self.core.now()
+    }
+
+    // ---- for the media side (node::media) ----------------------------------
+
+    pub(super) fn core_now(&self) -> Timestamp {
+        self.core.now()
+    }
+
+    pub(super) fn side(&self) -> &FilesSide {
+        &self.side
+    }
+
+    pub(super) fn media(&self) -> &super::media::Media {
+        &self.media
+    }
+
+    pub(super) async fn connect_to(
+        self: &Arc<Self>,
+        peer: &NodeId,
+    ) -> Result<Arc<dyn Connection>, NodeError> {
+        self.connect(peer).await
+    }
+
+    pub(super) async fn frame_to(conn: &Arc<dyn Connection>, frame: &FileFrame) -> bool {
+        Self::send_frame(conn, frame).await
+    }
+
+    pub(super) fn spawn_task(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.core.spawn(task);
+    }
+
+    pub(super) fn publish_event(&self, kind: &str, data: serde_json::Value) {
+        self.publish(kind, data);
+    }
+
+    pub(super) fn clock_handle(&self) -> impl Fn() -> Timestamp + Send + Sync + 'static {
+        let core = self.core.clone();
+        move || core.now()
+    }
+
+    pub(super) fn is_conn(&self, conn: &Arc<dyn Connection>) -> bool {
+        lock(&self.conns)
+            .get(&conn.remote_node())
+            .is_some_and(|c| Arc::ptr_eq(c, conn))
     }
 
     fn admits(&self, peer: &NodeId) -> bool {
@@ -689,7 +747,10 @@ impl FilesRt {
                         let rt = self.clone();
                         self.core.spawn(async move { rt.serve_stream(peer, send, recv).await });
                     }
-                    Ok(IncomingStream::Uni(mut recv)) => recv.stop(0),
+                    Ok(IncomingStream::Uni(recv)) => {
+                        let rt = self.clone();
+                        self.core.spawn(async move { rt.on_media_group(peer, recv).await });
+                    }
                     Err(_) => break,
                 },
             }
@@ -822,6 +883,21 @@ impl FilesRt {
         let (id, control) = match frame {
             FileFrame::Offer(offer) => {
                 self.on_offer(peer, conn, offer).await;
+                return;
+            }
+            FileFrame::MediaOpen(open) => {
+                self.on_media_open(peer, conn, open).await;
+                return;
+            }
+            FileFrame::MediaClose { stream_id } => {
+                self.on_media_close(peer, stream_id);
+                return;
+            }
+            FileFrame::MediaRefuse { stream_id, message } => {
+                self.publish(
+                    "media.refused",
+                    json!({ "peer": peer.to_string(), "stream_id": stream_id, "message": message }),
+                );
                 return;
             }
             FileFrame::Accept { id, received } => (id, Control::Accepted(received)),
@@ -2230,7 +2306,7 @@ impl Write for Chunker {
 }
 
 impl super::Node {
-    fn files_rt(&self) -> Result<Arc<FilesRt>, NodeError> {
+    pub(super) fn files_rt(&self) -> Result<Arc<FilesRt>, NodeError> {
         self.files
             .clone()
             .ok_or_else(|| fail("file transfer is not enabled on this node (NodeBuilder::files)"))

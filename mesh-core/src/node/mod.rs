@@ -45,6 +45,7 @@ mod delivery;
 mod files;
 mod ledger_sync;
 mod link;
+mod media;
 mod mesh;
 mod outlink;
 mod primary;
@@ -82,6 +83,7 @@ pub use files::{
     file_events,
 };
 pub use ledger_sync::{LEDGER_SYNC, LEDGER_SYNC_INTERVAL, ledger_events};
+pub use media::{MediaIn, MediaOut};
 pub use mesh::{
     IssuedToken, MeshErrorKind, MeshSettings, MeshView, TokenStatus, TopicSubscription,
     mesh_records,
@@ -928,12 +930,13 @@ impl NodeBuilder {
             Some(settings) => {
                 let side = match &role {
                     RoleRt::Primary(rt) => {
-                        let (a, g) = (rt.clone(), rt.clone());
+                        let (a, g, m) = (rt.clone(), rt.clone(), rt.clone());
                         files::FilesSide::Primary {
                             admit: Arc::new(move |peer: &NodeId| a.device_may_connect(peer)),
                             gate: Arc::new(move |peer: &NodeId, size: u64| {
                                 g.files_gate(peer, size)
                             }),
+                            media: Arc::new(move |peer: &NodeId| m.device_may_media(peer)),
                         }
                     }
                     RoleRt::Worker(_) => files::FilesSide::Worker,

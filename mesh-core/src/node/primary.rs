@@ -72,6 +72,12 @@ impl PrimaryRt {
         })
     }
 
+    /// Whether `device` may exchange media streams (paired, unrevoked,
+    /// `media:write`).
+    pub(super) fn device_may_media(&self, device: &NodeId) -> bool {
+        matches!(self.registry.get(device), Ok(Some(d)) if d.revoked_at.is_none() && d.has_scope(scopes::MEDIA_WRITE))
+    }
+
     /// Whether `device` may open a files connection (paired, unrevoked).
     pub(super) fn device_may_connect(&self, device: &NodeId) -> bool {
         super::protocols::paired(&self.registry, device)

@@ -416,3 +416,96 @@ async fn a_transfer_finishes_by_itself_after_the_primary_restarts_mid_way() {
     w.shutdown().await;
     p.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_streams_arrive_in_order_with_their_statistics() {
+    use mesh_core::media::{MediaKind, Received};
+    let (ps, ws) = (Side::new(), Side::new());
+    let p = start_primary(&ps, "127.0.0.1:0".parse().unwrap());
+    let (w, _) = start_worker(&ws, "camera");
+    pair(&p, &w, false).await;
+    let (p_id, w_id) = (p.node.node_id(), w.node_id());
+    let mut incoming = p.node.media_incoming().unwrap();
+
+    // Without media:write: refused both ways.
+    match p.node.open_media(w_id, 9, MediaKind::Audio, "opus").await {
+        Err(NodeError::Files {
+            kind: FilesErrorKind::Forbidden,
+            ..
+        }) => {}
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    let mut refused = p.node.subscribe("media.refused", 8).unwrap();
+    let mut refused_w = w.subscribe("media.refused", 8).unwrap();
+    let _nope = w
+        .open_media(p_id, 9, MediaKind::Audio, "opus")
+        .await
+        .unwrap();
+    crate::support::next(&mut refused_w, "media.refused", WAIT).await;
+    assert!(refused.try_recv().is_none());
+
+    let mut granted: Vec<&str> = scopes::DEFAULT.to_vec();
+    granted.push("media:write");
+    p.node.set_scopes(&w_id, &granted).unwrap();
+
+    // A camera: 30 fps video (a key frame each second) and 20 ms audio
+    // frames, for 2 s, in real time.
+    let video = w
+        .open_media(p_id, 1, MediaKind::Video, "h264")
+        .await
+        .unwrap();
+    let audio = w
+        .open_media(p_id, 2, MediaKind::Audio, "opus")
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let s = tokio::time::timeout(WAIT, incoming.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.from, w_id);
+        streams.push(s);
+    }
+    streams.sort_by_key(|s| s.stream_id);
+    assert_eq!(
+        (streams[0].kind, streams[0].codec.as_str()),
+        (MediaKind::Video, "h264")
+    );
+    assert_eq!(streams[1].kind, MediaKind::Audio);
+    let start = tokio::time::Instant::now();
+    let (mut v, mut a) = (0u64, 0u64);
+    while v < 60 || a < 100 {
+        let t = start.elapsed().as_micros() as u64;
+        if v < 60 && t >= v * 33_333 {
+            assert!(video.send(t, v % 30 == 0, vec![v as u8; 4000]).unwrap());
+            v += 1;
+        }
+        if a < 100 && t >= a * 20_000 {
+            assert!(audio.send(t, false, vec![a as u8; 160]).unwrap());
+            a += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    drop((video, audio));
+    for (s, (n, len)) in streams.iter_mut().zip([(60u64, 4000usize), (100, 160)]) {
+        let mut got = Vec::new();
+        while let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(5), s.next()).await {
+            match r {
+                Received::Frame(f) => {
+                    assert_eq!(f.payload.len(), len);
+                    got.push(f.seq);
+                }
+                Received::Gap { from, count } => panic!("a gap of {count} at {from} on loopback"),
+            }
+        }
+        assert_eq!(got, (0..n).collect::<Vec<_>>(), "in order, all of them");
+        let st = s.stats();
+        assert_eq!(
+            (st.received, st.delivered, st.lost, st.too_old),
+            (n, n, 0, 0)
+        );
+    }
+    w.shutdown().await;
+    p.node.shutdown().await;
+}
