@@ -25,8 +25,8 @@ use mesh_core::events::{Received, Subscription};
 use mesh_core::identity::NodeKey;
 use mesh_core::ledger::Ledger;
 use mesh_core::node::{
-    FnHandler, MeshSettings, Node, NodeConfig, NodeError, Primary, RegistryAdmission, Role, Worker,
-    action_states,
+    FilesSettings, FnHandler, MeshSettings, Node, NodeConfig, NodeError, Primary,
+    RegistryAdmission, Role, Worker, action_states,
 };
 use mesh_core::storage::records::PeerStatus;
 use mesh_core::storage::{MemoryStorage, SqliteStorage, Storage};
@@ -114,7 +114,7 @@ fn quic(key: &Arc<NodeKey>, store: &Arc<dyn Storage>) -> Result<Arc<QuicTranspor
     .map_err(|e| e.to_string())
 }
 
-fn worker(name: &str, platform: Platform, cpu: f64) -> Result<Worker, String> {
+fn worker(name: &str, platform: Platform, cpu: f64, files: PathBuf) -> Result<Worker, String> {
     let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
     let key = Arc::new(NodeKey::generate());
     let transport = quic(&key, &store)?;
@@ -124,6 +124,7 @@ fn worker(name: &str, platform: Platform, cpu: f64) -> Result<Worker, String> {
         .reconnect(Duration::from_millis(100), Duration::from_secs(2));
     Node::builder(key, store, transport, config)
         .metrics(Arc::new(SteadyMetrics(cpu)))
+        .files(FilesSettings::new(files))
         .handler(
             "backup",
             Arc::new(FnHandler(|a: &Value| {
@@ -175,6 +176,7 @@ async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
             })),
         )
         .mesh(MeshSettings::reachable_at(bound, &[]))
+        .files(FilesSettings::new(data_dir.join("primary-files")))
         .start_primary()
         .map_err(|e| e.to_string())?;
     println!(
@@ -189,7 +191,8 @@ async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
     ];
     let mut nodes = Vec::new();
     for (name, platform, cpu) in workers {
-        nodes.push((name, worker(name, platform, cpu)?));
+        let files = data_dir.join(format!("{name}-files"));
+        nodes.push((name, worker(name, platform, cpu, files)?));
     }
 
     println!("\n1. pairing with the 6-digit code");
@@ -396,8 +399,9 @@ async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
     );
 
     mesh_step(&primary, steps).await?;
+    files_step(&primary, &nodes[0].1, &data_dir, steps).await?;
 
-    println!("\n10. audit ledger");
+    println!("\n11. audit ledger");
     let checkpoint = ledger
         .checkpoint(mesh_core::clock::Clock::now(&mesh_core::clock::SystemClock))
         .map_err(|e| e.to_string())?;
@@ -417,6 +421,113 @@ async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
         w.shutdown().await;
     }
     primary.shutdown().await;
+    Ok(())
+}
+
+/// A file from the laptop to the primary, verified as it arrives, and a
+/// second of video from its camera.
+async fn files_step(
+    primary: &Primary,
+    laptop: &Worker,
+    data_dir: &std::path::Path,
+    steps: &mut Steps,
+) -> Result<(), String> {
+    use mesh_core::media::{MediaKind, Received};
+    println!("\n10. files and media (BLAKE3-verified, resumable; frames in groups)");
+    let id = laptop.node_id();
+    let mut granted: Vec<&str> = mesh_core::registry::scopes::DEFAULT.to_vec();
+    granted.extend([
+        mesh_core::registry::scopes::FILES_WRITE,
+        mesh_core::registry::scopes::MEDIA_WRITE,
+    ]);
+    primary
+        .set_scopes(&id, &granted)
+        .map_err(|e| e.to_string())?;
+    primary
+        .set_policy(
+            &id,
+            r#"{"allowed_commands": ["notes.*", "reports.*", "files.send"], "max_file_bytes": 100000000}"#,
+        )
+        .map_err(|e| e.to_string())?;
+    let src = data_dir.join("holiday.mov");
+    let bytes: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&src, &bytes).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let sent = laptop
+        .send_file(&src, primary.node_id())
+        .await
+        .map_err(|e| e.to_string())?;
+    let done = tokio::time::timeout(WAIT, laptop.wait_transfer(sent.id))
+        .await
+        .map_err(|_| "the transfer did not end in time".to_string())?
+        .map_err(|e| e.to_string())?;
+    let landed = primary
+        .transfer(&sent.id)
+        .map_err(|e| e.to_string())?
+        .and_then(|t| t.path)
+        .and_then(|p| std::fs::read(p).ok());
+    steps.check(
+        "laptop sends 8 MiB to the primary, every 16 KiB checked against its BLAKE3 root",
+        done.state == mesh_core::node::TransferState::Done && landed.as_deref() == Some(&bytes[..]),
+        format!(
+            "{} in {:.0} ms, hash {}…",
+            sent.name,
+            started.elapsed().as_secs_f64() * 1e3,
+            &sent.hash.to_string()[..16]
+        ),
+    );
+    let bad = data_dir.join(".hidden");
+    std::fs::write(&bad, b"x").map_err(|e| e.to_string())?;
+    let refused = laptop.send_file(&bad, primary.node_id()).await;
+    steps.check(
+        "a name the receiver would not take is refused before anything moves",
+        matches!(
+            refused,
+            Err(mesh_core::node::NodeError::Files {
+                kind: mesh_core::node::FilesErrorKind::BadName,
+                ..
+            })
+        ),
+        "\".hidden\": bad_name",
+    );
+    let mut incoming = primary.media_incoming().map_err(|e| e.to_string())?;
+    let camera = laptop
+        .open_media(primary.node_id(), 1, MediaKind::Video, "h264")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut stream = tokio::time::timeout(WAIT, incoming.recv())
+        .await
+        .ok()
+        .flatten()
+        .ok_or("no media stream arrived")?;
+    let t0 = Instant::now();
+    for i in 0..30u64 {
+        let at = i * 33_333;
+        while (t0.elapsed().as_micros() as u64) < at {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        camera
+            .send(at, i % 15 == 0, vec![i as u8; 3_000])
+            .map_err(|e| e.to_string())?;
+    }
+    drop(camera);
+    let mut frames = 0;
+    while let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(3), stream.next()).await {
+        if matches!(r, Received::Frame(_)) {
+            frames += 1;
+        }
+    }
+    let st = stream.stats();
+    steps.check(
+        "a second of 30 fps video arrives in order",
+        frames == 30 && st.lost == 0,
+        format!(
+            "{frames} frames, {} lost, jitter {:.1} ms",
+            st.lost, st.jitter_ms
+        ),
+    );
     Ok(())
 }
 
