@@ -369,15 +369,18 @@ pub struct TransferInfo {
 pub(super) type FilesGate =
     Arc<dyn Fn(&NodeId, u64) -> Result<(), (FilesErrorKind, String)> + Send + Sync>;
 
+/// Whether a peer may do something (a quick, blocking registry check).
+pub(super) type PeerCheck = Arc<dyn Fn(&NodeId) -> bool + Send + Sync>;
+
 /// The role's side of file transfer.
 pub(super) enum FilesSide {
     /// A primary: who may connect at all (paired, unrevoked: asked at the
     /// handshake; a revocation or unpairing closes the connection at once),
     /// and the gate each file passes (on offer and on every resume).
     Primary {
-        admit: Arc<dyn Fn(&NodeId) -> bool + Send + Sync>,
+        admit: PeerCheck,
         gate: FilesGate,
-        media: Arc<dyn Fn(&NodeId) -> bool + Send + Sync>,
+        media: PeerCheck,
     },
     /// A worker: only its primary.
     Worker,
@@ -386,7 +389,7 @@ pub(super) enum FilesSide {
 impl FilesSide {
     /// A primary's check of a device for media (paired, unrevoked,
     /// `media:write`); blocking.
-    pub(super) fn media_check(&self) -> Option<&Arc<dyn Fn(&NodeId) -> bool + Send + Sync>> {
+    pub(super) fn media_check(&self) -> Option<&PeerCheck> {
         match self {
             FilesSide::Primary { media, .. } => Some(media),
             FilesSide::Worker => None,
@@ -2317,7 +2320,7 @@ impl super::Node {
     /// `files.send`). Returns once the file is hashed and the transfer
     /// stored; it then runs in the background, through dropped connections
     /// and restarts of either side, until the receiver holds every byte
-    /// verified. Follow it with [`Node::wait_transfer`] or the
+    /// verified. Follow it with [`Node::wait_transfer`](super::Node::wait_transfer) or the
     /// `transfer.*` events.
     pub async fn send_file(
         &self,

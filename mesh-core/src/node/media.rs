@@ -515,7 +515,7 @@ impl super::Node {
             .await
     }
 
-    /// [`Node::open_media`] with settings of the caller's.
+    /// [`Node::open_media`](super::Node::open_media) with settings of the caller's.
     pub async fn open_media_with(
         &self,
         to: NodeId,
