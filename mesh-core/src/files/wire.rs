@@ -266,20 +266,12 @@ impl RangeRequest {
     /// The request as written on a data stream: a 2-byte big-endian length,
     /// then postcard.
     pub fn encode(&self) -> Vec<u8> {
-        let body = postcard::to_allocvec(self).unwrap_or_default();
-        let mut out = Vec::with_capacity(body.len() + 2);
-        out.extend_from_slice(&u16::try_from(body.len()).unwrap_or(u16::MAX).to_be_bytes());
-        out.extend_from_slice(&body);
-        out
+        prefixed(self)
     }
 
     /// The body's length from a stream's first two bytes.
     pub fn body_len(prefix: [u8; 2]) -> Result<usize, FileFrameError> {
-        let n = usize::from(u16::from_be_bytes(prefix));
-        if n == 0 || n > MAX_REQUEST_LEN {
-            return Err(FileFrameError::TooLarge(n));
-        }
-        Ok(n)
+        prefixed_len(prefix, MAX_REQUEST_LEN).map_err(FileFrameError::TooLarge)
     }
 
     /// A request from its body (after the length prefix), checked against
@@ -326,6 +318,26 @@ impl RangeRequest {
             _ => Ok(()),
         }
     }
+}
+
+/// `value` as a data stream starts with it: a 2-byte big-endian length,
+/// then postcard.
+pub(crate) fn prefixed<T: Serialize>(value: &T) -> Vec<u8> {
+    let body = postcard::to_allocvec(value).unwrap_or_default();
+    let mut out = Vec::with_capacity(body.len() + 2);
+    out.extend_from_slice(&u16::try_from(body.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The body length a 2-byte `prefix` announces, if 1 to `max` (else the
+/// length, as the error).
+pub(crate) fn prefixed_len(prefix: [u8; 2], max: usize) -> Result<usize, usize> {
+    let n = usize::from(u16::from_be_bytes(prefix));
+    if n == 0 || n > max {
+        return Err(n);
+    }
+    Ok(n)
 }
 
 /// Chunk groups of a file of `size` bytes (at least one: an empty file is

@@ -137,20 +137,12 @@ pub struct GroupHeader {
 impl GroupHeader {
     /// The header as written: 2-byte length, then postcard.
     pub fn encode(&self) -> Vec<u8> {
-        let body = postcard::to_allocvec(self).unwrap_or_default();
-        let mut out = Vec::with_capacity(body.len() + 2);
-        out.extend_from_slice(&u16::try_from(body.len()).unwrap_or(u16::MAX).to_be_bytes());
-        out.extend_from_slice(&body);
-        out
+        crate::files::wire::prefixed(self)
     }
 
     /// The body's length from its 2-byte prefix.
     pub fn body_len(prefix: [u8; 2]) -> Result<usize, MediaWireError> {
-        let n = usize::from(u16::from_be_bytes(prefix));
-        if n == 0 || n > MAX_HEADER_LEN {
-            return Err(MediaWireError::TooLarge(n));
-        }
-        Ok(n)
+        crate::files::wire::prefixed_len(prefix, MAX_HEADER_LEN).map_err(MediaWireError::TooLarge)
     }
 
     /// A header from its body.

@@ -1113,6 +1113,13 @@ impl FilesRt {
 
     /// Starts (or resumes) pulling transfer `id`, unless it runs already.
     fn spawn_in(self: &Arc<Self>, id: TransferId) {
+        self.drive(id, Direction::In);
+    }
+
+    /// Starts the task that drives transfer `id` (pulls it in, or offers
+    /// and serves it out) unless one runs already; a transfer that fails
+    /// in it ends.
+    fn drive(self: &Arc<Self>, id: TransferId, direction: Direction) {
         let (tx, rx) = mpsc::unbounded_channel();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         {
@@ -1126,7 +1133,10 @@ impl FilesRt {
         }
         let rt = self.clone();
         self.core.spawn(async move {
-            let outcome = rt.pull(id, rx).await;
+            let outcome = match direction {
+                Direction::In => rt.pull(id, rx).await,
+                Direction::Out => rt.push(id, rx).await,
+            };
             if let Some(live) = lock(&rt.transfers).get_mut(&id)
                 && live.generation == generation
             {
@@ -1628,29 +1638,7 @@ impl FilesRt {
     // ---- sending ---------------------------------------------------------
 
     fn spawn_out(self: &Arc<Self>, id: TransferId) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut all = lock(&self.transfers);
-            let Some(live) = all.get_mut(&id) else { return };
-            if live.control.as_ref().is_some_and(|c| !c.is_closed()) {
-                return;
-            }
-            live.control = Some(tx);
-            live.generation = generation;
-        }
-        let rt = self.clone();
-        self.core.spawn(async move {
-            let outcome = rt.push(id, rx).await;
-            if let Some(live) = lock(&rt.transfers).get_mut(&id)
-                && live.generation == generation
-            {
-                live.control = None;
-            }
-            if let Err((state, reason)) = outcome {
-                rt.end(id, state, Some(reason)).await;
-            }
-        });
+        self.drive(id, Direction::Out);
     }
 
     /// Offers transfer `id` whenever a connection is up, until the
