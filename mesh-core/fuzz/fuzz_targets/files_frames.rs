@@ -73,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
             let mut again = Vec::new();
             f.encode_into(&mut again);
             assert_eq!(FrameRecord::decode(&again[4..]).as_ref(), Ok(&f));
-            receiver.push(f, 0, 100, now);
+            receiver.push(f, 100, now);
             let _ = receiver.poll(now);
         }
         now += 7;

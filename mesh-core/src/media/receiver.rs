@@ -2,8 +2,8 @@
 //! within a jitter window, gaps reported as lost, frames after their turn
 //! as late, nothing yielded after its deadline, and statistics.
 //!
-//! Deadlines: a group's header says how long after its first frame's
-//! timestamp its frames are of use. The receiver maps the sender's media
+//! Deadlines: a group's header says how long after its own timestamp each
+//! frame is of use. The receiver maps the sender's media
 //! clock to its own with the smallest transit seen (arrival − timestamp):
 //! the least-delayed frame is taken as the one with no queueing, so a
 //! frame is too old once `now − (timestamp + smallest transit)` exceeds
@@ -53,6 +53,8 @@ pub struct MediaStats {
     pub too_old: u64,
     /// Frames that arrived twice.
     pub duplicates: u64,
+    /// Frames refused because their number was impossibly far ahead.
+    pub rejected: u64,
     /// Inter-arrival jitter, ms (RFC 3550's estimator).
     pub jitter_ms: f64,
 }
@@ -95,6 +97,8 @@ pub struct MediaReceiver {
 }
 
 const GIVEN_UP_KEPT: usize = 4096;
+/// How far ahead of the next expected frame a sequence number may be.
+const MAX_AHEAD: u64 = 1 << 20;
 
 impl MediaReceiver {
     /// A receiver expecting frames from sequence number 0.
@@ -120,10 +124,9 @@ impl MediaReceiver {
         i128::from(now_ms) * 1000 - self.min_transit.unwrap_or(0)
     }
 
-    /// Takes `frame`, of a group whose first frame's timestamp is
-    /// `group_first_us` and whose deadline is `deadline_ms` after it, that
+    /// Takes `frame`, of use until `deadline_ms` after its timestamp, that
     /// arrived at `now_ms`.
-    pub fn push(&mut self, frame: FrameRecord, group_first_us: u64, deadline_ms: u32, now_ms: u64) {
+    pub fn push(&mut self, frame: FrameRecord, deadline_ms: u32, now_ms: u64) {
         let transit = i128::from(now_ms) * 1000 - i128::from(frame.timestamp_us);
         if let Some(last) = self.last_transit {
             let d = (transit - last).abs() as f64 / 1000.0;
@@ -132,6 +135,10 @@ impl MediaReceiver {
         self.last_transit = Some(transit);
         self.min_transit = Some(self.min_transit.map_or(transit, |m| m.min(transit)));
         let seq = frame.seq;
+        if seq - self.next.min(seq) > MAX_AHEAD {
+            self.stats.rejected += 1;
+            return;
+        }
         if seq < self.next {
             if self.given_up.remove(&seq) {
                 self.stats.lost = self.stats.lost.saturating_sub(1);
@@ -147,7 +154,9 @@ impl MediaReceiver {
             return;
         }
         self.stats.received += 1;
-        let deadline_us = group_first_us.saturating_add(u64::from(deadline_ms) * 1000);
+        let deadline_us = frame
+            .timestamp_us
+            .saturating_add(u64::from(deadline_ms) * 1000);
         self.held.insert(
             seq,
             Held {
@@ -189,14 +198,14 @@ impl MediaReceiver {
                 self.give_up(self.next, stale, &mut out);
                 self.held.remove(&stale);
                 self.stats.too_old += 1;
-                self.next = stale + 1;
+                self.next = stale.saturating_add(1);
                 continue;
             }
             if seq == self.next {
                 let Some(h) = self.held.remove(&seq) else {
                     break;
                 };
-                self.next = seq + 1;
+                self.next = seq.saturating_add(1);
                 self.stats.delivered += 1;
                 out.push(Received::Frame(h.frame));
                 continue;
@@ -222,7 +231,7 @@ impl MediaReceiver {
         let mut out = self.poll(now_ms);
         while let Some((seq, h)) = self.held.pop_first() {
             self.give_up(self.next, seq, &mut out);
-            self.next = seq + 1;
+            self.next = seq.saturating_add(1);
             self.stats.delivered += 1;
             out.push(Received::Frame(h.frame));
         }
@@ -256,7 +265,7 @@ mod tests {
     fn reordered_frames_come_out_in_order() {
         let mut r = MediaReceiver::new(ReceiverSettings::default());
         for (s, at) in [(0, 0), (2, 41), (1, 42), (3, 60)] {
-            r.push(frame(s), 0, 10_000, at);
+            r.push(frame(s), 10_000, at);
         }
         assert_eq!(seqs(&r.poll(60)), vec![0, 1, 2, 3]);
         let st = r.stats();
@@ -266,18 +275,18 @@ mod tests {
     #[test]
     fn a_gap_waits_out_the_jitter_window_then_counts_as_lost_and_late_if_it_comes() {
         let mut r = MediaReceiver::new(ReceiverSettings::default());
-        r.push(frame(0), 0, 10_000, 0);
-        r.push(frame(2), 0, 10_000, 40);
+        r.push(frame(0), 10_000, 0);
+        r.push(frame(2), 10_000, 40);
         assert_eq!(seqs(&r.poll(40)), vec![0]);
         assert_eq!(seqs(&r.poll(99)), Vec::<i64>::new(), "within the window");
         assert_eq!(seqs(&r.poll(100)), vec![-1, 2]);
         assert_eq!(r.stats().lost, 1);
         // Frame 1 after all: late, not lost.
-        r.push(frame(1), 0, 10_000, 120);
+        r.push(frame(1), 10_000, 120);
         assert!(r.poll(120).is_empty());
         let st = r.stats();
         assert_eq!((st.lost, st.late, st.delivered), (0, 1, 2));
-        r.push(frame(2), 0, 10_000, 121);
+        r.push(frame(2), 10_000, 121);
         assert_eq!(r.stats().duplicates, 1);
     }
 
@@ -285,17 +294,34 @@ mod tests {
     fn nothing_past_its_deadline_is_yielded() {
         let mut r = MediaReceiver::new(ReceiverSettings::default());
         // Timestamps in step with arrival (transit 0), deadline 100 ms.
-        r.push(frame(0), 0, 100, 0);
+        r.push(frame(0), 100, 0);
         assert_eq!(seqs(&r.poll(0)), vec![0]);
         // Frame 2 arrives on time, frame 1 never; by the time the jitter
         // window would give 1 up, 2 is still fresh.
-        r.push(frame(2), 40_000, 100, 45);
+        r.push(frame(2), 100, 45);
         assert_eq!(seqs(&r.poll(105)), vec![-1, 2]);
         // Frame 3 (timestamp 60 ms) comes 200 ms late: too old.
-        r.push(frame(3), 60_000, 100, 260);
+        r.push(frame(3), 100, 260);
         assert_eq!(seqs(&r.poll(260)), Vec::<i64>::new());
         assert_eq!(r.stats().too_old, 1);
         assert_eq!(r.stats().delivered, 2);
+    }
+
+    #[test]
+    fn sequence_numbers_far_ahead_or_at_the_end_of_the_range_change_nothing() {
+        // Found by the fuzzer: u64::MAX overflowed the next number.
+        let mut r = MediaReceiver::new(ReceiverSettings::default());
+        r.push(frame(0), 100, 0);
+        for seq in [u64::MAX, u64::MAX - 1, 1 << 40] {
+            let mut f = frame(1);
+            f.seq = seq;
+            r.push(f, 100, 1);
+        }
+        assert_eq!(seqs(&r.poll(1)), vec![0]);
+        assert_eq!(seqs(&r.poll(10_000)), Vec::<i64>::new());
+        let st = r.stats();
+        assert_eq!((st.rejected, st.lost, st.delivered), (3, 0, 1));
+        assert!(r.finish(20_000).is_empty());
     }
 
     #[test]
@@ -306,7 +332,7 @@ mod tests {
         };
         let mut r = MediaReceiver::new(settings);
         for s in 1..=6 {
-            r.push(frame(s), 0, 1_000_000, 0);
+            r.push(frame(s), 1_000_000, 0);
         }
         assert_eq!(seqs(&r.poll(0)), vec![-1, 1, 2, 3, 4, 5, 6]);
         assert_eq!(r.stats().lost, 1);
@@ -330,7 +356,7 @@ mod tests {
         arrivals.sort();
         let mut delivered = Vec::new();
         for (at, s) in arrivals {
-            r.push(frame(s), s * 20_000, 10_000, at);
+            r.push(frame(s), 10_000, at);
             delivered.extend(r.poll(at));
         }
         delivered.extend(r.finish(100_000));

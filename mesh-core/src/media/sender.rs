@@ -15,8 +15,8 @@ pub struct SenderSettings {
     /// is this much media). Default: 200 ms for audio and data, 2,000 ms
     /// for video.
     pub group_ms: u32,
-    /// A group's frames are of no use this long after its first frame's
-    /// timestamp; its stream is then reset, not delivered late. Default:
+    /// A frame is of no use this long after its timestamp; a group whose
+    /// newest frame is that old is reset, not delivered late. Default:
     /// 300 ms for audio, 1,000 ms for video and data.
     pub deadline_ms: u32,
     /// Groups in flight at once (sent, not yet finished or expired) before
@@ -206,6 +206,7 @@ impl MediaSender {
         let Some(g) = self.groups.back_mut() else {
             return Ok(Submitted::Dropped);
         };
+        g.expires_at_ms = now_ms + u64::from(self.settings.deadline_ms);
         let seq = self.next_seq;
         self.next_seq += 1;
         let mut bytes = Vec::with_capacity(payload.len() + 21);

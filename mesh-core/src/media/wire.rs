@@ -3,7 +3,7 @@
 //! A media stream opens with a [`MediaOpen`] control message (stream id,
 //! kind, codec label). Each group then travels on a QUIC uni stream of its
 //! own: a [`GroupHeader`] (2-byte length, then postcard: stream id, group
-//! number, the group's deadline relative to its first frame's timestamp),
+//! number, the deadline of its frames relative to each one's timestamp),
 //! followed by frames, each a [`FrameRecord`]: 4-byte big-endian length of
 //! what follows, 8-byte sequence number, 8-byte timestamp (µs of the
 //! sender's media clock), 1 flag byte (bit 0: key frame), the payload.
@@ -129,8 +129,9 @@ pub struct GroupHeader {
     pub stream_id: StreamId,
     /// The group's number (increasing).
     pub group: u64,
-    /// Milliseconds after its first frame's timestamp past which none of
-    /// the group's frames may be delivered.
+    /// Milliseconds after each frame's timestamp past which it may not be
+    /// delivered (the sender resets the group's stream once its newest
+    /// frame is that old).
     pub deadline_ms: u32,
 }
 

@@ -192,6 +192,7 @@ impl FilesRt {
         }
         let (tx, rx) = mpsc::channel(OUT_QUEUE);
         let counts = Arc::new(Mutex::new((0, 0)));
+        let deadline_ms = settings.deadline_ms;
         let sender = MediaSender::new(stream_id, kind, settings);
         let writer = Writer {
             rt: Arc::downgrade(self),
@@ -200,6 +201,8 @@ impl FilesRt {
             sender,
             counts: counts.clone(),
             current: None,
+            expires_at: 0,
+            deadline_ms,
         };
         self.spawn_task(writer.run(rx));
         Ok(MediaOut {
@@ -357,7 +360,6 @@ impl FilesRt {
         else {
             return recv.stop(0);
         };
-        let mut first_ts = None;
         loop {
             let mut len = [0u8; 4];
             if read_exact(recv.as_mut(), &mut len).await.is_err() {
@@ -373,11 +375,10 @@ impl FilesRt {
             let Ok(frame) = FrameRecord::decode(&rest) else {
                 return recv.stop(0);
             };
-            let first = *first_ts.get_or_insert(frame.timestamp_us);
             let now = now_ms(self);
             let ready = {
                 let mut r = lock(&state.receiver);
-                r.push(frame, first, header.deadline_ms, now);
+                r.push(frame, header.deadline_ms, now);
                 r.poll(now)
             };
             state.flush(ready);
@@ -394,6 +395,9 @@ struct Writer {
     counts: Arc<Mutex<(u64, u64)>>,
     /// The group being written and its stream.
     current: Option<(u64, Box<dyn SendStream>)>,
+    /// When the current group expires (ms).
+    expires_at: u64,
+    deadline_ms: u32,
 }
 
 impl Writer {
@@ -467,15 +471,28 @@ impl Writer {
             }
             self.current = Some((plan.group, s));
         }
+        // The group lives as long as its newest frame is of use.
+        self.expires_at = now + u64::from(self.deadline_ms);
+        let left = Duration::from_millis(self.expires_at.saturating_sub(now));
         match &mut self.current {
             Some((g, s)) if *g == plan.group => {
-                if s.write_all(&bytes).await.is_err() {
-                    // Reset (expired) or the connection went.
-                    self.current = None;
-                    lock(&self.counts).1 += 1;
-                    return !self.conn_gone();
+                // A write the link cannot take before the group's deadline
+                // is given up: the group is reset, not delivered late.
+                match tokio::time::timeout(left, s.write_all(&bytes)).await {
+                    Ok(Ok(())) => lock(&self.counts).0 += 1,
+                    Ok(Err(_)) => {
+                        self.current = None;
+                        lock(&self.counts).1 += 1;
+                        return !self.conn_gone();
+                    }
+                    Err(_) => {
+                        if let Some((g, mut s)) = self.current.take() {
+                            s.reset(0);
+                            self.sender.finished(g);
+                        }
+                        lock(&self.counts).1 += 1;
+                    }
                 }
-                lock(&self.counts).0 += 1;
             }
             // Its group expired meanwhile.
             _ => lock(&self.counts).1 += 1,
