@@ -509,3 +509,98 @@ async fn media_streams_arrive_in_order_with_their_statistics() {
     w.shutdown().await;
     p.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_sender_is_caught_at_the_bad_group_asked_again_and_penalised() {
+    use mesh_core::files::verify::{hash_file, serve};
+    use mesh_core::files::{GROUP_LEN, RangeRequest};
+    use mesh_core::transport::IncomingStream;
+    let (ps, ws) = (Side::new(), Side::new());
+    let p = start_primary(&ps, "127.0.0.1:0".parse().unwrap());
+    let (w, w_transport) = start_worker(&ws, "liar");
+    pair(&p, &w, false).await;
+    let (p_id, w_id) = (p.node.node_id(), w.node_id());
+    allow_files(&p, &w_id, 1 << 30);
+    let mut violations = p.node.subscribe("policy.violation", 64).unwrap();
+
+    // The real file and its hash; the liar serves a copy with group 5
+    // changed, against the real outboard.
+    let src = tempfile::tempdir().unwrap();
+    let data = bytes(20 * GROUP_LEN as usize, 9);
+    let real = write(src.path(), "real.bin", &data);
+    let outboard = src.path().join("real.obao");
+    let (hash, size) = hash_file(&real, &outboard).unwrap();
+    let mut bad = data.clone();
+    bad[5 * GROUP_LEN as usize + 100] ^= 0xff;
+    let forged = write(src.path(), "forged.bin", &bad);
+
+    let conn = w_transport.connect(p_id, &p.addr, FILES).await.unwrap();
+    let id = TransferId::random();
+    conn.send(
+        FileFrame::Offer(Offer {
+            id,
+            hash,
+            size,
+            name: "payload.bin".into(),
+            zstd: false,
+        })
+        .encode(),
+    )
+    .await
+    .unwrap();
+    let accepted = FileFrame::decode(&conn.recv().await.unwrap()).unwrap();
+    assert!(matches!(accepted, FileFrame::Accept { .. }), "{accepted:?}");
+    // Serve every request from the forged copy.
+    let mut asked = Vec::new();
+    for _ in 0..3 {
+        let Ok(Ok(IncomingStream::Bi(mut send, mut recv))) =
+            tokio::time::timeout(WAIT, conn.accept_stream()).await
+        else {
+            panic!("no request")
+        };
+        let mut prefix = [0u8; 2];
+        let mut at = 0;
+        while at < 2 {
+            at += recv.read(&mut prefix[at..]).await.unwrap().unwrap();
+        }
+        let body = recv
+            .read_to_end(RangeRequest::body_len(prefix).unwrap())
+            .await
+            .unwrap();
+        let request = RangeRequest::decode(&body).unwrap();
+        asked.push(request.groups.clone());
+        let mut answer = Vec::new();
+        serve(
+            &std::fs::File::open(&forged).unwrap(),
+            std::fs::File::open(&outboard).unwrap(),
+            hash,
+            size,
+            &request.groups,
+            &mut answer,
+            false,
+        )
+        .unwrap();
+        let _ = send.write_all(&answer).await;
+        let _ = send.finish().await;
+    }
+    // Caught at group 5 each time; the groups before it are kept and not
+    // asked for again.
+    assert_eq!(asked[0], vec![(0, 20)]);
+    assert_eq!(asked[1], vec![(5, 20)], "{asked:?}");
+    for _ in 0..3 {
+        let v = crate::support::next(&mut violations, "policy.violation", WAIT).await;
+        assert_eq!(v.data["reason"], "file_hash_mismatch");
+        assert_eq!(v.data["device"], w_id.to_string());
+    }
+    // Three bad groups: the transfer fails, nothing lands.
+    let ended = tokio::time::timeout(WAIT, p.node.wait_transfer(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.state, TransferState::Failed, "{ended:?}");
+    assert!(ended.error.unwrap().contains("do not match"));
+    assert!(!ps.files().join("payload.bin").exists());
+    assert_eq!(p.node.files_stats().unwrap().groups_rejected, 3);
+    w.shutdown().await;
+    p.node.shutdown().await;
+}
