@@ -592,15 +592,11 @@ impl ProtocolHandler for FilesService {
 }
 
 impl FilesRt {
-    fn now(&self) -> Timestamp {
+    pub(super) fn now(&self) -> Timestamp {
         self.core.now()
     }
 
     // ---- for the media side (node::media) ----------------------------------
-
-    pub(super) fn core_now(&self) -> Timestamp {
-        self.core.now()
-    }
 
     pub(super) fn side(&self) -> &FilesSide {
         &self.side
@@ -610,23 +606,8 @@ impl FilesRt {
         &self.media
     }
 
-    pub(super) async fn connect_to(
-        self: &Arc<Self>,
-        peer: &NodeId,
-    ) -> Result<Arc<dyn Connection>, NodeError> {
-        self.connect(peer).await
-    }
-
-    pub(super) async fn frame_to(conn: &Arc<dyn Connection>, frame: &FileFrame) -> bool {
-        Self::send_frame(conn, frame).await
-    }
-
     pub(super) fn spawn_task(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         self.core.spawn(task);
-    }
-
-    pub(super) fn publish_event(&self, kind: &str, data: serde_json::Value) {
-        self.publish(kind, data);
     }
 
     pub(super) fn clock_handle(&self) -> impl Fn() -> Timestamp + Send + Sync + 'static {
@@ -717,7 +698,7 @@ impl FilesRt {
         Ok(record)
     }
 
-    fn publish(&self, kind: &str, data: serde_json::Value) {
+    pub(super) fn publish(&self, kind: &str, data: serde_json::Value) {
         self.core.events.publish(kind, self.now(), data);
     }
 
@@ -797,7 +778,7 @@ impl FilesRt {
         }
     }
 
-    async fn send_frame(conn: &Arc<dyn Connection>, frame: &FileFrame) -> bool {
+    pub(super) async fn send_frame(conn: &Arc<dyn Connection>, frame: &FileFrame) -> bool {
         conn.send(frame.encode()).await.is_ok()
     }
 
@@ -839,7 +820,10 @@ impl FilesRt {
 
     /// A connection to `peer`: an open one, or (a worker) dialled, or (a
     /// primary) asked of the device over its session.
-    async fn connect(self: &Arc<Self>, peer: &NodeId) -> Result<Arc<dyn Connection>, NodeError> {
+    pub(super) async fn connect(
+        self: &Arc<Self>,
+        peer: &NodeId,
+    ) -> Result<Arc<dyn Connection>, NodeError> {
         if let Some(c) = self.conn(peer) {
             return Ok(c);
         }
@@ -1917,23 +1901,11 @@ impl FilesRt {
             Ok(Ok(())) if ok => {
                 let _ = send.finish().await;
             }
-            Ok(Err(ServeError::SourceChanged(m))) => {
+            // The file changed or cannot be read: the transfer cannot go on.
+            Ok(Err(e @ (ServeError::SourceChanged(_) | ServeError::Read(_)))) => {
                 send.reset(RESET_ENDED);
-                self.end(
-                    record.id,
-                    TransferState::Failed,
-                    Some(format!("the file changed since it was offered ({m})")),
-                )
-                .await;
-            }
-            Ok(Err(ServeError::Read(e))) => {
-                send.reset(RESET_ENDED);
-                self.end(
-                    record.id,
-                    TransferState::Failed,
-                    Some(format!("cannot read the file: {e}")),
-                )
-                .await;
+                self.end(record.id, TransferState::Failed, Some(e.to_string()))
+                    .await;
             }
             _ => send.reset(RESET_BUSY),
         }

@@ -161,7 +161,7 @@ pub(super) struct Media {
 }
 
 fn now_ms(rt: &FilesRt) -> u64 {
-    rt.core_now().as_millis()
+    rt.now().as_millis()
 }
 
 impl FilesRt {
@@ -186,8 +186,8 @@ impl FilesRt {
         if matches!(self.side(), FilesSide::Primary { .. }) {
             self.media_allowed(&to).await?;
         }
-        let conn = self.connect_to(&to).await?;
-        if !Self::frame_to(&conn, &FileFrame::MediaOpen(open)).await {
+        let conn = self.connect(&to).await?;
+        if !Self::send_frame(&conn, &FileFrame::MediaOpen(open)).await {
             return Err(NodeError::Unavailable("the connection went".into()));
         }
         let (tx, rx) = mpsc::channel(OUT_QUEUE);
@@ -255,12 +255,12 @@ impl FilesRt {
             message,
         };
         if let Err(e) = self.media_allowed(peer).await {
-            Self::frame_to(conn, &refuse(e.to_string())).await;
+            Self::send_frame(conn, &refuse(e.to_string())).await;
             return;
         }
         let taker = lock(&self.media().incoming).clone();
         let Some(taker) = taker else {
-            Self::frame_to(conn, &refuse("this node takes no media".into())).await;
+            Self::send_frame(conn, &refuse("this node takes no media".into())).await;
             return;
         };
         let (tx, rx) = mpsc::channel(IN_QUEUE);
@@ -280,7 +280,7 @@ impl FilesRt {
             }
         };
         if !taken {
-            Self::frame_to(conn, &refuse("too many media streams".into())).await;
+            Self::send_frame(conn, &refuse("too many media streams".into())).await;
             return;
         }
         let incoming = MediaIn {
@@ -293,10 +293,10 @@ impl FilesRt {
         };
         if taker.try_send(incoming).is_err() {
             lock(&self.media().streams).remove(&(*peer, open.stream_id));
-            Self::frame_to(conn, &refuse("the app takes no more streams".into())).await;
+            Self::send_frame(conn, &refuse("the app takes no more streams".into())).await;
             return;
         }
-        self.publish_event(
+        self.publish(
             "media.incoming",
             json!({
                 "peer": peer.to_string(),
@@ -419,7 +419,7 @@ impl Writer {
         if let Some((_, mut s)) = self.current.take() {
             let _ = s.finish().await;
         }
-        FilesRt::frame_to(
+        FilesRt::send_frame(
             &self.conn,
             &FileFrame::MediaClose {
                 stream_id: self.stream_id,
