@@ -14,12 +14,17 @@
 
 mod error;
 mod files;
+mod media;
 mod mesh;
 mod node;
 mod sync;
 mod types;
 
 pub use error::MeshError;
+pub use media::{
+    MediaFrame, MediaInbox, MediaItem, MediaReceiver, MediaSendCounts, MediaSender,
+    MediaStreamStats, MediaType,
+};
 pub use mesh::{MeshMessage, MeshPeer, MeshPeers, MeshToken, MeshTokenInfo, TopicListener};
 pub use node::{
     CommandHandler, EventListener, EventSubscription, MeshNode, PairingTicket, default_options,

@@ -181,6 +181,11 @@ impl MeshNode {
             .ok_or_else(|| MeshError::unavailable("the node is not running: call start() first"))
     }
 
+    /// The node's tokio runtime.
+    pub(crate) fn runtime_handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
     /// The primary's handle, if the node runs as the primary.
     pub(crate) fn primary_handle(&self) -> Result<Primary, MeshError> {
         self.primary()

@@ -210,3 +210,93 @@ async fn a_constrained_memory_link_carries_its_rate() {
         "{took:?}"
     );
 }
+
+/// Stream faults (virtual clock): every byte arrives, in order within its
+/// stream, no sooner than the path's delay; a stream written later
+/// overtakes one held up by a lost packet; a reset stream's bytes in
+/// flight never arrive.
+#[tokio::test(start_paused = true)]
+async fn stream_faults_delay_reorder_and_hold_up_only_their_own_stream() {
+    use crate::memory::StreamFaults;
+    use mesh_core::transport::{IncomingStream, RecvStream};
+
+    async fn uni(s: &dyn mesh_core::transport::Connection) -> Box<dyn RecvStream> {
+        match s.accept_stream().await.unwrap() {
+            IncomingStream::Uni(r) => r,
+            _ => panic!("a unidirectional stream"),
+        }
+    }
+
+    let net = MemoryNetwork::new(7);
+    let (_ta, _tb, c, s) = stream_connected(&net).await;
+    let faults = StreamFaults {
+        delay: Duration::from_millis(40),
+        jitter: Duration::from_millis(20),
+        loss: 0.05,
+        retransmit: Duration::from_millis(100),
+    };
+    net.set_stream_faults(Some(faults));
+
+    // Many streams of 12 packets each, written one after another at once:
+    // each arrives whole and in order, after at least the delay; some
+    // finish after streams written later (a lost packet held them up).
+    let start = Instant::now();
+    let payload = |i: u8| (0..14_400u32).map(|k| (k as u8) ^ i).collect::<Vec<u8>>();
+    for i in 0..40u8 {
+        let mut send = c.open_uni(0).await.unwrap();
+        send.write_all(&payload(i)).await.unwrap();
+        send.finish().await.unwrap();
+    }
+    let mut readers = Vec::new();
+    for _ in 0..40 {
+        let mut r = uni(s.as_ref()).await;
+        readers.push(tokio::spawn(async move {
+            let data = r.read_to_end(1 << 20).await.unwrap();
+            (data, Instant::now())
+        }));
+    }
+    let mut finished = Vec::new();
+    for (i, r) in readers.into_iter().enumerate() {
+        let (data, at) = r.await.unwrap();
+        assert_eq!(data, payload(i as u8), "stream {i} whole and in order");
+        let took = at - start;
+        assert!(took >= faults.delay, "stream {i} after {took:?}");
+        assert!(
+            took <= faults.delay + faults.jitter + faults.retransmit,
+            "stream {i} after {took:?}"
+        );
+        finished.push((at, i));
+    }
+    finished.sort();
+    let order: Vec<usize> = finished.iter().map(|(_, i)| *i).collect();
+    assert_ne!(
+        order,
+        (0..40).collect::<Vec<_>>(),
+        "streams overtook one another"
+    );
+    let held_up = finished
+        .iter()
+        .filter(|(at, _)| *at - start > faults.delay + faults.jitter)
+        .count();
+    assert!(held_up > 0, "a lost packet held up its stream");
+
+    // A stream reset while its bytes are in flight: none of them arrive.
+    let mut send = c.open_uni(0).await.unwrap();
+    send.write_all(&[1u8; 5000]).await.unwrap();
+    let mut r = uni(s.as_ref()).await;
+    send.reset(9);
+    assert_eq!(
+        r.read(&mut [0u8; 64]).await,
+        Err(mesh_core::transport::StreamError::Reset(9))
+    );
+
+    // Faults off: bytes arrive at once again.
+    net.set_stream_faults(None);
+    let start = Instant::now();
+    let mut send = c.open_uni(0).await.unwrap();
+    send.write_all(b"now").await.unwrap();
+    send.finish().await.unwrap();
+    let mut r = uni(s.as_ref()).await;
+    assert_eq!(r.read_to_end(64).await.unwrap(), b"now");
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}

@@ -85,13 +85,31 @@ impl MediaOut {
         }
     }
 
-    /// Frames sent and dropped so far.
+    /// Frames written to the link and frames dropped, so far (a frame is
+    /// counted once the writer has handled it).
     pub fn counts(&self) -> (u64, u64) {
         *lock(&self.counts)
     }
 
+    /// A handle to [`MediaOut::counts`] that stays valid after the stream
+    /// ended (the writer counts what was queued as it goes).
+    pub fn counter(&self) -> MediaOutCounter {
+        MediaOutCounter(self.counts.clone())
+    }
+
     /// Ends the stream once what is queued is written.
     pub fn close(self) {}
+}
+
+/// The counts of a [`MediaOut`] (see [`MediaOut::counter`]).
+#[derive(Debug, Clone)]
+pub struct MediaOutCounter(Arc<Mutex<(u64, u64)>>);
+
+impl MediaOutCounter {
+    /// Frames written to the link and frames dropped, so far.
+    pub fn counts(&self) -> (u64, u64) {
+        *lock(&self.0)
+    }
 }
 
 /// A media stream coming in.
@@ -116,6 +134,32 @@ impl MediaIn {
         self.rx.recv().await
     }
 
+    /// The receiver's counters.
+    pub fn stats(&self) -> MediaStats {
+        lock(&self.state.receiver).stats()
+    }
+
+    /// Frames dropped because the app did not take them in time.
+    pub fn dropped_unread(&self) -> u64 {
+        *lock(&self.state.unread)
+    }
+
+    /// A handle to this stream's counters that can be read while another
+    /// task waits in [`MediaIn::next`].
+    pub fn counters(&self) -> MediaCounters {
+        MediaCounters {
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// The counters of an incoming media stream (see [`MediaIn::counters`]).
+#[derive(Debug, Clone)]
+pub struct MediaCounters {
+    state: Arc<InStream>,
+}
+
+impl MediaCounters {
     /// The receiver's counters.
     pub fn stats(&self) -> MediaStats {
         lock(&self.state.receiver).stats()

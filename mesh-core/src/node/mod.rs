@@ -83,7 +83,7 @@ pub use files::{
     file_events,
 };
 pub use ledger_sync::{LEDGER_SYNC, LEDGER_SYNC_INTERVAL, ledger_events};
-pub use media::{MediaIn, MediaOut};
+pub use media::{MediaCounters, MediaIn, MediaOut, MediaOutCounter};
 pub use mesh::{
     IssuedToken, MeshErrorKind, MeshSettings, MeshView, TokenStatus, TopicSubscription,
     mesh_records,

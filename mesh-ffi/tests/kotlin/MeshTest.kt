@@ -202,6 +202,44 @@ suspend fun scenario() {
     expect<MeshException.InvalidInput>("a malformed transfer id is InvalidInput") { worker.transfer("nope") }
     filesSub.close()
 
+    // Media: refused without media:write; then the primary streams 30
+    // video frames in real time to the worker, which reads them in order.
+    try {
+        primary.openMedia(worker.nodeId(), 3u, MediaType.VIDEO, "h264")
+        check("media without media:write is refused", false)
+    } catch (e: MeshException.File) {
+        check("media without media:write is File(forbidden)", e.code == "forbidden") { e.code }
+    }
+    primary.setScopes(worker.nodeId(), listOf("presence:write", "events:write", "commands:run", "files:write", "media:write"))
+    val inbox = worker.mediaInbox()
+    val video = primary.openMedia(worker.nodeId(), 4u, MediaType.VIDEO, "h264")
+    val stream = inbox.next(10_000uL)
+    check("the stream arrives with its kind and codec",
+        stream.peer() == primary.nodeId() && stream.streamId() == 4u && stream.mediaType() == MediaType.VIDEO && stream.codec() == "h264")
+    val t0 = System.nanoTime()
+    for (i in 0 until 30) {
+        while (System.nanoTime() - t0 < i * 33_333_000L) Thread.sleep(1)
+        val ts = ((System.nanoTime() - t0) / 1000).toULong()
+        check("frame $i is taken", video.send(ts, i % 15 == 0, ByteArray(1000) { i.toByte() }))
+    }
+    video.end()
+    eventually("the writer counted 30 frames") { video.counts() == MediaSendCounts(30uL, 0uL) }
+    val seqs = mutableListOf<ULong>()
+    while (true) {
+        val item = stream.next(10_000uL) ?: break
+        when (item) {
+            is MediaItem.Frame -> {
+                check("frame ${item.frame.seq} carries its bytes",
+                    item.frame.payload.size == 1000 && item.frame.payload[0] == item.frame.seq.toByte())
+                seqs.add(item.frame.seq)
+            }
+            is MediaItem.Gap -> check("no gap on loopback", false) { item.toString() }
+        }
+    }
+    check("all 30 frames in order", seqs == (0uL until 30uL).toList()) { seqs.toString() }
+    val st = stream.stats()
+    check("the receiver's counters", st.received == 30uL && st.delivered == 30uL && st.lost == 0uL && st.tooOld == 0uL) { st.toString() }
+
     // Events reached the Kotlin listener; closing stops delivery.
     val kinds = events.kinds()
     for (kind in listOf("pairing.request_received", "pairing.approved", "peer.joined")) {

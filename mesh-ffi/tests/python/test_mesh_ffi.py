@@ -241,6 +241,42 @@ async def scenario():
         assert ended.value.code == "already_ended"
         files_sub.cancel()
 
+        # Media: refused without media:write; then the worker streams 40
+        # audio frames in real time to the primary, which reads them in
+        # order with their counters.
+        with pytest.raises(m.MeshError.File) as no_media:
+            await primary.open_media(worker.node_id(), 9, m.MediaType.AUDIO, "opus")
+        assert no_media.value.code == "forbidden"
+        primary.set_scopes(
+            worker.node_id(),
+            ["presence:write", "events:write", "commands:run", "files:write", "media:write"],
+        )
+        inbox = primary.media_inbox()
+        sender = await worker.open_media(primary.node_id(), 7, m.MediaType.AUDIO, "opus")
+        assert sender.stream_id() == 7
+        stream = await inbox.next(int(WAIT_S * 1000))
+        assert (stream.peer(), stream.stream_id(), stream.media_type(), stream.codec()) == (
+            worker.node_id(), 7, m.MediaType.AUDIO, "opus")
+        start = time.monotonic()
+        for i in range(40):
+            while time.monotonic() - start < i * 0.02:
+                await asyncio.sleep(0.002)
+            ts = int((time.monotonic() - start) * 1e6)
+            assert sender.send(ts, False, bytes([i]) * 160)
+        sender.end()
+        await eventually(lambda: sender.counts().sent == 40, "the writer's count of 40 frames")
+        assert sender.counts().dropped == 0
+        with pytest.raises(m.MeshError.Unavailable):
+            sender.send(0, False, b"after close")
+        got = []
+        while (item := await stream.next(int(WAIT_S * 1000))) is not None:
+            assert isinstance(item, m.MediaItem.FRAME), item
+            got.append(item.frame)
+        assert [f.seq for f in got] == list(range(40))
+        assert all(f.payload == bytes([f.seq]) * 160 for f in got)
+        st = stream.stats()
+        assert (st.received, st.delivered, st.lost, st.too_old) == (40, 40, 0, 0), st
+
         # Events reached the Python listener; closing stops delivery.
         kinds = events.kinds()
         for kind in ("pairing.request_received", "pairing.approved", "peer.joined"):

@@ -14,7 +14,10 @@
 //!
 //! Connections also carry streams and datagrams (see [`streams`]):
 //! [`MemoryNetwork::set_bandwidth`] constrains the link so stream
-//! priorities show in the order streams finish.
+//! priorities show in the order streams finish, and
+//! [`MemoryNetwork::set_stream_faults`] delays stream bytes as a lossy,
+//! jittery QUIC path would (streams overtake one another; a lost packet
+//! holds up its own stream until it is sent again).
 
 pub mod streams;
 
@@ -46,6 +49,7 @@ struct Net {
     /// Stream bytes per second per direction of a connection; `None`: as
     /// fast as the reader takes them.
     bandwidth: Option<u64>,
+    stream_faults: Option<StreamFaults>,
     rng: u64,
     next_id: u64,
 }
@@ -74,6 +78,27 @@ impl Net {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
     }
+}
+
+/// What a lossy, jittery path does to stream bytes, modelled on QUIC: the
+/// bytes of a stream go in packets of [`streams::CHUNK`] bytes; each
+/// arrives `delay` plus a random share of `jitter` after it was written;
+/// a lost packet (probability `loss`) arrives `retransmit` later still,
+/// as QUIC sends it again. A stream's bytes arrive in order, so a late
+/// packet holds up the bytes after it on its stream, and only there:
+/// other streams overtake it. Streams stay reliable — loss shows as delay
+/// (and a stream reset by its writer meanwhile never completes).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StreamFaults {
+    /// The path's one-way delay.
+    pub delay: Duration,
+    /// Up to this much more, drawn per packet.
+    pub jitter: Duration,
+    /// The chance a packet is lost (0.0–1.0) and has to be sent again.
+    pub loss: f64,
+    /// How much later a lost packet arrives (about a round trip plus the
+    /// loss detection's wait).
+    pub retransmit: Duration,
 }
 
 /// The shared switchboard. Clones refer to the same network.
@@ -156,6 +181,32 @@ impl MemoryNetwork {
 
     fn bandwidth(&self) -> Option<u64> {
         self.lock().bandwidth
+    }
+
+    /// Delays the bytes of every stream as `faults` says from now on
+    /// (`None`: they arrive as soon as they are written). Applies to
+    /// bytes written after the call.
+    pub fn set_stream_faults(&self, faults: Option<StreamFaults>) {
+        self.lock().stream_faults = faults.map(|f| StreamFaults {
+            loss: f.loss.clamp(0.0, 1.0),
+            ..f
+        });
+    }
+
+    /// Whether stream bytes are delayed.
+    fn stream_faults(&self) -> bool {
+        self.lock().stream_faults.is_some()
+    }
+
+    /// When a packet of stream bytes written now arrives (`None`: at once).
+    fn packet_due(&self) -> Option<Instant> {
+        let mut net = self.lock();
+        let f = net.stream_faults?;
+        let mut wait = f.delay + f.jitter.mul_f64(net.unit());
+        if f.loss > 0.0 && net.unit() < f.loss {
+            wait += f.retransmit;
+        }
+        Some(Instant::now() + wait)
     }
 
     /// Drops each message with probability `loss` (0.0–1.0) from now on.

@@ -10,6 +10,12 @@
 //! so the order streams finish in shows their priorities, as on a congested
 //! QUIC link.
 //!
+//! Under [`MemoryNetwork::set_stream_faults`](super::MemoryNetwork::set_stream_faults)
+//! bytes reach the reader's buffer packet by packet when each is due (a
+//! task per flow with bytes in flight moves them), in order within the
+//! stream, so streams overtake one another and a lost packet holds up only
+//! its own stream.
+//!
 //! Streams are reliable: the network's loss and latency settings apply to
 //! messages and datagrams, not to streams. A crash breaks every stream of
 //! the connection (reads and writes fail with `Closed`); a graceful close
@@ -24,6 +30,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mesh_core::transport::{Priority, RecvStream, SendStream, StreamError};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::{Link, LinkState, MemoryNetwork};
 
@@ -51,6 +58,14 @@ struct FlowState {
     delivered: VecDeque<u8>,
     /// Written, waiting for the pump (constrained links only).
     queued: VecDeque<u8>,
+    /// On their way under stream faults: packets and when each is due.
+    timed: VecDeque<(Instant, Vec<u8>)>,
+    /// Bytes in `timed`.
+    timed_bytes: usize,
+    /// When the last packet in `timed` is due (later ones never before).
+    last_due: Option<Instant>,
+    /// A task is moving `timed` into `delivered`.
+    delivering: bool,
     /// The writer finished: after the buffers drain, the reader sees the end.
     finished: bool,
     /// The writer reset the stream with this code.
@@ -82,6 +97,57 @@ impl Flow {
         let r = f(&mut lock(&self.state));
         self.changed.notify_waiters();
         r
+    }
+
+    /// Bytes arriving from the writer (or the pump): readable at once, or
+    /// under stream faults packet by packet when each is due. Returns
+    /// whether a delivery task must be started (see [`Flow::deliver`]).
+    fn land(st: &mut FlowState, bytes: &[u8], network: &MemoryNetwork) -> bool {
+        if st.timed.is_empty() && !network.stream_faults() {
+            st.delivered.extend(bytes);
+            return false;
+        }
+        for packet in bytes.chunks(CHUNK) {
+            let due = network.packet_due().unwrap_or_else(Instant::now);
+            // In order within the stream: never before the one ahead.
+            let due = st.last_due.map_or(due, |last| due.max(last));
+            st.last_due = Some(due);
+            st.timed_bytes += packet.len();
+            st.timed.push_back((due, packet.to_vec()));
+        }
+        !std::mem::replace(&mut st.delivering, true)
+    }
+
+    /// Moves packets in flight into the reader's buffer as they fall due;
+    /// ends when none are left.
+    async fn deliver(self: Arc<Self>) {
+        loop {
+            let next = self.update(|st| {
+                let now = Instant::now();
+                while st.timed.front().is_some_and(|(due, _)| *due <= now) {
+                    if let Some((_, packet)) = st.timed.pop_front() {
+                        st.timed_bytes -= packet.len();
+                        st.delivered.extend(packet);
+                    }
+                }
+                let next = st.timed.front().map(|(due, _)| *due);
+                if next.is_none() {
+                    st.delivering = false;
+                }
+                next
+            });
+            match next {
+                Some(due) => tokio::time::sleep_until(due).await,
+                None => return,
+            }
+        }
+    }
+
+    /// Starts [`Flow::deliver`] when [`Flow::land`] asked for it.
+    fn start_delivery(self: &Arc<Self>, start: bool) {
+        if start {
+            tokio::spawn(self.clone().deliver());
+        }
     }
 }
 
@@ -198,12 +264,13 @@ impl Pipe {
                 }
                 continue;
             };
-            let moved = flow.update(|st| {
+            let (moved, start) = flow.update(|st| {
                 let n = st.queued.len().min(CHUNK);
                 let bytes: Vec<u8> = st.queued.drain(..n).collect();
-                st.delivered.extend(bytes);
-                n
+                let start = Flow::land(st, &bytes, &self.network);
+                (n, start)
             });
+            flow.start_delivery(start);
             if let Some(rate) = self.network.bandwidth() {
                 let secs = moved as f64 / rate as f64;
                 tokio::time::sleep(Duration::from_secs_f64(secs)).await;
@@ -253,30 +320,33 @@ impl SendStream for MemorySendStream {
             return Err(StreamError::Finished);
         }
         let constrained = self.pipe.network.bandwidth().is_some();
+        let network = &self.pipe.network;
         let mut written = 0;
         while written < data.len() {
-            let n = wait_until(&self.flow, &self.pipe.link, |st, link| {
+            let (n, start) = wait_until(&self.flow, &self.pipe.link, |st, link| {
                 if let Some(code) = st.stopped {
                     return Some(Err(StreamError::Stopped(code)));
                 }
                 if link != LinkState::Open {
                     return Some(Err(StreamError::Closed));
                 }
-                let unread = st.delivered.len() + st.queued.len();
+                let unread = st.delivered.len() + st.queued.len() + st.timed_bytes;
                 let room = STREAM_WINDOW.saturating_sub(unread);
                 if room == 0 {
                     return None;
                 }
                 let n = room.min(data.len() - written);
                 let chunk = &data[written..written + n];
-                if constrained {
+                let start = if constrained {
                     st.queued.extend(chunk);
+                    false
                 } else {
-                    st.delivered.extend(chunk);
-                }
-                Some(Ok(n))
+                    Flow::land(st, chunk, network)
+                };
+                Some(Ok((n, start)))
             })
             .await?;
+            self.flow.start_delivery(start);
             self.flow.changed.notify_waiters();
             if constrained {
                 self.pipe.kick();
@@ -303,6 +373,8 @@ impl SendStream for MemorySendStream {
             st.reset = Some(code);
             st.queued.clear();
             st.delivered.clear();
+            st.timed.clear();
+            st.timed_bytes = 0;
         });
     }
 
@@ -356,11 +428,12 @@ impl RecvStream for MemoryRecvStream {
                 }
                 return Some(Ok(Some(n)));
             }
-            if st.finished && st.queued.is_empty() {
+            let in_flight = !st.queued.is_empty() || !st.timed.is_empty();
+            if st.finished && !in_flight {
                 return Some(Ok(None));
             }
             // Closed gracefully: what the pump still holds arrives first.
-            if link == LinkState::Closed && st.queued.is_empty() {
+            if link == LinkState::Closed && !in_flight {
                 return Some(Err(StreamError::Closed));
             }
             None
@@ -376,6 +449,8 @@ impl RecvStream for MemoryRecvStream {
             st.stopped.get_or_insert(code);
             st.delivered.clear();
             st.queued.clear();
+            st.timed.clear();
+            st.timed_bytes = 0;
         });
     }
 }
@@ -384,7 +459,11 @@ impl Drop for MemoryRecvStream {
     fn drop(&mut self) {
         let done = {
             let st = lock(&self.flow.state);
-            st.reset.is_some() || (st.finished && st.delivered.is_empty() && st.queued.is_empty())
+            st.reset.is_some()
+                || (st.finished
+                    && st.delivered.is_empty()
+                    && st.queued.is_empty()
+                    && st.timed.is_empty())
         };
         if !done {
             self.stop(0);
