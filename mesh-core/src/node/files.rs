@@ -82,6 +82,15 @@ const MAX_PEERS_TRACKED: usize = 4096;
 /// The largest file anyone may offer (1 PiB): keeps every size
 /// computation far from overflow.
 const MAX_SIZE: u64 = 1 << 50;
+/// Disk space an incoming file must leave free.
+const SPACE_MARGIN: u64 = 64 << 20;
+/// Control messages from the peer waiting for a transfer's task.
+const CONTROL_QUEUE: usize = 64;
+/// Progress reports from the decoder waiting to be stored (it waits when
+/// they are not taken: the disk sets the pace).
+const PROGRESS_QUEUE: usize = 16;
+/// Ended transfers kept by default (in memory and stored).
+const KEEP_ENDED: usize = 1024;
 /// Why a data stream was reset by its server.
 const RESET_BUSY: u32 = 1;
 const RESET_BAD_REQUEST: u32 = 2;
@@ -151,6 +160,10 @@ pub struct FilesSettings {
     /// The largest file a worker takes from its primary (default 64 GiB);
     /// on a primary each device's policy (`max_file_bytes`) decides.
     pub max_file_bytes: u64,
+    /// Ended transfers (done, failed, cancelled) kept in the list and the
+    /// store, newest first (default 1,024); older ones are forgotten (their
+    /// received files stay where they are).
+    pub keep_ended: usize,
 }
 
 impl FilesSettings {
@@ -160,7 +173,14 @@ impl FilesSettings {
             dir: dir.into(),
             max_active: 64,
             max_file_bytes: 64 << 30,
+            keep_ended: KEEP_ENDED,
         }
+    }
+
+    /// Sets how many ended transfers are kept.
+    pub fn keep_ended(mut self, n: usize) -> Self {
+        self.keep_ended = n;
+        self
     }
 
     /// Sets how many incoming transfers may be under way at once.
@@ -412,7 +432,7 @@ enum Control {
 struct Live {
     record: TransferRecord,
     stop: Arc<AtomicBool>,
-    control: Option<mpsc::UnboundedSender<Control>>,
+    control: Option<mpsc::Sender<Control>>,
     /// Which task holds `control`.
     generation: u64,
     state: watch::Sender<TransferState>,
@@ -692,10 +712,52 @@ impl FilesRt {
             live.state.send_replace(live.record.state);
             live.record.clone()
         };
+        let forget = if record.state.is_final() {
+            self.oldest_ended()
+        } else {
+            Vec::new()
+        };
         let store = self.core.store.clone();
         let stored = record.clone();
-        blocking(move || Ok(store.save(&stored)?)).await?;
+        blocking(move || {
+            store.save(&stored)?;
+            if !forget.is_empty() {
+                let deletes: Vec<_> = forget
+                    .iter()
+                    .map(|id| TransferRecord::delete(&id.to_string()))
+                    .collect();
+                store.apply(&deletes)?;
+            }
+            Ok(())
+        })
+        .await?;
         Ok(record)
+    }
+
+    /// Takes out of the table the ended transfers beyond the newest
+    /// `keep_ended` (a peer that sends many small files does not grow it
+    /// for ever); returns their ids, to delete from the store.
+    fn oldest_ended(&self) -> Vec<TransferId> {
+        let mut all = lock(&self.transfers);
+        let mut ended: Vec<(Timestamp, TransferId)> = all
+            .values()
+            .filter(|l| l.record.state.is_final())
+            .map(|l| (l.record.updated_at, l.record.id))
+            .collect();
+        let keep = self.settings.keep_ended;
+        if ended.len() <= keep {
+            return Vec::new();
+        }
+        ended.sort();
+        let excess = ended.len() - keep;
+        ended
+            .into_iter()
+            .take(excess)
+            .map(|(_, id)| {
+                all.remove(&id);
+                id
+            })
+            .collect()
     }
 
     pub(super) fn publish(&self, kind: &str, data: serde_json::Value) {
@@ -773,7 +835,7 @@ impl FilesRt {
             if live.record.peer == *peer
                 && let Some(c) = &live.control
             {
-                let _ = c.send(make());
+                let _ = c.try_send(make());
             }
         }
     }
@@ -899,7 +961,19 @@ impl FilesRt {
             && live.record.peer == *peer
         {
             if let Some(c) = &live.control {
-                let _ = c.send(control);
+                // Full: the peer talks faster than the transfer's task
+                // listens; what is dropped is superseded (progress) or
+                // re-sent (offers), and a cancel still stops it below.
+                if let Err(mpsc::error::TrySendError::Full(Control::Cancelled(reason))) =
+                    c.try_send(control)
+                {
+                    live.stop.store(true, Ordering::Relaxed);
+                    drop(all);
+                    let rt = self.clone();
+                    self.core.spawn(async move {
+                        rt.end(id, TransferState::Cancelled, Some(reason)).await
+                    });
+                }
             } else if let Control::Cancelled(reason) = control {
                 // Not running (paused, or ended): still take a cancel.
                 drop(all);
@@ -1070,7 +1144,7 @@ impl FilesRt {
                 tokio::task::spawn_blocking(move || gate(&peer, size))
                     .await
                     .map_err(|e| (refusals::BUSY.to_owned(), e.to_string()))?
-                    .map_err(|(kind, message)| (kind.as_str().to_owned(), message))
+                    .map_err(|(kind, message)| (kind.as_str().to_owned(), message))?;
             }
             FilesSide::Worker => {
                 if lock(&self.conns).get(peer).is_none() {
@@ -1088,8 +1162,18 @@ impl FilesRt {
                         ),
                     ));
                 }
-                Ok(())
             }
+        }
+        // Room for the file and its outboard (about 1/256 of it), and a
+        // margin so a full disk does not stop the rest of the node.
+        let dir = self.settings.dir.clone();
+        let needed = offer.size + offer.size / 256 + SPACE_MARGIN;
+        match blocking(move || Ok(free_space(&dir))).await {
+            Ok(Some(free)) if free < needed => Err((
+                refusals::NO_SPACE.into(),
+                format!("{needed} bytes needed, {free} free on the receiver's disk"),
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -1104,7 +1188,7 @@ impl FilesRt {
     /// and serves it out) unless one runs already; a transfer that fails
     /// in it ends.
     fn drive(self: &Arc<Self>, id: TransferId, direction: Direction) {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         {
             let mut all = lock(&self.transfers);
@@ -1144,7 +1228,7 @@ impl FilesRt {
     async fn pull(
         self: &Arc<Self>,
         id: TransferId,
-        mut control: mpsc::UnboundedReceiver<Control>,
+        mut control: mpsc::Receiver<Control>,
     ) -> Result<(), (TransferState, String)> {
         let failed = |m: String| (TransferState::Failed, m);
         let record = self.record(&id).ok_or_else(|| failed("gone".into()))?;
@@ -1292,7 +1376,7 @@ impl FilesRt {
         conn: &Arc<dyn Connection>,
         record: &TransferRecord,
         missing: Vec<(u64, u64)>,
-        control: &mut mpsc::UnboundedReceiver<Control>,
+        control: &mut mpsc::Receiver<Control>,
     ) -> Result<(), Pulled> {
         let id = record.id;
         let (mut send, mut recv) = conn.open_bi(0).await.map_err(|_| Pulled::Stream)?;
@@ -1343,7 +1427,7 @@ impl FilesRt {
         let (part, outboard) = self.paths(&id);
         let (hash, size, zstd) = (record.hash, record.size, record.zstd);
         let mut have = record.have.clone();
-        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<(GroupSet, u64, bool)>();
+        let (progress_tx, mut progress_rx) = mpsc::channel::<(GroupSet, u64, bool)>(PROGRESS_QUEUE);
         let stop_flag = stop.clone();
         let counters = self.counters.clone();
         let taking = tokio::task::spawn_blocking(move || -> Result<(), ReceiveError> {
@@ -1364,11 +1448,11 @@ impl FilesRt {
                     // Durable data and outboard before the state that
                     // names them.
                     if rx.sync().is_ok() {
-                        let _ = progress_tx.send((have.clone(), received, true));
+                        let _ = progress_tx.blocking_send((have.clone(), received, true));
                     }
                 } else if since_progress >= PROGRESS_EVERY {
                     since_progress = 0;
-                    let _ = progress_tx.send((have.clone(), received, false));
+                    let _ = progress_tx.blocking_send((have.clone(), received, false));
                 }
                 !stop_flag.load(Ordering::Relaxed)
             };
@@ -1383,7 +1467,7 @@ impl FilesRt {
                 take_with(&mut rx, &missing, input, &mut on_group)
             };
             let synced = rx.sync();
-            let _ = progress_tx.send((have.clone(), received, synced.is_ok()));
+            let _ = progress_tx.blocking_send((have.clone(), received, synced.is_ok()));
             result
         });
         tokio::pin!(taking);
@@ -1398,6 +1482,9 @@ impl FilesRt {
                     // changes nothing; a cancel stops it.
                     if let Control::Cancelled(reason) = c {
                         stop.store(true, Ordering::Relaxed);
+                        // Nothing more is taken from the decoder: it must
+                        // not wait for room.
+                        progress_rx.close();
                         // The reader first: its end ends the decoder's
                         // input, so the blocking side returns.
                         reader.abort();
@@ -1575,7 +1662,9 @@ impl FilesRt {
         let reason = reason.unwrap_or_default();
         // The task driving it (parked or not) stops.
         if let Some(c) = running {
-            let _ = c.send(Control::Cancelled(reason.clone()));
+            // Full or not, the task stops: the state is final and its stop
+            // flag set; this only wakes it sooner.
+            let _ = c.try_send(Control::Cancelled(reason.clone()));
         }
         if let Some(conn) = self.conn(&record.peer) {
             Self::send_frame(
@@ -1631,7 +1720,7 @@ impl FilesRt {
     async fn push(
         self: &Arc<Self>,
         id: TransferId,
-        mut control: mpsc::UnboundedReceiver<Control>,
+        mut control: mpsc::Receiver<Control>,
     ) -> Result<(), (TransferState, String)> {
         let mut backoff = Duration::from_millis(250);
         loop {
@@ -2150,6 +2239,19 @@ async fn read_exact(recv: &mut dyn RecvStream, buf: &mut [u8]) -> Result<(), ()>
 /// Claims a free name in `dir` for `name`: `name`, or `name (1)`, … if
 /// taken, by creating it (so two transfers never take the same one); the
 /// partial file then replaces the claim.
+/// Bytes free for this process on the file system of `dir` (`None` where
+/// it cannot be told).
+#[cfg(unix)]
+fn free_space(dir: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+#[cfg(not(unix))]
+fn free_space(_dir: &Path) -> Option<u64> {
+    None
+}
+
 fn claim(dir: &Path, name: &str) -> io::Result<String> {
     for n in 0..1_000u32 {
         let candidate = numbered(name, n);

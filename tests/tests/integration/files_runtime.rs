@@ -287,6 +287,30 @@ async fn files_move_both_ways_verified_under_scope_and_policy() {
         }
     }
     assert!(!ps.dir.path().join("escape.txt").exists());
+    // A file the policy allows but the disk cannot hold (512 TiB): refused
+    // `no_space` before anything is stored.
+    allow_files(&p, &w_id, 1 << 50);
+    let huge = TransferId::random();
+    conn.send(
+        FileFrame::Offer(Offer {
+            id: huge,
+            hash: FileHash([7; 32]),
+            size: 1 << 49,
+            name: "disk-image.raw".into(),
+            zstd: false,
+        })
+        .encode(),
+    )
+    .await
+    .unwrap();
+    match FileFrame::decode(&conn.recv().await.unwrap()).unwrap() {
+        FileFrame::Refuse { id, code, message } => {
+            assert_eq!((id, code.as_str()), (huge, "no_space"), "{message}");
+        }
+        other => panic!("expected no_space, got {other:?}"),
+    }
+    assert!(p.node.transfer(&huge).unwrap().is_none());
+    allow_files(&p, &w_id, 20_000_000);
     // Garbage on the connection ends it, and changes nothing.
     conn.send(vec![0xff; 64]).await.unwrap();
     assert!(
@@ -797,6 +821,74 @@ async fn a_lying_sender_is_caught_at_the_bad_group_asked_again_and_penalised() {
     assert!(ended.error.unwrap().contains("do not match"));
     assert!(!ps.files().join("payload.bin").exists());
     assert_eq!(p.node.files_stats().unwrap().groups_rejected, 3);
+    w.shutdown().await;
+    p.node.shutdown().await;
+}
+
+/// A peer that sends many files does not grow the transfer table for
+/// ever: beyond `keep_ended`, the oldest ended transfers are forgotten, in
+/// the list and in the store (a restart does not bring them back), while
+/// their files stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_transfers_beyond_the_limit_are_forgotten() {
+    let (ps, ws) = (Side::new(), Side::new());
+    let start = |side: &Side| {
+        let transport = bind(&side.key, &side.store, "127.0.0.1:0".parse().unwrap());
+        let addr = PeerAddr::Socket(transport.local_addr());
+        let node = Node::builder(
+            side.key.clone(),
+            side.store.clone(),
+            transport,
+            NodeConfig::new(Role::Primary, "desk", "desk-1")
+                .heartbeat_interval(Duration::from_millis(100)),
+        )
+        .policy(Arc::new(RuntimePolicy::new()))
+        .files(FilesSettings::new(side.files()).keep_ended(2))
+        .start_primary()
+        .unwrap();
+        Primary {
+            node,
+            store: side.store.clone(),
+            key: side.key.clone(),
+            addr,
+        }
+    };
+    let p = start(&ps);
+    let (w, _) = start_worker(&ws, "scanner");
+    pair(&p, &w, false).await;
+    let (p_id, w_id) = (p.node.node_id(), w.node_id());
+    allow_files(&p, &w_id, 1_000_000);
+    let src = tempfile::tempdir().unwrap();
+    let mut ids = Vec::new();
+    for i in 0..4u64 {
+        let f = write(src.path(), &format!("page-{i}.pdf"), &bytes(20_000, 10 + i));
+        let t = w.send_file(&f, p_id).await.unwrap();
+        done(&w, t.id).await;
+        let got = incoming(&p.node, t.id).await;
+        if got.state != TransferState::Done {
+            done(&p.node, t.id).await;
+        }
+        ids.push(t.id);
+    }
+    let kept = |node: &Node| {
+        let mut k: Vec<TransferId> = node.transfers().unwrap().iter().map(|t| t.id).collect();
+        k.sort();
+        k
+    };
+    let mut newest = ids[2..].to_vec();
+    newest.sort();
+    assert_eq!(kept(&p.node), newest, "the two newest are kept");
+    assert_eq!(
+        w.transfers().unwrap().len(),
+        4,
+        "the worker keeps its default"
+    );
+    for i in 0..4 {
+        assert!(ps.files().join(format!("page-{i}.pdf")).exists());
+    }
+    p.node.shutdown().await;
+    let p = start(&ps);
+    assert_eq!(kept(&p.node), newest, "forgotten in the store too");
     w.shutdown().await;
     p.node.shutdown().await;
 }
