@@ -71,10 +71,10 @@ const MAX_STRIKES: u32 = 3;
 /// How long a primary waits for a device to dial back.
 const DIAL_BACK: Duration = Duration::from_secs(10);
 /// Data streams one peer may have served at once.
-const SERVING_PER_PEER: usize = 8;
+const SERVING_PER_PEER: usize = 16;
 /// Incoming transfers not ended, per peer (the total is
 /// [`FilesSettings::max_active`]).
-const INCOMING_PER_PEER: usize = 8;
+const INCOMING_PER_PEER: usize = 16;
 /// Offers a peer may make per second (and at once).
 const OFFERS_PER_SECOND: f64 = 5.0;
 const OFFER_BURST: u32 = 20;
@@ -82,12 +82,15 @@ const MAX_PEERS_TRACKED: usize = 4096;
 /// The largest file anyone may offer (1 PiB): keeps every size
 /// computation far from overflow.
 const MAX_SIZE: u64 = 1 << 50;
+/// Refusals of the connection in a row that end an outgoing transfer.
+const MAX_REFUSALS: u32 = 4;
 /// Disk space an incoming file must leave free.
 const SPACE_MARGIN: u64 = 64 << 20;
 /// Control messages from the peer waiting for a transfer's task.
 const CONTROL_QUEUE: usize = 64;
-/// Progress reports from the decoder waiting to be stored (it waits when
-/// they are not taken: the disk sets the pace).
+/// Progress reports from the decoder waiting to be handled (beyond, a
+/// report is dropped — the next supersedes it — but a stored state is
+/// waited for).
 const PROGRESS_QUEUE: usize = 16;
 /// Ended transfers kept by default (in memory and stored).
 const KEEP_ENDED: usize = 1024;
@@ -154,7 +157,7 @@ pub struct FilesSettings {
     /// files and outboards are kept in `.partial` and `.outboard` inside.
     pub dir: PathBuf,
     /// Incoming transfers not ended (active or paused), from all peers
-    /// together (default 64; 8 per peer at most). An offer beyond is
+    /// together (default 64; 16 per peer at most). An offer beyond is
     /// refused `busy`, and its sender tries again later.
     pub max_active: usize,
     /// The largest file a worker takes from its primary (default 64 GiB);
@@ -1452,7 +1455,9 @@ impl FilesRt {
                     }
                 } else if since_progress >= PROGRESS_EVERY {
                     since_progress = 0;
-                    let _ = progress_tx.blocking_send((have.clone(), received, false));
+                    // Superseded by the next one: dropped rather than
+                    // waited for when the queue is full.
+                    let _ = progress_tx.try_send((have.clone(), received, false));
                 }
                 !stop_flag.load(Ordering::Relaxed)
             };
@@ -1723,6 +1728,11 @@ impl FilesRt {
         mut control: mpsc::Receiver<Control>,
     ) -> Result<(), (TransferState, String)> {
         let mut backoff = Duration::from_millis(250);
+        // Refusals of the connection in a row: a revoked device is refused
+        // for good, but a receiver that is starting is refused until it
+        // serves files (a few hundred ms): only a refusal that lasts ends
+        // the transfer.
+        let mut refused = 0u32;
         loop {
             let record = self
                 .record(&id)
@@ -1731,14 +1741,26 @@ impl FilesRt {
                 return Ok(());
             }
             let conn = match self.connect(&record.peer).await {
-                Ok(c) => c,
+                Ok(c) => {
+                    refused = 0;
+                    c
+                }
                 Err(NodeError::Files {
                     kind: FilesErrorKind::Forbidden,
                     message,
-                }) => {
+                }) if refused + 1 >= MAX_REFUSALS => {
                     return Err((TransferState::Failed, message));
                 }
-                Err(_) => {
+                Err(e) => {
+                    if matches!(
+                        e,
+                        NodeError::Files {
+                            kind: FilesErrorKind::Forbidden,
+                            ..
+                        }
+                    ) {
+                        refused += 1;
+                    }
                     if record.state != TransferState::Paused {
                         let _ = self.update(id, |r| r.state = TransferState::Paused).await;
                     }
@@ -1848,7 +1870,7 @@ impl FilesRt {
                         // Not now: offered again later.
                         let _ = self.update(id, |r| r.state = TransferState::Paused).await;
                         tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                             c = control.recv() => if let Some(Control::Cancelled(reason)) = c {
                                 return Err((TransferState::Cancelled, reason));
                             },
