@@ -862,3 +862,4 @@ impl PrimaryPairing {
 
 #[cfg(test)]
 mod tests;
+pub mod web;

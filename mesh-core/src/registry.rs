@@ -47,8 +47,23 @@ pub mod scopes {
     pub const FILES_WRITE: &str = "files:write";
     /// Exchange media streams with the primary.
     pub const MEDIA_WRITE: &str = "media:write";
+    /// List the devices and read their health (the gateway's
+    /// `devices.list`, `devices.get_health`).
+    pub const DEVICES_READ: &str = "devices:read";
+    /// Subscribe to the primary's events (the gateway's `events.subscribe`).
+    pub const EVENTS_READ: &str = "events:read";
     /// What a newly paired device gets.
     pub const DEFAULT: &[&str] = &[EVENTS_WRITE, PRESENCE_WRITE, ACTIONS_READ, COMMANDS_RUN];
+    /// What a newly paired web remote gets: report its own health, follow
+    /// and publish events, see devices and actions. Deciding anything
+    /// (pairing, policies, actions, revocation) takes the admin token.
+    pub const WEB_DEFAULT: &[&str] = &[
+        PRESENCE_WRITE,
+        EVENTS_READ,
+        EVENTS_WRITE,
+        ACTIONS_READ,
+        DEVICES_READ,
+    ];
 }
 
 /// A scope a device holds. The SDK's own scopes ([`scopes`]) are kept as
@@ -207,6 +222,9 @@ pub enum AuthError {
         /// The scope needed.
         scope: String,
     },
+    /// Not a token at all (the gateway's `NODE_ID.TOKEN` form expected).
+    #[error("malformed token: expected NODE_ID.TOKEN as given at pairing")]
+    MalformedToken,
     /// Storage failed while checking.
     #[error("registry storage: {0}")]
     Storage(String),
@@ -461,6 +479,17 @@ impl Registry {
         new: NewDevice,
         now: Timestamp,
     ) -> Result<(DeviceRecord, DeviceToken, Vec<Write>), RegistryError> {
+        self.prepare_device_scoped(new, scopes::DEFAULT, now)
+    }
+
+    /// [`Registry::prepare_device`] with the scopes `granted` instead of
+    /// [`scopes::DEFAULT`].
+    pub fn prepare_device_scoped(
+        &self,
+        new: NewDevice,
+        granted: &[&str],
+        now: Timestamp,
+    ) -> Result<(DeviceRecord, DeviceToken, Vec<Write>), RegistryError> {
         self.ensure_unpaired(&new.node, &new.device_id)?;
         let token = DeviceToken::generate();
         let record = DeviceRecord {
@@ -476,10 +505,7 @@ impl Registry {
             capabilities: vec![],
             trust_level: self.trust.initial,
             token_hash: token.hash(),
-            scopes: scopes::DEFAULT
-                .iter()
-                .map(|s| Scope::from_static(s))
-                .collect(),
+            scopes: granted.iter().map(|s| Scope::new(s)).collect(),
             successes: 0,
             trust_raised_at: None,
             created_at: now,

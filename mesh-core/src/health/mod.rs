@@ -42,7 +42,7 @@ pub use score::{MetricError, ScoreConfig, score, validate};
 use crate::clock::Timestamp;
 use crate::events::{EventBus, kinds};
 use crate::identity::NodeId;
-use crate::storage::records::HealthRecord;
+use crate::storage::records::{HealthRecord, HealthSample};
 use crate::storage::{Record, Storage, StorageError};
 use crate::wire::HealthMetrics;
 
@@ -222,6 +222,11 @@ impl DeviceHealth {
         self.score
     }
 
+    /// When the last heartbeat came.
+    pub fn last_heartbeat(&self) -> Option<Timestamp> {
+        self.detector.last_heartbeat()
+    }
+
     /// The suspicion level at `now`.
     pub fn phi(&self, now: Timestamp, config: &HealthConfig) -> f64 {
         self.detector.phi(now, &config.detector)
@@ -247,6 +252,9 @@ pub struct HealthMonitor {
     config: HealthConfig,
     devices: HashMap<NodeId, DeviceHealth>,
     dirty: HashSet<NodeId>,
+    /// The newest sample of each device since the last flush (one row
+    /// per device and slot: see [`HealthSample`]).
+    samples: HashMap<NodeId, HealthSample>,
     events: EventBus,
     store: Arc<dyn Storage>,
 }
@@ -258,6 +266,7 @@ impl HealthMonitor {
             config,
             devices: HashMap::new(),
             dirty: HashSet::new(),
+            samples: HashMap::new(),
             events,
             store,
         }
@@ -285,6 +294,19 @@ impl HealthMonitor {
         let device = self.devices.entry(node).or_default();
         self.dirty.insert(node);
         let events = device.on_heartbeat(now, metrics, &self.config)?;
+        if let Some(score) = device.score() {
+            self.samples.insert(
+                node,
+                HealthSample {
+                    node,
+                    at: now,
+                    score,
+                    latency_ms: metrics.latency_ms,
+                    battery_percent: metrics.battery_percent,
+                    memory_percent: metrics.memory_percent,
+                },
+            );
+        }
         for e in events {
             self.publish(node, now, e);
         }
@@ -317,9 +339,12 @@ impl HealthMonitor {
         &mut self,
     ) -> Result<(Vec<crate::storage::Write>, Vec<NodeId>), StorageError> {
         let nodes: Vec<NodeId> = self.dirty.drain().collect();
+        // A lost sample is not worth a retry: the next heartbeat brings one.
+        let samples: Vec<HealthSample> = self.samples.drain().map(|(_, s)| s).collect();
         let batch = nodes
             .iter()
             .filter_map(|n| self.devices.get(n).map(|d| d.record(*n).put()))
+            .chain(samples.iter().map(Record::put))
             .collect::<Result<Vec<_>, _>>();
         match batch {
             Ok(b) => Ok((b, nodes)),

@@ -51,6 +51,7 @@ mod outlink;
 mod primary;
 mod protocols;
 mod sync;
+mod web;
 mod worker;
 
 use std::collections::HashMap;
@@ -94,6 +95,7 @@ pub use sync::{
     CONFIG_NAMESPACE, ChangeSubscription, ConfigEntry, Replicated, ReplicatedChange,
     ReplicatedEntry, SyncErrorKind, SyncPeerStatus, SyncSettings, TABLE_PREFIX,
 };
+pub use web::{DeviceHealthView, WebGrant, WebPairingTicket, web_token_text};
 pub use worker::{PairingTicket, Worker};
 
 /// Whether the node is the primary or a worker.

@@ -301,6 +301,8 @@ pub(crate) struct State {
     /// Actions waiting for approval, per device (bounded by
     /// `PeerLimits::proposed_actions`; counted from storage at start).
     pub(super) proposed: Mutex<HashMap<NodeId, usize>>,
+    /// Web remotes: pending pairings, open sockets.
+    pub(super) web: Mutex<super::web::WebState>,
 }
 
 /// A token rotation waiting for the device to acknowledge it.
@@ -320,7 +322,7 @@ struct PairingRates {
 
 /// What the policy knows of a device's power.
 #[derive(Debug, Clone)]
-pub(super) struct PowerContext {
+pub(crate) struct PowerContext {
     pub(super) platform: Platform,
     pub(super) metrics: Option<HealthMetrics>,
 }
@@ -1142,6 +1144,9 @@ impl Primary {
         request_id: &str,
         code: &str,
     ) -> Result<DeviceRecord, NodeError> {
+        if self.is_web_request(request_id) {
+            return self.approve_web_pairing(request_id, code).await;
+        }
         let inner = &self.rt;
         let code = PairingCode::parse(code)?;
         let conn = lock(&inner.primary.pairings)
@@ -1179,6 +1184,9 @@ impl Primary {
         request_id: &str,
         reason: Option<String>,
     ) -> Result<(), NodeError> {
+        if self.is_web_request(request_id) {
+            return self.reject_web_pairing(request_id, reason);
+        }
         let inner = &self.rt;
         let (to, msg) = inner.pairing.reject(request_id, reason, inner.now())?;
         let waiter = lock(&inner.primary.pairings).remove(request_id);
@@ -1203,7 +1211,7 @@ impl Primary {
             .map(|record| {
                 let h = health.device(&record.node);
                 DeviceView {
-                    online: inner.sessions.contains(&record.node),
+                    online: inner.sessions.contains(&record.node) || self.web_online(&record.node),
                     status: h.map(|h| h.status().as_str().to_owned()),
                     score: h.and_then(|h| h.score()),
                     record,

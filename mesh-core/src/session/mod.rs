@@ -130,7 +130,7 @@ impl ByeReason {
         match e {
             AuthError::UnknownDevice(_) => ByeReason::Unpaired,
             AuthError::Revoked { .. } => ByeReason::Revoked,
-            AuthError::BadToken(_) => ByeReason::BadToken,
+            AuthError::BadToken(_) | AuthError::MalformedToken => ByeReason::BadToken,
             AuthError::ScopeMissing { .. } => ByeReason::ScopeMissing,
             AuthError::Storage(_) => ByeReason::Storage,
         }

@@ -88,11 +88,14 @@ pub enum Table {
     DeliveryRelay,
     /// File transfers in and out, keyed by transfer id.
     FileTransfers,
+    /// Health samples per device for the last hours (a ring of slots),
+    /// keyed `NODE:SLOT`.
+    HealthSamples,
 }
 
 impl Table {
     /// Every table.
-    pub const ALL: [Table; 20] = [
+    pub const ALL: [Table; 21] = [
         Table::Devices,
         Table::PairingRequests,
         Table::DiscoveredNodes,
@@ -113,6 +116,7 @@ impl Table {
         Table::DeliverySeq,
         Table::DeliveryRelay,
         Table::FileTransfers,
+        Table::HealthSamples,
     ];
 
     /// The table's name (also its SQL name).
@@ -138,6 +142,7 @@ impl Table {
             Table::DeliverySeq => "delivery_seq",
             Table::DeliveryRelay => "delivery_relay",
             Table::FileTransfers => "file_transfers",
+            Table::HealthSamples => "health_samples",
         }
     }
 }

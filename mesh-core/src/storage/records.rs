@@ -286,6 +286,44 @@ impl Record for HealthRecord {
     }
 }
 
+/// One health sample of a device (the dashboard's chart of the last hour).
+/// Kept in a ring of [`HealthSample::SLOTS`] slots of
+/// [`HealthSample::SLOT_MS`] per device, so the table cannot grow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthSample {
+    /// The device.
+    pub node: NodeId,
+    /// When it was taken.
+    pub at: Timestamp,
+    /// Health score 0–100.
+    pub score: u8,
+    /// Latency the device reported, ms.
+    pub latency_ms: Option<f64>,
+    /// Battery %, if reported.
+    pub battery_percent: Option<f64>,
+    /// Memory in use %, if reported.
+    pub memory_percent: Option<f64>,
+}
+
+impl HealthSample {
+    /// Length of a slot: one sample per device per slot.
+    pub const SLOT_MS: u64 = 15_000;
+    /// Slots per device (two hours).
+    pub const SLOTS: u64 = 480;
+
+    /// The slot `at` falls in.
+    pub fn slot(at: Timestamp) -> u64 {
+        (at.as_millis() / Self::SLOT_MS) % Self::SLOTS
+    }
+}
+
+impl Record for HealthSample {
+    const TABLE: Table = Table::HealthSamples;
+    fn key(&self) -> String {
+        format!("{}:{:03}", self.node, Self::slot(self.at))
+    }
+}
+
 /// A device's execution policy, kept as its JSON document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecPolicyRecord {

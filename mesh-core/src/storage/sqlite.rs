@@ -13,12 +13,12 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use super::{Pending, Storage, StorageError, Table, Visitor, Write};
 
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 
 /// Migrations, in order; migration `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>] = &[
     migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5, migrate_v6, migrate_v7, migrate_v8,
-    migrate_v9,
+    migrate_v9, migrate_v10,
 ];
 
 fn create_table(tx: &rusqlite::Transaction<'_>, name: &str) -> rusqlite::Result<()> {
@@ -140,6 +140,11 @@ fn migrate_v8(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
 /// v9: file transfers (`mesh-core::files`, `node::files`).
 fn migrate_v9(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     create_table(tx, "file_transfers")
+}
+
+/// v10: health samples (`node::web`, the dashboard's charts).
+fn migrate_v10(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    create_table(tx, "health_samples")
 }
 
 /// The embedded default storage.

@@ -73,7 +73,9 @@ mod sqlite_only {
                     rusqlite::params![body],
                 )
                 .unwrap();
-                conn.execute_batch("DROP TABLE file_transfers; PRAGMA user_version = 7;")
+                conn.execute_batch(
+                    "DROP TABLE file_transfers; DROP TABLE health_samples; PRAGMA user_version = 7;",
+                )
                     .unwrap();
             })
             .unwrap();
@@ -118,7 +120,7 @@ mod sqlite_only {
                  DROP TABLE replica_coverage; DROP TABLE delivery_outbox;
                  DROP TABLE delivery_inbox; DROP TABLE delivery_seq;
                  DROP TABLE delivery_relay; DROP TABLE file_transfers;
-                 PRAGMA user_version = 1;",
+                 DROP TABLE health_samples; PRAGMA user_version = 1;",
             )
             .unwrap();
             conn.execute(
