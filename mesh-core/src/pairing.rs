@@ -123,6 +123,10 @@ pub enum PairingError {
     /// A malformed message or code.
     #[error("invalid pairing input: {0}")]
     Invalid(String),
+    /// Too many requests are waiting (from this address, or in all): try
+    /// again later.
+    #[error("{0}; try again later")]
+    Busy(String),
     /// The sealed grant did not open.
     #[error("the pairing grant could not be opened: {0}")]
     Grant(#[from] CryptoError),

@@ -9,7 +9,10 @@
 //!   mesh-core's [`DiscoveryBook`](mesh_core::discovery::DiscoveryBook).
 //! * `conformance` (feature `test-utils`): the checks every transport passes.
 //!
-//! BLE and the WebSocket gateway come in later issues.
+//! * [`gateway`] (feature `gateway`): the primary's WebSocket gateway
+//!   (JSON-RPC 2.0) and web dashboard, for web remotes and the user.
+//!
+//! BLE comes in a later issue.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -33,6 +36,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "gateway")]
+pub mod gateway;
 #[cfg(feature = "mdns")]
 pub mod mdns;
 pub mod memory;

@@ -1366,6 +1366,11 @@ impl Node {
         }
     }
 
+    /// The time on this node's clock (what its records and events carry).
+    pub fn now(&self) -> Timestamp {
+        self.core.now()
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.core.key.node_id()

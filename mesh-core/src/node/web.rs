@@ -21,7 +21,8 @@ use crate::identity::{NodeId, NodeKey};
 use crate::pairing::web::{WebPairingRequest, WebPairings};
 use crate::pairing::{PairingCode, PairingError};
 use crate::registry::{DeviceToken, NewDevice, scopes};
-use crate::storage::records::{DeviceRecord, HealthSample};
+use crate::storage::StorageExt;
+use crate::storage::records::{DeviceRecord, DiscoveredNodeRecord, HealthSample};
 use crate::storage::{Record, StorageError};
 use crate::wire::{HealthMetrics, Platform};
 
@@ -298,10 +299,9 @@ impl Primary {
     /// ([`Primary::rotate_token`]).
     pub fn rotate_web_token(&self, device: &NodeId) -> Result<WebGrant, NodeError> {
         let inner = &self.rt;
-        let record = inner
-            .registry
-            .get(device)?
-            .ok_or(NodeError::Registry(crate::registry::RegistryError::UnknownDevice(*device)))?;
+        let record = inner.registry.get(device)?.ok_or(NodeError::Registry(
+            crate::registry::RegistryError::UnknownDevice(*device),
+        ))?;
         if record.platform != Platform::Web {
             return Err(NodeError::Unavailable(format!(
                 "{device} is not a web remote: rotate its token over its session"
@@ -374,6 +374,14 @@ impl Primary {
         );
         inner.stats.heartbeat_received();
         Ok(())
+    }
+
+    /// Nodes discovery has seen (stored by the discovery book: mDNS, static
+    /// peers), newest sighting first. Blocking (one table read).
+    pub fn discovered_nodes(&self) -> Result<Vec<DiscoveredNodeRecord>, NodeError> {
+        let mut all: Vec<DiscoveredNodeRecord> = self.rt.store.load_all()?;
+        all.sort_by(|a, b| b.last_discovered.cmp(&a.last_discovered));
+        Ok(all)
     }
 
     /// One device's health now.

@@ -136,8 +136,8 @@ impl WebPairings {
             )));
         }
         if self.pending.len() >= self.limits.max_pending {
-            return Err(PairingError::Invalid(format!(
-                "{} pairing requests are waiting already; try again later",
+            return Err(PairingError::Busy(format!(
+                "{} pairing requests are waiting already",
                 self.pending.len()
             )));
         }
@@ -148,7 +148,7 @@ impl WebPairings {
                 .filter(|p| p.request.requesting_ip == Some(ip))
                 .count();
             if mine >= self.limits.per_address {
-                return Err(PairingError::Invalid(format!(
+                return Err(PairingError::Busy(format!(
                     "{mine} pairing requests from {ip} are waiting already"
                 )));
             }
@@ -251,9 +251,7 @@ impl WebPairings {
             .filter(|p| p.request.expires_at > now)
             .map(|p| p.request.clone())
             .collect();
-        all.sort_by(|a, b| {
-            (a.created_at, &a.request_id).cmp(&(b.created_at, &b.request_id))
-        });
+        all.sort_by(|a, b| (a.created_at, &a.request_id).cmp(&(b.created_at, &b.request_id)));
         all
     }
 }
@@ -321,7 +319,7 @@ mod tests {
         w.request("b", "web", Some(ip), t(0)).unwrap();
         assert!(matches!(
             w.request("c", "web", Some(ip), t(0)),
-            Err(PairingError::Invalid(_))
+            Err(PairingError::Busy(_))
         ));
         for n in 0..3 {
             w.request(&format!("x{n}"), "web", None, t(0)).unwrap();
@@ -341,7 +339,10 @@ mod tests {
         let mut w = WebPairings::new(WebPairingLimits::default());
         for bad in ["", "   ", "a\nb", &"x".repeat(65)] {
             assert!(
-                matches!(w.request(bad, "web", None, t(0)), Err(PairingError::Invalid(_))),
+                matches!(
+                    w.request(bad, "web", None, t(0)),
+                    Err(PairingError::Invalid(_))
+                ),
                 "{bad:?}"
             );
         }

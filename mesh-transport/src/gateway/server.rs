@@ -1,0 +1,727 @@
+//! The gateway's HTTP side (axum): the WebSocket at `/rpc`, the dashboard's
+//! files, `/healthz`; per-socket state (principal, subscriptions, a
+//! bounded queue to its writer), connection limits, the `Origin` check,
+//! and closing the sockets of a device that is revoked, unpaired or given
+//! a new token.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use mesh_core::clock::Timestamp;
+use mesh_core::events::{Received, kinds};
+use mesh_core::identity::NodeId;
+use mesh_core::node::Primary;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+
+use super::auth::{AdminToken, Principal};
+use super::rpc::{self, RpcError};
+use super::{GatewayConfig, assets, methods};
+
+/// Largest message taken; a larger one closes the socket with 1009.
+pub const MAX_MESSAGE: usize = 1 << 20;
+/// Messages queued for a socket's writer; beyond, events are dropped and
+/// the socket told it lagged.
+const OUT_QUEUE: usize = 512;
+/// Subscriptions per socket, and patterns per subscription.
+const MAX_SUBSCRIPTIONS: usize = 16;
+const MAX_PATTERNS: usize = 8;
+/// Events buffered per subscription pattern on the bus.
+const EVENT_BUFFER: usize = 256;
+/// Requests of one socket handled at once.
+const IN_FLIGHT: usize = 16;
+/// Close code: the device was revoked, unpaired or re-tokened.
+const CLOSE_POLICY: u16 = 1008;
+/// Close code: message too big.
+const CLOSE_TOO_BIG: u16 = 1009;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The client's address, as the listener saw it (TCP or TLS).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientAddr(pub(crate) SocketAddr);
+
+/// What every socket shares.
+pub(crate) struct Shared {
+    pub(crate) primary: Primary,
+    pub(crate) admin: AdminToken,
+    config: GatewayConfig,
+    sockets: Mutex<HashMap<u64, Arc<Socket>>>,
+    next_socket: AtomicU64,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    total: AtomicUsize,
+    local: SocketAddr,
+}
+
+/// One WebSocket.
+pub(crate) struct Socket {
+    id: u64,
+    pub(crate) ip: IpAddr,
+    principal: Mutex<Principal>,
+    out: mpsc::Sender<Outgoing>,
+    subscriptions: Mutex<HashMap<String, Vec<tokio::task::AbortHandle>>>,
+    next_sub: AtomicU64,
+    /// A pairing request this socket waits on.
+    pairing: Mutex<Option<String>>,
+    /// Events dropped because the writer's queue was full.
+    lagged: AtomicU64,
+    kill: Notify,
+    close: Mutex<Option<(u16, String)>>,
+}
+
+enum Outgoing {
+    Text(String),
+}
+
+impl Socket {
+    pub(crate) fn principal(&self) -> Principal {
+        lock(&self.principal).clone()
+    }
+
+    fn device(&self) -> Option<NodeId> {
+        match &*lock(&self.principal) {
+            Principal::Device { node, .. } => Some(*node),
+            _ => None,
+        }
+    }
+
+    fn is_admin(&self) -> bool {
+        matches!(&*lock(&self.principal), Principal::Admin)
+    }
+
+    /// Queues `value` for the writer; `false` if the queue is full.
+    fn send(&self, value: &Value) -> bool {
+        self.out.try_send(Outgoing::Text(value.to_string())).is_ok()
+    }
+
+    /// Closes the socket with `code` (the writer sends the close frame).
+    fn close(&self, code: u16, reason: &str) {
+        *lock(&self.close) = Some((code, reason.to_owned()));
+        self.kill.notify_one();
+    }
+
+    pub(crate) fn unsubscribe(&self, id: &str) -> bool {
+        match lock(&self.subscriptions).remove(id) {
+            Some(tasks) => {
+                for t in tasks {
+                    t.abort();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        for tasks in lock(&self.subscriptions).values() {
+            for t in tasks {
+                t.abort();
+            }
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn now(&self) -> Timestamp {
+        self.primary.now()
+    }
+
+    /// `auth.login`: the admin token, or a web remote's token.
+    pub(crate) async fn login(&self, socket: &Socket, token: &str) -> Result<Value, RpcError> {
+        let principal = self.principal_for(token).await?;
+        let answer = match &principal {
+            Principal::Admin => json!({ "principal": "admin" }),
+            Principal::Device { node, .. } => {
+                json!({ "principal": "device", "deviceId": node.to_string() })
+            }
+            Principal::Anonymous => json!({ "principal": "anonymous" }),
+        };
+        self.set_principal(socket, principal);
+        Ok(answer)
+    }
+
+    async fn principal_for(&self, token: &str) -> Result<Principal, RpcError> {
+        if self.admin.check(token) {
+            return Ok(Principal::Admin);
+        }
+        let primary = self.primary.clone();
+        let text = zeroize::Zeroizing::new(token.trim().to_owned());
+        let checking = text.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            primary.authenticate_token(&checking, mesh_core::registry::scopes::PRESENCE_WRITE)
+        })
+        .await
+        .map_err(|e| RpcError::new(rpc::INTERNAL_ERROR, e.to_string()))?;
+        match checked {
+            Ok(d) => Ok(Principal::Device {
+                node: d.node,
+                token: text,
+            }),
+            Err(_) => Err(RpcError::new(
+                rpc::UNAUTHORIZED,
+                "unauthorized: the token is not the admin token nor a paired web remote's current token",
+            )),
+        }
+    }
+
+    fn set_principal(&self, socket: &Socket, principal: Principal) {
+        let before = socket.device();
+        let after = match &principal {
+            Principal::Device { node, .. } => Some(*node),
+            _ => None,
+        };
+        *lock(&socket.principal) = principal;
+        if before != after {
+            if let Some(d) = before {
+                self.primary.web_socket(&d, false);
+            }
+            if let Some(d) = after {
+                self.primary.web_socket(&d, true);
+            }
+        }
+    }
+
+    /// `devices.request_pairing`: asks, answers with the code for the
+    /// browser to show, and later tells the socket the outcome
+    /// (`pairing.approved` with its token, `pairing.rejected`, `pairing.expired`).
+    pub(crate) fn request_pairing(
+        self: &Arc<Self>,
+        socket: &Arc<Socket>,
+        name: &str,
+        platform: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<Value, RpcError> {
+        if lock(&socket.pairing).is_some() {
+            return Err(RpcError::new(
+                rpc::BUSY,
+                "this socket has a pairing request waiting already",
+            ));
+        }
+        let ticket = self
+            .primary
+            .request_web_pairing(name, platform, ip)
+            .map_err(methods::node_error)?;
+        let answer = json!({
+            "id": ticket.request_id,
+            "deviceName": name.trim(),
+            "requestCode": ticket.code(),
+            "expiresAt": ticket.expires_at.as_millis(),
+        });
+        let request_id = ticket.request_id.clone();
+        *lock(&socket.pairing) = Some(request_id.clone());
+        let (shared, sock) = (self.clone(), Arc::downgrade(socket));
+        let expires = Duration::from_millis(
+            ticket
+                .expires_at
+                .as_millis()
+                .saturating_sub(self.now().as_millis()),
+        );
+        tokio::spawn(async move {
+            let outcome = tokio::time::timeout(expires, ticket.finished()).await;
+            let Some(socket) = sock.upgrade() else {
+                shared.primary.withdraw_web_pairing(&request_id);
+                return;
+            };
+            *lock(&socket.pairing) = None;
+            let note = match outcome {
+                Ok(Ok(grant)) => {
+                    let token = zeroize::Zeroizing::new(grant.token().to_owned());
+                    let note = rpc::notification(
+                        "pairing.approved",
+                        json!({ "requestId": request_id, "deviceId": grant.device.to_string(), "token": grant.token() }),
+                    );
+                    shared.set_principal(
+                        &socket,
+                        Principal::Device {
+                            node: grant.device,
+                            token,
+                        },
+                    );
+                    note
+                }
+                Ok(Err(mesh_core::node::NodeError::Pairing(
+                    mesh_core::pairing::PairingError::Rejected { reason },
+                ))) => rpc::notification(
+                    "pairing.rejected",
+                    json!({ "requestId": request_id, "reason": reason }),
+                ),
+                Ok(Err(e)) => rpc::notification(
+                    "pairing.failed",
+                    json!({ "requestId": request_id, "message": e.to_string() }),
+                ),
+                Err(_) => {
+                    shared.primary.withdraw_web_pairing(&request_id);
+                    rpc::notification("pairing.expired", json!({ "requestId": request_id }))
+                }
+            };
+            socket.send(&note);
+        });
+        Ok(answer)
+    }
+
+    /// `events.subscribe`: one bus subscription per pattern, forwarded as
+    /// `event` notifications; a full queue drops events and says so
+    /// (`event.lagged`) once there is room.
+    pub(crate) fn subscribe(
+        &self,
+        socket: &Arc<Socket>,
+        patterns: &[String],
+    ) -> Result<Value, RpcError> {
+        if patterns.is_empty() || patterns.len() > MAX_PATTERNS {
+            return Err(RpcError::invalid_params(
+                "patterns",
+                format!("1 to {MAX_PATTERNS} patterns such as \"device.*\""),
+            ));
+        }
+        if lock(&socket.subscriptions).len() >= MAX_SUBSCRIPTIONS {
+            return Err(RpcError::new(
+                rpc::BUSY,
+                format!("{MAX_SUBSCRIPTIONS} subscriptions on this socket already"),
+            ));
+        }
+        let mut subs = Vec::new();
+        for p in patterns {
+            let sub = self
+                .primary
+                .events()
+                .subscribe(p, EVENT_BUFFER)
+                .map_err(|e| RpcError::invalid_params("patterns", e))?;
+            subs.push(sub);
+        }
+        let id = format!("s{}", socket.next_sub.fetch_add(1, Ordering::Relaxed) + 1);
+        let mut tasks = Vec::new();
+        for mut sub in subs {
+            let (sock, sid) = (Arc::downgrade(socket), id.clone());
+            let task = tokio::spawn(async move {
+                while let Some(r) = sub.recv().await {
+                    let Some(socket) = sock.upgrade() else { return };
+                    let missed_here = match r {
+                        Received::Event(e) => {
+                            let note = rpc::notification(
+                                "event",
+                                json!({ "subscriptionId": sid, "type": e.kind, "at": e.at.as_millis(), "data": e.data }),
+                            );
+                            if socket.send(&note) { 0 } else { 1 }
+                        }
+                        Received::Lagged { missed } => missed,
+                    };
+                    let lagged =
+                        socket.lagged.fetch_add(missed_here, Ordering::Relaxed) + missed_here;
+                    if lagged > 0 {
+                        let note = rpc::notification(
+                            "event.lagged",
+                            json!({ "subscriptionId": sid, "missed": lagged }),
+                        );
+                        if socket.send(&note) {
+                            socket.lagged.fetch_sub(lagged, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+            tasks.push(task.abort_handle());
+        }
+        lock(&socket.subscriptions).insert(id.clone(), tasks);
+        Ok(json!({ "subscriptionId": id }))
+    }
+
+    /// `gateway.info`: what the dashboard's "add a device" panel shows.
+    pub(crate) fn info(&self) -> Value {
+        let node = self.primary.node_id();
+        json!({
+            "nodeId": node.to_string(),
+            "fingerprint": node.fingerprint().to_string(),
+            "name": self.config.primary_name,
+            "workerCommand": self.config.worker_command,
+            "gateway": self.local.to_string(),
+        })
+    }
+
+    /// Closes the sockets of `device` (revoked, unpaired, re-tokened).
+    fn close_device(&self, device: &NodeId, why: &str) {
+        for s in lock(&self.sockets).values() {
+            if s.device().as_ref() == Some(device) {
+                s.close(CLOSE_POLICY, why);
+            }
+        }
+    }
+
+    /// Closes every socket (the gateway stops).
+    pub(crate) fn close_all(&self) {
+        for s in lock(&self.sockets).values() {
+            s.close(1001, "the gateway is stopping");
+        }
+    }
+
+    /// Closes every admin socket (the admin token changed).
+    pub(crate) fn close_admins(&self) {
+        for s in lock(&self.sockets).values() {
+            if s.is_admin() {
+                s.close(CLOSE_POLICY, "admin token rotated");
+            }
+        }
+    }
+}
+
+/// Counts one connection from `ip`, within the limits.
+struct Slot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Slot {
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Slot> {
+        let mut per_ip = lock(&shared.per_ip);
+        let mine = per_ip.entry(ip).or_insert(0);
+        if *mine >= shared.config.max_per_address
+            || shared.total.load(Ordering::Relaxed) >= shared.config.max_connections
+        {
+            if *mine == 0 {
+                per_ip.remove(&ip);
+            }
+            return None;
+        }
+        *mine += 1;
+        shared.total.fetch_add(1, Ordering::Relaxed);
+        Some(Slot {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut per_ip = lock(&self.shared.per_ip);
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        self.shared.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Builds the shared state and the router.
+pub(crate) fn router(
+    primary: Primary,
+    admin: AdminToken,
+    config: GatewayConfig,
+    local: SocketAddr,
+) -> (Arc<Shared>, Router) {
+    let shared = Arc::new(Shared {
+        primary,
+        admin,
+        config,
+        sockets: Mutex::new(HashMap::new()),
+        next_socket: AtomicU64::new(1),
+        per_ip: Mutex::new(HashMap::new()),
+        total: AtomicUsize::new(0),
+        local,
+    });
+    let app = Router::new()
+        .route("/rpc", get(upgrade))
+        .route("/healthz", get(healthz))
+        .route("/", get(|| async { assets::page("index.html") }))
+        .route("/app.js", get(|| async { assets::page("app.js") }))
+        .route("/style.css", get(|| async { assets::page("style.css") }))
+        .with_state(shared.clone());
+    (shared, app)
+}
+
+/// Watches the bus for devices that lose their standing, and closes their
+/// sockets at once.
+pub(crate) fn watch_devices(shared: &Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
+    let mut subs = Vec::new();
+    for kind in [
+        kinds::DEVICE_REVOKED,
+        kinds::DEVICE_UNPAIRED,
+        kinds::DEVICE_TOKEN_ROTATED,
+    ] {
+        subs.push((kind, shared.primary.events().subscribe(kind, 1024).ok()?));
+    }
+    let weak = Arc::downgrade(shared);
+    Some(tokio::spawn(async move {
+        let mut merged = futures_merge(subs);
+        while let Some((kind, node)) = merged.recv().await {
+            let Some(shared) = weak.upgrade() else { return };
+            if let Some(node) = node {
+                let why = match kind {
+                    k if k == kinds::DEVICE_REVOKED => "revoked",
+                    k if k == kinds::DEVICE_UNPAIRED => "unpaired",
+                    _ => "token rotated",
+                };
+                shared.close_device(&node, why);
+            } else {
+                // Lagged: events were missed; check every device socket.
+                let sockets: Vec<Arc<Socket>> = lock(&shared.sockets).values().cloned().collect();
+                for s in sockets {
+                    if let Principal::Device { node, token } = s.principal() {
+                        let primary = shared.primary.clone();
+                        let ok = tokio::task::spawn_blocking(move || {
+                            primary
+                                .authenticate_token(
+                                    &token,
+                                    mesh_core::registry::scopes::PRESENCE_WRITE,
+                                )
+                                .is_ok()
+                        })
+                        .await
+                        .unwrap_or(false);
+                        if !ok {
+                            shared.close_device(&node, "no longer valid");
+                        }
+                    }
+                }
+            }
+        }
+    }))
+}
+
+/// The node ids of several subscriptions' events, in one channel (`None`
+/// when events were missed).
+fn futures_merge(
+    subs: Vec<(&'static str, mesh_core::events::Subscription)>,
+) -> mpsc::Receiver<(&'static str, Option<NodeId>)> {
+    let (tx, rx) = mpsc::channel(256);
+    for (kind, mut sub) in subs {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(r) = sub.recv().await {
+                let item = match r {
+                    Received::Event(e) => e.data["node"].as_str().and_then(|n| n.parse().ok()),
+                    Received::Lagged { .. } => None,
+                };
+                if tx.send((kind, item)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    rx
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({ "status": "ok", "nodeId": shared.primary.node_id().to_string() }).to_string(),
+    )
+        .into_response()
+}
+
+/// Whether the upgrade's `Origin` may open a socket: absent (not a
+/// browser), the page's own origin, or one configured.
+fn origin_allowed(headers: &HeaderMap, config: &GatewayConfig) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    if config.allowed_origins.iter().any(|o| o == origin) {
+        return true;
+    }
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    origin == format!("{scheme}://{host}")
+}
+
+async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !origin_allowed(&headers, &shared.config) {
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(|t| zeroize::Zeroizing::new(t.trim().to_owned()));
+    let principal = match bearer {
+        Some(token) => match shared.principal_for(&token).await {
+            Ok(p) => p,
+            Err(e) => return (StatusCode::UNAUTHORIZED, e.message).into_response(),
+        },
+        None => Principal::Anonymous,
+    };
+    let Some(slot) = Slot::take(&shared, peer.ip()) else {
+        return (StatusCode::TOO_MANY_REQUESTS, "too many connections").into_response();
+    };
+    ws.max_message_size(MAX_MESSAGE + 1)
+        .max_frame_size(MAX_MESSAGE + 1)
+        .on_upgrade(move |socket| run(shared, socket, peer.ip(), principal, slot))
+}
+
+async fn run(shared: Arc<Shared>, ws: WebSocket, ip: IpAddr, principal: Principal, slot: Slot) {
+    let (out, mut queued) = mpsc::channel(OUT_QUEUE);
+    let socket = Arc::new(Socket {
+        id: shared.next_socket.fetch_add(1, Ordering::Relaxed),
+        ip,
+        principal: Mutex::new(Principal::Anonymous),
+        out,
+        subscriptions: Mutex::new(HashMap::new()),
+        next_sub: AtomicU64::new(0),
+        pairing: Mutex::new(None),
+        lagged: AtomicU64::new(0),
+        kill: Notify::new(),
+        close: Mutex::new(None),
+    });
+    shared.set_principal(&socket, principal);
+    lock(&shared.sockets).insert(socket.id, socket.clone());
+    let (mut sink, mut stream) = futures_split(ws);
+    let writer_socket = socket.clone();
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                m = queued.recv() => match m {
+                    Some(Outgoing::Text(t)) => {
+                        if sink.send(Message::Text(Utf8Bytes::from(t))).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                () = writer_socket.kill.notified() => {
+                    let (code, reason) = lock(&writer_socket.close).clone().unwrap_or((1000, String::new()));
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) })))
+                        .await;
+                    return;
+                }
+            }
+        }
+    });
+    let limit = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    loop {
+        let next = tokio::select! {
+            m = stream.next() => m,
+            () = socket.kill.notified() => {
+                // Pass the close on to the writer.
+                socket.kill.notify_one();
+                break;
+            }
+        };
+        let text = match next {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                let e = RpcError::new(
+                    rpc::INVALID_REQUEST,
+                    "invalid request: send JSON text messages",
+                );
+                socket.send(&rpc::response(None, Err(e)));
+                continue;
+            }
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => {
+                // Over the size limit, or a protocol error.
+                let too_big = e.to_string().to_lowercase().contains("too long")
+                    || e.to_string().to_lowercase().contains("too big")
+                    || e.to_string().to_lowercase().contains("size");
+                if too_big {
+                    socket.close(CLOSE_TOO_BIG, "message too big (1 MiB at most)");
+                } else {
+                    socket.close(1002, "protocol error");
+                }
+                break;
+            }
+        };
+        if text.len() > MAX_MESSAGE {
+            socket.close(CLOSE_TOO_BIG, "message too big (1 MiB at most)");
+            break;
+        }
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        let (shared, sock) = (shared.clone(), socket.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Some(answer) = answer(&shared, &sock, text.as_str()).await {
+                // Answers are never dropped for events: wait for room.
+                let _ = sock.out.send(Outgoing::Text(answer.to_string())).await;
+            }
+        });
+    }
+    lock(&shared.sockets).remove(&socket.id);
+    if let Some(request) = lock(&socket.pairing).take() {
+        shared.primary.withdraw_web_pairing(&request);
+    }
+    shared.set_principal(&socket, Principal::Anonymous);
+    for id in lock(&socket.subscriptions)
+        .keys()
+        .cloned()
+        .collect::<Vec<_>>()
+    {
+        socket.unsubscribe(&id);
+    }
+    // Let the writer send what is queued (and a close), briefly.
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    drop(slot);
+}
+
+/// The answer to one message (`None`: notifications only).
+pub(crate) async fn answer(
+    shared: &Arc<Shared>,
+    socket: &Arc<Socket>,
+    text: &str,
+) -> Option<Value> {
+    let message = match rpc::parse(text) {
+        Ok(m) => m,
+        Err(e) => return Some(rpc::response(None, Err(e))),
+    };
+    match message {
+        rpc::Message::Single(call) => one(shared, socket, call).await,
+        rpc::Message::Batch(calls) => {
+            let mut out = Vec::new();
+            for call in calls {
+                if let Some(a) = one(shared, socket, call).await {
+                    out.push(a);
+                }
+            }
+            (!out.is_empty()).then_some(Value::Array(out))
+        }
+    }
+}
+
+async fn one(shared: &Arc<Shared>, socket: &Arc<Socket>, call: rpc::Call) -> Option<Value> {
+    match call {
+        rpc::Call::Invalid(id, e) => Some(rpc::response(id.as_ref(), Err(e))),
+        rpc::Call::Request(r) => {
+            let outcome = methods::call(shared, socket, &r).await;
+            r.id.as_ref().map(|id| rpc::response(Some(id), outcome))
+        }
+    }
+}
+
+use futures_util::{SinkExt, StreamExt};
+
+fn futures_split(
+    ws: WebSocket,
+) -> (
+    futures_util::stream::SplitSink<WebSocket, Message>,
+    futures_util::stream::SplitStream<WebSocket>,
+) {
+    ws.split()
+}
