@@ -14,6 +14,7 @@
 //! `actions.approve {id}`, `actions.reject {id, reason?}`,
 //! `events.follow {pattern?}`, `ledger.verify`, `ledger.replicas`; the mesh: `mesh.token
 //! {ttl_ms?}`, `mesh.join {token}`, `mesh.tokens`, `mesh.tokens.revoke {id}`,
+//! `gateway.token.rotate` (a new admin token for the dashboard),
 //! `mesh.peers`, `mesh.rename {name}`, `mesh.leave`, `mesh.block {node_id,
 //! reason?}`, `mesh.unblock {node_id}`, `mesh.broadcast {topic, body}`;
 //! replicated state: `config.set {key, value}`, `config.get {key}`,
@@ -45,6 +46,37 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 
 /// Checks the ledger for `ledger.verify` (the binary wires it to mesh-ledger).
 pub type LedgerCheck = Arc<dyn Fn() -> Result<Value, String> + Send + Sync>;
+
+/// Makes a new gateway admin token for `gateway.token.rotate`: the token
+/// and the file it was written to.
+pub type TokenRotation = Arc<dyn Fn() -> Result<(String, String), String> + Send + Sync>;
+
+/// What the binary wires in besides the node.
+#[derive(Clone)]
+pub struct Hooks {
+    /// `ledger.verify`.
+    pub ledger: LedgerCheck,
+    /// `gateway.token.rotate`, when the gateway runs.
+    pub rotate_admin_token: Option<TokenRotation>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("gateway", &self.rotate_admin_token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hooks {
+    /// The ledger check only (no gateway).
+    pub fn ledger(ledger: LedgerCheck) -> Self {
+        Hooks {
+            ledger,
+            rotate_admin_token: None,
+        }
+    }
+}
 
 /// An admin failure: a stable kind and a sentence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,11 +169,22 @@ fn resolve(node: &Primary, which: &str) -> Result<NodeId, AdminError> {
 /// Runs one command against the primary.
 pub async fn dispatch(
     node: &Primary,
-    ledger: &LedgerCheck,
+    hooks: &Hooks,
     cmd: &str,
     args: &Value,
 ) -> Result<Value, AdminError> {
+    let ledger = &hooks.ledger;
     match cmd {
+        "gateway.token.rotate" => match &hooks.rotate_admin_token {
+            Some(rotate) => {
+                let (token, file) = rotate().map_err(|m| err("io", m))?;
+                Ok(json!({ "token": token, "file": file }))
+            }
+            None => Err(err(
+                "unavailable",
+                "the gateway is not running: start the primary with --gateway ADDR",
+            )),
+        },
         "pairing.list" => {
             let pending = node.pending_pairings().map_err(node_error)?;
             Ok(Value::Array(
@@ -577,7 +620,7 @@ async fn mesh_command(node: &Primary, cmd: &str, args: &Value) -> Result<Value, 
     }
 }
 
-async fn handle(node: Primary, ledger: LedgerCheck, stream: AsyncUnixStream) {
+async fn handle(node: Primary, hooks: Hooks, stream: AsyncUnixStream) {
     let (read, mut write) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(read).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -628,7 +671,7 @@ async fn handle(node: Primary, ledger: LedgerCheck, stream: AsyncUnixStream) {
             }
             return;
         }
-        let answer = match dispatch(&node, &ledger, &cmd, &args).await {
+        let answer = match dispatch(&node, &hooks, &cmd, &args).await {
             Ok(v) => json!({ "ok": v }),
             Err(e) => json!({ "error": { "kind": e.kind, "message": e.message } }),
         };
@@ -649,7 +692,7 @@ async fn handle(node: Primary, ledger: LedgerCheck, stream: AsyncUnixStream) {
 pub fn serve(
     path: &Path,
     node: Primary,
-    ledger: LedgerCheck,
+    hooks: Hooks,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
@@ -667,7 +710,7 @@ pub fn serve(
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(handle(node.clone(), ledger.clone(), stream));
+            tokio::spawn(handle(node.clone(), hooks.clone(), stream));
         }
     }))
 }

@@ -82,6 +82,9 @@ enum Command {
     /// Files between the primary and its devices.
     #[command(subcommand)]
     Files(FilesCmd),
+    /// The primary's WebSocket gateway (always JSON).
+    #[command(subcommand)]
+    Gateway(GatewayCmd),
     /// A running primary's events.
     Events {
         /// Keep printing events as they come (until interrupted).
@@ -214,6 +217,24 @@ enum DeliverCmd {
     },
     /// Letters in flight. Prints {"outbox", "inbox", "relayed"}.
     Status {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GatewayCmd {
+    /// The dashboard's admin token.
+    #[command(subcommand)]
+    Token(GatewayTokenCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum GatewayTokenCmd {
+    /// Make a new admin token (written to DATA_DIR/admin.token, mode 0600);
+    /// the old one stops working and its sockets close. Prints {"token",
+    /// "file"}.
+    Rotate {
         #[command(flatten)]
         target: Target,
     },
@@ -946,6 +967,9 @@ fn admin_command(command: &Command) -> Option<ExitCode> {
         Command::Files(FilesCmd::List { target }) => {
             run_admin_json(target, "files.list", json!({}))
         }
+        Command::Gateway(GatewayCmd::Token(GatewayTokenCmd::Rotate { target })) => {
+            run_admin_json(target, "gateway.token.rotate", json!({}))
+        }
         Command::Files(FilesCmd::Cancel { id, target }) => {
             run_admin_json(target, "files.cancel", json!({ "id": id }))
         }
@@ -1106,6 +1130,7 @@ fn run(cli: Cli) -> Result<serde_json::Value, Failure> {
         | Command::Sync(_)
         | Command::Deliver(_)
         | Command::Files(_)
+        | Command::Gateway(_)
         | Command::Devices(_)
         | Command::Actions(_)
         | Command::Events { .. }
