@@ -20,8 +20,8 @@
 //! `--gateway-insecure`. Ctrl-C stops it cleanly.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use mesh_core::node::{NodeConfig, Role};

@@ -1153,6 +1153,13 @@ impl Primary {
             .get(request_id)
             .map(|w| (w.conn.clone(), w.node));
         let Some((conn, node)) = conn else {
+            if !self
+                .pending_pairings()?
+                .iter()
+                .any(|r| r.request_id == request_id)
+            {
+                return Err(PairingError::UnknownRequest(request_id.to_owned()).into());
+            }
             return Err(NodeError::Unavailable(format!(
                 "the device of request {request_id} is not connected; it must ask again"
             )));

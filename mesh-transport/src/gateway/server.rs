@@ -21,7 +21,7 @@ use mesh_core::events::{Received, kinds};
 use mesh_core::identity::NodeId;
 use mesh_core::node::Primary;
 use serde_json::{Value, json};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{mpsc, watch};
 
 use super::auth::{AdminToken, Principal};
 use super::rpc::{self, RpcError};
@@ -76,8 +76,9 @@ pub(crate) struct Socket {
     pairing: Mutex<Option<String>>,
     /// Events dropped because the writer's queue was full.
     lagged: AtomicU64,
-    kill: Notify,
-    close: Mutex<Option<(u16, String)>>,
+    /// Set once: the socket closes with this code and reason (reader and
+    /// writer both watch it).
+    kill: watch::Sender<Option<(u16, String)>>,
 }
 
 enum Outgoing {
@@ -107,8 +108,13 @@ impl Socket {
 
     /// Closes the socket with `code` (the writer sends the close frame).
     fn close(&self, code: u16, reason: &str) {
-        *lock(&self.close) = Some((code, reason.to_owned()));
-        self.kill.notify_one();
+        self.kill.send_if_modified(|k| {
+            if k.is_some() {
+                return false;
+            }
+            *k = Some((code, reason.to_owned()));
+            true
+        });
     }
 
     pub(crate) fn unsubscribe(&self, id: &str) -> bool {
@@ -585,43 +591,43 @@ async fn run(shared: Arc<Shared>, ws: WebSocket, ip: IpAddr, principal: Principa
         next_sub: AtomicU64::new(0),
         pairing: Mutex::new(None),
         lagged: AtomicU64::new(0),
-        kill: Notify::new(),
-        close: Mutex::new(None),
+        kill: watch::Sender::new(None),
     });
     shared.set_principal(&socket, principal);
     lock(&shared.sockets).insert(socket.id, socket.clone());
     let (mut sink, mut stream) = futures_split(ws);
-    let writer_socket = socket.clone();
+    let mut killed = socket.kill.subscribe();
     let writer = tokio::spawn(async move {
         loop {
-            tokio::select! {
-                m = queued.recv() => match m {
-                    Some(Outgoing::Text(t)) => {
-                        if sink.send(Message::Text(Utf8Bytes::from(t))).await.is_err() {
-                            return;
-                        }
+            let next = tokio::select! {
+                m = queued.recv() => m,
+                _ = killed.wait_for(Option::is_some) => None,
+            };
+            match next {
+                Some(Outgoing::Text(t)) => {
+                    if sink.send(Message::Text(Utf8Bytes::from(t))).await.is_err() {
+                        return;
                     }
-                    None => return,
-                },
-                () = writer_socket.kill.notified() => {
-                    let (code, reason) = lock(&writer_socket.close).clone().unwrap_or((1000, String::new()));
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) })))
-                        .await;
+                }
+                None => {
+                    let close = killed.borrow().clone();
+                    let (code, reason) = close.unwrap_or((1000, String::new()));
+                    let frame = CloseFrame {
+                        code,
+                        reason: Utf8Bytes::from(reason),
+                    };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
                     return;
                 }
             }
         }
     });
     let limit = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let mut killed = socket.kill.subscribe();
     loop {
         let next = tokio::select! {
             m = stream.next() => m,
-            () = socket.kill.notified() => {
-                // Pass the close on to the writer.
-                socket.kill.notify_one();
-                break;
-            }
+            _ = killed.wait_for(Option::is_some) => break,
         };
         let text = match next {
             Some(Ok(Message::Text(t))) => t,
@@ -665,15 +671,13 @@ async fn run(shared: Arc<Shared>, ws: WebSocket, ip: IpAddr, principal: Principa
         });
     }
     lock(&shared.sockets).remove(&socket.id);
-    if let Some(request) = lock(&socket.pairing).take() {
+    let waiting = lock(&socket.pairing).take();
+    if let Some(request) = waiting {
         shared.primary.withdraw_web_pairing(&request);
     }
     shared.set_principal(&socket, Principal::Anonymous);
-    for id in lock(&socket.subscriptions)
-        .keys()
-        .cloned()
-        .collect::<Vec<_>>()
-    {
+    let subscriptions: Vec<String> = lock(&socket.subscriptions).keys().cloned().collect();
+    for id in subscriptions {
         socket.unsubscribe(&id);
     }
     // Let the writer send what is queued (and a close), briefly.

@@ -7,6 +7,7 @@ mod delivery_runtime;
 mod discovery_netns;
 mod files_runtime;
 mod foundation;
+mod gateway;
 mod hardening;
 mod ledger_crash;
 mod ledger_sync;

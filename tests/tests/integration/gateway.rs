@@ -1,0 +1,797 @@
+//! The WebSocket gateway from outside, with a WebSocket client
+//! (tokio-tungstenite) on 127.0.0.1: the admin token and a web remote's
+//! token, every method, scopes, every error code, batches, oversized
+//! messages, revocation and rotation closing sockets, the Origin check and
+//! the connection limits. The primary and its worker talk QUIC on
+//! loopback, as in the other runtime tests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use mesh_policy::runtime::RuntimePolicy;
+use mesh_transport::gateway::{Gateway, GatewayConfig, rpc};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::node_e2e::{Primary, pair, primary_built, worker};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A client: numbered requests, answers matched by id, notifications kept.
+struct Client {
+    ws: Ws,
+    next: i64,
+    notes: Vec<Value>,
+}
+
+impl Client {
+    async fn open(addr: SocketAddr) -> Client {
+        Self::open_with(addr, &[]).await.unwrap()
+    }
+
+    async fn open_with(addr: SocketAddr, headers: &[(&str, &str)]) -> Result<Client, String> {
+        let mut req = format!("ws://{addr}/rpc").into_client_request().unwrap();
+        for (k, v) in headers {
+            let name =
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+            req.headers_mut().insert(name, v.parse().unwrap());
+        }
+        let connected = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+            .await
+            .map_err(|_| "the upgrade got no answer".to_owned())?;
+        match connected {
+            Ok((ws, _)) => Ok(Client {
+                ws,
+                next: 1,
+                notes: Vec::new(),
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                Err(r.status().as_u16().to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn send_text(&mut self, text: String) {
+        self.ws.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    /// The next message that is not a notification.
+    async fn answer(&mut self) -> Value {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("an answer in time")
+                .expect("the socket is open")
+                .expect("a message");
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v.get("method").is_some() && v.get("id").is_none() {
+                self.notes.push(v);
+                continue;
+            }
+            return v;
+        }
+    }
+
+    /// Calls `method`: `Ok(result)` or `Err((code, error))`.
+    async fn call(&mut self, method: &str, params: Value) -> Result<Value, (i64, Value)> {
+        let id = self.next;
+        self.next += 1;
+        self.send_text(
+            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string(),
+        )
+        .await;
+        let a = self.answer().await;
+        assert_eq!(a["jsonrpc"], "2.0");
+        assert_eq!(a["id"], json!(id), "{a}");
+        match a.get("error") {
+            Some(e) => Err((e["code"].as_i64().unwrap(), e.clone())),
+            None => Ok(a["result"].clone()),
+        }
+    }
+
+    async fn ok(&mut self, method: &str, params: Value) -> Value {
+        match self.call(method, params.clone()).await {
+            Ok(v) => v,
+            Err(e) => panic!("{method} {params}: {e:?}"),
+        }
+    }
+
+    async fn code(&mut self, method: &str, params: Value) -> (i64, Value) {
+        match self.call(method, params.clone()).await {
+            Ok(v) => panic!("{method} {params} succeeded: {v}"),
+            Err(e) => e,
+        }
+    }
+
+    /// Waits for a notification `method` whose params satisfy `pred`.
+    async fn note(&mut self, method: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self
+            .notes
+            .iter()
+            .position(|n| n["method"] == method && pred(&n["params"]))
+        {
+            return self.notes.remove(i);
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("no {method} notification; had {:?}", self.notes))
+                .expect("open")
+                .expect("a message");
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["method"] == method && pred(&v["params"]) {
+                return v;
+            }
+            self.notes.push(v);
+        }
+    }
+
+    /// Waits for the server to close the socket; its close code.
+    async fn closed(&mut self, within: Duration) -> Option<CloseCode> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => panic!("the socket stayed open"),
+                Ok(None) => return None,
+                Ok(Some(Err(_))) => return None,
+                Ok(Some(Ok(Message::Close(c)))) => return c.map(|c| c.code),
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+}
+
+struct Setup {
+    p: Primary,
+    gateway: Gateway,
+    admin: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(adjust: impl FnOnce(GatewayConfig) -> GatewayConfig) -> Setup {
+    let store: Arc<dyn mesh_core::storage::Storage> =
+        Arc::new(mesh_core::storage::MemoryStorage::new());
+    let (p, _ledger) = primary_built(store, |c| c, |b| b.policy(Arc::new(RuntimePolicy::new())));
+    let dir = tempfile::tempdir().unwrap();
+    let config = adjust(GatewayConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path(),
+    ));
+    let gateway = Gateway::start(p.node.clone(), config).await.unwrap();
+    let admin = std::fs::read_to_string(dir.path().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    Setup {
+        p,
+        gateway,
+        admin,
+        _dir: dir,
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_methods_errors_and_live_events() {
+    let s = setup(|c| c).await;
+    let addr = s.gateway.local_addr();
+    let (status, body) = http_get(addr, "/healthz").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["status"],
+        "ok"
+    );
+    let (status, page) = http_get(addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<html"), "the dashboard is served");
+
+    // Anonymous: only login and pairing requests.
+    let mut c = Client::open(addr).await;
+    let (code, _) = c.code("devices.list", json!({})).await;
+    assert_eq!(code, rpc::UNAUTHORIZED);
+    let (code, _) = c.code("auth.login", json!({"token": "nope"})).await;
+    assert_eq!(code, rpc::UNAUTHORIZED);
+    // The protocol's own errors.
+    c.send_text("{not json".into()).await;
+    let a = c.answer().await;
+    assert_eq!(
+        (a["error"]["code"].as_i64(), &a["id"]),
+        (Some(rpc::PARSE_ERROR), &Value::Null)
+    );
+    c.send_text(r#"{"jsonrpc":"1.0","id":4,"method":"devices.list"}"#.into())
+        .await;
+    assert_eq!(
+        c.answer().await["error"]["code"],
+        json!(rpc::INVALID_REQUEST)
+    );
+    let (code, _) = c.code("devices.nope", json!({})).await;
+    assert_eq!(code, rpc::METHOD_NOT_FOUND);
+
+    assert_eq!(
+        c.ok("auth.login", json!({"token": s.admin})).await["principal"],
+        "admin"
+    );
+    let (code, e) = c.code("devices.get_health", json!({})).await;
+    assert_eq!(code, rpc::INVALID_PARAMS);
+    assert_eq!(e["data"]["field"], "deviceId", "{e}");
+    let (code, e) = c.code("devices.list", json!({"extra": 1})).await;
+    assert_eq!(code, rpc::INVALID_PARAMS, "{e}");
+    let (code, _) = c
+        .code(
+            "devices.get_health",
+            json!({"deviceId": mesh_core::identity::NodeKey::generate().node_id().to_string()}),
+        )
+        .await;
+    assert_eq!(code, rpc::NOT_FOUND);
+
+    // A worker comes online while we watch.
+    let sub = c
+        .ok(
+            "events.subscribe",
+            json!({"patterns": ["device.*", "pairing.*"]}),
+        )
+        .await;
+    let sid = sub["subscriptionId"].as_str().unwrap().to_owned();
+    let (w, _) = worker("laptop");
+    pair(&s.p, &w, false).await;
+    let wid = w.node_id().to_string();
+    let online = c
+        .note("event", |p| {
+            p["type"] == "device.online" && p["data"]["node"] == json!(wid)
+        })
+        .await;
+    assert_eq!(online["params"]["subscriptionId"], json!(sid));
+    assert!(online["params"]["at"].as_u64().unwrap() > 0);
+
+    let list = c.ok("devices.list", json!({})).await;
+    let d = &list["devices"][0];
+    for field in [
+        "id",
+        "name",
+        "platform",
+        "status",
+        "lastSeen",
+        "trustLevel",
+        "healthScore",
+        "capabilities",
+    ] {
+        assert!(d.get(field).is_some(), "devices.list lacks {field}: {d}");
+    }
+    assert_eq!(
+        (d["id"].as_str(), d["name"].as_str()),
+        (Some(wid.as_str()), Some("laptop"))
+    );
+    let h = c.ok("devices.get_health", json!({"deviceId": wid})).await;
+    assert_eq!(h["isOnline"], true, "{h}");
+    assert!(h["healthScore"].as_u64().is_some(), "{h}");
+    assert!(h["lastHeartbeat"].as_u64().is_some(), "{h}");
+    let ping = c
+        .ok(
+            "devices.command",
+            json!({"deviceId": wid, "command": "ping"}),
+        )
+        .await;
+    assert!(ping["latencyMs"].as_f64().unwrap() >= 0.0);
+    let ran = c
+        .ok("devices.command", json!({"deviceId": wid, "command": "run_action", "args": {"action": "backup", "args": {"path": "/x"}}}))
+        .await;
+    assert_eq!(ran["result"]["backed_up"], "/x");
+    let (code, _) = c
+        .code(
+            "devices.command",
+            json!({"deviceId": wid, "command": "reboot"}),
+        )
+        .await;
+    assert_eq!(code, rpc::INVALID_PARAMS);
+
+    // History: the heartbeats so far, as stored.
+    let mut samples = 0;
+    for _ in 0..100 {
+        let hist = c
+            .ok("devices.get_health_history", json!({"deviceId": wid}))
+            .await;
+        samples = hist["samples"].as_array().unwrap().len();
+        if samples > 0 {
+            assert!(hist["samples"][0]["healthScore"].as_u64().is_some());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(samples > 0, "health samples are stored");
+
+    // Policies: set (camelCase, every field), resolve, validation naming the field.
+    let set = c
+        .ok("policies.set_exec_policy", json!({
+            "deviceId": wid, "allowedCommands": ["notes.*", "jobs.*"], "blockedCommands": ["notes.delete"],
+            "maxCostPerHour": 2.5, "requireApproval": false, "maxFileBytes": 1000,
+        }))
+        .await;
+    assert_eq!(set["success"], true);
+    assert_eq!(set["policyId"].as_str().unwrap().len(), 16);
+    let got = c
+        .ok("policies.get_exec_policy", json!({"deviceId": wid}))
+        .await;
+    assert_eq!(
+        got["policy"]["allowedCommands"],
+        json!(["notes.*", "jobs.*"])
+    );
+    let r = c
+        .ok(
+            "policies.resolve",
+            json!({"deviceId": wid, "command": "notes.write"}),
+        )
+        .await;
+    assert_eq!(
+        (r["allowed"].as_bool(), r["decision"].as_str()),
+        (Some(true), Some("allow"))
+    );
+    let r = c
+        .ok(
+            "policies.resolve",
+            json!({"deviceId": wid, "command": "system.shutdown"}),
+        )
+        .await;
+    assert_eq!(r["allowed"], false);
+    assert_eq!(r["decision"], "deny");
+    assert_eq!(r["code"], "command_not_allowed", "{r}");
+    let (code, e) = c
+        .code(
+            "policies.set_exec_policy",
+            json!({"deviceId": wid, "allowedCommands": ["a"], "allowedHoursUtc": "25:00-26:00"}),
+        )
+        .await;
+    assert_eq!(code, rpc::INVALID_PARAMS);
+    assert_eq!(e["data"]["field"], "allowedHoursUtc", "{e}");
+    let (code, e) = c
+        .code("policies.set_exec_policy", json!({"deviceId": wid}))
+        .await;
+    assert_eq!(
+        (code, e["data"]["field"].as_str()),
+        (rpc::INVALID_PARAMS, Some("allowedCommands"))
+    );
+
+    // Actions: approval-gated, then approved through the gateway.
+    c.ok(
+        "policies.set_exec_policy",
+        json!({"deviceId": wid, "allowedCommands": ["notes.*"], "requireApproval": true}),
+    )
+    .await;
+    let denied = w.send_command("notes.write", json!({"text": "hi"})).await;
+    assert!(denied.is_err(), "needs approval");
+    let proposed = c.ok("actions.list", json!({"state": "proposed"})).await;
+    let action = proposed["actions"][0]["id"].as_str().unwrap().to_owned();
+    let done = c.ok("actions.approve", json!({"actionId": action})).await;
+    assert_eq!(done["action"]["state"], "executed", "{done}");
+    let (code, _) = c.code("actions.approve", json!({"actionId": action})).await;
+    assert_ne!(code, 0);
+    let (code, _) = c.code("actions.list", json!({"state": "sideways"})).await;
+    assert_eq!(code, rpc::INVALID_PARAMS);
+
+    // A policy denial through devices.command is -32004 with the reason code.
+    // (The primary's own commands to the worker are not policy-gated; a
+    // worker's are — resolve shows the decision.)
+
+    // Batches: answers for requests, none for notifications.
+    c.send_text(
+        json!([
+            {"jsonrpc": "2.0", "id": "a", "method": "devices.list"},
+            {"jsonrpc": "2.0", "method": "devices.list"},
+            {"jsonrpc": "2.0", "id": "b", "method": "nodes.discover", "params": {}},
+            7
+        ])
+        .to_string(),
+    )
+    .await;
+    let batch = c.answer().await;
+    let batch = batch.as_array().unwrap();
+    assert_eq!(batch.len(), 3, "{batch:?}");
+    assert_eq!(batch[0]["id"], "a");
+    assert!(batch[1]["result"]["nodes"].is_array());
+    assert_eq!(batch[2]["error"]["code"], json!(rpc::INVALID_REQUEST));
+
+    assert_eq!(
+        c.ok("events.unsubscribe", json!({"subscriptionId": sid}))
+            .await["success"],
+        true
+    );
+    let (code, _) = c
+        .code("events.unsubscribe", json!({"subscriptionId": sid}))
+        .await;
+    assert_eq!(code, rpc::NOT_FOUND);
+    let info = c.ok("gateway.info", json!({})).await;
+    assert_eq!(info["nodeId"], json!(s.p.node.node_id().to_string()));
+
+    // Unpair: the device is gone.
+    assert_eq!(
+        c.ok("devices.unpair", json!({"deviceId": wid})).await["success"],
+        true
+    );
+    let list = c.ok("devices.list", json!({})).await;
+    assert!(
+        list["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["id"] != json!(wid))
+    );
+
+    // Over 1 MiB: closed with 1009.
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"devices.list","params":{{"pad":"{}"}}}}"#,
+        "x".repeat(1 << 20)
+    );
+    c.send_text(big).await;
+    assert_eq!(c.closed(WAIT).await, Some(CloseCode::Size));
+    w.shutdown().await;
+    s.p.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_remote_pairs_by_code_acts_within_its_scopes_and_is_cut_off_when_revoked() {
+    let s = setup(|c| c).await;
+    let addr = s.gateway.local_addr();
+    let mut admin = Client::open_with(addr, &[("authorization", &format!("Bearer {}", s.admin))])
+        .await
+        .unwrap();
+    admin
+        .ok(
+            "events.subscribe",
+            json!({"patterns": ["pairing.*", "device.*"]}),
+        )
+        .await;
+
+    // The browser asks; the dashboard sees it (without the code).
+    let mut web = Client::open(addr).await;
+    let asked = web
+        .ok(
+            "devices.request_pairing",
+            json!({"deviceName": "Kitchen tablet", "devicePlatform": "ipad"}),
+        )
+        .await;
+    let (request, code) = (
+        asked["id"].as_str().unwrap().to_owned(),
+        asked["requestCode"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(code.len(), 6);
+    assert!(asked["expiresAt"].as_u64().unwrap() > 0);
+    assert_eq!(asked["deviceName"], "Kitchen tablet");
+    admin
+        .note("event", |p| {
+            p["type"] == "pairing.request_received" && p["data"]["request_id"] == json!(request)
+        })
+        .await;
+    let pending = admin.ok("devices.pending_pairings", json!({})).await;
+    let mine = &pending["requests"][0];
+    assert_eq!(
+        (mine["requestId"].as_str(), mine["kind"].as_str()),
+        (Some(request.as_str()), Some("web"))
+    );
+    assert!(mine.get("requestCode").is_none() && !pending.to_string().contains(&code));
+    let (c2, _) = web
+        .code("devices.request_pairing", json!({"deviceName": "again"}))
+        .await;
+    assert_eq!(c2, rpc::BUSY, "one request per socket");
+
+    // A wrong code costs an attempt; the right one pairs.
+    let wrong = if code == "000000" { "000001" } else { "000000" };
+    let (c3, e) = admin
+        .code(
+            "devices.approve_pairing",
+            json!({"requestId": request, "code": wrong}),
+        )
+        .await;
+    assert_eq!(c3, rpc::PAIRING_INVALID_CODE);
+    assert_eq!(e["data"]["attemptsLeft"], 4);
+    let approved = admin
+        .ok(
+            "devices.approve_pairing",
+            json!({"requestId": request, "code": code}),
+        )
+        .await;
+    assert_eq!(approved["success"], true);
+    let device = approved["deviceId"].as_str().unwrap().to_owned();
+    let (c4, _) = admin
+        .code(
+            "devices.approve_pairing",
+            json!({"requestId": request, "code": code}),
+        )
+        .await;
+    assert_eq!(c4, rpc::NOT_FOUND);
+    let granted = web
+        .note("pairing.approved", |p| p["requestId"] == json!(request))
+        .await;
+    assert_eq!(granted["params"]["deviceId"], json!(device));
+    let token = granted["params"]["token"].as_str().unwrap().to_owned();
+    admin
+        .note("event", |p| {
+            p["type"] == "device.online" && p["data"]["node"] == json!(device)
+        })
+        .await;
+
+    // The web remote is a device of platform web, online while connected.
+    let list = admin.ok("devices.list", json!({})).await;
+    let d = list["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == json!(device))
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (d["platform"].as_str(), d["name"].as_str()),
+        (Some("web"), Some("Kitchen tablet"))
+    );
+    assert_eq!(d["online"], true);
+
+    // Within its scopes, on the socket that paired.
+    assert!(web.ok("devices.list", json!({})).await["devices"].is_array());
+    assert!(web.ok("actions.list", json!({})).await["actions"].is_array());
+    assert_eq!(
+        web.ok(
+            "events.publish",
+            json!({"type": "tablet.tap", "data": {"x": 1}})
+        )
+        .await["success"],
+        true
+    );
+    admin
+        .note("event", |p| {
+            p["type"] == "device.event"
+                && p["data"]["kind"] == "tablet.tap"
+                && p["data"]["device"] == json!(device)
+        })
+        .await;
+    let (c5, _) = web
+        .code("events.publish", json!({"type": "Bad Kind!"}))
+        .await;
+    assert_eq!(c5, rpc::INVALID_PARAMS);
+    assert_eq!(
+        web.ok(
+            "devices.update_health",
+            json!({"deviceId": device, "latencyMs": 35, "batteryPercent": 80, "memoryPercent": 40})
+        )
+        .await["success"],
+        true
+    );
+    let h = admin
+        .ok("devices.get_health", json!({"deviceId": device}))
+        .await;
+    assert_eq!(
+        (
+            h["isOnline"].as_bool(),
+            h["latencyMs"].as_f64(),
+            h["batteryPercent"].as_f64()
+        ),
+        (Some(true), Some(35.0), Some(80.0))
+    );
+    assert!(h["healthScore"].as_u64().unwrap() > 50, "{h}");
+    let (c6, e) = web
+        .code(
+            "devices.update_health",
+            json!({"deviceId": s.p.node.node_id().to_string(), "latencyMs": 1}),
+        )
+        .await;
+    assert_eq!(
+        (c6, e["data"]["scope"].as_str()),
+        (rpc::FORBIDDEN, Some("admin"))
+    );
+    let (c7, _) = web
+        .code(
+            "devices.update_health",
+            json!({"deviceId": device, "latencyMs": -5}),
+        )
+        .await;
+    assert_eq!(c7, rpc::INVALID_PARAMS);
+    for (m, p) in [
+        (
+            "devices.approve_pairing",
+            json!({"requestId": "x", "code": "123456"}),
+        ),
+        ("devices.revoke", json!({"deviceId": device})),
+        (
+            "policies.set_exec_policy",
+            json!({"deviceId": device, "allowedCommands": []}),
+        ),
+        ("actions.approve", json!({"actionId": "x"})),
+        (
+            "devices.command",
+            json!({"deviceId": device, "command": "ping"}),
+        ),
+    ] {
+        assert_eq!(web.code(m, p).await.0, rpc::FORBIDDEN, "{m}");
+    }
+
+    // A second socket with the token in the upgrade's header.
+    let mut web2 = Client::open_with(addr, &[("authorization", &format!("Bearer {token}"))])
+        .await
+        .unwrap();
+    assert!(web2.ok("devices.list", json!({})).await["devices"].is_array());
+    assert_eq!(
+        Client::open_with(addr, &[("authorization", "Bearer nope")])
+            .await
+            .err()
+            .as_deref(),
+        Some("401")
+    );
+
+    // A new token: both sockets close at once; the old token is refused,
+    // the new one works.
+    let rotated = admin
+        .ok("devices.rotate_token", json!({"deviceId": device}))
+        .await;
+    let new_token = rotated["token"].as_str().unwrap().to_owned();
+    assert_ne!(new_token, token);
+    assert_eq!(
+        web.closed(Duration::from_secs(1)).await,
+        Some(CloseCode::Policy)
+    );
+    assert_eq!(
+        web2.closed(Duration::from_secs(1)).await,
+        Some(CloseCode::Policy)
+    );
+    let mut web3 = Client::open(addr).await;
+    assert_eq!(
+        web3.code("auth.login", json!({"token": token})).await.0,
+        rpc::UNAUTHORIZED
+    );
+    assert_eq!(
+        web3.ok("auth.login", json!({"token": new_token})).await["deviceId"],
+        json!(device)
+    );
+
+    // Revoked: closed within a second, and the token no longer opens one.
+    admin
+        .ok("devices.revoke", json!({"deviceId": device}))
+        .await;
+    assert_eq!(
+        web3.closed(Duration::from_secs(1)).await,
+        Some(CloseCode::Policy)
+    );
+    let mut web4 = Client::open(addr).await;
+    assert_eq!(
+        web4.code("auth.login", json!({"token": new_token})).await.0,
+        rpc::UNAUTHORIZED
+    );
+
+    // Rejected: the browser is told.
+    let asked = web4
+        .ok(
+            "devices.request_pairing",
+            json!({"deviceName": "Hall display"}),
+        )
+        .await;
+    let request = asked["id"].as_str().unwrap().to_owned();
+    admin
+        .ok(
+            "devices.reject_pairing",
+            json!({"requestId": request, "reason": "not ours"}),
+        )
+        .await;
+    let note = web4
+        .note("pairing.rejected", |p| p["requestId"] == json!(request))
+        .await;
+    assert_eq!(note["params"]["reason"], "not ours");
+    assert_eq!(
+        admin
+            .code("devices.reject_pairing", json!({"requestId": request}))
+            .await
+            .0,
+        rpc::NOT_FOUND
+    );
+
+    // The admin token rotates: admin sockets close, the old token is refused.
+    let old_admin = s.admin.clone();
+    let fresh = s.gateway.rotate_admin_token().unwrap();
+    assert_eq!(
+        admin.closed(Duration::from_secs(1)).await,
+        Some(CloseCode::Policy)
+    );
+    let mut again = Client::open(addr).await;
+    assert_eq!(
+        again
+            .code("auth.login", json!({"token": old_admin}))
+            .await
+            .0,
+        rpc::UNAUTHORIZED
+    );
+    assert_eq!(
+        again
+            .ok("auth.login", json!({"token": fresh.as_str()}))
+            .await["principal"],
+        "admin"
+    );
+    s.p.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_connection_limits_and_tls_rules() {
+    let s = setup(|c| {
+        c.limits(3, 100)
+            .allowed_origins(vec!["http://localhost:3000".into()])
+    })
+    .await;
+    let addr = s.gateway.local_addr();
+    // A page from elsewhere may not open a socket; its own origin and a
+    // configured one may.
+    assert_eq!(
+        Client::open_with(addr, &[("origin", "http://evil.example")])
+            .await
+            .err()
+            .as_deref(),
+        Some("403")
+    );
+    let own = format!("http://{addr}");
+    let a = Client::open_with(addr, &[("origin", own.as_str())])
+        .await
+        .unwrap();
+    let b = Client::open_with(addr, &[("origin", "http://localhost:3000")])
+        .await
+        .unwrap();
+    let c = Client::open(addr).await;
+    // The fourth from the same address is refused; one closing frees a slot.
+    assert_eq!(
+        Client::open_with(addr, &[]).await.err().as_deref(),
+        Some("429")
+    );
+    drop((a, b));
+    let mut ok = None;
+    for _ in 0..50 {
+        if let Ok(c) = Client::open_with(addr, &[]).await {
+            ok = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok.is_some(), "a freed slot is taken again");
+    drop(c);
+
+    // Beyond loopback without TLS: refused unless insecure (nothing is
+    // bound: the check comes first).
+    let dir = tempfile::tempdir().unwrap();
+    let wide = GatewayConfig::new("0.0.0.0:0".parse().unwrap(), dir.path());
+    match Gateway::start(s.p.node.clone(), wide).await {
+        Err(mesh_transport::gateway::GatewayError::TlsRequired(_)) => {}
+        other => panic!("expected TlsRequired, got {other:?}"),
+    }
+    // A certificate that is not one: a clear error.
+    std::fs::write(dir.path().join("cert.pem"), "not a certificate").unwrap();
+    std::fs::write(dir.path().join("key.pem"), "not a key").unwrap();
+    let bad = GatewayConfig::new("127.0.0.1:0".parse().unwrap(), dir.path()).tls(
+        mesh_transport::gateway::TlsFiles {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+        },
+    );
+    match Gateway::start(s.p.node.clone(), bad).await {
+        Err(mesh_transport::gateway::GatewayError::Tls(m)) => {
+            assert!(m.contains("cert.pem"), "{m}")
+        }
+        other => panic!("expected a TLS error, got {other:?}"),
+    }
+    s.p.node.shutdown().await;
+}
