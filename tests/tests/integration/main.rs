@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod audit;
+mod dashboard_browser;
 mod delivery_runtime;
 mod discovery_netns;
 mod files_runtime;
