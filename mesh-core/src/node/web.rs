@@ -380,7 +380,7 @@ impl Primary {
     /// peers), newest sighting first. Blocking (one table read).
     pub fn discovered_nodes(&self) -> Result<Vec<DiscoveredNodeRecord>, NodeError> {
         let mut all: Vec<DiscoveredNodeRecord> = self.rt.store.load_all()?;
-        all.sort_by(|a, b| b.last_discovered.cmp(&a.last_discovered));
+        all.sort_by_key(|n| std::cmp::Reverse(n.last_discovered));
         Ok(all)
     }
 

@@ -36,7 +36,7 @@ enum Need {
 enum Caller {
     Anonymous,
     Admin,
-    Device(DeviceRecord),
+    Device(Box<DeviceRecord>),
 }
 
 /// **The one access check** of every method: the admin token, or a web
@@ -76,7 +76,7 @@ async fn device_gate(
         .await
         .map_err(|e| RpcError::new(rpc::INTERNAL_ERROR, e.to_string()))?;
     match checked {
-        Ok(d) if d.node == node => Ok(Caller::Device(d)),
+        Ok(d) if d.node == node => Ok(Caller::Device(Box::new(d))),
         Ok(_) => Err(RpcError::new(
             rpc::UNAUTHORIZED,
             "unauthorized: the token changed",

@@ -243,6 +243,21 @@ impl Gateway {
         Ok(token)
     }
 
+    /// A socket inside this process, as the admin (`admin`) or anonymous:
+    /// messages go through the same parsing, access check and methods as
+    /// a WebSocket's, without the network (the fuzz target drives it).
+    pub fn local_socket(&self, admin: bool) -> LocalSocket {
+        let principal = if admin {
+            auth::Principal::Admin
+        } else {
+            auth::Principal::Anonymous
+        };
+        LocalSocket {
+            shared: self.shared.clone(),
+            socket: self.shared.local_socket(principal),
+        }
+    }
+
     /// Stops listening and closes every socket.
     pub async fn shutdown(mut self) {
         self.stop_now();
@@ -265,6 +280,31 @@ impl Drop for Gateway {
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+/// See [`Gateway::local_socket`].
+pub struct LocalSocket {
+    shared: Arc<server::Shared>,
+    socket: Arc<server::Socket>,
+}
+
+impl std::fmt::Debug for LocalSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalSocket").finish_non_exhaustive()
+    }
+}
+
+impl LocalSocket {
+    /// Handles one message as a WebSocket text message: the answer
+    /// (`None` for notifications only).
+    pub async fn message(&self, text: &str) -> Option<String> {
+        if text.len() > MAX_MESSAGE {
+            return None;
+        }
+        server::answer(&self.shared, &self.socket, text)
+            .await
+            .map(|v| v.to_string())
     }
 }
 

@@ -381,6 +381,27 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// A socket with no WebSocket under it, speaking for `principal`: what
+    /// [`super::LocalSocket`] wraps (its notifications are dropped).
+    pub(crate) fn local_socket(self: &Arc<Self>, principal: Principal) -> Arc<Socket> {
+        let (out, _dropped) = mpsc::channel(1);
+        let socket = Arc::new(Socket {
+            id: self.next_socket.fetch_add(1, Ordering::Relaxed),
+            ip: IpAddr::from([127, 0, 0, 1]),
+            principal: Mutex::new(Principal::Anonymous),
+            out,
+            subscriptions: Mutex::new(HashMap::new()),
+            next_sub: AtomicU64::new(0),
+            pairing: Mutex::new(None),
+            lagged: AtomicU64::new(0),
+            kill: watch::Sender::new(None),
+        });
+        self.set_principal(&socket, principal);
+        socket
+    }
+}
+
 /// Counts one connection from `ip`, within the limits.
 struct Slot {
     shared: Arc<Shared>,
