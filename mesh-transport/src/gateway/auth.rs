@@ -16,8 +16,12 @@ use ring::rand::{SecureRandom, SystemRandom};
 pub(crate) enum Principal {
     /// No token yet: only `auth.login` and `devices.request_pairing`.
     Anonymous,
-    /// The admin token: every method.
-    Admin,
+    /// The admin token: every method, while the token it signed in with
+    /// is the current one (`generation`).
+    Admin {
+        /// [`AdminToken::generation`] at sign-in.
+        generation: u64,
+    },
     /// A web remote: what its scopes allow, checked on every call through
     /// the registry's gate.
     Device {
@@ -33,7 +37,7 @@ impl std::fmt::Debug for Principal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Principal::Anonymous => f.write_str("Anonymous"),
-            Principal::Admin => f.write_str("Admin"),
+            Principal::Admin { .. } => f.write_str("Admin"),
             Principal::Device { node, .. } => write!(f, "Device({node})"),
         }
     }
@@ -51,10 +55,18 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The admin token's hash, and the file it lives in.
-#[derive(Debug)]
 pub struct AdminToken {
     path: PathBuf,
     hash: Mutex<[u8; 32]>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminToken")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AdminToken {
@@ -70,7 +82,14 @@ impl AdminToken {
         Ok(AdminToken {
             path: path.to_owned(),
             hash: Mutex::new(hash(&text)),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// How many times the token was rotated: a socket signed in under an
+    /// older generation is refused.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether `presented` is the admin token (compared by hash, in
@@ -95,6 +114,8 @@ impl AdminToken {
             .hash
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = hash(&text);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(text)
     }
 

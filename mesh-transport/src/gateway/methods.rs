@@ -46,7 +46,13 @@ async fn authorize(shared: &Shared, socket: &Socket, need: Need) -> Result<Calle
     let principal = socket.principal();
     match (need, principal) {
         (Need::Nobody, Principal::Anonymous) => Ok(Caller::Anonymous),
-        (_, Principal::Admin) => Ok(Caller::Admin),
+        (_, Principal::Admin { generation }) if generation == shared.admin.generation() => {
+            Ok(Caller::Admin)
+        }
+        (_, Principal::Admin { .. }) => Err(RpcError::new(
+            rpc::UNAUTHORIZED,
+            "unauthorized: the admin token was rotated; sign in with the new one",
+        )),
         (Need::Nobody, Principal::Device { node, token }) => {
             device_gate(shared, node, token, scopes::PRESENCE_WRITE).await
         }
@@ -93,7 +99,7 @@ fn params<T: DeserializeOwned>(params: &Value) -> Result<T, RpcError> {
         let field = text
             .split('`')
             .nth(1)
-            .filter(|f| !f.contains(' '))
+            .filter(|f| !f.contains(' ') && f.len() <= 64)
             .unwrap_or("params")
             .to_owned();
         RpcError::new(rpc::INVALID_PARAMS, format!("invalid params: {text}"))
@@ -387,6 +393,9 @@ struct DeviceCommand {
     args: Option<Value>,
 }
 
+/// Largest `data` of an event a caller publishes (its JSON text).
+const MAX_EVENT_DATA: usize = 16 * 1024;
+
 /// The methods and what each needs.
 const METHODS: &[(&str, Need)] = &[
     ("auth.login", Need::Nobody),
@@ -447,13 +456,14 @@ pub(crate) async fn call(
                     "this socket is logged in already",
                 ));
             }
-            let ip =
-                match r.requesting_ip.as_deref() {
-                    Some(text) => Some(text.parse().map_err(|_| {
-                        RpcError::invalid_params("requestingIp", "not an IP address")
-                    })?),
-                    None => Some(socket.ip),
-                };
+            // A caller's own word for its address is checked for form
+            // only: the address counted and shown is the one the gateway
+            // sees.
+            if let Some(text) = r.requesting_ip.as_deref() {
+                text.parse::<std::net::IpAddr>()
+                    .map_err(|_| RpcError::invalid_params("requestingIp", "not an IP address"))?;
+            }
+            let ip = Some(socket.ip);
             shared.request_pairing(
                 socket,
                 &r.device_name,
@@ -747,6 +757,12 @@ pub(crate) async fn call(
         }
         "events.publish" => {
             let e: Publish = params(p)?;
+            if e.data.to_string().len() > MAX_EVENT_DATA {
+                return Err(RpcError::invalid_params(
+                    "data",
+                    format!("at most {MAX_EVENT_DATA} bytes of JSON"),
+                ));
+            }
             let kind_ok = !e.kind.is_empty()
                 && e.kind.len() <= 64
                 && e.kind.chars().all(|c| {

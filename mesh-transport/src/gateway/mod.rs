@@ -38,9 +38,9 @@
 //! -32011 invalid code (`data.attemptsLeft`), -32012 already paired,
 //! -32013 rejected, -32020 unavailable (the device is offline or did not
 //! answer), -32029 busy (limits), -32603 internal. A message over 1 MiB
-//! closes the socket with 1009. A slow subscriber's events are dropped and
-//! it gets `event.lagged {subscriptionId, missed}`; the node never waits
-//! for it.
+//! closes the socket with 1009. A slow subscriber's events are dropped;
+//! the subscription's next event that fits follows `event.lagged
+//! {subscriptionId, missed}`; the node never waits for it.
 
 mod assets;
 mod auth;
@@ -248,7 +248,9 @@ impl Gateway {
     /// a WebSocket's, without the network (the fuzz target drives it).
     pub fn local_socket(&self, admin: bool) -> LocalSocket {
         let principal = if admin {
-            auth::Principal::Admin
+            auth::Principal::Admin {
+                generation: self.shared.admin.generation(),
+            }
         } else {
             auth::Principal::Anonymous
         };

@@ -73,9 +73,18 @@ pub struct RpcError {
 impl RpcError {
     /// An error with `code` and `message`.
     pub fn new(code: i64, message: impl Into<String>) -> Self {
+        let mut message: String = message.into();
+        if message.len() > MAX_ERROR_MESSAGE {
+            let mut cut = MAX_ERROR_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
         RpcError {
             code,
-            message: message.into(),
+            message,
             data: None,
         }
     }
@@ -106,8 +115,9 @@ impl RpcError {
     }
 }
 
-/// One request of a message.
-#[derive(Debug, Clone, PartialEq)]
+/// One request of a message. (`Debug` leaves out the params: they may
+/// hold a token.)
+#[derive(Clone, PartialEq)]
 pub struct Request {
     /// `None`: a notification (no answer).
     pub id: Option<Id>,
@@ -116,6 +126,18 @@ pub struct Request {
     /// Its params: an object (absent params are `{}`).
     pub params: Value,
 }
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("id", &self.id)
+            .field("method", &self.method)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Longest error message sent back (it may quote what the caller sent).
+const MAX_ERROR_MESSAGE: usize = 512;
 
 /// What a message holds: requests, or entries that were not requests and
 /// are answered with an error.

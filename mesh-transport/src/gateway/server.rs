@@ -43,6 +43,13 @@ const IN_FLIGHT: usize = 16;
 const CLOSE_POLICY: u16 = 1008;
 /// Close code: message too big.
 const CLOSE_TOO_BIG: u16 = 1009;
+/// A write the client does not take within this closes the socket.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An anonymous socket that neither signs in nor asks to pair within this
+/// is closed.
+const ANONYMOUS_GRACE: Duration = Duration::from_secs(60);
+/// Failed sign-ins a socket may make before it is closed.
+const MAX_FAILED_LOGINS: u32 = 5;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -76,6 +83,10 @@ pub(crate) struct Socket {
     pairing: Mutex<Option<String>>,
     /// Events dropped because the writer's queue was full.
     lagged: AtomicU64,
+    /// The socket has ended: nothing may make it a device again.
+    closed: std::sync::atomic::AtomicBool,
+    /// Sign-ins that failed.
+    failed_logins: std::sync::atomic::AtomicU32,
     /// Set once: the socket closes with this code and reason (reader and
     /// writer both watch it).
     kill: watch::Sender<Option<(u16, String)>>,
@@ -98,7 +109,7 @@ impl Socket {
     }
 
     fn is_admin(&self) -> bool {
-        matches!(&*lock(&self.principal), Principal::Admin)
+        matches!(&*lock(&self.principal), Principal::Admin { .. })
     }
 
     /// Queues `value` for the writer; `false` if the queue is full.
@@ -147,9 +158,23 @@ impl Shared {
 
     /// `auth.login`: the admin token, or a web remote's token.
     pub(crate) async fn login(&self, socket: &Socket, token: &str) -> Result<Value, RpcError> {
-        let principal = self.principal_for(token).await?;
+        let principal = match self.principal_for(token).await {
+            Ok(p) => p,
+            Err(e) => {
+                let failed = socket.failed_logins.fetch_add(1, Ordering::Relaxed) + 1;
+                if failed >= MAX_FAILED_LOGINS {
+                    socket.close(CLOSE_POLICY, "too many failed sign-ins");
+                }
+                return Err(e);
+            }
+        };
+        // What the socket followed as someone else, it no longer does.
+        let followed: Vec<String> = lock(&socket.subscriptions).keys().cloned().collect();
+        for id in followed {
+            socket.unsubscribe(&id);
+        }
         let answer = match &principal {
-            Principal::Admin => json!({ "principal": "admin" }),
+            Principal::Admin { .. } => json!({ "principal": "admin" }),
             Principal::Device { node, .. } => {
                 json!({ "principal": "device", "deviceId": node.to_string() })
             }
@@ -160,8 +185,21 @@ impl Shared {
     }
 
     async fn principal_for(&self, token: &str) -> Result<Principal, RpcError> {
+        let refused = || {
+            RpcError::new(
+                rpc::UNAUTHORIZED,
+                "unauthorized: the token is not the admin token nor a paired web remote's current token",
+            )
+        };
         if self.admin.check(token) {
-            return Ok(Principal::Admin);
+            return Ok(Principal::Admin {
+                generation: self.admin.generation(),
+            });
+        }
+        // Not even the form of a device token: no storage read for it.
+        let t = token.trim();
+        if t.len() > 256 || t.split_once('.').is_none() {
+            return Err(refused());
         }
         let primary = self.primary.clone();
         let text = zeroize::Zeroizing::new(token.trim().to_owned());
@@ -184,6 +222,9 @@ impl Shared {
     }
 
     fn set_principal(&self, socket: &Socket, principal: Principal) {
+        if socket.closed.load(Ordering::Acquire) && principal != Principal::Anonymous {
+            return;
+        }
         let before = socket.device();
         let after = match &principal {
             Principal::Device { node, .. } => Some(*node),
@@ -210,16 +251,27 @@ impl Shared {
         platform: &str,
         ip: Option<IpAddr>,
     ) -> Result<Value, RpcError> {
-        if lock(&socket.pairing).is_some() {
-            return Err(RpcError::new(
-                rpc::BUSY,
-                "this socket has a pairing request waiting already",
-            ));
+        {
+            // Checked and claimed under one lock: one request per socket.
+            let mut pairing = lock(&socket.pairing);
+            if pairing.is_some() {
+                return Err(RpcError::new(
+                    rpc::BUSY,
+                    "this socket has a pairing request waiting already",
+                ));
+            }
+            *pairing = Some(String::new());
         }
-        let ticket = self
+        let ticket = match self
             .primary
-            .request_web_pairing(name, platform, ip)
-            .map_err(methods::node_error)?;
+            .request_web_pairing(name, platform, ip.map(source_ip))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                *lock(&socket.pairing) = None;
+                return Err(methods::node_error(e));
+            }
+        };
         let answer = json!({
             "id": ticket.request_id,
             "deviceName": name.trim(),
@@ -243,7 +295,7 @@ impl Shared {
             };
             *lock(&socket.pairing) = None;
             let note = match outcome {
-                Ok(Ok(grant)) => {
+                Ok(Ok(grant)) if !socket.closed.load(Ordering::Acquire) => {
                     let token = zeroize::Zeroizing::new(grant.token().to_owned());
                     let note = rpc::notification(
                         "pairing.approved",
@@ -264,6 +316,11 @@ impl Shared {
                     "pairing.rejected",
                     json!({ "requestId": request_id, "reason": reason }),
                 ),
+                Ok(Ok(grant)) => {
+                    // Nobody holds the token: the device goes again.
+                    let _ = shared.primary.unpair(&grant.device).await;
+                    return;
+                }
                 Ok(Err(e)) => rpc::notification(
                     "pairing.failed",
                     json!({ "requestId": request_id, "message": e.to_string() }),
@@ -273,14 +330,15 @@ impl Shared {
                     rpc::notification("pairing.expired", json!({ "requestId": request_id }))
                 }
             };
-            socket.send(&note);
+            // Never dropped for lack of room: it may carry the token.
+            let _ = socket.out.send(Outgoing::Text(note.to_string())).await;
         });
         Ok(answer)
     }
 
     /// `events.subscribe`: one bus subscription per pattern, forwarded as
     /// `event` notifications; a full queue drops events and says so
-    /// (`event.lagged`) once there is room.
+    /// (`event.lagged`) with its next event that fits.
     pub(crate) fn subscribe(
         &self,
         socket: &Arc<Socket>,
@@ -312,6 +370,8 @@ impl Shared {
         for mut sub in subs {
             let (sock, sid) = (Arc::downgrade(socket), id.clone());
             let task = tokio::spawn(async move {
+                // Events of this subscription dropped and not yet told.
+                let mut missed = 0u64;
                 while let Some(r) = sub.recv().await {
                     let Some(socket) = sock.upgrade() else { return };
                     let missed_here = match r {
@@ -324,22 +384,32 @@ impl Shared {
                         }
                         Received::Lagged { missed } => missed,
                     };
-                    let lagged =
-                        socket.lagged.fetch_add(missed_here, Ordering::Relaxed) + missed_here;
-                    if lagged > 0 {
+                    missed += missed_here;
+                    if missed > 0 {
                         let note = rpc::notification(
                             "event.lagged",
-                            json!({ "subscriptionId": sid, "missed": lagged }),
+                            json!({ "subscriptionId": sid, "missed": missed }),
                         );
                         if socket.send(&note) {
-                            socket.lagged.fetch_sub(lagged, Ordering::Relaxed);
+                            socket.lagged.fetch_add(missed, Ordering::Relaxed);
+                            missed = 0;
                         }
                     }
                 }
             });
             tasks.push(task.abort_handle());
         }
-        lock(&socket.subscriptions).insert(id.clone(), tasks);
+        let mut subscriptions = lock(&socket.subscriptions);
+        if subscriptions.len() >= MAX_SUBSCRIPTIONS {
+            for t in tasks {
+                t.abort();
+            }
+            return Err(RpcError::new(
+                rpc::BUSY,
+                format!("{MAX_SUBSCRIPTIONS} subscriptions on this socket already"),
+            ));
+        }
+        subscriptions.insert(id.clone(), tasks);
         Ok(json!({ "subscriptionId": id }))
     }
 
@@ -395,6 +465,8 @@ impl Shared {
             next_sub: AtomicU64::new(0),
             pairing: Mutex::new(None),
             lagged: AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            failed_logins: std::sync::atomic::AtomicU32::new(0),
             kill: watch::Sender::new(None),
         });
         self.set_principal(&socket, principal);
@@ -410,6 +482,7 @@ struct Slot {
 
 impl Slot {
     fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Slot> {
+        let ip = source_ip(ip);
         let mut per_ip = lock(&shared.per_ip);
         let mine = per_ip.entry(ip).or_insert(0);
         if *mine >= shared.config.max_per_address
@@ -477,6 +550,7 @@ pub(crate) fn watch_devices(shared: &Arc<Shared>) -> Option<tokio::task::JoinHan
         kinds::DEVICE_REVOKED,
         kinds::DEVICE_UNPAIRED,
         kinds::DEVICE_TOKEN_ROTATED,
+        kinds::DEVICE_SCOPES_SET,
     ] {
         subs.push((kind, shared.primary.events().subscribe(kind, 1024).ok()?));
     }
@@ -489,6 +563,7 @@ pub(crate) fn watch_devices(shared: &Arc<Shared>) -> Option<tokio::task::JoinHan
                 let why = match kind {
                     k if k == kinds::DEVICE_REVOKED => "revoked",
                     k if k == kinds::DEVICE_UNPAIRED => "unpaired",
+                    k if k == kinds::DEVICE_SCOPES_SET => "scopes changed: sign in again",
                     _ => "token rotated",
                 };
                 shared.close_device(&node, why);
@@ -572,6 +647,45 @@ fn origin_allowed(headers: &HeaderMap, config: &GatewayConfig) -> bool {
     origin == format!("{scheme}://{host}")
 }
 
+/// Whether the request's `Host` names this gateway (a page that rebinds
+/// its own DNS name to 127.0.0.1 sends its own name): the bound address,
+/// `localhost`, or a configured origin's host. Bound to every address
+/// (TLS required then, which a rebinding page cannot pass), any host.
+fn host_allowed(headers: &HeaderMap, config: &GatewayConfig, local: SocketAddr) -> bool {
+    if local.ip().is_unspecified() {
+        return true;
+    }
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let port = local.port();
+    let mut names = vec![
+        local.to_string(),
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ];
+    names.extend(
+        config
+            .allowed_origins
+            .iter()
+            .filter_map(|o| o.split_once("://").map(|(_, h)| h.to_owned())),
+    );
+    names.iter().any(|n| n.eq_ignore_ascii_case(host))
+}
+
+/// The address a client is counted under: IPv4 as it is, IPv6 by its /64
+/// (one host holds a whole /64).
+pub(crate) fn source_ip(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+    }
+}
+
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
@@ -581,6 +695,13 @@ async fn upgrade(
     if !origin_allowed(&headers, &shared.config) {
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
+    if !host_allowed(&headers, &shared.config, shared.local) {
+        return (StatusCode::FORBIDDEN, "host not allowed").into_response();
+    }
+    // Counted before any work is done for it.
+    let Some(slot) = Slot::take(&shared, peer.ip()) else {
+        return (StatusCode::TOO_MANY_REQUESTS, "too many connections").into_response();
+    };
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
@@ -592,9 +713,6 @@ async fn upgrade(
             Err(e) => return (StatusCode::UNAUTHORIZED, e.message).into_response(),
         },
         None => Principal::Anonymous,
-    };
-    let Some(slot) = Slot::take(&shared, peer.ip()) else {
-        return (StatusCode::TOO_MANY_REQUESTS, "too many connections").into_response();
     };
     ws.max_message_size(MAX_MESSAGE + 1)
         .max_frame_size(MAX_MESSAGE + 1)
@@ -612,6 +730,8 @@ async fn run(shared: Arc<Shared>, ws: WebSocket, ip: IpAddr, principal: Principa
         next_sub: AtomicU64::new(0),
         pairing: Mutex::new(None),
         lagged: AtomicU64::new(0),
+        closed: std::sync::atomic::AtomicBool::new(false),
+        failed_logins: std::sync::atomic::AtomicU32::new(0),
         kill: watch::Sender::new(None),
     });
     shared.set_principal(&socket, principal);
@@ -626,7 +746,13 @@ async fn run(shared: Arc<Shared>, ws: WebSocket, ip: IpAddr, principal: Principa
             };
             match next {
                 Some(Outgoing::Text(t)) => {
-                    if sink.send(Message::Text(Utf8Bytes::from(t))).await.is_err() {
+                    // A client that does not read is not waited for long.
+                    let sent = tokio::time::timeout(
+                        WRITE_TIMEOUT,
+                        sink.send(Message::Text(Utf8Bytes::from(t))),
+                    )
+                    .await;
+                    if !matches!(sent, Ok(Ok(()))) {
                         return;
                     }
                 }
@@ -637,19 +763,36 @@ async fn run(shared: Arc<Shared>, ws: WebSocket, ip: IpAddr, principal: Principa
                         code,
                         reason: Utf8Bytes::from(reason),
                     };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        sink.send(Message::Close(Some(frame))),
+                    )
+                    .await;
                     return;
                 }
             }
         }
     });
     let limit = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    // The socket's requests: aborted when it ends.
+    let mut requests = tokio::task::JoinSet::new();
     let mut killed = socket.kill.subscribe();
+    let anonymous_until = tokio::time::Instant::now() + ANONYMOUS_GRACE;
+    let mut grace = true;
     loop {
         let next = tokio::select! {
             m = stream.next() => m,
             _ = killed.wait_for(Option::is_some) => break,
+            () = tokio::time::sleep_until(anonymous_until), if grace => {
+                grace = false;
+                if socket.principal() == Principal::Anonymous && lock(&socket.pairing).is_none() {
+                    socket.close(CLOSE_POLICY, "sign in or ask to pair within 60 s");
+                    break;
+                }
+                continue;
+            }
         };
+        while requests.try_join_next().is_some() {}
         let text = match next {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
@@ -683,7 +826,7 @@ async fn run(shared: Arc<Shared>, ws: WebSocket, ip: IpAddr, principal: Principa
             break;
         };
         let (shared, sock) = (shared.clone(), socket.clone());
-        tokio::spawn(async move {
+        requests.spawn(async move {
             let _permit = permit;
             if let Some(answer) = answer(&shared, &sock, text.as_str()).await {
                 // Answers are never dropped for events: wait for room.
@@ -691,7 +834,9 @@ async fn run(shared: Arc<Shared>, ws: WebSocket, ip: IpAddr, principal: Principa
             }
         });
     }
+    socket.closed.store(true, Ordering::Release);
     lock(&shared.sockets).remove(&socket.id);
+    requests.abort_all();
     let waiting = lock(&socket.pairing).take();
     if let Some(request) = waiting {
         shared.primary.withdraw_web_pairing(&request);
@@ -701,8 +846,15 @@ async fn run(shared: Arc<Shared>, ws: WebSocket, ip: IpAddr, principal: Principa
     for id in subscriptions {
         socket.unsubscribe(&id);
     }
-    // Let the writer send what is queued (and a close), briefly.
-    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    // Let the writer send what is queued (and a close), briefly; then it
+    // goes, whatever it was doing.
+    let mut writer = writer;
+    if tokio::time::timeout(Duration::from_secs(1), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
     drop(slot);
 }
 

@@ -216,6 +216,41 @@ async fn admin_methods_errors_and_live_events() {
     assert_eq!(code, rpc::UNAUTHORIZED);
     let (code, _) = c.code("auth.login", json!({"token": "nope"})).await;
     assert_eq!(code, rpc::UNAUTHORIZED);
+    // What a caller sent is quoted back at most briefly.
+    let long_field = "f".repeat(100_000);
+    let (code, e) = c.code("auth.login", json!({ long_field: 1 })).await;
+    assert_eq!(code, rpc::INVALID_PARAMS);
+    assert!(
+        e["message"].as_str().unwrap().len() < 600,
+        "{}",
+        e["message"].as_str().unwrap().len()
+    );
+    // Five failed sign-ins close the socket.
+    let mut guesser = Client::open(addr).await;
+    for _ in 0..4 {
+        let (code, _) = guesser
+            .code("auth.login", json!({"token": "guess.guess"}))
+            .await;
+        assert_eq!(code, rpc::UNAUTHORIZED);
+    }
+    guesser
+        .send_text(
+            json!({"jsonrpc": "2.0", "id": 99, "method": "auth.login", "params": {"token": "guess.guess"}})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(
+        guesser.closed(Duration::from_secs(2)).await,
+        Some(CloseCode::Policy)
+    );
+    // A page that rebound its DNS name to this address sends its own Host.
+    assert_eq!(
+        Client::open_with(addr, &[("host", "attacker.example:80")])
+            .await
+            .err()
+            .as_deref(),
+        Some("403")
+    );
     // The protocol's own errors.
     c.send_text("{not json".into()).await;
     let a = c.answer().await;
@@ -470,7 +505,7 @@ async fn a_web_remote_pairs_by_code_acts_within_its_scopes_and_is_cut_off_when_r
     let asked = web
         .ok(
             "devices.request_pairing",
-            json!({"deviceName": "Kitchen tablet", "devicePlatform": "ipad"}),
+            json!({"deviceName": "Kitchen tablet", "devicePlatform": "ipad", "requestingIp": "10.9.9.9"}),
         )
         .await;
     let (request, code) = (
@@ -492,6 +527,10 @@ async fn a_web_remote_pairs_by_code_acts_within_its_scopes_and_is_cut_off_when_r
         (Some(request.as_str()), Some("web"))
     );
     assert!(mine.get("requestCode").is_none() && !pending.to_string().contains(&code));
+    assert_eq!(
+        mine["requestingIp"], "127.0.0.1",
+        "the address seen, not the one claimed"
+    );
     let (c2, _) = web
         .code("devices.request_pairing", json!({"deviceName": "again"}))
         .await;
@@ -570,6 +609,16 @@ async fn a_web_remote_pairs_by_code_acts_within_its_scopes_and_is_cut_off_when_r
         .code("events.publish", json!({"type": "Bad Kind!"}))
         .await;
     assert_eq!(c5, rpc::INVALID_PARAMS);
+    let (c5, e) = web
+        .code(
+            "events.publish",
+            json!({"type": "tablet.big", "data": {"x": "y".repeat(20_000)}}),
+        )
+        .await;
+    assert_eq!(
+        (c5, e["data"]["field"].as_str()),
+        (rpc::INVALID_PARAMS, Some("data"))
+    );
     assert_eq!(
         web.ok(
             "devices.update_health",
@@ -638,6 +687,44 @@ async fn a_web_remote_pairs_by_code_acts_within_its_scopes_and_is_cut_off_when_r
             .as_deref(),
         Some("401")
     );
+
+    // New scopes: its sockets close (it signs in again under them).
+    let mut web_s = Client::open_with(addr, &[("authorization", &format!("Bearer {token}"))])
+        .await
+        .unwrap();
+    let dev: mesh_core::identity::NodeId = device.parse().unwrap();
+    s.p.node
+        .set_scopes(
+            &dev,
+            &[
+                "presence:write",
+                "events:read",
+                "events:write",
+                "actions:read",
+                "devices:read",
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        web_s.closed(Duration::from_secs(1)).await,
+        Some(CloseCode::Policy)
+    );
+    assert_eq!(
+        web.closed(Duration::from_secs(1)).await,
+        Some(CloseCode::Policy)
+    );
+    assert_eq!(
+        web2.closed(Duration::from_secs(1)).await,
+        Some(CloseCode::Policy)
+    );
+    let mut web = Client::open_with(addr, &[("authorization", &format!("Bearer {token}"))])
+        .await
+        .unwrap();
+    let mut web2 = Client::open_with(addr, &[("authorization", &format!("Bearer {token}"))])
+        .await
+        .unwrap();
+    assert!(web.ok("devices.list", json!({})).await["devices"].is_array());
+    assert!(web2.ok("devices.list", json!({})).await["devices"].is_array());
 
     // A new token: both sockets close at once; the old token is refused,
     // the new one works.
