@@ -456,9 +456,19 @@ impl Shared {
     /// [`super::LocalSocket`] wraps (its notifications are dropped).
     pub(crate) fn local_socket(self: &Arc<Self>, principal: Principal) -> Arc<Socket> {
         let (out, _dropped) = mpsc::channel(1);
+        self.new_socket(IpAddr::from([127, 0, 0, 1]), out, principal)
+    }
+
+    /// A socket from `ip` whose writer reads `out`, speaking for `principal`.
+    fn new_socket(
+        &self,
+        ip: IpAddr,
+        out: mpsc::Sender<Outgoing>,
+        principal: Principal,
+    ) -> Arc<Socket> {
         let socket = Arc::new(Socket {
             id: self.next_socket.fetch_add(1, Ordering::Relaxed),
-            ip: IpAddr::from([127, 0, 0, 1]),
+            ip,
             principal: Mutex::new(Principal::Anonymous),
             out,
             subscriptions: Mutex::new(HashMap::new()),
@@ -721,20 +731,7 @@ async fn upgrade(
 
 async fn run(shared: Arc<Shared>, ws: WebSocket, ip: IpAddr, principal: Principal, slot: Slot) {
     let (out, mut queued) = mpsc::channel(OUT_QUEUE);
-    let socket = Arc::new(Socket {
-        id: shared.next_socket.fetch_add(1, Ordering::Relaxed),
-        ip,
-        principal: Mutex::new(Principal::Anonymous),
-        out,
-        subscriptions: Mutex::new(HashMap::new()),
-        next_sub: AtomicU64::new(0),
-        pairing: Mutex::new(None),
-        lagged: AtomicU64::new(0),
-        closed: std::sync::atomic::AtomicBool::new(false),
-        failed_logins: std::sync::atomic::AtomicU32::new(0),
-        kill: watch::Sender::new(None),
-    });
-    shared.set_principal(&socket, principal);
+    let socket = shared.new_socket(ip, out, principal);
     lock(&shared.sockets).insert(socket.id, socket.clone());
     let (mut sink, mut stream) = futures_split(ws);
     let mut killed = socket.kill.subscribe();
