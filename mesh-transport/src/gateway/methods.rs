@@ -884,14 +884,10 @@ fn action_json(a: &mesh_core::storage::records::ActionRecord) -> Value {
     })
 }
 
-/// `device` must be a paired (or revoked) device: not found otherwise.
+/// `device` must be a paired (or revoked) device: not found otherwise (one
+/// registry read, not the whole device list).
 async fn known(primary: &mesh_core::node::Primary, device: NodeId) -> Result<(), RpcError> {
-    let devices = blocking(primary, |p| p.devices()).await?;
-    if devices.iter().any(|d| d.record.node == device) {
-        Ok(())
-    } else {
-        Err(RpcError::new(rpc::NOT_FOUND, format!("no device {device}")))
-    }
+    blocking(primary, move |p| p.device_health(&device).map(|_| ())).await
 }
 
 /// Runs `f` with the primary off the async threads (storage reads).
