@@ -136,7 +136,8 @@ pub fn ledger_check(store: Arc<dyn Storage>, author: NodeId) -> LedgerCheck {
     })
 }
 
-/// Prints `events` (text, or JSON lines with `json`) until Ctrl-C or the
+/// Prints `events` (text, or JSON lines with `json`; not `device.heartbeat`,
+/// one per heartbeat of every device) until Ctrl-C or the
 /// bus closes.
 pub async fn print_events(mut events: mesh_core::events::Subscription, json: bool) {
     use mesh_core::events::Received;
@@ -144,6 +145,8 @@ pub async fn print_events(mut events: mesh_core::events::Subscription, json: boo
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return,
             received = events.recv() => match received {
+                // One per heartbeat of every device: too many to print.
+                Some(Received::Event(e)) if e.kind == mesh_core::events::kinds::DEVICE_HEARTBEAT => {}
                 Some(Received::Event(e)) => {
                     if json {
                         println!("{}", json!({ "kind": e.kind, "at_ms": e.at.as_millis(), "data": e.data }));

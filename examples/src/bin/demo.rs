@@ -8,7 +8,9 @@
 //! member gains no power over the first primary's devices), share replicated
 //! configuration and a table (a key written on two at once ends the same on
 //! all), send a reliable message, and hold replicas of each other's ledgers;
-//! it verifies the ledger and prints a summary.
+//! then the web dashboard's gateway serves the admin (devices, live
+//! heartbeats) and pairs a web remote by its code, cutting it off when
+//! revoked; it verifies the ledger and prints a summary.
 //!
 //! Exits 0 only if every step did what it should.
 //!
@@ -400,8 +402,9 @@ async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
 
     mesh_step(&primary, steps).await?;
     files_step(&primary, &nodes[0].1, &data_dir, steps).await?;
+    gateway_step(&primary, &data_dir, steps).await?;
 
-    println!("\n11. audit ledger");
+    println!("\n12. audit ledger");
     let checkpoint = ledger
         .checkpoint(mesh_core::clock::Clock::now(&mesh_core::clock::SystemClock))
         .map_err(|e| e.to_string())?;
@@ -421,6 +424,281 @@ async fn run(data_dir: PathBuf, steps: &mut Steps) -> Result<(), String> {
         w.shutdown().await;
     }
     primary.shutdown().await;
+    Ok(())
+}
+
+/// A JSON-RPC client over one WebSocket: answers matched by id,
+/// notifications kept.
+struct RpcClient {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    next: u64,
+    notes: Vec<Value>,
+}
+
+impl RpcClient {
+    async fn open(addr: std::net::SocketAddr) -> Result<RpcClient, String> {
+        let (ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::connect_async(format!("ws://{addr}/rpc")),
+        )
+        .await
+        .map_err(|_| "the gateway did not answer".to_owned())?
+        .map_err(|e| e.to_string())?;
+        Ok(RpcClient {
+            ws,
+            next: 1,
+            notes: Vec::new(),
+        })
+    }
+
+    /// The next message, or `None` when the socket closed (with its code).
+    async fn message(&mut self) -> Result<Option<Value>, String> {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .map_err(|_| "no message from the gateway in time".to_owned())?;
+            match m {
+                Some(Ok(Message::Text(t))) => {
+                    return serde_json::from_str(&t)
+                        .map(Some)
+                        .map_err(|e| e.to_string());
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    return Ok(Some(json!({ "closed": code })));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Ok(None),
+            }
+        }
+    }
+
+    /// Calls `method`: its result, or its error object.
+    async fn call(&mut self, method: &str, params: Value) -> Result<Result<Value, Value>, String> {
+        use futures_util::SinkExt;
+        let id = self.next;
+        self.next += 1;
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::Text(
+                request.to_string().into(),
+            ))
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            let Some(m) = self.message().await? else {
+                return Err(format!("{method}: the socket closed"));
+            };
+            if m["id"] == json!(id) {
+                return Ok(match m.get("error") {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(m["result"].clone()),
+                });
+            }
+            self.notes.push(m);
+        }
+    }
+
+    /// Waits for a notification `method` whose params satisfy `pred`.
+    async fn note(&mut self, method: &str, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let hit = |m: &Value| m["method"] == method && pred(&m["params"]);
+        if let Some(i) = self.notes.iter().position(hit) {
+            return Some(self.notes.remove(i));
+        }
+        loop {
+            let m = self.message().await.ok()??;
+            if hit(&m) {
+                return Some(m);
+            }
+        }
+    }
+}
+
+/// One HTTP GET on the gateway: the status line and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(String, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out))
+        .await
+        .map_err(|_| "no HTTP answer in time".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = out.lines().next().unwrap_or_default().to_owned();
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    Ok((status, body))
+}
+
+/// The gateway and dashboard: the admin over a WebSocket sees the devices
+/// and live heartbeats; a browser-style web remote pairs by its code,
+/// reports its health, and is cut off the moment it is revoked.
+async fn gateway_step(
+    primary: &Primary,
+    data_dir: &std::path::Path,
+    steps: &mut Steps,
+) -> Result<(), String> {
+    use mesh_transport::gateway::{ADMIN_TOKEN_FILE, Gateway, GatewayConfig, rpc};
+    println!("\n11. the web dashboard's gateway (JSON-RPC 2.0 over a WebSocket)");
+    let config = GatewayConfig::new("127.0.0.1:0".parse().map_err(|e| format!("{e}"))?, data_dir)
+        .dashboard("demo-primary", None);
+    let gateway = Gateway::start(primary.clone(), config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = gateway.local_addr();
+    let (health, page) = (
+        http_get(addr, "/healthz").await?,
+        http_get(addr, "/").await?,
+    );
+    steps.check(
+        "gateway serves the dashboard",
+        health.0.contains(" 200 ") && page.0.contains(" 200 ") && page.1.contains("<html"),
+        format!("http://{addr}/ ({} bytes of page, embedded)", page.1.len()),
+    );
+
+    let token =
+        std::fs::read_to_string(data_dir.join(ADMIN_TOKEN_FILE)).map_err(|e| e.to_string())?;
+    let mut admin = RpcClient::open(addr).await?;
+    let who = admin
+        .call("auth.login", json!({"token": token.trim()}))
+        .await?;
+    let listed = admin.call("devices.list", json!({})).await?;
+    let devices = listed
+        .as_ref()
+        .ok()
+        .and_then(|l| l["devices"].as_array().cloned())
+        .unwrap_or_default();
+    steps.check(
+        "admin signs in with DATA_DIR/admin.token and lists the devices",
+        who.as_ref().is_ok_and(|w| w["principal"] == "admin") && devices.len() == 2,
+        devices
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} ({}, score {})",
+                    d["name"].as_str().unwrap_or("?"),
+                    d["status"].as_str().unwrap_or("?"),
+                    d["healthScore"]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let subscribed = admin
+        .call("events.subscribe", json!({"patterns": ["device.*"]}))
+        .await?;
+    let beat = if subscribed.is_ok() {
+        admin
+            .note("event", |p| p["type"] == "device.heartbeat")
+            .await
+    } else {
+        None
+    };
+    steps.check(
+        "a heartbeat arrives live on `device.*`",
+        beat.is_some(),
+        beat.map_or("none".to_owned(), |b| b["params"]["data"].to_string()),
+    );
+
+    // A browser asks to pair; the code it shows is typed into the dashboard.
+    let mut web = RpcClient::open(addr).await?;
+    let asked = web
+        .call(
+            "devices.request_pairing",
+            json!({"deviceName": "Kitchen tablet", "devicePlatform": "web"}),
+        )
+        .await?
+        .map_err(|e| format!("devices.request_pairing: {e}"))?;
+    let (request, code) = (asked["id"].clone(), asked["requestCode"].clone());
+    let wrong = if code == "000000" { "000001" } else { "000000" };
+    let refused = admin
+        .call(
+            "devices.approve_pairing",
+            json!({"requestId": request, "code": wrong}),
+        )
+        .await?;
+    let approved = admin
+        .call(
+            "devices.approve_pairing",
+            json!({"requestId": request, "code": code}),
+        )
+        .await?;
+    let granted = web
+        .note("pairing.approved", |p| p["requestId"] == request)
+        .await;
+    let device = approved
+        .as_ref()
+        .map(|a| a["deviceId"].clone())
+        .unwrap_or(Value::Null);
+    steps.check(
+        "a web remote pairs by the code it shows (a wrong code is refused)",
+        refused
+            .as_ref()
+            .is_err_and(|e| e["code"] == rpc::PAIRING_INVALID_CODE)
+            && approved.is_ok()
+            && granted
+                .as_ref()
+                .is_some_and(|g| g["params"]["token"].is_string()),
+        format!(
+            "device {}, token sent on its socket",
+            device.as_str().unwrap_or("?")
+        ),
+    );
+    let reported = web
+        .call(
+            "devices.update_health",
+            json!({"deviceId": device, "latencyMs": 35, "batteryPercent": 80}),
+        )
+        .await?;
+    let seen = admin
+        .call("devices.get_health", json!({"deviceId": device}))
+        .await?;
+    let not_mine = web
+        .call("devices.update_health", json!({"deviceId": devices.first().map_or(Value::Null, |d| d["id"].clone()), "latencyMs": 1}))
+        .await?;
+    steps.check(
+        "it reports its own health, and only its own",
+        reported.is_ok()
+            && seen
+                .as_ref()
+                .is_ok_and(|h| h["isOnline"] == true && h["latencyMs"] == 35.0)
+            && not_mine
+                .as_ref()
+                .is_err_and(|e| e["code"] == rpc::FORBIDDEN),
+        format!(
+            "health {}",
+            seen.map_or_else(|e| e.to_string(), |h| h.to_string())
+        ),
+    );
+    let started = Instant::now();
+    let revoked = admin
+        .call("devices.revoke", json!({"deviceId": device}))
+        .await?;
+    let closed = loop {
+        match web.message().await? {
+            Some(m) if m.get("closed").is_some() => break m["closed"].as_u64(),
+            Some(_) => continue,
+            None => break None,
+        }
+    };
+    steps.check(
+        "revoking it closes its socket at once",
+        revoked.is_ok() && closed == Some(1008),
+        format!(
+            "close code {closed:?} after {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        ),
+    );
+    gateway.shutdown().await;
     Ok(())
 }
 

@@ -307,9 +307,15 @@ impl HealthMonitor {
                 },
             );
         }
+        let score = device.score();
         for e in events {
             self.publish(node, now, e);
         }
+        self.events.publish(
+            kinds::DEVICE_HEARTBEAT,
+            now,
+            json!({ "node": node.to_string(), "score": score }),
+        );
         Ok(())
     }
 

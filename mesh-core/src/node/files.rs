@@ -527,23 +527,29 @@ pub(super) fn build(
     if matches!(rt.side, FilesSide::Primary { .. }) {
         // A device revoked or unpaired loses its files connection at once,
         // and its transfers fail.
-        let mut devices = core.events.subscribe("device.*", 64)?;
+        // (The two kinds exactly: `device.*` also carries a heartbeat event
+        // per heartbeat of every device.)
+        let mut revoked = core
+            .events
+            .subscribe(crate::events::kinds::DEVICE_REVOKED, 64)?;
+        let mut unpaired = core
+            .events
+            .subscribe(crate::events::kinds::DEVICE_UNPAIRED, 64)?;
         let weak = Arc::downgrade(&rt);
         core.spawn(async move {
-            while let Some(got) = devices.recv().await {
+            loop {
+                let got = tokio::select! {
+                    r = revoked.recv() => r,
+                    u = unpaired.recv() => u,
+                };
+                let Some(got) = got else { return };
                 let Some(rt) = weak.upgrade() else { return };
                 let gone: Vec<NodeId> = match got {
-                    crate::events::Received::Event(e)
-                        if e.kind == crate::events::kinds::DEVICE_REVOKED
-                            || e.kind == crate::events::kinds::DEVICE_UNPAIRED =>
-                    {
-                        e.data["node"]
-                            .as_str()
-                            .and_then(|n| n.parse().ok())
-                            .into_iter()
-                            .collect()
-                    }
-                    crate::events::Received::Event(_) => continue,
+                    crate::events::Received::Event(e) => e.data["node"]
+                        .as_str()
+                        .and_then(|n| n.parse().ok())
+                        .into_iter()
+                        .collect(),
                     // Missed some: check every connection.
                     crate::events::Received::Lagged { .. } => {
                         let peers: Vec<NodeId> = lock(&rt.conns).keys().copied().collect();

@@ -1269,7 +1269,11 @@ impl Primary {
     /// Revokes a device: its session closes now and it is refused from now on.
     pub async fn revoke(&self, device: &NodeId) -> Result<(), NodeError> {
         let inner = &self.rt;
-        inner.registry.revoke(device, inner.now())?;
+        // The registry writes (SQLite, the ledger) on a blocking thread.
+        let (registry, node, now) = (inner.registry.clone(), *device, inner.now());
+        tokio::task::spawn_blocking(move || registry.revoke(&node, now))
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("revoke did not finish: {e}")))??;
         inner.guards.forget(device);
         cancel_commands(inner, device);
         lock(&inner.primary.power).remove(device);
@@ -1282,7 +1286,11 @@ impl Primary {
     /// Unpairs a device: its session closes now and its record is removed.
     pub async fn unpair(&self, device: &NodeId) -> Result<(), NodeError> {
         let inner = &self.rt;
-        inner.registry.unpair(device, inner.now())?;
+        // The registry writes (SQLite, the ledger) on a blocking thread.
+        let (registry, node, now) = (inner.registry.clone(), *device, inner.now());
+        tokio::task::spawn_blocking(move || registry.unpair(&node, now))
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("unpair did not finish: {e}")))??;
         inner.guards.forget(device);
         cancel_commands(inner, device);
         lock(&inner.primary.power).remove(device);

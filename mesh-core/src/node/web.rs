@@ -355,16 +355,20 @@ impl Primary {
     /// Takes a health report for `device` as a heartbeat (scored, events,
     /// history, the policy's power context): how web remotes, which have
     /// no session, report. The caller checked that the reporter may.
+    /// A device the registry does not know is refused
+    /// ([`RegistryError::UnknownDevice`](crate::registry::RegistryError::UnknownDevice)).
+    /// Blocking (one registry read).
     pub fn report_health(&self, device: &NodeId, metrics: HealthMetrics) -> Result<(), NodeError> {
         let inner = &self.rt;
+        let platform = inner
+            .registry
+            .get(device)?
+            .ok_or(crate::registry::RegistryError::UnknownDevice(*device))?
+            .platform;
         let now = inner.now();
         lock(&inner.health)
             .ingest(*device, now, &metrics)
             .map_err(|e| NodeError::Protocol(format!("bad health report: {e}")))?;
-        let platform = inner
-            .registry
-            .get(device)?
-            .map_or(Platform::Web, |d| d.platform);
         lock(&inner.primary.power).insert(
             *device,
             super::primary::PowerContext {

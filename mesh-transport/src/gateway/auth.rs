@@ -81,7 +81,8 @@ impl AdminToken {
         };
         Ok(AdminToken {
             path: path.to_owned(),
-            hash: Mutex::new(hash(&text)),
+            // (An editor's trailing newline is not part of the token.)
+            hash: Mutex::new(hash(text.trim())),
             generation: std::sync::atomic::AtomicU64::new(0),
         })
     }

@@ -640,17 +640,12 @@ pub(crate) async fn call(
                 low_power_mode: u.low_power_mode,
                 ..HealthMetrics::default()
             };
-            blocking(primary, move |p| {
-                if p.device_health(&device).is_err() {
-                    return Err(NodeError::Registry(RegistryError::UnknownDevice(device)));
-                }
-                p.report_health(&device, metrics)
-            })
-            .await
-            .map_err(|e| match e.code {
-                rpc::INVALID_PARAMS => RpcError::invalid_params("latencyMs", e.message),
-                _ => e,
-            })?;
+            blocking(primary, move |p| p.report_health(&device, metrics))
+                .await
+                .map_err(|e| match e.code {
+                    rpc::INVALID_PARAMS => RpcError::invalid_params("latencyMs", e.message),
+                    _ => e,
+                })?;
             Ok(json!({ "success": true }))
         }
         "policies.get_exec_policy" => {
@@ -900,4 +895,33 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| RpcError::new(rpc::INTERNAL_ERROR, e.to_string()))?
         .map_err(node_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(code: &str) -> NodeError {
+        NodeError::Command {
+            code: code.into(),
+            message: format!("refused: {code}"),
+        }
+    }
+
+    #[test]
+    fn a_policy_refusal_is_policy_denied_with_its_reason_code() {
+        for code in ["blocked_command", "needs_approval", "outside_hours"] {
+            let e = node_error(command(code));
+            assert_eq!(e.code, rpc::POLICY_DENIED, "{code}");
+            assert_eq!(
+                e.data.as_ref().map(|d| d["code"].clone()),
+                Some(json!(code))
+            );
+            assert!(e.message.starts_with("policy denied: "), "{}", e.message);
+        }
+        // Failures while running are not the policy's.
+        let e = node_error(command("handler_failed"));
+        assert_eq!(e.code, rpc::UNAVAILABLE);
+        assert_eq!(node_error(command("unknown_action")).code, rpc::NOT_FOUND);
+    }
 }

@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use mesh_core::clock::Timestamp;
-use mesh_core::events::{Received, kinds};
+use mesh_core::events::{Event, Received, kinds};
 use mesh_core::identity::NodeId;
 use mesh_core::node::Primary;
 use serde_json::{Value, json};
@@ -69,6 +69,52 @@ pub(crate) struct Shared {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     total: AtomicUsize,
     local: SocketAddr,
+    event_texts: Arc<EventTexts>,
+}
+
+/// How many recent events keep their serialised form.
+const EVENT_TEXTS: usize = 64;
+
+/// The serialised body of recent events, shared by every subscription: an
+/// event going to a thousand sockets is serialised once, not a thousand
+/// times. Keyed by the event's allocation (each holds its `Arc`, so an
+/// address is never reused while it is here).
+#[derive(Default)]
+struct EventTexts {
+    recent: Mutex<std::collections::VecDeque<(Arc<Event>, Arc<str>)>>,
+}
+
+impl EventTexts {
+    /// The `event` notification of `event` for subscription `sid`.
+    fn notification(&self, sid: &str, event: &Arc<Event>) -> String {
+        let body = self.body(event);
+        // `body` is `{"type":…,"at":…,"data":…}`: the subscription goes in
+        // front of its first field.
+        let sid = Value::String(sid.to_owned());
+        format!(
+            r#"{{"jsonrpc":"2.0","method":"event","params":{{"subscriptionId":{sid},{}}}"#,
+            &body[1..]
+        )
+    }
+
+    fn body(&self, event: &Arc<Event>) -> Arc<str> {
+        if let Some((_, text)) = lock(&self.recent)
+            .iter()
+            .find(|(e, _)| Arc::ptr_eq(e, event))
+        {
+            return text.clone();
+        }
+        let text: Arc<str> =
+            json!({ "type": event.kind, "at": event.at.as_millis(), "data": event.data })
+                .to_string()
+                .into();
+        let mut recent = lock(&self.recent);
+        if recent.len() >= EVENT_TEXTS {
+            recent.pop_front();
+        }
+        recent.push_back((event.clone(), text.clone()));
+        text
+    }
 }
 
 /// One WebSocket.
@@ -114,7 +160,12 @@ impl Socket {
 
     /// Queues `value` for the writer; `false` if the queue is full.
     fn send(&self, value: &Value) -> bool {
-        self.out.try_send(Outgoing::Text(value.to_string())).is_ok()
+        self.send_text(value.to_string())
+    }
+
+    /// Queues a message already serialised; `false` if the queue is full.
+    fn send_text(&self, text: String) -> bool {
+        self.out.try_send(Outgoing::Text(text)).is_ok()
     }
 
     /// Closes the socket with `code` (the writer sends the close frame).
@@ -369,6 +420,7 @@ impl Shared {
         let mut tasks = Vec::new();
         for mut sub in subs {
             let (sock, sid) = (Arc::downgrade(socket), id.clone());
+            let texts = self.event_texts.clone();
             let task = tokio::spawn(async move {
                 // Events of this subscription dropped and not yet told.
                 let mut missed = 0u64;
@@ -376,11 +428,8 @@ impl Shared {
                     let Some(socket) = sock.upgrade() else { return };
                     let missed_here = match r {
                         Received::Event(e) => {
-                            let note = rpc::notification(
-                                "event",
-                                json!({ "subscriptionId": sid, "type": e.kind, "at": e.at.as_millis(), "data": e.data }),
-                            );
-                            if socket.send(&note) { 0 } else { 1 }
+                            let note = texts.notification(&sid, &e);
+                            if socket.send_text(note) { 0 } else { 1 }
                         }
                         Received::Lagged { missed } => missed,
                     };
@@ -541,6 +590,7 @@ pub(crate) fn router(
         per_ip: Mutex::new(HashMap::new()),
         total: AtomicUsize::new(0),
         local,
+        event_texts: Arc::default(),
     });
     let app = Router::new()
         .route("/rpc", get(upgrade))
@@ -743,11 +793,16 @@ async fn run(shared: Arc<Shared>, ws: WebSocket, ip: IpAddr, principal: Principa
             };
             match next {
                 Some(Outgoing::Text(t)) => {
-                    // A client that does not read is not waited for long.
-                    let sent = tokio::time::timeout(
-                        WRITE_TIMEOUT,
-                        sink.send(Message::Text(Utf8Bytes::from(t))),
-                    )
+                    // Whatever else is queued by now goes out in the same
+                    // write (one flush, not one per message). A client that
+                    // does not read is not waited for long.
+                    let sent = tokio::time::timeout(WRITE_TIMEOUT, async {
+                        sink.feed(Message::Text(Utf8Bytes::from(t))).await?;
+                        while let Ok(Outgoing::Text(more)) = queued.try_recv() {
+                            sink.feed(Message::Text(Utf8Bytes::from(more))).await?;
+                        }
+                        sink.flush().await
+                    })
                     .await;
                     if !matches!(sent, Ok(Ok(()))) {
                         return;
@@ -898,4 +953,43 @@ fn futures_split(
     futures_util::stream::SplitStream<WebSocket>,
 ) {
     ws.split()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_notification_is_serialised_once_and_reads_as_the_plain_one() {
+        let texts = EventTexts::default();
+        let event = Arc::new(Event {
+            kind: "device.heartbeat".into(),
+            at: Timestamp::from_millis(1_796_000_000_123),
+            data: json!({"node": "n\"1", "score": 97, "text": "é{}"}),
+        });
+        let a = texts.notification("s1", &event);
+        let b = texts.notification("s2", &event);
+        let plain = |sid: &str| {
+            rpc::notification(
+                "event",
+                json!({ "subscriptionId": sid, "type": event.kind, "at": event.at.as_millis(), "data": event.data }),
+            )
+        };
+        assert_eq!(serde_json::from_str::<Value>(&a).unwrap(), plain("s1"));
+        assert_eq!(serde_json::from_str::<Value>(&b).unwrap(), plain("s2"));
+        assert_eq!(lock(&texts.recent).len(), 1, "serialised once");
+        // A different event with equal contents is another entry.
+        let twin = Arc::new((*event).clone());
+        texts.notification("s1", &twin);
+        assert_eq!(lock(&texts.recent).len(), 2);
+        for i in 0..(EVENT_TEXTS as u64 * 2) {
+            let e = Arc::new(Event {
+                kind: "x.y".into(),
+                at: Timestamp::from_millis(i),
+                data: Value::Null,
+            });
+            texts.notification("s1", &e);
+        }
+        assert_eq!(lock(&texts.recent).len(), EVENT_TEXTS, "bounded");
+    }
 }

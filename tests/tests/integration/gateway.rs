@@ -22,8 +22,11 @@ use crate::node_e2e::{Primary, pair, primary_built, worker};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// A byte stream a WebSocket runs over: TCP, or TLS over TCP.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
 
 /// A client: numbered requests, answers matched by id, notifications kept.
 struct Client {
@@ -44,7 +47,11 @@ impl Client {
                 tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
             req.headers_mut().insert(name, v.parse().unwrap());
         }
-        let connected = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let io: Box<dyn Io> = Box::new(tcp);
+        let connected = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, io))
             .await
             .map_err(|_| "the upgrade got no answer".to_owned())?;
         match connected {
@@ -302,6 +309,13 @@ async fn admin_methods_errors_and_live_events() {
         .await;
     assert_eq!(online["params"]["subscriptionId"], json!(sid));
     assert!(online["params"]["at"].as_u64().unwrap() > 0);
+    // Every heartbeat is an event, with the score it left.
+    let beat = c
+        .note("event", |p| {
+            p["type"] == "device.heartbeat" && p["data"]["node"] == json!(wid)
+        })
+        .await;
+    assert!(beat["params"]["data"]["score"].as_u64().is_some(), "{beat}");
 
     let list = c.ok("devices.list", json!({})).await;
     let d = &list["devices"][0];
@@ -336,13 +350,44 @@ async fn admin_methods_errors_and_live_events() {
         .ok("devices.command", json!({"deviceId": wid, "command": "run_action", "args": {"action": "backup", "args": {"path": "/x"}}}))
         .await;
     assert_eq!(ran["result"]["backed_up"], "/x");
-    let (code, _) = c
+    let (code, e) = c
         .code(
             "devices.command",
             json!({"deviceId": wid, "command": "reboot"}),
         )
         .await;
-    assert_eq!(code, rpc::INVALID_PARAMS);
+    assert_eq!(
+        (code, e["data"]["field"].as_str()),
+        (rpc::INVALID_PARAMS, Some("command"))
+    );
+    // config reaches the worker's own settings (and says so on its bus).
+    let mut configured = w.subscribe("config.updated", 4).unwrap();
+    let set = c
+        .ok(
+            "devices.command",
+            json!({"deviceId": wid, "command": "config", "args": {"key": "upload.limit", "value": 5}}),
+        )
+        .await;
+    assert_eq!(set["success"], true);
+    match tokio::time::timeout(WAIT, configured.recv()).await {
+        Ok(Some(mesh_core::events::Received::Event(e))) => {
+            assert_eq!(
+                (e.data["key"].as_str(), e.data["value"].as_i64()),
+                (Some("upload.limit"), Some(5))
+            );
+        }
+        other => panic!("the worker did not apply the setting: {other:?}"),
+    }
+    let (code, e) = c
+        .code(
+            "devices.command",
+            json!({"deviceId": wid, "command": "config", "args": {"value": 5}}),
+        )
+        .await;
+    assert_eq!(
+        (code, e["data"]["field"].as_str()),
+        (rpc::INVALID_PARAMS, Some("args.key"))
+    );
 
     // History: the heartbeats so far, as stored.
     let mut samples = 0;
@@ -424,6 +469,38 @@ async fn admin_methods_errors_and_live_events() {
     assert_eq!(done["action"]["state"], "executed", "{done}");
     let (code, _) = c.code("actions.approve", json!({"actionId": action})).await;
     assert_ne!(code, 0);
+    // A second one is rejected with a reason, and stays rejected.
+    let denied = w
+        .send_command("notes.write", json!({"text": "again"}))
+        .await;
+    assert!(denied.is_err(), "needs approval");
+    let proposed = c.ok("actions.list", json!({"state": "proposed"})).await;
+    let second = proposed["actions"][0]["id"].as_str().unwrap().to_owned();
+    assert_ne!(second, action);
+    let rejected = c
+        .ok(
+            "actions.reject",
+            json!({"actionId": second, "reason": "not today"}),
+        )
+        .await;
+    assert_eq!(
+        (
+            rejected["success"].as_bool(),
+            rejected["action"]["state"].as_str()
+        ),
+        (Some(true), Some("rejected")),
+        "{rejected}"
+    );
+    assert_eq!(rejected["action"]["error"], "not today");
+    let listed = c.ok("actions.list", json!({"state": "rejected"})).await;
+    assert_eq!(listed["actions"][0]["id"], json!(second));
+    let (code, _) = c.code("actions.approve", json!({"actionId": second})).await;
+    assert_ne!(code, 0, "a rejected action cannot be approved");
+    let (code, e) = c.code("actions.reject", json!({})).await;
+    assert_eq!(
+        (code, e["data"]["field"].as_str()),
+        (rpc::INVALID_PARAMS, Some("actionId"))
+    );
     let (code, _) = c.code("actions.list", json!({"state": "sideways"})).await;
     assert_eq!(code, rpc::INVALID_PARAMS);
 
@@ -880,5 +957,167 @@ async fn origins_connection_limits_and_tls_rules() {
         }
         other => panic!("expected a TLS error, got {other:?}"),
     }
+    s.p.node.shutdown().await;
+}
+
+/// A subscriber that stops reading is dropped events, told how many with
+/// `event.lagged` (exactly: what it got plus what it was told it missed is
+/// what was published), and the publisher is never held up by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_does_not_read_is_told_what_it_missed() {
+    let s = setup(|c| c).await;
+    let addr = s.gateway.local_addr();
+    let mut slow = Client::open(addr).await;
+    slow.ok("auth.login", json!({"token": s.admin})).await;
+    slow.ok("events.subscribe", json!({"patterns": ["device.event"]}))
+        .await;
+    let mut publisher = Client::open(addr).await;
+    publisher.ok("auth.login", json!({"token": s.admin})).await;
+    // 4,000 events of 8 KiB (32 MiB): more than the socket's queue and
+    // loopback's buffers hold while `slow` reads nothing. Batches of 50.
+    let pad = "p".repeat(8 * 1024);
+    let total = 4_000u64;
+    for batch in 0..total / 50 {
+        let calls: Vec<Value> = (0..50)
+            .map(|i| {
+                let n = batch * 50 + i;
+                json!({"jsonrpc": "2.0", "id": n, "method": "events.publish",
+                       "params": {"type": "flood.item", "data": {"n": n, "pad": pad}}})
+            })
+            .collect();
+        publisher.send_text(Value::Array(calls).to_string()).await;
+        let answers = publisher.answer().await;
+        let answers = answers.as_array().unwrap();
+        assert_eq!(answers.len(), 50);
+        assert!(
+            answers.iter().all(|a| a["result"]["success"] == true),
+            "a publish failed: {answers:?}"
+        );
+    }
+    // One more, after which any missed count still owed is told.
+    publisher
+        .ok("events.publish", json!({"type": "flood.end", "data": {}}))
+        .await;
+    let (mut got, mut missed, mut ended) = (0u64, 0u64, false);
+    while got + missed < total + 1 || !ended {
+        let m = tokio::time::timeout(WAIT, slow.ws.next())
+            .await
+            .expect("the slow subscriber's socket keeps going")
+            .expect("open")
+            .expect("a message");
+        let Message::Text(t) = m else { continue };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        match v["method"].as_str() {
+            Some("event") => {
+                got += 1;
+                if v["params"]["data"]["kind"] == "flood.end" {
+                    ended = true;
+                }
+            }
+            Some("event.lagged") => missed += v["params"]["missed"].as_u64().unwrap(),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        got + missed,
+        total + 1,
+        "every event is delivered or counted"
+    );
+    assert!(missed > 0, "the flood overflowed the queue (got {got})");
+    // The socket is still usable.
+    assert_eq!(
+        slow.ok("gateway.info", json!({})).await["nodeId"],
+        json!(s.p.node.node_id().to_string())
+    );
+    s.p.node.shutdown().await;
+}
+
+/// With a certificate the gateway speaks TLS only: a wss client that
+/// trusts the certificate signs in; plain ws on the same port gets nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_gateway_serves_wss() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            // A server certificate, not a CA (rustls refuses a CA as the
+            // end entity).
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (Debian's openssl package; .ci/run installs it)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let files = mesh_transport::gateway::TlsFiles {
+        cert: cert.clone(),
+        key,
+    };
+    let s = setup(|c| c.tls(files)).await;
+    let addr = s.gateway.local_addr();
+
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(&cert).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("the TLS handshake");
+    let url = format!("wss://localhost:{}/rpc", addr.port());
+    let io: Box<dyn Io> = Box::new(tls);
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, io))
+        .await
+        .unwrap()
+        .expect("the upgrade over TLS");
+    let mut c = Client {
+        ws,
+        next: 1,
+        notes: Vec::new(),
+    };
+    assert_eq!(
+        c.ok("auth.login", json!({"token": s.admin})).await["principal"],
+        "admin"
+    );
+    assert!(c.ok("devices.list", json!({})).await["devices"].is_array());
+
+    // Plain WebSocket to the TLS port: no upgrade.
+    assert!(Client::open_with(addr, &[]).await.is_err());
     s.p.node.shutdown().await;
 }

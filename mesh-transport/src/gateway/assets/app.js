@@ -94,7 +94,20 @@ function handle(msg) {
   if (msg.method === "event.lagged") return loadAll();
 }
 
+// A heartbeat (one per device every few seconds) updates its row in place:
+// no reload, and it stays out of the feed.
+function onHeartbeat(ev) {
+  const id = ev.data && ev.data.node;
+  const tr = id && document.querySelector('#devices tbody tr[data-id="' + CSS.escape(id) + '"]');
+  if (!tr) return soon("devices", loadDevices);
+  const score = ev.data.score;
+  tr.children[3].textContent = score ?? "–";
+  tr.children[3].className = "score " + band(score);
+  tr.children[4].textContent = ago(ev.at);
+}
+
 function onEvent(ev) {
+  if (ev.type === "device.heartbeat") return onHeartbeat(ev);
   const feed = $("#events");
   const li = el("li", new Date(ev.at).toLocaleTimeString() + "  " + ev.type + "  " + JSON.stringify(ev.data));
   feed.prepend(li);
