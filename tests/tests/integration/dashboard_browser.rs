@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
+use mesh_core::storage::StorageExt;
 use mesh_policy::runtime::RuntimePolicy;
 use mesh_transport::gateway::{Gateway, GatewayConfig};
 use serde_json::json;
@@ -140,7 +141,11 @@ async fn until(c: &Client, what: &str, script: &str) {
 async fn the_dashboard_signs_in_shows_devices_live_approves_by_code_and_draws_health() {
     let store: Arc<dyn mesh_core::storage::Storage> =
         Arc::new(mesh_core::storage::MemoryStorage::new());
-    let (p, _ledger) = primary_built(store, |c| c, |b| b.policy(Arc::new(RuntimePolicy::new())));
+    let (p, _ledger) = primary_built(
+        store.clone(),
+        |c| c,
+        |b| b.policy(Arc::new(RuntimePolicy::new())),
+    );
     let dir = tempfile::tempdir().unwrap();
     let gateway = Gateway::start(
         p.node.clone(),
@@ -196,6 +201,20 @@ async fn the_dashboard_signs_in_shows_devices_live_approves_by_code_and_draws_he
     // without a reload.
     let (laptop, _) = worker("laptop");
     pair(&p, &laptop, false).await;
+    // The hour before, as the primary's health tick stores it (one sample
+    // a minute here): the test lasts seconds, the chart shows an hour.
+    let now = p.node.now().as_millis();
+    for k in 1..=59u64 {
+        let sample = mesh_core::storage::records::HealthSample {
+            node: laptop.node_id(),
+            at: mesh_core::clock::Timestamp::from_millis(now - k * 60_000),
+            score: 60 + ((k * 7) % 41) as u8,
+            latency_ms: Some(5.0 + (k % 12) as f64 * 6.0),
+            battery_percent: Some(80.0),
+            memory_percent: Some(40.0),
+        };
+        store.save(&sample).unwrap();
+    }
     until(
         &c,
         "the laptop online",
@@ -262,7 +281,7 @@ async fn the_dashboard_signs_in_shows_devices_live_approves_by_code_and_draws_he
     until(
         &c,
         "the health chart drawn",
-        "Number(document.querySelector('#chart').dataset.points || 0) > 0",
+        "Number(document.querySelector('#chart').dataset.points || 0) >= 59",
     )
     .await;
     shot(&c, "4-device-health.png").await;
