@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
+use mesh_benches::{percentile, process_cpu_ms, rss_kib};
 use mesh_core::events::{Received, kinds};
 use mesh_core::identity::{NodeId, NodeKey};
 use mesh_core::limits::Rate;
@@ -67,40 +68,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// This process's resident set, KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
-/// This process's CPU time (user + system), milliseconds.
-fn cpu_ms() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-        return 0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    ticks * 10
 }
 
 // ---------------------------------------------------------------- the child
@@ -370,9 +337,9 @@ async fn fanout(addr: SocketAddr, token: &str, clients: usize, window: Duration)
     // Let the sockets settle before reading memory.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let kib_per_client = rss_kib().saturating_sub(rss_before) as f64 / clients as f64;
-    let (t0, cpu0) = (now_ms(), cpu_ms());
+    let (t0, cpu0) = (now_ms(), process_cpu_ms());
     tokio::time::sleep(window).await;
-    let (t1, cpu) = (now_ms(), cpu_ms() - cpu0);
+    let (t1, cpu) = (now_ms(), process_cpu_ms() - cpu0);
     // Let the last events land.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = tokio::task::spawn_blocking(move || {
@@ -402,10 +369,10 @@ async fn rpc(addr: SocketAddr, token: &str, n: usize, seconds: u64, device: &Nod
 /// This process's CPU time per second over 5 s with nothing but the
 /// workers' heartbeats going on, ms.
 async fn idle_cpu_ms_per_s() -> f64 {
-    let cpu0 = cpu_ms();
+    let cpu0 = process_cpu_ms();
     let start = Instant::now();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    (cpu_ms() - cpu0) as f64 / start.elapsed().as_secs_f64()
+    (process_cpu_ms() - cpu0) as f64 / start.elapsed().as_secs_f64()
 }
 
 /// Events of `published` in the window.
@@ -454,8 +421,9 @@ fn summarise(name: &str, run: &FanOut, expected: u64) -> (f64, u64, u64, bool) {
 /// The bare WebSocket server: answers every request with `result`, and
 /// sends every message of `feed` to every socket. Shaped like the gateway
 /// (a reader task and a writer task per socket, answers queued to the
-/// writer) without anything above the socket: no JSON-RPC dispatch, no
-/// runtime, one pre-serialised text for everyone.
+/// writer, what is ready written with one flush) without anything above
+/// the socket: no JSON-RPC dispatch, no runtime, one pre-serialised text
+/// for everyone.
 async fn bare_server(result: Value, feed: tokio::sync::broadcast::Sender<Arc<str>>) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -481,7 +449,7 @@ async fn bare_server(result: Value, feed: tokio::sync::broadcast::Sender<Arc<str
                         }
                     }
                 });
-                loop {
+                'conn: loop {
                     let out = tokio::select! {
                         a = answered.recv() => match a {
                             Some(a) => a,
@@ -493,7 +461,24 @@ async fn bare_server(result: Value, feed: tokio::sync::broadcast::Sender<Arc<str
                             Err(_) => break,
                         },
                     };
-                    if sink.send(Message::Text(out.into())).await.is_err() {
+                    // As the gateway does: what else is ready (up to 64)
+                    // goes out with one flush.
+                    if sink.feed(Message::Text(out.into())).await.is_err() {
+                        break;
+                    }
+                    for _ in 1..64 {
+                        let more = match answered.try_recv() {
+                            Ok(a) => a,
+                            Err(_) => match events.try_recv() {
+                                Ok(text) => text.to_string(),
+                                Err(_) => break,
+                            },
+                        };
+                        if sink.feed(Message::Text(more.into())).await.is_err() {
+                            break 'conn;
+                        }
+                    }
+                    if sink.flush().await.is_err() {
                         break;
                     }
                 }

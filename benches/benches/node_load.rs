@@ -15,6 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mesh_benches::percentile;
 use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::events::{EventBus, Received};
 use mesh_core::health::{HealthConfig, HealthMonitor};
@@ -44,13 +45,6 @@ impl MetricsSource for Metrics {
             ..HealthMetrics::default()
         }
     }
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// The calling thread's Linux thread id.

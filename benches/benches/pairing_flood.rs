@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use mesh_benches::rss_kib;
 use mesh_core::clock::{Clock, SystemClock};
 use mesh_core::identity::NodeKey;
 use mesh_core::node::{Node, NodeConfig, RegistryAdmission, Role};
@@ -41,20 +42,6 @@ fn quic_at(key: &Arc<NodeKey>, store: &Arc<dyn Storage>, at: &str) -> Arc<QuicTr
     let mut config = QuicConfig::default();
     config.handshake_timeout = Duration::from_millis(500);
     Arc::new(QuicTransport::bind(key.clone(), at.parse().unwrap(), admission, config).unwrap())
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {

@@ -13,14 +13,10 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use cedar_policy::{Authorizer, Entities};
+use mesh_benches::percentile;
 use policy_fixture::*;
 
 const CALLS: usize = 200_000;
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
-}
 
 /// Times `f` once per call, `calls` times; returns sorted nanoseconds.
 fn sample(calls: usize, mut f: impl FnMut(usize)) -> Vec<u64> {

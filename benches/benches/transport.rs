@@ -18,6 +18,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mesh_benches::percentile;
 use mesh_core::transport::{AdmitAll, Connection, Protocol, Transport};
 use mesh_transport::quic::{QuicTransport, raw};
 
@@ -98,10 +99,6 @@ async fn our_stream_transfer(total: usize) -> f64 {
     send.finish().await.unwrap();
     assert_eq!(receiver.await.unwrap(), total);
     start.elapsed().as_secs_f64()
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 async fn our_rtts(n: usize) -> Vec<Duration> {

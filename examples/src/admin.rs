@@ -117,6 +117,7 @@ fn node_error(e: NodeError) -> AdminError {
         NodeError::DeviceOffline(_) => "device_offline",
         NodeError::Timeout(_) => "timeout",
         NodeError::Unavailable(_) => "unavailable",
+        NodeError::NotFound(_) => "not_found",
         NodeError::Registry(_) | NodeError::Auth(_) => "registry",
         NodeError::Storage(_) => "storage",
         _ => "failed",

@@ -39,8 +39,9 @@ pub mod kinds {
     /// A device missed its heartbeats.
     pub const DEVICE_OFFLINE: &str = "device.offline";
     /// A device's heartbeat was taken (`node`, `score`): one per
-    /// heartbeat, so live views (the dashboard) need no polling. Busy:
-    /// subscribe to the kinds you need rather than `*` where that matters.
+    /// heartbeat (at most one per half heartbeat interval and device), so
+    /// live views (the dashboard) need no polling. Busy: subscribe to the
+    /// kinds you need rather than `*` where that matters.
     pub const DEVICE_HEARTBEAT: &str = "device.heartbeat";
     /// A device's health score fell below the threshold.
     pub const DEVICE_HEALTH_DEGRADED: &str = "device.health_degraded";

@@ -193,6 +193,7 @@ impl From<NodeError> for MeshError {
             NodeError::Auth(_) => MeshError::Unauthorized { detail },
             NodeError::Timeout(_) => MeshError::Timeout { detail },
             NodeError::Unavailable(_) | NodeError::Events(_) => MeshError::Unavailable { detail },
+            NodeError::NotFound(_) => MeshError::NotFound { detail },
             NodeError::Policy(_) | NodeError::Protocol(_) => MeshError::InvalidInput { detail },
             NodeError::Storage(_) | NodeError::Identity(_) | NodeError::DataDir { .. } => {
                 MeshError::Storage { detail }

@@ -154,6 +154,8 @@ pub struct DeviceHealth {
     score: Option<u8>,
     error_count: u64,
     last_error: Option<(String, Timestamp)>,
+    /// When this device's last `device.heartbeat` event went out.
+    beat_published: Option<Timestamp>,
 }
 
 impl DeviceHealth {
@@ -308,14 +310,26 @@ impl HealthMonitor {
             );
         }
         let score = device.score();
+        // One heartbeat event per half interval at most: a device that
+        // beats faster (a page calling `devices.update_health` in a loop)
+        // cannot flood every subscriber.
+        let min_gap = (self.config.detector.expected_interval_ms / 2.0) as u64;
+        let beat_due = device
+            .beat_published
+            .is_none_or(|t| now.as_millis().saturating_sub(t.as_millis()) >= min_gap);
+        if beat_due {
+            device.beat_published = Some(now);
+        }
         for e in events {
             self.publish(node, now, e);
         }
-        self.events.publish(
-            kinds::DEVICE_HEARTBEAT,
-            now,
-            json!({ "node": node.to_string(), "score": score }),
-        );
+        if beat_due {
+            self.events.publish(
+                kinds::DEVICE_HEARTBEAT,
+                now,
+                json!({ "node": node.to_string(), "score": score }),
+            );
+        }
         Ok(())
     }
 

@@ -160,3 +160,35 @@ fn monitor_publishes_events_and_persists_rows_in_one_batch() {
         HealthStatus::Healthy
     );
 }
+
+#[test]
+fn a_heartbeat_event_per_heartbeat_but_at_most_one_per_half_interval() {
+    let events = EventBus::new();
+    let mut beats = events.subscribe("device.heartbeat", 256).unwrap();
+    let store: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let mut mon = HealthMonitor::new(
+        HealthConfig::for_interval(Duration::from_secs(1)),
+        events,
+        store,
+    );
+    let node = NodeKey::from_secret_bytes(&[9; 32]).node_id();
+    let count = |sub: &mut crate::events::Subscription| {
+        let mut n = 0;
+        while let Some(Received::Event(e)) = sub.try_recv() {
+            assert_eq!(e.data["node"], node.to_string());
+            assert_eq!(e.data["score"], 100);
+            n += 1;
+        }
+        n
+    };
+    // At the interval: every heartbeat is an event.
+    for t in 0..5 {
+        mon.ingest(node, at(t * 1000), &metrics(100)).unwrap();
+    }
+    assert_eq!(count(&mut beats), 5);
+    // A device reporting every 10 ms for a second: two events (500 ms apart).
+    for t in 0..100 {
+        mon.ingest(node, at(5000 + t * 10), &metrics(100)).unwrap();
+    }
+    assert_eq!(count(&mut beats), 2);
+}

@@ -394,7 +394,7 @@ impl Primary {
         let action: ActionRecord = inner
             .store
             .load(id)?
-            .ok_or_else(|| NodeError::Unavailable(format!("no action {id}")))?;
+            .ok_or_else(|| NodeError::NotFound(format!("no action {id}")))?;
         if action.state != ActionState::Proposed {
             return Err(NodeError::Unavailable(format!(
                 "action {id} is {}, not proposed",

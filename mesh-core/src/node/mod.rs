@@ -594,6 +594,9 @@ pub enum NodeError {
     /// This operation belongs to the other role, or needs pairing first.
     #[error("not available: {0}")]
     Unavailable(String),
+    /// No such thing on this node (an action id, …).
+    #[error("not found: {0}")]
+    NotFound(String),
     /// The peer broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),

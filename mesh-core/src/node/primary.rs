@@ -1268,36 +1268,49 @@ impl Primary {
 
     /// Revokes a device: its session closes now and it is refused from now on.
     pub async fn revoke(&self, device: &NodeId) -> Result<(), NodeError> {
-        let inner = &self.rt;
-        // The registry writes (SQLite, the ledger) on a blocking thread.
-        let (registry, node, now) = (inner.registry.clone(), *device, inner.now());
-        tokio::task::spawn_blocking(move || registry.revoke(&node, now))
-            .await
-            .map_err(|e| NodeError::Unavailable(format!("revoke did not finish: {e}")))??;
-        inner.guards.forget(device);
-        cancel_commands(inner, device);
-        lock(&inner.primary.power).remove(device);
-        lock(&inner.primary.rates).remove(device);
-        end_session(inner, device, ByeReason::Revoked).await;
-        super::actions::void_actions(inner, device, "revoked").await?;
-        Ok(())
+        self.cut_off(*device, true).await
     }
 
     /// Unpairs a device: its session closes now and its record is removed.
     pub async fn unpair(&self, device: &NodeId) -> Result<(), NodeError> {
-        let inner = &self.rt;
-        // The registry writes (SQLite, the ledger) on a blocking thread.
-        let (registry, node, now) = (inner.registry.clone(), *device, inner.now());
-        tokio::task::spawn_blocking(move || registry.unpair(&node, now))
+        self.cut_off(*device, false).await
+    }
+
+    /// Revokes (`revoke`) or unpairs a device, in a task of its own that
+    /// runs to the end even if the caller stops waiting (a dashboard tab
+    /// closed, a coroutine cancelled): half done, the registry would refuse
+    /// the device while its session, commands and actions lived on.
+    async fn cut_off(&self, device: NodeId, revoke: bool) -> Result<(), NodeError> {
+        let rt = self.rt.clone();
+        let task = tokio::spawn(async move {
+            let inner = &rt;
+            // The registry writes (SQLite, the ledger) on a blocking thread.
+            let (registry, now) = (inner.registry.clone(), inner.now());
+            tokio::task::spawn_blocking(move || {
+                if revoke {
+                    registry.revoke(&device, now)
+                } else {
+                    registry.unpair(&device, now)
+                }
+            })
             .await
-            .map_err(|e| NodeError::Unavailable(format!("unpair did not finish: {e}")))??;
-        inner.guards.forget(device);
-        cancel_commands(inner, device);
-        lock(&inner.primary.power).remove(device);
-        lock(&inner.primary.rates).remove(device);
-        end_session(inner, device, ByeReason::Unpaired).await;
-        super::actions::void_actions(inner, device, "unpaired").await?;
-        Ok(())
+            .map_err(|e| NodeError::Unavailable(format!("the registry write failed: {e}")))??;
+            inner.guards.forget(&device);
+            cancel_commands(inner, &device);
+            lock(&inner.primary.power).remove(&device);
+            lock(&inner.primary.rates).remove(&device);
+            let (reason, why) = if revoke {
+                (ByeReason::Revoked, "revoked")
+            } else {
+                (ByeReason::Unpaired, "unpaired")
+            };
+            end_session(inner, &device, reason).await;
+            super::actions::void_actions(inner, &device, why).await?;
+            Ok(())
+        });
+        task.await.map_err(|e| {
+            NodeError::Unavailable(format!("cutting off {device} did not finish: {e}"))
+        })?
     }
 
     /// The metrics `device` reported in its latest heartbeat (battery,

@@ -81,8 +81,7 @@ impl AdminToken {
         };
         Ok(AdminToken {
             path: path.to_owned(),
-            // (An editor's trailing newline is not part of the token.)
-            hash: Mutex::new(hash(text.trim())),
+            hash: Mutex::new(hash(&text)),
             generation: std::sync::atomic::AtomicU64::new(0),
         })
     }

@@ -167,9 +167,7 @@ pub(crate) fn node_error(e: NodeError) -> RpcError {
         NodeError::Command { code, message } => {
             RpcError::new(rpc::UNAVAILABLE, message).with_data(json!({ "code": code }))
         }
-        _ if message.contains("not found") || message.contains("no action") => {
-            RpcError::new(rpc::NOT_FOUND, message)
-        }
+        NodeError::NotFound(_) => RpcError::new(rpc::NOT_FOUND, message),
         _ => RpcError::new(rpc::INTERNAL_ERROR, message),
     }
 }
@@ -923,5 +921,9 @@ mod tests {
         let e = node_error(command("handler_failed"));
         assert_eq!(e.code, rpc::UNAVAILABLE);
         assert_eq!(node_error(command("unknown_action")).code, rpc::NOT_FOUND);
+        assert_eq!(
+            node_error(NodeError::NotFound("no action a1".into())).code,
+            rpc::NOT_FOUND
+        );
     }
 }

@@ -45,6 +45,8 @@ const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 /// A write the client does not take within this closes the socket.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Queued messages written with one flush, at most.
+const WRITE_BATCH: usize = 64;
 /// An anonymous socket that neither signs in nor asks to pair within this
 /// is closed.
 const ANONYMOUS_GRACE: Duration = Duration::from_secs(60);
@@ -70,18 +72,29 @@ pub(crate) struct Shared {
     total: AtomicUsize,
     local: SocketAddr,
     event_texts: Arc<EventTexts>,
+    /// Counts the device changes the watcher acted on: a socket whose
+    /// device token was checked before a change and registered after it
+    /// (so the watcher could not see it) is checked again.
+    standing: AtomicU64,
 }
 
-/// How many recent events keep their serialised form.
-const EVENT_TEXTS: usize = 64;
+/// How many recent events keep their serialised form: as many as a
+/// subscription buffers, so a subscriber that is behind still finds them.
+const EVENT_TEXTS: usize = EVENT_BUFFER;
 
 /// The serialised body of recent events, shared by every subscription: an
 /// event going to a thousand sockets is serialised once, not a thousand
-/// times. Keyed by the event's allocation (each holds its `Arc`, so an
-/// address is never reused while it is here).
+/// times. Keyed by the event's allocation (each entry holds its `Arc`, so
+/// an address is never reused while it is here); the oldest goes first.
 #[derive(Default)]
 struct EventTexts {
-    recent: Mutex<std::collections::VecDeque<(Arc<Event>, Arc<str>)>>,
+    recent: Mutex<RecentTexts>,
+}
+
+#[derive(Default)]
+struct RecentTexts {
+    by_event: HashMap<usize, (Arc<Event>, Arc<str>)>,
+    order: std::collections::VecDeque<usize>,
 }
 
 impl EventTexts {
@@ -98,21 +111,27 @@ impl EventTexts {
     }
 
     fn body(&self, event: &Arc<Event>) -> Arc<str> {
-        if let Some((_, text)) = lock(&self.recent)
-            .iter()
-            .find(|(e, _)| Arc::ptr_eq(e, event))
-        {
+        let key = Arc::as_ptr(event) as usize;
+        if let Some((_, text)) = lock(&self.recent).by_event.get(&key) {
             return text.clone();
         }
+        // Serialised outside the lock; if another subscriber got there
+        // first, its text is kept.
         let text: Arc<str> =
             json!({ "type": event.kind, "at": event.at.as_millis(), "data": event.data })
                 .to_string()
                 .into();
         let mut recent = lock(&self.recent);
-        if recent.len() >= EVENT_TEXTS {
-            recent.pop_front();
+        if let Some((_, first)) = recent.by_event.get(&key) {
+            return first.clone();
         }
-        recent.push_back((event.clone(), text.clone()));
+        if recent.order.len() >= EVENT_TEXTS
+            && let Some(oldest) = recent.order.pop_front()
+        {
+            recent.by_event.remove(&oldest);
+        }
+        recent.order.push_back(key);
+        recent.by_event.insert(key, (event.clone(), text.clone()));
         text
     }
 }
@@ -209,6 +228,7 @@ impl Shared {
 
     /// `auth.login`: the admin token, or a web remote's token.
     pub(crate) async fn login(&self, socket: &Socket, token: &str) -> Result<Value, RpcError> {
+        let standing = self.standing.load(Ordering::SeqCst);
         let principal = match self.principal_for(token).await {
             Ok(p) => p,
             Err(e) => {
@@ -232,7 +252,32 @@ impl Shared {
             Principal::Anonymous => json!({ "principal": "anonymous" }),
         };
         self.set_principal(socket, principal);
+        self.recheck(socket, standing).await;
         Ok(answer)
+    }
+
+    /// If a device changed since `standing` was read (before the socket's
+    /// token was checked), checks the socket's device token again and
+    /// closes the socket if it no longer holds: the watcher closes only
+    /// the sockets it can see, and this one may not have been there yet.
+    async fn recheck(&self, socket: &Socket, standing: u64) {
+        if self.standing.load(Ordering::SeqCst) == standing {
+            return;
+        }
+        let Principal::Device { node, token } = socket.principal() else {
+            return;
+        };
+        let primary = self.primary.clone();
+        let valid = tokio::task::spawn_blocking(move || {
+            primary
+                .authenticate_token(&token, mesh_core::registry::scopes::PRESENCE_WRITE)
+                .is_ok_and(|d| d.node == node)
+        })
+        .await
+        .unwrap_or(false);
+        if !valid {
+            socket.close(CLOSE_POLICY, "the device's token is no longer valid");
+        }
     }
 
     async fn principal_for(&self, token: &str) -> Result<Principal, RpcError> {
@@ -421,28 +466,50 @@ impl Shared {
         for mut sub in subs {
             let (sock, sid) = (Arc::downgrade(socket), id.clone());
             let texts = self.event_texts.clone();
+            // For waiting until the queue has room for a lag notice (the
+            // writer's end closes when the socket ends).
+            let out = socket.out.clone();
             let task = tokio::spawn(async move {
                 // Events of this subscription dropped and not yet told.
                 let mut missed = 0u64;
-                while let Some(r) = sub.recv().await {
+                loop {
+                    // With a count owed, whichever comes first: room in the
+                    // queue (the notice goes now, even if no event follows)
+                    // or the next event.
+                    let r = if missed > 0 {
+                        tokio::select! {
+                            biased;
+                            room = out.reserve() => {
+                                let Ok(permit) = room else { return };
+                                let note = rpc::notification(
+                                    "event.lagged",
+                                    json!({ "subscriptionId": sid, "missed": missed }),
+                                );
+                                permit.send(Outgoing::Text(note.to_string()));
+                                if let Some(socket) = sock.upgrade() {
+                                    socket.lagged.fetch_add(missed, Ordering::Relaxed);
+                                }
+                                missed = 0;
+                                continue;
+                            }
+                            r = sub.recv() => r,
+                        }
+                    } else {
+                        sub.recv().await
+                    };
+                    let Some(r) = r else { return };
                     let Some(socket) = sock.upgrade() else { return };
-                    let missed_here = match r {
+                    match r {
+                        // Nothing overtakes a notice still owed: while one
+                        // is, events count as missed.
+                        Received::Event(_) if missed > 0 => missed += 1,
                         Received::Event(e) => {
                             let note = texts.notification(&sid, &e);
-                            if socket.send_text(note) { 0 } else { 1 }
+                            if !socket.send_text(note) {
+                                missed += 1;
+                            }
                         }
-                        Received::Lagged { missed } => missed,
-                    };
-                    missed += missed_here;
-                    if missed > 0 {
-                        let note = rpc::notification(
-                            "event.lagged",
-                            json!({ "subscriptionId": sid, "missed": missed }),
-                        );
-                        if socket.send(&note) {
-                            socket.lagged.fetch_add(missed, Ordering::Relaxed);
-                            missed = 0;
-                        }
+                        Received::Lagged { missed: m } => missed += m,
                     }
                 }
             });
@@ -591,6 +658,7 @@ pub(crate) fn router(
         total: AtomicUsize::new(0),
         local,
         event_texts: Arc::default(),
+        standing: AtomicU64::new(0),
     });
     let app = Router::new()
         .route("/rpc", get(upgrade))
@@ -619,6 +687,9 @@ pub(crate) fn watch_devices(shared: &Arc<Shared>) -> Option<tokio::task::JoinHan
         let mut merged = futures_merge(subs);
         while let Some((kind, node)) = merged.recv().await {
             let Some(shared) = weak.upgrade() else { return };
+            // Counted before closing: a socket registered after the loop
+            // below sees the change and checks itself again.
+            shared.standing.fetch_add(1, Ordering::SeqCst);
             if let Some(node) = node {
                 let why = match kind {
                     k if k == kinds::DEVICE_REVOKED => "revoked",
@@ -762,6 +833,7 @@ async fn upgrade(
     let Some(slot) = Slot::take(&shared, peer.ip()) else {
         return (StatusCode::TOO_MANY_REQUESTS, "too many connections").into_response();
     };
+    let standing = shared.standing.load(Ordering::SeqCst);
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
@@ -776,53 +848,74 @@ async fn upgrade(
     };
     ws.max_message_size(MAX_MESSAGE + 1)
         .max_frame_size(MAX_MESSAGE + 1)
-        .on_upgrade(move |socket| run(shared, socket, peer.ip(), principal, slot))
+        .on_upgrade(move |socket| run(shared, socket, peer.ip(), principal, standing, slot))
 }
 
-async fn run(shared: Arc<Shared>, ws: WebSocket, ip: IpAddr, principal: Principal, slot: Slot) {
+async fn run(
+    shared: Arc<Shared>,
+    ws: WebSocket,
+    ip: IpAddr,
+    principal: Principal,
+    standing: u64,
+    slot: Slot,
+) {
     let (out, mut queued) = mpsc::channel(OUT_QUEUE);
     let socket = shared.new_socket(ip, out, principal);
     lock(&shared.sockets).insert(socket.id, socket.clone());
+    shared.recheck(&socket, standing).await;
     let (mut sink, mut stream) = futures_split(ws);
     let mut killed = socket.kill.subscribe();
+    // The writer: if it gives up on the client, the socket ends.
+    let closer = Arc::downgrade(&socket);
     let writer = tokio::spawn(async move {
         loop {
             let next = tokio::select! {
                 m = queued.recv() => m,
                 _ = killed.wait_for(Option::is_some) => None,
             };
-            match next {
-                Some(Outgoing::Text(t)) => {
-                    // Whatever else is queued by now goes out in the same
-                    // write (one flush, not one per message). A client that
-                    // does not read is not waited for long.
-                    let sent = tokio::time::timeout(WRITE_TIMEOUT, async {
-                        sink.feed(Message::Text(Utf8Bytes::from(t))).await?;
-                        while let Ok(Outgoing::Text(more)) = queued.try_recv() {
-                            sink.feed(Message::Text(Utf8Bytes::from(more))).await?;
+            if let Some(Outgoing::Text(t)) = next {
+                // What else is queued by now (up to a batch) goes out in
+                // the same write: one flush, not one per message.
+                let batch = async {
+                    sink.feed(Message::Text(Utf8Bytes::from(t))).await?;
+                    for _ in 1..WRITE_BATCH {
+                        let Ok(Outgoing::Text(more)) = queued.try_recv() else {
+                            break;
+                        };
+                        sink.feed(Message::Text(Utf8Bytes::from(more))).await?;
+                    }
+                    sink.flush().await
+                };
+                // A client that does not read is not waited for long, and
+                // a close goes ahead of what it has not read.
+                let sent = tokio::select! {
+                    s = tokio::time::timeout(WRITE_TIMEOUT, batch) => Some(s),
+                    _ = killed.wait_for(Option::is_some) => None,
+                };
+                match sent {
+                    Some(Ok(Ok(()))) => continue,
+                    Some(_) => {
+                        if let Some(socket) = closer.upgrade() {
+                            socket.close(1011, "the client stopped reading");
                         }
-                        sink.flush().await
-                    })
-                    .await;
-                    if !matches!(sent, Ok(Ok(()))) {
                         return;
                     }
-                }
-                None => {
-                    let close = killed.borrow().clone();
-                    let (code, reason) = close.unwrap_or((1000, String::new()));
-                    let frame = CloseFrame {
-                        code,
-                        reason: Utf8Bytes::from(reason),
-                    };
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        sink.send(Message::Close(Some(frame))),
-                    )
-                    .await;
-                    return;
+                    None => {}
                 }
             }
+            // Closing: with the code and reason whoever closed it gave.
+            let close = killed.borrow().clone();
+            let (code, reason) = close.unwrap_or((1000, String::new()));
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from(reason),
+            };
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                sink.send(Message::Close(Some(frame))),
+            )
+            .await;
+            return;
         }
     });
     let limit = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
@@ -977,11 +1070,11 @@ mod tests {
         };
         assert_eq!(serde_json::from_str::<Value>(&a).unwrap(), plain("s1"));
         assert_eq!(serde_json::from_str::<Value>(&b).unwrap(), plain("s2"));
-        assert_eq!(lock(&texts.recent).len(), 1, "serialised once");
+        assert_eq!(lock(&texts.recent).order.len(), 1, "serialised once");
         // A different event with equal contents is another entry.
         let twin = Arc::new((*event).clone());
         texts.notification("s1", &twin);
-        assert_eq!(lock(&texts.recent).len(), 2);
+        assert_eq!(lock(&texts.recent).order.len(), 2);
         for i in 0..(EVENT_TEXTS as u64 * 2) {
             let e = Arc::new(Event {
                 kind: "x.y".into(),
@@ -990,6 +1083,11 @@ mod tests {
             });
             texts.notification("s1", &e);
         }
-        assert_eq!(lock(&texts.recent).len(), EVENT_TEXTS, "bounded");
+        let recent = lock(&texts.recent);
+        assert_eq!(
+            (recent.order.len(), recent.by_event.len()),
+            (EVENT_TEXTS, EVENT_TEXTS),
+            "bounded"
+        );
     }
 }

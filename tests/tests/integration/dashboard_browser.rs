@@ -306,6 +306,17 @@ async fn the_dashboard_signs_in_shows_devices_live_approves_by_code_and_draws_he
     .await;
     shot(&c, "5-policy-error.png").await;
 
+    // On a phone's width: one column, nothing wider than the screen.
+    c.set_window_size(390, 844).await.unwrap();
+    until(
+        &c,
+        "the page fits a phone's width",
+        "window.innerWidth <= 400 && document.documentElement.scrollWidth <= window.innerWidth",
+    )
+    .await;
+    c.execute("window.scrollTo(0, 0)", vec![]).await.unwrap();
+    shot(&c, "6-phone.png").await;
+
     c.close().await.unwrap();
     drop(driver);
     laptop.shutdown().await;

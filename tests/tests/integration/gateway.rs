@@ -496,6 +496,10 @@ async fn admin_methods_errors_and_live_events() {
     assert_eq!(listed["actions"][0]["id"], json!(second));
     let (code, _) = c.code("actions.approve", json!({"actionId": second})).await;
     assert_ne!(code, 0, "a rejected action cannot be approved");
+    let (code, _) = c
+        .code("actions.approve", json!({"actionId": "no-such-action"}))
+        .await;
+    assert_eq!(code, rpc::NOT_FOUND);
     let (code, e) = c.code("actions.reject", json!({})).await;
     assert_eq!(
         (code, e["data"]["field"].as_str()),
@@ -552,13 +556,30 @@ async fn admin_methods_errors_and_live_events() {
             .all(|d| d["id"] != json!(wid))
     );
 
-    // Over 1 MiB: closed with 1009.
+    // Over 1 MiB: closed with 1009. The server closes as soon as it reads
+    // the frame's length; if the client is still writing then, TCP resets
+    // the connection and the close frame may be lost with it (a loaded
+    // machine): tried again on a new socket, and every code seen must be
+    // 1009.
     let big = format!(
         r#"{{"jsonrpc":"2.0","id":1,"method":"devices.list","params":{{"pad":"{}"}}}}"#,
         "x".repeat(1 << 20)
     );
-    c.send_text(big).await;
-    assert_eq!(c.closed(WAIT).await, Some(CloseCode::Size));
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let mut b = Client::open(addr).await;
+        b.ok("auth.login", json!({"token": s.admin})).await;
+        let _ = b.ws.send(Message::Text(big.clone().into())).await;
+        if let Some(code) = b.closed(WAIT).await {
+            codes.push(code);
+            break;
+        }
+    }
+    assert_eq!(
+        codes,
+        [CloseCode::Size],
+        "the close code of an oversized message"
+    );
     w.shutdown().await;
     s.p.node.shutdown().await;
 }
@@ -769,6 +790,8 @@ async fn a_web_remote_pairs_by_code_acts_within_its_scopes_and_is_cut_off_when_r
     let mut web_s = Client::open_with(addr, &[("authorization", &format!("Bearer {token}"))])
         .await
         .unwrap();
+    // (Answered: the gateway holds the socket now.)
+    assert!(web_s.ok("devices.list", json!({})).await["devices"].is_array());
     let dev: mesh_core::identity::NodeId = device.parse().unwrap();
     s.p.node
         .set_scopes(
@@ -994,12 +1017,14 @@ async fn a_subscriber_that_does_not_read_is_told_what_it_missed() {
             "a publish failed: {answers:?}"
         );
     }
-    // One more, after which any missed count still owed is told.
+    // One more: delivered or counted like the rest (the queue may still be
+    // full). Whatever is owed is told once `slow` reads, with no event
+    // after it needed.
     publisher
         .ok("events.publish", json!({"type": "flood.end", "data": {}}))
         .await;
-    let (mut got, mut missed, mut ended) = (0u64, 0u64, false);
-    while got + missed < total + 1 || !ended {
+    let (mut got, mut missed) = (0u64, 0u64);
+    while got + missed < total + 1 {
         let m = tokio::time::timeout(WAIT, slow.ws.next())
             .await
             .expect("the slow subscriber's socket keeps going")
@@ -1008,12 +1033,7 @@ async fn a_subscriber_that_does_not_read_is_told_what_it_missed() {
         let Message::Text(t) = m else { continue };
         let v: Value = serde_json::from_str(&t).unwrap();
         match v["method"].as_str() {
-            Some("event") => {
-                got += 1;
-                if v["params"]["data"]["kind"] == "flood.end" {
-                    ended = true;
-                }
-            }
+            Some("event") => got += 1,
             Some("event.lagged") => missed += v["params"]["missed"].as_u64().unwrap(),
             _ => {}
         }
@@ -1024,11 +1044,16 @@ async fn a_subscriber_that_does_not_read_is_told_what_it_missed() {
         "every event is delivered or counted"
     );
     assert!(missed > 0, "the flood overflowed the queue (got {got})");
-    // The socket is still usable.
-    assert_eq!(
-        slow.ok("gateway.info", json!({})).await["nodeId"],
-        json!(s.p.node.node_id().to_string())
+    // Nothing more is owed or sent: the next message is the answer.
+    let info = slow.ok("gateway.info", json!({})).await;
+    assert!(
+        slow.notes
+            .iter()
+            .all(|n| n["method"] != "event.lagged" && n["method"] != "event"),
+        "nothing after the count: {:?}",
+        slow.notes.first()
     );
+    assert_eq!(info["nodeId"], json!(s.p.node.node_id().to_string()));
     s.p.node.shutdown().await;
 }
 
@@ -1117,7 +1142,10 @@ async fn a_tls_gateway_serves_wss() {
     );
     assert!(c.ok("devices.list", json!({})).await["devices"].is_array());
 
-    // Plain WebSocket to the TLS port: no upgrade.
-    assert!(Client::open_with(addr, &[]).await.is_err());
+    // Plain WebSocket to the TLS port: refused at once (not left hanging).
+    match Client::open_with(addr, &[]).await {
+        Ok(_) => panic!("a plain WebSocket was upgraded on the TLS port"),
+        Err(e) => assert_ne!(e, "the upgrade got no answer", "refused, not ignored"),
+    }
     s.p.node.shutdown().await;
 }
