@@ -532,6 +532,7 @@ pub(super) fn build(core: &Arc<Core>, settings: MeshSettings) -> Result<Arc<Mesh
         timer_seq: 0,
         links: BTreeMap::new(),
         store: store_tx,
+        granted: Vec::new(),
     };
     core.spawn(actor.run(rx));
     Ok(rt)
@@ -593,7 +594,14 @@ struct Actor {
     timer_seq: u64,
     links: BTreeMap<NodeId, OutLink>,
     store: mpsc::Sender<StoreJob>,
+    /// A joiner's grant, answered once the machine's outputs are applied:
+    /// by then the member table admits it, so the connections it opens
+    /// the moment it holds the grant are not refused.
+    granted: Vec<(oneshot::Sender<GrantResult>, GrantResult)>,
 }
+
+/// What a joiner's admission answers.
+type GrantResult = Result<JoinGrant, MeshError>;
 
 /// A timer in the heap (ordered by time and sequence only).
 struct TimerSlot(MeshTimer);
@@ -643,6 +651,9 @@ impl Actor {
                 }
             }
             self.drain().await;
+            for (reply, grant) in self.granted.drain(..) {
+                let _ = reply.send(grant);
+            }
         }
     }
 
@@ -678,7 +689,8 @@ impl Actor {
                 let _ = reply.send(self.mesh.me().clone());
             }
             Cmd::AdmitJoiner { member, reply } => {
-                let _ = reply.send(self.mesh.admit_joiner(&member, now));
+                let grant = self.mesh.admit_joiner(&member, now);
+                self.granted.push((reply, grant));
             }
             Cmd::ApplyGrant {
                 sponsor,

@@ -1164,7 +1164,12 @@ impl Primary {
                 "the device of request {request_id} is not connected; it must ask again"
             )));
         };
-        let (to, challenge) = inner.pairing.approve(request_id, &code, inner.now())?;
+        // (A storage write: on a blocking thread.)
+        let (rt, rid, now) = (inner.clone(), request_id.to_owned(), inner.now());
+        let (to, challenge) =
+            tokio::task::spawn_blocking(move || rt.pairing.approve(&rid, &code, now))
+                .await
+                .map_err(|e| NodeError::Unavailable(format!("approving did not finish: {e}")))??;
         if to != node {
             return Err(NodeError::Protocol(format!(
                 "request {request_id} belongs to {to}, but {node} is waiting on it"
@@ -1195,7 +1200,11 @@ impl Primary {
             return self.reject_web_pairing(request_id, reason);
         }
         let inner = &self.rt;
-        let (to, msg) = inner.pairing.reject(request_id, reason, inner.now())?;
+        // (A registry and ledger write: on a blocking thread.)
+        let (rt, rid, now) = (inner.clone(), request_id.to_owned(), inner.now());
+        let (to, msg) = tokio::task::spawn_blocking(move || rt.pairing.reject(&rid, reason, now))
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("rejecting did not finish: {e}")))??;
         let waiter = lock(&inner.primary.pairings).remove(request_id);
         if let Some(w) = waiter {
             let _ = inner
