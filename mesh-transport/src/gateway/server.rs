@@ -261,9 +261,15 @@ impl Shared {
     /// closes the socket if it no longer holds: the watcher closes only
     /// the sockets it can see, and this one may not have been there yet.
     async fn recheck(&self, socket: &Socket, standing: u64) {
-        if self.standing.load(Ordering::SeqCst) == standing {
-            return;
+        if self.standing.load(Ordering::SeqCst) != standing {
+            self.check_device_socket(socket).await;
         }
+    }
+
+    /// Checks a device socket's token through the registry's gate (one
+    /// read, on a blocking thread) and closes the socket if it no longer
+    /// holds. Other sockets are left alone.
+    async fn check_device_socket(&self, socket: &Socket) {
         let Principal::Device { node, token } = socket.principal() else {
             return;
         };
@@ -702,22 +708,7 @@ pub(crate) fn watch_devices(shared: &Arc<Shared>) -> Option<tokio::task::JoinHan
                 // Lagged: events were missed; check every device socket.
                 let sockets: Vec<Arc<Socket>> = lock(&shared.sockets).values().cloned().collect();
                 for s in sockets {
-                    if let Principal::Device { node, token } = s.principal() {
-                        let primary = shared.primary.clone();
-                        let ok = tokio::task::spawn_blocking(move || {
-                            primary
-                                .authenticate_token(
-                                    &token,
-                                    mesh_core::registry::scopes::PRESENCE_WRITE,
-                                )
-                                .is_ok()
-                        })
-                        .await
-                        .unwrap_or(false);
-                        if !ok {
-                            shared.close_device(&node, "no longer valid");
-                        }
-                    }
+                    shared.check_device_socket(&s).await;
                 }
             }
         }
